@@ -1,0 +1,14 @@
+//! pgrelay's wire protocol between the server and its clients: the messages on
+//! the `/api/sync` WebSocket, their versions and error codes. No I/O here, so
+//! clients in any language can be checked against these definitions.
+
+mod lsn;
+mod message;
+mod schema;
+
+pub use lsn::{Lsn, ParseLsnError};
+pub use message::{
+    Change, ClientMessage, CloseCode, ErrorCode, Op, Row, ServerMessage, Transaction,
+    MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION,
+};
+pub use schema::{sqlite_table_name, Column, TableSchema, ValueKind};

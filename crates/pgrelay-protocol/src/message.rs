@@ -1,0 +1,228 @@
+//! The messages on the `/api/sync` WebSocket. Every frame is one JSON object
+//! with a `type` field; `docs/protocol.md` describes them for other clients.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Lsn, TableSchema};
+
+/// The protocol version this build speaks. A server refuses a `hello` with
+/// any other version with [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame a server accepts from a client. Larger frames are
+/// refused with [`ErrorCode::FrameTooLarge`] and the connection is closed.
+pub const MAX_CLIENT_FRAME_BYTES: usize = 1 << 20;
+
+/// A row's values by column name. `None` is SQL NULL; every other value is
+/// PostgreSQL's text output for it. In an `update`, a column that is absent
+/// kept its value (an unchanged TOASTed column PostgreSQL did not resend).
+pub type Row = BTreeMap<String, Option<String>>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// First frame on a connection.
+    Hello {
+        protocol_version: u32,
+        client_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+        /// Commit LSN of the last transaction the client's replica holds;
+        /// absent for a new replica.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_lsn: Option<Lsn>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to `hello`: the synced tables and the server's head at the
+    /// moment of the handshake. Transactions follow.
+    Welcome {
+        protocol_version: u32,
+        client_id: String,
+        /// Commit LSN of the newest transaction in the change log now.
+        head_lsn: Lsn,
+        tables: Vec<TableSchema>,
+    },
+    /// A table's columns changed, or a table started syncing; sent before
+    /// the first transaction that depends on it.
+    Schema { tables: Vec<TableSchema> },
+    /// One committed PostgreSQL transaction.
+    Tx(Transaction),
+    /// The client has received everything up to `lsn`, the head at the time
+    /// of its handshake; live transactions follow.
+    CaughtUp { lsn: Lsn },
+    /// Something went wrong; when the server closes afterwards, the close
+    /// frame carries the matching [`CloseCode`].
+    Error { code: ErrorCode, message: String },
+}
+
+/// One committed PostgreSQL transaction, with the changes a client may see,
+/// in the order PostgreSQL made them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// The transaction's commit LSN: its position in commit order.
+    pub lsn: Lsn,
+    pub xid: u32,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    /// The pgrelay client whose write this transaction applied, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    pub changes: Vec<Change>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        Some(match s {
+            "insert" => Op::Insert,
+            "update" => Op::Update,
+            "delete" => Op::Delete,
+            "truncate" => Op::Truncate,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Schema-qualified table name, e.g. `public.todos`.
+    pub table: String,
+    pub op: Op,
+    /// The row after an insert or update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Row>,
+    /// For delete: the key of the row (all columns under REPLICA IDENTITY
+    /// FULL). For update: the old key when the key changed, or the whole old
+    /// row under REPLICA IDENTITY FULL; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Row>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON or not a valid message.
+    MalformedFrame,
+    /// A well-formed JSON object whose `type` this server does not know.
+    UnknownMessage,
+    /// `hello` asked for a protocol version this server does not speak.
+    UnsupportedVersion,
+    /// The frame is larger than the server accepts.
+    FrameTooLarge,
+    /// The first frame was not `hello`, or a second `hello` came.
+    HandshakeRequired,
+    /// The token was missing or not valid.
+    Unauthorized,
+    /// The client's position is not in the change log (or a history the
+    /// server does not have); the client must start a fresh replica.
+    Gone,
+    /// The client did not keep up; it may reconnect and resume.
+    TooSlow,
+    /// A fault on the server; the client may reconnect and resume.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The WebSocket close code that goes with this error when the server
+    /// closes the connection because of it.
+    pub fn close_code(self) -> CloseCode {
+        match self {
+            ErrorCode::MalformedFrame
+            | ErrorCode::UnknownMessage
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::HandshakeRequired => CloseCode::PROTOCOL_ERROR,
+            ErrorCode::FrameTooLarge => CloseCode::TOO_BIG,
+            ErrorCode::Unauthorized => CloseCode::POLICY_VIOLATION,
+            ErrorCode::Gone => CloseCode::GONE,
+            ErrorCode::TooSlow => CloseCode::TRY_AGAIN_LATER,
+            ErrorCode::Internal => CloseCode::INTERNAL_ERROR,
+        }
+    }
+}
+
+/// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus 4410 in the
+/// application range for "gone").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseCode(pub u16);
+
+impl CloseCode {
+    pub const NORMAL: CloseCode = CloseCode(1000);
+    pub const GOING_AWAY: CloseCode = CloseCode(1001);
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
+    pub const POLICY_VIOLATION: CloseCode = CloseCode(1008);
+    pub const TOO_BIG: CloseCode = CloseCode(1009);
+    pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
+    pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
+    pub const GONE: CloseCode = CloseCode(4410);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_wire_form() {
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"hello","protocol_version":1,"client_id":"c1","last_lsn":"0/16B3748"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Hello {
+                protocol_version: 1,
+                client_id: "c1".into(),
+                token: None,
+                last_lsn: Some(Lsn(0x16B_3748)),
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_type_and_fields_are_refused() {
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"bogus"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMessage>(
+            r#"{"type":"hello","protocol_version":1,"client_id":"c","extra":1}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn tx_round_trips() {
+        let mut new = Row::new();
+        new.insert("id".into(), Some("1".into()));
+        new.insert("note".into(), None);
+        let msg = ServerMessage::Tx(Transaction {
+            lsn: Lsn(42),
+            xid: 7,
+            commit_time_us: 1_700_000_000_000_000,
+            origin: None,
+            changes: vec![Change { table: "public.t".into(), op: Op::Insert, new: Some(new), old: None }],
+        });
+        let text = serde_json::to_string(&msg).unwrap();
+        assert!(text.starts_with(r#"{"type":"tx","lsn":"0/2A""#), "{text}");
+        assert_eq!(serde_json::from_str::<ServerMessage>(&text).unwrap(), msg);
+    }
+}
