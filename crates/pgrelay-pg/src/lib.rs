@@ -1,1 +1,16 @@
-//! placeholder
+//! The PostgreSQL side of pgrelay: connection settings, the publication and
+//! the logical slot, the catalog of synced tables, the replication stream
+//! and the pgoutput decoder.
+
+mod catalog;
+mod connect;
+mod error;
+pub mod pgoutput;
+mod slot;
+mod stream;
+
+pub use catalog::{discover_tables, format_type, TableFilter};
+pub use connect::{connect, ConnInfo, SESSION_SETTINGS};
+pub use error::{sql_error_is_retryable, PgError};
+pub use slot::{check_wal_level, ensure_publication, ensure_slot, SlotInfo};
+pub use stream::{open_stream, ReplicationEvent, ReplicationStream, StreamOptions};

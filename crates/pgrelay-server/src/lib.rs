@@ -1,1 +1,126 @@
-//! placeholder
+//! The pgrelay server: captures PostgreSQL's changes into the change log
+//! and streams them to clients over WebSockets.
+
+mod api;
+mod config;
+mod error;
+mod history;
+mod hub;
+mod reader;
+mod replication;
+mod session;
+mod state;
+mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pgrelay_pg::ConnInfo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use config::ServerConfig;
+pub use error::ServerError;
+
+use hub::Hub;
+use replication::Replication;
+use state::AppState;
+use status::ReplicationStatus;
+
+/// A started server. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<Result<(), ServerError>>,
+}
+
+impl Server {
+    /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
+    /// binds the listener and starts replication and the HTTP server.
+    /// Fails fast on anything a retry will not cure (wal_level, bad slot,
+    /// unknown table, port in use).
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
+        let info = ConnInfo::parse(&config.database_url)?;
+        let db = pgrelay_pg::connect(&info).await?;
+        pgrelay_pg::check_wal_level(&db).await?;
+        history::ensure_schema(&db).await?;
+        let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
+        history::version_schemas(&db, &mut tables).await?;
+        for table in tables.iter().filter(|t| t.skipped.is_some()) {
+            tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
+        }
+        let synced: Vec<String> = tables.iter().filter(|t| t.skipped.is_none()).map(|t| t.name.clone()).collect();
+        pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
+        let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
+        let head = history::head(&db).await?;
+        drop(db);
+        tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+
+        let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
+        let status = Arc::new(ReplicationStatus::new());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let replication = Replication {
+            info: info.clone(),
+            config: config.clone(),
+            hub: Arc::clone(&hub),
+            status: Arc::clone(&status),
+        };
+        tasks.spawn(replication.run(shutdown_rx.clone()));
+
+        let state = Arc::new(AppState { config, hub, log_reader: reader::LogReader::new(info), replication: status });
+        let app = api::router(state, shutdown_rx.clone());
+        let mut http_shutdown = shutdown_rx;
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = http_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+                .map_err(|source| ServerError::Listen { addr, source })
+        });
+        Ok(Server { addr, shutdown, tasks })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Runs until a task fails for good or shutdown is asked for.
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = self.shutdown.send(true);
+                    return Err(e);
+                }
+                Err(e) => {
+                    let _ = self.shutdown.send(true);
+                    return Err(ServerError::Protocol(format!("a server task panicked: {e}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops accepting, closes sessions, stops replication after writing
+    /// what it has, and waits for all of it.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// A handle that asks the server to stop.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}

@@ -1,0 +1,72 @@
+//! The streaming replication connection (START_REPLICATION with pgoutput),
+//! spoken by the `pgwire-replication` crate; pgoutput row messages are
+//! decoded by [`crate::pgoutput`].
+
+use std::time::Duration;
+
+pub use pgwire_replication::ReplicationEvent;
+use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig};
+use pgrelay_protocol::Lsn;
+
+use crate::connect::{options_string, ConnInfo};
+use crate::PgError;
+
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    pub slot: String,
+    pub publication: String,
+    /// The position made durable downstream; reported to PostgreSQL until
+    /// the consumer confirms more.
+    pub durable: Lsn,
+    /// How often to send standby status updates.
+    pub status_interval: Duration,
+}
+
+/// An open replication stream. Dropping it stops the walsender connection,
+/// so the slot becomes free again.
+pub struct ReplicationStream {
+    client: ReplicationClient,
+}
+
+/// Starts streaming from the slot's confirmed position.
+pub async fn open_stream(info: &ConnInfo, opts: &StreamOptions) -> Result<ReplicationStream, PgError> {
+    let config = ReplicationConfig::new(
+        info.host.clone(),
+        info.user.clone(),
+        info.password.clone(),
+        info.database.clone(),
+        opts.slot.clone(),
+        opts.publication.clone(),
+    )
+    .with_port(info.port)
+    .with_start_lsn(WireLsn::ZERO)
+    .with_ack_lsn(WireLsn(opts.durable.0))
+    .with_status_interval(opts.status_interval)
+    .with_wakeup_interval(opts.status_interval)
+    .with_options(options_string())
+    .with_application_name("pgrelay-replication")
+    .with_buffer_size(16_384);
+    let client = ReplicationClient::connect(config).await?;
+    Ok(ReplicationStream { client })
+}
+
+impl ReplicationStream {
+    /// The next event; `None` when the stream ended.
+    pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>, PgError> {
+        Ok(self.client.recv().await?)
+    }
+
+    /// Tells PostgreSQL everything up to `lsn` is durable downstream, so the
+    /// slot may release WAL before it. Call only after the change log has
+    /// committed every change before `lsn`.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(WireLsn(lsn.0));
+    }
+
+    /// Stops the stream and waits for the connection to close.
+    pub async fn close(mut self) {
+        if let Err(e) = self.client.shutdown().await {
+            tracing::debug!(error = %e, "replication stream closed with an error");
+        }
+    }
+}

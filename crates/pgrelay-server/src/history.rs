@@ -1,0 +1,225 @@
+//! The durable change log, `pgrelay.change_history`: every captured change,
+//! keyed by its transaction's commit LSN and its ordinal within that
+//! transaction (several changes can share one WAL record, so the LSN alone is
+//! not a key).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::pin_mut;
+use pgrelay_protocol::{Change, Lsn, Op, Row, TableSchema, Transaction};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{Json, PgLsn, Type};
+use tokio_postgres::Client;
+
+use crate::ServerError;
+
+const SCHEMA_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS pgrelay;
+CREATE TABLE IF NOT EXISTS pgrelay.change_history (
+    lsn            pg_lsn      NOT NULL,
+    ordinal        integer     NOT NULL,
+    table_name     text        NOT NULL,
+    operation      text        NOT NULL,
+    data           jsonb,
+    old_data       jsonb,
+    transaction_id bigint      NOT NULL,
+    commit_time    timestamptz NOT NULL,
+    origin_client  text,
+    schema_version integer     NOT NULL,
+    PRIMARY KEY (lsn, ordinal)
+);
+COMMENT ON TABLE pgrelay.change_history IS
+    'pgrelay change log: one row per captured change, in commit order (lsn = commit LSN, ordinal = position in the transaction)';
+CREATE TABLE IF NOT EXISTS pgrelay.table_schemas (
+    name    text PRIMARY KEY,
+    version integer NOT NULL,
+    schema  jsonb NOT NULL
+);";
+
+/// Creates pgrelay's schema and tables if they are missing.
+pub(crate) async fn ensure_schema(client: &Client) -> Result<(), ServerError> {
+    client
+        .batch_execute(SCHEMA_SQL)
+        .await
+        .map_err(ServerError::sql("creating pgrelay's schema"))
+}
+
+/// The commit LSN of the newest transaction in the log (zero when empty).
+pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
+    let row = client
+        .query_one("SELECT max(lsn) FROM pgrelay.change_history", &[])
+        .await
+        .map_err(ServerError::sql("reading the change log's head"))?;
+    Ok(Lsn(row.get::<_, Option<PgLsn>>(0).map(u64::from).unwrap_or(0)))
+}
+
+/// Gives each table its persisted schema version: unchanged columns keep
+/// the stored version, changed ones get the next.
+pub(crate) async fn version_schemas(client: &Client, tables: &mut [TableSchema]) -> Result<(), ServerError> {
+    for table in tables.iter_mut() {
+        record_schema(client, table).await?;
+    }
+    Ok(())
+}
+
+/// Stores `table`'s schema, setting its version (bumped when the columns or
+/// key differ from the stored ones).
+pub(crate) async fn record_schema(client: &Client, table: &mut TableSchema) -> Result<(), ServerError> {
+    let stored = client
+        .query_opt("SELECT version, schema FROM pgrelay.table_schemas WHERE name = $1", &[&table.name])
+        .await
+        .map_err(ServerError::sql("reading stored table schemas"))?;
+    table.version = match stored {
+        Some(row) => {
+            let version: i32 = row.get(0);
+            let Json(old): Json<TableSchema> = row.get(1);
+            let same = old.columns == table.columns && old.primary_key == table.primary_key && old.skipped == table.skipped;
+            if same {
+                u32::try_from(version).unwrap_or(1)
+            } else {
+                u32::try_from(version).unwrap_or(0) + 1
+            }
+        }
+        None => 1,
+    };
+    let version = i32::try_from(table.version).unwrap_or(i32::MAX);
+    client
+        .execute(
+            "INSERT INTO pgrelay.table_schemas (name, version, schema) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, schema = EXCLUDED.schema",
+            &[&table.name, &version, &Json(&*table)],
+        )
+        .await
+        .map_err(ServerError::sql(format!("storing the schema of {}", table.name)))?;
+    Ok(())
+}
+
+/// A transaction on its way into the log, with each change's schema version.
+pub(crate) struct LoggedTx<'a> {
+    pub(crate) tx: &'a Transaction,
+    pub(crate) schema_versions: &'a [u32],
+}
+
+/// Appends whole transactions to the log in one PostgreSQL transaction.
+/// Callers pass only transactions newer than the log's head, so a replay
+/// after a crash inserts nothing twice (and the primary key would refuse it).
+pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<(), ServerError> {
+    let db_tx = client.transaction().await.map_err(ServerError::sql("opening a change-log transaction"))?;
+    let sink = db_tx
+        .copy_in(
+            "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
+             transaction_id, commit_time, origin_client, schema_version) FROM STDIN BINARY",
+        )
+        .await
+        .map_err(ServerError::sql("starting COPY into the change log"))?;
+    let types = [
+        Type::PG_LSN,
+        Type::INT4,
+        Type::TEXT,
+        Type::TEXT,
+        Type::JSONB,
+        Type::JSONB,
+        Type::INT8,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::INT4,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    pin_mut!(writer);
+    for logged in txs {
+        let tx = logged.tx;
+        let lsn = PgLsn::from(tx.lsn.0);
+        let xid = i64::from(tx.xid);
+        let commit_time = system_time(tx.commit_time_us);
+        for (ordinal, change) in tx.changes.iter().enumerate() {
+            let ordinal = i32::try_from(ordinal).map_err(|_| ServerError::TooLarge("transaction with over 2^31 changes"))?;
+            let version = logged.schema_versions.get(ordinal as usize).copied().unwrap_or(1) as i32;
+            let data = change.new.as_ref().map(Json);
+            let old = change.old.as_ref().map(Json);
+            writer
+                .as_mut()
+                .write(&[
+                    &lsn,
+                    &ordinal,
+                    &change.table,
+                    &change.op.as_str(),
+                    &data,
+                    &old,
+                    &xid,
+                    &commit_time,
+                    &tx.origin,
+                    &version,
+                ])
+                .await
+                .map_err(ServerError::sql("writing to the change log"))?;
+        }
+    }
+    writer.finish().await.map_err(ServerError::sql("finishing COPY into the change log"))?;
+    db_tx.commit().await.map_err(ServerError::sql("committing to the change log"))
+}
+
+/// Reads whole transactions with commit LSN after `after`, oldest first:
+/// about `limit` changes, never splitting a transaction.
+pub(crate) async fn read_after(client: &Client, after: Lsn, limit: i64) -> Result<Vec<Transaction>, ServerError> {
+    const COLUMNS: &str = "lsn, ordinal, table_name, operation, data, old_data, transaction_id, \
+        (extract(epoch FROM commit_time) * 1000000)::int8, origin_client";
+    let rows = client
+        .query(
+            &format!("SELECT {COLUMNS} FROM pgrelay.change_history WHERE lsn > $1 ORDER BY lsn, ordinal LIMIT $2"),
+            &[&PgLsn::from(after.0), &limit],
+        )
+        .await
+        .map_err(ServerError::sql("reading the change log"))?;
+    let full_page = rows.len() as i64 == limit;
+    let mut txs = group(rows)?;
+    if full_page {
+        // The page may have cut the last transaction short: read its rest.
+        if let Some(last) = txs.last_mut() {
+            let done = i32::try_from(last.changes.len()).unwrap_or(i32::MAX) - 1;
+            let rest = client
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM pgrelay.change_history WHERE lsn = $1 AND ordinal > $2 ORDER BY ordinal"
+                    ),
+                    &[&PgLsn::from(last.lsn.0), &done],
+                )
+                .await
+                .map_err(ServerError::sql("reading the change log"))?;
+            for tx in group(rest)? {
+                last.changes.extend(tx.changes);
+            }
+        }
+    }
+    Ok(txs)
+}
+
+fn group(rows: Vec<tokio_postgres::Row>) -> Result<Vec<Transaction>, ServerError> {
+    let mut txs: Vec<Transaction> = Vec::new();
+    for row in rows {
+        let lsn = Lsn(u64::from(row.get::<_, PgLsn>(0)));
+        let op_text: &str = row.get(3);
+        let op = Op::parse(op_text).ok_or_else(|| ServerError::CorruptLog(format!("operation {op_text:?} at {lsn}")))?;
+        let new: Option<Json<Row>> = row.get(4);
+        let old: Option<Json<Row>> = row.get(5);
+        let change = Change { table: row.get(2), op, new: new.map(|j| j.0), old: old.map(|j| j.0) };
+        match txs.last_mut() {
+            Some(tx) if tx.lsn == lsn => tx.changes.push(change),
+            _ => txs.push(Transaction {
+                lsn,
+                xid: u32::try_from(row.get::<_, i64>(6)).unwrap_or(0),
+                commit_time_us: row.get(7),
+                origin: row.get(8),
+                changes: vec![change],
+            }),
+        }
+    }
+    Ok(txs)
+}
+
+fn system_time(unix_us: i64) -> SystemTime {
+    if unix_us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(unix_us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(unix_us.unsigned_abs())
+    }
+}

@@ -1,0 +1,55 @@
+//! Notices when a Relation message describes a table differently from what
+//! clients were told, and announces the new schema before the changes that
+//! depend on it.
+
+use pgrelay_pg::pgoutput::Relation;
+use pgrelay_pg::TableFilter;
+use pgrelay_protocol::{Column, Lsn, ValueKind};
+
+use crate::history;
+use crate::hub::{Frame, Hub};
+use crate::ServerError;
+
+/// Returns the frame announcing `relation`'s new schema, or `None` when its
+/// columns are what the hub already has.
+pub(crate) async fn apply(
+    db: &tokio_postgres::Client,
+    hub: &Hub,
+    relation: &Relation,
+    before: Lsn,
+) -> Result<Option<Frame>, ServerError> {
+    let name = relation.qualified_name();
+    let schemas = hub.schemas();
+    let current = schemas.get(&name);
+    let unchanged = current.is_some_and(|t| {
+        t.columns.len() == relation.columns.len()
+            && t.columns.iter().zip(&relation.columns).all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid)
+    });
+    if unchanged {
+        return Ok(None);
+    }
+    // The catalog names the types and knows the key; the Relation message
+    // is authoritative for which columns the following rows carry.
+    let described = pgrelay_pg::discover_tables(db, &TableFilter::Only(vec![name.clone()])).await?;
+    let Some(mut table) = described.into_iter().next().or_else(|| current.cloned()) else {
+        return Ok(None);
+    };
+    let mut columns = Vec::with_capacity(relation.columns.len());
+    for col in &relation.columns {
+        let known = table.columns.iter().find(|c| c.name == col.name && c.type_oid == col.type_oid).cloned();
+        let column = match known {
+            Some(c) => c,
+            None => Column {
+                name: col.name.clone(),
+                pg_type: pgrelay_pg::format_type(db, col.type_oid, col.type_modifier).await?,
+                type_oid: col.type_oid,
+                kind: ValueKind::from_type_oid(col.type_oid),
+            },
+        };
+        columns.push(column);
+    }
+    table.columns = columns;
+    history::record_schema(db, &mut table).await?;
+    tracing::info!(table = %name, version = table.version, "table schema changed");
+    Ok(Some(hub.set_schema(table, before)))
+}

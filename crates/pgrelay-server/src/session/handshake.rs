@@ -1,0 +1,139 @@
+//! The first frame of a session: a `hello` with a protocol version this
+//! server speaks, and the refusals for everything else a client can send.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use pgrelay_protocol::{ClientMessage, ErrorCode, Lsn, MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION};
+
+use super::Refusal;
+use crate::ServerConfig;
+
+/// How long a client has to send its `hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) struct Hello {
+    pub(crate) client_id: String,
+    pub(crate) last_lsn: Option<Lsn>,
+    #[allow(dead_code)] // checked by the auth layer once tokens are configured
+    pub(crate) token: Option<String>,
+}
+
+pub(super) async fn receive(socket: &mut WebSocket, _config: &ServerConfig) -> Result<Hello, Refusal> {
+    loop {
+        let next = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+            .await
+            .map_err(|_| Refusal::new(ErrorCode::HandshakeRequired, "no hello within 10 seconds"))?;
+        let bytes = match next {
+            None | Some(Ok(Message::Close(_))) => {
+                return Err(Refusal::new(ErrorCode::HandshakeRequired, "closed before hello"))
+            }
+            Some(Err(e)) => return Err(read_error(e)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
+            Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
+        };
+        return parse_hello(&bytes);
+    }
+}
+
+fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
+    check_size(bytes)?;
+    let message: ClientMessage = serde_json::from_slice(bytes).map_err(|e| classify(bytes, e))?;
+    let ClientMessage::Hello { protocol_version, client_id, token, last_lsn } = message;
+    if protocol_version != PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {protocol_version} is not supported; this server speaks version {PROTOCOL_VERSION}"),
+        ));
+    }
+    let id_ok = !client_id.is_empty()
+        && client_id.len() <= 128
+        && client_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if !id_ok {
+        return Err(Refusal::new(
+            ErrorCode::MalformedFrame,
+            "client_id must be 1-128 characters of letters, digits, '-', '_', '.', ':'",
+        ));
+    }
+    Ok(Hello { client_id, last_lsn, token })
+}
+
+/// The refusal for a frame after the handshake: clients send nothing but
+/// `hello` in this protocol version.
+pub(super) fn unexpected(bytes: &[u8]) -> Refusal {
+    if let Err(refusal) = check_size(bytes) {
+        return refusal;
+    }
+    match serde_json::from_slice::<ClientMessage>(bytes) {
+        Ok(ClientMessage::Hello { .. }) => Refusal::new(ErrorCode::HandshakeRequired, "hello was already received"),
+        Err(e) => classify(bytes, e),
+    }
+}
+
+fn check_size(bytes: &[u8]) -> Result<(), Refusal> {
+    if bytes.len() > MAX_CLIENT_FRAME_BYTES {
+        return Err(Refusal::new(
+            ErrorCode::FrameTooLarge,
+            format!("frame of {} bytes is over the limit of {MAX_CLIENT_FRAME_BYTES}", bytes.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Tells a frame that is not a message at all from a message of a type
+/// this server does not know.
+fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(serde_json::Value::Object(map)) => match map.get("type").and_then(|t| t.as_str()) {
+            Some(kind) if kind != "hello" => {
+                let kind: String = kind.chars().take(64).collect();
+                Refusal::new(ErrorCode::UnknownMessage, format!("unknown message type {kind:?}"))
+            }
+            _ => Refusal::new(ErrorCode::MalformedFrame, format!("invalid message: {error}")),
+        },
+        _ => Refusal::new(ErrorCode::MalformedFrame, format!("frame is not a JSON object: {error}")),
+    }
+}
+
+/// A read error on the socket: an over-long frame is the client's fault
+/// and gets a clear answer; anything else ends the session.
+pub(super) fn read_error(error: axum::Error) -> Refusal {
+    let text = error.to_string();
+    if text.contains("too long") || text.contains("Space limit") || text.contains("size") {
+        Refusal::new(ErrorCode::FrameTooLarge, format!("frame over the limit: {text}"))
+    } else {
+        Refusal::new(ErrorCode::MalformedFrame, format!("bad WebSocket frame: {text}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(bytes: &[u8]) -> ErrorCode {
+        match parse_hello(bytes) {
+            Ok(_) => panic!("accepted {:?}", String::from_utf8_lossy(bytes)),
+            Err(r) => r.code,
+        }
+    }
+
+    #[test]
+    fn refusals_are_classified() {
+        assert_eq!(code(b"not json"), ErrorCode::MalformedFrame);
+        assert_eq!(code(b"[1,2]"), ErrorCode::MalformedFrame);
+        assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::UnknownMessage);
+        assert_eq!(code(br#"{"type":"hello","protocol_version":99,"client_id":"a"}"#), ErrorCode::UnsupportedVersion);
+        assert_eq!(code(br#"{"type":"hello","protocol_version":1,"client_id":""}"#), ErrorCode::MalformedFrame);
+        assert_eq!(code(br#"{"type":"hello","protocol_version":1,"client_id":"a","last_lsn":"zz"}"#), ErrorCode::MalformedFrame);
+        let big = vec![b' '; MAX_CLIENT_FRAME_BYTES + 1];
+        assert_eq!(code(&big), ErrorCode::FrameTooLarge);
+    }
+
+    #[test]
+    fn accepts_a_good_hello() {
+        let hello = parse_hello(br#"{"type":"hello","protocol_version":1,"client_id":"c-1","last_lsn":"0/10"}"#).unwrap();
+        assert_eq!(hello.client_id, "c-1");
+        assert_eq!(hello.last_lsn, Some(Lsn(16)));
+    }
+}

@@ -1,0 +1,189 @@
+//! One session per connected client: the handshake, catch-up from the
+//! change log, then live transactions from the hub, with no gap and no
+//! duplicate between the two (the hub is subscribed to before the log is
+//! read, and nothing at or below the last LSN sent goes out twice).
+
+mod handshake;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
+use tracing::Instrument;
+use tokio::time::{interval_at, Instant};
+
+use crate::history;
+use crate::hub::Frame;
+use crate::state::AppState;
+use handshake::Hello;
+
+/// Changes read from the change log per query while catching up.
+const CATCH_UP_PAGE: i64 = 5_000;
+
+/// Why a session ended early; sent to the client before closing.
+pub(crate) struct Refusal {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal { code, message: message.into() }
+    }
+}
+
+pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let hello = match handshake::receive(&mut socket, &state.config).await {
+        Ok(hello) => hello,
+        Err(refusal) => return refuse(&mut socket, refusal).await,
+    };
+    let span = tracing::info_span!("session", client_id = %hello.client_id);
+    async {
+        let session = Session { socket: &mut socket, state: &state, sent: Lsn::ZERO };
+        match session.stream(hello, &mut shutdown).await {
+            Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
+            Ok(Ending::Shutdown) => {
+                let close = CloseFrame { code: 1001, reason: "server shutting down".into() };
+                let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Close(Some(close)))).await;
+            }
+            Err(refusal) => refuse(&mut socket, refusal).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Sends an error frame and closes with the matching close code.
+pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
+    tracing::debug!(code = ?refusal.code, message = %refusal.message, "closing session");
+    let frame = Frame::encode(&ServerMessage::Error { code: refusal.code, message: refusal.message.clone() }, Lsn::ZERO);
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Text(frame.text))).await;
+    let reason: String = refusal.message.chars().take(100).collect();
+    let close = CloseFrame { code: refusal.code.close_code().0, reason: reason.into() };
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Close(Some(close)))).await;
+}
+
+enum Ending {
+    ClientClosed,
+    Shutdown,
+}
+
+struct Session<'a> {
+    socket: &'a mut WebSocket,
+    state: &'a AppState,
+    /// Commit LSN of the last transaction sent (or the client's position).
+    sent: Lsn,
+}
+
+impl Session<'_> {
+    async fn stream(mut self, hello: Hello, shutdown: &mut watch::Receiver<bool>) -> Result<Ending, Refusal> {
+        // Subscribe before reading the log: whatever is published from now on
+        // is in `live`, whatever was published before is in the log.
+        let mut live = self.state.hub.subscribe();
+        let head = self.state.hub.head();
+        let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
+        if start > head {
+            return Err(Refusal::new(
+                ErrorCode::Gone,
+                format!("your position {start} is ahead of this server's change log ({head}); start a fresh replica"),
+            ));
+        }
+        self.sent = start;
+        let tables = self.state.hub.schemas().values().cloned().collect();
+        let welcome = ServerMessage::Welcome { protocol_version: PROTOCOL_VERSION, client_id: hello.client_id, head_lsn: head, tables };
+        self.send(Frame::encode(&welcome, head)).await?;
+        self.catch_up().await?;
+        self.send(Frame::encode(&ServerMessage::CaughtUp { lsn: self.sent.max(head) }, head)).await?;
+
+        let period = self.state.config.ping_interval;
+        let mut ping = interval_at(Instant::now() + period, period);
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(Ending::Shutdown),
+                incoming = self.socket.recv() => {
+                    last_heard = Instant::now();
+                    if !self.incoming(incoming)? {
+                        return Ok(Ending::ClientClosed);
+                    }
+                }
+                frame = live.recv() => match frame {
+                    Ok(frame) => self.forward(frame).await?,
+                    Err(RecvError::Lagged(skipped)) => {
+                        tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
+                        live = live.resubscribe();
+                        self.catch_up().await?;
+                    }
+                    Err(RecvError::Closed) => return Ok(Ending::Shutdown),
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > self.state.config.idle_timeout {
+                        return Err(Refusal::new(ErrorCode::TooSlow, "no pong within the idle timeout"));
+                    }
+                    self.send_message(Message::Ping(Default::default())).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends every logged transaction after `self.sent`.
+    async fn catch_up(&mut self) -> Result<(), Refusal> {
+        loop {
+            let client = self.state.log_reader.client().await.map_err(internal)?;
+            let txs = history::read_after(&client, self.sent, CATCH_UP_PAGE).await.map_err(internal)?;
+            if txs.is_empty() {
+                return Ok(());
+            }
+            let short = txs.iter().map(|t| t.changes.len() as i64).sum::<i64>() < CATCH_UP_PAGE;
+            for tx in &txs {
+                self.send(Frame::transaction(tx)).await?;
+            }
+            if short {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn forward(&mut self, frame: Frame) -> Result<(), Refusal> {
+        if frame.is_tx && frame.lsn <= self.sent {
+            return Ok(());
+        }
+        self.send(frame).await
+    }
+
+    async fn send(&mut self, frame: Frame) -> Result<(), Refusal> {
+        if frame.is_tx {
+            self.sent = self.sent.max(frame.lsn);
+        }
+        self.send_message(Message::Text(frame.text)).await
+    }
+
+    async fn send_message(&mut self, message: Message) -> Result<(), Refusal> {
+        match tokio::time::timeout(self.state.config.send_timeout, self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("send failed: {e}"))),
+            Err(_) => Err(Refusal::new(ErrorCode::TooSlow, "the client did not read its messages in time")),
+        }
+    }
+
+    /// Handles a frame from the client after the handshake; `false` when
+    /// the client has gone.
+    fn incoming(&mut self, incoming: Option<Result<Message, axum::Error>>) -> Result<bool, Refusal> {
+        match incoming {
+            None | Some(Ok(Message::Close(_))) => Ok(false),
+            Some(Err(e)) => Err(handshake::read_error(e)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(true),
+            Some(Ok(Message::Text(text))) => Err(handshake::unexpected(text.as_bytes())),
+            Some(Ok(Message::Binary(bytes))) => Err(handshake::unexpected(&bytes)),
+        }
+    }
+}
+
+fn internal(e: crate::ServerError) -> Refusal {
+    tracing::warn!(error = %e, "session failed");
+    Refusal::new(ErrorCode::Internal, "the server could not read its change log; reconnect to resume")
+}

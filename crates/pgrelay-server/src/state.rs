@@ -1,0 +1,15 @@
+//! What every request handler and session shares.
+
+use std::sync::Arc;
+
+use crate::hub::Hub;
+use crate::reader::LogReader;
+use crate::status::ReplicationStatus;
+use crate::ServerConfig;
+
+pub(crate) struct AppState {
+    pub(crate) config: ServerConfig,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) log_reader: LogReader,
+    pub(crate) replication: Arc<ReplicationStatus>,
+}

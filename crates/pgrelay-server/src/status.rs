@@ -1,0 +1,96 @@
+//! What the replication side is doing, for health checks and metrics.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pgrelay_protocol::Lsn;
+use serde::Serialize;
+
+pub(crate) struct ReplicationStatus {
+    connected: AtomicBool,
+    confirmed: AtomicU64,
+    captured_changes: AtomicU64,
+    captured_txs: AtomicU64,
+    last_event: Mutex<Instant>,
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct StatusReport {
+    pub(crate) connected: bool,
+    pub(crate) confirmed_lsn: String,
+    pub(crate) captured_changes: u64,
+    pub(crate) captured_transactions: u64,
+    pub(crate) seconds_since_last_event: f64,
+    pub(crate) last_error: Option<String>,
+}
+
+impl ReplicationStatus {
+    pub(crate) fn new() -> ReplicationStatus {
+        ReplicationStatus {
+            connected: AtomicBool::new(false),
+            confirmed: AtomicU64::new(0),
+            captured_changes: AtomicU64::new(0),
+            captured_txs: AtomicU64::new(0),
+            last_event: Mutex::new(Instant::now()),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set_connected(&self, confirmed: Lsn) {
+        self.connected.store(true, Ordering::Relaxed);
+        self.set_confirmed(confirmed);
+        self.touch();
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+    }
+
+    pub(crate) fn set_disconnected(&self, error: String) {
+        self.connected.store(false, Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(error);
+        }
+    }
+
+    pub(crate) fn set_error(&self, error: String) {
+        self.set_disconnected(error);
+    }
+
+    pub(crate) fn set_confirmed(&self, lsn: Lsn) {
+        self.confirmed.fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_captured(&self, changes: u64, txs: u64) {
+        self.captured_changes.fetch_add(changes, Ordering::Relaxed);
+        self.captured_txs.fetch_add(txs, Ordering::Relaxed);
+    }
+
+    pub(crate) fn touch(&self) {
+        if let Ok(mut t) = self.last_event.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn since_last_event(&self) -> Duration {
+        self.last_event.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// Healthy while connected and hearing from PostgreSQL (keepalives come
+    /// at least every wal_sender_timeout / 2 even when nothing changes).
+    pub(crate) fn is_healthy(&self, stall_after: Duration) -> bool {
+        self.connected.load(Ordering::Relaxed) && self.since_last_event() < stall_after
+    }
+
+    pub(crate) fn report(&self) -> StatusReport {
+        StatusReport {
+            connected: self.connected.load(Ordering::Relaxed),
+            confirmed_lsn: Lsn(self.confirmed.load(Ordering::Relaxed)).to_string(),
+            captured_changes: self.captured_changes.load(Ordering::Relaxed),
+            captured_transactions: self.captured_txs.load(Ordering::Relaxed),
+            seconds_since_last_event: self.since_last_event().as_secs_f64(),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
