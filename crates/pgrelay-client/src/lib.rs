@@ -1,1 +1,114 @@
-//! placeholder
+//! pgrelay's client: keeps a local SQLite replica in sync with a pgrelay
+//! server. Use [`SyncClient`] to run it, [`Replica`] to read its state.
+
+mod error;
+mod events;
+mod replica;
+mod session;
+pub mod value;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+
+pub use error::ClientError;
+pub use events::Event;
+pub use replica::{Replica, ReplicaState, ReplicaStatus, TableStatus};
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `ws://host:port` (the path `/api/sync` is added when missing).
+    pub server: String,
+    pub db: PathBuf,
+    /// Stored in the replica on first use; generated when not given.
+    pub client_id: Option<String>,
+    pub token: Option<String>,
+    /// Return once the replica holds what the server had at connect time.
+    pub exit_when_caught_up: bool,
+    pub ping_interval: Duration,
+    /// Reconnect when nothing was heard from the server for this long.
+    pub idle_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(server: impl Into<String>, db: impl Into<PathBuf>) -> ClientConfig {
+        ClientConfig {
+            server: server.into(),
+            db: db.into(),
+            client_id: None,
+            token: None,
+            exit_when_caught_up: false,
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(30),
+        }
+    }
+
+    pub(crate) fn sync_url(&self) -> String {
+        let trimmed = self.server.trim_end_matches('/');
+        let after_scheme = trimmed.split_once("://").map_or(trimmed, |(_, rest)| rest);
+        if after_scheme.contains('/') {
+            trimmed.to_owned()
+        } else {
+            format!("{trimmed}/api/sync")
+        }
+    }
+}
+
+/// Runs a replica's sync: connects, catches up, follows live changes and
+/// reconnects with backoff after any failure that a retry can cure.
+pub struct SyncClient {
+    config: ClientConfig,
+    replica: Replica,
+    events: broadcast::Sender<Event>,
+}
+
+impl SyncClient {
+    pub async fn open(config: ClientConfig) -> Result<SyncClient, ClientError> {
+        let replica = Replica::open(&config.db)?;
+        let state = replica.state().await?;
+        let id = match (&config.client_id, state.client_id) {
+            (Some(given), _) => given.clone(),
+            (None, Some(stored)) => stored,
+            (None, None) => format!("client-{:016x}", rand::random::<u64>()),
+        };
+        replica.set_client_id(id).await?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(SyncClient { config, replica, events })
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Syncs until `shutdown` is set, until caught up when the config asks
+    /// for that, or until an error no retry can cure.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
+        let mut attempt = 0u32;
+        loop {
+            match session::connect_and_sync(&self.config, &self.replica, &self.events, &mut shutdown).await {
+                Ok(_) => return Ok(()),
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    let delay = session::backoff(attempt, self.config.backoff_base, self.config.backoff_cap);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?delay, "sync connection ended; reconnecting");
+                    let _ = self.events.send(Event::Disconnected { error: e.to_string(), retry_in: delay });
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}

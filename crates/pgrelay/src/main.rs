@@ -1,1 +1,94 @@
-fn main() {}
+//! The `pgrelay` command: server, client, verify, demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use pgrelay::{client_cmd, demo, serve_cmd, verify};
+
+#[derive(Parser)]
+#[command(name = "pgrelay", version, about = "Keep SQLite replicas in real time sync with PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture PostgreSQL's changes and stream them to clients.
+    Serve(serve_cmd::ServeArgs),
+    /// Work with a local replica.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Compare a replica with PostgreSQL, table by table (row count and checksum).
+    Verify(VerifyArgs),
+    /// Run the whole pipeline on a private PostgreSQL: server, two clients, a writer, verify.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Sync a replica with a server (forever, or until caught up).
+    Sync(client_cmd::SyncArgs),
+    /// Print a replica's client id, LSN and tables as JSON.
+    Status {
+        #[arg(long, env = "PGRELAY_DB")]
+        db: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(long, env = "PGRELAY_DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "PGRELAY_DB")]
+    db: PathBuf,
+    /// Only these tables (comma-separated); default: every table in the replica.
+    #[arg(long, env = "PGRELAY_TABLES", value_delimiter = ',')]
+    tables: Option<Vec<String>>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve_cmd::run(args).await,
+            Command::Client(ClientCommand::Sync(args)) => client_cmd::sync(args).await,
+            Command::Client(ClientCommand::Status { db }) => client_cmd::status(&db).await,
+            Command::Verify(args) => {
+                let report = verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;
+                print!("{}", report.render_table());
+                if report.all_match() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("the replica differs from PostgreSQL"))
+                }
+            }
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

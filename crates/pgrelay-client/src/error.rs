@@ -1,0 +1,35 @@
+//! Errors of the client library.
+
+use pgrelay_protocol::ErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("replica: {0}")]
+    Replica(String),
+    #[error("the replica's thread has stopped")]
+    ReplicaClosed,
+    #[error("connecting to {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("WebSocket: {0}")]
+    Socket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("server refused: {code:?}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("no message from the server for {0:?}")]
+    Silent(std::time::Duration),
+}
+
+impl ClientError {
+    /// Whether reconnecting can cure it. A replica error or a server that
+    /// says our position is gone will not be cured by retrying.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Socket(_) | ClientError::Silent(_) | ClientError::Protocol(_) => true,
+            ClientError::Refused { code, .. } => matches!(code, ErrorCode::TooSlow | ErrorCode::Internal),
+            ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The local SQLite replica. One dedicated thread owns the connection;
+//! async code talks to it through a bounded command channel with oneshot
+//! replies, so SQLite never blocks the runtime. Each batch of server
+//! transactions commits together with the LSN it reaches (promise 2), in
+//! WAL journal mode so readers never see half of one.
+
+mod apply;
+mod schema;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use pgrelay_protocol::{Lsn, TableSchema, Transaction};
+use rusqlite::{Connection, TransactionBehavior};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ClientError;
+
+type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
+
+enum Command {
+    State(Reply<ReplicaState>),
+    SetClientId(String, Reply<()>),
+    ApplySchema(Vec<TableSchema>, Reply<()>),
+    ApplyTransactions(Vec<Transaction>, Reply<Lsn>),
+    Status(Reply<ReplicaStatus>),
+}
+
+/// The replica's identity and position.
+#[derive(Clone, Debug)]
+pub struct ReplicaState {
+    pub client_id: Option<String>,
+    /// Commit LSN of the last transaction applied; `None` for a new replica.
+    pub lsn: Option<Lsn>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TableStatus {
+    pub table: String,
+    pub rows: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// What `pgrelay client status` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaStatus {
+    pub client_id: Option<String>,
+    pub lsn: Option<String>,
+    pub tables: Vec<TableStatus>,
+}
+
+/// A handle to the replica's thread; cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    commands: mpsc::Sender<Command>,
+    path: PathBuf,
+}
+
+impl Replica {
+    /// Opens (creating if needed) the replica at `path` and starts its thread.
+    pub fn open(path: &Path) -> Result<Replica, ClientError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        schema::ensure_meta(&conn)?;
+        let mut worker = Worker { conn, tables: HashMap::new() };
+        worker.reload_tables()?;
+        let (commands, rx) = mpsc::channel(16);
+        std::thread::Builder::new()
+            .name("pgrelay-replica".to_owned())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| ClientError::Replica(format!("starting the replica thread: {e}")))?;
+        Ok(Replica { commands, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| ClientError::ReplicaClosed)?;
+        rx.await.map_err(|_| ClientError::ReplicaClosed)?
+    }
+
+    pub async fn state(&self) -> Result<ReplicaState, ClientError> {
+        self.call(Command::State).await
+    }
+
+    pub async fn set_client_id(&self, id: String) -> Result<(), ClientError> {
+        self.call(|r| Command::SetClientId(id, r)).await
+    }
+
+    /// Creates missing tables and adds missing columns.
+    pub async fn apply_schema(&self, tables: Vec<TableSchema>) -> Result<(), ClientError> {
+        self.call(|r| Command::ApplySchema(tables, r)).await
+    }
+
+    /// Applies whole transactions in one SQLite transaction together with
+    /// the last one's LSN; returns that LSN.
+    pub async fn apply_transactions(&self, txs: Vec<Transaction>) -> Result<Lsn, ClientError> {
+        self.call(|r| Command::ApplyTransactions(txs, r)).await
+    }
+
+    pub async fn status(&self) -> Result<ReplicaStatus, ClientError> {
+        self.call(Command::Status).await
+    }
+}
+
+struct Worker {
+    conn: Connection,
+    tables: HashMap<String, TableSchema>,
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(command) = rx.blocking_recv() {
+            match command {
+                Command::State(reply) => {
+                    let _ = reply.send(self.state());
+                }
+                Command::SetClientId(id, reply) => {
+                    let _ = reply.send(schema::write_meta(&self.conn, "client_id", &id));
+                }
+                Command::ApplySchema(tables, reply) => {
+                    let _ = reply.send(self.apply_schema(&tables));
+                }
+                Command::ApplyTransactions(txs, reply) => {
+                    let _ = reply.send(self.apply_transactions(&txs));
+                }
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+            }
+        }
+    }
+
+    fn reload_tables(&mut self) -> Result<(), ClientError> {
+        self.tables = schema::load_tables(&self.conn)?.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(())
+    }
+
+    fn state(&self) -> Result<ReplicaState, ClientError> {
+        let client_id = schema::read_meta(&self.conn, "client_id")?;
+        let lsn = schema::read_meta(&self.conn, "lsn")?
+            .map(|s| s.parse::<Lsn>())
+            .transpose()
+            .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?;
+        Ok(ReplicaState { client_id, lsn })
+    }
+
+    fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<(), ClientError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for table in tables {
+            schema::apply_table(&tx, table)?;
+        }
+        tx.commit()?;
+        self.reload_tables()
+    }
+
+    fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Lsn, ClientError> {
+        let current = self.state()?.lsn.unwrap_or(Lsn::ZERO);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut reached = current;
+        for server_tx in txs {
+            // A transaction at or below the stored position is already here.
+            if server_tx.lsn <= reached {
+                continue;
+            }
+            for change in &server_tx.changes {
+                apply::apply_change(&tx, &self.tables, change)
+                    .map_err(|e| ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn)))?;
+            }
+            reached = server_tx.lsn;
+        }
+        if reached > current {
+            schema::write_meta(&tx, "lsn", &reached.to_string())?;
+        }
+        tx.commit()?;
+        Ok(reached)
+    }
+
+    fn status(&self) -> Result<ReplicaStatus, ClientError> {
+        let state = self.state()?;
+        let mut tables: Vec<TableStatus> = Vec::new();
+        for table in self.tables.values() {
+            let rows = match table.skipped {
+                Some(_) => None,
+                None => Some(schema::row_count(&self.conn, table.sqlite_name())?),
+            };
+            tables.push(TableStatus { table: table.name.clone(), rows, skipped: table.skipped.clone() });
+        }
+        tables.sort_by(|a, b| a.table.cmp(&b.table));
+        Ok(ReplicaStatus { client_id: state.client_id, lsn: state.lsn.map(|l| l.to_string()), tables })
+    }
+}

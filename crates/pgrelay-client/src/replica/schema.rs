@@ -1,0 +1,90 @@
+//! Builds and updates the replica's tables from the server's schema, and
+//! keeps pgrelay's own bookkeeping tables.
+
+use pgrelay_protocol::TableSchema;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::ClientError;
+
+const META_SQL: &str = "
+CREATE TABLE IF NOT EXISTS _pgrelay_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS _pgrelay_tables (name TEXT PRIMARY KEY, schema TEXT NOT NULL);";
+
+pub(crate) fn ensure_meta(conn: &Connection) -> Result<(), ClientError> {
+    conn.execute_batch(META_SQL)?;
+    Ok(())
+}
+
+pub(crate) fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+pub(crate) fn read_meta(conn: &Connection, key: &str) -> Result<Option<String>, ClientError> {
+    Ok(conn
+        .query_row("SELECT value FROM _pgrelay_meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub(crate) fn write_meta(conn: &Connection, key: &str, value: &str) -> Result<(), ClientError> {
+    conn.execute(
+        "INSERT INTO _pgrelay_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// All table schemas the replica knows, by qualified name.
+pub(crate) fn load_tables(conn: &Connection) -> Result<Vec<TableSchema>, ClientError> {
+    let mut stmt = conn.prepare("SELECT schema FROM _pgrelay_tables ORDER BY name")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut tables = Vec::new();
+    for json in rows {
+        let json = json?;
+        tables.push(serde_json::from_str(&json).map_err(|e| ClientError::Replica(format!("stored schema: {e}")))?);
+    }
+    Ok(tables)
+}
+
+/// Creates a synced table that does not exist yet and adds columns the
+/// server added; records the schema. Runs inside the caller's transaction.
+pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), ClientError> {
+    let json = serde_json::to_string(table).map_err(|e| ClientError::Replica(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO _pgrelay_tables (name, schema) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET schema = excluded.schema",
+        params![table.name, json],
+    )?;
+    if table.skipped.is_some() {
+        return Ok(());
+    }
+    let name = table.sqlite_name();
+    let existing = existing_columns(conn, name)?;
+    if existing.is_empty() {
+        let mut defs: Vec<String> =
+            table.columns.iter().map(|c| format!("{} {}", quote(&c.name), c.kind.sqlite_type())).collect();
+        if !table.primary_key.is_empty() {
+            let key = table.primary_key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+            defs.push(format!("PRIMARY KEY ({key})"));
+        }
+        conn.execute_batch(&format!("CREATE TABLE {} ({})", quote(name), defs.join(", ")))?;
+    } else {
+        for column in table.columns.iter().filter(|c| !existing.contains(&c.name)) {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                quote(name),
+                quote(&column.name),
+                column.kind.sqlite_type()
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+fn existing_columns(conn: &Connection, table: &str) -> Result<Vec<String>, ClientError> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    let names = stmt.query_map([table], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(names)
+}
+
+pub(crate) fn row_count(conn: &Connection, table: &str) -> Result<i64, ClientError> {
+    Ok(conn.query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| r.get(0))?)
+}

@@ -1,0 +1,159 @@
+//! One connection to the server: handshake, then transactions applied to
+//! the replica in batches, with a heartbeat to notice a dead connection.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use pgrelay_protocol::{ClientMessage, Lsn, ServerMessage, Transaction, PROTOCOL_VERSION};
+use tokio::sync::broadcast;
+use tokio::time::{interval_at, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{ClientConfig, ClientError, Event, Replica};
+
+/// Changes applied in one SQLite transaction at most, when many are waiting.
+const MAX_APPLY_CHANGES: usize = 10_000;
+
+/// How a connection ended without an error.
+pub(crate) enum Outcome {
+    CaughtUp,
+    Shutdown,
+}
+
+pub(crate) async fn connect_and_sync(
+    config: &ClientConfig,
+    replica: &Replica,
+    events: &broadcast::Sender<Event>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Outcome, ClientError> {
+    let url = config.sync_url();
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| ClientError::Connect { url: url.clone(), message: e.to_string() })?;
+    let state = replica.state().await?;
+    let client_id = state.client_id.clone().unwrap_or_default();
+    let hello = ClientMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_id,
+        token: config.token.clone(),
+        last_lsn: state.lsn,
+    };
+    let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    socket.send(Message::Text(hello.into())).await?;
+
+    let mut applied = state.lsn.unwrap_or(Lsn::ZERO);
+    let mut target: Option<Lsn> = None;
+    let mut ping = interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut last_heard = Instant::now();
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                let _ = socket.close(None).await;
+                return Ok(Outcome::Shutdown);
+            }
+            message = socket.next() => message,
+            _ = ping.tick() => {
+                if last_heard.elapsed() > config.idle_timeout {
+                    return Err(ClientError::Silent(config.idle_timeout));
+                }
+                socket.send(Message::Ping(Default::default())).await?;
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        let Some(message) = message else {
+            return Err(ClientError::Protocol("the server closed the connection".to_owned()));
+        };
+        let mut batch: Vec<Transaction> = Vec::new();
+        let mut next = Some(message?);
+        // Gather the transactions already received, to commit them together.
+        while let Some(message) = next.take() {
+            match decode(message)? {
+                Some(ServerMessage::Tx(tx)) => batch.push(tx),
+                Some(other) => {
+                    applied = flush(replica, events, &mut batch, applied).await?;
+                    match other {
+                        ServerMessage::Welcome { head_lsn, tables, .. } => {
+                            replica.apply_schema(tables).await?;
+                            target = Some(head_lsn);
+                            let _ = events.send(Event::Connected { head: head_lsn });
+                        }
+                        ServerMessage::Schema { tables } => replica.apply_schema(tables).await?,
+                        ServerMessage::CaughtUp { lsn } => target = Some(lsn),
+                        ServerMessage::Error { code, message } => return Err(ClientError::Refused { code, message }),
+                        ServerMessage::Tx(_) => {}
+                    }
+                }
+                None => {}
+            }
+            if batch.iter().map(|t| t.changes.len()).sum::<usize>() >= MAX_APPLY_CHANGES {
+                break;
+            }
+            next = match socket.next().now_or_never() {
+                Some(Some(message)) => Some(message?),
+                _ => None,
+            };
+        }
+        applied = flush(replica, events, &mut batch, applied).await?;
+        if let Some(target) = target {
+            if applied >= target {
+                let _ = events.send(Event::CaughtUp { lsn: applied });
+                if config.exit_when_caught_up {
+                    let _ = socket.close(None).await;
+                    return Ok(Outcome::CaughtUp);
+                }
+            }
+        }
+        // Once caught up, report it only once per connection.
+        if target.is_some_and(|t| applied >= t) {
+            target = None;
+        }
+    }
+}
+
+fn decode(message: Message) -> Result<Option<ServerMessage>, ClientError> {
+    let bytes = match &message {
+        Message::Text(text) => text.as_bytes(),
+        Message::Binary(bytes) => bytes,
+        Message::Close(frame) => {
+            let reason = frame.as_ref().map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default();
+            return Err(ClientError::Protocol(format!("the server closed the connection: {reason}")));
+        }
+        _ => return Ok(None),
+    };
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ClientError::Protocol(format!("bad message from the server: {e}")))
+}
+
+async fn flush(
+    replica: &Replica,
+    events: &broadcast::Sender<Event>,
+    batch: &mut Vec<Transaction>,
+    applied: Lsn,
+) -> Result<Lsn, ClientError> {
+    if batch.is_empty() {
+        return Ok(applied);
+    }
+    let txs = std::mem::take(batch);
+    let changes = txs.iter().map(|t| t.changes.len()).sum();
+    let count = txs.len();
+    let newest_commit = txs.last().map(|t| t.commit_time_us).unwrap_or(0);
+    let reached = replica.apply_transactions(txs).await?;
+    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    let _ = events.send(Event::Applied {
+        lsn: reached,
+        transactions: count,
+        changes,
+        lag_ms: (now_us - newest_commit) / 1000,
+    });
+    Ok(reached)
+}
+
+/// Exponential backoff with full jitter, capped.
+pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let jitter = rand::random::<f64>();
+    exp.mul_f64(0.5 + jitter / 2.0)
+}

@@ -1,0 +1,68 @@
+//! `pgrelay client ...`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use pgrelay_client::{ClientConfig, Event, Replica, SyncClient};
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// Server address, e.g. ws://127.0.0.1:7171
+    #[arg(long, env = "PGRELAY_SERVER", default_value = "ws://127.0.0.1:7171")]
+    pub server: String,
+    /// The replica's SQLite file (created when missing).
+    #[arg(long, env = "PGRELAY_DB")]
+    pub db: PathBuf,
+    #[arg(long, env = "PGRELAY_CLIENT_ID")]
+    pub client_id: Option<String>,
+    #[arg(long, env = "PGRELAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Sync up to the server's head at connect time, then exit 0.
+    #[arg(long, env = "PGRELAY_EXIT_WHEN_CAUGHT_UP")]
+    pub exit_when_caught_up: bool,
+    #[arg(long, env = "PGRELAY_PING_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    #[arg(long, env = "PGRELAY_IDLE_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
+    let mut config = ClientConfig::new(args.server, args.db);
+    config.client_id = args.client_id;
+    config.token = args.token;
+    config.exit_when_caught_up = args.exit_when_caught_up;
+    config.ping_interval = args.ping_interval;
+    config.idle_timeout = args.idle_timeout;
+    let client = SyncClient::open(config).await?;
+    let mut events = client.subscribe();
+    tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            match event {
+                Event::Connected { head } => tracing::info!(%head, "connected"),
+                Event::CaughtUp { lsn } => tracing::info!(%lsn, "caught up"),
+                Event::Applied { lsn, transactions, changes, lag_ms } => {
+                    tracing::debug!(%lsn, transactions, changes, lag_ms, "applied")
+                }
+                Event::Disconnected { error, retry_in } => tracing::warn!(%error, ?retry_in, "disconnected"),
+            }
+        }
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop.send(true);
+    });
+    client.run(stopped).await?;
+    Ok(())
+}
+
+pub async fn status(db: &Path) -> anyhow::Result<()> {
+    if !db.exists() {
+        anyhow::bail!("no replica at {}", db.display());
+    }
+    let replica = Replica::open(db)?;
+    let status = replica.status().await?;
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! `pgrelay serve`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use pgrelay_pg::TableFilter;
+use pgrelay_server::{Server, ServerConfig};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// PostgreSQL to capture from (needs wal_level=logical).
+    #[arg(long, env = "PGRELAY_DATABASE_URL")]
+    pub database_url: String,
+    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:7171")]
+    pub listen: SocketAddr,
+    /// Tables to sync, comma-separated (`public.a,b`); default: every table in schema public.
+    #[arg(long, env = "PGRELAY_TABLES", value_delimiter = ',')]
+    pub tables: Option<Vec<String>>,
+    /// Logical replication slot (its publication is named `<slot>_pub`).
+    #[arg(long, env = "PGRELAY_SLOT", default_value = "pgrelay")]
+    pub slot: String,
+    /// How often to ping each client.
+    #[arg(long, env = "PGRELAY_PING_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    /// Disconnect a client silent for this long.
+    #[arg(long, env = "PGRELAY_IDLE_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// How often to confirm the durable position to PostgreSQL.
+    #[arg(long, env = "PGRELAY_STATUS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> ServerConfig {
+        let mut config = ServerConfig::new(self.database_url);
+        config.listen = self.listen;
+        config.tables = match self.tables {
+            Some(list) if !list.is_empty() => TableFilter::Only(list),
+            _ => TableFilter::AllPublic,
+        };
+        config.slot = self.slot;
+        config.ping_interval = self.ping_interval;
+        config.idle_timeout = self.idle_timeout;
+        config.status_interval = self.status_interval;
+        config
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut server = Server::start(args.into_config()).await?;
+    // Tests and scripts read this line to learn the bound port.
+    println!("pgrelay listening on {}", server.local_addr());
+    let stop = server.shutdown_handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    server.wait().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
