@@ -1,0 +1,11 @@
+//! Integration tests against a real PostgreSQL with logical replication
+//! (PGRELAY_TEST_DATABASE_URL, or a private cluster the testkit starts),
+//! real SQLite replicas and real WebSockets.
+
+mod support;
+
+mod bad_input;
+mod crash;
+mod pipeline;
+mod slot;
+mod types;
