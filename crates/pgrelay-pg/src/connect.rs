@@ -43,7 +43,7 @@ impl ConnInfo {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let database = config.get_dbname().unwrap_or(&user).to_owned();
-        config.options(&options_string());
+        config.options(options_string());
         if config.get_application_name().is_none() {
             config.application_name("pgrelay");
         }

@@ -67,10 +67,6 @@ impl Hub {
         *self.head.borrow()
     }
 
-    pub(crate) fn watch_head(&self) -> watch::Receiver<Lsn> {
-        self.head.subscribe()
-    }
-
     pub(crate) fn schemas(&self) -> Arc<BTreeMap<String, TableSchema>> {
         match self.schemas.read() {
             Ok(guard) => Arc::clone(&guard),

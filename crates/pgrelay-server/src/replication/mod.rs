@@ -20,8 +20,6 @@ use crate::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
 use assemble::{Assembled, Assembler};
 
-pub(crate) use assemble::ORIGIN_PREFIX;
-
 /// Changes gathered before the change log is written even if more are
 /// waiting; bounds memory and keeps latency low under load.
 const MAX_BATCH_CHANGES: usize = 20_000;

@@ -24,6 +24,7 @@ use handshake::Hello;
 const CATCH_UP_PAGE: i64 = 5_000;
 
 /// Why a session ended early; sent to the client before closing.
+#[derive(Debug)]
 pub(crate) struct Refusal {
     pub(crate) code: ErrorCode,
     pub(crate) message: String,

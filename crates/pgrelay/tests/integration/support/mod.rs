@@ -86,7 +86,7 @@ impl World {
     /// Waits until the replica equals PostgreSQL for every synced table.
     pub async fn wait_equal(&self, replica: &Path, timeout: Duration) {
         let url = self.db.url().to_owned();
-        let mut last = String::new();
+        let mut last;
         let deadline = Instant::now() + timeout;
         loop {
             match pgrelay::verify::verify(&url, replica, None).await {
