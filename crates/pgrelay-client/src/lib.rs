@@ -94,7 +94,14 @@ impl SyncClient {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let mut attempt = 0u32;
         loop {
-            match session::connect_and_sync(&self.config, &self.replica, &self.events, &mut shutdown).await {
+            let mut welcomed = false;
+            let result =
+                session::connect_and_sync(&self.config, &self.replica, &self.events, &mut shutdown, &mut welcomed).await;
+            if welcomed {
+                // The server took us: the next failure starts a fresh backoff.
+                attempt = 0;
+            }
+            match result {
                 Ok(_) => return Ok(()),
                 Err(e) if !e.is_retryable() => return Err(e),
                 Err(e) => {

@@ -25,6 +25,7 @@ pub(crate) async fn connect_and_sync(
     replica: &Replica,
     events: &broadcast::Sender<Event>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    welcomed: &mut bool,
 ) -> Result<Outcome, ClientError> {
     let url = config.sync_url();
     let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
@@ -77,6 +78,7 @@ pub(crate) async fn connect_and_sync(
                         ServerMessage::Welcome { head_lsn, tables, .. } => {
                             replica.apply_schema(tables).await?;
                             target = Some(head_lsn);
+                            *welcomed = true;
                             let _ = events.send(Event::Connected { head: head_lsn });
                         }
                         ServerMessage::Schema { tables } => replica.apply_schema(tables).await?,
