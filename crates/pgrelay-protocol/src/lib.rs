@@ -2,6 +2,7 @@
 //! the `/api/sync` WebSocket, their versions and error codes. No I/O here, so
 //! clients in any language can be checked against these definitions.
 
+pub mod canonical;
 mod lsn;
 mod message;
 mod schema;
