@@ -27,8 +27,13 @@ impl ClientError {
     /// says our position is gone will not be cured by retrying.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Socket(_) | ClientError::Silent(_) | ClientError::Protocol(_) => true,
-            ClientError::Refused { code, .. } => matches!(code, ErrorCode::TooSlow | ErrorCode::Internal),
+            ClientError::Connect { .. }
+            | ClientError::Socket(_)
+            | ClientError::Silent(_)
+            | ClientError::Protocol(_) => true,
+            ClientError::Refused { code, .. } => {
+                matches!(code, ErrorCode::TooSlow | ErrorCode::Internal)
+            }
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
         }
     }

@@ -9,7 +9,15 @@ pub enum Event {
     /// The replica holds everything the server had at connect time.
     CaughtUp { lsn: Lsn },
     /// Transactions were committed to the replica, up to `lsn`.
-    Applied { lsn: Lsn, transactions: usize, changes: usize, lag_ms: i64 },
+    Applied {
+        lsn: Lsn,
+        transactions: usize,
+        changes: usize,
+        lag_ms: i64,
+    },
     /// The connection ended; the client reconnects after `retry_in`.
-    Disconnected { error: String, retry_in: std::time::Duration },
+    Disconnected {
+        error: String,
+        retry_in: std::time::Duration,
+    },
 }

@@ -78,7 +78,11 @@ impl SyncClient {
         };
         replica.set_client_id(id).await?;
         let (events, _) = broadcast::channel(1024);
-        Ok(SyncClient { config, replica, events })
+        Ok(SyncClient {
+            config,
+            replica,
+            events,
+        })
     }
 
     pub fn replica(&self) -> &Replica {
@@ -95,8 +99,14 @@ impl SyncClient {
         let mut attempt = 0u32;
         loop {
             let mut welcomed = false;
-            let result =
-                session::connect_and_sync(&self.config, &self.replica, &self.events, &mut shutdown, &mut welcomed).await;
+            let result = session::connect_and_sync(
+                &self.config,
+                &self.replica,
+                &self.events,
+                &mut shutdown,
+                &mut welcomed,
+            )
+            .await;
             if welcomed {
                 // The server took us: the next failure starts a fresh backoff.
                 attempt = 0;
@@ -105,10 +115,17 @@ impl SyncClient {
                 Ok(_) => return Ok(()),
                 Err(e) if !e.is_retryable() => return Err(e),
                 Err(e) => {
-                    let delay = session::backoff(attempt, self.config.backoff_base, self.config.backoff_cap);
+                    let delay = session::backoff(
+                        attempt,
+                        self.config.backoff_base,
+                        self.config.backoff_cap,
+                    );
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %e, retry_in = ?delay, "sync connection ended; reconnecting");
-                    let _ = self.events.send(Event::Disconnected { error: e.to_string(), retry_in: delay });
+                    let _ = self.events.send(Event::Disconnected {
+                        error: e.to_string(),
+                        retry_in: delay,
+                    });
                     tokio::select! {
                         biased;
                         _ = shutdown.changed() => return Ok(()),

@@ -30,7 +30,10 @@ pub(crate) async fn connect_and_sync(
     let url = config.sync_url();
     let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
-        .map_err(|e| ClientError::Connect { url: url.clone(), message: e.to_string() })?;
+        .map_err(|e| ClientError::Connect {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
     let state = replica.state().await?;
     let client_id = state.client_id.clone().unwrap_or_default();
     let hello = ClientMessage::Hello {
@@ -64,7 +67,9 @@ pub(crate) async fn connect_and_sync(
         };
         last_heard = Instant::now();
         let Some(message) = message else {
-            return Err(ClientError::Protocol("the server closed the connection".to_owned()));
+            return Err(ClientError::Protocol(
+                "the server closed the connection".to_owned(),
+            ));
         };
         let mut batch: Vec<Transaction> = Vec::new();
         let mut next = Some(message?);
@@ -75,7 +80,9 @@ pub(crate) async fn connect_and_sync(
                 Some(other) => {
                     applied = flush(replica, events, &mut batch, applied).await?;
                     match other {
-                        ServerMessage::Welcome { head_lsn, tables, .. } => {
+                        ServerMessage::Welcome {
+                            head_lsn, tables, ..
+                        } => {
                             replica.apply_schema(tables).await?;
                             target = Some(head_lsn);
                             *welcomed = true;
@@ -83,7 +90,9 @@ pub(crate) async fn connect_and_sync(
                         }
                         ServerMessage::Schema { tables } => replica.apply_schema(tables).await?,
                         ServerMessage::CaughtUp { lsn } => target = Some(lsn),
-                        ServerMessage::Error { code, message } => return Err(ClientError::Refused { code, message }),
+                        ServerMessage::Error { code, message } => {
+                            return Err(ClientError::Refused { code, message })
+                        }
                         ServerMessage::Tx(_) => {}
                     }
                 }
@@ -119,8 +128,13 @@ fn decode(message: Message) -> Result<Option<ServerMessage>, ClientError> {
         Message::Text(text) => text.as_bytes(),
         Message::Binary(bytes) => bytes,
         Message::Close(frame) => {
-            let reason = frame.as_ref().map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default();
-            return Err(ClientError::Protocol(format!("the server closed the connection: {reason}")));
+            let reason = frame
+                .as_ref()
+                .map(|f| format!("{} {}", f.code, f.reason))
+                .unwrap_or_default();
+            return Err(ClientError::Protocol(format!(
+                "the server closed the connection: {reason}"
+            )));
         }
         _ => return Ok(None),
     };
@@ -143,7 +157,10 @@ async fn flush(
     let count = txs.len();
     let newest_commit = txs.last().map(|t| t.commit_time_us).unwrap_or(0);
     let reached = replica.apply_transactions(txs).await?;
-    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
     let _ = events.send(Event::Applied {
         lsn: reached,
         transactions: count,

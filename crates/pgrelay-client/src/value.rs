@@ -14,10 +14,18 @@ pub struct ValueError {
 
 /// The SQLite value for PostgreSQL's text output of a value of `kind`.
 pub fn to_sqlite(kind: ValueKind, text: Option<&str>) -> Result<Value, ValueError> {
-    let Some(text) = text else { return Ok(Value::Null) };
-    let bad = |reason| ValueError { kind, text: text.chars().take(100).collect(), reason };
+    let Some(text) = text else {
+        return Ok(Value::Null);
+    };
+    let bad = |reason| ValueError {
+        kind,
+        text: text.chars().take(100).collect(),
+        reason,
+    };
     Ok(match kind {
-        ValueKind::Integer => Value::Integer(text.parse().map_err(|_| bad("not a 64-bit integer"))?),
+        ValueKind::Integer => {
+            Value::Integer(text.parse().map_err(|_| bad("not a 64-bit integer"))?)
+        }
         ValueKind::Float => match text.parse::<f64>() {
             // SQLite has no NaN (it becomes NULL) and prints infinities its own way.
             Ok(f) if f.is_finite() => Value::Real(f),
@@ -29,7 +37,9 @@ pub fn to_sqlite(kind: ValueKind, text: Option<&str>) -> Result<Value, ValueErro
             _ => return Err(bad("not t or f")),
         },
         ValueKind::Bytes => {
-            let hex_digits = text.strip_prefix("\\x").ok_or_else(|| bad("bytea not in hex format"))?;
+            let hex_digits = text
+                .strip_prefix("\\x")
+                .ok_or_else(|| bad("bytea not in hex format"))?;
             Value::Blob(hex::decode(hex_digits).map_err(|_| bad("bad hex digits"))?)
         }
         ValueKind::Numeric | ValueKind::Json | ValueKind::Text => Value::Text(text.to_owned()),
@@ -59,9 +69,17 @@ mod tests {
 
     fn through_sqlite(kind: ValueKind, text: Option<&str>) -> Option<String> {
         let conn = rusqlite::Connection::open_in_memory().unwrap();
-        conn.execute_batch(&format!("CREATE TABLE t (v {})", kind.sqlite_type())).unwrap();
-        conn.execute("INSERT INTO t VALUES (?1)", [to_sqlite(kind, text).unwrap()]).unwrap();
-        conn.query_row("SELECT v FROM t", [], |r| Ok(pg_text_from_sqlite(kind, r.get_ref(0)?))).unwrap()
+        conn.execute_batch(&format!("CREATE TABLE t (v {})", kind.sqlite_type()))
+            .unwrap();
+        conn.execute(
+            "INSERT INTO t VALUES (?1)",
+            [to_sqlite(kind, text).unwrap()],
+        )
+        .unwrap();
+        conn.query_row("SELECT v FROM t", [], |r| {
+            Ok(pg_text_from_sqlite(kind, r.get_ref(0)?))
+        })
+        .unwrap()
     }
 
     fn same_after_sqlite(kind: ValueKind, text: Option<&str>) {
@@ -82,7 +100,10 @@ mod tests {
         same_after_sqlite(ValueKind::Bytes, Some("\\x00ff00"));
         same_after_sqlite(ValueKind::Bytes, Some("\\x"));
         same_after_sqlite(ValueKind::Bool, Some("f"));
-        same_after_sqlite(ValueKind::Numeric, Some("123456789012345678901234567890.000000000000000001"));
+        same_after_sqlite(
+            ValueKind::Numeric,
+            Some("123456789012345678901234567890.000000000000000001"),
+        );
         same_after_sqlite(ValueKind::Text, Some("é中😀 'q' \"dq\""));
         same_after_sqlite(ValueKind::Text, Some("12"));
         same_after_sqlite(ValueKind::Json, None);
@@ -98,9 +119,16 @@ mod tests {
     fn pg_text(kind: ValueKind) -> BoxedStrategy<String> {
         match kind {
             ValueKind::Integer => any::<i64>().prop_map(|i| i.to_string()).boxed(),
-            ValueKind::Float => prop_oneof![any::<f64>().prop_map(|f| f.to_string()), Just("NaN".to_owned()), Just("Infinity".to_owned())].boxed(),
+            ValueKind::Float => prop_oneof![
+                any::<f64>().prop_map(|f| f.to_string()),
+                Just("NaN".to_owned()),
+                Just("Infinity".to_owned())
+            ]
+            .boxed(),
             ValueKind::Bool => prop_oneof![Just("t".to_owned()), Just("f".to_owned())].boxed(),
-            ValueKind::Bytes => proptest::collection::vec(any::<u8>(), 0..16).prop_map(|b| format!("\\x{}", hex::encode(b))).boxed(),
+            ValueKind::Bytes => proptest::collection::vec(any::<u8>(), 0..16)
+                .prop_map(|b| format!("\\x{}", hex::encode(b)))
+                .boxed(),
             ValueKind::Numeric => "-?[0-9]{1,30}(\\.[0-9]{1,30})?".boxed(),
             ValueKind::Json | ValueKind::Text => "\\PC{0,20}".boxed(),
         }

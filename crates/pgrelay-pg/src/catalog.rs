@@ -22,7 +22,13 @@ impl TableFilter {
             TableFilter::Only(names) => Some(
                 names
                     .iter()
-                    .map(|n| if n.contains('.') { n.clone() } else { format!("public.{n}") })
+                    .map(|n| {
+                        if n.contains('.') {
+                            n.clone()
+                        } else {
+                            format!("public.{n}")
+                        }
+                    })
                     .collect(),
             ),
         }
@@ -57,7 +63,10 @@ ORDER BY k.ord";
 /// Reads the schema of every table the filter selects. A table that cannot
 /// be synced is returned with `skipped` saying why; a listed table that does
 /// not exist is an error.
-pub async fn discover_tables(client: &Client, filter: &TableFilter) -> Result<Vec<TableSchema>, PgError> {
+pub async fn discover_tables(
+    client: &Client,
+    filter: &TableFilter,
+) -> Result<Vec<TableSchema>, PgError> {
     let wanted = filter.qualified();
     let rows = client
         .query(TABLES_SQL, &[&wanted])
@@ -66,7 +75,9 @@ pub async fn discover_tables(client: &Client, filter: &TableFilter) -> Result<Ve
     if let Some(wanted) = &wanted {
         let found: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
         if let Some(missing) = wanted.iter().find(|w| !found.contains(w)) {
-            return Err(PgError::BadUrl(format!("table {missing} does not exist (from --tables)")));
+            return Err(PgError::BadUrl(format!(
+                "table {missing} does not exist (from --tables)"
+            )));
         }
     }
     let mut tables = Vec::with_capacity(rows.len());
@@ -79,7 +90,12 @@ pub async fn discover_tables(client: &Client, filter: &TableFilter) -> Result<Ve
     Ok(tables)
 }
 
-async fn read_table(client: &Client, oid: u32, name: String, identity: &str) -> Result<TableSchema, PgError> {
+async fn read_table(
+    client: &Client,
+    oid: u32,
+    name: String,
+    identity: &str,
+) -> Result<TableSchema, PgError> {
     let columns = client
         .query(COLUMNS_SQL, &[&oid])
         .await
@@ -87,7 +103,12 @@ async fn read_table(client: &Client, oid: u32, name: String, identity: &str) -> 
         .iter()
         .map(|r| {
             let base_oid: u32 = r.get(3);
-            Column { name: r.get(0), pg_type: r.get(1), type_oid: r.get(2), kind: ValueKind::from_type_oid(base_oid) }
+            Column {
+                name: r.get(0),
+                pg_type: r.get(1),
+                type_oid: r.get(2),
+                kind: ValueKind::from_type_oid(base_oid),
+            }
         })
         .collect();
     let by_index = identity == "i";
@@ -111,7 +132,13 @@ async fn read_table(client: &Client, oid: u32, name: String, identity: &str) -> 
     if skipped.is_some() {
         primary_key.clear();
     }
-    Ok(TableSchema { name, columns, primary_key, version: 1, skipped })
+    Ok(TableSchema {
+        name,
+        columns,
+        primary_key,
+        version: 1,
+        skipped,
+    })
 }
 
 /// PostgreSQL's name for a type, as `format_type` prints it.
@@ -120,5 +147,7 @@ pub async fn format_type(client: &Client, oid: u32, modifier: i32) -> Result<Str
         .query_one("SELECT format_type($1, $2)", &[&oid, &modifier])
         .await
         .map_err(PgError::sql(format!("naming type {oid}")))?;
-    Ok(row.get::<_, Option<String>>(0).unwrap_or_else(|| format!("oid {oid}")))
+    Ok(row
+        .get::<_, Option<String>>(0)
+        .unwrap_or_else(|| format!("oid {oid}")))
 }

@@ -28,8 +28,9 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn parse(url: &str) -> Result<ConnInfo, PgError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e: tokio_postgres::Error| PgError::BadUrl(e.to_string()))?;
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| PgError::BadUrl(e.to_string()))?;
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -47,7 +48,14 @@ impl ConnInfo {
         if config.get_application_name().is_none() {
             config.application_name("pgrelay");
         }
-        Ok(ConnInfo { host, port, user, password, database, config })
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            database,
+            config,
+        })
     }
 
     pub fn config(&self) -> &tokio_postgres::Config {
@@ -71,7 +79,10 @@ pub async fn connect(info: &ConnInfo) -> Result<tokio_postgres::Client, PgError>
         .config
         .connect(NoTls)
         .await
-        .map_err(PgError::sql(format!("connecting to {}:{}/{}", info.host, info.port, info.database)))?;
+        .map_err(PgError::sql(format!(
+            "connecting to {}:{}/{}",
+            info.host, info.port, info.database
+        )))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection ended");

@@ -42,7 +42,10 @@ impl PgError {
         match self {
             PgError::Sql { source, .. } => sql_error_is_retryable(source),
             PgError::Stream(_) => true,
-            PgError::BadUrl(_) | PgError::WalLevel { .. } | PgError::BadSlot { .. } | PgError::SlotLost { .. } => false,
+            PgError::BadUrl(_)
+            | PgError::WalLevel { .. }
+            | PgError::BadSlot { .. }
+            | PgError::SlotLost { .. } => false,
             PgError::Decode(_) => false,
         }
     }

@@ -30,7 +30,11 @@ pub struct Relation {
 
 impl Relation {
     pub fn qualified_name(&self) -> String {
-        let namespace = if self.namespace.is_empty() { "pg_catalog" } else { &self.namespace };
+        let namespace = if self.namespace.is_empty() {
+            "pg_catalog"
+        } else {
+            &self.namespace
+        };
         format!("{namespace}.{}", self.name)
     }
 }
@@ -60,27 +64,73 @@ pub enum OldTuple {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RowMessage {
     Relation(Relation),
-    Type { oid: u32, namespace: String, name: String },
-    Insert { relation_oid: u32, new: Tuple },
-    Update { relation_oid: u32, old: Option<OldTuple>, new: Tuple },
-    Delete { relation_oid: u32, old: OldTuple },
-    Truncate { relation_oids: Vec<u32>, cascade: bool, restart_identity: bool },
-    Origin { lsn: u64, name: String },
-    Begin { final_lsn: u64, commit_time_us_pg: i64, xid: u32 },
-    Commit { flags: u8, commit_lsn: u64, end_lsn: u64, commit_time_us_pg: i64 },
-    Message { transactional: bool, lsn: u64, prefix: String, content: Bytes },
+    Type {
+        oid: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        relation_oid: u32,
+        new: Tuple,
+    },
+    Update {
+        relation_oid: u32,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        relation_oid: u32,
+        old: OldTuple,
+    },
+    Truncate {
+        relation_oids: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+    Origin {
+        lsn: u64,
+        name: String,
+    },
+    Begin {
+        final_lsn: u64,
+        commit_time_us_pg: i64,
+        xid: u32,
+    },
+    Commit {
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_time_us_pg: i64,
+    },
+    Message {
+        transactional: bool,
+        lsn: u64,
+        prefix: String,
+        content: Bytes,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("message ends early: {wanted} needs {needed} bytes at offset {offset}, {available} left")]
-    Truncated { wanted: &'static str, offset: usize, needed: usize, available: usize },
+    #[error(
+        "message ends early: {wanted} needs {needed} bytes at offset {offset}, {available} left"
+    )]
+    Truncated {
+        wanted: &'static str,
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
     #[error("unknown pgoutput message type {0:?}")]
     UnknownMessage(char),
     #[error("unknown tuple column kind {kind:?} at offset {offset}")]
     BadColumnKind { kind: char, offset: usize },
     #[error("unexpected tuple marker {marker:?} in {message} at offset {offset}")]
-    BadMarker { message: &'static str, marker: char, offset: usize },
+    BadMarker {
+        message: &'static str,
+        marker: char,
+        offset: usize,
+    },
     #[error("{what} at offset {offset} is not valid UTF-8")]
     BadUtf8 { what: &'static str, offset: usize },
     #[error("{0} trailing bytes after the message")]
@@ -88,7 +138,11 @@ pub enum DecodeError {
     #[error("empty message")]
     Empty,
     #[error("row for {table} has {got} columns, its relation has {expected}")]
-    ColumnCount { table: String, got: usize, expected: usize },
+    ColumnCount {
+        table: String,
+        got: usize,
+        expected: usize,
+    },
     #[error("binary value in column {table}.{column}; pgrelay asks for text format")]
     BinaryValue { table: String, column: String },
 }
@@ -102,7 +156,12 @@ impl<'a> Reader<'a> {
     fn take(&mut self, needed: usize, wanted: &'static str) -> Result<&'a [u8], DecodeError> {
         let available = self.bytes.len() - self.at;
         if needed > available {
-            return Err(DecodeError::Truncated { wanted, offset: self.at, needed, available });
+            return Err(DecodeError::Truncated {
+                wanted,
+                offset: self.at,
+                needed,
+                available,
+            });
         }
         let slice = &self.bytes[self.at..self.at + needed];
         self.at += needed;
@@ -125,20 +184,28 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self, wanted: &'static str) -> Result<u64, DecodeError> {
         let s = self.take(8, wanted)?;
-        Ok(u64::from_be_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
+        Ok(u64::from_be_bytes([
+            s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+        ]))
     }
 
     /// A NUL-terminated string.
     fn cstr(&mut self, wanted: &'static str) -> Result<String, DecodeError> {
         let rest = &self.bytes[self.at..];
-        let len = rest.iter().position(|&b| b == 0).ok_or(DecodeError::Truncated {
-            wanted,
-            offset: self.at,
-            needed: rest.len() + 1,
-            available: rest.len(),
-        })?;
+        let len = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(DecodeError::Truncated {
+                wanted,
+                offset: self.at,
+                needed: rest.len() + 1,
+                available: rest.len(),
+            })?;
         let offset = self.at;
-        let text = std::str::from_utf8(&rest[..len]).map_err(|_| DecodeError::BadUtf8 { what: wanted, offset })?;
+        let text = std::str::from_utf8(&rest[..len]).map_err(|_| DecodeError::BadUtf8 {
+            what: wanted,
+            offset,
+        })?;
         self.at += len + 1;
         Ok(text.to_owned())
     }
@@ -156,14 +223,22 @@ impl<'a> Reader<'a> {
                     let len = self.u32("text value length")? as usize;
                     let offset = self.at;
                     let raw = self.take(len, "text value")?;
-                    let text = std::str::from_utf8(raw).map_err(|_| DecodeError::BadUtf8 { what: "text value", offset })?;
+                    let text = std::str::from_utf8(raw).map_err(|_| DecodeError::BadUtf8 {
+                        what: "text value",
+                        offset,
+                    })?;
                     TupleValue::Text(text.to_owned())
                 }
                 b'b' => {
                     let len = self.u32("binary value length")? as usize;
                     TupleValue::Binary(Bytes::copy_from_slice(self.take(len, "binary value")?))
                 }
-                other => return Err(DecodeError::BadColumnKind { kind: other as char, offset }),
+                other => {
+                    return Err(DecodeError::BadColumnKind {
+                        kind: other as char,
+                        offset,
+                    })
+                }
             };
             values.push(value);
         }
@@ -200,16 +275,40 @@ pub fn decode(data: &[u8]) -> Result<RowMessage, DecodeError> {
                 let name = r.cstr("column name")?;
                 let type_oid = r.u32("column type")?;
                 let type_modifier = r.u32("column type modifier")? as i32;
-                columns.push(RelationColumn { name, type_oid, type_modifier, is_key: flags & 1 == 1 });
+                columns.push(RelationColumn {
+                    name,
+                    type_oid,
+                    type_modifier,
+                    is_key: flags & 1 == 1,
+                });
             }
-            RowMessage::Relation(Relation { oid, namespace, name, replica_identity, columns })
+            RowMessage::Relation(Relation {
+                oid,
+                namespace,
+                name,
+                replica_identity,
+                columns,
+            })
         }
-        b'Y' => RowMessage::Type { oid: r.u32("type oid")?, namespace: r.cstr("type namespace")?, name: r.cstr("type name")? },
+        b'Y' => RowMessage::Type {
+            oid: r.u32("type oid")?,
+            namespace: r.cstr("type namespace")?,
+            name: r.cstr("type name")?,
+        },
         b'I' => {
             let relation_oid = r.u32("relation oid")?;
             match r.marker()? {
-                (b'N', _) => RowMessage::Insert { relation_oid, new: r.tuple()? },
-                (m, offset) => return Err(DecodeError::BadMarker { message: "insert", marker: m as char, offset }),
+                (b'N', _) => RowMessage::Insert {
+                    relation_oid,
+                    new: r.tuple()?,
+                },
+                (m, offset) => {
+                    return Err(DecodeError::BadMarker {
+                        message: "insert",
+                        marker: m as char,
+                        offset,
+                    })
+                }
             }
         }
         b'U' => {
@@ -218,20 +317,38 @@ pub fn decode(data: &[u8]) -> Result<RowMessage, DecodeError> {
             let mut old = None;
             if marker == b'K' || marker == b'O' {
                 let tuple = r.tuple()?;
-                old = Some(if marker == b'K' { OldTuple::Key(tuple) } else { OldTuple::Full(tuple) });
+                old = Some(if marker == b'K' {
+                    OldTuple::Key(tuple)
+                } else {
+                    OldTuple::Full(tuple)
+                });
                 (marker, offset) = r.marker()?;
             }
             if marker != b'N' {
-                return Err(DecodeError::BadMarker { message: "update", marker: marker as char, offset });
+                return Err(DecodeError::BadMarker {
+                    message: "update",
+                    marker: marker as char,
+                    offset,
+                });
             }
-            RowMessage::Update { relation_oid, old, new: r.tuple()? }
+            RowMessage::Update {
+                relation_oid,
+                old,
+                new: r.tuple()?,
+            }
         }
         b'D' => {
             let relation_oid = r.u32("relation oid")?;
             let old = match r.marker()? {
                 (b'K', _) => OldTuple::Key(r.tuple()?),
                 (b'O', _) => OldTuple::Full(r.tuple()?),
-                (m, offset) => return Err(DecodeError::BadMarker { message: "delete", marker: m as char, offset }),
+                (m, offset) => {
+                    return Err(DecodeError::BadMarker {
+                        message: "delete",
+                        marker: m as char,
+                        offset,
+                    })
+                }
             };
             RowMessage::Delete { relation_oid, old }
         }
@@ -242,9 +359,16 @@ pub fn decode(data: &[u8]) -> Result<RowMessage, DecodeError> {
             for _ in 0..count {
                 relation_oids.push(r.u32("relation oid")?);
             }
-            RowMessage::Truncate { relation_oids, cascade: flags & 1 != 0, restart_identity: flags & 2 != 0 }
+            RowMessage::Truncate {
+                relation_oids,
+                cascade: flags & 1 != 0,
+                restart_identity: flags & 2 != 0,
+            }
         }
-        b'O' => RowMessage::Origin { lsn: r.u64("origin lsn")?, name: r.cstr("origin name")? },
+        b'O' => RowMessage::Origin {
+            lsn: r.u64("origin lsn")?,
+            name: r.cstr("origin name")?,
+        },
         b'B' => RowMessage::Begin {
             final_lsn: r.u64("final lsn")?,
             commit_time_us_pg: r.u64("commit time")? as i64,
@@ -262,7 +386,12 @@ pub fn decode(data: &[u8]) -> Result<RowMessage, DecodeError> {
             let prefix = r.cstr("message prefix")?;
             let len = r.u32("message length")? as usize;
             let content = Bytes::copy_from_slice(r.take(len, "message content")?);
-            RowMessage::Message { transactional, lsn, prefix, content }
+            RowMessage::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            }
         }
         other => return Err(DecodeError::UnknownMessage(other as char)),
     };
@@ -292,7 +421,10 @@ pub fn tuple_to_row(relation: &Relation, tuple: Tuple) -> Result<Row, DecodeErro
                 row.insert(column.name.clone(), Some(text));
             }
             TupleValue::Binary(_) => {
-                return Err(DecodeError::BinaryValue { table: relation.qualified_name(), column: column.name.clone() })
+                return Err(DecodeError::BinaryValue {
+                    table: relation.qualified_name(),
+                    column: column.name.clone(),
+                })
             }
         }
     }

@@ -25,13 +25,21 @@ pub async fn check_wal_level(client: &Client) -> Result<(), PgError> {
 /// `FOR ALL TABLES`, so pgrelay's own change log is never published and a
 /// table without a replica identity is never added (PostgreSQL would then
 /// refuse UPDATE and DELETE on it).
-pub async fn ensure_publication(client: &Client, name: &str, tables: &[String]) -> Result<(), PgError> {
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    tables: &[String],
+) -> Result<(), PgError> {
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await
         .map_err(PgError::sql("looking up the publication"))?
         .is_some();
-    let list = tables.iter().map(|t| quote_qualified(t)).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(|t| quote_qualified(t))
+        .collect::<Vec<_>>()
+        .join(", ");
     let pub_name = quote_ident(name);
     let sql = match (exists, tables.is_empty()) {
         (false, true) => format!("CREATE PUBLICATION {pub_name}"),
@@ -48,7 +56,11 @@ pub async fn ensure_publication(client: &Client, name: &str, tables: &[String]) 
             if members.is_empty() {
                 return Ok(());
             }
-            let names = members.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(", ");
+            let names = members
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join(", ");
             format!("ALTER PUBLICATION {pub_name} DROP TABLE {names}")
         }
         (true, false) => format!("ALTER PUBLICATION {pub_name} SET TABLE {list}"),
@@ -77,7 +89,10 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotInfo, PgErro
         )
         .await
         .map_err(PgError::sql("looking up the replication slot"))?;
-    let bad = |problem: String| PgError::BadSlot { slot: slot.to_owned(), problem };
+    let bad = |problem: String| PgError::BadSlot {
+        slot: slot.to_owned(),
+        problem,
+    };
     if let Some(row) = row {
         let plugin: Option<String> = row.get(0);
         let slot_type: String = row.get(1);
@@ -97,19 +112,33 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotInfo, PgErro
             .map_err(PgError::sql("reading the current database"))?
             .get(0);
         if database.as_deref() != Some(current_db.as_str()) {
-            return Err(bad(format!("belongs to database {database:?}, not {current_db:?}")));
+            return Err(bad(format!(
+                "belongs to database {database:?}, not {current_db:?}"
+            )));
         }
         if wal_status.as_deref() == Some("lost") {
-            return Err(PgError::SlotLost { slot: slot.to_owned(), confirmed });
+            return Err(PgError::SlotLost {
+                slot: slot.to_owned(),
+                confirmed,
+            });
         }
-        return Ok(SlotInfo { created: false, confirmed_flush: confirmed });
+        return Ok(SlotInfo {
+            created: false,
+            confirmed_flush: confirmed,
+        });
     }
     let row = client
-        .query_one("SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .query_one(
+            "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
         .await
         .map_err(PgError::sql(format!("creating replication slot {slot}")))?;
     let lsn: PgLsn = row.get(0);
-    Ok(SlotInfo { created: true, confirmed_flush: Lsn(u64::from(lsn)) })
+    Ok(SlotInfo {
+        created: true,
+        confirmed_flush: Lsn(u64::from(lsn)),
+    })
 }
 
 pub(crate) fn quote_ident(s: &str) -> String {

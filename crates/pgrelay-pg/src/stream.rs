@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use pgrelay_protocol::Lsn;
 pub use pgwire_replication::ReplicationEvent;
 use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig};
-use pgrelay_protocol::Lsn;
 
 use crate::connect::{options_string, ConnInfo};
 use crate::PgError;
@@ -29,7 +29,10 @@ pub struct ReplicationStream {
 }
 
 /// Starts streaming from the slot's confirmed position.
-pub async fn open_stream(info: &ConnInfo, opts: &StreamOptions) -> Result<ReplicationStream, PgError> {
+pub async fn open_stream(
+    info: &ConnInfo,
+    opts: &StreamOptions,
+) -> Result<ReplicationStream, PgError> {
     let config = ReplicationConfig::new(
         info.host.clone(),
         info.user.clone(),

@@ -12,14 +12,20 @@ use crate::ValueKind;
 pub fn canonical_pg_text(kind: ValueKind, text: Option<&str>) -> Option<String> {
     let text = text?;
     Some(match kind {
-        ValueKind::Integer => text.parse::<i64>().map(|i| i.to_string()).unwrap_or_else(|_| text.to_owned()),
+        ValueKind::Integer => text
+            .parse::<i64>()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|_| text.to_owned()),
         ValueKind::Float => canonical_float(text),
         ValueKind::Bool => match text {
             "t" | "true" | "1" => "t".to_owned(),
             "f" | "false" | "0" => "f".to_owned(),
             _ => text.to_owned(),
         },
-        ValueKind::Bytes => text.strip_prefix("\\x").map(str::to_ascii_lowercase).unwrap_or_else(|| text.to_owned()),
+        ValueKind::Bytes => text
+            .strip_prefix("\\x")
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_else(|| text.to_owned()),
         ValueKind::Numeric | ValueKind::Json | ValueKind::Text => text.to_owned(),
     })
 }
@@ -98,10 +104,22 @@ mod tests {
 
     #[test]
     fn other_kinds() {
-        assert_eq!(canonical_pg_text(ValueKind::Bytes, Some("\\x00FF")).as_deref(), Some("00ff"));
-        assert_eq!(canonical_pg_text(ValueKind::Bool, Some("t")).as_deref(), Some("t"));
-        assert_eq!(canonical_pg_text(ValueKind::Integer, Some("-0042")).as_deref(), Some("-42"));
-        assert_eq!(canonical_pg_text(ValueKind::Numeric, Some("1.50")).as_deref(), Some("1.50"));
+        assert_eq!(
+            canonical_pg_text(ValueKind::Bytes, Some("\\x00FF")).as_deref(),
+            Some("00ff")
+        );
+        assert_eq!(
+            canonical_pg_text(ValueKind::Bool, Some("t")).as_deref(),
+            Some("t")
+        );
+        assert_eq!(
+            canonical_pg_text(ValueKind::Integer, Some("-0042")).as_deref(),
+            Some("-42")
+        );
+        assert_eq!(
+            canonical_pg_text(ValueKind::Numeric, Some("1.50")).as_deref(),
+            Some("1.50")
+        );
         assert_eq!(canonical_pg_text(ValueKind::Text, None), None);
     }
 
@@ -116,7 +134,10 @@ mod tests {
         let b = digest(row(&[Some("")]));
         let c = digest(row(&[Some("NULL")]));
         assert!(a != b && b != c && a != c);
-        assert_ne!(digest(row(&[Some("ab"), None])), digest(row(&[Some("a"), Some("b")])));
+        assert_ne!(
+            digest(row(&[Some("ab"), None])),
+            digest(row(&[Some("a"), Some("b")]))
+        );
     }
 
     proptest! {

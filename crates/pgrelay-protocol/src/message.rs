@@ -219,7 +219,12 @@ mod tests {
             xid: 7,
             commit_time_us: 1_700_000_000_000_000,
             origin: None,
-            changes: vec![Change { table: "public.t".into(), op: Op::Insert, new: Some(new), old: None }],
+            changes: vec![Change {
+                table: "public.t".into(),
+                op: Op::Insert,
+                new: Some(new),
+                old: None,
+            }],
         });
         let text = serde_json::to_string(&msg).unwrap();
         assert!(text.starts_with(r#"{"type":"tx","lsn":"0/2A""#), "{text}");

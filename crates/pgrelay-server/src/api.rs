@@ -62,6 +62,10 @@ async fn status(State(ctx): State<Ctx>) -> Json<Status> {
 
 async fn health(State(ctx): State<Ctx>) -> Response {
     let report = ctx.state.replication.report();
-    let code = if ctx.state.replication.is_healthy(STALL_AFTER) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ctx.state.replication.is_healthy(STALL_AFTER) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(report)).into_response()
 }

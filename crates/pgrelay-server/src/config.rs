@@ -51,7 +51,10 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         let slot_ok = !self.slot.is_empty()
             && self.slot.len() <= 58
-            && self.slot.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && self
+                .slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !slot_ok {
             return Err(format!(
                 "--slot {:?}: a slot name is 1-58 characters of lower-case letters, digits and '_'",

@@ -27,7 +27,9 @@ pub enum ServerError {
 }
 
 impl ServerError {
-    pub(crate) fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ServerError {
+    pub(crate) fn sql(
+        context: impl Into<String>,
+    ) -> impl FnOnce(tokio_postgres::Error) -> ServerError {
         let context = context.into();
         move |source| ServerError::Sql { context, source }
     }
@@ -39,7 +41,10 @@ impl ServerError {
             ServerError::Pg(e) => e.is_retryable(),
             ServerError::Sql { source, .. } => pgrelay_pg::sql_error_is_retryable(source),
             ServerError::Protocol(_) => true,
-            ServerError::CorruptLog(_) | ServerError::TooLarge(_) | ServerError::Config(_) | ServerError::Listen { .. } => false,
+            ServerError::CorruptLog(_)
+            | ServerError::TooLarge(_)
+            | ServerError::Config(_)
+            | ServerError::Listen { .. } => false,
         }
     }
 }

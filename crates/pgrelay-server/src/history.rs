@@ -50,12 +50,18 @@ pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
         .query_one("SELECT max(lsn) FROM pgrelay.change_history", &[])
         .await
         .map_err(ServerError::sql("reading the change log's head"))?;
-    Ok(Lsn(row.get::<_, Option<PgLsn>>(0).map(u64::from).unwrap_or(0)))
+    Ok(Lsn(row
+        .get::<_, Option<PgLsn>>(0)
+        .map(u64::from)
+        .unwrap_or(0)))
 }
 
 /// Gives each table its persisted schema version: unchanged columns keep
 /// the stored version, changed ones get the next.
-pub(crate) async fn version_schemas(client: &Client, tables: &mut [TableSchema]) -> Result<(), ServerError> {
+pub(crate) async fn version_schemas(
+    client: &Client,
+    tables: &mut [TableSchema],
+) -> Result<(), ServerError> {
     for table in tables.iter_mut() {
         record_schema(client, table).await?;
     }
@@ -64,16 +70,24 @@ pub(crate) async fn version_schemas(client: &Client, tables: &mut [TableSchema])
 
 /// Stores `table`'s schema, setting its version (bumped when the columns or
 /// key differ from the stored ones).
-pub(crate) async fn record_schema(client: &Client, table: &mut TableSchema) -> Result<(), ServerError> {
+pub(crate) async fn record_schema(
+    client: &Client,
+    table: &mut TableSchema,
+) -> Result<(), ServerError> {
     let stored = client
-        .query_opt("SELECT version, schema FROM pgrelay.table_schemas WHERE name = $1", &[&table.name])
+        .query_opt(
+            "SELECT version, schema FROM pgrelay.table_schemas WHERE name = $1",
+            &[&table.name],
+        )
         .await
         .map_err(ServerError::sql("reading stored table schemas"))?;
     table.version = match stored {
         Some(row) => {
             let version: i32 = row.get(0);
             let Json(old): Json<TableSchema> = row.get(1);
-            let same = old.columns == table.columns && old.primary_key == table.primary_key && old.skipped == table.skipped;
+            let same = old.columns == table.columns
+                && old.primary_key == table.primary_key
+                && old.skipped == table.skipped;
             if same {
                 u32::try_from(version).unwrap_or(1)
             } else {
@@ -90,7 +104,10 @@ pub(crate) async fn record_schema(client: &Client, table: &mut TableSchema) -> R
             &[&table.name, &version, &Json(&*table)],
         )
         .await
-        .map_err(ServerError::sql(format!("storing the schema of {}", table.name)))?;
+        .map_err(ServerError::sql(format!(
+            "storing the schema of {}",
+            table.name
+        )))?;
     Ok(())
 }
 
@@ -104,7 +121,10 @@ pub(crate) struct LoggedTx<'a> {
 /// Callers pass only transactions newer than the log's head, so a replay
 /// after a crash inserts nothing twice (and the primary key would refuse it).
 pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<(), ServerError> {
-    let db_tx = client.transaction().await.map_err(ServerError::sql("opening a change-log transaction"))?;
+    let db_tx = client
+        .transaction()
+        .await
+        .map_err(ServerError::sql("opening a change-log transaction"))?;
     let sink = db_tx
         .copy_in(
             "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
@@ -132,8 +152,13 @@ pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<
         let xid = i64::from(tx.xid);
         let commit_time = system_time(tx.commit_time_us);
         for (ordinal, change) in tx.changes.iter().enumerate() {
-            let ordinal = i32::try_from(ordinal).map_err(|_| ServerError::TooLarge("transaction with over 2^31 changes"))?;
-            let version = logged.schema_versions.get(ordinal as usize).copied().unwrap_or(1) as i32;
+            let ordinal = i32::try_from(ordinal)
+                .map_err(|_| ServerError::TooLarge("transaction with over 2^31 changes"))?;
+            let version = logged
+                .schema_versions
+                .get(ordinal as usize)
+                .copied()
+                .unwrap_or(1) as i32;
             let data = change.new.as_ref().map(Json);
             let old = change.old.as_ref().map(Json);
             writer
@@ -154,13 +179,23 @@ pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<
                 .map_err(ServerError::sql("writing to the change log"))?;
         }
     }
-    writer.finish().await.map_err(ServerError::sql("finishing COPY into the change log"))?;
-    db_tx.commit().await.map_err(ServerError::sql("committing to the change log"))
+    writer
+        .finish()
+        .await
+        .map_err(ServerError::sql("finishing COPY into the change log"))?;
+    db_tx
+        .commit()
+        .await
+        .map_err(ServerError::sql("committing to the change log"))
 }
 
 /// Reads whole transactions with commit LSN after `after`, oldest first:
 /// about `limit` changes, never splitting a transaction.
-pub(crate) async fn read_after(client: &Client, after: Lsn, limit: i64) -> Result<Vec<Transaction>, ServerError> {
+pub(crate) async fn read_after(
+    client: &Client,
+    after: Lsn,
+    limit: i64,
+) -> Result<Vec<Transaction>, ServerError> {
     const COLUMNS: &str = "lsn, ordinal, table_name, operation, data, old_data, transaction_id, \
         (extract(epoch FROM commit_time) * 1000000)::int8, origin_client";
     let rows = client
@@ -198,10 +233,16 @@ fn group(rows: Vec<tokio_postgres::Row>) -> Result<Vec<Transaction>, ServerError
     for row in rows {
         let lsn = Lsn(u64::from(row.get::<_, PgLsn>(0)));
         let op_text: &str = row.get(3);
-        let op = Op::parse(op_text).ok_or_else(|| ServerError::CorruptLog(format!("operation {op_text:?} at {lsn}")))?;
+        let op = Op::parse(op_text)
+            .ok_or_else(|| ServerError::CorruptLog(format!("operation {op_text:?} at {lsn}")))?;
         let new: Option<Json<Row>> = row.get(4);
         let old: Option<Json<Row>> = row.get(5);
-        let change = Change { table: row.get(2), op, new: new.map(|j| j.0), old: old.map(|j| j.0) };
+        let change = Change {
+            table: row.get(2),
+            op,
+            new: new.map(|j| j.0),
+            old: old.map(|j| j.0),
+        };
         match txs.last_mut() {
             Some(tx) if tx.lsn == lsn => tx.changes.push(change),
             _ => txs.push(Transaction {

@@ -29,7 +29,11 @@ impl Frame {
             tracing::error!(error = %e, "encoding a server message failed");
             String::new()
         });
-        Frame { lsn, is_tx: matches!(message, ServerMessage::Tx(_)), text: text.into() }
+        Frame {
+            lsn,
+            is_tx: matches!(message, ServerMessage::Tx(_)),
+            text: text.into(),
+        }
     }
 
     pub(crate) fn transaction(tx: &Transaction) -> Frame {
@@ -41,7 +45,11 @@ impl Frame {
             tx: &'a Transaction,
         }
         let text = serde_json::to_string(&TxRef { tx }).unwrap_or_default();
-        Frame { lsn: tx.lsn, is_tx: true, text: text.into() }
+        Frame {
+            lsn: tx.lsn,
+            is_tx: true,
+            text: text.into(),
+        }
     }
 }
 
@@ -55,7 +63,11 @@ impl Hub {
     pub(crate) fn new(capacity: usize, head: Lsn, tables: Vec<TableSchema>) -> Hub {
         let (frames, _) = broadcast::channel(capacity);
         let schemas = tables.into_iter().map(|t| (t.name.clone(), t)).collect();
-        Hub { frames, head: watch::Sender::new(head), schemas: RwLock::new(Arc::new(schemas)) }
+        Hub {
+            frames,
+            head: watch::Sender::new(head),
+            schemas: RwLock::new(Arc::new(schemas)),
+        }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Frame> {
@@ -76,7 +88,12 @@ impl Hub {
 
     /// Records a table's new schema; returns the frame announcing it.
     pub(crate) fn set_schema(&self, table: TableSchema, before: Lsn) -> Frame {
-        let frame = Frame::encode(&ServerMessage::Schema { tables: vec![table.clone()] }, before);
+        let frame = Frame::encode(
+            &ServerMessage::Schema {
+                tables: vec![table.clone()],
+            },
+            before,
+        );
         let mut guard = match self.schemas.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),

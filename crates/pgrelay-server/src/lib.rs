@@ -51,17 +51,30 @@ impl Server {
         for table in tables.iter().filter(|t| t.skipped.is_some()) {
             tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
         }
-        let synced: Vec<String> = tables.iter().filter(|t| t.skipped.is_none()).map(|t| t.name.clone()).collect();
+        let synced: Vec<String> = tables
+            .iter()
+            .filter(|t| t.skipped.is_none())
+            .map(|t| t.name.clone())
+            .collect();
         pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
         let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
         let head = history::head(&db).await?;
         drop(db);
         tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
 
         let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
         let status = Arc::new(ReplicationStatus::new());
@@ -76,7 +89,12 @@ impl Server {
         };
         tasks.spawn(replication.run(shutdown_rx.clone()));
 
-        let state = Arc::new(AppState { config, hub, log_reader: reader::LogReader::new(info), replication: status });
+        let state = Arc::new(AppState {
+            config,
+            hub,
+            log_reader: reader::LogReader::new(info),
+            replication: status,
+        });
         let app = api::router(state, shutdown_rx.clone());
         let mut http_shutdown = shutdown_rx;
         tasks.spawn(async move {
@@ -87,7 +105,11 @@ impl Server {
                 .await
                 .map_err(|source| ServerError::Listen { addr, source })
         });
-        Ok(Server { addr, shutdown, tasks })
+        Ok(Server {
+            addr,
+            shutdown,
+            tasks,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -105,7 +127,9 @@ impl Server {
                 }
                 Err(e) => {
                     let _ = self.shutdown.send(true);
-                    return Err(ServerError::Protocol(format!("a server task panicked: {e}")));
+                    return Err(ServerError::Protocol(format!(
+                        "a server task panicked: {e}"
+                    )));
                 }
             }
         }

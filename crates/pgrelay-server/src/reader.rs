@@ -16,7 +16,10 @@ pub(crate) struct LogReader {
 
 impl LogReader {
     pub(crate) fn new(info: ConnInfo) -> LogReader {
-        LogReader { info, client: Mutex::new(None) }
+        LogReader {
+            info,
+            client: Mutex::new(None),
+        }
     }
 
     pub(crate) async fn client(&self) -> Result<Arc<tokio_postgres::Client>, ServerError> {

@@ -74,7 +74,10 @@ impl ReplicationStatus {
     }
 
     fn since_last_event(&self) -> Duration {
-        self.last_event.lock().map(|t| t.elapsed()).unwrap_or_default()
+        self.last_event
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
     }
 
     /// Healthy while connected and hearing from PostgreSQL (keepalives come

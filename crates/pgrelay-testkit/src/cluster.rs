@@ -22,7 +22,9 @@ pub fn pg_bindir() -> Result<PathBuf, TestkitError> {
             return Ok(dir);
         }
     }
-    Err(TestkitError::NoBinaries("no initdb from pg_config --bindir or /usr/lib/postgresql/*/bin".to_owned()))
+    Err(TestkitError::NoBinaries(
+        "no initdb from pg_config --bindir or /usr/lib/postgresql/*/bin".to_owned(),
+    ))
 }
 
 pub fn pg_binary(name: &str) -> Result<PathBuf, TestkitError> {
@@ -30,12 +32,19 @@ pub fn pg_binary(name: &str) -> Result<PathBuf, TestkitError> {
     if path.exists() {
         Ok(path)
     } else {
-        Err(TestkitError::NoBinaries(format!("{} missing", path.display())))
+        Err(TestkitError::NoBinaries(format!(
+            "{} missing",
+            path.display()
+        )))
     }
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// A command for a PostgreSQL server binary, as `postgres` when we are root.
@@ -53,19 +62,29 @@ fn run(mut cmd: Command, what: &str) -> Result<(), TestkitError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| TestkitError::Command { command: what.to_owned(), message: e.to_string() })?;
+        .map_err(|e| TestkitError::Command {
+            command: what.to_owned(),
+            message: e.to_string(),
+        })?;
     if out.status.success() {
         Ok(())
     } else {
         Err(TestkitError::Command {
             command: what.to_owned(),
-            message: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            message: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         })
     }
 }
 
 fn io(context: &str) -> impl FnOnce(std::io::Error) -> TestkitError + '_ {
-    move |source| TestkitError::Io { context: context.to_owned(), source }
+    move |source| TestkitError::Io {
+        context: context.to_owned(),
+        source,
+    }
 }
 
 /// A running private cluster. Dropping it stops the server and removes
@@ -79,7 +98,11 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// Starts a cluster in a fresh directory under the system temp dir.
     pub fn start() -> Result<PrivateCluster, TestkitError> {
-        let dir = std::env::temp_dir().join(format!("pgrelay-pg-{}-{:x}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "pgrelay-pg-{}-{:x}",
+            std::process::id(),
+            rand_suffix()
+        ));
         PrivateCluster::start_in(&dir)
     }
 
@@ -99,7 +122,13 @@ impl PrivateCluster {
         }
         let data = dir.join("data");
         let mut initdb = server_command(&bindir.join("initdb"));
-        initdb.arg("-D").arg(&data).args(["--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(&data).args([
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]);
         run(initdb, "initdb")?;
         let port = free_port()?;
         let conf = format!(
@@ -109,17 +138,26 @@ impl PrivateCluster {
             dir.display()
         );
         let conf_path = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
+        let mut text =
+            std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
         text.push_str(&conf);
         std::fs::write(&conf_path, text).map_err(io("writing postgresql.conf"))?;
-        let cluster = PrivateCluster { dir: dir.to_owned(), port, bindir };
+        let cluster = PrivateCluster {
+            dir: dir.to_owned(),
+            port,
+            bindir,
+        };
         cluster.pg_ctl(&["-w", "-t", "60", "start"])?;
         Ok(cluster)
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Result<(), TestkitError> {
         let mut cmd = server_command(&self.bindir.join("pg_ctl"));
-        cmd.arg("-D").arg(self.dir.join("data")).arg("-l").arg(self.dir.join("server.log")).args(args);
+        cmd.arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(args);
         run(cmd, &format!("pg_ctl {}", args.join(" ")))
     }
 
@@ -153,7 +191,11 @@ impl PrivateCluster {
     pub(crate) fn stop_when_process_exits(self, pid: u32) {
         let data = self.dir.join("data");
         let pg_ctl = self.bindir.join("pg_ctl");
-        let prefix = if is_root() { "runuser -u postgres -- " } else { "" };
+        let prefix = if is_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {prefix}'{}' -D '{}' -m immediate stop >/dev/null 2>&1; rm -rf '{}'",
             pg_ctl.display(),
@@ -183,12 +225,20 @@ impl Drop for PrivateCluster {
 
 fn free_port() -> Result<u16, TestkitError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(listener.local_addr().map_err(io("finding a free port"))?.port())
+    Ok(listener
+        .local_addr()
+        .map_err(io("finding a free port"))?
+        .port())
 }
 
 pub(crate) fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }

@@ -22,13 +22,19 @@ pub fn test_server_admin_url() -> Result<String, TestkitError> {
         cluster.stop_when_process_exits(std::process::id());
         Ok(url)
     });
-    shared.clone().map_err(|message| TestkitError::Command { command: "starting a private cluster".to_owned(), message })
+    shared.clone().map_err(|message| TestkitError::Command {
+        command: "starting a private cluster".to_owned(),
+        message,
+    })
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, TestkitError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .map_err(|source| TestkitError::Sql { context: format!("connecting to {url}"), source })?;
+        .map_err(|source| TestkitError::Sql {
+            context: format!("connecting to {url}"),
+            source,
+        })?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -55,9 +61,17 @@ impl TestDatabase {
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
-            .map_err(|source| TestkitError::Sql { context: format!("creating database {name}"), source })?;
+            .map_err(|source| TestkitError::Sql {
+                context: format!("creating database {name}"),
+                source,
+            })?;
         let url = replace_database(admin_url, &name);
-        Ok(TestDatabase { admin_url: admin_url.to_owned(), name, url, dropped: false })
+        Ok(TestDatabase {
+            admin_url: admin_url.to_owned(),
+            name,
+            url,
+            dropped: false,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -96,7 +110,10 @@ async fn drop_everything(admin_url: &str, name: &str) -> Result<(), TestkitError
             .await
             .map_err(sql("terminating sessions"))?;
         let active: i64 = admin
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active", &[&name])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active",
+                &[&name],
+            )
             .await
             .map_err(sql("listing slots"))?
             .get(0);
@@ -109,7 +126,10 @@ async fn drop_everything(admin_url: &str, name: &str) -> Result<(), TestkitError
         .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1", &[&name])
         .await
         .map_err(sql("dropping slots"))?;
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.map_err(sql("dropping"))?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .map_err(sql("dropping"))?;
     Ok(())
 }
 
@@ -122,7 +142,9 @@ impl Drop for TestDatabase {
         // this works inside and outside an async test.
         let (admin, name) = (self.admin_url.clone(), self.name.clone());
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             match runtime {
                 Ok(rt) => {
                     if let Err(e) = rt.block_on(drop_everything(&admin, &name)) {
@@ -156,8 +178,17 @@ fn replace_database(url: &str, name: &str) -> String {
 mod tests {
     #[test]
     fn replaces_the_database_in_a_url() {
-        assert_eq!(super::replace_database("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
-        assert_eq!(super::replace_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
-        assert_eq!(super::replace_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            super::replace_database("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::replace_database("postgres://u@h:1", "x"),
+            "postgres://u@h:1/x"
+        );
+        assert_eq!(
+            super::replace_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
     }
 }

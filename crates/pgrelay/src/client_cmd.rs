@@ -41,10 +41,17 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
             match event {
                 Event::Connected { head } => tracing::info!(%head, "connected"),
                 Event::CaughtUp { lsn } => tracing::info!(%lsn, "caught up"),
-                Event::Applied { lsn, transactions, changes, lag_ms } => {
+                Event::Applied {
+                    lsn,
+                    transactions,
+                    changes,
+                    lag_ms,
+                } => {
                     tracing::debug!(%lsn, transactions, changes, lag_ms, "applied")
                 }
-                Event::Disconnected { error, retry_in } => tracing::warn!(%error, ?retry_in, "disconnected"),
+                Event::Disconnected { error, retry_in } => {
+                    tracing::warn!(%error, ?retry_in, "disconnected")
+                }
             }
         }
     });

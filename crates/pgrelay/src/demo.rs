@@ -39,7 +39,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             (cluster.admin_url(), Some(cluster))
         }
     };
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.context("connecting to PostgreSQL")?;
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
     tokio::spawn(conn);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS {TABLE};
@@ -74,7 +76,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     write(&db, args.rows, &clients).await?;
-    println!("writer done in {:.1?}; waiting for both replicas ...", started.elapsed());
+    println!(
+        "writer done in {:.1?}; waiting for both replicas ...",
+        started.elapsed()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut all_ok = true;
@@ -95,18 +100,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await
     .context("cleaning up the demo's table, publication and slot")?;
     if all_ok {
-        println!("\nboth replicas equal PostgreSQL after {:.1?}", started.elapsed());
+        println!(
+            "\nboth replicas equal PostgreSQL after {:.1?}",
+            started.elapsed()
+        );
         Ok(())
     } else {
         anyhow::bail!("a replica differs from PostgreSQL")
     }
 }
 
-type DemoClient = (&'static str, std::path::PathBuf, pgrelay_client::Replica, tokio::task::JoinHandle<Result<(), pgrelay_client::ClientError>>);
+type DemoClient = (
+    &'static str,
+    std::path::PathBuf,
+    pgrelay_client::Replica,
+    tokio::task::JoinHandle<Result<(), pgrelay_client::ClientError>>,
+);
 
 /// Inserts `rows` rows in transactions of 200, updating and deleting some
 /// as it goes, and prints what each replica holds once a second.
-async fn write(db: &tokio_postgres::Client, rows: u64, clients: &[DemoClient]) -> anyhow::Result<()> {
+async fn write(
+    db: &tokio_postgres::Client,
+    rows: u64,
+    clients: &[DemoClient],
+) -> anyhow::Result<()> {
     let mut last_print = Instant::now();
     let mut id = 0u64;
     while id < rows {
@@ -130,8 +147,16 @@ async fn write(db: &tokio_postgres::Client, rows: u64, clients: &[DemoClient]) -
             let mut line = format!("written {id:>7} rows");
             for (name, _, replica, _) in clients {
                 let status = replica.status().await?;
-                let count = status.tables.iter().find(|t| t.table == TABLE).and_then(|t| t.rows).unwrap_or(0);
-                line.push_str(&format!(" | client {name}: {count:>7} rows at {}", status.lsn.unwrap_or_else(|| "-".into())));
+                let count = status
+                    .tables
+                    .iter()
+                    .find(|t| t.table == TABLE)
+                    .and_then(|t| t.rows)
+                    .unwrap_or(0);
+                line.push_str(&format!(
+                    " | client {name}: {count:>7} rows at {}",
+                    status.lsn.unwrap_or_else(|| "-".into())
+                ));
             }
             println!("{line}");
         }
@@ -139,7 +164,11 @@ async fn write(db: &tokio_postgres::Client, rows: u64, clients: &[DemoClient]) -
     Ok(())
 }
 
-async fn wait_for_match(url: &str, replica: &Path, deadline: Instant) -> anyhow::Result<verify::VerifyReport> {
+async fn wait_for_match(
+    url: &str,
+    replica: &Path,
+    deadline: Instant,
+) -> anyhow::Result<verify::VerifyReport> {
     loop {
         let report = verify::verify(url, replica, Some(&[TABLE.to_owned()])).await?;
         if report.all_match() || Instant::now() > deadline {

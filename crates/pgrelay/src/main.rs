@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use pgrelay::{client_cmd, demo, serve_cmd, verify};
 
 #[derive(Parser)]
-#[command(name = "pgrelay", version, about = "Keep SQLite replicas in real time sync with PostgreSQL")]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "Keep SQLite replicas in real time sync with PostgreSQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,7 +57,10 @@ struct VerifyArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -66,7 +73,8 @@ fn main() -> ExitCode {
             Command::Client(ClientCommand::Sync(args)) => client_cmd::sync(args).await,
             Command::Client(ClientCommand::Status { db }) => client_cmd::status(&db).await,
             Command::Verify(args) => {
-                let report = verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;
+                let report =
+                    verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;
                 print!("{}", report.render_table());
                 if report.all_match() {
                     Ok(())
@@ -90,5 +98,8 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

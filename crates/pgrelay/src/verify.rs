@@ -36,7 +36,13 @@ impl VerifyReport {
     }
 
     pub fn render_table(&self) -> String {
-        let width = self.tables.iter().map(|t| t.table.len()).max().unwrap_or(5).max(5);
+        let width = self
+            .tables
+            .iter()
+            .map(|t| t.table.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         let mut out = format!(
             "{:<width$}  {:>10}  {:>12}  {:<16}  {:<16}  status\n",
             "table", "pg rows", "replica rows", "pg checksum", "replica checksum"
@@ -71,7 +77,11 @@ fn qualified(name: &str) -> String {
 /// Compares the replica at `replica` with PostgreSQL. `tables`: `None` for
 /// every synced table the replica records; a listed table the replica lacks
 /// is reported as a mismatch.
-pub async fn verify(database_url: &str, replica: &Path, tables: Option<&[String]>) -> anyhow::Result<VerifyReport> {
+pub async fn verify(
+    database_url: &str,
+    replica: &Path,
+    tables: Option<&[String]>,
+) -> anyhow::Result<VerifyReport> {
     if !replica.exists() {
         anyhow::bail!("no replica at {}", replica.display());
     }
@@ -79,13 +89,21 @@ pub async fn verify(database_url: &str, replica: &Path, tables: Option<&[String]
     let schemas = tokio::task::spawn_blocking(move || read_schemas(&path)).await??;
     let wanted: Vec<String> = match tables {
         Some(list) => list.iter().map(|t| qualified(t)).collect(),
-        None => schemas.iter().filter(|s| s.skipped.is_none()).map(|s| s.name.clone()).collect(),
+        None => schemas
+            .iter()
+            .filter(|s| s.skipped.is_none())
+            .map(|s| s.name.clone())
+            .collect(),
     };
     let info = pgrelay_pg::ConnInfo::parse(database_url)?;
     let db = pgrelay_pg::connect(&info).await?;
     let mut checks = Vec::with_capacity(wanted.len());
     for name in wanted {
-        let Some(schema) = schemas.iter().find(|s| s.name == name && s.skipped.is_none()).cloned() else {
+        let Some(schema) = schemas
+            .iter()
+            .find(|s| s.name == name && s.skipped.is_none())
+            .cloned()
+        else {
             let pg = pg_digest_unknown(&db, &name).await?;
             checks.push(TableCheck {
                 table: name,
@@ -99,7 +117,8 @@ pub async fn verify(database_url: &str, replica: &Path, tables: Option<&[String]
         let pg = pg_digest(&db, &schema).await?;
         let path: PathBuf = replica.to_owned();
         let for_replica = schema.clone();
-        let local = tokio::task::spawn_blocking(move || replica_digest(&path, &for_replica)).await??;
+        let local =
+            tokio::task::spawn_blocking(move || replica_digest(&path, &for_replica)).await??;
         checks.push(TableCheck {
             table: name,
             pg_rows: pg.rows,
@@ -112,8 +131,11 @@ pub async fn verify(database_url: &str, replica: &Path, tables: Option<&[String]
 }
 
 fn read_schemas(path: &Path) -> anyhow::Result<Vec<TableSchema>> {
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let mut stmt = conn.prepare("SELECT schema FROM _pgrelay_tables ORDER BY name").context("reading _pgrelay_tables")?;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = conn
+        .prepare("SELECT schema FROM _pgrelay_tables ORDER BY name")
+        .context("reading _pgrelay_tables")?;
     let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for json in rows {
@@ -122,18 +144,44 @@ fn read_schemas(path: &Path) -> anyhow::Result<Vec<TableSchema>> {
     Ok(out)
 }
 
-async fn pg_digest(db: &tokio_postgres::Client, schema: &TableSchema) -> anyhow::Result<TableDigest> {
-    let (pg_schema, table) = schema.name.split_once('.').unwrap_or(("public", &schema.name));
-    let columns = schema.columns.iter().map(|c| format!("{}::text", quote(&c.name))).collect::<Vec<_>>().join(", ");
-    let sql = format!("SELECT {columns} FROM {}.{}", quote(pg_schema), quote(table));
-    let rows = db.query_raw(&sql, std::iter::empty::<&str>()).await.with_context(|| format!("reading {}", schema.name))?;
+async fn pg_digest(
+    db: &tokio_postgres::Client,
+    schema: &TableSchema,
+) -> anyhow::Result<TableDigest> {
+    let (pg_schema, table) = schema
+        .name
+        .split_once('.')
+        .unwrap_or(("public", &schema.name));
+    // format('%s') applies the type's output function, as the replication
+    // stream does; a ::text cast would differ (char(n) loses its padding).
+    let columns = schema
+        .columns
+        .iter()
+        .map(|c| {
+            let col = quote(&c.name);
+            format!("CASE WHEN {col} IS NULL THEN NULL ELSE format('%s', {col}) END")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {columns} FROM {}.{}",
+        quote(pg_schema),
+        quote(table)
+    );
+    let rows = db
+        .query_raw(&sql, std::iter::empty::<&str>())
+        .await
+        .with_context(|| format!("reading {}", schema.name))?;
     pin_mut!(rows);
     let mut digest = TableDigest::default();
     let mut values = Vec::with_capacity(schema.columns.len());
     while let Some(row) = rows.try_next().await? {
         values.clear();
         for (i, column) in schema.columns.iter().enumerate() {
-            values.push(canonical_pg_text(column.kind, row.get::<_, Option<&str>>(i)));
+            values.push(canonical_pg_text(
+                column.kind,
+                row.get::<_, Option<&str>>(i),
+            ));
         }
         digest.add_row(&values);
     }
@@ -144,7 +192,10 @@ async fn pg_digest(db: &tokio_postgres::Client, schema: &TableSchema) -> anyhow:
 async fn pg_digest_unknown(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<TableDigest> {
     let (pg_schema, table) = name.split_once('.').unwrap_or(("public", name));
     let count: i64 = db
-        .query_one(&format!("SELECT count(*) FROM {}.{}", quote(pg_schema), quote(table)), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM {}.{}", quote(pg_schema), quote(table)),
+            &[],
+        )
         .await
         .with_context(|| format!("counting {name}"))?
         .get(0);
@@ -156,10 +207,19 @@ async fn pg_digest_unknown(db: &tokio_postgres::Client, name: &str) -> anyhow::R
 }
 
 fn replica_digest(path: &Path, schema: &TableSchema) -> anyhow::Result<TableDigest> {
-    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let columns = schema.columns.iter().map(|c| quote(&c.name)).collect::<Vec<_>>().join(", ");
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let columns = schema
+        .columns
+        .iter()
+        .map(|c| quote(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut stmt = conn
-        .prepare(&format!("SELECT {columns} FROM {}", quote(schema.sqlite_name())))
+        .prepare(&format!(
+            "SELECT {columns} FROM {}",
+            quote(schema.sqlite_name())
+        ))
         .with_context(|| format!("reading {} from the replica", schema.name))?;
     let mut rows = stmt.query([])?;
     let mut digest = TableDigest::default();

@@ -20,7 +20,10 @@ pub(crate) fn apply_change(
     let Some(table) = tables.get(&change.table) else {
         // The server only sends synced tables and announces their schema
         // first; a change for anything else cannot be placed.
-        return Err(ClientError::Replica(format!("change for unknown table {}", change.table)));
+        return Err(ClientError::Replica(format!(
+            "change for unknown table {}",
+            change.table
+        )));
     };
     if table.skipped.is_some() {
         return Ok(());
@@ -28,7 +31,8 @@ pub(crate) fn apply_change(
     let name = quote(table.sqlite_name());
     match change.op {
         Op::Truncate => {
-            conn.prepare_cached(&format!("DELETE FROM {name}"))?.execute([])?;
+            conn.prepare_cached(&format!("DELETE FROM {name}"))?
+                .execute([])?;
         }
         Op::Insert => {
             let new = required(change.new.as_ref(), table, "insert")?;
@@ -42,7 +46,11 @@ pub(crate) fn apply_change(
                 return Ok(());
             }
             let (where_sql, where_vals) = locate(table, target)?;
-            let assignments = set_cols.iter().map(|c| format!("{} = ?", quote(c))).collect::<Vec<_>>().join(", ");
+            let assignments = set_cols
+                .iter()
+                .map(|c| format!("{} = ?", quote(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
             let sql = format!("UPDATE {name} SET {assignments} WHERE {where_sql}");
             let changed = conn
                 .prepare_cached(&sql)?
@@ -63,15 +71,28 @@ pub(crate) fn apply_change(
     Ok(())
 }
 
-fn required<'a>(row: Option<&'a Row>, table: &TableSchema, op: &str) -> Result<&'a Row, ClientError> {
+fn required<'a>(
+    row: Option<&'a Row>,
+    table: &TableSchema,
+    op: &str,
+) -> Result<&'a Row, ClientError> {
     row.ok_or_else(|| ClientError::Replica(format!("{op} on {} without its row", table.name)))
 }
 
-fn upsert(conn: &Connection, table: &TableSchema, name: &str, row: &Row) -> Result<(), ClientError> {
+fn upsert(
+    conn: &Connection,
+    table: &TableSchema,
+    name: &str,
+    row: &Row,
+) -> Result<(), ClientError> {
     let (cols, vals) = values(table, row, |_| true)?;
     let col_list = cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
     let marks = vec!["?"; cols.len()].join(", ");
-    let verb = if table.primary_key.is_empty() { "INSERT" } else { "INSERT OR REPLACE" };
+    let verb = if table.primary_key.is_empty() {
+        "INSERT"
+    } else {
+        "INSERT OR REPLACE"
+    };
     conn.prepare_cached(&format!("{verb} INTO {name} ({col_list}) VALUES ({marks})"))?
         .execute(params_from_iter(vals.iter()))?;
     Ok(())
@@ -97,7 +118,12 @@ fn values<'a>(
     Ok((cols, vals))
 }
 
-fn convert(table: &TableSchema, column: &str, kind: pgrelay_protocol::ValueKind, text: Option<&str>) -> Result<Value, ClientError> {
+fn convert(
+    table: &TableSchema,
+    column: &str,
+    kind: pgrelay_protocol::ValueKind,
+    text: Option<&str>,
+) -> Result<Value, ClientError> {
     to_sqlite(kind, text).map_err(|e| ClientError::Replica(format!("{}.{column}: {e}", table.name)))
 }
 
@@ -108,19 +134,26 @@ fn locate(table: &TableSchema, row: &Row) -> Result<(String, Vec<Value>), Client
         let mut clauses = Vec::with_capacity(table.primary_key.len());
         let mut vals = Vec::with_capacity(table.primary_key.len());
         for key in &table.primary_key {
-            let column = table
-                .column(key)
-                .ok_or_else(|| ClientError::Replica(format!("{}: key column {key} unknown", table.name)))?;
-            let value = row
-                .get(key)
-                .ok_or_else(|| ClientError::Replica(format!("{}: change without key column {key}", table.name)))?;
+            let column = table.column(key).ok_or_else(|| {
+                ClientError::Replica(format!("{}: key column {key} unknown", table.name))
+            })?;
+            let value = row.get(key).ok_or_else(|| {
+                ClientError::Replica(format!("{}: change without key column {key}", table.name))
+            })?;
             clauses.push(format!("{} = ?", quote(key)));
             vals.push(convert(table, key, column.kind, value.as_deref())?);
         }
         return Ok((clauses.join(" AND "), vals));
     }
     let (cols, vals) = values(table, row, |_| true)?;
-    let clauses = cols.iter().map(|c| format!("{} IS ?", quote(c))).collect::<Vec<_>>().join(" AND ");
+    let clauses = cols
+        .iter()
+        .map(|c| format!("{} IS ?", quote(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     let name = quote(table.sqlite_name());
-    Ok((format!("rowid = (SELECT rowid FROM {name} WHERE {clauses} LIMIT 1)"), vals))
+    Ok((
+        format!("rowid = (SELECT rowid FROM {name} WHERE {clauses} LIMIT 1)"),
+        vals,
+    ))
 }

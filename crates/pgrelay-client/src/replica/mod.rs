@@ -66,14 +66,20 @@ impl Replica {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::ensure_meta(&conn)?;
-        let mut worker = Worker { conn, tables: HashMap::new() };
+        let mut worker = Worker {
+            conn,
+            tables: HashMap::new(),
+        };
         worker.reload_tables()?;
         let (commands, rx) = mpsc::channel(16);
         std::thread::Builder::new()
             .name("pgrelay-replica".to_owned())
             .spawn(move || worker.run(rx))
             .map_err(|e| ClientError::Replica(format!("starting the replica thread: {e}")))?;
-        Ok(Replica { commands, path: path.to_owned() })
+        Ok(Replica {
+            commands,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -82,7 +88,10 @@ impl Replica {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| ClientError::ReplicaClosed)?;
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| ClientError::ReplicaClosed)?;
         rx.await.map_err(|_| ClientError::ReplicaClosed)?
     }
 
@@ -139,7 +148,10 @@ impl Worker {
     }
 
     fn reload_tables(&mut self) -> Result<(), ClientError> {
-        self.tables = schema::load_tables(&self.conn)?.into_iter().map(|t| (t.name.clone(), t)).collect();
+        self.tables = schema::load_tables(&self.conn)?
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
         Ok(())
     }
 
@@ -153,7 +165,9 @@ impl Worker {
     }
 
     fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<(), ClientError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for table in tables {
             schema::apply_table(&tx, table)?;
         }
@@ -163,7 +177,9 @@ impl Worker {
 
     fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Lsn, ClientError> {
         let current = self.state()?.lsn.unwrap_or(Lsn::ZERO);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut reached = current;
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
@@ -171,8 +187,9 @@ impl Worker {
                 continue;
             }
             for change in &server_tx.changes {
-                apply::apply_change(&tx, &self.tables, change)
-                    .map_err(|e| ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn)))?;
+                apply::apply_change(&tx, &self.tables, change).map_err(|e| {
+                    ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
+                })?;
             }
             reached = server_tx.lsn;
         }
@@ -191,9 +208,17 @@ impl Worker {
                 Some(_) => None,
                 None => Some(schema::row_count(&self.conn, table.sqlite_name())?),
             };
-            tables.push(TableStatus { table: table.name.clone(), rows, skipped: table.skipped.clone() });
+            tables.push(TableStatus {
+                table: table.name.clone(),
+                rows,
+                skipped: table.skipped.clone(),
+            });
         }
         tables.sort_by(|a, b| a.table.cmp(&b.table));
-        Ok(ReplicaStatus { client_id: state.client_id, lsn: state.lsn.map(|l| l.to_string()), tables })
+        Ok(ReplicaStatus {
+            client_id: state.client_id,
+            lsn: state.lsn.map(|l| l.to_string()),
+            tables,
+        })
     }
 }

@@ -21,7 +21,11 @@ pub(crate) fn quote(ident: &str) -> String {
 
 pub(crate) fn read_meta(conn: &Connection, key: &str) -> Result<Option<String>, ClientError> {
     Ok(conn
-        .query_row("SELECT value FROM _pgrelay_meta WHERE key = ?1", [key], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM _pgrelay_meta WHERE key = ?1",
+            [key],
+            |r| r.get(0),
+        )
         .optional()?)
 }
 
@@ -40,7 +44,10 @@ pub(crate) fn load_tables(conn: &Connection) -> Result<Vec<TableSchema>, ClientE
     let mut tables = Vec::new();
     for json in rows {
         let json = json?;
-        tables.push(serde_json::from_str(&json).map_err(|e| ClientError::Replica(format!("stored schema: {e}")))?);
+        tables.push(
+            serde_json::from_str(&json)
+                .map_err(|e| ClientError::Replica(format!("stored schema: {e}")))?,
+        );
     }
     Ok(tables)
 }
@@ -59,13 +66,25 @@ pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), 
     let name = table.sqlite_name();
     let existing = existing_columns(conn, name)?;
     if existing.is_empty() {
-        let mut defs: Vec<String> =
-            table.columns.iter().map(|c| format!("{} {}", quote(&c.name), c.kind.sqlite_type())).collect();
+        let mut defs: Vec<String> = table
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", quote(&c.name), c.kind.sqlite_type()))
+            .collect();
         if !table.primary_key.is_empty() {
-            let key = table.primary_key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+            let key = table
+                .primary_key
+                .iter()
+                .map(|k| quote(k))
+                .collect::<Vec<_>>()
+                .join(", ");
             defs.push(format!("PRIMARY KEY ({key})"));
         }
-        conn.execute_batch(&format!("CREATE TABLE {} ({})", quote(name), defs.join(", ")))?;
+        conn.execute_batch(&format!(
+            "CREATE TABLE {} ({})",
+            quote(name),
+            defs.join(", ")
+        ))?;
     } else {
         for column in table.columns.iter().filter(|c| !existing.contains(&c.name)) {
             conn.execute_batch(&format!(
@@ -81,10 +100,16 @@ pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), 
 
 fn existing_columns(conn: &Connection, table: &str) -> Result<Vec<String>, ClientError> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
-    let names = stmt.query_map([table], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    let names = stmt
+        .query_map([table], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(names)
 }
 
 pub(crate) fn row_count(conn: &Connection, table: &str) -> Result<i64, ClientError> {
-    Ok(conn.query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| r.get(0))?)
+    Ok(
+        conn.query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| {
+            r.get(0)
+        })?,
+    )
 }

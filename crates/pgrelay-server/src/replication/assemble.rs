@@ -26,12 +26,18 @@ pub(crate) enum Assembled {
     /// A relation (table) description arrived; its columns may have changed.
     Relation(u32),
     /// A transaction committed; `end_lsn` is where the stream resumes after it.
-    Committed { tx: Transaction, end_lsn: Lsn },
+    Committed {
+        tx: Transaction,
+        end_lsn: Lsn,
+    },
 }
 
 impl Assembler {
     pub(crate) fn new() -> Assembler {
-        Assembler { relations: HashMap::new(), open: None }
+        Assembler {
+            relations: HashMap::new(),
+            open: None,
+        }
     }
 
     pub(crate) fn relation(&self, oid: u32) -> Option<&Relation> {
@@ -61,11 +67,15 @@ impl Assembler {
         }
     }
 
-    pub(crate) fn commit(&mut self, commit_lsn: Lsn, end_lsn: Lsn, commit_time_pg_us: i64) -> Result<Assembled, ServerError> {
-        let mut tx = self
-            .open
-            .take()
-            .ok_or_else(|| ServerError::Protocol(format!("commit at {commit_lsn} without a begin")))?;
+    pub(crate) fn commit(
+        &mut self,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time_pg_us: i64,
+    ) -> Result<Assembled, ServerError> {
+        let mut tx = self.open.take().ok_or_else(|| {
+            ServerError::Protocol(format!("commit at {commit_lsn} without a begin"))
+        })?;
         tx.lsn = commit_lsn;
         tx.commit_time_us = commit_time_pg_us + PG_EPOCH_US;
         Ok(Assembled::Committed { tx, end_lsn })
@@ -83,18 +93,41 @@ impl Assembler {
             RowMessage::Insert { relation_oid, new } => {
                 let rel = self.known(relation_oid)?;
                 let new = pgoutput::tuple_to_row(rel, new).map_err(pgrelay_pg::PgError::from)?;
-                Change { table: rel.qualified_name(), op: Op::Insert, new: Some(new), old: None }
+                Change {
+                    table: rel.qualified_name(),
+                    op: Op::Insert,
+                    new: Some(new),
+                    old: None,
+                }
             }
-            RowMessage::Update { relation_oid, old, new } => {
+            RowMessage::Update {
+                relation_oid,
+                old,
+                new,
+            } => {
                 let rel = self.known(relation_oid)?;
-                let old = old.map(|o| pgoutput::old_tuple_to_row(rel, o)).transpose().map_err(pgrelay_pg::PgError::from)?;
+                let old = old
+                    .map(|o| pgoutput::old_tuple_to_row(rel, o))
+                    .transpose()
+                    .map_err(pgrelay_pg::PgError::from)?;
                 let new = pgoutput::tuple_to_row(rel, new).map_err(pgrelay_pg::PgError::from)?;
-                Change { table: rel.qualified_name(), op: Op::Update, new: Some(new), old }
+                Change {
+                    table: rel.qualified_name(),
+                    op: Op::Update,
+                    new: Some(new),
+                    old,
+                }
             }
             RowMessage::Delete { relation_oid, old } => {
                 let rel = self.known(relation_oid)?;
-                let old = pgoutput::old_tuple_to_row(rel, old).map_err(pgrelay_pg::PgError::from)?;
-                Change { table: rel.qualified_name(), op: Op::Delete, new: None, old: Some(old) }
+                let old =
+                    pgoutput::old_tuple_to_row(rel, old).map_err(pgrelay_pg::PgError::from)?;
+                Change {
+                    table: rel.qualified_name(),
+                    op: Op::Delete,
+                    new: None,
+                    old: Some(old),
+                }
             }
             RowMessage::Truncate { relation_oids, .. } => {
                 let tables = relation_oids
@@ -103,18 +136,34 @@ impl Assembler {
                     .collect::<Result<Vec<_>, _>>()?;
                 let tx = self.open_tx()?;
                 for table in tables {
-                    tx.changes.push(Change { table, op: Op::Truncate, new: None, old: None });
+                    tx.changes.push(Change {
+                        table,
+                        op: Op::Truncate,
+                        new: None,
+                        old: None,
+                    });
                 }
                 return Ok(Assembled::Nothing);
             }
-            RowMessage::Begin { final_lsn, commit_time_us_pg, xid } => {
+            RowMessage::Begin {
+                final_lsn,
+                commit_time_us_pg,
+                xid,
+            } => {
                 self.begin(Lsn(final_lsn), xid, commit_time_us_pg);
                 return Ok(Assembled::Nothing);
             }
-            RowMessage::Commit { commit_lsn, end_lsn, commit_time_us_pg, .. } => {
+            RowMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time_us_pg,
+                ..
+            } => {
                 return self.commit(Lsn(commit_lsn), Lsn(end_lsn), commit_time_us_pg);
             }
-            RowMessage::Message { prefix, content, .. } => {
+            RowMessage::Message {
+                prefix, content, ..
+            } => {
                 self.message(&prefix, &content);
                 return Ok(Assembled::Nothing);
             }
@@ -125,12 +174,16 @@ impl Assembler {
     }
 
     fn known(&self, oid: u32) -> Result<&Relation, ServerError> {
-        self.relations
-            .get(&oid)
-            .ok_or_else(|| ServerError::Protocol(format!("row for relation {oid} before its Relation message")))
+        self.relations.get(&oid).ok_or_else(|| {
+            ServerError::Protocol(format!(
+                "row for relation {oid} before its Relation message"
+            ))
+        })
     }
 
     fn open_tx(&mut self) -> Result<&mut Transaction, ServerError> {
-        self.open.as_mut().ok_or_else(|| ServerError::Protocol("row change outside a transaction".to_owned()))
+        self.open
+            .as_mut()
+            .ok_or_else(|| ServerError::Protocol("row change outside a transaction".to_owned()))
     }
 }

@@ -90,7 +90,8 @@ impl Replication {
                 match stream.recv().now_or_never() {
                     Some(event) if batch.changes < MAX_BATCH_CHANGES => event?,
                     other => {
-                        self.flush(&mut db, &stream, &mut batch, &mut logged).await?;
+                        self.flush(&mut db, &stream, &mut batch, &mut logged)
+                            .await?;
                         match other {
                             Some(event) => event?,
                             None => continue,
@@ -102,7 +103,8 @@ impl Replication {
                 return Err(ServerError::Protocol("replication stream ended".to_owned()));
             };
             self.status.touch();
-            self.handle(event, &mut assembler, &mut batch, &db, &stream, logged).await?;
+            self.handle(event, &mut assembler, &mut batch, &db, &stream, logged)
+                .await?;
         }
     }
 
@@ -116,18 +118,26 @@ impl Replication {
         logged: Lsn,
     ) -> Result<(), ServerError> {
         let assembled = match event {
-            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
                 assembler.begin(Lsn(final_lsn.0), xid, commit_time_micros);
                 Assembled::Nothing
             }
             ReplicationEvent::XLogData { data, .. } => assembler.data(&data)?,
-            ReplicationEvent::Message { prefix, content, .. } => {
+            ReplicationEvent::Message {
+                prefix, content, ..
+            } => {
                 assembler.message(&prefix, &content);
                 Assembled::Nothing
             }
-            ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
-                assembler.commit(Lsn(lsn.0), Lsn(end_lsn.0), commit_time_micros)?
-            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => assembler.commit(Lsn(lsn.0), Lsn(end_lsn.0), commit_time_micros)?,
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Nothing of ours is in flight: everything PostgreSQL decoded
                 // before this point is in the change log, so the slot may move
@@ -145,7 +155,9 @@ impl Replication {
             Assembled::Nothing => {}
             Assembled::Relation(oid) => {
                 if let Some(relation) = assembler.relation(oid) {
-                    if let Some(frame) = schema_change::apply(db, &self.hub, relation, batch.next_lsn()).await? {
+                    if let Some(frame) =
+                        schema_change::apply(db, &self.hub, relation, batch.next_lsn()).await?
+                    {
                         batch.frames.push(frame);
                     }
                 }
@@ -179,7 +191,10 @@ impl Replication {
         let entries: Vec<LoggedTx<'_>> = taken
             .txs
             .iter()
-            .map(|(tx, versions)| LoggedTx { tx, schema_versions: versions })
+            .map(|(tx, versions)| LoggedTx {
+                tx,
+                schema_versions: versions,
+            })
             .collect();
         history::append(db, &entries).await?;
         if let Some((last, _)) = taken.txs.last() {
@@ -188,7 +203,8 @@ impl Replication {
         // Durable now: the slot may release the WAL, then sessions may see it.
         stream.confirm(taken.end_lsn);
         self.status.set_confirmed(taken.end_lsn);
-        self.status.add_captured(taken.changes as u64, taken.txs.len() as u64);
+        self.status
+            .add_captured(taken.changes as u64, taken.txs.len() as u64);
         let mut frames = taken.frames;
         frames.extend(taken.txs.iter().map(|(tx, _)| Frame::transaction(tx)));
         frames.sort_by_key(|f| (f.lsn, f.is_tx));
@@ -216,12 +232,19 @@ impl Batch {
     /// The LSN a schema frame arriving now is ordered by: just after what
     /// is already in the batch.
     fn next_lsn(&self) -> Lsn {
-        Lsn(self.end_lsn.0.max(self.txs.last().map_or(0, |(t, _)| t.lsn.0)))
+        Lsn(self
+            .end_lsn
+            .0
+            .max(self.txs.last().map_or(0, |(t, _)| t.lsn.0)))
     }
 
     fn push(&mut self, tx: Transaction, end_lsn: Lsn, hub: &Hub) {
         let schemas = hub.schemas();
-        let versions = tx.changes.iter().map(|c| schemas.get(&c.table).map_or(1, |s| s.version)).collect();
+        let versions = tx
+            .changes
+            .iter()
+            .map(|c| schemas.get(&c.table).map_or(1, |s| s.version))
+            .collect();
         self.changes += tx.changes.len();
         self.end_lsn = end_lsn;
         self.txs.push((tx, versions));

@@ -23,7 +23,10 @@ pub(crate) async fn apply(
     let current = schemas.get(&name);
     let unchanged = current.is_some_and(|t| {
         t.columns.len() == relation.columns.len()
-            && t.columns.iter().zip(&relation.columns).all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid)
+            && t.columns
+                .iter()
+                .zip(&relation.columns)
+                .all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid)
     });
     if unchanged {
         return Ok(None);
@@ -36,7 +39,11 @@ pub(crate) async fn apply(
     };
     let mut columns = Vec::with_capacity(relation.columns.len());
     for col in &relation.columns {
-        let known = table.columns.iter().find(|c| c.name == col.name && c.type_oid == col.type_oid).cloned();
+        let known = table
+            .columns
+            .iter()
+            .find(|c| c.name == col.name && c.type_oid == col.type_oid)
+            .cloned();
         let column = match known {
             Some(c) => c,
             None => Column {

@@ -19,14 +19,22 @@ pub(crate) struct Hello {
     pub(crate) token: Option<String>,
 }
 
-pub(super) async fn receive(socket: &mut WebSocket, _config: &ServerConfig) -> Result<Hello, Refusal> {
+pub(super) async fn receive(
+    socket: &mut WebSocket,
+    _config: &ServerConfig,
+) -> Result<Hello, Refusal> {
     loop {
         let next = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
             .await
-            .map_err(|_| Refusal::new(ErrorCode::HandshakeRequired, "no hello within 10 seconds"))?;
+            .map_err(|_| {
+                Refusal::new(ErrorCode::HandshakeRequired, "no hello within 10 seconds")
+            })?;
         let bytes = match next {
             None | Some(Ok(Message::Close(_))) => {
-                return Err(Refusal::new(ErrorCode::HandshakeRequired, "closed before hello"))
+                return Err(Refusal::new(
+                    ErrorCode::HandshakeRequired,
+                    "closed before hello",
+                ))
             }
             Some(Err(e)) => return Err(read_error(e)),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -40,7 +48,12 @@ pub(super) async fn receive(socket: &mut WebSocket, _config: &ServerConfig) -> R
 fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
     check_size(bytes)?;
     let message: ClientMessage = serde_json::from_slice(bytes).map_err(|e| classify(bytes, e))?;
-    let ClientMessage::Hello { protocol_version, client_id, token, last_lsn } = message;
+    let ClientMessage::Hello {
+        protocol_version,
+        client_id,
+        token,
+        last_lsn,
+    } = message;
     if protocol_version != PROTOCOL_VERSION {
         return Err(Refusal::new(
             ErrorCode::UnsupportedVersion,
@@ -49,14 +62,20 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
     }
     let id_ok = !client_id.is_empty()
         && client_id.len() <= 128
-        && client_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        && client_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
     if !id_ok {
         return Err(Refusal::new(
             ErrorCode::MalformedFrame,
             "client_id must be 1-128 characters of letters, digits, '-', '_', '.', ':'",
         ));
     }
-    Ok(Hello { client_id, last_lsn, token })
+    Ok(Hello {
+        client_id,
+        last_lsn,
+        token,
+    })
 }
 
 /// The refusal for a frame after the handshake: clients send nothing but
@@ -66,7 +85,9 @@ pub(super) fn unexpected(bytes: &[u8]) -> Refusal {
         return refusal;
     }
     match serde_json::from_slice::<ClientMessage>(bytes) {
-        Ok(ClientMessage::Hello { .. }) => Refusal::new(ErrorCode::HandshakeRequired, "hello was already received"),
+        Ok(ClientMessage::Hello { .. }) => {
+            Refusal::new(ErrorCode::HandshakeRequired, "hello was already received")
+        }
         Err(e) => classify(bytes, e),
     }
 }
@@ -75,7 +96,10 @@ fn check_size(bytes: &[u8]) -> Result<(), Refusal> {
     if bytes.len() > MAX_CLIENT_FRAME_BYTES {
         return Err(Refusal::new(
             ErrorCode::FrameTooLarge,
-            format!("frame of {} bytes is over the limit of {MAX_CLIENT_FRAME_BYTES}", bytes.len()),
+            format!(
+                "frame of {} bytes is over the limit of {MAX_CLIENT_FRAME_BYTES}",
+                bytes.len()
+            ),
         ));
     }
     Ok(())
@@ -88,11 +112,20 @@ fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
         Ok(serde_json::Value::Object(map)) => match map.get("type").and_then(|t| t.as_str()) {
             Some(kind) if kind != "hello" => {
                 let kind: String = kind.chars().take(64).collect();
-                Refusal::new(ErrorCode::UnknownMessage, format!("unknown message type {kind:?}"))
+                Refusal::new(
+                    ErrorCode::UnknownMessage,
+                    format!("unknown message type {kind:?}"),
+                )
             }
-            _ => Refusal::new(ErrorCode::MalformedFrame, format!("invalid message: {error}")),
+            _ => Refusal::new(
+                ErrorCode::MalformedFrame,
+                format!("invalid message: {error}"),
+            ),
         },
-        _ => Refusal::new(ErrorCode::MalformedFrame, format!("frame is not a JSON object: {error}")),
+        _ => Refusal::new(
+            ErrorCode::MalformedFrame,
+            format!("frame is not a JSON object: {error}"),
+        ),
     }
 }
 
@@ -101,9 +134,15 @@ fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
 pub(super) fn read_error(error: axum::Error) -> Refusal {
     let text = error.to_string();
     if text.contains("too long") || text.contains("Space limit") || text.contains("size") {
-        Refusal::new(ErrorCode::FrameTooLarge, format!("frame over the limit: {text}"))
+        Refusal::new(
+            ErrorCode::FrameTooLarge,
+            format!("frame over the limit: {text}"),
+        )
     } else {
-        Refusal::new(ErrorCode::MalformedFrame, format!("bad WebSocket frame: {text}"))
+        Refusal::new(
+            ErrorCode::MalformedFrame,
+            format!("bad WebSocket frame: {text}"),
+        )
     }
 }
 
@@ -123,16 +162,28 @@ mod tests {
         assert_eq!(code(b"not json"), ErrorCode::MalformedFrame);
         assert_eq!(code(b"[1,2]"), ErrorCode::MalformedFrame);
         assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::UnknownMessage);
-        assert_eq!(code(br#"{"type":"hello","protocol_version":99,"client_id":"a"}"#), ErrorCode::UnsupportedVersion);
-        assert_eq!(code(br#"{"type":"hello","protocol_version":1,"client_id":""}"#), ErrorCode::MalformedFrame);
-        assert_eq!(code(br#"{"type":"hello","protocol_version":1,"client_id":"a","last_lsn":"zz"}"#), ErrorCode::MalformedFrame);
+        assert_eq!(
+            code(br#"{"type":"hello","protocol_version":99,"client_id":"a"}"#),
+            ErrorCode::UnsupportedVersion
+        );
+        assert_eq!(
+            code(br#"{"type":"hello","protocol_version":1,"client_id":""}"#),
+            ErrorCode::MalformedFrame
+        );
+        assert_eq!(
+            code(br#"{"type":"hello","protocol_version":1,"client_id":"a","last_lsn":"zz"}"#),
+            ErrorCode::MalformedFrame
+        );
         let big = vec![b' '; MAX_CLIENT_FRAME_BYTES + 1];
         assert_eq!(code(&big), ErrorCode::FrameTooLarge);
     }
 
     #[test]
     fn accepts_a_good_hello() {
-        let hello = parse_hello(br#"{"type":"hello","protocol_version":1,"client_id":"c-1","last_lsn":"0/10"}"#).unwrap();
+        let hello = parse_hello(
+            br#"{"type":"hello","protocol_version":1,"client_id":"c-1","last_lsn":"0/10"}"#,
+        )
+        .unwrap();
         assert_eq!(hello.client_id, "c-1");
         assert_eq!(hello.last_lsn, Some(Lsn(16)));
     }

@@ -12,8 +12,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
-use tracing::Instrument;
 use tokio::time::{interval_at, Instant};
+use tracing::Instrument;
 
 use crate::history;
 use crate::hub::Frame;
@@ -32,23 +32,41 @@ pub(crate) struct Refusal {
 
 impl Refusal {
     pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 }
 
-pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(
+    mut socket: WebSocket,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let hello = match handshake::receive(&mut socket, &state.config).await {
         Ok(hello) => hello,
         Err(refusal) => return refuse(&mut socket, refusal).await,
     };
     let span = tracing::info_span!("session", client_id = %hello.client_id);
     async {
-        let session = Session { socket: &mut socket, state: &state, sent: Lsn::ZERO };
+        let session = Session {
+            socket: &mut socket,
+            state: &state,
+            sent: Lsn::ZERO,
+        };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
             Ok(Ending::Shutdown) => {
-                let close = CloseFrame { code: 1001, reason: "server shutting down".into() };
-                let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Close(Some(close)))).await;
+                let close = CloseFrame {
+                    code: 1001,
+                    reason: "server shutting down".into(),
+                };
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    socket.send(Message::Close(Some(close))),
+                )
+                .await;
             }
             Err(refusal) => refuse(&mut socket, refusal).await,
         }
@@ -60,11 +78,28 @@ pub(crate) async fn run(mut socket: WebSocket, state: Arc<AppState>, mut shutdow
 /// Sends an error frame and closes with the matching close code.
 pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
     tracing::debug!(code = ?refusal.code, message = %refusal.message, "closing session");
-    let frame = Frame::encode(&ServerMessage::Error { code: refusal.code, message: refusal.message.clone() }, Lsn::ZERO);
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Text(frame.text))).await;
+    let frame = Frame::encode(
+        &ServerMessage::Error {
+            code: refusal.code,
+            message: refusal.message.clone(),
+        },
+        Lsn::ZERO,
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.send(Message::Text(frame.text)),
+    )
+    .await;
     let reason: String = refusal.message.chars().take(100).collect();
-    let close = CloseFrame { code: refusal.code.close_code().0, reason: reason.into() };
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.send(Message::Close(Some(close)))).await;
+    let close = CloseFrame {
+        code: refusal.code.close_code().0,
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.send(Message::Close(Some(close))),
+    )
+    .await;
 }
 
 enum Ending {
@@ -80,7 +115,11 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn stream(mut self, hello: Hello, shutdown: &mut watch::Receiver<bool>) -> Result<Ending, Refusal> {
+    async fn stream(
+        mut self,
+        hello: Hello,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Ending, Refusal> {
         // Subscribe before reading the log: whatever is published from now on
         // is in `live`, whatever was published before is in the log.
         let mut live = self.state.hub.subscribe();
@@ -94,10 +133,21 @@ impl Session<'_> {
         }
         self.sent = start;
         let tables = self.state.hub.schemas().values().cloned().collect();
-        let welcome = ServerMessage::Welcome { protocol_version: PROTOCOL_VERSION, client_id: hello.client_id, head_lsn: head, tables };
+        let welcome = ServerMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: hello.client_id,
+            head_lsn: head,
+            tables,
+        };
         self.send(Frame::encode(&welcome, head)).await?;
         self.catch_up().await?;
-        self.send(Frame::encode(&ServerMessage::CaughtUp { lsn: self.sent.max(head) }, head)).await?;
+        self.send(Frame::encode(
+            &ServerMessage::CaughtUp {
+                lsn: self.sent.max(head),
+            },
+            head,
+        ))
+        .await?;
 
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
@@ -135,7 +185,9 @@ impl Session<'_> {
     async fn catch_up(&mut self) -> Result<(), Refusal> {
         loop {
             let client = self.state.log_reader.client().await.map_err(internal)?;
-            let txs = history::read_after(&client, self.sent, CATCH_UP_PAGE).await.map_err(internal)?;
+            let txs = history::read_after(&client, self.sent, CATCH_UP_PAGE)
+                .await
+                .map_err(internal)?;
             if txs.is_empty() {
                 return Ok(());
             }
@@ -164,16 +216,26 @@ impl Session<'_> {
     }
 
     async fn send_message(&mut self, message: Message) -> Result<(), Refusal> {
-        match tokio::time::timeout(self.state.config.send_timeout, self.socket.send(message)).await {
+        match tokio::time::timeout(self.state.config.send_timeout, self.socket.send(message)).await
+        {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("send failed: {e}"))),
-            Err(_) => Err(Refusal::new(ErrorCode::TooSlow, "the client did not read its messages in time")),
+            Ok(Err(e)) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("send failed: {e}"),
+            )),
+            Err(_) => Err(Refusal::new(
+                ErrorCode::TooSlow,
+                "the client did not read its messages in time",
+            )),
         }
     }
 
     /// Handles a frame from the client after the handshake; `false` when
     /// the client has gone.
-    fn incoming(&mut self, incoming: Option<Result<Message, axum::Error>>) -> Result<bool, Refusal> {
+    fn incoming(
+        &mut self,
+        incoming: Option<Result<Message, axum::Error>>,
+    ) -> Result<bool, Refusal> {
         match incoming {
             None | Some(Ok(Message::Close(_))) => Ok(false),
             Some(Err(e)) => Err(handshake::read_error(e)),
@@ -186,5 +248,8 @@ impl Session<'_> {
 
 fn internal(e: crate::ServerError) -> Refusal {
     tracing::warn!(error = %e, "session failed");
-    Refusal::new(ErrorCode::Internal, "the server could not read its change log; reconnect to resume")
+    Refusal::new(
+        ErrorCode::Internal,
+        "the server could not read its change log; reconnect to resume",
+    )
 }

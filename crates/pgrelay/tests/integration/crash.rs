@@ -6,12 +6,16 @@ use std::time::Duration;
 
 use pgrelay_testkit::{PrivateCluster, TestDatabase};
 
-use crate::support::{free_port, replica_lsn, spawn_client, start_client, wait_for, ServerProcess, World};
+use crate::support::{
+    free_port, replica_lsn, spawn_client, start_client, wait_for, ServerProcess, World,
+};
 
 const ROWS: i64 = 100_000;
 
 async fn write_rows(url: String, rows: i64, per_tx: i64) {
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let mut id = 0;
     while id < rows {
@@ -35,26 +39,45 @@ async fn assert_log_exactly_once(sql: &tokio_postgres::Client, rows: i64) {
         .await
         .unwrap();
     let (all, distinct): (i64, i64) = (row.get(0), row.get(1));
-    assert_eq!((all, distinct), (rows, rows), "the change log must hold each insert exactly once");
+    assert_eq!(
+        (all, distinct),
+        (rows, rows),
+        "the change log must hold each insert exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_mid_stream_resumes_without_loss_or_duplicates() {
     let world = World::new().await;
-    world.exec("CREATE TABLE items (id bigint PRIMARY KEY, name text, n bigint)").await;
+    world
+        .exec("CREATE TABLE items (id bigint PRIMARY KEY, name text, n bigint)")
+        .await;
     let port = free_port();
     let mut server = ServerProcess::spawn(world.url(), &world.slot(), port);
     let path = world.replica_path("server-crash");
     let client = start_client(server.addr, &path, "server-crash").await;
 
     let writer = tokio::spawn(write_rows(world.url().to_owned(), ROWS, 500));
-    wait_for("the change log to be part-way", Duration::from_secs(60), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await >= ROWS / 5).then_some(())
-    })
+    wait_for(
+        "the change log to be part-way",
+        Duration::from_secs(60),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                >= ROWS / 5)
+                .then_some(())
+        },
+    )
     .await;
     server.kill9();
-    let logged_at_kill = world.count("SELECT count(*) FROM pgrelay.change_history").await;
-    assert!(logged_at_kill < ROWS, "the kill came too late to test anything");
+    let logged_at_kill = world
+        .count("SELECT count(*) FROM pgrelay.change_history")
+        .await;
+    assert!(
+        logged_at_kill < ROWS,
+        "the kill came too late to test anything"
+    );
     let mut server = ServerProcess::spawn(world.url(), &world.slot(), port);
     writer.await.unwrap();
     world.wait_equal(&path, Duration::from_secs(120)).await;
@@ -67,15 +90,19 @@ async fn server_killed_mid_stream_resumes_without_loss_or_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_killed_mid_apply_resumes_to_an_equal_replica() {
     let world = World::new().await;
-    world.exec("CREATE TABLE items (id bigint PRIMARY KEY, name text, n bigint)").await;
+    world
+        .exec("CREATE TABLE items (id bigint PRIMARY KEY, name text, n bigint)")
+        .await;
     let server = world.start_server().await;
     let path = world.replica_path("client-crash");
     let mut child = spawn_client(server.local_addr(), &path, "client-crash", false);
 
     let writer = tokio::spawn(write_rows(world.url().to_owned(), ROWS, 500));
-    wait_for("the client to be part-way", Duration::from_secs(60), || async {
-        replica_lsn(&path).filter(|l| l.0 > 0).map(|_| ())
-    })
+    wait_for(
+        "the client to be part-way",
+        Duration::from_secs(60),
+        || async { replica_lsn(&path).filter(|l| l.0 > 0).map(|_| ()) },
+    )
     .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -93,10 +120,15 @@ async fn client_killed_mid_apply_resumes_to_an_equal_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_mid_stream_is_survived() {
     // A cluster of its own: other tests share the common one.
-    let cluster = tokio::task::spawn_blocking(PrivateCluster::start).await.unwrap().unwrap();
+    let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
     let db = TestDatabase::create_on(&cluster.admin_url()).await.unwrap();
     let sql = db.connect().await.unwrap();
-    sql.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, name text, n bigint)").await.unwrap();
+    sql.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, name text, n bigint)")
+        .await
+        .unwrap();
     let mut config = pgrelay_server::ServerConfig::new(db.url());
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.slot = db.name().to_owned();
@@ -107,23 +139,38 @@ async fn postgres_crash_mid_stream_is_survived() {
     let client = start_client(server.local_addr(), &path, "pg-crash").await;
 
     write_rows(db.url().to_owned(), 20_000, 500).await;
-    wait_for("the first half to arrive", Duration::from_secs(60), || async {
-        replica_lsn(&path).filter(|l| l.0 > 0).map(|_| ())
-    })
+    wait_for(
+        "the first half to arrive",
+        Duration::from_secs(60),
+        || async { replica_lsn(&path).filter(|l| l.0 > 0).map(|_| ()) },
+    )
     .await;
-    let cluster = tokio::task::spawn_blocking(move || cluster.restart_immediate().map(|_| cluster)).await.unwrap().unwrap();
+    let cluster = tokio::task::spawn_blocking(move || cluster.restart_immediate().map(|_| cluster))
+        .await
+        .unwrap()
+        .unwrap();
     // Rows after the crash, through a new connection.
-    let (sql, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls).await.unwrap();
+    let (sql, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    sql.batch_execute("INSERT INTO items SELECT g, 'after', 0 FROM generate_series(20001, 30000) g").await.unwrap();
+    sql.batch_execute(
+        "INSERT INTO items SELECT g, 'after', 0 FROM generate_series(20001, 30000) g",
+    )
+    .await
+    .unwrap();
 
     let url = db.url().to_owned();
-    wait_for("the replica to equal PostgreSQL after the crash", Duration::from_secs(120), || async {
-        match pgrelay::verify::verify(&url, &path, None).await {
-            Ok(report) if report.all_match() && !report.tables.is_empty() => Some(()),
-            _ => None,
-        }
-    })
+    wait_for(
+        "the replica to equal PostgreSQL after the crash",
+        Duration::from_secs(120),
+        || async {
+            match pgrelay::verify::verify(&url, &path, None).await {
+                Ok(report) if report.all_match() && !report.tables.is_empty() => Some(()),
+                _ => None,
+            }
+        },
+    )
     .await;
     assert_log_exactly_once(&sql, 30_000).await;
     client.stop().await;

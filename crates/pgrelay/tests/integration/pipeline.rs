@@ -13,7 +13,13 @@ async fn multi_table_transactions_are_atomic_on_the_replica() {
     let path = world.replica_path("atomic");
     let client = start_client(server.local_addr(), &path, "atomic").await;
     wait_for("the replica's tables", Duration::from_secs(20), || async {
-        client.replica.status().await.ok().filter(|s| s.tables.len() == 2).map(|_| ())
+        client
+            .replica
+            .status()
+            .await
+            .ok()
+            .filter(|s| s.tables.len() == 2)
+            .map(|_| ())
     })
     .await;
 
@@ -22,7 +28,9 @@ async fn multi_table_transactions_are_atomic_on_the_replica() {
     let writer = {
         let url = world.url().to_owned();
         tokio::spawn(async move {
-            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
             tokio::spawn(conn);
             for n in 0..200 {
                 let lo = n * 20;
@@ -40,7 +48,11 @@ async fn multi_table_transactions_are_atomic_on_the_replica() {
     let mut seen_partial = None;
     loop {
         let (a, b): (i64, i64) = reader
-            .query_row("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
         if a != b || a % 20 != 0 {
             seen_partial = Some((a, b));
@@ -52,7 +64,10 @@ async fn multi_table_transactions_are_atomic_on_the_replica() {
         assert!(observed < 2_000_000, "the replica never reached 4000 rows");
         tokio::task::yield_now().await;
     }
-    assert_eq!(seen_partial, None, "a reader saw half a transaction after {observed} reads");
+    assert_eq!(
+        seen_partial, None,
+        "a reader saw half a transaction after {observed} reads"
+    );
     writer.await.unwrap();
     world.wait_equal(&path, Duration::from_secs(30)).await;
     client.stop().await;
@@ -63,14 +78,26 @@ async fn multi_table_transactions_are_atomic_on_the_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_behind_catches_up_then_continues_live_without_gap_or_duplicate() {
     let world = World::new().await;
-    world.exec("CREATE TABLE events (id int PRIMARY KEY, n int NOT NULL)").await;
+    world
+        .exec("CREATE TABLE events (id int PRIMARY KEY, n int NOT NULL)")
+        .await;
     world.exec("CREATE TABLE seen (id int PRIMARY KEY)").await;
     let server = world.start_server().await;
     // History exists before the client ever connects.
-    world.exec("INSERT INTO events SELECT g, 0 FROM generate_series(1, 3000) g").await;
-    wait_for("the change log to hold the history", Duration::from_secs(20), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await >= 3000).then_some(())
-    })
+    world
+        .exec("INSERT INTO events SELECT g, 0 FROM generate_series(1, 3000) g")
+        .await;
+    wait_for(
+        "the change log to hold the history",
+        Duration::from_secs(20),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                >= 3000)
+                .then_some(())
+        },
+    )
     .await;
 
     let path = world.replica_path("behind");
@@ -78,7 +105,9 @@ async fn a_client_behind_catches_up_then_continues_live_without_gap_or_duplicate
     let writer = {
         let url = world.url().to_owned();
         tokio::spawn(async move {
-            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
             tokio::spawn(conn);
             for n in 0..300 {
                 db.batch_execute(&format!("UPDATE events SET n = n + 1 WHERE id % 300 = {n}; INSERT INTO events VALUES ({}, 1)", 10_000 + n))
@@ -92,7 +121,12 @@ async fn a_client_behind_catches_up_then_continues_live_without_gap_or_duplicate
     world.wait_equal(&path, Duration::from_secs(60)).await;
     // A duplicate or missing update would leave some n different; verify
     // compares every row. Check the position matches the log's head too.
-    let head: String = world.sql.query_one("SELECT max(lsn)::text FROM pgrelay.change_history", &[]).await.unwrap().get(0);
+    let head: String = world
+        .sql
+        .query_one("SELECT max(lsn)::text FROM pgrelay.change_history", &[])
+        .await
+        .unwrap()
+        .get(0);
     let status = client.replica.status().await.unwrap();
     assert_eq!(status.lsn.as_deref(), Some(head.as_str()));
     client.stop().await;
@@ -103,43 +137,79 @@ async fn a_client_behind_catches_up_then_continues_live_without_gap_or_duplicate
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_sync_exits_when_caught_up_and_status_reports_the_replica() {
     let world = World::new().await;
-    world.exec("CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE nokey (x int);").await;
+    world
+        .exec("CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE nokey (x int);")
+        .await;
     let server = world.start_server().await;
-    world.exec("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 500) g").await;
+    world
+        .exec("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 500) g")
+        .await;
     wait_for("the change log", Duration::from_secs(20), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await == 500).then_some(())
+        (world
+            .count("SELECT count(*) FROM pgrelay.change_history")
+            .await
+            == 500)
+            .then_some(())
     })
     .await;
     let path = world.replica_path("cli");
     let mut child = spawn_client(server.local_addr(), &path, "cli-client", true);
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "client sync --exit-when-caught-up failed: {status}");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "client sync --exit-when-caught-up failed: {status}"
+    );
     world.wait_equal(&path, Duration::from_secs(1)).await;
 
-    let out = std::process::Command::new(BIN).args(["client", "status", "--db"]).arg(&path).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["client", "status", "--db"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["client_id"], "cli-client");
     let tables = json["tables"].as_array().unwrap();
-    let notes = tables.iter().find(|t| t["table"] == "public.notes").unwrap();
+    let notes = tables
+        .iter()
+        .find(|t| t["table"] == "public.notes")
+        .unwrap();
     assert_eq!(notes["rows"], 500);
-    let nokey = tables.iter().find(|t| t["table"] == "public.nokey").unwrap();
-    assert!(nokey["skipped"].as_str().unwrap().contains("no primary key"));
+    let nokey = tables
+        .iter()
+        .find(|t| t["table"] == "public.nokey")
+        .unwrap();
+    assert!(nokey["skipped"]
+        .as_str()
+        .unwrap()
+        .contains("no primary key"));
 
     let out = std::process::Command::new(BIN)
         .args(["verify", "--database-url", world.url(), "--db"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // And verify notices a difference.
-    world.exec("INSERT INTO notes VALUES (9999, 'not yet synced')").await;
+    world
+        .exec("INSERT INTO notes VALUES (9999, 'not yet synced')")
+        .await;
     server.shutdown().await.unwrap();
     let out = std::process::Command::new(BIN)
         .args(["verify", "--database-url", world.url(), "--db"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "verify must fail when the replica differs");
+    assert!(
+        !out.status.success(),
+        "verify must fail when the replica differs"
+    );
     world.db.drop_database().await.unwrap();
 }

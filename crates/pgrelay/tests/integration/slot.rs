@@ -10,38 +10,63 @@ use crate::support::{wait_for, World};
 async fn confirmed(world: &World) -> u64 {
     let row = world
         .sql
-        .query_one("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1", &[&world.slot()])
+        .query_one(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&world.slot()],
+        )
         .await
         .unwrap();
     row.get::<_, Option<PgLsn>>(0).map(u64::from).unwrap_or(0)
 }
 
 async fn current_wal(world: &World) -> u64 {
-    u64::from(world.sql.query_one("SELECT pg_current_wal_lsn()", &[]).await.unwrap().get::<_, PgLsn>(0))
+    u64::from(
+        world
+            .sql
+            .query_one("SELECT pg_current_wal_lsn()", &[])
+            .await
+            .unwrap()
+            .get::<_, PgLsn>(0),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_flush_lsn_advances_with_changes_and_when_idle() {
     let world = World::new().await;
-    world.exec("CREATE TABLE synced (id int PRIMARY KEY); CREATE TABLE unrelated (x int, y text);").await;
+    world
+        .exec("CREATE TABLE synced (id int PRIMARY KEY); CREATE TABLE unrelated (x int, y text);")
+        .await;
     let server = world.start_server().await;
     let start = confirmed(&world).await;
 
-    world.exec("INSERT INTO synced SELECT generate_series(1, 5000)").await;
+    world
+        .exec("INSERT INTO synced SELECT generate_series(1, 5000)")
+        .await;
     let after_writes = current_wal(&world).await;
-    wait_for("confirmed_flush_lsn to pass the writes", Duration::from_secs(30), || async {
-        (confirmed(&world).await >= after_writes).then_some(())
-    })
+    wait_for(
+        "confirmed_flush_lsn to pass the writes",
+        Duration::from_secs(30),
+        || async { (confirmed(&world).await >= after_writes).then_some(()) },
+    )
     .await;
     // The log holds the changes the slot confirmed (durable before acknowledged).
-    assert_eq!(world.count("SELECT count(*) FROM pgrelay.change_history").await, 5000);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM pgrelay.change_history")
+            .await,
+        5000
+    );
 
     // Only an unpublished table changes: the slot must not hold WAL back.
-    world.exec("INSERT INTO unrelated SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g").await;
+    world
+        .exec("INSERT INTO unrelated SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")
+        .await;
     let after_unrelated = current_wal(&world).await;
-    wait_for("confirmed_flush_lsn to pass unrelated WAL", Duration::from_secs(60), || async {
-        (confirmed(&world).await >= after_unrelated).then_some(())
-    })
+    wait_for(
+        "confirmed_flush_lsn to pass unrelated WAL",
+        Duration::from_secs(60),
+        || async { (confirmed(&world).await >= after_unrelated).then_some(()) },
+    )
     .await;
     assert!(after_unrelated > start);
     server.shutdown().await.unwrap();

@@ -42,7 +42,9 @@ newline', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 async fn every_type_round_trips_and_toast_survives_updates() {
     let world = World::new().await;
     world.exec(SCHEMA).await;
-    world.exec("CREATE TABLE other (id int PRIMARY KEY, note text)").await;
+    world
+        .exec("CREATE TABLE other (id int PRIMARY KEY, note text)")
+        .await;
     let server = world.start_server().await;
     let path = world.replica_path("types");
     let client = start_client(server.local_addr(), &path, "types").await;
@@ -53,30 +55,60 @@ async fn every_type_round_trips_and_toast_survives_updates() {
     world
         .exec("UPDATE everything SET big = (SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 4000) g) WHERE id = 1")
         .await;
-    world.exec("UPDATE everything SET i4 = 42, t = 'changed' WHERE id = 1").await;
-    world.exec("UPDATE everything SET id = 6 WHERE id = 5").await; // key change
+    world
+        .exec("UPDATE everything SET i4 = 42, t = 'changed' WHERE id = 1")
+        .await;
+    world
+        .exec("UPDATE everything SET id = 6 WHERE id = 5")
+        .await; // key change
     world.exec("DELETE FROM everything WHERE id = 4").await;
-    world.exec("INSERT INTO other SELECT g, 'n' || g FROM generate_series(1, 50) g").await;
+    world
+        .exec("INSERT INTO other SELECT g, 'n' || g FROM generate_series(1, 50) g")
+        .await;
     world.exec("TRUNCATE other").await;
-    world.exec("INSERT INTO other VALUES (1, 'after truncate')").await;
+    world
+        .exec("INSERT INTO other VALUES (1, 'after truncate')")
+        .await;
     world.wait_equal(&path, Duration::from_secs(30)).await;
 
-    let big_len = world.count("SELECT length(big)::int8 FROM everything WHERE id = 1").await;
+    let big_len = world
+        .count("SELECT length(big)::int8 FROM everything WHERE id = 1")
+        .await;
     assert_eq!(big_len, 128_000);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let (big, i4, t): (String, i64, String) =
-        conn.query_row("SELECT big, i4, t FROM everything WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-    assert_eq!(big.len(), 128_000, "the unchanged TOASTed value must survive the update");
+    let (big, i4, t): (String, i64, String) = conn
+        .query_row("SELECT big, i4, t FROM everything WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(
+        big.len(),
+        128_000,
+        "the unchanged TOASTed value must survive the update"
+    );
     assert_eq!((i4, t.as_str()), (42, "changed"));
-    let num: String = conn.query_row("SELECT num FROM everything WHERE id = 2", [], |r| r.get(0)).unwrap();
-    assert_eq!(num, "123456789012345678901234567890.123456789012345678901234567890");
-    let bin: Vec<u8> = conn.query_row("SELECT bin FROM everything WHERE id = 1", [], |r| r.get(0)).unwrap();
+    let num: String = conn
+        .query_row("SELECT num FROM everything WHERE id = 2", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        num,
+        "123456789012345678901234567890.123456789012345678901234567890"
+    );
+    let bin: Vec<u8> = conn
+        .query_row("SELECT bin FROM everything WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(bin, vec![0, 1, 2, 0xff]);
-    let i8min: i64 = conn.query_row("SELECT i8 FROM everything WHERE id = 2", [], |r| r.get(0)).unwrap();
+    let i8min: i64 = conn
+        .query_row("SELECT i8 FROM everything WHERE id = 2", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(i8min, i64::MIN);
-    let f8: f64 = conn.query_row("SELECT f8 FROM everything WHERE id = 1", [], |r| r.get(0)).unwrap();
+    let f8: f64 = conn
+        .query_row("SELECT f8 FROM everything WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(f8, 0.1);
-    let tstz: String = conn.query_row("SELECT tstz FROM everything WHERE id = 1", [], |r| r.get(0)).unwrap();
+    let tstz: String = conn
+        .query_row("SELECT tstz FROM everything WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(tstz, "2024-02-29 08:15:00+00");
     let ids: Vec<i64> = conn
         .prepare("SELECT id FROM everything ORDER BY id")
@@ -86,8 +118,13 @@ async fn every_type_round_trips_and_toast_survives_updates() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(ids, vec![1, 2, 3, 6]);
-    let other: Vec<String> =
-        conn.prepare("SELECT note FROM other").unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap();
+    let other: Vec<String> = conn
+        .prepare("SELECT note FROM other")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert_eq!(other, vec!["after truncate".to_owned()]);
 
     client.stop().await;
@@ -104,13 +141,32 @@ async fn table_without_key_syncs_only_with_replica_identity_full() {
     let client = start_client(server.local_addr(), &path, "keyless").await;
     world.exec("INSERT INTO full_identity VALUES (1, 'x'), (1, 'x'), (2, 'y'); UPDATE full_identity SET b = 'z' WHERE a = 2; DELETE FROM full_identity WHERE ctid = (SELECT min(ctid) FROM full_identity WHERE a = 1);").await;
     // Writes to the keyless table still work in PostgreSQL (it is not in the publication).
-    world.exec("INSERT INTO keyless VALUES (1, 'a'); UPDATE keyless SET b = 'b'; DELETE FROM keyless;").await;
+    world
+        .exec(
+            "INSERT INTO keyless VALUES (1, 'a'); UPDATE keyless SET b = 'b'; DELETE FROM keyless;",
+        )
+        .await;
     world.wait_equal(&path, Duration::from_secs(30)).await;
 
     let status = client.replica.status().await.unwrap();
-    let keyless = status.tables.iter().find(|t| t.table == "public.keyless").expect("keyless listed");
-    assert!(keyless.skipped.as_deref().unwrap_or("").contains("REPLICA IDENTITY FULL"), "{keyless:?}");
-    let full = status.tables.iter().find(|t| t.table == "public.full_identity").expect("full listed");
+    let keyless = status
+        .tables
+        .iter()
+        .find(|t| t.table == "public.keyless")
+        .expect("keyless listed");
+    assert!(
+        keyless
+            .skipped
+            .as_deref()
+            .unwrap_or("")
+            .contains("REPLICA IDENTITY FULL"),
+        "{keyless:?}"
+    );
+    let full = status
+        .tables
+        .iter()
+        .find(|t| t.table == "public.full_identity")
+        .expect("full listed");
     assert_eq!((full.rows, full.skipped.as_deref()), (Some(2), None));
 
     client.stop().await;

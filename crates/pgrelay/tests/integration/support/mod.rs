@@ -30,7 +30,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -45,7 +48,9 @@ pub struct World {
 
 impl World {
     pub async fn new() -> World {
-        let db = TestDatabase::create().await.expect("creating a test database");
+        let db = TestDatabase::create()
+            .await
+            .expect("creating a test database");
         let sql = db.connect().await.expect("connecting to the test database");
         let dir = tempfile::tempdir().expect("temp dir");
         World { db, sql, dir }
@@ -68,7 +73,9 @@ impl World {
     }
 
     pub async fn start_server(&self) -> Server {
-        Server::start(self.server_config()).await.expect("starting the server")
+        Server::start(self.server_config())
+            .await
+            .expect("starting the server")
     }
 
     pub fn replica_path(&self, name: &str) -> PathBuf {
@@ -76,11 +83,18 @@ impl World {
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.sql.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.sql
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.sql.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+        self.sql
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
     }
 
     /// Waits until the replica equals PostgreSQL for every synced table.
@@ -94,7 +108,11 @@ impl World {
                 Ok(report) => last = report.render_table(),
                 Err(e) => last = format!("{e:#}"),
             }
-            assert!(Instant::now() < deadline, "replica {} never equalled PostgreSQL:\n{last}", replica.display());
+            assert!(
+                Instant::now() < deadline,
+                "replica {} never equalled PostgreSQL:\n{last}",
+                replica.display()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -118,7 +136,12 @@ pub async fn start_client(server: SocketAddr, db: &Path, id: &str) -> RunningCli
     let (stop, stopped) = watch::channel(false);
     let runner = std::sync::Arc::clone(&client);
     let task = tokio::spawn(async move { runner.run(stopped).await });
-    RunningClient { replica, stop, task, client }
+    RunningClient {
+        replica,
+        stop,
+        task,
+        client,
+    }
 }
 
 impl RunningClient {
@@ -131,7 +154,10 @@ impl RunningClient {
 
 /// A free TCP port on 127.0.0.1 (so a restarted server can reuse it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// `pgrelay serve` as a child process, so it can be killed with SIGKILL.
@@ -143,7 +169,15 @@ pub struct ServerProcess {
 impl ServerProcess {
     pub fn spawn(url: &str, slot: &str, port: u16) -> ServerProcess {
         let mut child = Command::new(BIN)
-            .args(["serve", "--database-url", url, "--slot", slot, "--status-interval", "200ms"])
+            .args([
+                "serve",
+                "--database-url",
+                url,
+                "--slot",
+                slot,
+                "--status-interval",
+                "200ms",
+            ])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("PGRELAY_LOG", "warn")
             .stdout(Stdio::piped())
@@ -152,7 +186,9 @@ impl ServerProcess {
             .expect("spawning pgrelay serve");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("reading the server's first line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the server's first line");
         let addr = line
             .trim()
             .strip_prefix("pgrelay listening on ")
@@ -177,12 +213,19 @@ impl Drop for ServerProcess {
 /// `pgrelay client sync` as a child process.
 pub fn spawn_client(server: SocketAddr, db: &Path, id: &str, exit_when_caught_up: bool) -> Child {
     let mut cmd = Command::new(BIN);
-    cmd.args(["client", "sync", "--server", &format!("ws://{server}"), "--client-id", id])
-        .arg("--db")
-        .arg(db)
-        .env("PGRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "client",
+        "sync",
+        "--server",
+        &format!("ws://{server}"),
+        "--client-id",
+        id,
+    ])
+    .arg("--db")
+    .arg(db)
+    .env("PGRELAY_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     if exit_when_caught_up {
         cmd.arg("--exit-when-caught-up");
     }
@@ -192,7 +235,15 @@ pub fn spawn_client(server: SocketAddr, db: &Path, id: &str, exit_when_caught_up
 /// The replica's LSN read straight from its SQLite file (works while
 /// another process writes it).
 pub fn replica_lsn(db: &Path) -> Option<pgrelay_protocol::Lsn> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-    let text: String = conn.query_row("SELECT value FROM _pgrelay_meta WHERE key = 'lsn'", [], |r| r.get(0)).ok()?;
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    let text: String = conn
+        .query_row(
+            "SELECT value FROM _pgrelay_meta WHERE key = 'lsn'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()?;
     text.parse().ok()
 }
