@@ -39,7 +39,7 @@ fn canonical_float(text: &str) -> String {
     }
     match text.parse::<f64>() {
         // -0 and 0 are the same number; SQLite does not keep the sign of zero.
-        Ok(f) if f == 0.0 => "0".to_owned(),
+        Ok(0.0) => "0".to_owned(),
         Ok(f) if f.is_nan() => "NaN".to_owned(),
         Ok(f) if f.is_infinite() => if f > 0.0 { "Infinity" } else { "-Infinity" }.to_owned(),
         Ok(f) => format!("{f:e}"),

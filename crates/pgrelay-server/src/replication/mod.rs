@@ -62,6 +62,7 @@ impl Replication {
         let mut db = pgrelay_pg::connect(&self.info).await?;
         let slot = pgrelay_pg::ensure_slot(&db, &self.config.slot).await?;
         let mut logged = history::head(&db).await?;
+        self.republish_unannounced(&db, logged).await?;
         let opts = StreamOptions {
             slot: self.config.slot.clone(),
             publication: self.config.publication(),
@@ -106,6 +107,26 @@ impl Replication {
             self.handle(event, &mut assembler, &mut batch, &db, &stream, logged)
                 .await?;
         }
+    }
+
+    /// A commit whose acknowledgement was lost (PostgreSQL went away while
+    /// answering it) is in the change log but was never published: live
+    /// sessions would skip it. Publish from the log what the hub has not.
+    async fn republish_unannounced(
+        &self,
+        db: &tokio_postgres::Client,
+        logged: Lsn,
+    ) -> Result<(), ServerError> {
+        while self.hub.head() < logged {
+            let txs = history::read_after(db, self.hub.head(), 10_000).await?;
+            if txs.is_empty() {
+                break;
+            }
+            tracing::info!(from = %self.hub.head(), txs = txs.len(), "publishing transactions whose commit acknowledgement was lost");
+            self.hub
+                .publish(txs.iter().map(Frame::transaction).collect());
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -164,6 +185,7 @@ impl Replication {
             }
             Assembled::Committed { tx, end_lsn } => {
                 if tx.lsn <= logged || tx.changes.is_empty() {
+                    tracing::trace!(lsn = %tx.lsn, %logged, "transaction already logged or empty");
                     // Already in the log (a replay after a crash) or nothing to
                     // log: only the position moves.
                     if batch.is_empty() {
@@ -197,6 +219,7 @@ impl Replication {
             })
             .collect();
         history::append(db, &entries).await?;
+        tracing::debug!(txs = taken.txs.len(), changes = taken.changes, end = %taken.end_lsn, "change log committed");
         if let Some((last, _)) = taken.txs.last() {
             *logged = last.lsn;
         }

@@ -119,6 +119,7 @@ async fn client_killed_mid_apply_resumes_to_an_equal_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_mid_stream_is_survived() {
+    crate::support::init_tracing();
     // A cluster of its own: other tests share the common one.
     let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
         .await

@@ -18,6 +18,18 @@ use tokio::task::JoinHandle;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pgrelay");
 
+/// Sends the server's and client's logs to the test's captured output, so a
+/// failing test shows what happened (level from `RUST_LOG`, default info).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// Polls `check` until it returns `Some`, failing the test with `what` at
 /// the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -48,6 +60,7 @@ pub struct World {
 
 impl World {
     pub async fn new() -> World {
+        init_tracing();
         let db = TestDatabase::create()
             .await
             .expect("creating a test database");
