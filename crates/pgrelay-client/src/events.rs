@@ -14,6 +14,12 @@ pub enum Event {
         transactions: usize,
         changes: usize,
         lag_ms: i64,
+        /// PostgreSQL commit time of each applied transaction (µs since
+        /// the Unix epoch), in order.
+        commit_times_us: Vec<i64>,
+        /// When the SQLite transaction holding them committed (µs since the
+        /// Unix epoch).
+        applied_at_us: i64,
     },
     /// The connection ended; the client reconnects after `retry_in`.
     Disconnected {

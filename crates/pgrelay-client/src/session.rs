@@ -155,7 +155,8 @@ async fn flush(
     let txs = std::mem::take(batch);
     let changes = txs.iter().map(|t| t.changes.len()).sum();
     let count = txs.len();
-    let newest_commit = txs.last().map(|t| t.commit_time_us).unwrap_or(0);
+    let commit_times_us: Vec<i64> = txs.iter().map(|t| t.commit_time_us).collect();
+    let newest_commit = commit_times_us.last().copied().unwrap_or(0);
     let reached = replica.apply_transactions(txs).await?;
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -166,6 +167,8 @@ async fn flush(
         transactions: count,
         changes,
         lag_ms: (now_us - newest_commit) / 1000,
+        commit_times_us,
+        applied_at_us: now_us,
     });
     Ok(reached)
 }

@@ -19,6 +19,9 @@ use crate::state::AppState;
 /// this long (keepalives arrive at least every wal_sender_timeout / 2).
 const STALL_AFTER: Duration = Duration::from_secs(120);
 
+/// Initial read buffer per WebSocket.
+const READ_BUFFER_BYTES: usize = 1024;
+
 #[derive(Clone)]
 struct Ctx {
     state: Arc<AppState>,
@@ -37,6 +40,10 @@ async fn sync(State(ctx): State<Ctx>, upgrade: WebSocketUpgrade) -> Response {
     // Frames a little over the protocol limit are still read, so the client
     // gets a clear `frame_too_large` error rather than a bare reset.
     upgrade
+        // The default 128 KiB read buffer is allocated and touched per
+        // connection; clients send small frames, so a small one keeps idle
+        // connections cheap (it grows for the rare large frame).
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_CLIENT_FRAME_BYTES * 4)
         .max_frame_size(MAX_CLIENT_FRAME_BYTES * 4)
         .on_upgrade(move |socket| session::run(socket, ctx.state, ctx.shutdown))

@@ -11,6 +11,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, Type};
 use tokio_postgres::Client;
 
+use crate::encoded::{EncodedTx, JsonText};
 use crate::ServerError;
 
 const SCHEMA_SQL: &str = "
@@ -20,8 +21,8 @@ CREATE TABLE IF NOT EXISTS pgrelay.change_history (
     ordinal        integer     NOT NULL,
     table_name     text        NOT NULL,
     operation      text        NOT NULL,
-    data           jsonb,
-    old_data       jsonb,
+    data           json,
+    old_data       json,
     transaction_id bigint      NOT NULL,
     commit_time    timestamptz NOT NULL,
     origin_client  text,
@@ -113,7 +114,7 @@ pub(crate) async fn record_schema(
 
 /// A transaction on its way into the log, with each change's schema version.
 pub(crate) struct LoggedTx<'a> {
-    pub(crate) tx: &'a Transaction,
+    pub(crate) tx: &'a EncodedTx,
     pub(crate) schema_versions: &'a [u32],
 }
 
@@ -137,8 +138,8 @@ pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<
         Type::INT4,
         Type::TEXT,
         Type::TEXT,
-        Type::JSONB,
-        Type::JSONB,
+        Type::JSON,
+        Type::JSON,
         Type::INT8,
         Type::TIMESTAMPTZ,
         Type::TEXT,
@@ -159,8 +160,8 @@ pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<
                 .get(ordinal as usize)
                 .copied()
                 .unwrap_or(1) as i32;
-            let data = change.new.as_ref().map(Json);
-            let old = change.old.as_ref().map(Json);
+            let data = change.new.as_ref().map(|r| JsonText(r.get()));
+            let old = change.old.as_ref().map(|r| JsonText(r.get()));
             writer
                 .as_mut()
                 .write(&[

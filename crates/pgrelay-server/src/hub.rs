@@ -36,6 +36,16 @@ impl Frame {
         }
     }
 
+    /// A transaction whose rows are already encoded.
+    pub(crate) fn encoded(tx: &crate::encoded::EncodedTx) -> Frame {
+        let text = serde_json::to_string(tx).unwrap_or_default();
+        Frame {
+            lsn: tx.lsn,
+            is_tx: true,
+            text: text.into(),
+        }
+    }
+
     pub(crate) fn transaction(tx: &Transaction) -> Frame {
         // Serialize the borrowed transaction without cloning it.
         #[derive(serde::Serialize)]

@@ -3,6 +3,7 @@
 
 mod api;
 mod config;
+mod encoded;
 mod error;
 mod history;
 mod hub;
@@ -33,6 +34,22 @@ pub struct Server {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
+    status: Arc<ReplicationStatus>,
+    hub: Arc<Hub>,
+}
+
+/// Counters of what the server has captured, for benchmarks and embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Changes committed to the change log since start.
+    pub changes: u64,
+    pub transactions: u64,
+    /// The slot position confirmed to PostgreSQL.
+    pub confirmed: pgrelay_protocol::Lsn,
+    /// Commit LSN of the newest transaction published to sessions.
+    pub head: pgrelay_protocol::Lsn,
+    /// Connected sync sessions.
+    pub sessions: usize,
 }
 
 impl Server {
@@ -91,9 +108,9 @@ impl Server {
 
         let state = Arc::new(AppState {
             config,
-            hub,
+            hub: Arc::clone(&hub),
             log_reader: reader::LogReader::new(info),
-            replication: status,
+            replication: Arc::clone(&status),
         });
         let app = api::router(state, shutdown_rx.clone());
         let mut http_shutdown = shutdown_rx;
@@ -109,7 +126,20 @@ impl Server {
             addr,
             shutdown,
             tasks,
+            status,
+            hub,
         })
+    }
+
+    pub fn capture_stats(&self) -> CaptureStats {
+        let report = self.status.counters();
+        CaptureStats {
+            changes: report.0,
+            transactions: report.1,
+            confirmed: report.2,
+            head: self.hub.head(),
+            sessions: self.hub.sessions(),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -86,6 +86,15 @@ impl ReplicationStatus {
         self.connected.load(Ordering::Relaxed) && self.since_last_event() < stall_after
     }
 
+    /// Captured changes, transactions and the confirmed position.
+    pub(crate) fn counters(&self) -> (u64, u64, Lsn) {
+        (
+            self.captured_changes.load(Ordering::Relaxed),
+            self.captured_txs.load(Ordering::Relaxed),
+            Lsn(self.confirmed.load(Ordering::Relaxed)),
+        )
+    }
+
     pub(crate) fn report(&self) -> StatusReport {
         StatusReport {
             connected: self.connected.load(Ordering::Relaxed),

@@ -37,7 +37,12 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let client = SyncClient::open(config).await?;
     let mut events = client.subscribe();
     tokio::spawn(async move {
-        while let Ok(event) = events.recv().await {
+        loop {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
             match event {
                 Event::Connected { head } => tracing::info!(%head, "connected"),
                 Event::CaughtUp { lsn } => tracing::info!(%lsn, "caught up"),
@@ -46,6 +51,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                     transactions,
                     changes,
                     lag_ms,
+                    ..
                 } => {
                     tracing::debug!(%lsn, transactions, changes, lag_ms, "applied")
                 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use pgrelay::{client_cmd, demo, serve_cmd, verify};
+use pgrelay::{bench, client_cmd, demo, serve_cmd, verify};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Run the whole pipeline on a private PostgreSQL: server, two clients, a writer, verify.
     Demo(demo::DemoArgs),
+    /// Measure capture, delivery latency, fan-out and idle memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 #[derive(Subcommand)]
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
                 }
             }
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(command) => bench::run(command).await,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));

@@ -5,20 +5,21 @@
 
 mod assemble;
 mod schema_change;
+mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use pgrelay_pg::{ConnInfo, ReplicationEvent, ReplicationStream, StreamOptions};
-use pgrelay_protocol::{Lsn, Transaction};
+use pgrelay_protocol::Lsn;
 use tokio::sync::watch;
 
-use crate::history::{self, LoggedTx};
+use crate::history;
 use crate::hub::{Frame, Hub};
 use crate::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
 use assemble::{Assembled, Assembler};
+use writer::{Batch, Writer};
 
 /// Changes gathered before the change log is written even if more are
 /// waiting; bounds memory and keeps latency low under load.
@@ -59,9 +60,9 @@ impl Replication {
     }
 
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ServerError> {
-        let mut db = pgrelay_pg::connect(&self.info).await?;
+        let db = pgrelay_pg::connect(&self.info).await?;
         let slot = pgrelay_pg::ensure_slot(&db, &self.config.slot).await?;
-        let mut logged = history::head(&db).await?;
+        let logged = history::head(&db).await?;
         self.republish_unannounced(&db, logged).await?;
         let opts = StreamOptions {
             slot: self.config.slot.clone(),
@@ -72,40 +73,67 @@ impl Replication {
         let mut stream = pgrelay_pg::open_stream(&self.info, &opts).await?;
         tracing::info!(slot = %self.config.slot, confirmed = %slot.confirmed_flush, log_head = %logged, "replication streaming");
         self.status.set_connected(slot.confirmed_flush);
+        let log_db = pgrelay_pg::connect(&self.info).await?;
+        let mut writer = Writer::start(
+            log_db,
+            Arc::clone(&self.hub),
+            Arc::clone(&self.status),
+            slot.confirmed_flush,
+        );
+        let result = self
+            .stream(&db, &mut stream, &mut writer, logged, shutdown)
+            .await;
+        match result {
+            Ok(()) => {
+                // Shutting down: let what was handed over commit first.
+                let durable = writer.durable.clone();
+                let finished = writer.finish().await;
+                stream.confirm(*durable.borrow());
+                stream.close().await;
+                finished
+            }
+            Err(e) => Err(e),
+        }
+    }
 
+    /// Decodes the stream into batches for the writer and confirms to the
+    /// slot what the writer reports durable. Returns on shutdown.
+    async fn stream(
+        &self,
+        db: &tokio_postgres::Client,
+        stream: &mut ReplicationStream,
+        writer: &mut Writer,
+        logged: Lsn,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
         let mut assembler = Assembler::new();
         let mut batch = Batch::default();
         loop {
-            let event = if batch.is_empty() {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => {
-                        stream.close().await;
-                        return Ok(());
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                changed = writer.durable.changed() => {
+                    if changed.is_err() {
+                        return Err(writer.failure().await);
                     }
-                    event = stream.recv() => event?,
+                    let durable = *writer.durable.borrow_and_update();
+                    stream.confirm(durable);
+                    self.status.set_confirmed(durable);
                 }
-            } else {
-                // Take what is already waiting; write the batch once the
-                // stream has nothing more at hand or the batch is full.
-                match stream.recv().now_or_never() {
-                    Some(event) if batch.changes < MAX_BATCH_CHANGES => event?,
-                    other => {
-                        self.flush(&mut db, &stream, &mut batch, &mut logged)
-                            .await?;
-                        match other {
-                            Some(event) => event?,
-                            None => continue,
-                        }
-                    }
+                event = stream.recv() => {
+                    let Some(event) = event? else {
+                        return Err(ServerError::Protocol("replication stream ended".to_owned()));
+                    };
+                    self.status.touch();
+                    self.handle(event, &mut assembler, &mut batch, db, stream, writer, logged)
+                        .await?;
                 }
-            };
-            let Some(event) = event else {
-                return Err(ServerError::Protocol("replication stream ended".to_owned()));
-            };
-            self.status.touch();
-            self.handle(event, &mut assembler, &mut batch, &db, &stream, logged)
-                .await?;
+            }
+            // Hand the batch over as soon as the writer is free; while it is
+            // busy, keep gathering up to the cap (adaptive batching).
+            if !batch.is_empty() && (writer.idle() || batch.changes >= MAX_BATCH_CHANGES) {
+                writer.send(std::mem::take(&mut batch)).await?;
+            }
         }
     }
 
@@ -129,6 +157,7 @@ impl Replication {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn handle(
         &self,
         event: ReplicationEvent,
@@ -136,6 +165,7 @@ impl Replication {
         batch: &mut Batch,
         db: &tokio_postgres::Client,
         stream: &ReplicationStream,
+        writer: &Writer,
         logged: Lsn,
     ) -> Result<(), ServerError> {
         let assembled = match event {
@@ -164,7 +194,7 @@ impl Replication {
                 // before this point is in the change log, so the slot may move
                 // on even when no published table changes (peer lesson: an
                 // idle slot must not hold WAL).
-                if batch.is_empty() && !assembler.in_transaction() {
+                if batch.is_empty() && writer.idle() && !assembler.in_transaction() {
                     stream.confirm(Lsn(wal_end.0));
                     self.status.set_confirmed(Lsn(wal_end.0));
                 }
@@ -184,15 +214,16 @@ impl Replication {
                 }
             }
             Assembled::Committed { tx, end_lsn } => {
+                tracing::trace!(lsn = %tx.lsn, since_commit_us = now_us() - tx.commit_time_us, "transaction received");
                 if tx.lsn <= logged || tx.changes.is_empty() {
                     tracing::trace!(lsn = %tx.lsn, %logged, "transaction already logged or empty");
                     // Already in the log (a replay after a crash) or nothing to
                     // log: only the position moves.
-                    if batch.is_empty() {
+                    if batch.is_empty() && writer.idle() {
                         stream.confirm(end_lsn);
                         self.status.set_confirmed(end_lsn);
                     } else {
-                        batch.end_lsn = end_lsn;
+                        batch.advance(end_lsn);
                     }
                 } else {
                     batch.push(tx, end_lsn, &self.hub);
@@ -201,75 +232,11 @@ impl Replication {
         }
         Ok(())
     }
-
-    async fn flush(
-        &self,
-        db: &mut tokio_postgres::Client,
-        stream: &ReplicationStream,
-        batch: &mut Batch,
-        logged: &mut Lsn,
-    ) -> Result<(), ServerError> {
-        let taken = std::mem::take(batch);
-        let entries: Vec<LoggedTx<'_>> = taken
-            .txs
-            .iter()
-            .map(|(tx, versions)| LoggedTx {
-                tx,
-                schema_versions: versions,
-            })
-            .collect();
-        history::append(db, &entries).await?;
-        tracing::debug!(txs = taken.txs.len(), changes = taken.changes, end = %taken.end_lsn, "change log committed");
-        if let Some((last, _)) = taken.txs.last() {
-            *logged = last.lsn;
-        }
-        // Durable now: the slot may release the WAL, then sessions may see it.
-        stream.confirm(taken.end_lsn);
-        self.status.set_confirmed(taken.end_lsn);
-        self.status
-            .add_captured(taken.changes as u64, taken.txs.len() as u64);
-        let mut frames = taken.frames;
-        frames.extend(taken.txs.iter().map(|(tx, _)| Frame::transaction(tx)));
-        frames.sort_by_key(|f| (f.lsn, f.is_tx));
-        self.hub.publish(frames);
-        Ok(())
-    }
 }
 
-/// Committed transactions waiting to be written to the change log together.
-#[derive(Default)]
-struct Batch {
-    txs: Vec<(Transaction, Vec<u32>)>,
-    /// Schema announcements, each ordered before the transaction it precedes.
-    frames: Vec<Frame>,
-    changes: usize,
-    /// Where the stream resumes after the last transaction of the batch.
-    end_lsn: Lsn,
-}
-
-impl Batch {
-    fn is_empty(&self) -> bool {
-        self.txs.is_empty() && self.frames.is_empty()
-    }
-
-    /// The LSN a schema frame arriving now is ordered by: just after what
-    /// is already in the batch.
-    fn next_lsn(&self) -> Lsn {
-        Lsn(self
-            .end_lsn
-            .0
-            .max(self.txs.last().map_or(0, |(t, _)| t.lsn.0)))
-    }
-
-    fn push(&mut self, tx: Transaction, end_lsn: Lsn, hub: &Hub) {
-        let schemas = hub.schemas();
-        let versions = tx
-            .changes
-            .iter()
-            .map(|c| schemas.get(&c.table).map_or(1, |s| s.version))
-            .collect();
-        self.changes += tx.changes.len();
-        self.end_lsn = end_lsn;
-        self.txs.push((tx, versions));
-    }
+/// Microseconds since the Unix epoch, for lag in trace logs.
+pub(crate) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }

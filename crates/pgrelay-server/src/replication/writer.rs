@@ -1,0 +1,177 @@
+//! Commits batches to the change log on its own connection while the
+//! replication loop keeps decoding the next batch, so PostgreSQL's
+//! decoding and the log's inserts run side by side. Batches are committed,
+//! published and reported durable strictly in order.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pgrelay_protocol::{Lsn, Transaction};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::encoded::EncodedTx;
+use crate::history::{self, LoggedTx};
+use crate::hub::{Frame, Hub};
+use crate::status::ReplicationStatus;
+use crate::ServerError;
+
+/// Committed transactions waiting to be written to the change log together.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub(super) txs: Vec<(Transaction, Vec<u32>)>,
+    /// Schema announcements, each ordered before the transaction it precedes.
+    pub(super) frames: Vec<Frame>,
+    pub(super) changes: usize,
+    /// Where the stream resumes after the last transaction of the batch.
+    pub(super) end_lsn: Lsn,
+    /// Only the stream position moved (skipped or empty transactions).
+    pub(super) position_only: bool,
+}
+
+impl Batch {
+    /// Whether nothing waits to be written or confirmed.
+    pub(super) fn is_empty(&self) -> bool {
+        self.txs.is_empty() && self.frames.is_empty() && !self.position_only
+    }
+
+    /// The LSN a schema frame arriving now is ordered by: just after what
+    /// is already in the batch.
+    pub(super) fn next_lsn(&self) -> Lsn {
+        Lsn(self
+            .end_lsn
+            .0
+            .max(self.txs.last().map_or(0, |(t, _)| t.lsn.0)))
+    }
+
+    pub(super) fn push(&mut self, tx: Transaction, end_lsn: Lsn, hub: &Hub) {
+        let schemas = hub.schemas();
+        let versions = tx
+            .changes
+            .iter()
+            .map(|c| schemas.get(&c.table).map_or(1, |s| s.version))
+            .collect();
+        self.changes += tx.changes.len();
+        self.end_lsn = end_lsn;
+        self.txs.push((tx, versions));
+    }
+
+    pub(super) fn advance(&mut self, end_lsn: Lsn) {
+        self.end_lsn = self.end_lsn.max(end_lsn);
+        self.position_only = true;
+    }
+}
+
+/// The replication loop's side of the writer.
+pub(super) struct Writer {
+    batches: mpsc::Sender<Batch>,
+    /// Batches handed over and not yet committed.
+    in_flight: Arc<AtomicUsize>,
+    /// The newest position whose changes are all committed to the log.
+    pub(super) durable: watch::Receiver<Lsn>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Writer {
+    pub(super) fn start(
+        db: tokio_postgres::Client,
+        hub: Arc<Hub>,
+        status: Arc<ReplicationStatus>,
+        start: Lsn,
+    ) -> Writer {
+        // One batch committing and one queued: the loop accumulates the
+        // next while both are busy, so memory stays bounded by the batch cap.
+        let (batches, rx) = mpsc::channel(1);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (durable_tx, durable) = watch::channel(start);
+        let task = tokio::spawn(commit_loop(
+            db,
+            rx,
+            Arc::clone(&in_flight),
+            durable_tx,
+            hub,
+            status,
+        ));
+        Writer {
+            batches,
+            in_flight,
+            durable,
+            task,
+        }
+    }
+
+    /// Whether every batch handed over is committed.
+    pub(super) fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Hands a batch over, waiting while one is already queued.
+    pub(super) async fn send(&mut self, batch: Batch) -> Result<(), ServerError> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.batches.send(batch).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    /// The error that stopped the writer.
+    pub(super) async fn failure(&mut self) -> ServerError {
+        match (&mut self.task).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => ServerError::Protocol("the change-log writer stopped".to_owned()),
+            Err(e) => ServerError::Protocol(format!("the change-log writer panicked: {e}")),
+        }
+    }
+
+    /// Commits what was handed over, then stops.
+    pub(super) async fn finish(self) -> Result<(), ServerError> {
+        drop(self.batches);
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(ServerError::Protocol(format!(
+                "the change-log writer panicked: {e}"
+            ))),
+        }
+    }
+}
+
+async fn commit_loop(
+    mut db: tokio_postgres::Client,
+    mut batches: mpsc::Receiver<Batch>,
+    in_flight: Arc<AtomicUsize>,
+    durable: watch::Sender<Lsn>,
+    hub: Arc<Hub>,
+    status: Arc<ReplicationStatus>,
+) -> Result<(), ServerError> {
+    while let Some(batch) = batches.recv().await {
+        let txs: Vec<(EncodedTx, Vec<u32>)> = batch
+            .txs
+            .into_iter()
+            .map(|(tx, versions)| (EncodedTx::new(tx), versions))
+            .collect();
+        if !txs.is_empty() {
+            let entries: Vec<LoggedTx<'_>> = txs
+                .iter()
+                .map(|(tx, versions)| LoggedTx {
+                    tx,
+                    schema_versions: versions,
+                })
+                .collect();
+            history::append(&mut db, &entries).await?;
+            tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
+            status.add_captured(batch.changes as u64, txs.len() as u64);
+        }
+        let mut frames = batch.frames;
+        frames.extend(txs.iter().map(|(tx, _)| Frame::encoded(tx)));
+        frames.sort_by_key(|f| (f.lsn, f.is_tx));
+        if let Some((last, _)) = txs.last() {
+            tracing::trace!(lsn = %last.lsn, since_commit_us = super::now_us() - last.commit_time_us, "transaction published");
+        }
+        hub.publish(frames);
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        // Durable now: the loop confirms it to the slot. Always notify, so a
+        // loop holding a batch until the writer is idle wakes up.
+        durable.send_modify(|lsn| *lsn = (*lsn).max(batch.end_lsn));
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Many real clients in this process, each with its own SQLite replica,
+//! with counters a bench can watch and, optionally, every transaction's
+//! PostgreSQL-commit → SQLite-commit latency.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgrelay_client::{ClientConfig, Event, Replica, SyncClient};
+use pgrelay_protocol::Lsn;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+struct Member {
+    replica: Replica,
+    lsn: Arc<AtomicU64>,
+    caught_up: Arc<AtomicBool>,
+}
+
+pub(crate) struct Fleet {
+    members: Vec<Member>,
+    stop: watch::Sender<bool>,
+    runs: JoinSet<Result<(), pgrelay_client::ClientError>>,
+    watchers: JoinSet<Vec<u32>>,
+    /// Changes applied to replicas, summed over clients.
+    pub(crate) applied_changes: Arc<AtomicU64>,
+    /// Applied events a watcher missed because it fell behind (its latency
+    /// samples are lost, not its data: completeness is checked on replicas).
+    pub(crate) missed_events: Arc<AtomicU64>,
+}
+
+impl Fleet {
+    /// Starts `count` clients of the server at `addr`, replicas in `dir`.
+    pub(crate) async fn start(
+        addr: std::net::SocketAddr,
+        count: usize,
+        dir: &Path,
+        record_latency: bool,
+    ) -> anyhow::Result<Fleet> {
+        let (stop, stopped) = watch::channel(false);
+        let mut fleet = Fleet {
+            members: Vec::with_capacity(count),
+            stop,
+            runs: JoinSet::new(),
+            watchers: JoinSet::new(),
+            applied_changes: Arc::new(AtomicU64::new(0)),
+            missed_events: Arc::new(AtomicU64::new(0)),
+        };
+        for i in 0..count {
+            let mut config = ClientConfig::new(
+                format!("ws://{addr}"),
+                dir.join(format!("replica-{i}.sqlite")),
+            );
+            config.client_id = Some(format!("bench-{i}"));
+            config.backoff_base = Duration::from_millis(100);
+            config.backoff_cap = Duration::from_secs(2);
+            let client = Arc::new(SyncClient::open(config).await?);
+            let member = Member {
+                replica: client.replica().clone(),
+                lsn: Arc::new(AtomicU64::new(0)),
+                caught_up: Arc::new(AtomicBool::new(false)),
+            };
+            let mut events = client.subscribe();
+            let (lsn, caught_up) = (Arc::clone(&member.lsn), Arc::clone(&member.caught_up));
+            let (applied, missed) = (
+                Arc::clone(&fleet.applied_changes),
+                Arc::clone(&fleet.missed_events),
+            );
+            fleet.watchers.spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Applied {
+                            lsn: reached,
+                            changes,
+                            commit_times_us,
+                            applied_at_us,
+                            ..
+                        }) => {
+                            lsn.store(reached.0, Ordering::Relaxed);
+                            applied.fetch_add(changes as u64, Ordering::Relaxed);
+                            if record_latency {
+                                latencies.extend(commit_times_us.iter().map(|c| {
+                                    u32::try_from((applied_at_us - c).max(0)).unwrap_or(u32::MAX)
+                                }));
+                            }
+                        }
+                        Ok(Event::CaughtUp { lsn: reached }) => {
+                            lsn.fetch_max(reached.0, Ordering::Relaxed);
+                            caught_up.store(true, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => {
+                            missed.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(RecvError::Closed) => return latencies,
+                    }
+                }
+            });
+            let stopped = stopped.clone();
+            fleet.runs.spawn(async move { client.run(stopped).await });
+            fleet.members.push(member);
+        }
+        Ok(fleet)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Waits until every client has caught up with the server once.
+    pub(crate) async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_until(timeout, "every client to connect and catch up", |m| {
+            m.caught_up.load(Ordering::Relaxed)
+        })
+        .await
+    }
+
+    /// Waits until every replica has applied everything up to `head`.
+    pub(crate) async fn wait_at(&self, head: Lsn, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_until(timeout, &format!("every replica to reach {head}"), |m| {
+            m.lsn.load(Ordering::Relaxed) >= head.0
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Member) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let behind = self.members.iter().filter(|m| !done(m)).count();
+            if behind == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}: {behind} of {} still waiting",
+                self.members.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rows of `table` in each replica.
+    pub(crate) async fn row_counts(&self, table: &str) -> anyhow::Result<Vec<i64>> {
+        let mut counts = Vec::with_capacity(self.members.len());
+        for member in &self.members {
+            let status = member.replica.status().await?;
+            let rows = status
+                .tables
+                .iter()
+                .find(|t| t.table == table)
+                .and_then(|t| t.rows)
+                .unwrap_or(0);
+            counts.push(rows);
+        }
+        Ok(counts)
+    }
+
+    /// Stops every client; returns all recorded latencies in microseconds.
+    pub(crate) async fn stop(mut self) -> anyhow::Result<Vec<u32>> {
+        let _ = self.stop.send(true);
+        while let Some(joined) = self.runs.join_next().await {
+            joined??;
+        }
+        drop(self.members);
+        let mut all = Vec::new();
+        while let Some(joined) = self.watchers.join_next().await {
+            all.extend(joined?);
+        }
+        Ok(all)
+    }
+}
+
+/// Percentile `p` (0..=100) of sorted samples.
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles_of_sorted_samples() {
+        let samples: Vec<u32> = (1..=100).collect();
+        assert_eq!(super::percentile(&samples, 0.0), 1);
+        assert_eq!(super::percentile(&samples, 50.0), 51);
+        assert_eq!(super::percentile(&samples, 100.0), 100);
+        assert_eq!(super::percentile(&[], 99.0), 0);
+    }
+}

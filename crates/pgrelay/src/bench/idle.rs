@@ -1,0 +1,258 @@
+//! `bench idle`: the resident memory a `pgrelay serve` process spends per
+//! idle, handshaken WebSocket connection. The server runs as its own
+//! process so the clients' memory is not counted.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use pgrelay_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::report::{thousands, Figure, Report, Series};
+use super::{machine, BenchDb, CommonArgs};
+
+const TABLE: &str = "public.bench_idle";
+/// Handshakes in flight at once while connecting.
+const CONNECTING: usize = 64;
+
+#[derive(Args, Debug, Clone)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Idle connections to hold open.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+}
+
+pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.connections >= 10, "--connections must be at least 10");
+    // Each connection is a socket here and one in the server (which inherits
+    // this limit).
+    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open files limit")?;
+    anyhow::ensure!(
+        limit >= (args.connections as u64) + 256,
+        "the open files limit is {limit}; {} connections need more (raise the hard limit: ulimit -Hn)",
+        args.connections
+    );
+    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
+    let db = env.connect().await?;
+    db.batch_execute(
+        "CREATE TABLE public.bench_idle (id bigint PRIMARY KEY, body text);
+         INSERT INTO public.bench_idle SELECT g, 'row ' || g FROM generate_series(1, 100) g;",
+    )
+    .await?;
+    let (mut child, addr) = spawn_server(env.url()).await?;
+    let pid = child.id().context("the server process has no pid")?;
+
+    let (stop, stopped) = watch::channel(false);
+    let ready = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(CONNECTING));
+    let mut sockets = JoinSet::new();
+    // The first tenth warms the server up (runtime threads, allocator
+    // arenas, buffers); the cost per connection is measured after it.
+    let warmup = (args.connections / 10).max(1);
+    let mut samples = vec![(0.0, rss_bytes(pid)? as f64 / 1_048_576.0)];
+    let mut baseline = None;
+    let started = Instant::now();
+    for i in 0..args.connections {
+        let permit = Arc::clone(&gate).acquire_owned().await?;
+        sockets.spawn(hold_connection(
+            format!("ws://{addr}/api/sync"),
+            format!("idle-{i}"),
+            Arc::clone(&ready),
+            stopped.clone(),
+            permit,
+        ));
+        let opened = i + 1;
+        if opened == warmup || opened.is_multiple_of(1000) || opened == args.connections {
+            wait_ready(&ready, opened, &mut sockets).await?;
+            let rss = rss_bytes(pid)?;
+            samples.push((opened as f64, rss as f64 / 1_048_576.0));
+            if opened == warmup {
+                baseline = Some(rss);
+            }
+            if opened.is_multiple_of(1000) {
+                eprintln!("  {opened} connections: server RSS {} MiB", rss / 1_048_576);
+            }
+        }
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    let total_rss = rss_bytes(pid)?;
+    let baseline = baseline.unwrap_or(total_rss);
+    let measured = (args.connections - warmup).max(1);
+    let per_connection = total_rss.saturating_sub(baseline) as f64 / measured as f64;
+    let _ = stop.send(true);
+    while sockets.join_next().await.is_some() {}
+    let _ = child.kill().await;
+
+    let mut report = Report::new(
+        "idle",
+        format!(
+            "idle: {} handshaken WebSocket connections to one `pgrelay serve`",
+            args.connections
+        ),
+    );
+    report.line("connections open", thousands(args.connections as f64));
+    report.line("connected in", format!("{connect_secs:.1} s"));
+    report.line(
+        "server RSS",
+        format!(
+            "{:.1} MiB (after {warmup} warm-up connections: {:.1} MiB)",
+            total_rss as f64 / 1_048_576.0,
+            baseline as f64 / 1_048_576.0
+        ),
+    );
+    report.line(
+        "RSS per idle connection",
+        format!(
+            "{} bytes ({:.2} KiB)",
+            thousands(per_connection),
+            per_connection / 1024.0
+        ),
+    );
+    report.target(
+        "idle ≤ 8 KiB per connection",
+        per_connection <= 8.0 * 1024.0,
+    );
+    report.set("machine", machine(&db).await);
+    report.set(
+        "results",
+        json!({
+            "connections": args.connections, "warmup_connections": warmup,
+            "server_rss_bytes": total_rss, "baseline_rss_bytes": baseline,
+            "bytes_per_connection": per_connection, "connect_seconds": connect_secs,
+        }),
+    );
+    report.figure = Some(Figure {
+        title: format!(
+            "server memory with idle connections (up to {})",
+            args.connections
+        ),
+        x_label: "idle connections".into(),
+        y_label: "server RSS (MiB)".into(),
+        series: vec![Series {
+            name: "pgrelay serve RSS".into(),
+            points: samples,
+        }],
+    });
+    drop(db);
+    env.close().await?;
+    Ok(report)
+}
+
+async fn spawn_server(url: &str) -> anyhow::Result<(tokio::process::Child, String)> {
+    let exe = std::env::current_exe().context("finding the pgrelay binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
+        .args(["--slot", "bench_idle", "--tables", TABLE])
+        .env("PGRELAY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting pgrelay serve")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                return Ok::<_, anyhow::Error>(rest.trim().trim_start_matches("ws://").to_owned());
+            }
+        }
+        anyhow::bail!("pgrelay serve exited before listening")
+    })
+    .await
+    .context("waiting for pgrelay serve to listen")??;
+    Ok((child, addr))
+}
+
+/// Connects, handshakes, reads to `caught_up`, then stays idle (answering
+/// the server's pings) until told to stop.
+async fn hold_connection(
+    url: String,
+    client_id: String,
+    ready: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    let hello = ClientMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_id,
+        token: None,
+        last_lsn: None,
+    };
+    socket
+        .send(Message::Text(serde_json::to_string(&hello)?.into()))
+        .await?;
+    loop {
+        let message = socket
+            .next()
+            .await
+            .context("closed during the handshake")??;
+        if let Message::Text(text) = message {
+            match serde_json::from_str::<ServerMessage>(&text)? {
+                ServerMessage::CaughtUp { .. } => break,
+                ServerMessage::Error { code, message } => {
+                    anyhow::bail!("refused: {code:?} {message}")
+                }
+                _ => {}
+            }
+        }
+    }
+    drop(permit);
+    ready.fetch_add(1, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return Ok(()),
+            message = socket.next() => match message {
+                Some(Ok(_)) => {}
+                _ => anyhow::bail!("the server closed an idle connection"),
+            },
+        }
+    }
+}
+
+/// Waits until `count` connections are handshaken; fails if one failed.
+async fn wait_ready(
+    ready: &AtomicUsize,
+    count: usize,
+    sockets: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ready.load(Ordering::Relaxed) < count {
+        if let Some(Some(joined)) = futures_util::FutureExt::now_or_never(sockets.join_next()) {
+            joined??;
+            anyhow::bail!("a connection ended early");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {count} connections handshaken",
+            ready.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Resident set size of a process, from /proc.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmRSS in /proc status")?;
+    Ok(kib * 1024)
+}

@@ -1,0 +1,246 @@
+//! `bench latency`: a writer commits single-row transactions at a fixed
+//! rate while many real clients apply them; measures PostgreSQL commit →
+//! client SQLite commit per transaction per client, and checks that every
+//! client received every transaction.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use pgrelay_pg::TableFilter;
+use pgrelay_server::{Server, ServerConfig};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::fleet::{percentile, Fleet};
+use super::report::{thousands, Figure, Report, Series};
+use super::{machine, BenchDb, CommonArgs};
+
+const TABLE: &str = "public.bench_events";
+/// Connections the writer spreads its transactions over, so one commit's
+/// fsync does not hold up the next.
+const WRITER_CONNECTIONS: usize = 8;
+
+#[derive(Args, Debug, Clone)]
+pub struct LatencyArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Clients, each with its own SQLite replica.
+    #[arg(long, default_value_t = 1_000)]
+    pub clients: usize,
+    /// Transactions per second the writer commits.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// How long the writer writes.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+}
+
+pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        args.clients > 0 && args.rate > 0,
+        "--clients and --rate must be positive"
+    );
+    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
+    let db = env.connect().await?;
+    db.batch_execute(
+        "CREATE TABLE public.bench_events (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let mut config = ServerConfig::new(env.url());
+    config.listen = "127.0.0.1:0".parse()?;
+    config.slot = "bench_latency".to_owned();
+    config.tables = TableFilter::Only(vec![TABLE.to_owned()]);
+    let server = Server::start(config).await?;
+    let dir = tempfile::tempdir()?;
+    eprintln!("  starting {} clients ...", args.clients);
+    let fleet = Fleet::start(server.local_addr(), args.clients, dir.path(), true).await?;
+    fleet.wait_connected(Duration::from_secs(300)).await?;
+
+    eprintln!("  writing {} tx/s for {:?} ...", args.rate, args.duration);
+    let written = write_at_rate(env.url(), args.rate, args.duration, &fleet).await?;
+
+    let captured = wait_captured(&server, written).await?;
+    let head = server.capture_stats().head;
+    fleet.wait_at(head, Duration::from_secs(600)).await?;
+    let counts = fleet.row_counts(TABLE).await?;
+    let missed_events = fleet
+        .missed_events
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let clients = fleet.len();
+    let mut latencies = fleet.stop().await?;
+    server.shutdown().await?;
+    latencies.sort_unstable();
+
+    let short: Vec<(usize, i64)> = counts
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, c)| c != written as i64)
+        .collect();
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    let (p50, p95, p99, max) = (
+        ms(percentile(&latencies, 50.0)),
+        ms(percentile(&latencies, 95.0)),
+        ms(percentile(&latencies, 99.0)),
+        ms(latencies.last().copied().unwrap_or(0)),
+    );
+    let mut report = Report::new(
+        "latency",
+        format!(
+            "latency: {} clients, {} tx/s for {:?} (PostgreSQL commit → client SQLite commit)",
+            args.clients, args.rate, args.duration
+        ),
+    );
+    report.line("transactions written", thousands(written as f64));
+    report.line(
+        "achieved write rate",
+        format!(
+            "{} tx/s",
+            thousands(written as f64 / args.duration.as_secs_f64())
+        ),
+    );
+    report.line(
+        "deliveries measured",
+        format!(
+            "{} of {} ({} events skipped by the bench's own watcher)",
+            thousands(latencies.len() as f64),
+            thousands((written as usize * clients) as f64),
+            missed_events
+        ),
+    );
+    report.line("p50", format!("{p50:.2} ms"));
+    report.line("p95", format!("{p95:.2} ms"));
+    report.line("p99", format!("{p99:.2} ms"));
+    report.line("max", format!("{max:.2} ms"));
+    report.line(
+        "every client has every transaction",
+        if short.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO: {} clients short", short.len())
+        },
+    );
+    report.target("p50 ≤ 5 ms", p50 <= 5.0);
+    report.target("p99 ≤ 30 ms", p99 <= 30.0);
+    if !short.is_empty() || captured != written {
+        report.failure = Some(format!(
+            "{} of {clients} replicas do not hold all {written} transactions (e.g. client {:?}); change log captured {captured}",
+            short.len(),
+            short.first()
+        ));
+    }
+    report.set("machine", machine(&db).await);
+    report.set(
+        "results",
+        json!({
+            "clients": clients, "rate": args.rate, "duration_seconds": args.duration.as_secs_f64(),
+            "written": written, "samples": latencies.len(), "missed_events": missed_events,
+            "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max,
+            "complete": short.is_empty(),
+        }),
+    );
+    report.figure = Some(Figure {
+        title: format!(
+            "latency CDF, {} clients at {} tx/s",
+            args.clients, args.rate
+        ),
+        x_label: "ms from PostgreSQL commit to client SQLite commit".into(),
+        y_label: "fraction of deliveries".into(),
+        series: vec![Series {
+            name: "deliveries".into(),
+            points: cdf(&latencies),
+        }],
+    });
+    drop(db);
+    env.close().await?;
+    Ok(report)
+}
+
+/// Commits `rate` single-row transactions per second for `duration`;
+/// returns how many committed.
+async fn write_at_rate(
+    url: &str,
+    rate: u64,
+    duration: Duration,
+    fleet: &Fleet,
+) -> anyhow::Result<u64> {
+    let mut senders = Vec::new();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..WRITER_CONNECTIONS {
+        let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let statement = db
+            .prepare("INSERT INTO public.bench_events (payload) VALUES ($1)")
+            .await?;
+        let (tx, mut rx) = mpsc::channel::<u64>(1024);
+        senders.push(tx);
+        writers.spawn(async move {
+            let mut done = 0u64;
+            while let Some(i) = rx.recv().await {
+                db.execute(&statement, &[&format!("event {i}")]).await?;
+                done += 1;
+            }
+            Ok::<u64, tokio_postgres::Error>(done)
+        });
+    }
+    let started = Instant::now();
+    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let period = 1.0 / rate as f64;
+    let mut next_progress = started + Duration::from_secs(5);
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 * period);
+        tokio::time::sleep_until(due.into()).await;
+        let sender = &senders[(i as usize) % senders.len()];
+        if sender.send(i).await.is_err() {
+            break;
+        }
+        if Instant::now() >= next_progress {
+            eprintln!(
+                "  {:>4.0}s: {} tx written, {} deliveries applied",
+                started.elapsed().as_secs_f64(),
+                i,
+                fleet
+                    .applied_changes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            );
+            next_progress += Duration::from_secs(5);
+        }
+    }
+    drop(senders);
+    let mut written = 0;
+    while let Some(joined) = writers.join_next().await {
+        written += joined??;
+    }
+    Ok(written)
+}
+
+/// Waits until the server's change log holds `expected` changes.
+pub(crate) async fn wait_captured(server: &Server, expected: u64) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let changes = server.capture_stats().changes;
+        if changes >= expected {
+            return Ok(changes);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the server captured only {changes} of {expected} changes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Up to 500 points of the empirical CDF, in milliseconds.
+fn cdf(sorted: &[u32]) -> Vec<(f64, f64)> {
+    if sorted.is_empty() {
+        return Vec::new();
+    }
+    let steps = 500.min(sorted.len());
+    (0..=steps)
+        .map(|s| {
+            let q = s as f64 / steps as f64;
+            let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+            (f64::from(sorted[idx]) / 1000.0, q)
+        })
+        .collect()
+}

@@ -1,0 +1,131 @@
+//! `pgrelay bench`: measures capture against PostgreSQL's own decoder,
+//! delivery latency, fan-out and the memory of idle connections, each in
+//! one run on a fresh database, printing a table, and optionally writing
+//! JSON and an SVG figure.
+
+mod capture;
+mod fanout;
+mod fleet;
+mod idle;
+mod latency;
+mod plot;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use pgrelay_testkit::{PrivateCluster, TestDatabase};
+
+pub use report::Report;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Capture throughput: pgrelay into its change log vs pg_recvlogical to /dev/null.
+    Capture(capture::CaptureArgs),
+    /// PostgreSQL commit → client SQLite commit latency with many clients.
+    Latency(latency::LatencyArgs),
+    /// Aggregate row deliveries per second to many client replicas.
+    Fanout(fanout::FanoutArgs),
+    /// Server memory per idle, handshaken WebSocket connection.
+    Idle(idle::IdleArgs),
+}
+
+/// Options every bench takes.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// A PostgreSQL server with wal_level=logical; the bench creates and drops
+    /// its own database there. Default: a private PostgreSQL, as the demo.
+    #[arg(long, env = "PGRELAY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also draw the bench's figure to this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    let (common, report) = match command {
+        BenchCommand::Capture(args) => (args.common.clone(), capture::run(args).await?),
+        BenchCommand::Latency(args) => (args.common.clone(), latency::run(args).await?),
+        BenchCommand::Fanout(args) => (args.common.clone(), fanout::run(args).await?),
+        BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
+    };
+    print!("{}", report.render_table());
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report.to_json())?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("results written to {}", path.display());
+    }
+    if let Some(path) = &common.plot {
+        plot::draw(&report, path).with_context(|| format!("drawing {}", path.display()))?;
+        println!("figure written to {}", path.display());
+    }
+    report.verdict()
+}
+
+/// The database a bench runs in: fresh, on the given server or on a private
+/// cluster started for the run; dropped (with its slots) at the end.
+pub(crate) struct BenchDb {
+    pub(crate) db: TestDatabase,
+    /// Declared after `db` so the database is dropped before the cluster stops.
+    _cluster: Option<PrivateCluster>,
+}
+
+impl BenchDb {
+    pub(crate) async fn open(database_url: Option<&str>) -> anyhow::Result<BenchDb> {
+        let (admin, cluster) = match database_url {
+            Some(url) => (url.to_owned(), None),
+            None => {
+                eprintln!("starting a private PostgreSQL with wal_level=logical ...");
+                let cluster = tokio::task::spawn_blocking(PrivateCluster::start).await??;
+                (cluster.admin_url(), Some(cluster))
+            }
+        };
+        let db = TestDatabase::create_on(&admin)
+            .await
+            .context("creating the bench database")?;
+        Ok(BenchDb {
+            db,
+            _cluster: cluster,
+        })
+    }
+
+    pub(crate) async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
+        Ok(self.db.connect().await?)
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        self.db.url()
+    }
+
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
+        self.db.drop_database().await?;
+        Ok(())
+    }
+}
+
+/// PostgreSQL's `pg_current_wal_lsn()`.
+pub(crate) async fn current_wal_lsn(
+    db: &tokio_postgres::Client,
+) -> anyhow::Result<pgrelay_protocol::Lsn> {
+    let row = db.query_one("SELECT pg_current_wal_lsn()", &[]).await?;
+    Ok(pgrelay_protocol::Lsn(u64::from(
+        row.get::<_, tokio_postgres::types::PgLsn>(0),
+    )))
+}
+
+/// What a bench reports about where it ran.
+pub(crate) async fn machine(db: &tokio_postgres::Client) -> serde_json::Value {
+    let pg = match db.query_one("SHOW server_version", &[]).await {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => String::from("unknown"),
+    };
+    serde_json::json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "postgres": pg,
+        "pgrelay": env!("CARGO_PKG_VERSION"),
+    })
+}
