@@ -1,0 +1,92 @@
+//! Smoke runs of every `pgrelay bench` with tiny sizes, so the benchmark
+//! code cannot rot: each must finish, report complete delivery and write
+//! its JSON and SVG. No timing is asserted.
+
+use std::process::Command;
+
+use crate::support::BIN;
+
+fn run_bench(args: &[&str]) -> serde_json::Value {
+    let admin = pgrelay_testkit::test_server_admin_url().expect("a PostgreSQL for tests");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let svg = dir.path().join("out.svg");
+    let output = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--database-url")
+        .arg(&admin)
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .env("PGRELAY_LOG", "warn")
+        .output()
+        .expect("running pgrelay bench");
+    assert!(
+        output.status.success(),
+        "pgrelay bench {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figure = std::fs::read_to_string(&svg).expect("the SVG figure");
+    assert!(
+        figure.starts_with("<svg") && figure.contains("<polyline"),
+        "an SVG with a line"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON results")).unwrap();
+    assert_eq!(report["failure"], serde_json::Value::Null);
+    report
+}
+
+#[test]
+fn capture_bench_runs_and_logs_every_row() {
+    let report = run_bench(&["capture", "--rows", "3000", "--tx-size", "250"]);
+    let results = &report["results"];
+    assert!(results["recvlogical_rows_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(results["pgrelay_rows_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(results["change_log_wal_bytes_per_change"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn latency_bench_delivers_every_transaction_to_every_client() {
+    let report = run_bench(&[
+        "latency",
+        "--clients",
+        "5",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["complete"], true);
+    assert_eq!(results["written"], 100);
+    assert_eq!(
+        results["samples"], 500,
+        "one latency sample per transaction per client"
+    );
+}
+
+#[test]
+fn fanout_bench_delivers_every_row_to_every_client() {
+    let report = run_bench(&[
+        "fanout",
+        "--clients",
+        "4",
+        "--rows",
+        "2000",
+        "--tx-size",
+        "500",
+    ]);
+    assert_eq!(report["results"]["complete"], true);
+    assert_eq!(report["results"]["deliveries"], 8000);
+}
+
+#[test]
+fn idle_bench_measures_memory_per_connection() {
+    let report = run_bench(&["idle", "--connections", "200"]);
+    assert!(report["results"]["bytes_per_connection"].as_f64().is_some());
+    assert_eq!(report["results"]["connections"], 200);
+}
