@@ -28,12 +28,13 @@ pub(crate) async fn connect_and_sync(
     welcomed: &mut bool,
 ) -> Result<Outcome, ClientError> {
     let url = config.sync_url();
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .map_err(|e| ClientError::Connect {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config()), false)
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
     let state = replica.state().await?;
     let client_id = state.client_id.clone().unwrap_or_default();
     let hello = ClientMessage::Hello {
@@ -123,6 +124,18 @@ pub(crate) async fn connect_and_sync(
     }
 }
 
+/// tungstenite zero-fills its whole read buffer before every read (128 KiB
+/// by default); a smaller one costs less per frame, and grows for big frames.
+fn socket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+}
+
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// How the server starts every transaction frame (the tag comes first).
+const TX_PREFIX: &[u8] = br#"{"type":"tx","#;
+
 fn decode(message: Message) -> Result<Option<ServerMessage>, ClientError> {
     let bytes = match &message {
         Message::Text(text) => text.as_bytes(),
@@ -138,7 +151,14 @@ fn decode(message: Message) -> Result<Option<ServerMessage>, ClientError> {
         }
         _ => return Ok(None),
     };
-    serde_json::from_slice(bytes)
+    let decoded = if bytes.starts_with(TX_PREFIX) {
+        // Nearly every frame is a transaction: decode it directly instead of
+        // through the tagged enum, which buffers the whole frame first.
+        serde_json::from_slice::<Transaction>(bytes).map(ServerMessage::Tx)
+    } else {
+        serde_json::from_slice(bytes)
+    };
+    decoded
         .map(Some)
         .map_err(|e| ClientError::Protocol(format!("bad message from the server: {e}")))
 }
@@ -178,4 +198,35 @@ pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
     let jitter = rand::random::<f64>();
     exp.mul_f64(0.5 + jitter / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use pgrelay_protocol::{Change, Lsn, Op, ServerMessage, Transaction};
+    use tokio_tungstenite::tungstenite::Message;
+
+    #[test]
+    fn transaction_fast_path_decodes_like_the_enum() {
+        let tx = Transaction {
+            lsn: Lsn(42),
+            xid: 9,
+            commit_time_us: 1,
+            origin: None,
+            changes: vec![Change {
+                table: "public.t".to_owned(),
+                op: Op::Delete,
+                new: None,
+                old: Some([("id".to_owned(), Some("1".to_owned()))].into()),
+            }],
+        };
+        let text = serde_json::to_string(&ServerMessage::Tx(tx.clone())).unwrap();
+        assert!(text.as_bytes().starts_with(super::TX_PREFIX));
+        let decoded = super::decode(Message::Text(text.into())).unwrap();
+        assert_eq!(decoded, Some(ServerMessage::Tx(tx)));
+        let other = serde_json::to_string(&ServerMessage::CaughtUp { lsn: Lsn(42) }).unwrap();
+        assert_eq!(
+            super::decode(Message::Text(other.into())).unwrap(),
+            Some(ServerMessage::CaughtUp { lsn: Lsn(42) })
+        );
+    }
 }

@@ -118,15 +118,13 @@ pub(crate) struct LoggedTx<'a> {
     pub(crate) schema_versions: &'a [u32],
 }
 
-/// Appends whole transactions to the log in one PostgreSQL transaction.
-/// Callers pass only transactions newer than the log's head, so a replay
-/// after a crash inserts nothing twice (and the primary key would refuse it).
-pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<(), ServerError> {
-    let db_tx = client
-        .transaction()
-        .await
-        .map_err(ServerError::sql("opening a change-log transaction"))?;
-    let sink = db_tx
+/// Appends whole transactions to the log atomically: one COPY statement,
+/// which in autocommit is its own transaction (two round trips, no
+/// BEGIN/COMMIT). Callers pass only transactions newer than the log's head,
+/// so a replay after a crash inserts nothing twice (and the primary key
+/// would refuse it).
+pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), ServerError> {
+    let sink = client
         .copy_in(
             "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
              transaction_id, commit_time, origin_client, schema_version) FROM STDIN BINARY",
@@ -183,11 +181,8 @@ pub(crate) async fn append(client: &mut Client, txs: &[LoggedTx<'_>]) -> Result<
     writer
         .finish()
         .await
-        .map_err(ServerError::sql("finishing COPY into the change log"))?;
-    db_tx
-        .commit()
-        .await
-        .map_err(ServerError::sql("committing to the change log"))
+        .map_err(ServerError::sql("committing to the change log"))?;
+    Ok(())
 }
 
 /// Reads whole transactions with commit LSN after `after`, oldest first:

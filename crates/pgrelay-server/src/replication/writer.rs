@@ -136,7 +136,7 @@ impl Writer {
 }
 
 async fn commit_loop(
-    mut db: tokio_postgres::Client,
+    db: tokio_postgres::Client,
     mut batches: mpsc::Receiver<Batch>,
     in_flight: Arc<AtomicUsize>,
     durable: watch::Sender<Lsn>,
@@ -157,7 +157,7 @@ async fn commit_loop(
                     schema_versions: versions,
                 })
                 .collect();
-            history::append(&mut db, &entries).await?;
+            history::append(&db, &entries).await?;
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
             status.add_captured(batch.changes as u64, txs.len() as u64);
         }
