@@ -9,3 +9,4 @@ mod crash;
 mod pipeline;
 mod slot;
 mod types;
+mod writes;
