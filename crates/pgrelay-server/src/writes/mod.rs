@@ -112,10 +112,10 @@ impl Writer {
                 // The connection may be mid-transaction: close it rather
                 // than hand it to the next batch.
                 drop(conn);
-                Err(ServerError::Sql {
-                    context: format!("applying a write batch of {client_id}"),
-                    source,
-                })
+                Err(ServerError::Protocol(format!(
+                    "applying a write batch of {client_id}: {}",
+                    describe(&source)
+                )))
             }
         }
     }
@@ -183,7 +183,19 @@ async fn run_batch(
             continue;
         }
         conn.client.batch_execute("SAVEPOINT client_tx").await?;
-        let first_time = record_ids(&conn.client, client_id, tx).await?;
+        let first_time = match record_ids(&conn.client, client_id, tx).await {
+            Ok(first_time) => first_time,
+            Err(e) if e.as_db_error().is_some() => {
+                conn.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                    .await?;
+                let reason = describe(&e);
+                results.push(TxResult::retry(&tx.id, reason));
+                stopped = Some(format!("waiting for transaction {} to be retried", tx.id));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if !first_time {
             conn.client
                 .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
@@ -314,7 +326,12 @@ async fn apply_tx(
             continue;
         }
         let Some(key) = p.keys.first() else { continue };
-        let current = read_row(client, table, key).await.map_err(Failure::Fault)?;
+        let current = read_row(client, table, key)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(_) => Failure::Transient(describe(&e)),
+                None => Failure::Fault(e),
+            })?;
         let reason = match (&current, op) {
             // Deleting a row that is already gone is done.
             (None, Op::Delete) => continue,
@@ -445,5 +462,13 @@ fn show_value(v: Option<&str>) -> String {
     match v {
         Some(v) => v.chars().take(64).collect(),
         None => "NULL".to_owned(),
+    }
+}
+
+/// PostgreSQL's own words for an error (tokio-postgres prints "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
     }
 }
