@@ -449,11 +449,14 @@ where
         loop {
             let message = socket.next().await.expect("connection open").unwrap();
             if let Message::Text(text) = message {
-                match serde_json::from_str::<ServerMessage>(&text).unwrap() {
-                    m @ (ServerMessage::WriteResult(_)
-                    | ServerMessage::WriteRefused { .. }
-                    | ServerMessage::Error { .. }) => return m,
-                    _ => {}
+                let m = serde_json::from_str::<ServerMessage>(&text).unwrap();
+                if matches!(
+                    m,
+                    ServerMessage::WriteResult(_)
+                        | ServerMessage::WriteRefused { .. }
+                        | ServerMessage::Error { .. }
+                ) {
+                    return m;
                 }
             }
         }
