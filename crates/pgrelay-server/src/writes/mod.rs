@@ -182,8 +182,13 @@ async fn run_batch(
             results.push(TxResult::retry(&tx.id, reason.clone()));
             continue;
         }
-        conn.client.batch_execute("SAVEPOINT client_tx").await?;
-        let first_time = match record_ids(&conn.client, client_id, tx).await {
+        // One round trip for both: tokio-postgres pipelines them in order.
+        let (savepoint, recorded) = tokio::join!(
+            conn.client.batch_execute("SAVEPOINT client_tx"),
+            record_ids(&conn.client, client_id, tx)
+        );
+        savepoint?;
+        let first_time = match recorded {
             Ok(first_time) => first_time,
             Err(e) if e.as_db_error().is_some() => {
                 conn.client
