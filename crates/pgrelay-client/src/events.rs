@@ -21,6 +21,22 @@ pub enum Event {
         /// Unix epoch).
         applied_at_us: i64,
     },
+    /// A local client transaction (from [`crate::SyncClient::execute`] or
+    /// any write to a synced table) is committed in PostgreSQL. `latency`
+    /// runs from the local write to the server's answer, which follows the
+    /// PostgreSQL commit. The replica takes the server's version of the
+    /// rows when the transaction comes back in the stream.
+    WriteApplied {
+        tx_id: String,
+        changes: usize,
+        latency: std::time::Duration,
+    },
+    /// A local client transaction was refused for good (it is not retried)
+    /// and its rows were put back to the server's version.
+    WriteRejected { tx_id: String, reason: String },
+    /// The server could not apply a local transaction now; it is sent
+    /// again after a backoff.
+    WriteRetry { tx_id: String, reason: String },
     /// The connection ended; the client reconnects after `retry_in`.
     Disconnected {
         error: String,

@@ -10,11 +10,15 @@ pub mod value;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
 pub use events::Event;
-pub use replica::{Replica, ReplicaState, ReplicaStatus, TableStatus};
+pub use replica::{
+    Executed, OutboxEntry, OutboxReport, Replica, ReplicaState, ReplicaStatus, TableStatus,
+};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -31,6 +35,9 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// How often the outbox is checked for writes made by other processes
+    /// and for retries that are due.
+    pub outbox_poll: Duration,
 }
 
 impl ClientConfig {
@@ -45,6 +52,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(45),
             backoff_base: Duration::from_millis(200),
             backoff_cap: Duration::from_secs(30),
+            outbox_poll: Duration::from_secs(1),
         }
     }
 
@@ -65,6 +73,7 @@ pub struct SyncClient {
     config: ClientConfig,
     replica: Replica,
     events: broadcast::Sender<Event>,
+    writes: Arc<Notify>,
 }
 
 impl SyncClient {
@@ -82,6 +91,7 @@ impl SyncClient {
             config,
             replica,
             events,
+            writes: Arc::new(Notify::new()),
         })
     }
 
@@ -91,6 +101,23 @@ impl SyncClient {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Runs the application's SQL on the replica (see [`Replica::execute`])
+    /// and pushes its writes to the server when connected. Subscribe to
+    /// [`Event::WriteApplied`] and [`Event::WriteRejected`] to learn their
+    /// fate.
+    pub async fn execute(&self, sql: impl Into<String>) -> Result<Executed, ClientError> {
+        let executed = self.replica.execute(sql).await?;
+        if executed.captured > 0 {
+            self.writes.notify_one();
+        }
+        Ok(executed)
+    }
+
+    /// The outbox's counts and its newest `limit` entries.
+    pub async fn outbox(&self, limit: usize) -> Result<OutboxReport, ClientError> {
+        self.replica.outbox(None, limit).await
     }
 
     /// Syncs until `shutdown` is set, until caught up when the config asks
@@ -105,6 +132,7 @@ impl SyncClient {
                 &self.events,
                 &mut shutdown,
                 &mut welcomed,
+                &self.writes,
             )
             .await;
             if welcomed {

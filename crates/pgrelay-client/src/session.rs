@@ -1,21 +1,23 @@
 //! One connection to the server: handshake, then transactions applied to
-//! the replica in batches, with a heartbeat to notice a dead connection.
+//! the replica in batches, with a heartbeat to notice a dead connection;
+//! and the outbox of local writes pushed in order, one batch in flight.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use pgrelay_protocol::{ClientMessage, Lsn, ServerMessage, Transaction, PROTOCOL_VERSION};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use tokio::time::{interval_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::replica::Outcome;
 use crate::{ClientConfig, ClientError, Event, Replica};
 
 /// Changes applied in one SQLite transaction at most, when many are waiting.
 const MAX_APPLY_CHANGES: usize = 10_000;
 
 /// How a connection ended without an error.
-pub(crate) enum Outcome {
+pub(crate) enum Ending {
     CaughtUp,
     Shutdown,
 }
@@ -26,7 +28,8 @@ pub(crate) async fn connect_and_sync(
     events: &broadcast::Sender<Event>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     welcomed: &mut bool,
-) -> Result<Outcome, ClientError> {
+    writes: &Notify,
+) -> Result<Ending, ClientError> {
     let url = config.sync_url();
     let (mut socket, _) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config()), false)
@@ -50,12 +53,33 @@ pub(crate) async fn connect_and_sync(
     let mut target: Option<Lsn> = None;
     let mut ping = interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut last_heard = Instant::now();
+    let mut pusher = Pusher::new(config);
+    let mut poll = interval_at(Instant::now() + config.outbox_poll, config.outbox_poll);
+    let mut caught_up = false;
     loop {
+        if pusher.due() {
+            if let Some(frame) = pusher.take(replica, events).await? {
+                socket.send(Message::Text(frame.into())).await?;
+            }
+        }
+        if caught_up && config.exit_when_caught_up && pusher.idle(replica).await? {
+            let _ = socket.close(None).await;
+            return Ok(Ending::CaughtUp);
+        }
         let message = tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 let _ = socket.close(None).await;
-                return Ok(Outcome::Shutdown);
+                return Ok(Ending::Shutdown);
+            }
+            _ = writes.notified() => {
+                pusher.wake();
+                continue;
+            }
+            _ = poll.tick() => {
+                // Picks up writes made by other processes and retries due.
+                pusher.wake();
+                continue;
             }
             message = socket.next() => message,
             _ = ping.tick() => {
@@ -88,11 +112,25 @@ pub(crate) async fn connect_and_sync(
                             target = Some(head_lsn);
                             *welcomed = true;
                             let _ = events.send(Event::Connected { head: head_lsn });
+                            // Whatever the outbox holds goes out now.
+                            pusher.wake();
                         }
                         ServerMessage::Schema { tables } => replica.apply_schema(tables).await?,
                         ServerMessage::CaughtUp { lsn } => target = Some(lsn),
                         ServerMessage::Error { code, message } => {
                             return Err(ClientError::Refused { code, message })
+                        }
+                        ServerMessage::WriteResult(results) => {
+                            pusher.answered(replica, events, results).await?;
+                        }
+                        ServerMessage::WriteRefused {
+                            batch_id,
+                            code,
+                            message,
+                        } => {
+                            pusher
+                                .refused(replica, events, batch_id, code, message)
+                                .await?
                         }
                         ServerMessage::Tx(_) => {}
                     }
@@ -111,10 +149,7 @@ pub(crate) async fn connect_and_sync(
         if let Some(target) = target {
             if applied >= target {
                 let _ = events.send(Event::CaughtUp { lsn: applied });
-                if config.exit_when_caught_up {
-                    let _ = socket.close(None).await;
-                    return Ok(Outcome::CaughtUp);
-                }
+                caught_up = true;
             }
         }
         // Once caught up, report it only once per connection.
@@ -198,6 +233,171 @@ pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
     let jitter = rand::random::<f64>();
     exp.mul_f64(0.5 + jitter / 2.0)
+}
+
+/// Pushes the outbox: one batch in flight at a time, in capture order;
+/// after a `retry` answer the next push waits out a backoff.
+struct Pusher {
+    in_flight: Option<Option<String>>,
+    wanted: bool,
+    not_before: Instant,
+    attempt: u32,
+    /// After a refused batch, send one transaction at a time until one is
+    /// answered, so a single bad transaction is found and set aside.
+    one_at_a_time: bool,
+    backoff_base: Duration,
+    backoff_cap: Duration,
+}
+
+impl Pusher {
+    fn new(config: &ClientConfig) -> Pusher {
+        Pusher {
+            in_flight: None,
+            wanted: false,
+            not_before: Instant::now(),
+            attempt: 0,
+            one_at_a_time: false,
+            backoff_base: config.backoff_base,
+            backoff_cap: config.backoff_cap,
+        }
+    }
+
+    fn wake(&mut self) {
+        self.wanted = true;
+    }
+
+    fn due(&self) -> bool {
+        self.wanted && self.in_flight.is_none() && Instant::now() >= self.not_before
+    }
+
+    /// Nothing in flight and nothing left to send.
+    async fn idle(&self, replica: &Replica) -> Result<bool, ClientError> {
+        Ok(self.in_flight.is_none() && !replica.has_unsent_writes().await?)
+    }
+
+    /// The next batch's frame, marked sent in the outbox.
+    async fn take(
+        &mut self,
+        replica: &Replica,
+        events: &broadcast::Sender<Event>,
+    ) -> Result<Option<String>, ClientError> {
+        self.wanted = false;
+        let max_txs = if self.one_at_a_time {
+            1
+        } else {
+            pgrelay_protocol::MAX_WRITE_TRANSACTIONS
+        };
+        let (batch, set_aside) = replica.take_batch(max_txs).await?;
+        report(events, set_aside);
+        let Some(batch) = batch else {
+            return Ok(None);
+        };
+        tracing::debug!(
+            transactions = batch.transactions.len(),
+            "pushing local writes"
+        );
+        self.in_flight = Some(batch.batch_id.clone());
+        let frame = serde_json::to_string(&ClientMessage::Write(batch))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Some(frame))
+    }
+
+    async fn answered(
+        &mut self,
+        replica: &Replica,
+        events: &broadcast::Sender<Event>,
+        results: pgrelay_protocol::WriteResults,
+    ) -> Result<(), ClientError> {
+        let outcomes = replica.record_results(results).await?;
+        let retry = outcomes
+            .iter()
+            .any(|o| o.status == pgrelay_protocol::WriteStatus::Retry);
+        report(events, outcomes);
+        self.in_flight = None;
+        self.one_at_a_time = false;
+        if retry {
+            let delay = backoff(self.attempt, self.backoff_base, self.backoff_cap);
+            self.attempt = self.attempt.saturating_add(1);
+            self.not_before = Instant::now() + delay;
+        } else {
+            self.attempt = 0;
+        }
+        // More may be waiting (or due after the backoff, on the poll tick).
+        self.wanted = true;
+        Ok(())
+    }
+
+    async fn refused(
+        &mut self,
+        replica: &Replica,
+        events: &broadcast::Sender<Event>,
+        batch_id: Option<String>,
+        code: pgrelay_protocol::BatchRefusal,
+        message: String,
+    ) -> Result<(), ClientError> {
+        tracing::warn!(?batch_id, ?code, %message, "the server refused a batch of local writes");
+        let Some(sent) = self.in_flight.take() else {
+            return Ok(());
+        };
+        if sent != batch_id && batch_id.is_some() {
+            self.in_flight = Some(sent);
+            return Ok(());
+        }
+        if self.one_at_a_time {
+            // A single transaction the server will never take: set it aside
+            // so it does not block every write after it.
+            let (batch, _) = replica.take_batch(1).await?;
+            if let Some(tx) = batch.and_then(|b| b.transactions.into_iter().next()) {
+                let rejected = pgrelay_protocol::WriteResults {
+                    batch_id: None,
+                    results: vec![pgrelay_protocol::TxResult {
+                        id: tx.id,
+                        status: pgrelay_protocol::WriteStatus::Rejected,
+                        duplicate: false,
+                        code: None,
+                        reason: Some(format!("{code:?}: {message}")),
+                        rows: Vec::new(),
+                    }],
+                };
+                let outcomes = replica.record_results(rejected).await?;
+                report(events, outcomes);
+            }
+            self.one_at_a_time = false;
+        } else {
+            self.one_at_a_time = true;
+        }
+        self.wanted = true;
+        Ok(())
+    }
+}
+
+fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    for outcome in outcomes {
+        let event = match outcome.status {
+            pgrelay_protocol::WriteStatus::Applied => Event::WriteApplied {
+                tx_id: outcome.tx_id,
+                changes: outcome.changes,
+                latency: Duration::from_micros((now_us - outcome.created_us).max(0) as u64),
+            },
+            pgrelay_protocol::WriteStatus::Rejected => {
+                let reason = outcome.reason.unwrap_or_default();
+                tracing::warn!(tx_id = %outcome.tx_id, %reason, "local write rejected by the server; rolled back");
+                Event::WriteRejected {
+                    tx_id: outcome.tx_id,
+                    reason,
+                }
+            }
+            pgrelay_protocol::WriteStatus::Retry => Event::WriteRetry {
+                tx_id: outcome.tx_id,
+                reason: outcome.reason.unwrap_or_default(),
+            },
+        };
+        let _ = events.send(event);
+    }
 }
 
 #[cfg(test)]

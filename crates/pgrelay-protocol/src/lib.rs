@@ -6,6 +6,7 @@ pub mod canonical;
 mod lsn;
 mod message;
 mod schema;
+mod write;
 
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::{
@@ -13,3 +14,7 @@ pub use message::{
     MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION,
 };
 pub use schema::{sqlite_table_name, Column, TableSchema, ValueKind};
+pub use write::{
+    valid_id, BatchRefusal, ClientChange, ClientTransaction, CurrentRow, RejectCode, TxResult,
+    WriteBatch, WriteResults, WriteStatus, MAX_WRITE_CHANGES, MAX_WRITE_TRANSACTIONS,
+};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Lsn, TableSchema};
+use crate::{BatchRefusal, Lsn, TableSchema, WriteBatch, WriteResults};
 
 /// The protocol version this build speaks. A server refuses a `hello` with
 /// any other version with [`ErrorCode::UnsupportedVersion`].
@@ -34,6 +34,8 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_lsn: Option<Lsn>,
     },
+    /// A batch of client transactions to apply (after `hello`).
+    Write(WriteBatch),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,6 +61,16 @@ pub enum ServerMessage {
     /// Something went wrong; when the server closes afterwards, the close
     /// frame carries the matching [`CloseCode`].
     Error { code: ErrorCode, message: String },
+    /// The outcome of each client transaction of a `write`.
+    WriteResult(WriteResults),
+    /// A `write` was refused whole, before anything was applied; the
+    /// connection stays open.
+    WriteRefused {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch_id: Option<String>,
+        code: BatchRefusal,
+        message: String,
+    },
 }
 
 /// One committed PostgreSQL transaction, with the changes a client may see,

@@ -1,14 +1,15 @@
-//! HTTP routes: the sync WebSocket, health and status.
+//! HTTP routes: the sync WebSocket, client writes, health and status.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use pgrelay_protocol::MAX_CLIENT_FRAME_BYTES;
+use pgrelay_protocol::{valid_id, BatchRefusal, WriteBatch, MAX_CLIENT_FRAME_BYTES};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -31,6 +32,10 @@ struct Ctx {
 pub(crate) fn router(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/api/sync", get(sync))
+        .route(
+            "/api/changes",
+            post(changes).layer(DefaultBodyLimit::max(MAX_CLIENT_FRAME_BYTES)),
+        )
         .route("/health", get(health))
         .route("/api/status", get(status))
         .with_state(Ctx { state, shutdown })
@@ -75,4 +80,53 @@ async fn health(State(ctx): State<Ctx>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(report)).into_response()
+}
+
+#[derive(Serialize)]
+struct Refused {
+    code: BatchRefusal,
+    message: String,
+}
+
+fn refused(status: StatusCode, code: BatchRefusal, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(Refused {
+            code,
+            message: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// `POST /api/changes`: the body of a `write` message with a `client_id`;
+/// answers with the results (the `write_result` message without its type).
+async fn changes(State(ctx): State<Ctx>, body: Bytes) -> Response {
+    let batch: WriteBatch = match serde_json::from_slice(&body) {
+        Ok(batch) => batch,
+        Err(e) => {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                BatchRefusal::MalformedBatch,
+                format!("invalid write: {e}"),
+            )
+        }
+    };
+    let Some(client_id) = batch.client_id.clone().filter(|c| valid_id(c)) else {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            BatchRefusal::MalformedBatch,
+            "client_id is required: 1-128 characters of letters, digits, '-', '_', '.', ':'",
+        );
+    };
+    if let Err((code, message)) = batch.check() {
+        let status = match code {
+            BatchRefusal::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BatchRefusal::MalformedBatch => StatusCode::BAD_REQUEST,
+        };
+        return refused(status, code, message);
+    }
+    let schemas = ctx.state.hub.schemas();
+    let results = ctx.state.writer.apply(&client_id, &batch, &schemas).await;
+    Json(results).into_response()
 }

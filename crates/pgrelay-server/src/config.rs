@@ -25,6 +25,12 @@ pub struct ServerConfig {
     pub live_buffer: usize,
     /// How often the replication stream reports its durable position.
     pub status_interval: Duration,
+    /// Tables whose client writes are checked against a version column
+    /// (`(table, column)`); every other table is last-write-wins.
+    pub conflicts: Vec<(String, String)>,
+    /// How long applied change ids are remembered, so a resend within
+    /// this time is recognised and not applied twice.
+    pub applied_retention: Duration,
 }
 
 impl ServerConfig {
@@ -39,6 +45,8 @@ impl ServerConfig {
             send_timeout: Duration::from_secs(30),
             live_buffer: 4096,
             status_interval: Duration::from_secs(1),
+            conflicts: Vec::new(),
+            applied_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -64,9 +72,31 @@ impl ServerConfig {
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {
             return Err("the idle timeout must be longer than the ping interval".to_owned());
         }
+        for (table, column) in &self.conflicts {
+            if table.is_empty() || column.is_empty() {
+                return Err(format!(
+                    "--conflict {table}={column}: give it as table=version_column"
+                ));
+            }
+        }
+        if self.applied_retention < Duration::from_secs(60) {
+            return Err("the applied-change retention must be at least a minute".to_owned());
+        }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());
         }
         Ok(())
+    }
+}
+
+/// Parses `table=column` (the `--conflict` flag).
+pub fn parse_conflict(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((table, column)) if !table.trim().is_empty() && !column.trim().is_empty() => {
+            Ok((table.trim().to_owned(), column.trim().to_owned()))
+        }
+        _ => Err(format!(
+            "{text:?}: expected table=version_column, e.g. todos=version"
+        )),
     }
 }

@@ -35,7 +35,17 @@ CREATE TABLE IF NOT EXISTS pgrelay.table_schemas (
     name    text PRIMARY KEY,
     version integer NOT NULL,
     schema  jsonb NOT NULL
-);";
+);
+CREATE TABLE IF NOT EXISTS pgrelay.applied_changes (
+    client_id  text        NOT NULL,
+    change_id  text        NOT NULL,
+    tx_id      text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (client_id, change_id)
+);
+CREATE INDEX IF NOT EXISTS applied_changes_applied_at ON pgrelay.applied_changes (applied_at);
+COMMENT ON TABLE pgrelay.applied_changes IS
+    'pgrelay client writes: change ids applied, so a resent batch applies nothing twice (kept for the retention)';";
 
 /// Creates pgrelay's schema and tables if they are missing.
 pub(crate) async fn ensure_schema(client: &Client) -> Result<(), ServerError> {

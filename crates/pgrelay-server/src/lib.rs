@@ -12,6 +12,7 @@ mod replication;
 mod session;
 mod state;
 mod status;
+mod writes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use config::ServerConfig;
+pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
 
 use hub::Hub;
@@ -77,6 +78,7 @@ impl Server {
         let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
         let head = history::head(&db).await?;
         drop(db);
+        let versions = version_columns(&config.conflicts, &tables)?;
         tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
 
         let listener =
@@ -106,11 +108,18 @@ impl Server {
         };
         tasks.spawn(replication.run(shutdown_rx.clone()));
 
+        let writer = Arc::new(writes::Writer::new(info.clone(), versions));
+        tasks.spawn(prune_applied(
+            Arc::clone(&writer),
+            config.applied_retention,
+            shutdown_rx.clone(),
+        ));
         let state = Arc::new(AppState {
             config,
             hub: Arc::clone(&hub),
             log_reader: reader::LogReader::new(info),
             replication: Arc::clone(&status),
+            writer,
         });
         let app = api::router(state, shutdown_rx.clone());
         let mut http_shutdown = shutdown_rx;
@@ -176,5 +185,60 @@ impl Server {
     /// A handle that asks the server to stop.
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
+    }
+}
+
+/// Resolves `--conflict` entries against the synced tables: qualified table
+/// name → version column.
+fn version_columns(
+    conflicts: &[(String, String)],
+    tables: &[pgrelay_protocol::TableSchema],
+) -> Result<std::collections::BTreeMap<String, String>, ServerError> {
+    let mut versions = std::collections::BTreeMap::new();
+    for (table, column) in conflicts {
+        let qualified = if table.contains('.') {
+            table.clone()
+        } else {
+            format!("public.{table}")
+        };
+        let schema = tables
+            .iter()
+            .find(|t| t.name == qualified && t.skipped.is_none())
+            .ok_or_else(|| {
+                ServerError::Config(format!(
+                    "--conflict {table}={column}: {qualified} is not a synced table"
+                ))
+            })?;
+        if schema.column(column).is_none() {
+            return Err(ServerError::Config(format!(
+                "--conflict {table}={column}: {qualified} has no column {column:?}"
+            )));
+        }
+        versions.insert(qualified, column.clone());
+    }
+    Ok(versions)
+}
+
+/// Forgets applied change ids older than the retention, now and hourly.
+async fn prune_applied(
+    writer: Arc<writes::Writer>,
+    retention: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let period = std::time::Duration::from_secs(3600).min(retention);
+    loop {
+        match writer.prune(retention).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(deleted, "forgot applied change ids past their retention")
+            }
+            // PostgreSQL may be restarting; the next round will do it.
+            Err(e) => tracing::warn!(error = %e, "pruning applied change ids failed"),
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::hub::Hub;
 use crate::reader::LogReader;
 use crate::status::ReplicationStatus;
+use crate::writes::Writer;
 use crate::ServerConfig;
 
 pub(crate) struct AppState {
@@ -12,4 +13,5 @@ pub(crate) struct AppState {
     pub(crate) hub: Arc<Hub>,
     pub(crate) log_reader: LogReader,
     pub(crate) replication: Arc<ReplicationStatus>,
+    pub(crate) writer: Arc<Writer>,
 }

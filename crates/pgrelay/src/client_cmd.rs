@@ -58,6 +58,17 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                 Event::Disconnected { error, retry_in } => {
                     tracing::warn!(%error, ?retry_in, "disconnected")
                 }
+                Event::WriteApplied {
+                    tx_id,
+                    changes,
+                    latency,
+                } => tracing::debug!(%tx_id, changes, ?latency, "local write applied"),
+                Event::WriteRejected { tx_id, reason } => {
+                    tracing::warn!(%tx_id, %reason, "local write rejected")
+                }
+                Event::WriteRetry { tx_id, reason } => {
+                    tracing::info!(%tx_id, %reason, "local write will be retried")
+                }
             }
         }
     });
@@ -77,5 +88,77 @@ pub async fn status(db: &Path) -> anyhow::Result<()> {
     let replica = Replica::open(db)?;
     let status = replica.status().await?;
     println!("{}", serde_json::to_string_pretty(&status)?);
+    Ok(())
+}
+
+/// `pgrelay client exec`: runs SQL on the replica; its writes to synced
+/// tables go to the outbox (pushed by `pgrelay client sync`).
+pub async fn exec(db: &Path, sql: &str) -> anyhow::Result<()> {
+    if !db.exists() {
+        anyhow::bail!(
+            "no replica at {}; run `pgrelay client sync` once first",
+            db.display()
+        );
+    }
+    let replica = Replica::open(db)?;
+    let executed = replica.execute(sql).await?;
+    println!("{}", serde_json::to_string(&executed)?);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct OutboxArgs {
+    #[arg(long, env = "PGRELAY_DB")]
+    pub db: PathBuf,
+    /// Only entries with this status: pending, sent, applied, rejected.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Entries to show at most (the newest).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pgrelay client outbox`: the local writes and what became of them.
+pub async fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
+    if !args.db.exists() {
+        anyhow::bail!("no replica at {}", args.db.display());
+    }
+    if let Some(status) = &args.status {
+        if !["pending", "sent", "applied", "rejected"].contains(&status.as_str()) {
+            anyhow::bail!("--status {status:?}: one of pending, sent, applied, rejected");
+        }
+    }
+    let replica = Replica::open(&args.db)?;
+    let report = replica.outbox(args.status, args.limit).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "pending {}  sent {}  applied {}  rejected {}",
+        report.pending, report.sent, report.applied, report.rejected
+    );
+    if report.entries.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<8}  {:<7}  {:<20}  {:>7}  {:<38}  error",
+        "seq", "status", "op", "table", "retries", "transaction"
+    );
+    for e in &report.entries {
+        println!(
+            "{:>6}  {:<8}  {:<7}  {:<20}  {:>7}  {:<38}  {}",
+            e.seq,
+            e.status,
+            e.op,
+            e.table,
+            e.retries,
+            e.tx_id,
+            e.error.as_deref().unwrap_or("")
+        );
+    }
     Ok(())
 }

@@ -44,6 +44,16 @@ enum ClientCommand {
         #[arg(long, env = "PGRELAY_DB")]
         db: PathBuf,
     },
+    /// Run SQL on a replica (works offline); writes to synced tables are
+    /// queued in the outbox as one client transaction and pushed by `sync`.
+    Exec {
+        #[arg(long, env = "PGRELAY_DB")]
+        db: PathBuf,
+        /// One or more SQL statements.
+        sql: String,
+    },
+    /// Show the outbox of local writes: pending, sent, applied, rejected (with reasons).
+    Outbox(client_cmd::OutboxArgs),
 }
 
 #[derive(Args)]
@@ -75,6 +85,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve_cmd::run(args).await,
             Command::Client(ClientCommand::Sync(args)) => client_cmd::sync(args).await,
             Command::Client(ClientCommand::Status { db }) => client_cmd::status(&db).await,
+            Command::Client(ClientCommand::Exec { db, sql }) => client_cmd::exec(&db, &sql).await,
+            Command::Client(ClientCommand::Outbox(args)) => client_cmd::outbox(args).await,
             Command::Verify(args) => {
                 let report =
                     verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use pgrelay_pg::TableFilter;
-use pgrelay_server::{Server, ServerConfig};
+use pgrelay_server::{parse_conflict, Server, ServerConfig};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -29,6 +29,14 @@ pub struct ServeArgs {
     /// How often to confirm the durable position to PostgreSQL.
     #[arg(long, env = "PGRELAY_STATUS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub status_interval: Duration,
+    /// Check client writes to a table against a version column
+    /// (`table=column`, repeatable): a write based on an older version is
+    /// rejected with the current row. Other tables: last write wins.
+    #[arg(long = "conflict", env = "PGRELAY_CONFLICT", value_delimiter = ',', value_parser = parse_conflict)]
+    pub conflicts: Vec<(String, String)>,
+    /// How long applied change ids are remembered to recognise resends.
+    #[arg(long, env = "PGRELAY_APPLIED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub applied_retention: Duration,
 }
 
 impl ServeArgs {
@@ -43,6 +51,8 @@ impl ServeArgs {
         config.ping_interval = self.ping_interval;
         config.idle_timeout = self.idle_timeout;
         config.status_interval = self.status_interval;
+        config.conflicts = self.conflicts;
+        config.applied_retention = self.applied_retention;
         config
     }
 }

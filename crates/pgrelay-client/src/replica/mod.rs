@@ -5,17 +5,22 @@
 //! WAL journal mode so readers never see half of one.
 
 mod apply;
+mod capture;
+mod outbox;
 mod schema;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use pgrelay_protocol::{Lsn, TableSchema, Transaction};
+use pgrelay_protocol::{Lsn, TableSchema, Transaction, WriteBatch, WriteResults};
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ClientError;
+
+pub(crate) use outbox::Outcome;
+pub use outbox::{OutboxEntry, OutboxReport};
 
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
@@ -25,6 +30,20 @@ enum Command {
     ApplySchema(Vec<TableSchema>, Reply<()>),
     ApplyTransactions(Vec<Transaction>, Reply<Lsn>),
     Status(Reply<ReplicaStatus>),
+    Execute(String, Reply<Executed>),
+    TakeBatch(usize, Reply<(Option<WriteBatch>, Vec<Outcome>)>),
+    RecordResults(WriteResults, Reply<Vec<Outcome>>),
+    Outbox(Option<String>, usize, Reply<OutboxReport>),
+    Unsent(Reply<bool>),
+}
+
+/// What [`Replica::execute`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Executed {
+    /// The client transaction the statement's writes make up.
+    pub tx_id: String,
+    /// Rows the statement wrote to synced tables (now in the outbox).
+    pub captured: usize,
 }
 
 /// The replica's identity and position.
@@ -66,6 +85,7 @@ impl Replica {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::ensure_meta(&conn)?;
+        capture::ensure_tables(&conn)?;
         let mut worker = Worker {
             conn,
             tables: HashMap::new(),
@@ -117,6 +137,44 @@ impl Replica {
     pub async fn status(&self) -> Result<ReplicaStatus, ClientError> {
         self.call(Command::Status).await
     }
+
+    /// Runs SQL written by the application (one or more statements) in one
+    /// SQLite transaction. Its writes to synced tables are captured in the
+    /// outbox as one client transaction, applied by the server all or none.
+    /// Works offline.
+    pub async fn execute(&self, sql: impl Into<String>) -> Result<Executed, ClientError> {
+        let sql = sql.into();
+        self.call(|r| Command::Execute(sql, r)).await
+    }
+
+    /// Counts per status and the newest `limit` entries (only those with
+    /// `status`, when given: pending, sent, applied, rejected).
+    pub async fn outbox(
+        &self,
+        status: Option<String>,
+        limit: usize,
+    ) -> Result<OutboxReport, ClientError> {
+        self.call(|r| Command::Outbox(status, limit, r)).await
+    }
+
+    /// Whether any local write still waits for the server's answer.
+    pub async fn has_unsent_writes(&self) -> Result<bool, ClientError> {
+        self.call(Command::Unsent).await
+    }
+
+    pub(crate) async fn take_batch(
+        &self,
+        max_txs: usize,
+    ) -> Result<(Option<WriteBatch>, Vec<Outcome>), ClientError> {
+        self.call(|r| Command::TakeBatch(max_txs, r)).await
+    }
+
+    pub(crate) async fn record_results(
+        &self,
+        results: WriteResults,
+    ) -> Result<Vec<Outcome>, ClientError> {
+        self.call(|r| Command::RecordResults(results, r)).await
+    }
 }
 
 struct Worker {
@@ -142,6 +200,21 @@ impl Worker {
                 }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
+                }
+                Command::Execute(sql, reply) => {
+                    let _ = reply.send(self.execute(&sql));
+                }
+                Command::TakeBatch(max_txs, reply) => {
+                    let _ = reply.send(self.take_batch(max_txs));
+                }
+                Command::RecordResults(results, reply) => {
+                    let _ = reply.send(self.record_results(&results));
+                }
+                Command::Outbox(status, limit, reply) => {
+                    let _ = reply.send(outbox::report(&self.conn, status.as_deref(), limit));
+                }
+                Command::Unsent(reply) => {
+                    let _ = reply.send(outbox::unsent(&self.conn));
                 }
             }
         }
@@ -181,6 +254,7 @@ impl Worker {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut reached = current;
+        capture::set_applying(&tx, true)?;
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
             if server_tx.lsn <= reached {
@@ -196,8 +270,56 @@ impl Worker {
         if reached > current {
             schema::write_meta(&tx, "lsn", &reached.to_string())?;
         }
+        capture::set_applying(&tx, false)?;
         tx.commit()?;
         Ok(reached)
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<Executed, ClientError> {
+        let tx_id = format!(
+            "tx-{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        capture::set_tx_id(&tx, Some(&tx_id))?;
+        tx.execute_batch(sql)?;
+        capture::set_tx_id(&tx, None)?;
+        let captured: i64 = tx.query_row(
+            "SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1",
+            [&tx_id],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(Executed {
+            tx_id,
+            captured: captured as usize,
+        })
+    }
+
+    fn take_batch(
+        &mut self,
+        max_txs: usize,
+    ) -> Result<(Option<WriteBatch>, Vec<Outcome>), ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken = outbox::take_batch(&tx, &self.tables, max_txs)?;
+        tx.commit()?;
+        Ok(taken)
+    }
+
+    fn record_results(&mut self, results: &WriteResults) -> Result<Vec<Outcome>, ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        capture::set_applying(&tx, true)?;
+        let outcomes = outbox::record_results(&tx, &self.tables, results)?;
+        capture::set_applying(&tx, false)?;
+        tx.commit()?;
+        Ok(outcomes)
     }
 
     fn status(&self) -> Result<ReplicaStatus, ClientError> {

@@ -95,6 +95,8 @@ pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), 
             ))?;
         }
     }
+    // Local writes to the table go to the outbox, with its current columns.
+    super::capture::create_triggers(conn, table)?;
     Ok(())
 }
 

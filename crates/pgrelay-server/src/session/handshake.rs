@@ -53,7 +53,13 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         client_id,
         token,
         last_lsn,
-    } = message;
+    } = message
+    else {
+        return Err(Refusal::new(
+            ErrorCode::HandshakeRequired,
+            "the first frame must be hello",
+        ));
+    };
     if protocol_version != PROTOCOL_VERSION {
         return Err(Refusal::new(
             ErrorCode::UnsupportedVersion,
@@ -78,20 +84,6 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
     })
 }
 
-/// The refusal for a frame after the handshake: clients send nothing but
-/// `hello` in this protocol version.
-pub(super) fn unexpected(bytes: &[u8]) -> Refusal {
-    if let Err(refusal) = check_size(bytes) {
-        return refusal;
-    }
-    match serde_json::from_slice::<ClientMessage>(bytes) {
-        Ok(ClientMessage::Hello { .. }) => {
-            Refusal::new(ErrorCode::HandshakeRequired, "hello was already received")
-        }
-        Err(e) => classify(bytes, e),
-    }
-}
-
 fn check_size(bytes: &[u8]) -> Result<(), Refusal> {
     if bytes.len() > MAX_CLIENT_FRAME_BYTES {
         return Err(Refusal::new(
@@ -107,10 +99,10 @@ fn check_size(bytes: &[u8]) -> Result<(), Refusal> {
 
 /// Tells a frame that is not a message at all from a message of a type
 /// this server does not know.
-fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
+pub(super) fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
     match serde_json::from_slice::<serde_json::Value>(bytes) {
         Ok(serde_json::Value::Object(map)) => match map.get("type").and_then(|t| t.as_str()) {
-            Some(kind) if kind != "hello" => {
+            Some(kind) if kind != "hello" && kind != "write" => {
                 let kind: String = kind.chars().take(64).collect();
                 Refusal::new(
                     ErrorCode::UnknownMessage,

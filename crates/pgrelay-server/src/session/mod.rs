@@ -4,6 +4,7 @@
 //! read, and nothing at or below the last LSN sent goes out twice).
 
 mod handshake;
+mod write;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,7 @@ pub(crate) async fn run(
             socket: &mut socket,
             state: &state,
             sent: Lsn::ZERO,
+            client_id: hello.client_id.clone(),
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -112,6 +114,7 @@ struct Session<'a> {
     state: &'a AppState,
     /// Commit LSN of the last transaction sent (or the client's position).
     sent: Lsn,
+    client_id: String,
 }
 
 impl Session<'_> {
@@ -158,7 +161,7 @@ impl Session<'_> {
                 _ = shutdown.changed() => return Ok(Ending::Shutdown),
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
-                    if !self.incoming(incoming)? {
+                    if !self.incoming(incoming).await? {
                         return Ok(Ending::ClientClosed);
                     }
                 }
@@ -232,17 +235,63 @@ impl Session<'_> {
 
     /// Handles a frame from the client after the handshake; `false` when
     /// the client has gone.
-    fn incoming(
+    async fn incoming(
         &mut self,
         incoming: Option<Result<Message, axum::Error>>,
     ) -> Result<bool, Refusal> {
-        match incoming {
-            None | Some(Ok(Message::Close(_))) => Ok(false),
-            Some(Err(e)) => Err(handshake::read_error(e)),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(true),
-            Some(Ok(Message::Text(text))) => Err(handshake::unexpected(text.as_bytes())),
-            Some(Ok(Message::Binary(bytes))) => Err(handshake::unexpected(&bytes)),
+        let parsed = match incoming {
+            None | Some(Ok(Message::Close(_))) => return Ok(false),
+            Some(Err(e)) => return Err(handshake::read_error(e)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(true),
+            Some(Ok(Message::Text(text))) => write::parse(text.as_bytes()),
+            Some(Ok(Message::Binary(bytes))) => write::parse(&bytes),
+        };
+        match parsed {
+            write::Incoming::Write(batch) => self.write(batch).await?,
+            write::Incoming::Refused {
+                batch_id,
+                code,
+                message,
+            } => {
+                tracing::debug!(?code, %message, "write batch refused");
+                let refused = ServerMessage::WriteRefused {
+                    batch_id,
+                    code,
+                    message,
+                };
+                self.send(Frame::encode(&refused, Lsn::ZERO)).await?;
+            }
+            write::Incoming::Fatal(refusal) => return Err(refusal),
         }
+        Ok(true)
+    }
+
+    /// Applies a client's batch and answers it. Nothing is forwarded while
+    /// it runs, so every transaction sent before the answer committed
+    /// before the rows a rejection reports were read.
+    async fn write(&mut self, batch: pgrelay_protocol::WriteBatch) -> Result<(), Refusal> {
+        if let Some(other) = batch.client_id.as_ref().filter(|c| **c != self.client_id) {
+            let refused = ServerMessage::WriteRefused {
+                batch_id: batch.batch_id.clone(),
+                code: pgrelay_protocol::BatchRefusal::MalformedBatch,
+                message: format!(
+                    "client_id {:?} is not this connection's client",
+                    other.chars().take(64).collect::<String>()
+                ),
+            };
+            return self.send(Frame::encode(&refused, Lsn::ZERO)).await;
+        }
+        let schemas = self.state.hub.schemas();
+        let results = self
+            .state
+            .writer
+            .apply(&self.client_id, &batch, &schemas)
+            .await;
+        self.send(Frame::encode(
+            &ServerMessage::WriteResult(results),
+            Lsn::ZERO,
+        ))
+        .await
     }
 }
 

@@ -10,3 +10,4 @@ mod crash;
 mod pipeline;
 mod slot;
 mod types;
+mod writes;

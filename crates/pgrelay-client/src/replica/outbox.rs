@@ -1,0 +1,446 @@
+//! The outbox of local writes (`_pgrelay_outbox`): taking the next batch
+//! to send, in capture order, recording the server's answers, and putting
+//! a rejected write's rows back to the server's version.
+
+use std::collections::HashMap;
+
+use pgrelay_protocol::{
+    Change, ClientChange, ClientTransaction, Op, Row, TableSchema, TxResult, ValueKind, WriteBatch,
+    WriteResults, WriteStatus, MAX_CLIENT_FRAME_BYTES, MAX_WRITE_CHANGES,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::apply::apply_change;
+use super::capture::NOW_US_SQL;
+use crate::ClientError;
+
+/// Changes per batch at most (under the server's limit).
+const BATCH_CHANGES: usize = 5_000;
+/// Bytes of row JSON per batch at most, well under the frame limit.
+const BATCH_BYTES: usize = MAX_CLIENT_FRAME_BYTES / 2;
+/// Applied entries are kept this long for `pgrelay client outbox`.
+const KEEP_APPLIED_US: i64 = 24 * 3600 * 1_000_000;
+
+/// What became of one client transaction, for events.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Outcome {
+    pub(crate) tx_id: String,
+    pub(crate) status: WriteStatus,
+    pub(crate) changes: usize,
+    pub(crate) reason: Option<String>,
+    /// When the first write of the transaction was made locally.
+    pub(crate) created_us: i64,
+}
+
+/// One outbox entry as `pgrelay client outbox` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutboxEntry {
+    pub seq: i64,
+    pub tx_id: String,
+    pub change_id: String,
+    pub table: String,
+    pub op: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub retries: i64,
+    pub created_us: i64,
+    pub updated_us: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old: Option<serde_json::Value>,
+}
+
+/// The outbox's state: counts per status and the entries asked for.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OutboxReport {
+    pub pending: i64,
+    pub sent: i64,
+    pub applied: i64,
+    pub rejected: i64,
+    pub entries: Vec<OutboxEntry>,
+}
+
+impl OutboxReport {
+    /// Entries not yet answered by the server.
+    pub fn unsent(&self) -> i64 {
+        self.pending + self.sent
+    }
+}
+
+struct Captured {
+    tx_id: String,
+    change_id: String,
+    table: String,
+    op: String,
+    new: Option<String>,
+    old: Option<String>,
+}
+
+/// Takes the oldest unanswered client transactions (pending, or sent on a
+/// connection that ended), marks them sent and returns them as a batch.
+/// Also returns transactions too large to ever send, already marked
+/// rejected.
+pub(crate) fn take_batch(
+    conn: &Connection,
+    tables: &HashMap<String, TableSchema>,
+    max_txs: usize,
+) -> Result<(Option<WriteBatch>, Vec<Outcome>), ClientError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
+         WHERE status IN ('pending', 'sent') ORDER BY seq LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([(MAX_WRITE_CHANGES + 1) as i64], |r| {
+            Ok(Captured {
+                tx_id: r.get(0)?,
+                change_id: r.get(1)?,
+                table: r.get(2)?,
+                op: r.get(3)?,
+                new: r.get(4)?,
+                old: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let hit_limit = rows.len() > MAX_WRITE_CHANGES;
+    // Group into client transactions; a transaction's entries are
+    // contiguous (captured in one SQLite transaction).
+    let mut groups: Vec<Vec<Captured>> = Vec::new();
+    for row in rows {
+        match groups.last_mut() {
+            Some(g) if g[0].tx_id == row.tx_id => g.push(row),
+            _ => groups.push(vec![row]),
+        }
+    }
+    if hit_limit {
+        // The last group may continue past the rows read.
+        let cut = groups.pop();
+        if groups.is_empty() {
+            if let Some(g) = cut {
+                let outcome = reject_local(
+                    conn,
+                    &g[0].tx_id,
+                    &format!("the transaction has more than {MAX_WRITE_CHANGES} changes, more than one batch can carry"),
+                )?;
+                return Ok((None, vec![outcome]));
+            }
+        }
+    }
+    let mut transactions = Vec::new();
+    let mut changes = 0usize;
+    let mut bytes = 0usize;
+    let mut too_large = Vec::new();
+    for group in groups {
+        let size: usize = group
+            .iter()
+            .map(|c| {
+                200 + c.new.as_ref().map_or(0, String::len) + c.old.as_ref().map_or(0, String::len)
+            })
+            .sum();
+        if transactions.is_empty() && size > BATCH_BYTES {
+            too_large.push(reject_local(
+                conn,
+                &group[0].tx_id,
+                &format!("the transaction's rows take {size} bytes, more than one batch can carry"),
+            )?);
+            break;
+        }
+        if transactions.len() >= max_txs
+            || (!transactions.is_empty()
+                && (changes + group.len() > BATCH_CHANGES || bytes + size > BATCH_BYTES))
+        {
+            break;
+        }
+        changes += group.len();
+        bytes += size;
+        let id = group[0].tx_id.clone();
+        let changes = group
+            .iter()
+            .map(|c| to_client_change(c, tables))
+            .collect::<Result<Vec<_>, _>>()?;
+        transactions.push(ClientTransaction { id, changes });
+    }
+    if transactions.is_empty() {
+        return Ok((None, too_large));
+    }
+    let mut mark = conn.prepare_cached(&format!(
+        "UPDATE _pgrelay_outbox SET status = 'sent', updated_us = {NOW_US_SQL} WHERE tx_id = ?1 AND status = 'pending'"
+    ))?;
+    for tx in &transactions {
+        mark.execute([&tx.id])?;
+    }
+    let batch = WriteBatch {
+        batch_id: Some(format!("b-{:016x}", rand::random::<u64>())),
+        client_id: None,
+        transactions,
+    };
+    Ok((Some(batch), too_large))
+}
+
+fn reject_local(conn: &Connection, tx_id: &str, reason: &str) -> Result<Outcome, ClientError> {
+    tracing::warn!(tx_id, reason, "write rejected before sending");
+    conn.execute(
+        &format!("UPDATE _pgrelay_outbox SET status = 'rejected', error = ?2, updated_us = {NOW_US_SQL} WHERE tx_id = ?1"),
+        params![tx_id, reason],
+    )?;
+    Ok(Outcome {
+        tx_id: tx_id.to_owned(),
+        status: WriteStatus::Rejected,
+        changes: 0,
+        reason: Some(reason.to_owned()),
+        created_us: 0,
+    })
+}
+
+fn to_client_change(
+    captured: &Captured,
+    tables: &HashMap<String, TableSchema>,
+) -> Result<ClientChange, ClientError> {
+    let op = Op::parse(&captured.op)
+        .ok_or_else(|| ClientError::Replica(format!("outbox op {:?}", captured.op)))?;
+    let table = tables.get(&captured.table);
+    let new = captured
+        .new
+        .as_deref()
+        .map(|j| row_from_json(j, table))
+        .transpose()?;
+    let old = captured
+        .old
+        .as_deref()
+        .map(|j| row_from_json(j, table))
+        .transpose()?;
+    let new = match (op, new, &old) {
+        // Only the columns the update changed, so concurrent writers of
+        // other columns of the same row do not undo each other.
+        (Op::Update, Some(new), Some(old)) => Some(
+            new.into_iter()
+                .filter(|(k, v)| old.get(k) != Some(v))
+                .collect(),
+        ),
+        (_, new, _) => new,
+    };
+    Ok(ClientChange {
+        id: captured.change_id.clone(),
+        table: captured.table.clone(),
+        op,
+        new,
+        old,
+    })
+}
+
+/// A captured row (JSON from the triggers) as PostgreSQL text values.
+pub(crate) fn row_from_json(json: &str, table: Option<&TableSchema>) -> Result<Row, ClientError> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| ClientError::Replica(format!("outbox row: {e}")))?;
+    Ok(map
+        .into_iter()
+        .map(|(column, value)| {
+            let kind = table
+                .and_then(|t| t.column(&column))
+                .map_or(ValueKind::Text, |c| c.kind);
+            let text = pg_text(kind, &value);
+            (column, text)
+        })
+        .collect())
+}
+
+/// PostgreSQL input text for a value SQLite stored in a column of `kind`.
+pub(crate) fn pg_text(kind: ValueKind, value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::Null => None,
+        Value::Bool(b) => Some(if *b { "t" } else { "f" }.to_owned()),
+        Value::Number(n) => Some(match (kind, n.as_i64()) {
+            (ValueKind::Bool, Some(i)) => if i != 0 { "t" } else { "f" }.to_owned(),
+            (_, Some(i)) => i.to_string(),
+            (_, None) => match n.as_f64() {
+                Some(f) => format!("{f:?}"),
+                None => n.to_string(),
+            },
+        }),
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Records the server's answers; rolls back the rows of rejected
+/// transactions to the server's version. The caller holds the transaction
+/// and has set the replica as applying.
+pub(crate) fn record_results(
+    conn: &Connection,
+    tables: &HashMap<String, TableSchema>,
+    results: &WriteResults,
+) -> Result<Vec<Outcome>, ClientError> {
+    let mut outcomes = Vec::with_capacity(results.results.len());
+    for result in &results.results {
+        let (changes, created_us): (i64, Option<i64>) = conn
+            .prepare_cached(
+                "SELECT count(*), min(created_us) FROM _pgrelay_outbox WHERE tx_id = ?1 AND status IN ('pending', 'sent')",
+            )?
+            .query_row([&result.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if changes == 0 {
+            // Answered before (a duplicate answer): nothing to do.
+            continue;
+        }
+        let (status, error, bump) = match result.status {
+            WriteStatus::Applied => ("applied", None, 0),
+            WriteStatus::Rejected => ("rejected", Some(describe(result)), 0),
+            WriteStatus::Retry => ("pending", result.reason.clone(), 1),
+        };
+        conn.prepare_cached(&format!(
+            "UPDATE _pgrelay_outbox SET status = ?2, error = ?3, retries = retries + ?4, updated_us = {NOW_US_SQL} \
+             WHERE tx_id = ?1 AND status IN ('pending', 'sent')"
+        ))?
+        .execute(params![result.id, status, error, bump])?;
+        if result.status == WriteStatus::Rejected {
+            roll_back(conn, tables, result)?;
+        }
+        outcomes.push(Outcome {
+            tx_id: result.id.clone(),
+            status: result.status,
+            changes: changes as usize,
+            reason: error.or_else(|| result.reason.clone()),
+            created_us: created_us.unwrap_or(0),
+        });
+    }
+    conn.prepare_cached(&format!(
+        "DELETE FROM _pgrelay_outbox WHERE status = 'applied' AND updated_us < {NOW_US_SQL} - ?1"
+    ))?
+    .execute([KEEP_APPLIED_US])?;
+    Ok(outcomes)
+}
+
+fn describe(result: &TxResult) -> String {
+    let code = result
+        .code
+        .map(|c| format!("{c:?}"))
+        .unwrap_or_else(|| "Rejected".to_owned());
+    format!("{code}: {}", result.reason.as_deref().unwrap_or("rejected"))
+}
+
+/// Puts each row the rejected transaction touched back to the server's
+/// version, or removes it when the server has none.
+fn roll_back(
+    conn: &Connection,
+    tables: &HashMap<String, TableSchema>,
+    result: &TxResult,
+) -> Result<(), ClientError> {
+    for current in &result.rows {
+        let Some(table) = tables.get(&current.table) else {
+            continue;
+        };
+        let change = match &current.row {
+            Some(row) => Change {
+                table: table.name.clone(),
+                op: Op::Insert,
+                new: Some(row.clone()),
+                old: None,
+            },
+            None => Change {
+                table: table.name.clone(),
+                op: Op::Delete,
+                new: None,
+                old: Some(current.key.clone()),
+            },
+        };
+        apply_change(conn, tables, &change)?;
+    }
+    Ok(())
+}
+
+/// Counts per status and up to `limit` entries (newest first), optionally
+/// only those with `status`.
+pub(crate) fn report(
+    conn: &Connection,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<OutboxReport, ClientError> {
+    let mut report = OutboxReport::default();
+    let mut stmt = conn.prepare("SELECT status, count(*) FROM _pgrelay_outbox GROUP BY status")?;
+    let counts = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for count in counts {
+        let (s, n) = count?;
+        match s.as_str() {
+            "pending" => report.pending = n,
+            "sent" => report.sent = n,
+            "applied" => report.applied = n,
+            "rejected" => report.rejected = n,
+            _ => {}
+        }
+    }
+    let mut stmt = conn.prepare(
+        "SELECT seq, tx_id, change_id, table_name, op, status, error, retries, created_us, updated_us, new_row, old_row \
+         FROM _pgrelay_outbox WHERE ?1 IS NULL OR status = ?1 ORDER BY seq DESC LIMIT ?2",
+    )?;
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    let entries = stmt.query_map(params![status, limit as i64], |r| {
+        Ok(OutboxEntry {
+            seq: r.get(0)?,
+            tx_id: r.get(1)?,
+            change_id: r.get(2)?,
+            table: r.get(3)?,
+            op: r.get(4)?,
+            status: r.get(5)?,
+            error: r.get(6)?,
+            retries: r.get(7)?,
+            created_us: r.get(8)?,
+            updated_us: r.get(9)?,
+            new: json(r.get(10)?),
+            old: json(r.get(11)?),
+        })
+    })?;
+    report.entries = entries.collect::<Result<Vec<_>, _>>()?;
+    report.entries.reverse();
+    Ok(report)
+}
+
+/// Whether any write still waits for the server's answer.
+pub(crate) fn unsent(conn: &Connection) -> Result<bool, ClientError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM _pgrelay_outbox WHERE status IN ('pending', 'sent') LIMIT 1",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sqlite_values_become_postgres_text() {
+        assert_eq!(pg_text(ValueKind::Integer, &json!(42)), Some("42".into()));
+        assert_eq!(pg_text(ValueKind::Bool, &json!(1)), Some("t".into()));
+        assert_eq!(pg_text(ValueKind::Bool, &json!(0)), Some("f".into()));
+        assert_eq!(pg_text(ValueKind::Float, &json!(0.5)), Some("0.5".into()));
+        assert_eq!(
+            pg_text(ValueKind::Float, &json!(1e300)),
+            Some("1e300".into())
+        );
+        assert_eq!(pg_text(ValueKind::Text, &json!("a'b")), Some("a'b".into()));
+        assert_eq!(pg_text(ValueKind::Text, &json!(null)), None);
+    }
+
+    #[test]
+    fn updates_send_only_changed_columns() {
+        let captured = Captured {
+            tx_id: "t".into(),
+            change_id: "c".into(),
+            table: "public.todos".into(),
+            op: "update".into(),
+            new: Some(r#"{"id":7,"title":"new","done":0}"#.into()),
+            old: Some(r#"{"id":7,"title":"old","done":0}"#.into()),
+        };
+        let change = to_client_change(&captured, &HashMap::new()).unwrap();
+        let new = change.new.unwrap();
+        assert_eq!(new.len(), 1);
+        assert_eq!(new["title"], Some("new".to_owned()));
+        assert_eq!(change.old.unwrap()["id"], Some("7".to_owned()));
+    }
+}

@@ -1,0 +1,479 @@
+//! Client writes: applies a client's batch in one PostgreSQL transaction,
+//! a savepoint per client transaction, tagged with the client's id (a
+//! transactional logical message the replication stream turns into the
+//! transaction's `origin`), and idempotent per change id: the ids are
+//! recorded in `pgrelay.applied_changes` in the same transaction, so a
+//! batch resent after a lost answer applies nothing twice.
+
+mod statement;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use pgrelay_pg::ConnInfo;
+use pgrelay_protocol::{
+    ClientTransaction, CurrentRow, Op, RejectCode, Row, TableSchema, TxResult, WriteBatch,
+    WriteResults, WriteStatus,
+};
+use tokio::sync::Semaphore;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+use crate::ServerError;
+use statement::{plan, select_current, Planned};
+
+/// Batches applied at the same time at most (each holds a connection).
+const MAX_CONCURRENT_BATCHES: usize = 8;
+
+/// A connection with the statements prepared on it.
+struct Conn {
+    client: Client,
+    prepared: HashMap<String, Statement>,
+}
+
+pub(crate) struct Writer {
+    info: ConnInfo,
+    idle: Mutex<Vec<Conn>>,
+    permits: Semaphore,
+    /// Tables under a version check: qualified name → version column.
+    versions: BTreeMap<String, String>,
+}
+
+/// Why a client transaction did not apply; `Fault` ends the batch.
+enum Failure {
+    Rejected {
+        code: RejectCode,
+        reason: String,
+        keys: Vec<(String, Row)>,
+    },
+    /// Worth another try: a deadlock or serialization failure.
+    Transient(String),
+    /// The connection or transaction is lost.
+    Fault(tokio_postgres::Error),
+}
+
+impl Writer {
+    pub(crate) fn new(info: ConnInfo, versions: BTreeMap<String, String>) -> Writer {
+        Writer {
+            info,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(MAX_CONCURRENT_BATCHES),
+            versions,
+        }
+    }
+
+    /// Applies a checked batch for `client_id`. Never fails as a whole: a
+    /// fault on the server answers `retry` for what did not commit.
+    pub(crate) async fn apply(
+        &self,
+        client_id: &str,
+        batch: &WriteBatch,
+        schemas: &BTreeMap<String, TableSchema>,
+    ) -> WriteResults {
+        let results = match self.apply_in_transaction(client_id, batch, schemas).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "applying a write batch failed; the client will retry");
+                batch
+                    .transactions
+                    .iter()
+                    .map(|tx| TxResult::retry(&tx.id, format!("server fault: {e}")))
+                    .collect()
+            }
+        };
+        WriteResults {
+            batch_id: batch.batch_id.clone(),
+            results,
+        }
+    }
+
+    async fn apply_in_transaction(
+        &self,
+        client_id: &str,
+        batch: &WriteBatch,
+        schemas: &BTreeMap<String, TableSchema>,
+    ) -> Result<Vec<TxResult>, ServerError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
+        let mut conn = self.take().await?;
+        let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions).await;
+        match outcome {
+            Ok(results) => {
+                self.give_back(conn);
+                Ok(results)
+            }
+            Err(source) => {
+                // The connection may be mid-transaction: close it rather
+                // than hand it to the next batch.
+                drop(conn);
+                Err(ServerError::Protocol(format!(
+                    "applying a write batch of {client_id}: {}",
+                    describe(&source)
+                )))
+            }
+        }
+    }
+
+    async fn take(&self) -> Result<Conn, ServerError> {
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|c| !c.client.is_closed());
+            idle.pop()
+        };
+        match reused {
+            Some(conn) => Ok(conn),
+            None => Ok(Conn {
+                client: pgrelay_pg::connect(&self.info).await?,
+                prepared: HashMap::new(),
+            }),
+        }
+    }
+
+    fn give_back(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_CONCURRENT_BATCHES {
+            idle.push(conn);
+        }
+    }
+
+    /// Deletes the record of change ids applied longer ago than `retention`;
+    /// a client that resends something older than that is not recognised.
+    pub(crate) async fn prune(&self, retention: Duration) -> Result<u64, ServerError> {
+        let conn = self.take().await?;
+        let deleted = conn
+            .client
+            .execute(
+                "DELETE FROM pgrelay.applied_changes WHERE applied_at < now() - make_interval(secs => $1)",
+                &[&retention.as_secs_f64()],
+            )
+            .await
+            .map_err(ServerError::sql("pruning pgrelay.applied_changes"))?;
+        self.give_back(conn);
+        Ok(deleted)
+    }
+}
+
+async fn run_batch(
+    conn: &mut Conn,
+    client_id: &str,
+    batch: &WriteBatch,
+    schemas: &BTreeMap<String, TableSchema>,
+    versions: &BTreeMap<String, String>,
+) -> Result<Vec<TxResult>, tokio_postgres::Error> {
+    conn.client.batch_execute("BEGIN").await?;
+    conn.client
+        .execute(
+            "SELECT pg_logical_emit_message(true, 'pgrelay.origin', $1::text)",
+            &[&client_id],
+        )
+        .await?;
+    let mut results = Vec::with_capacity(batch.transactions.len());
+    let mut stopped: Option<String> = None;
+    for tx in &batch.transactions {
+        if let Some(reason) = &stopped {
+            // Later transactions wait for the one that must be retried, so
+            // the client's writes reach PostgreSQL in the order it made them.
+            results.push(TxResult::retry(&tx.id, reason.clone()));
+            continue;
+        }
+        // One round trip for both: tokio-postgres pipelines them in order.
+        let (savepoint, recorded) = tokio::join!(
+            conn.client.batch_execute("SAVEPOINT client_tx"),
+            record_ids(&conn.client, client_id, tx)
+        );
+        savepoint?;
+        let first_time = match recorded {
+            Ok(first_time) => first_time,
+            Err(e) if e.as_db_error().is_some() => {
+                conn.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                    .await?;
+                let reason = describe(&e);
+                results.push(TxResult::retry(&tx.id, reason));
+                stopped = Some(format!("waiting for transaction {} to be retried", tx.id));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if !first_time {
+            conn.client
+                .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                .await?;
+            results.push(TxResult::applied(&tx.id, true));
+            continue;
+        }
+        match apply_tx(conn, tx, schemas, versions).await {
+            Ok(()) => {
+                conn.client
+                    .batch_execute("RELEASE SAVEPOINT client_tx")
+                    .await?;
+                results.push(TxResult::applied(&tx.id, false));
+            }
+            Err(Failure::Fault(e)) => {
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+            Err(Failure::Transient(reason)) => {
+                conn.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                    .await?;
+                results.push(TxResult::retry(&tx.id, reason.clone()));
+                stopped = Some(format!("waiting for transaction {} to be retried", tx.id));
+            }
+            Err(Failure::Rejected { code, reason, keys }) => {
+                conn.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx")
+                    .await?;
+                let rows = current_rows(&conn.client, schemas, keys).await?;
+                conn.client
+                    .batch_execute("RELEASE SAVEPOINT client_tx")
+                    .await?;
+                tracing::debug!(client_id, tx = %tx.id, ?code, %reason, "client transaction rejected");
+                results.push(TxResult {
+                    id: tx.id.clone(),
+                    status: WriteStatus::Rejected,
+                    duplicate: false,
+                    code: Some(code),
+                    reason: Some(reason),
+                    rows,
+                });
+            }
+        }
+    }
+    conn.client.batch_execute("COMMIT").await?;
+    Ok(results)
+}
+
+/// Records the transaction's change ids; false when they were recorded
+/// before (the transaction was applied by an earlier send).
+async fn record_ids(
+    client: &Client,
+    client_id: &str,
+    tx: &ClientTransaction,
+) -> Result<bool, tokio_postgres::Error> {
+    let ids: Vec<&str> = tx.changes.iter().map(|c| c.id.as_str()).collect();
+    let inserted = client
+        .execute(
+            "INSERT INTO pgrelay.applied_changes (client_id, change_id, tx_id) \
+             SELECT $1::text, unnest($2::text[]), $3::text ON CONFLICT DO NOTHING",
+            &[&client_id, &ids, &tx.id],
+        )
+        .await?;
+    Ok(inserted as usize == ids.len())
+}
+
+async fn apply_tx(
+    conn: &mut Conn,
+    tx: &ClientTransaction,
+    schemas: &BTreeMap<String, TableSchema>,
+    versions: &BTreeMap<String, String>,
+) -> Result<(), Failure> {
+    let mut planned: Vec<(&TableSchema, Op, Planned)> = Vec::with_capacity(tx.changes.len());
+    let mut keys: Vec<(String, Row)> = Vec::new();
+    let mut refused = None;
+    for change in &tx.changes {
+        let Some(table) = schemas.get(&change.table) else {
+            refused.get_or_insert((
+                RejectCode::UnknownTable,
+                format!(
+                    "table {:?} is not synced by this server",
+                    change.table.chars().take(64).collect::<String>()
+                ),
+            ));
+            continue;
+        };
+        match plan(table, versions.get(&table.name).map(String::as_str), change) {
+            Ok(Some(p)) => {
+                keys.extend(p.keys.iter().map(|k| (table.name.clone(), k.clone())));
+                planned.push((table, change.op, p));
+            }
+            Ok(None) => {}
+            Err(invalid) => {
+                refused.get_or_insert((invalid.code, invalid.reason));
+            }
+        }
+    }
+    if let Some((code, reason)) = refused {
+        return Err(Failure::Rejected { code, reason, keys });
+    }
+    // Prepare what this connection has not seen yet, then run the changes
+    // pipelined: one round trip for the whole client transaction.
+    for (_, _, p) in &planned {
+        if !conn.prepared.contains_key(&p.sql) {
+            let statement = conn
+                .client
+                .prepare(&p.sql)
+                .await
+                .map_err(|e| classify(e, &keys))?;
+            conn.prepared.insert(p.sql.clone(), statement);
+        }
+    }
+    let client = &conn.client;
+    let prepared = &conn.prepared;
+    let runs = planned.iter().map(|(_, _, p)| async move {
+        let params: Vec<&(dyn ToSql + Sync)> =
+            p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        match prepared.get(&p.sql) {
+            Some(statement) => client.execute(statement, &params).await,
+            None => client.execute(p.sql.as_str(), &params).await,
+        }
+    });
+    let counts = join_all(runs).await;
+    for ((table, op, p), count) in planned.iter().zip(counts) {
+        let count = count.map_err(|e| classify(e, &keys))?;
+        if count > 0 || !p.must_match {
+            continue;
+        }
+        let Some(key) = p.keys.first() else { continue };
+        let current = read_row(client, table, key)
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(_) => Failure::Transient(describe(&e)),
+                None => Failure::Fault(e),
+            })?;
+        let reason = match (&current, op) {
+            // Deleting a row that is already gone is done.
+            (None, Op::Delete) => continue,
+            (None, _) => format!(
+                "{} row {} no longer exists on the server",
+                table.name,
+                show_key(key)
+            ),
+            (Some(row), _) => match versions.get(&table.name) {
+                Some(column) => format!(
+                    "{} row {} changed on the server: the write was based on {column} = {}, the server has {column} = {}",
+                    table.name,
+                    show_key(key),
+                    show_value(p.params.last().and_then(|v| v.as_deref())),
+                    show_value(row.get(column).and_then(|v| v.as_deref()))
+                ),
+                None => format!("{} row {} was not found", table.name, show_key(key)),
+            },
+        };
+        return Err(Failure::Rejected {
+            code: RejectCode::Conflict,
+            reason,
+            keys,
+        });
+    }
+    Ok(())
+}
+
+fn classify(error: tokio_postgres::Error, keys: &[(String, Row)]) -> Failure {
+    let Some(db) = error.as_db_error() else {
+        return Failure::Fault(error);
+    };
+    let state = db.code();
+    let class = &state.code()[..2];
+    let code = if *state == SqlState::T_R_DEADLOCK_DETECTED
+        || *state == SqlState::T_R_SERIALIZATION_FAILURE
+        || *state == SqlState::LOCK_NOT_AVAILABLE
+        || *state == SqlState::QUERY_CANCELED
+    {
+        return Failure::Transient(db.message().to_owned());
+    } else if class == "23" {
+        RejectCode::ConstraintViolation
+    } else if class == "22" {
+        RejectCode::InvalidValue
+    } else if *state == SqlState::UNDEFINED_COLUMN {
+        RejectCode::UnknownColumn
+    } else if *state == SqlState::UNDEFINED_TABLE {
+        RejectCode::UnknownTable
+    } else if class == "08" || class == "57" || class == "53" || class == "58" || class == "XX" {
+        // Connection, shutdown, resources, system: not the write's fault.
+        return Failure::Fault(error);
+    } else {
+        RejectCode::Database
+    };
+    let mut reason = db.message().to_owned();
+    if let Some(detail) = db.detail() {
+        reason.push_str(": ");
+        reason.push_str(detail);
+    }
+    Failure::Rejected {
+        code,
+        reason,
+        keys: keys.to_vec(),
+    }
+}
+
+async fn read_row(
+    client: &Client,
+    table: &TableSchema,
+    key: &Row,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let (sql, params) = select_current(table, key);
+    let params: Vec<&(dyn ToSql + Sync)> =
+        params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    let row = client.query_opt(sql.as_str(), &params).await?;
+    Ok(row.map(|row| {
+        table
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), row.get::<_, Option<String>>(i)))
+            .collect()
+    }))
+}
+
+/// The server's current version of each row a rejected transaction touched.
+async fn current_rows(
+    client: &Client,
+    schemas: &BTreeMap<String, TableSchema>,
+    keys: Vec<(String, Row)>,
+) -> Result<Vec<CurrentRow>, tokio_postgres::Error> {
+    let mut rows: Vec<CurrentRow> = Vec::new();
+    for (table_name, key) in keys {
+        if rows.iter().any(|r| r.table == table_name && r.key == key) {
+            continue;
+        }
+        let Some(table) = schemas.get(&table_name) else {
+            continue;
+        };
+        // A key value the table's type refuses names no row.
+        let row = match read_row(client, table, &key).await {
+            Ok(row) => row,
+            Err(e) if e.as_db_error().is_some() => {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx")
+                    .await?;
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        rows.push(CurrentRow {
+            table: table_name,
+            key,
+            row,
+        });
+    }
+    Ok(rows)
+}
+
+fn show_key(key: &Row) -> String {
+    key.iter()
+        .map(|(k, v)| format!("{k}={}", show_value(v.as_deref())))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn show_value(v: Option<&str>) -> String {
+    match v {
+        Some(v) => v.chars().take(64).collect(),
+        None => "NULL".to_owned(),
+    }
+}
+
+/// PostgreSQL's own words for an error (tokio-postgres prints "db error").
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
