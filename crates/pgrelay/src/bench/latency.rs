@@ -231,7 +231,7 @@ pub(crate) async fn wait_captured(server: &Server, expected: u64) -> anyhow::Res
 }
 
 /// Up to 500 points of the empirical CDF, in milliseconds.
-fn cdf(sorted: &[u32]) -> Vec<(f64, f64)> {
+pub(crate) fn cdf(sorted: &[u32]) -> Vec<(f64, f64)> {
     if sorted.is_empty() {
         return Vec::new();
     }

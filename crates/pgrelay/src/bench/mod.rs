@@ -10,6 +10,7 @@ mod idle;
 mod latency;
 mod plot;
 mod report;
+mod writes;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ pub enum BenchCommand {
     Fanout(fanout::FanoutArgs),
     /// Server memory per idle, handshaken WebSocket connection.
     Idle(idle::IdleArgs),
+    /// Client writes through the outbox: changes applied/s and write → commit time.
+    Writes(writes::WritesArgs),
 }
 
 /// Options every bench takes.
@@ -52,6 +55,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Latency(args) => (args.common.clone(), latency::run(args).await?),
         BenchCommand::Fanout(args) => (args.common.clone(), fanout::run(args).await?),
         BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
+        BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),
     };
     print!("{}", report.render_table());
     if let Some(path) = &common.json {

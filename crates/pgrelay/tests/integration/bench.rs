@@ -90,3 +90,25 @@ fn idle_bench_measures_memory_per_connection() {
     assert!(report["results"]["bytes_per_connection"].as_f64().is_some());
     assert_eq!(report["results"]["connections"], 200);
 }
+
+#[test]
+fn writes_bench_applies_every_client_write_once() {
+    let report = run_bench(&[
+        "writes",
+        "--rows",
+        "500",
+        "--tx-size",
+        "50",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["complete"], true);
+    assert_eq!(results["rows_in_postgres"], 550);
+    assert_eq!(
+        results["applied_change_ids"], 550,
+        "each change id recorded once"
+    );
+}
