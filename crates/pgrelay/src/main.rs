@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// glibc's malloc serialises many threads on a few arenas (the client
+/// fleet in `bench` runs one SQLite thread per replica); mimalloc keeps
+/// per-thread heaps and returns memory to the OS more readily.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use pgrelay::{bench, client_cmd, demo, serve_cmd, verify};
 
 #[derive(Parser)]

@@ -83,6 +83,10 @@ impl Replica {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Statement journals (the capture triggers make SQLite keep one per
+        // statement) and temp tables stay in memory: a temp file per
+        // statement costs a file creation each time.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::ensure_meta(&conn)?;
         capture::ensure_tables(&conn)?;

@@ -97,7 +97,7 @@ pub(crate) async fn run(args: CaptureArgs) -> anyhow::Result<Report> {
 
     let logged: i64 = db
         .query_one(
-            "SELECT count(*) FROM (SELECT DISTINCT lsn, ordinal FROM pgrelay.change_history) l",
+            "SELECT count(DISTINCT (data->>'id')::bigint) FROM pgrelay.change_history",
             &[],
         )
         .await?
