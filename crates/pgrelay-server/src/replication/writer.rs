@@ -159,7 +159,6 @@ async fn commit_loop(
                 .collect();
             history::append(&db, &entries).await?;
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
-            status.add_captured(batch.changes as u64, txs.len() as u64);
         }
         let mut frames = batch.frames;
         frames.extend(txs.iter().map(|(tx, _)| Frame::encoded(tx)));
@@ -168,6 +167,8 @@ async fn commit_loop(
             tracing::trace!(lsn = %last.lsn, since_commit_us = super::now_us() - last.commit_time_us, "transaction published");
         }
         hub.publish(frames);
+        // Counted once published, so "captured" implies sessions can see it.
+        status.add_captured(batch.changes as u64, txs.len() as u64);
         in_flight.fetch_sub(1, Ordering::AcqRel);
         // Durable now: the loop confirms it to the slot. Always notify, so a
         // loop holding a batch until the writer is idle wakes up.

@@ -88,6 +88,12 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     fleet.wait_at(head, Duration::from_secs(3600)).await?;
     let secs = started.elapsed().as_secs_f64();
     let counts = fleet.row_counts(TABLE).await?;
+    let positions = fleet.positions().await?;
+    for (i, (count, lsn)) in counts.iter().zip(&positions).enumerate() {
+        if *count != args.rows as i64 {
+            eprintln!("  client {i}: {count} rows, replica at {lsn:?}, head {head}");
+        }
+    }
     let clients = fleet.len();
     finished.store(true, Ordering::Relaxed);
     let timeline = sampler.await.unwrap_or_default();

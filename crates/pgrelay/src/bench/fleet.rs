@@ -163,6 +163,15 @@ impl Fleet {
         Ok(counts)
     }
 
+    /// Each replica's stored LSN, for diagnosing a short replica.
+    pub(crate) async fn positions(&self) -> anyhow::Result<Vec<Option<Lsn>>> {
+        let mut out = Vec::with_capacity(self.members.len());
+        for member in &self.members {
+            out.push(member.replica.state().await?.lsn);
+        }
+        Ok(out)
+    }
+
     /// Stops every client; returns all recorded latencies in microseconds.
     pub(crate) async fn stop(mut self) -> anyhow::Result<Vec<u32>> {
         let _ = self.stop.send(true);
