@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use pgrelay_pg::TableFilter;
-use pgrelay_server::{Server, ServerConfig};
 use serde_json::json;
 
 use super::report::{thousands, Figure, Report, Series};
@@ -240,12 +238,8 @@ async fn run_pgrelay(
     rows: u64,
 ) -> anyhow::Result<(f64, Vec<(f64, f64)>, CpuSplit)> {
     let own_cpu_before = cpu_seconds("self").unwrap_or(0.0);
-    let mut config = ServerConfig::new(url);
-    config.listen = "127.0.0.1:0".parse()?;
-    config.slot = PGRELAY_SLOT.to_owned();
-    config.tables = TableFilter::Only(vec![TABLE.to_owned()]);
     let started = Instant::now();
-    let server = Server::start(config).await?;
+    let server = super::start_server(url, PGRELAY_SLOT, TABLE).await?;
     let mut timeline = vec![(0.0, 0.0)];
     let mut last_sample = Instant::now();
     let deadline = Duration::from_secs(3600);

@@ -6,8 +6,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use pgrelay_pg::TableFilter;
-use pgrelay_server::{Server, ServerConfig};
 use serde_json::json;
 
 use super::capture::{insert_sql, TABLE, TABLE_DDL};
@@ -39,11 +37,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     let env = BenchDb::open(args.common.database_url.as_deref()).await?;
     let db = env.connect().await?;
     db.batch_execute(TABLE_DDL).await?;
-    let mut config = ServerConfig::new(env.url());
-    config.listen = "127.0.0.1:0".parse()?;
-    config.slot = "bench_fanout".to_owned();
-    config.tables = TableFilter::Only(vec![TABLE.to_owned()]);
-    let server = Server::start(config).await?;
+    let server = super::start_server(env.url(), "bench_fanout", TABLE).await?;
     let dir = tempfile::tempdir()?;
     eprintln!("  starting {} clients ...", args.clients);
     let fleet = Fleet::start(server.local_addr(), args.clients, dir.path(), false).await?;

@@ -6,8 +6,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use pgrelay_pg::TableFilter;
-use pgrelay_server::{Server, ServerConfig};
+use pgrelay_server::Server;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -46,11 +45,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         "CREATE TABLE public.bench_events (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    let mut config = ServerConfig::new(env.url());
-    config.listen = "127.0.0.1:0".parse()?;
-    config.slot = "bench_latency".to_owned();
-    config.tables = TableFilter::Only(vec![TABLE.to_owned()]);
-    let server = Server::start(config).await?;
+    let server = super::start_server(env.url(), "bench_latency", TABLE).await?;
     let dir = tempfile::tempdir()?;
     eprintln!("  starting {} clients ...", args.clients);
     let fleet = Fleet::start(server.local_addr(), args.clients, dir.path(), true).await?;

@@ -111,6 +111,19 @@ impl BenchDb {
     }
 }
 
+/// An in-process server on `slot`, syncing only `table`, on a free port.
+pub(crate) async fn start_server(
+    url: &str,
+    slot: &str,
+    table: &str,
+) -> anyhow::Result<pgrelay_server::Server> {
+    let mut config = pgrelay_server::ServerConfig::new(url);
+    config.listen = "127.0.0.1:0".parse()?;
+    config.slot = slot.to_owned();
+    config.tables = pgrelay_pg::TableFilter::Only(vec![table.to_owned()]);
+    Ok(pgrelay_server::Server::start(config).await?)
+}
+
 /// PostgreSQL's `pg_current_wal_lsn()`.
 pub(crate) async fn current_wal_lsn(
     db: &tokio_postgres::Client,

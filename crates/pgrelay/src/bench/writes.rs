@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use pgrelay_client::{ClientConfig, Event, SyncClient};
-use pgrelay_pg::TableFilter;
-use pgrelay_server::{Server, ServerConfig};
 use serde_json::json;
 use tokio::sync::broadcast::{self, error::RecvError};
 
@@ -50,11 +48,7 @@ pub(crate) async fn run(args: WritesArgs) -> anyhow::Result<Report> {
         "CREATE TABLE public.bench_writes (id bigint PRIMARY KEY, n int NOT NULL, body text NOT NULL)",
     )
     .await?;
-    let mut config = ServerConfig::new(env.url());
-    config.listen = "127.0.0.1:0".parse()?;
-    config.slot = "bench_writes".to_owned();
-    config.tables = TableFilter::Only(vec![TABLE.to_owned()]);
-    let server = Server::start(config).await?;
+    let server = super::start_server(env.url(), "bench_writes", TABLE).await?;
     let dir = tempfile::tempdir()?;
     let mut client_config = ClientConfig::new(
         format!("ws://{}", server.local_addr()),
