@@ -32,7 +32,9 @@ pub(crate) async fn connect_and_sync(
 ) -> Result<Ending, ClientError> {
     let url = config.sync_url();
     let (mut socket, _) =
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config()), false)
+        // `true`: TCP_NODELAY, so a small frame (a write batch, a ping) is
+        // not held back waiting for the ACK of the previous one.
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config()), true)
             .await
             .map_err(|e| ClientError::Connect {
                 url: url.clone(),

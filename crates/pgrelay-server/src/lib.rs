@@ -123,6 +123,14 @@ impl Server {
         });
         let app = api::router(state, shutdown_rx.clone());
         let mut http_shutdown = shutdown_rx;
+        // Frames are small and often back to back (a write result, then its
+        // echo): with Nagle's algorithm the second waits for the client's
+        // delayed ACK, ~40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+            }
+        });
         tasks.spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
