@@ -338,4 +338,75 @@ mod tests {
         );
         assert_eq!(params.len(), 1);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Column names: the schema's, plus hostile ones it does not have.
+        fn column() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => Just("id".to_owned()),
+                3 => Just("title".to_owned()),
+                3 => Just("version".to_owned()),
+                1 => "[a-z\"; -]{1,12}",
+            ]
+        }
+
+        fn any_row() -> impl Strategy<Value = Row> {
+            proptest::collection::btree_map(column(), proptest::option::of("[ -~]{0,8}"), 0..5)
+        }
+
+        fn any_op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                Just(Op::Insert),
+                Just(Op::Update),
+                Just(Op::Delete),
+                Just(Op::Truncate)
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever a client sends, planning never panics; an accepted
+            /// change names only the schema's columns, binds every value as a
+            /// parameter, and under a version check an update or delete can
+            /// only touch the row at the version it was based on.
+            #[test]
+            fn planned_writes_are_bound_and_version_checked(
+                op in any_op(),
+                new in proptest::option::of(any_row()),
+                old in proptest::option::of(any_row()),
+                checked in any::<bool>(),
+            ) {
+                let table = todos();
+                let version = checked.then_some("version");
+                let c = change(op, new.clone(), old.clone());
+                let Ok(Some(planned)) = plan(&table, version, &c) else {
+                    return Ok(());
+                };
+                for row in [new.as_ref(), old.as_ref()].into_iter().flatten() {
+                    for name in row.keys() {
+                        prop_assert!(table.column(name).is_some(), "accepted unknown column {:?}", name);
+                    }
+                }
+                let placeholders = (1..=planned.params.len())
+                    .filter(|n| planned.sql.contains(&format!("${n}::text::")))
+                    .count();
+                prop_assert_eq!(placeholders, planned.params.len());
+                let beyond = format!("${}::", planned.params.len() + 1);
+                prop_assert!(!planned.sql.contains(&beyond), "unbound placeholder in {}", planned.sql);
+                // Values travel only as parameters: the SQL has no literals.
+                prop_assert!(!planned.sql.contains('\''), "literal in SQL: {}", planned.sql);
+                if matches!(op, Op::Update | Op::Delete) {
+                    prop_assert!(planned.must_match);
+                    if checked {
+                        prop_assert!(planned.sql.contains(r#""version" IS NOT DISTINCT FROM $"#),
+                            "version check missing: {}", planned.sql);
+                    }
+                }
+            }
+        }
+    }
 }
