@@ -87,6 +87,9 @@ impl Replica {
         // statement) and temp tables stay in memory: a temp file per
         // statement costs a file creation each time.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // Apply, capture and outbox statements together exceed the default
+        // 16 cached statements; a miss means parsing SQL again.
+        conn.set_prepared_statement_cache_capacity(128);
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::ensure_meta(&conn)?;
         capture::ensure_tables(&conn)?;

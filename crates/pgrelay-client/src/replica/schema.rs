@@ -20,20 +20,18 @@ pub(crate) fn quote(ident: &str) -> String {
 }
 
 pub(crate) fn read_meta(conn: &Connection, key: &str) -> Result<Option<String>, ClientError> {
+    // Cached: the LSN is read and written on every applied batch.
     Ok(conn
-        .query_row(
-            "SELECT value FROM _pgrelay_meta WHERE key = ?1",
-            [key],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT value FROM _pgrelay_meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
         .optional()?)
 }
 
 pub(crate) fn write_meta(conn: &Connection, key: &str, value: &str) -> Result<(), ClientError> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO _pgrelay_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![key, value],
-    )?;
+    )?
+    .execute(params![key, value])?;
     Ok(())
 }
 
