@@ -46,14 +46,32 @@ pub(crate) fn insert_sql(first: u64, count: u64) -> String {
     )
 }
 
+/// Inserts rows `1..=rows` in transactions of `tx_size`, with progress.
+pub(crate) async fn load(
+    db: &tokio_postgres::Client,
+    rows: u64,
+    tx_size: u64,
+) -> anyhow::Result<()> {
+    let mut written = 0;
+    let mut next_report = rows / 10;
+    while written < rows {
+        let count = tx_size.min(rows - written);
+        db.batch_execute(&insert_sql(written + 1, count)).await?;
+        written += count;
+        if written >= next_report && written < rows {
+            eprintln!("  loading: {written} / {rows} rows");
+            next_report += rows / 10;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn run(args: CaptureArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(
         args.rows > 0 && args.tx_size > 0,
         "--rows and --tx-size must be positive"
     );
-    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
-    let db = env.connect().await?;
-    db.batch_execute(TABLE_DDL).await?;
+    let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
     // Both slots exist before the workload, so both decode exactly it.
     for slot in [RECV_SLOT, PGRELAY_SLOT] {
         db.batch_execute(&format!("CREATE PUBLICATION {slot}_pub FOR TABLE {TABLE}"))
@@ -66,17 +84,7 @@ pub(crate) async fn run(args: CaptureArgs) -> anyhow::Result<Report> {
 
     let wal_before_load = current_wal_lsn(&db).await?;
     let started = Instant::now();
-    let mut written = 0;
-    let mut next_report = args.rows / 10;
-    while written < args.rows {
-        let count = args.tx_size.min(args.rows - written);
-        db.batch_execute(&insert_sql(written + 1, count)).await?;
-        written += count;
-        if written >= next_report && written < args.rows {
-            eprintln!("  loading: {written} / {} rows", args.rows);
-            next_report += args.rows / 10;
-        }
-    }
+    load(&db, args.rows, args.tx_size).await?;
     let load_secs = started.elapsed().as_secs_f64();
     let end = current_wal_lsn(&db).await?;
     let workload_wal = end.0 - wal_before_load.0;

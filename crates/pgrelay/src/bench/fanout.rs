@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::json;
 
-use super::capture::{insert_sql, TABLE, TABLE_DDL};
+use super::capture::{load, TABLE, TABLE_DDL};
 use super::fleet::Fleet;
 use super::latency::wait_captured;
 use super::report::{thousands, Figure, Report, Series};
@@ -34,9 +34,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         args.clients > 0 && args.rows > 0 && args.tx_size > 0,
         "--clients, --rows and --tx-size must be positive"
     );
-    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
-    let db = env.connect().await?;
-    db.batch_execute(TABLE_DDL).await?;
+    let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
     let server = super::start_server(env.url(), "bench_fanout", TABLE).await?;
     let dir = tempfile::tempdir()?;
     eprintln!("  starting {} clients ...", args.clients);
@@ -70,12 +68,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
             }
         })
     };
-    let mut written = 0;
-    while written < args.rows {
-        let count = args.tx_size.min(args.rows - written);
-        db.batch_execute(&insert_sql(written + 1, count)).await?;
-        written += count;
-    }
+    load(&db, args.rows, args.tx_size).await?;
     let write_secs = started.elapsed().as_secs_f64();
     let captured = wait_captured(&server, args.rows).await?;
     let head = server.capture_stats().head;

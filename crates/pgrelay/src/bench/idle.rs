@@ -43,9 +43,8 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
         "the open files limit is {limit}; {} connections need more (raise the hard limit: ulimit -Hn)",
         args.connections
     );
-    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
-    let db = env.connect().await?;
-    db.batch_execute(
+    let (env, db) = BenchDb::with_tables(
+        args.common.database_url.as_deref(),
         "CREATE TABLE public.bench_idle (id bigint PRIMARY KEY, body text);
          INSERT INTO public.bench_idle SELECT g, 'row ' || g FROM generate_series(1, 100) g;",
     )

@@ -14,6 +14,8 @@ use super::fleet::{percentile, Fleet};
 use super::report::{thousands, Figure, Report, Series};
 use super::{machine, BenchDb, CommonArgs};
 
+const EVENTS_DDL: &str =
+    "CREATE TABLE public.bench_events (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
 const TABLE: &str = "public.bench_events";
 /// Connections the writer spreads its transactions over, so one commit's
 /// fsync does not hold up the next.
@@ -39,12 +41,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         args.clients > 0 && args.rate > 0,
         "--clients and --rate must be positive"
     );
-    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
-    let db = env.connect().await?;
-    db.batch_execute(
-        "CREATE TABLE public.bench_events (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await?;
+    let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
     let server = super::start_server(env.url(), "bench_latency", TABLE).await?;
     let dir = tempfile::tempdir()?;
     eprintln!("  starting {} clients ...", args.clients);

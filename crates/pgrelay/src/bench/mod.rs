@@ -97,6 +97,17 @@ impl BenchDb {
         })
     }
 
+    /// Opens the bench database and runs `ddl` (the bench's tables) in it.
+    pub(crate) async fn with_tables(
+        database_url: Option<&str>,
+        ddl: &str,
+    ) -> anyhow::Result<(BenchDb, tokio_postgres::Client)> {
+        let env = BenchDb::open(database_url).await?;
+        let db = env.connect().await?;
+        db.batch_execute(ddl).await?;
+        Ok((env, db))
+    }
+
     pub(crate) async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
         Ok(self.db.connect().await?)
     }

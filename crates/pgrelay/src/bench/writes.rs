@@ -17,6 +17,8 @@ use super::fleet::percentile;
 use super::report::{thousands, Figure, Report, Series};
 use super::{machine, BenchDb, CommonArgs};
 
+const WRITES_DDL: &str =
+    "CREATE TABLE public.bench_writes (id bigint PRIMARY KEY, n int NOT NULL, body text NOT NULL)";
 const TABLE: &str = "public.bench_writes";
 
 #[derive(Args, Debug, Clone)]
@@ -42,12 +44,7 @@ pub(crate) async fn run(args: WritesArgs) -> anyhow::Result<Report> {
         args.rows > 0 && args.tx_size > 0 && args.rate > 0,
         "--rows, --tx-size and --rate must be positive"
     );
-    let env = BenchDb::open(args.common.database_url.as_deref()).await?;
-    let db = env.connect().await?;
-    db.batch_execute(
-        "CREATE TABLE public.bench_writes (id bigint PRIMARY KEY, n int NOT NULL, body text NOT NULL)",
-    )
-    .await?;
+    let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), WRITES_DDL).await?;
     let server = super::start_server(env.url(), "bench_writes", TABLE).await?;
     let dir = tempfile::tempdir()?;
     let mut client_config = ClientConfig::new(
