@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub retain: Duration,
     /// Snapshots served at once; further hydrating clients queue.
     pub max_hydrations: usize,
+    /// How often the catalog is checked for new tables to sync (with the
+    /// default filter, every table in schema `public`).
+    pub table_poll_interval: Duration,
 }
 
 impl ServerConfig {
@@ -54,6 +57,7 @@ impl ServerConfig {
             applied_retention: Duration::from_secs(7 * 24 * 3600),
             retain: Duration::from_secs(7 * 24 * 3600),
             max_hydrations: 4,
+            table_poll_interval: Duration::from_secs(2),
         }
     }
 

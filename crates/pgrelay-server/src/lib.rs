@@ -14,6 +14,7 @@ mod session;
 mod snapshot;
 mod state;
 mod status;
+mod table_watch;
 mod writes;
 
 use std::net::SocketAddr;
@@ -115,6 +116,12 @@ impl Server {
         tasks.spawn(prune_applied(
             Arc::clone(&writer),
             config.applied_retention,
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(table_watch::run(
+            info.clone(),
+            config.clone(),
+            Arc::clone(&hub),
             shutdown_rx.clone(),
         ));
         tasks.spawn(retention::prune_log(

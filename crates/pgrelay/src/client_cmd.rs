@@ -78,6 +78,8 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                     tables_done,
                 } => progress.update(rows, bytes, estimated_rows, tables, tables_done),
                 Event::Hydrated {
+                    full,
+                    tables,
                     rows,
                     bytes,
                     elapsed,
@@ -85,6 +87,8 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                 } => {
                     progress.finish();
                     tracing::info!(
+                        full,
+                        ?tables,
                         rows,
                         mb = bytes as f64 / 1e6,
                         ?elapsed,
