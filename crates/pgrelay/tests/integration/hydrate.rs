@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{replica_lsn, start_client, wait_for, World};
 
+/// A `Hydrated` event: full, tables, rows, tables fetched again.
+type Hydrated = (bool, Vec<String>, u64, Vec<String>);
+
 /// Collects a client's `Hydrated` events.
-fn hydrations(
-    client: &crate::support::RunningClient,
-) -> Arc<std::sync::Mutex<Vec<(bool, Vec<String>, u64, Vec<String>)>>> {
+fn hydrations(client: &crate::support::RunningClient) -> Arc<std::sync::Mutex<Vec<Hydrated>>> {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut events = client.client.subscribe();
     let sink = Arc::clone(&seen);
