@@ -32,7 +32,13 @@ impl ClientError {
             | ClientError::Silent(_)
             | ClientError::Protocol(_) => true,
             ClientError::Refused { code, .. } => {
-                matches!(code, ErrorCode::TooSlow | ErrorCode::Internal)
+                matches!(
+                    code,
+                    ErrorCode::TooSlow
+                        | ErrorCode::Internal
+                        | ErrorCode::RateLimited
+                        | ErrorCode::Disconnected
+                )
             }
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
         }

@@ -2,8 +2,15 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
+
 use crate::hub::Hub;
+use crate::lag::LagMonitor;
+use crate::metrics::Metrics;
+use crate::ratelimit::IpLimiter;
 use crate::reader::LogReader;
+use crate::registry::Registry;
+use crate::session::table::SessionTable;
 use crate::status::ReplicationStatus;
 use crate::writes::Writer;
 use crate::ServerConfig;
@@ -14,4 +21,16 @@ pub(crate) struct AppState {
     pub(crate) log_reader: LogReader,
     pub(crate) replication: Arc<ReplicationStatus>,
     pub(crate) writer: Arc<Writer>,
+    /// The sessions live on this node, by client id.
+    pub(crate) sessions: Arc<SessionTable>,
+    pub(crate) registry: Arc<dyn Registry>,
+    /// This node's name in the registry.
+    pub(crate) node: String,
+    /// This run of this node: names its sessions in the registry.
+    pub(crate) instance: String,
+    pub(crate) metrics: Metrics,
+    pub(crate) lag: Arc<LagMonitor>,
+    pub(crate) connect_limiter: IpLimiter,
+    /// One permit per sync connection (`--max-connections`).
+    pub(crate) connections: Arc<Semaphore>,
 }

@@ -17,6 +17,8 @@ pub(crate) struct Hello {
     pub(crate) last_lsn: Option<Lsn>,
     #[allow(dead_code)] // checked by the auth layer once tokens are configured
     pub(crate) token: Option<String>,
+    /// The tables the client syncs; `None` for all.
+    pub(crate) tables: Option<Vec<String>>,
 }
 
 pub(super) async fn receive(
@@ -53,6 +55,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         client_id,
         token,
         last_lsn,
+        tables,
     } = message
     else {
         return Err(Refusal::new(
@@ -81,6 +84,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         client_id,
         last_lsn,
         token,
+        tables,
     })
 }
 

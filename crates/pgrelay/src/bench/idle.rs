@@ -153,6 +153,8 @@ async fn spawn_server(url: &str) -> anyhow::Result<(tokio::process::Child, Strin
     let mut child = tokio::process::Command::new(exe)
         .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
         .args(["--slot", "bench_idle", "--tables", TABLE])
+        // Every connection comes from 127.0.0.1, as fast as it can.
+        .args(["--connect-rate", "0", "--max-connections", "1000000"])
         .env("PGRELAY_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -189,6 +191,7 @@ async fn hold_connection(
         client_id,
         token: None,
         last_lsn: None,
+        tables: None,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))
