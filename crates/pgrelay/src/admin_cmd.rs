@@ -133,9 +133,19 @@ fn render_table(rows: &[ClientRow]) -> String {
     out
 }
 
-/// One request; returns the status code and the body.
 async fn request(server: &AdminServer, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let base = server.server.trim_end_matches('/');
+    http(&server.server, Some(&server.admin_token), method, path).await
+}
+
+/// One HTTP/1.1 request to `base` (`http://host:port`); returns the status
+/// code and the body.
+pub async fn http(
+    base: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    let base = base.trim_end_matches('/');
     let authority = base
         .strip_prefix("http://")
         .or_else(|| base.strip_prefix("ws://"))
@@ -145,9 +155,11 @@ async fn request(server: &AdminServer, method: &str, path: &str) -> anyhow::Resu
         let mut stream = TcpStream::connect(authority)
             .await
             .with_context(|| format!("connecting to {authority}"))?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            server.admin_token
+            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).await?;
         let mut response = Vec::new();

@@ -18,7 +18,7 @@ use pgrelay_protocol::Lsn;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::session::table::{now_ms, LiveSession, SessionTable, Signal};
+use crate::session::table::{LiveSession, SessionTable, Signal};
 use crate::ServerConfig;
 
 pub(crate) use embedded::EmbeddedRegistry;
@@ -108,9 +108,12 @@ pub(crate) fn session_key(instance: &str, session: &LiveSession) -> String {
     format!("{instance}/{}", session.id)
 }
 
-/// Keeps live sessions' records fresh: those active since their last
-/// refresh, and all of them before half the TTL has passed. A session whose
+/// Keeps the records of live sessions fresh: their TTL starts again and
+/// their position and activity are brought up to date. A session whose
 /// client registered again through another node is told it was replaced.
+/// Every live session is written every interval (pipelined, 500 at a
+/// time): 10,000 sessions at the default 10 s is 1,000 Redis writes a
+/// second.
 pub(crate) async fn refresh_live(
     registry: Arc<dyn Registry>,
     sessions: Arc<SessionTable>,
@@ -119,33 +122,21 @@ pub(crate) async fn refresh_live(
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), crate::ServerError> {
-    let half_ttl = (config.registry_ttl / 2).as_millis() as u64;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             _ = tokio::time::sleep(config.registry_refresh) => {}
         }
-        let now = now_ms();
-        let due: Vec<Arc<LiveSession>> = sessions
-            .all()
-            .into_iter()
-            .filter(|s| {
-                s.last_activity_ms() > s.refreshed_ms()
-                    || now.saturating_sub(s.refreshed_ms()) >= half_ttl
-            })
-            .collect();
-        for chunk in due.chunks(500) {
+        let live = sessions.all();
+        for chunk in live.chunks(500) {
             let records: Vec<ClientRecord> =
                 chunk.iter().map(|s| record(&node, &instance, s)).collect();
             match registry.refresh(&records).await {
                 Ok(replaced) => {
-                    for session in chunk {
-                        session.set_refreshed(now);
-                        if replaced.contains(&session.client_id) {
-                            tracing::info!(client_id = %session.client_id, "client connected through another node");
-                            session.signal(Signal::Replaced);
-                        }
+                    for session in chunk.iter().filter(|s| replaced.contains(&s.client_id)) {
+                        tracing::info!(client_id = %session.client_id, "client connected through another node");
+                        session.signal(Signal::Replaced);
                     }
                 }
                 Err(e) => {

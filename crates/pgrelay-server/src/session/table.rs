@@ -52,8 +52,6 @@ pub(crate) struct LiveSession {
     last_activity_ms: AtomicU64,
     /// Commit LSN of the last transaction sent (or the client's position).
     sent: AtomicU64,
-    /// Activity not yet written to the registry.
-    refreshed_ms: AtomicU64,
     signal: AtomicU8,
     wake: Notify,
 }
@@ -73,15 +71,6 @@ impl LiveSession {
 
     pub(crate) fn touch(&self) {
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// When the registry last heard of this session.
-    pub(crate) fn refreshed_ms(&self) -> u64 {
-        self.refreshed_ms.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_refreshed(&self, at_ms: u64) {
-        self.refreshed_ms.store(at_ms, Ordering::Relaxed);
     }
 
     /// Asks the session to act; a close outranks a nudge.
@@ -136,7 +125,6 @@ impl SessionTable {
             connected_at_ms: now,
             last_activity_ms: AtomicU64::new(now),
             sent: AtomicU64::new(lsn.0),
-            refreshed_ms: AtomicU64::new(now),
             signal: AtomicU8::new(0),
             wake: Notify::new(),
         });
