@@ -55,6 +55,8 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `Err` holds the refusal to answer with.
+#[allow(clippy::result_large_err)] // built once per refused request
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(expected) = state.config.admin_token.as_deref() else {
         return Err(answer(
@@ -153,7 +155,11 @@ async fn disconnect(
     }
     if let Some(session) = state.sessions.get(&id) {
         session.signal(Signal::Disconnect);
-        return answer(StatusCode::OK, "disconnected", format!("closing {id}'s session"));
+        return answer(
+            StatusCode::OK,
+            "disconnected",
+            format!("closing {id}'s session"),
+        );
     }
     elsewhere_or_missing(&state, &id).await
 }
@@ -175,9 +181,17 @@ async fn forget(
     match state.registry.forget(&id).await {
         Ok(found) if found || live.is_some() => {
             tracing::info!(client_id = %id, "client forgotten");
-            answer(StatusCode::OK, "forgotten", format!("{id} is no longer registered"))
+            answer(
+                StatusCode::OK,
+                "forgotten",
+                format!("{id} is no longer registered"),
+            )
         }
-        Ok(_) => answer(StatusCode::NOT_FOUND, "unknown_client", format!("{id} is not registered")),
+        Ok(_) => answer(
+            StatusCode::NOT_FOUND,
+            "unknown_client",
+            format!("{id} is not registered"),
+        ),
         Err(e) => registry_failed(&state, e),
     }
 }
@@ -195,7 +209,11 @@ async fn notify(
     }
     if let Some(session) = state.sessions.get(&id) {
         session.signal(Signal::Nudge);
-        return answer(StatusCode::ACCEPTED, "notified", format!("{id}'s session reads the change log"));
+        return answer(
+            StatusCode::ACCEPTED,
+            "notified",
+            format!("{id}'s session reads the change log"),
+        );
     }
     match state.registry.get(&id).await {
         Ok(Some(record)) if record.node != state.node => misdirected(record),
@@ -206,7 +224,11 @@ async fn notify(
                 return registry_failed(&state, e);
             }
             tracing::info!(client_id = %id, "notified a client with no live session: gone, removed from the registry");
-            answer(StatusCode::GONE, "gone", format!("{id} has no live session; removed from the registry"))
+            answer(
+                StatusCode::GONE,
+                "gone",
+                format!("{id} has no live session; removed from the registry"),
+            )
         }
         Err(e) => registry_failed(&state, e),
     }
@@ -230,7 +252,10 @@ fn misdirected(record: ClientRecord) -> Response {
         StatusCode::MISDIRECTED_REQUEST,
         Json(Answer {
             code: "other_node",
-            message: format!("{} is connected to node {}; ask that node", record.client_id, record.node),
+            message: format!(
+                "{} is connected to node {}; ask that node",
+                record.client_id, record.node
+            ),
             node: Some(record.node),
         }),
     )

@@ -155,7 +155,10 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
         reasons.push("shutting down".to_owned());
     }
     if !replication.connected {
-        let why = replication.last_error.as_deref().unwrap_or("not yet connected");
+        let why = replication
+            .last_error
+            .as_deref()
+            .unwrap_or("not yet connected");
         reasons.push(format!("replication is not connected: {why}"));
     } else if !state.replication.is_healthy(STALL_AFTER) {
         reasons.push(format!(

@@ -78,13 +78,17 @@ impl LagState {
             self.samples.push_back((now, wal));
         }
         while self.samples.len() > MAX_SAMPLES
-            || self.samples.front().is_some_and(|(_, lsn)| *lsn <= confirmed)
+            || self
+                .samples
+                .front()
+                .is_some_and(|(_, lsn)| *lsn <= confirmed)
         {
             self.samples.pop_front();
         }
         self.measured = Some(now);
         self.error = None;
-        let stalled = wal > confirmed && now.duration_since(self.confirmed_moved) >= self.stall_after;
+        let stalled =
+            wal > confirmed && now.duration_since(self.confirmed_moved) >= self.stall_after;
         (stalled != self.stalled).then(|| {
             self.stalled = stalled;
             stalled
@@ -187,7 +191,10 @@ struct Measurement {
     bytes: i64,
 }
 
-async fn measure(db: &tokio_postgres::Client, slot: &str) -> Result<Measurement, tokio_postgres::Error> {
+async fn measure(
+    db: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Measurement, tokio_postgres::Error> {
     let row = db
         .query_one(
             "SELECT pg_current_wal_lsn(),

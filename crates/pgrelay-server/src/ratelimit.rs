@@ -100,7 +100,10 @@ mod tests {
         assert!(!bucket.take(10.0, 3, later));
         // Never more than the burst, however long it rested.
         let much_later = later + Duration::from_secs(3600);
-        assert_eq!((0..10).filter(|_| bucket.take(10.0, 3, much_later)).count(), 3);
+        assert_eq!(
+            (0..10).filter(|_| bucket.take(10.0, 3, much_later)).count(),
+            3
+        );
         assert!(bucket.take(0.0, 3, much_later), "rate 0 means no limit");
     }
 

@@ -77,7 +77,10 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Disconnect { server, client_id } => {
-            let path = format!("/api/admin/clients/{}/disconnect", path_segment(&client_id)?);
+            let path = format!(
+                "/api/admin/clients/{}/disconnect",
+                path_segment(&client_id)?
+            );
             answer(request(&server, "POST", &path).await?)
         }
         AdminCommand::Forget { server, client_id } => {
@@ -181,10 +184,15 @@ fn parse_response(response: &[u8]) -> anyhow::Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("the server's answer has no status")?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
     Ok((status, body))
 }
 

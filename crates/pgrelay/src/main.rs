@@ -22,7 +22,12 @@ use pgrelay::{admin_cmd, bench, client_cmd, demo, serve_cmd, verify};
 )]
 struct Cli {
     /// Log lines as text (default) or as JSON objects, one a line.
-    #[arg(long, global = true, env = "PGRELAY_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "PGRELAY_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -35,6 +40,7 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
     /// Capture PostgreSQL's changes and stream them to clients.
     Serve(serve_cmd::ServeArgs),

@@ -34,7 +34,10 @@ impl EmbeddedRegistry {
 }
 
 impl Registry for EmbeddedRegistry {
-    fn register<'a>(&'a self, record: &'a ClientRecord) -> BoxFuture<'a, Result<(), RegistryError>> {
+    fn register<'a>(
+        &'a self,
+        record: &'a ClientRecord,
+    ) -> BoxFuture<'a, Result<(), RegistryError>> {
         let expires = Instant::now() + self.ttl;
         self.live()
             .insert(record.client_id.clone(), (record.clone(), expires));
@@ -67,7 +70,10 @@ impl Registry for EmbeddedRegistry {
         session: &'a str,
     ) -> BoxFuture<'a, Result<(), RegistryError>> {
         let mut held = self.live();
-        if held.get(client_id).is_some_and(|(r, _)| r.session == session) {
+        if held
+            .get(client_id)
+            .is_some_and(|(r, _)| r.session == session)
+        {
             held.remove(client_id);
         }
         ready(Ok(())).boxed()

@@ -52,7 +52,8 @@ pub(crate) struct ClientRecord {
 
 /// Where client records live. Every method is one round trip at most.
 pub(crate) trait Registry: Send + Sync {
-    fn register<'a>(&'a self, record: &'a ClientRecord) -> BoxFuture<'a, Result<(), RegistryError>>;
+    fn register<'a>(&'a self, record: &'a ClientRecord)
+        -> BoxFuture<'a, Result<(), RegistryError>>;
 
     /// Writes fresh records for live sessions (their TTL starts again).
     /// Returns the ids of clients whose record another session holds now:

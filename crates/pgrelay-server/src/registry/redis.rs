@@ -33,7 +33,11 @@ pub(crate) struct RedisRegistry {
 }
 
 impl RedisRegistry {
-    pub(crate) fn new(url: &str, prefix: &str, ttl: Duration) -> Result<RedisRegistry, RegistryError> {
+    pub(crate) fn new(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<RedisRegistry, RegistryError> {
         Ok(RedisRegistry {
             redis: Redis::new(url)?,
             prefix: prefix.to_owned(),
@@ -127,7 +131,10 @@ fn eval(script: &str, key: Vec<u8>, args: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 }
 
 impl Registry for RedisRegistry {
-    fn register<'a>(&'a self, record: &'a ClientRecord) -> BoxFuture<'a, Result<(), RegistryError>> {
+    fn register<'a>(
+        &'a self,
+        record: &'a ClientRecord,
+    ) -> BoxFuture<'a, Result<(), RegistryError>> {
         async move {
             self.redis
                 .command(vec![

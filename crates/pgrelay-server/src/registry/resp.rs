@@ -49,8 +49,7 @@ impl Redis {
             Some((host, "")) => (host, 0),
             Some((host, db)) => (
                 host,
-                db.parse()
-                    .map_err(|_| RegistryError::Url(url.to_owned()))?,
+                db.parse().map_err(|_| RegistryError::Url(url.to_owned()))?,
             ),
             None => (rest, 0),
         };
@@ -152,11 +151,13 @@ pub(crate) fn encode(args: &[Vec<u8>], out: &mut Vec<u8>) {
     }
 }
 
-/// One reply; an error reply is `Ok(Err(message))`.
-fn read_reply(
-    conn: &mut BufReader<TcpStream>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Result<Reply, String>, RegistryError>> + Send + '_>>
-{
+/// A reply, or the message of an error reply, read from the connection.
+type ReplyRead<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Result<Reply, String>, RegistryError>> + Send + 'a>,
+>;
+
+/// One reply; an error reply is `Ok(Err(message))`. Boxed: arrays nest.
+fn read_reply(conn: &mut BufReader<TcpStream>) -> ReplyRead<'_> {
     Box::pin(async move {
         let mut line = Vec::new();
         conn.read_until(b'\n', &mut line).await.map_err(io)?;
@@ -228,7 +229,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(Redis::new("redis://127.0.0.1:6379").unwrap().addr, "127.0.0.1:6379");
+        assert_eq!(
+            Redis::new("redis://127.0.0.1:6379").unwrap().addr,
+            "127.0.0.1:6379"
+        );
         assert_eq!(Redis::new("redis://cache/2").unwrap().db, 2);
         assert_eq!(Redis::new("redis://cache").unwrap().addr, "cache:6379");
         assert!(Redis::new("http://x").is_err());

@@ -32,14 +32,24 @@ async fn lifecycle(registry: &dyn Registry) {
     registry.register(&a).await.unwrap();
     registry.register(&record("b", "s2")).await.unwrap();
     assert_eq!(registry.get("a").await.unwrap(), Some(a.clone()));
-    let ids: Vec<String> = registry.list().await.unwrap().into_iter().map(|r| r.client_id).collect();
+    let ids: Vec<String> = registry
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.client_id)
+        .collect();
     assert_eq!(ids, ["a", "b"]);
 
     // A refresh writes new metadata for the session holding the record.
     let mut fresher = a.clone();
     fresher.last_lsn = Lsn(99);
     fresher.last_activity_ms = 3;
-    assert!(registry.refresh(std::slice::from_ref(&fresher)).await.unwrap().is_empty());
+    assert!(registry
+        .refresh(std::slice::from_ref(&fresher))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(registry.get("a").await.unwrap(), Some(fresher.clone()));
 
     // Client a connects again (session s3): the old session's refresh learns
@@ -87,7 +97,9 @@ async fn redis_lifecycle() {
 async fn redis_lists_many_and_survives_a_bad_url() {
     let prefix = unique_prefix("many");
     let registry = RedisRegistry::new(&redis_url(), &prefix, Duration::from_secs(60)).unwrap();
-    let records: Vec<ClientRecord> = (0..1200).map(|i| record(&format!("c{i:04}"), "s")).collect();
+    let records: Vec<ClientRecord> = (0..1200)
+        .map(|i| record(&format!("c{i:04}"), "s"))
+        .collect();
     assert!(registry.refresh(&records).await.unwrap().is_empty());
     assert_eq!(registry.list().await.unwrap(), records);
     for r in &records {
@@ -95,6 +107,7 @@ async fn redis_lists_many_and_survives_a_bad_url() {
     }
     assert!(registry.list().await.unwrap().is_empty());
 
-    let nowhere = RedisRegistry::new("redis://127.0.0.1:1", &prefix, Duration::from_secs(60)).unwrap();
+    let nowhere =
+        RedisRegistry::new("redis://127.0.0.1:1", &prefix, Duration::from_secs(60)).unwrap();
     assert!(matches!(nowhere.list().await, Err(RegistryError::Io(_))));
 }

@@ -178,7 +178,9 @@ mod tests {
             sub.pass(Frame::transaction(&tx(&["public.b"]))),
             Pass::Skip
         ));
-        match sub.pass(Frame::transaction(&tx(&["public.b", "public.a", "public.b"]))) {
+        match sub.pass(Frame::transaction(&tx(&[
+            "public.b", "public.a", "public.b",
+        ]))) {
             Pass::Send(f) => {
                 let ServerMessage::Tx(t) = serde_json::from_str(f.text.as_str()).unwrap() else {
                     panic!("not a tx")

@@ -73,7 +73,11 @@ async fn ready_fails_while_replication_stalls_and_metrics_show_it() {
     })
     .await;
     assert!(body.contains("\"ready\":false"), "{body}");
-    assert_eq!(http(addr, None, "GET", "/health").await.0, 200, "still alive");
+    assert_eq!(
+        http(addr, None, "GET", "/health").await.0,
+        200,
+        "still alive"
+    );
     assert_eq!(metric(addr, "pgrelay_replication_stalled").await, 1.0);
 
     locker.batch_execute("ROLLBACK").await.unwrap();
@@ -91,7 +95,12 @@ async fn admin_cli(addr: std::net::SocketAddr, args: &[&str]) -> std::process::O
     tokio::process::Command::new(BIN)
         .arg("admin")
         .args(args)
-        .args(["--server", &format!("http://{addr}"), "--admin-token", TOKEN])
+        .args([
+            "--server",
+            &format!("http://{addr}"),
+            "--admin-token",
+            TOKEN,
+        ])
         .output()
         .await
         .unwrap()
@@ -115,7 +124,14 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
     // The token is required, and checked.
     assert_eq!(http(addr, None, "GET", "/api/admin/clients").await.0, 401);
     assert_eq!(
-        http(addr, Some("wrong-token-wrong-token"), "GET", "/api/admin/clients").await.0,
+        http(
+            addr,
+            Some("wrong-token-wrong-token"),
+            "GET",
+            "/api/admin/clients"
+        )
+        .await
+        .0,
         401
     );
     let table = wait_for("both clients listed", Duration::from_secs(10), || async {
@@ -124,7 +140,10 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
         (out.status.success() && text.contains("alpha") && text.contains("beta")).then_some(text)
     })
     .await;
-    assert!(table.contains("connected") && table.contains("yes") && table.contains("2 clients"), "{table}");
+    assert!(
+        table.contains("connected") && table.contains("yes") && table.contains("2 clients"),
+        "{table}"
+    );
     let (_, json) = http(addr, Some(TOKEN), "GET", "/api/admin/clients").await;
     let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
     let alpha_row = rows
@@ -133,13 +152,27 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
         .iter()
         .find(|r| r["client_id"] == "alpha")
         .unwrap();
-    for field in ["connected", "node", "lsn", "lag_bytes", "last_seen_ms", "connected_at_ms"] {
-        assert!(!alpha_row[field].is_null(), "{field} missing in {alpha_row}");
+    for field in [
+        "connected",
+        "node",
+        "lsn",
+        "lag_bytes",
+        "last_seen_ms",
+        "connected_at_ms",
+    ] {
+        assert!(
+            !alpha_row[field].is_null(),
+            "{field} missing in {alpha_row}"
+        );
     }
 
     // Disconnect: beta's session closes with `disconnected`.
     let out = admin_cli(addr, &["disconnect", "beta"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ended = read_to_end(&mut beta, Duration::from_secs(20)).await;
     assert_eq!(ended.error.map(|e| e.0), Some(ErrorCode::Disconnected));
     assert_eq!(ended.close, Some(CloseCode::DISCONNECTED.0));
@@ -154,18 +187,26 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
     assert_eq!(
-        http(addr, Some(TOKEN), "POST", "/api/admin/clients/beta/notify").await.0,
+        http(addr, Some(TOKEN), "POST", "/api/admin/clients/beta/notify")
+            .await
+            .0,
         410
     );
     assert_eq!(
-        http(addr, Some(TOKEN), "POST", "/api/admin/clients/alpha/notify").await.0,
+        http(addr, Some(TOKEN), "POST", "/api/admin/clients/alpha/notify")
+            .await
+            .0,
         202
     );
 
     // Forget: alpha's record goes and its session closes; the library
     // client reconnects (disconnected is retryable) and registers again.
     let out = admin_cli(addr, &["forget", "alpha"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     world.exec("INSERT INTO t VALUES (2)").await;
     world.wait_equal(&path, Duration::from_secs(30)).await;
     alpha.stop().await;
@@ -173,7 +214,13 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
 
     // Without --admin-token the admin API is off.
     let server = world.start_server().await;
-    let (status, body) = http(server.local_addr(), Some(TOKEN), "GET", "/api/admin/clients").await;
+    let (status, body) = http(
+        server.local_addr(),
+        Some(TOKEN),
+        "GET",
+        "/api/admin/clients",
+    )
+    .await;
     assert_eq!(status, 404);
     assert!(body.contains("--admin-token"), "{body}");
     server.shutdown().await.unwrap();
@@ -195,7 +242,9 @@ async fn two_nodes_share_the_registry_through_redis() {
         config.node = Some(name.to_owned());
         config
     };
-    let a = pgrelay_server::Server::start(node("node-a", world.slot())).await.unwrap();
+    let a = pgrelay_server::Server::start(node("node-a", world.slot()))
+        .await
+        .unwrap();
     let b = pgrelay_server::Server::start(node("node-b", format!("{}_b", world.slot())))
         .await
         .unwrap();
@@ -206,7 +255,13 @@ async fn two_nodes_share_the_registry_through_redis() {
     read_to_caught_up(&mut c).await;
     let key = format!("{prefix}client:roamer");
     let stored = redis(&["GET", &key]).await;
-    for field in ["\"node\":\"node-a\"", "connected_at_ms", "last_lsn", "last_activity_ms", "\"session\""] {
+    for field in [
+        "\"node\":\"node-a\"",
+        "connected_at_ms",
+        "last_lsn",
+        "last_activity_ms",
+        "\"session\"",
+    ] {
         assert!(stored.contains(field), "{field} not in {stored}");
     }
     let ttl = redis(&["TTL", &key]).await;
@@ -215,10 +270,23 @@ async fn two_nodes_share_the_registry_through_redis() {
     // Node b sees it, and points a notification at node a.
     let (_, list) = http(b_addr, Some(TOKEN), "GET", "/api/admin/clients").await;
     assert!(list.contains("roamer") && list.contains("node-a"), "{list}");
-    let (status, body) = http(b_addr, Some(TOKEN), "POST", "/api/admin/clients/roamer/notify").await;
+    let (status, body) = http(
+        b_addr,
+        Some(TOKEN),
+        "POST",
+        "/api/admin/clients/roamer/notify",
+    )
+    .await;
     assert_eq!(status, 421, "{body}");
     assert_eq!(
-        http(a_addr, Some(TOKEN), "POST", "/api/admin/clients/roamer/notify").await.0,
+        http(
+            a_addr,
+            Some(TOKEN),
+            "POST",
+            "/api/admin/clients/roamer/notify"
+        )
+        .await
+        .0,
         202
     );
 
@@ -243,7 +311,13 @@ async fn two_nodes_share_the_registry_through_redis() {
     redis(&["SET", &ghost, record, "EX", "60"]).await;
     let (_, list) = http(a_addr, Some(TOKEN), "GET", "/api/admin/clients").await;
     assert!(list.contains("ghost"), "{list}");
-    let (status, body) = http(a_addr, Some(TOKEN), "POST", "/api/admin/clients/ghost/notify").await;
+    let (status, body) = http(
+        a_addr,
+        Some(TOKEN),
+        "POST",
+        "/api/admin/clients/ghost/notify",
+    )
+    .await;
     assert_eq!(status, 410, "{body}");
     assert!(redis(&["EXISTS", &ghost]).await.contains(":0"));
 

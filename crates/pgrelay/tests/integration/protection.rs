@@ -81,7 +81,10 @@ async fn a_flooding_client_is_cut_off_and_the_others_keep_up() {
     flood.abort();
     assert_eq!(error, Some(ErrorCode::RateLimited));
     assert_eq!(close, Some(CloseCode::RATE_LIMITED.0));
-    assert_eq!(metric(addr, "pgrelay_rate_limited_total{limit=\"message\"}").await, 1.0);
+    assert_eq!(
+        metric(addr, "pgrelay_rate_limited_total{limit=\"message\"}").await,
+        1.0
+    );
     assert!(metric(addr, "pgrelay_sessions").await <= 1.0);
 
     // Delivery to the good client during the flood: every transaction
@@ -93,7 +96,10 @@ async fn a_flooding_client_is_cut_off_and_the_others_keep_up() {
             worst_ms = worst_ms.max(lag_ms);
         }
     }
-    assert!(worst_ms < 5_000, "the good client lagged {worst_ms} ms during the flood");
+    assert!(
+        worst_ms < 5_000,
+        "the good client lagged {worst_ms} ms during the flood"
+    );
     good.stop().await;
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
@@ -109,7 +115,12 @@ fn http_status(result: Result<(), tungstenite::Error>) -> Option<(u16, String)> 
     }
 }
 
-async fn try_connect(addr: std::net::SocketAddr) -> (Result<(), tungstenite::Error>, Option<crate::support::raw::Socket>) {
+async fn try_connect(
+    addr: std::net::SocketAddr,
+) -> (
+    Result<(), tungstenite::Error>,
+    Option<crate::support::raw::Socket>,
+) {
     match tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync")).await {
         Ok((socket, _)) => (Ok(()), Some(socket)),
         Err(e) => (Err(e), None),
@@ -135,7 +146,10 @@ async fn connection_limits_answer_429_and_503() {
     let (status, body) = http_status(result).expect("an HTTP refusal");
     assert_eq!(status, 429);
     assert!(body.contains("rate_limited"), "{body}");
-    assert_eq!(metric(addr, "pgrelay_rate_limited_total{limit=\"connect\"}").await, 1.0);
+    assert_eq!(
+        metric(addr, "pgrelay_rate_limited_total{limit=\"connect\"}").await,
+        1.0
+    );
     server.shutdown().await.unwrap();
 
     let mut config = world.server_config();
@@ -149,7 +163,10 @@ async fn connection_limits_answer_429_and_503() {
     let (result, _) = try_connect(addr).await;
     let (status, body) = http_status(result).expect("an HTTP refusal");
     assert_eq!(status, 503);
-    assert!(body.contains("too_many_connections") && body.contains("--max-connections"), "{body}");
+    assert!(
+        body.contains("too_many_connections") && body.contains("--max-connections"),
+        "{body}"
+    );
     // A place frees up when a session ends.
     first.close(None).await.unwrap();
     wait_for("a free place", Duration::from_secs(10), || async {

@@ -35,20 +35,26 @@ async fn a_subscribed_client_gets_only_its_tables() {
         c.tables = Some(vec!["a".to_owned()])
     })
     .await;
-    world.exec("INSERT INTO a VALUES (1, 'a1'); INSERT INTO b VALUES (1, 'b1');").await;
+    world
+        .exec("INSERT INTO a VALUES (1, 'a1'); INSERT INTO b VALUES (1, 'b1');")
+        .await;
     // One transaction over both tables: the client gets its half.
     world
         .exec("BEGIN; INSERT INTO a VALUES (2, 'a2'); INSERT INTO b VALUES (2, 'b2'); UPDATE a SET v = 'a1x' WHERE id = 1; COMMIT;")
         .await;
     let only_a = vec!["a".to_owned()];
     let url = world.url().to_owned();
-    wait_for("table a on the replica", Duration::from_secs(30), || async {
-        pgrelay::verify::verify(&url, &path, Some(only_a.as_slice()))
-            .await
-            .ok()
-            .filter(|r| r.all_match())
-            .map(|_| ())
-    })
+    wait_for(
+        "table a on the replica",
+        Duration::from_secs(30),
+        || async {
+            pgrelay::verify::verify(&url, &path, Some(only_a.as_slice()))
+                .await
+                .ok()
+                .filter(|r| r.all_match())
+                .map(|_| ())
+        },
+    )
     .await;
     let status = client.replica.status().await.unwrap();
     let tables: Vec<&str> = status.tables.iter().map(|t| t.table.as_str()).collect();
@@ -58,20 +64,39 @@ async fn a_subscribed_client_gets_only_its_tables() {
     // still reaches the head and exits when caught up.
     world.exec("INSERT INTO b VALUES (3, 'b3')").await;
     // Six changes in all, the last one on `b` only.
-    wait_for("the change log to hold every change", Duration::from_secs(20), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await == 6).then_some(())
-    })
+    wait_for(
+        "the change log to hold every change",
+        Duration::from_secs(20),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                == 6)
+                .then_some(())
+        },
+    )
     .await;
     let head = head(&world).await;
-    wait_for("the server at the head", Duration::from_secs(20), || async {
-        let (_, body) = http(addr, None, "GET", "/api/status").await;
-        body.contains(&format!("\"head_lsn\":\"{head}\"")).then_some(())
-    })
+    wait_for(
+        "the server at the head",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = http(addr, None, "GET", "/api/status").await;
+            body.contains(&format!("\"head_lsn\":\"{head}\""))
+                .then_some(())
+        },
+    )
     .await;
     let fresh = world.replica_path("fresh-a");
     let out = tokio::process::Command::new(BIN)
         .args(["client", "sync", "--server", &format!("ws://{addr}")])
-        .args(["--client-id", "fresh-a", "--tables", "a", "--exit-when-caught-up"])
+        .args([
+            "--client-id",
+            "fresh-a",
+            "--tables",
+            "a",
+            "--exit-when-caught-up",
+        ])
         .arg("--db")
         .arg(&fresh)
         .env("PGRELAY_LOG", "warn")
@@ -80,9 +105,15 @@ async fn a_subscribed_client_gets_only_its_tables() {
         .await
         .expect("the CLI client exits when caught up")
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(replica_lsn(&fresh), Some(head.parse::<Lsn>().unwrap()));
-    let report = pgrelay::verify::verify(&url, &fresh, Some(only_a.as_slice())).await.unwrap();
+    let report = pgrelay::verify::verify(&url, &fresh, Some(only_a.as_slice()))
+        .await
+        .unwrap();
     assert!(report.all_match(), "{}", report.render_table());
 
     // A table the server does not sync is refused by name.
@@ -172,7 +203,9 @@ async fn write_bulk(world: &World, from: i32, txs: i32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_reads_the_change_log_while_others_stay_live() {
     let world = World::new().await;
-    world.exec("CREATE TABLE big (id int PRIMARY KEY, body text)").await;
+    world
+        .exec("CREATE TABLE big (id int PRIMARY KEY, body text)")
+        .await;
     let mut config = world.server_config();
     config.live_buffer = 8;
     let server = pgrelay_server::Server::start(config).await.unwrap();
@@ -211,7 +244,10 @@ async fn a_slow_client_reads_the_change_log_while_others_stay_live() {
         .await
         .expect("the slow client gets everything");
     assert_eq!(received.len(), 60);
-    assert!(received.windows(2).all(|w| w[0] < w[1]), "in commit order, once");
+    assert!(
+        received.windows(2).all(|w| w[0] < w[1]),
+        "in commit order, once"
+    );
     assert_eq!(rows, 6000);
     assert!(
         metric(addr, "pgrelay_session_catch_ups_total").await >= 1.0,
@@ -225,7 +261,9 @@ async fn a_slow_client_reads_the_change_log_while_others_stay_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_as_too_slow() {
     let world = World::new().await;
-    world.exec("CREATE TABLE big (id int PRIMARY KEY, body text)").await;
+    world
+        .exec("CREATE TABLE big (id int PRIMARY KEY, body text)")
+        .await;
     let mut config = world.server_config();
     config.live_buffer = 8;
     config.send_timeout = Duration::from_secs(2);
@@ -242,9 +280,11 @@ async fn a_client_that_stops_reading_is_closed_as_too_slow() {
 
     write_bulk(&world, 0, 60).await;
     world.wait_equal(&good_path, Duration::from_secs(60)).await;
-    wait_for("the stuck session closed", Duration::from_secs(30), || async {
-        (metric(addr, "pgrelay_sessions_too_slow_total").await == 1.0).then_some(())
-    })
+    wait_for(
+        "the stuck session closed",
+        Duration::from_secs(30),
+        || async { (metric(addr, "pgrelay_sessions_too_slow_total").await == 1.0).then_some(()) },
+    )
     .await;
     wait_for("one session left", Duration::from_secs(10), || async {
         (metric(addr, "pgrelay_sessions").await == 1.0).then_some(())

@@ -55,7 +55,9 @@ async fn sigterm_closes_sessions_going_away_and_nothing_is_lost() {
         })
     };
     wait_for("writes flowing", Duration::from_secs(30), || async {
-        let rows = world.count("SELECT count(*) FROM t WHERE src = 'client'").await;
+        let rows = world
+            .count("SELECT count(*) FROM t WHERE src = 'client'")
+            .await;
         (rows >= 50).then_some(())
     })
     .await;
@@ -86,22 +88,31 @@ async fn sigterm_closes_sessions_going_away_and_nothing_is_lost() {
         .unwrap();
     let confirmed: Lsn = row.get::<_, String>(0).parse().unwrap();
     let logged: Lsn = row.get::<_, String>(1).parse().unwrap();
-    assert!(confirmed >= logged, "confirmed {confirmed} behind the change log {logged}");
+    assert!(
+        confirmed >= logged,
+        "confirmed {confirmed} behind the change log {logged}"
+    );
 
     // Back up on the same port: the client reconnects by itself.
     server = ServerProcess::spawn(world.url(), &world.slot(), port);
     client_writer.await.unwrap();
     stop_pg.send(true).unwrap();
     let pg_rows = pg_writer.await.unwrap();
-    wait_for("every client write answered", Duration::from_secs(60), || async {
-        let report = client.client.outbox(0).await.unwrap();
-        (report.pending == 0 && report.sent == 0).then_some(())
-    })
+    wait_for(
+        "every client write answered",
+        Duration::from_secs(60),
+        || async {
+            let report = client.client.outbox(0).await.unwrap();
+            (report.pending == 0 && report.sent == 0).then_some(())
+        },
+    )
     .await;
     let report = client.client.outbox(0).await.unwrap();
     assert_eq!(report.rejected, 0);
     assert_eq!(
-        world.count("SELECT count(*) FROM t WHERE src = 'client'").await,
+        world
+            .count("SELECT count(*) FROM t WHERE src = 'client'")
+            .await,
         i64::from(CLIENT_WRITES)
     );
     assert_eq!(

@@ -128,7 +128,12 @@ pub async fn start_client_with(
 }
 
 /// `GET`/`POST`/`DELETE` on the server; status and body.
-pub async fn http(addr: SocketAddr, token: Option<&str>, method: &str, path: &str) -> (u16, String) {
+pub async fn http(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
     pgrelay::admin_cmd::http(&format!("http://{addr}"), token, method, path)
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"))
@@ -154,7 +159,12 @@ pub fn redis_url() -> String {
 pub async fn redis(args: &[&str]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let url = redis_url();
-    let addr = url.trim_start_matches("redis://").split('/').next().unwrap().to_owned();
+    let addr = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
     let mut stream = TcpStream::connect(addr).await.expect("connecting to Redis");
     let mut out = format!("*{}\r\n", args.len());
     for arg in args {
