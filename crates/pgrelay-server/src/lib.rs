@@ -102,12 +102,14 @@ impl Server {
                 source,
             })?;
 
-        let registry = registry::open(&config).map_err(|e| ServerError::Config(e.to_string()))?;
+        let sessions = Arc::new(session::table::SessionTable::default());
         let node = config
             .node
             .clone()
             .unwrap_or_else(|| registry::default_node(addr.port()));
         let instance = format!("{node}#{:08x}", rand::random::<u32>());
+        let registry = registry::open(&config, &sessions, &node, &instance)
+            .map_err(|e| ServerError::Config(e.to_string()))?;
         let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
         let status = Arc::new(ReplicationStatus::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -129,7 +131,6 @@ impl Server {
         ));
         let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
         tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
-        let sessions = Arc::new(session::table::SessionTable::default());
         tasks.spawn(registry::refresh_live(
             Arc::clone(&registry),
             Arc::clone(&sessions),

@@ -82,9 +82,19 @@ pub(crate) trait Registry: Send + Sync {
 }
 
 /// The registry the configuration asks for.
-pub(crate) fn open(config: &ServerConfig) -> Result<Arc<dyn Registry>, RegistryError> {
+pub(crate) fn open(
+    config: &ServerConfig,
+    sessions: &Arc<SessionTable>,
+    node: &str,
+    instance: &str,
+) -> Result<Arc<dyn Registry>, RegistryError> {
     Ok(match &config.registry {
-        None => Arc::new(EmbeddedRegistry::new(config.registry_ttl)),
+        None => Arc::new(EmbeddedRegistry::new(
+            config.registry_ttl,
+            Arc::clone(sessions),
+            node.to_owned(),
+            instance.to_owned(),
+        )),
         Some(url) => Arc::new(RedisRegistry::new(
             url,
             &config.registry_prefix,

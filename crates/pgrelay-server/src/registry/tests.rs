@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use pgrelay_protocol::Lsn;
 
 use super::*;
+use std::sync::Arc;
 
 fn redis_url() -> String {
     std::env::var("PGRELAY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -16,7 +17,7 @@ fn unique_prefix(test: &str) -> String {
     format!("pgrelay-test:{test}:{:016x}:", rand::random::<u64>())
 }
 
-fn record(id: &str, session: &str) -> ClientRecord {
+fn record_of(id: &str, session: &str) -> ClientRecord {
     ClientRecord {
         client_id: id.to_owned(),
         node: "node-a".to_owned(),
@@ -28,9 +29,9 @@ fn record(id: &str, session: &str) -> ClientRecord {
 }
 
 async fn lifecycle(registry: &dyn Registry) {
-    let a = record("a", "s1");
+    let a = record_of("a", "s1");
     registry.register(&a).await.unwrap();
-    registry.register(&record("b", "s2")).await.unwrap();
+    registry.register(&record_of("b", "s2")).await.unwrap();
     assert_eq!(registry.get("a").await.unwrap(), Some(a.clone()));
     let ids: Vec<String> = registry
         .list()
@@ -54,7 +55,7 @@ async fn lifecycle(registry: &dyn Registry) {
 
     // Client a connects again (session s3): the old session's refresh learns
     // it was replaced, and its unregister leaves the new record alone.
-    let again = record("a", "s3");
+    let again = record_of("a", "s3");
     registry.register(&again).await.unwrap();
     assert_eq!(registry.refresh(&[fresher]).await.unwrap(), ["a"]);
     registry.unregister("a", "s1").await.unwrap();
@@ -68,7 +69,7 @@ async fn lifecycle(registry: &dyn Registry) {
 }
 
 async fn expiry(registry: &dyn Registry) {
-    registry.register(&record("short", "s")).await.unwrap();
+    registry.register(&record_of("short", "s")).await.unwrap();
     assert!(registry.get("short").await.unwrap().is_some());
     let deadline = Instant::now() + Duration::from_secs(10);
     while registry.get("short").await.unwrap().is_some() {
@@ -78,10 +79,36 @@ async fn expiry(registry: &dyn Registry) {
     assert!(registry.list().await.unwrap().is_empty());
 }
 
+fn embedded(ttl: Duration, sessions: &Arc<SessionTable>) -> EmbeddedRegistry {
+    EmbeddedRegistry::new(
+        ttl,
+        Arc::clone(sessions),
+        "node-a".into(),
+        "node-a#1".into(),
+    )
+}
+
 #[tokio::test]
 async fn embedded_lifecycle() {
-    lifecycle(&EmbeddedRegistry::new(Duration::from_secs(60))).await;
-    expiry(&EmbeddedRegistry::new(Duration::from_millis(300))).await;
+    let sessions = Arc::new(SessionTable::default());
+    lifecycle(&embedded(Duration::from_secs(60), &sessions)).await;
+    expiry(&embedded(Duration::from_millis(300), &sessions)).await;
+}
+
+#[tokio::test]
+async fn embedded_reads_live_sessions_from_the_session_table() {
+    let sessions = Arc::new(SessionTable::default());
+    let registry = embedded(Duration::from_secs(60), &sessions);
+    let live = sessions.open("here", Lsn(5));
+    let mine = super::record("node-a", "node-a#1", &live);
+    registry.register(&mine).await.unwrap();
+    assert_eq!(registry.get("here").await.unwrap(), Some(mine.clone()));
+    assert_eq!(registry.list().await.unwrap(), [mine.clone()]);
+    // Nothing is stored for it: closing the session is unregistering.
+    assert!(registry.stored().is_empty());
+    sessions.close(&live);
+    registry.unregister("here", &mine.session).await.unwrap();
+    assert_eq!(registry.get("here").await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -98,7 +125,7 @@ async fn redis_lists_many_and_survives_a_bad_url() {
     let prefix = unique_prefix("many");
     let registry = RedisRegistry::new(&redis_url(), &prefix, Duration::from_secs(60)).unwrap();
     let records: Vec<ClientRecord> = (0..1200)
-        .map(|i| record(&format!("c{i:04}"), "s"))
+        .map(|i| record_of(&format!("c{i:04}"), "s"))
         .collect();
     assert!(registry.refresh(&records).await.unwrap().is_empty());
     assert_eq!(registry.list().await.unwrap(), records);

@@ -74,11 +74,7 @@ pub(crate) async fn run(
     let span = tracing::info_span!("session", client_id = %hello.client_id, lsn = %start);
     async {
         let live = state.sessions.open(&hello.client_id, start);
-        let record = registry::record(&state.node, &state.instance, &live);
-        if let Err(e) = state.registry.register(&record).await {
-            add(&state.metrics.registry_errors, 1);
-            tracing::warn!(error = %e, "registering the client failed; it syncs unregistered");
-        }
+        register(&state, &live).await;
         tracing::debug!(tables = ?hello.tables, "session started");
         let session = Session {
             socket: &mut socket,
@@ -121,6 +117,16 @@ pub(crate) async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Registers the session. Its own future, so the record is not kept in
+/// every idle session's state.
+async fn register(state: &AppState, live: &LiveSession) {
+    let record = registry::record(&state.node, &state.instance, live);
+    if let Err(e) = state.registry.register(&record).await {
+        add(&state.metrics.registry_errors, 1);
+        tracing::warn!(error = %e, "registering the client failed; it syncs unregistered");
+    }
 }
 
 /// Sends an error frame and closes with the matching close code.

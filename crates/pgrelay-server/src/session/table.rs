@@ -4,10 +4,13 @@
 //! few atomics, so an idle session stays cheap.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures_util::task::AtomicWaker;
 use pgrelay_protocol::Lsn;
 use tokio::sync::Notify;
 
@@ -53,7 +56,9 @@ pub(crate) struct LiveSession {
     /// Commit LSN of the last transaction sent (or the client's position).
     sent: AtomicU64,
     signal: AtomicU8,
-    wake: Notify,
+    /// The session's task, woken by a signal (one waiter, so smaller than
+    /// a `Notify` and its waiting future).
+    wake: AtomicWaker,
 }
 
 impl LiveSession {
@@ -80,12 +85,15 @@ impl LiveSession {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
                 (signal.as_u8() > current).then_some(signal.as_u8())
             });
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     /// Waits for a signal and takes it (a nudge is cleared, a close stays).
-    pub(crate) async fn signalled(&self) -> Signal {
-        loop {
+    /// Only the session's own task may wait.
+    pub(crate) fn signalled(&self) -> impl Future<Output = Signal> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered before looking, so a signal in between wakes us.
+            self.wake.register(cx.waker());
             let taken = self
                 .signal
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
@@ -93,10 +101,10 @@ impl LiveSession {
                 })
                 .unwrap_or_else(|current| current);
             match Signal::from_u8(taken) {
-                Signal::None => self.wake.notified().await,
-                signal => return signal,
+                Signal::None => Poll::Pending,
+                signal => Poll::Ready(signal),
             }
-        }
+        })
     }
 }
 
@@ -126,7 +134,7 @@ impl SessionTable {
             last_activity_ms: AtomicU64::new(now),
             sent: AtomicU64::new(lsn.0),
             signal: AtomicU8::new(0),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         });
         let old = self
             .lock()
