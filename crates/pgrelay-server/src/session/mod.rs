@@ -62,19 +62,21 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let hello = match handshake::receive(&mut socket, &state.config).await {
+    // Rare or one-off steps are boxed: their state would otherwise be part
+    // of every idle session's future.
+    let hello = match Box::pin(handshake::receive(&mut socket, &state.config)).await {
         Ok(hello) => hello,
-        Err(refusal) => return refuse(&mut socket, refusal).await,
+        Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
     let subscription = match Subscription::resolve(hello.tables.clone(), &state.hub.schemas()) {
         Ok(subscription) => subscription,
-        Err(refusal) => return refuse(&mut socket, refusal).await,
+        Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
     let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
     let span = tracing::info_span!("session", client_id = %hello.client_id, lsn = %start);
     async {
         let live = state.sessions.open(&hello.client_id, start);
-        register(&state, &live).await;
+        Box::pin(register(&state, &live)).await;
         tracing::debug!(tables = ?hello.tables, "session started");
         let session = Session {
             socket: &mut socket,
@@ -104,7 +106,7 @@ pub(crate) async fn run(
                     ErrorCode::Replaced => add(&state.metrics.replaced, 1),
                     _ => {}
                 }
-                refuse(&mut socket, refusal).await
+                Box::pin(refuse(&mut socket, refusal)).await
             }
         }
         state.sessions.close(&live);
@@ -204,7 +206,7 @@ impl Session<'_> {
             tables,
         };
         self.send(Frame::encode(&welcome, head)).await?;
-        self.catch_up().await?;
+        Box::pin(self.catch_up()).await?;
         self.send(Frame::encode(
             &ServerMessage::CaughtUp {
                 lsn: self.sent.max(head),
@@ -222,7 +224,7 @@ impl Session<'_> {
                 biased;
                 _ = shutdown.changed() => return Ok(Ending::Shutdown),
                 signal = live.signalled() => match signal {
-                    Signal::Nudge => self.catch_up().await?,
+                    Signal::Nudge => Box::pin(self.catch_up()).await?,
                     Signal::Disconnect => return Err(Refusal::new(
                         ErrorCode::Disconnected,
                         "disconnected by an operator",
@@ -235,7 +237,7 @@ impl Session<'_> {
                 },
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
-                    if !self.incoming(incoming).await? {
+                    if !Box::pin(self.incoming(incoming)).await? {
                         return Ok(Ending::ClientClosed);
                     }
                 }
@@ -245,7 +247,7 @@ impl Session<'_> {
                         tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
                         add(&self.state.metrics.catch_ups, 1);
                         frames = frames.resubscribe();
-                        self.catch_up().await?;
+                        Box::pin(self.catch_up()).await?;
                     }
                     Err(RecvError::Closed) => return Ok(Ending::Shutdown),
                 },
