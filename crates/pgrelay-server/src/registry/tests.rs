@@ -103,7 +103,7 @@ async fn embedded_reads_live_sessions_from_the_session_table() {
     let mine = super::record("node-a", "node-a#1", &live);
     registry.register(&mine).await.unwrap();
     assert_eq!(registry.get("here").await.unwrap(), Some(mine.clone()));
-    assert_eq!(registry.list().await.unwrap(), [mine.clone()]);
+    assert_eq!(registry.list().await.unwrap(), std::slice::from_ref(&mine));
     // Nothing is stored for it: closing the session is unregistering.
     assert!(registry.stored().is_empty());
     sessions.close(&live);
