@@ -325,3 +325,59 @@ async fn two_nodes_share_the_registry_through_redis() {
     b.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_client_id_and_lsn_of_the_session() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let world = World::new().await;
+    world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
+        .args(["--database-url", world.url(), "--slot", &world.slot()])
+        .env("PGRELAY_LOG", "info,pgrelay_server::session=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("pgrelay listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (lines, found) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut socket = hello(addr, "json-logger", None).await;
+    read_to_caught_up(&mut socket).await;
+    let event = tokio::task::spawn_blocking(move || loop {
+        let line = found
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a log line about the session");
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if value["message"] == "session started" {
+            return value;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(event["span"]["client_id"], "json-logger", "{event}");
+    assert_eq!(event["span"]["lsn"], "0/0", "{event}");
+    assert_eq!(event["level"], "DEBUG", "{event}");
+    let _ = child.kill();
+    let _ = child.wait();
+    world.db.drop_database().await.unwrap();
+}
