@@ -47,10 +47,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_CONNECT_BURST", default_value_t = 100)]
     pub connect_burst: u32,
     /// Frames per second one connection may send (0: no limit); over it the connection is closed with rate_limited (4429).
-    #[arg(long, env = "PGRELAY_MESSAGE_RATE", default_value_t = 100.0)]
+    #[arg(long, env = "PGRELAY_MESSAGE_RATE", default_value_t = 1_000.0)]
     pub message_rate: f64,
     /// Frames a connection may send at once before the rate applies.
-    #[arg(long, env = "PGRELAY_MESSAGE_BURST", default_value_t = 500)]
+    #[arg(long, env = "PGRELAY_MESSAGE_BURST", default_value_t = 2_000)]
     pub message_burst: u32,
     /// Client registry: `redis://host:port[/db]` to share it between nodes; embedded when left out.
     #[arg(long, env = "PGRELAY_REGISTRY")]

@@ -134,6 +134,7 @@ pub(crate) async fn start_server(
     config.tables = pgrelay_pg::TableFilter::Only(vec![table.to_owned()]);
     // Fleets connect from one address all at once.
     config.connect_rate = 0.0;
+    config.message_rate = 0.0;
     config.max_connections = 1_000_000;
     Ok(pgrelay_server::Server::start(config).await?)
 }

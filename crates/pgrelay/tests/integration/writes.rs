@@ -334,6 +334,14 @@ async fn a_client_killed_mid_push_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     assert!(status.success());
     assert_eq!(world.count("SELECT count(*) FROM events").await, ROWS);
+    // The client exits once PostgreSQL has answered its writes; capture
+    // into the change log may still be under way.
+    wait_count(
+        &world,
+        "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.events'",
+        ROWS,
+    )
+    .await;
     assert_eq!(
         world
             .count("SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.events'")
