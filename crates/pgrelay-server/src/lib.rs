@@ -204,7 +204,7 @@ impl Server {
     /// waits (up to the shutdown grace) for the sessions to close.
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         let result = self.join_tasks().await;
-        let closing = self.sessions.len();
+        let closing = self.sessions.running();
         if closing > 0 {
             tracing::info!(sessions = closing, "waiting for sessions to close");
             if tokio::time::timeout(self.shutdown_grace, self.sessions.drained())
@@ -212,7 +212,7 @@ impl Server {
                 .is_err()
             {
                 tracing::warn!(
-                    sessions = self.sessions.len(),
+                    sessions = self.sessions.running(),
                     grace = ?self.shutdown_grace,
                     "sessions still open after the shutdown grace; leaving them"
                 );

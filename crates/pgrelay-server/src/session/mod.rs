@@ -115,6 +115,7 @@ pub(crate) async fn run(
             add(&state.metrics.registry_errors, 1);
             tracing::warn!(error = %e, "unregistering the client failed; its record expires with the TTL");
         }
+        state.sessions.finished();
         tracing::debug!(lsn = %live.sent(), "session ended");
     }
     .instrument(span)

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -112,6 +112,8 @@ impl LiveSession {
 pub(crate) struct SessionTable {
     sessions: Mutex<HashMap<String, Arc<LiveSession>>>,
     next_id: AtomicU64,
+    /// Sessions opened and not yet finished (closed and unregistered).
+    running: AtomicUsize,
     drained: Notify,
 }
 
@@ -136,6 +138,7 @@ impl SessionTable {
             signal: AtomicU8::new(0),
             wake: AtomicWaker::new(),
         });
+        self.running.fetch_add(1, Ordering::AcqRel);
         let old = self
             .lock()
             .insert(client_id.to_owned(), Arc::clone(&session));
@@ -155,9 +158,19 @@ impl SessionTable {
         {
             sessions.remove(&session.client_id);
         }
-        if sessions.is_empty() {
+    }
+
+    /// The session is closed and unregistered: nothing of it is left to wait
+    /// for on shutdown.
+    pub(crate) fn finished(&self) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.drained.notify_waiters();
         }
+    }
+
+    /// Sessions opened and not yet finished.
+    pub(crate) fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     pub(crate) fn get(&self, client_id: &str) -> Option<Arc<LiveSession>> {
@@ -172,11 +185,12 @@ impl SessionTable {
         self.lock().len()
     }
 
-    /// Returns once no session is left (or right away when none is).
+    /// Returns once every session has finished (or right away when none
+    /// runs).
     pub(crate) async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
-            if self.lock().is_empty() {
+            if self.running() == 0 {
                 return;
             }
             notified.await;
@@ -205,6 +219,9 @@ mod tests {
         assert_eq!(table.get("c").map(|s| s.id), Some(second.id));
         table.close(&second);
         assert_eq!(table.len(), 0);
+        table.finished();
+        assert_eq!(table.running(), 1, "the first is still unregistering");
+        table.finished();
         table.drained().await;
     }
 
