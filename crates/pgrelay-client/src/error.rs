@@ -38,7 +38,11 @@ impl ClientError {
             ClientError::Refused { code, .. } => {
                 matches!(
                     code,
-                    ErrorCode::TooSlow | ErrorCode::Internal | ErrorCode::Gone
+                    ErrorCode::TooSlow
+                        | ErrorCode::Internal
+                        | ErrorCode::Gone
+                        | ErrorCode::RateLimited
+                        | ErrorCode::Disconnected
                 )
             }
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,

@@ -30,6 +30,10 @@ pub struct ClientConfig {
     /// Stored in the replica on first use; generated when not given.
     pub client_id: Option<String>,
     pub token: Option<String>,
+    /// The tables to sync (`todos` or `public.todos`); `None` for every
+    /// table the server syncs. Choose them when the replica is new: a table
+    /// added later starts from the replica's position, not from its history.
+    pub tables: Option<Vec<String>>,
     /// Return once the replica holds what the server had at connect time.
     pub exit_when_caught_up: bool,
     pub ping_interval: Duration,
@@ -49,6 +53,7 @@ impl ClientConfig {
             db: db.into(),
             client_id: None,
             token: None,
+            tables: None,
             exit_when_caught_up: false,
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),

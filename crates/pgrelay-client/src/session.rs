@@ -50,6 +50,7 @@ pub(crate) async fn connect_and_sync(
         last_lsn: state.lsn,
         log_id: state.log_id.clone(),
         resync: state.resync.clone(),
+        tables: config.tables.clone(),
     };
     let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
     socket.send(Message::Text(hello.into())).await?;
@@ -185,7 +186,14 @@ pub(crate) async fn connect_and_sync(
                                 "the server is busy with other snapshots; queued"
                             );
                         }
-                        ServerMessage::CaughtUp { lsn } => target = Some(lsn),
+                        ServerMessage::CaughtUp { lsn } => {
+                            // Everything up to `lsn` that this client syncs
+                            // has been sent and applied above; transactions
+                            // of other tables were left out, so the position
+                            // moves on without them.
+                            applied = advance(replica, applied, lsn).await?;
+                            target = Some(lsn);
+                        }
                         ServerMessage::Error { code, message } => {
                             return Err(ClientError::Refused { code, message })
                         }
@@ -309,6 +317,23 @@ async fn flush(
         applied_at_us: now_us,
     });
     Ok(reached)
+}
+
+/// Stores `lsn` as the replica's position when it is ahead: an empty
+/// transaction moves the position in the same SQLite transaction as any
+/// other would.
+async fn advance(replica: &Replica, applied: Lsn, lsn: Lsn) -> Result<Lsn, ClientError> {
+    if lsn <= applied {
+        return Ok(applied);
+    }
+    let marker = Transaction {
+        lsn,
+        xid: 0,
+        commit_time_us: 0,
+        origin: None,
+        changes: Vec::new(),
+    };
+    replica.apply_transactions(vec![marker]).await
 }
 
 /// Exponential backoff with full jitter, capped.

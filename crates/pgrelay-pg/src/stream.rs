@@ -66,6 +66,25 @@ impl ReplicationStream {
         self.client.update_applied_lsn(WireLsn(lsn.0));
     }
 
+    /// Confirms `lsn`, waits (up to `wait`) until PostgreSQL has been told,
+    /// then closes. The stream reports positions on its own schedule and
+    /// not when it stops, so without this a clean shutdown would leave the
+    /// slot behind what the change log holds (replayed, harmlessly, on the
+    /// next start, but holding WAL meanwhile).
+    pub async fn close_confirmed(self, lsn: Lsn, wait: std::time::Duration) {
+        self.confirm(lsn);
+        let metrics = self.client.metrics();
+        let deadline = tokio::time::Instant::now() + wait;
+        while metrics.last_applied_lsn().as_u64() < lsn.0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(%lsn, "the final position was not reported before closing; the slot replays from its last one");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.close().await;
+    }
+
     /// Stops the stream and waits for the connection to close.
     pub async fn close(mut self) {
         if let Err(e) = self.client.shutdown().await {

@@ -44,6 +44,11 @@ pub enum ClientMessage {
         /// the rest (a table whose column types changed, a new table).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         resync: Vec<String>,
+        /// The tables this client syncs (`public.todos` or `todos`); absent
+        /// for every synced table. The server sends only their schemas and
+        /// changes, and refuses a name it does not sync.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tables: Option<Vec<String>>,
     },
     /// A batch of client transactions to apply (after `hello`).
     Write(WriteBatch),
@@ -192,6 +197,16 @@ pub enum ErrorCode {
     TooSlow,
     /// A fault on the server; the client may reconnect and resume.
     Internal,
+    /// `hello` named a table this server does not sync.
+    UnknownTable,
+    /// Another connection with the same client id took over; this one is
+    /// closed and must not reconnect (it would take the session back).
+    Replaced,
+    /// The client sent more messages than its rate allows; it may
+    /// reconnect after a backoff.
+    RateLimited,
+    /// An operator disconnected the client (admin API); it may reconnect.
+    Disconnected,
 }
 
 impl ErrorCode {
@@ -208,12 +223,18 @@ impl ErrorCode {
             ErrorCode::Gone => CloseCode::GONE,
             ErrorCode::TooSlow => CloseCode::TRY_AGAIN_LATER,
             ErrorCode::Internal => CloseCode::INTERNAL_ERROR,
+            ErrorCode::UnknownTable => CloseCode::POLICY_VIOLATION,
+            ErrorCode::Replaced => CloseCode::REPLACED,
+            ErrorCode::RateLimited => CloseCode::RATE_LIMITED,
+            ErrorCode::Disconnected => CloseCode::DISCONNECTED,
         }
     }
 }
 
-/// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus 4410 in the
-/// application range for "gone").
+/// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus codes in
+/// the application range that echo HTTP statuses: 4409 replaced by another
+/// connection, 4410 gone, 4429 rate limited; 4000 disconnected by an
+/// operator).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseCode(pub u16);
 
@@ -225,7 +246,10 @@ impl CloseCode {
     pub const TOO_BIG: CloseCode = CloseCode(1009);
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
     pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
+    pub const DISCONNECTED: CloseCode = CloseCode(4000);
+    pub const REPLACED: CloseCode = CloseCode(4409);
     pub const GONE: CloseCode = CloseCode(4410);
+    pub const RATE_LIMITED: CloseCode = CloseCode(4429);
 }
 
 #[cfg(test)]
@@ -247,6 +271,7 @@ mod tests {
                 last_lsn: Some(Lsn(0x16B_3748)),
                 log_id: None,
                 resync: Vec::new(),
+                tables: None,
             }
         );
     }

@@ -1,11 +1,13 @@
-//! HTTP routes: the sync WebSocket, client writes, health and status.
+//! HTTP routes: the sync WebSocket, client writes, health, readiness,
+//! metrics and status (the admin API is in `admin`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -13,6 +15,7 @@ use pgrelay_protocol::{valid_id, BatchRefusal, WriteBatch, MAX_CLIENT_FRAME_BYTE
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::metrics::add;
 use crate::session;
 use crate::state::AppState;
 
@@ -37,11 +40,64 @@ pub(crate) fn router(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> R
             post(changes).layer(DefaultBodyLimit::max(MAX_CLIENT_FRAME_BYTES)),
         )
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/api/status", get(status))
-        .with_state(Ctx { state, shutdown })
+        .with_state(Ctx {
+            state: Arc::clone(&state),
+            shutdown,
+        })
+        .merge(crate::admin::router(state))
 }
 
-async fn sync(State(ctx): State<Ctx>, upgrade: WebSocketUpgrade) -> Response {
+/// A refusal before the WebSocket upgrade, as JSON.
+#[derive(Serialize)]
+struct HttpError {
+    code: &'static str,
+    message: String,
+}
+
+fn http_error(status: StatusCode, code: &'static str, message: String) -> Response {
+    (status, Json(HttpError { code, message })).into_response()
+}
+
+async fn sync(
+    State(ctx): State<Ctx>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let state = &ctx.state;
+    if !state.connect_limiter.allow(peer.ip()) {
+        add(&state.metrics.rate_limited_connects, 1);
+        return http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "more than {} connection attempts a second from {} (burst {}); retry with backoff",
+                state.config.connect_rate,
+                peer.ip(),
+                state.config.connect_burst
+            ),
+        );
+    }
+    if *ctx.shutdown.borrow() {
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down; reconnect to another node or retry".to_owned(),
+        );
+    }
+    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
+        add(&state.metrics.refused_connections, 1);
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            format!(
+                "the server holds its limit of {} connections (--max-connections); retry with backoff",
+                state.config.max_connections
+            ),
+        );
+    };
     // Frames a little over the protocol limit are still read, so the client
     // gets a clear `frame_too_large` error rather than a bare reset.
     upgrade
@@ -51,7 +107,7 @@ async fn sync(State(ctx): State<Ctx>, upgrade: WebSocketUpgrade) -> Response {
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_CLIENT_FRAME_BYTES * 4)
         .max_frame_size(MAX_CLIENT_FRAME_BYTES * 4)
-        .on_upgrade(move |socket| session::run(socket, ctx.state, ctx.shutdown))
+        .on_upgrade(move |socket| session::run(socket, ctx.state, ctx.shutdown, permit))
 }
 
 #[derive(Serialize)]
@@ -66,20 +122,94 @@ async fn status(State(ctx): State<Ctx>) -> Json<Status> {
     let state = &ctx.state;
     Json(Status {
         head_lsn: state.hub.head().to_string(),
-        sessions: state.hub.sessions(),
+        sessions: state.sessions.len(),
         replication: state.replication.report(),
         tables: state.hub.schemas().values().cloned().collect(),
     })
 }
 
+/// Liveness: the process serves HTTP. What replication is doing is in the
+/// body, and decides `/ready`.
 async fn health(State(ctx): State<Ctx>) -> Response {
-    let report = ctx.state.replication.report();
-    let code = if ctx.state.replication.is_healthy(STALL_AFTER) {
+    (StatusCode::OK, Json(ctx.state.replication.report())).into_response()
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    /// Why not, when not.
+    reasons: Vec<String>,
+    replication: crate::status::StatusReport,
+    lag: crate::lag::LagReport,
+}
+
+/// Readiness: replication connected and hearing from PostgreSQL, not
+/// stalled, lag under `--ready-max-lag`, and not shutting down.
+async fn ready(State(ctx): State<Ctx>) -> Response {
+    let state = &ctx.state;
+    let config = &state.config;
+    let replication = state.replication.report();
+    let lag = state.lag.report();
+    let mut reasons = Vec::new();
+    if *ctx.shutdown.borrow() {
+        reasons.push("shutting down".to_owned());
+    }
+    if !replication.connected {
+        let why = replication
+            .last_error
+            .as_deref()
+            .unwrap_or("not yet connected");
+        reasons.push(format!("replication is not connected: {why}"));
+    } else if !state.replication.is_healthy(STALL_AFTER) {
+        reasons.push(format!(
+            "nothing heard from PostgreSQL for {:.0} s",
+            replication.seconds_since_last_event
+        ));
+    }
+    if lag.stalled {
+        reasons.push(format!(
+            "replication stalled: PostgreSQL's WAL is at {} and the slot's confirmed position stays at {}",
+            lag.wal_lsn, lag.confirmed_lsn
+        ));
+    }
+    if lag.lag_seconds > config.ready_max_lag.as_secs_f64() {
+        reasons.push(format!(
+            "replication lags {:.0} s ({} bytes), over --ready-max-lag {:?}",
+            lag.lag_seconds, lag.lag_bytes, config.ready_max_lag
+        ));
+    }
+    let fresh = (config.monitor_interval * 3).max(Duration::from_secs(30));
+    match lag.measured_seconds_ago {
+        Some(ago) if ago <= fresh.as_secs_f64() => {}
+        _ => reasons.push(format!(
+            "replication lag not measured recently: {}",
+            lag.error.as_deref().unwrap_or("no measurement yet")
+        )),
+    }
+    let ready = reasons.is_empty();
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(report)).into_response()
+    let body = Readiness {
+        ready,
+        reasons,
+        replication,
+        lag,
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&ctx.state),
+    )
+        .into_response()
 }
 
 #[derive(Serialize)]
@@ -102,6 +232,14 @@ fn refused(status: StatusCode, code: BatchRefusal, message: impl Into<String>) -
 /// `POST /api/changes`: the body of a `write` message with a `client_id`;
 /// answers with the results (the `write_result` message without its type).
 async fn changes(State(ctx): State<Ctx>, body: Bytes) -> Response {
+    let response = apply_changes(&ctx.state, body).await;
+    if response.status() != StatusCode::OK {
+        add(&ctx.state.metrics.batches_refused, 1);
+    }
+    response
+}
+
+async fn apply_changes(state: &AppState, body: Bytes) -> Response {
     let batch: WriteBatch = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(e) => {
@@ -126,7 +264,8 @@ async fn changes(State(ctx): State<Ctx>, body: Bytes) -> Response {
         };
         return refused(status, code, message);
     }
-    let schemas = ctx.state.hub.schemas();
-    let results = ctx.state.writer.apply(&client_id, &batch, &schemas).await;
+    let schemas = state.hub.schemas();
+    let results = state.writer.apply(&client_id, &batch, &schemas).await;
+    state.metrics.record_results(&results);
     Json(results).into_response()
 }

@@ -39,6 +39,40 @@ pub struct ServerConfig {
     /// How often the catalog is checked for new tables to sync (with the
     /// default filter, every table in schema `public`).
     pub table_poll_interval: Duration,
+    /// Concurrent sync connections at most; more are answered 503.
+    pub max_connections: usize,
+    /// Sync connection attempts per second per IP address (token bucket;
+    /// 0 turns the limit off); more are answered 429.
+    pub connect_rate: f64,
+    pub connect_burst: u32,
+    /// Frames per second a connection may send (token bucket; 0 turns the
+    /// limit off); a connection over it is closed with `rate_limited`.
+    pub message_rate: f64,
+    pub message_burst: u32,
+    /// Where the client registry lives: `None` in this process, or a
+    /// `redis://host:port[/db]` URL shared by several nodes.
+    pub registry: Option<String>,
+    /// Prefix of every key the registry writes to Redis.
+    pub registry_prefix: String,
+    /// A registration not refreshed for this long expires.
+    pub registry_ttl: Duration,
+    /// How often live sessions' registrations are refreshed.
+    pub registry_refresh: Duration,
+    /// This node's name in the registry; the host name and port by default.
+    pub node: Option<String>,
+    /// The secret the admin API asks for (`Authorization: Bearer ...`);
+    /// without one the admin API is off.
+    pub admin_token: Option<String>,
+    /// `/ready` fails while replication lags more than this.
+    pub ready_max_lag: Duration,
+    /// Replication counts as stalled when PostgreSQL's WAL moved on and the
+    /// slot's confirmed position did not, for this long.
+    pub stall_after: Duration,
+    /// How often WAL position, slot and change log are measured.
+    pub monitor_interval: Duration,
+    /// On shutdown, how long sessions get to close before the server stops
+    /// waiting for them.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -58,6 +92,21 @@ impl ServerConfig {
             retain: Duration::from_secs(7 * 24 * 3600),
             max_hydrations: 4,
             table_poll_interval: Duration::from_secs(2),
+            max_connections: 10_000,
+            connect_rate: 20.0,
+            connect_burst: 100,
+            message_rate: 1_000.0,
+            message_burst: 2_000,
+            registry: None,
+            registry_prefix: "pgrelay:".to_owned(),
+            registry_ttl: Duration::from_secs(24 * 3600),
+            registry_refresh: Duration::from_secs(10),
+            node: None,
+            admin_token: None,
+            ready_max_lag: Duration::from_secs(60),
+            stall_after: Duration::from_secs(60),
+            monitor_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 
@@ -98,6 +147,42 @@ impl ServerConfig {
         }
         if self.max_hydrations == 0 {
             return Err("--max-hydrations must be at least 1".to_owned());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".to_owned());
+        }
+        for (flag, rate, burst) in [
+            ("--connect-rate", self.connect_rate, self.connect_burst),
+            ("--message-rate", self.message_rate, self.message_burst),
+        ] {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(format!("{flag} {rate}: give a rate per second, 0 for none"));
+            }
+            if rate > 0.0 && burst == 0 {
+                return Err(format!("{flag}: its burst must be at least 1"));
+            }
+        }
+        if let Some(url) = &self.registry {
+            if !url.starts_with("redis://") {
+                return Err(format!(
+                    "--registry {url:?}: give a redis://host:port[/db] URL, or leave it out for the embedded registry"
+                ));
+            }
+        }
+        if self.registry_ttl < Duration::from_secs(1) || self.registry_refresh.is_zero() {
+            return Err("the registry TTL and refresh interval must be positive".to_owned());
+        }
+        if self.registry_refresh * 2 > self.registry_ttl {
+            return Err(format!(
+                "--registry-refresh {:?} must be at most half of --registry-ttl {:?}, or live clients expire",
+                self.registry_refresh, self.registry_ttl
+            ));
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err("--admin-token must be at least 16 characters".to_owned());
+        }
+        if self.monitor_interval.is_zero() {
+            return Err("the monitor interval must be positive".to_owned());
         }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());

@@ -19,6 +19,21 @@ pub(crate) struct Frame {
     pub(crate) lsn: Lsn,
     pub(crate) is_tx: bool,
     pub(crate) text: Utf8Bytes,
+    /// The tables a transaction changes or a schema frame describes, once
+    /// each, so a session that subscribes to some tables can tell at a
+    /// glance whether to send, skip or trim the frame.
+    pub(crate) tables: Arc<[String]>,
+}
+
+/// Each table once, in first-seen order.
+fn distinct<'a>(names: impl Iterator<Item = &'a String>) -> Arc<[String]> {
+    let mut seen: Vec<String> = Vec::new();
+    for name in names {
+        if !seen.contains(name) {
+            seen.push(name.clone());
+        }
+    }
+    seen.into()
 }
 
 impl Frame {
@@ -29,10 +44,16 @@ impl Frame {
             tracing::error!(error = %e, "encoding a server message failed");
             String::new()
         });
+        let tables = match message {
+            ServerMessage::Tx(tx) => distinct(tx.changes.iter().map(|c| &c.table)),
+            ServerMessage::Schema { tables } => distinct(tables.iter().map(|t| &t.name)),
+            _ => Arc::from(Vec::new()),
+        };
         Frame {
             lsn,
             is_tx: matches!(message, ServerMessage::Tx(_)),
             text: text.into(),
+            tables,
         }
     }
 
@@ -43,6 +64,7 @@ impl Frame {
             lsn: tx.lsn,
             is_tx: true,
             text: text.into(),
+            tables: distinct(tx.changes.iter().map(|c| &c.table)),
         }
     }
 
@@ -59,6 +81,7 @@ impl Frame {
             lsn: tx.lsn,
             is_tx: true,
             text: text.into(),
+            tables: distinct(tx.changes.iter().map(|c| &c.table)),
         }
     }
 }

@@ -1,13 +1,18 @@
 //! The pgrelay server: captures PostgreSQL's changes into the change log
 //! and streams them to clients over WebSockets.
 
+mod admin;
 mod api;
 mod config;
 mod encoded;
 mod error;
 mod history;
 mod hub;
+mod lag;
+mod metrics;
+mod ratelimit;
 mod reader;
+mod registry;
 mod replication;
 mod retention;
 mod session;
@@ -40,6 +45,8 @@ pub struct Server {
     tasks: JoinSet<Result<(), ServerError>>,
     status: Arc<ReplicationStatus>,
     hub: Arc<Hub>,
+    sessions: Arc<session::table::SessionTable>,
+    shutdown_grace: std::time::Duration,
 }
 
 /// Counters of what the server has captured, for benchmarks and embedding.
@@ -99,6 +106,14 @@ impl Server {
                 source,
             })?;
 
+        let sessions = Arc::new(session::table::SessionTable::default());
+        let node = config
+            .node
+            .clone()
+            .unwrap_or_else(|| registry::default_node(addr.port()));
+        let instance = format!("{node}#{:08x}", rand::random::<u32>());
+        let registry = registry::open(&config, &sessions, &node, &instance)
+            .map_err(|e| ServerError::Config(e.to_string()))?;
         let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
         let status = Arc::new(ReplicationStatus::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -129,18 +144,38 @@ impl Server {
             config.retain,
             shutdown_rx.clone(),
         ));
+        let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
+        tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
+        tasks.spawn(registry::refresh_live(
+            Arc::clone(&registry),
+            Arc::clone(&sessions),
+            node.clone(),
+            instance.clone(),
+            config.clone(),
+            shutdown_rx.clone(),
+        ));
+        let shutdown_grace = config.shutdown_grace;
         let state = Arc::new(AppState {
             hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
             hydrations_queued: Default::default(),
             log_id,
             database: info.clone(),
+            connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             config,
             hub: Arc::clone(&hub),
             log_reader: reader::LogReader::new(info),
             replication: Arc::clone(&status),
             writer,
+            sessions: Arc::clone(&sessions),
+            registry,
+            node,
+            instance,
+            metrics: metrics::Metrics::default(),
+            lag,
         });
-        let app = api::router(state, shutdown_rx.clone());
+        let app = api::router(state, shutdown_rx.clone())
+            .into_make_service_with_connect_info::<SocketAddr>();
         let mut http_shutdown = shutdown_rx;
         // Frames are small and often back to back (a write result, then its
         // echo): with Nagle's algorithm the second waits for the client's
@@ -164,6 +199,8 @@ impl Server {
             tasks,
             status,
             hub,
+            sessions,
+            shutdown_grace,
         })
     }
 
@@ -182,8 +219,30 @@ impl Server {
         self.addr
     }
 
-    /// Runs until a task fails for good or shutdown is asked for.
+    /// Runs until a task fails for good or shutdown is asked for; then
+    /// waits (up to the shutdown grace) for the sessions to close.
     pub async fn wait(&mut self) -> Result<(), ServerError> {
+        let result = self.join_tasks().await;
+        let closing = self.sessions.running();
+        if closing > 0 {
+            tracing::info!(sessions = closing, "waiting for sessions to close");
+            if tokio::time::timeout(self.shutdown_grace, self.sessions.drained())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    sessions = self.sessions.running(),
+                    grace = ?self.shutdown_grace,
+                    "sessions still open after the shutdown grace; leaving them"
+                );
+            }
+        }
+        let (_, _, confirmed) = self.status.counters();
+        tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        result
+    }
+
+    async fn join_tasks(&mut self) -> Result<(), ServerError> {
         while let Some(joined) = self.tasks.join_next().await {
             match joined {
                 Ok(Ok(())) => {}
@@ -202,8 +261,9 @@ impl Server {
         Ok(())
     }
 
-    /// Stops accepting, closes sessions, stops replication after writing
-    /// what it has, and waits for all of it.
+    /// Stops accepting, lets in-flight writes finish, closes sessions with
+    /// "going away", stops replication after writing what it has and
+    /// confirming it to the slot, and waits for all of it.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
         self.wait().await

@@ -7,7 +7,12 @@ use pgrelay_pg::ConnInfo;
 use tokio::sync::Semaphore;
 
 use crate::hub::Hub;
+use crate::lag::LagMonitor;
+use crate::metrics::Metrics;
+use crate::ratelimit::IpLimiter;
 use crate::reader::LogReader;
+use crate::registry::Registry;
+use crate::session::table::SessionTable;
 use crate::status::ReplicationStatus;
 use crate::writes::Writer;
 use crate::ServerConfig;
@@ -26,6 +31,18 @@ pub(crate) struct AppState {
     pub(crate) hydrations_queued: AtomicUsize,
     /// The change log's identity (`pgrelay.log_state`).
     pub(crate) log_id: String,
+    /// The sessions live on this node, by client id.
+    pub(crate) sessions: Arc<SessionTable>,
+    pub(crate) registry: Arc<dyn Registry>,
+    /// This node's name in the registry.
+    pub(crate) node: String,
+    /// This run of this node: names its sessions in the registry.
+    pub(crate) instance: String,
+    pub(crate) metrics: Metrics,
+    pub(crate) lag: Arc<LagMonitor>,
+    pub(crate) connect_limiter: IpLimiter,
+    /// One permit per sync connection (`--max-connections`).
+    pub(crate) connections: Arc<Semaphore>,
 }
 
 impl AppState {

@@ -18,6 +18,10 @@ pub struct SyncArgs {
     pub client_id: Option<String>,
     #[arg(long, env = "PGRELAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Sync only these tables (comma-separated, `todos` or `public.todos`);
+    /// default: every table the server syncs. Choose them for a new replica.
+    #[arg(long, env = "PGRELAY_CLIENT_TABLES", value_delimiter = ',')]
+    pub tables: Option<Vec<String>>,
     /// Sync up to the server's head at connect time, then exit 0.
     #[arg(long, env = "PGRELAY_EXIT_WHEN_CAUGHT_UP")]
     pub exit_when_caught_up: bool,
@@ -31,6 +35,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(args.server, args.db);
     config.client_id = args.client_id;
     config.token = args.token;
+    config.tables = args.tables.filter(|t| !t.is_empty());
     config.exit_when_caught_up = args.exit_when_caught_up;
     config.ping_interval = args.ping_interval;
     config.idle_timeout = args.idle_timeout;

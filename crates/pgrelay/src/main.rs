@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use pgrelay::{bench, client_cmd, demo, serve_cmd, verify};
+use pgrelay::{admin_cmd, bench, client_cmd, demo, serve_cmd, verify};
 
 #[derive(Parser)]
 #[command(
@@ -21,11 +21,26 @@ use pgrelay::{bench, client_cmd, demo, serve_cmd, verify};
     about = "Keep SQLite replicas in real time sync with PostgreSQL"
 )]
 struct Cli {
+    /// Log lines as text (default) or as JSON objects, one a line.
+    #[arg(
+        long,
+        global = true,
+        env = "PGRELAY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
     /// Capture PostgreSQL's changes and stream them to clients.
     Serve(serve_cmd::ServeArgs),
@@ -39,6 +54,9 @@ enum Command {
     /// Measure capture, delivery latency, fan-out and idle memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Ask a running server about its clients (needs its --admin-token).
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
 }
 
 #[derive(Subcommand)]
@@ -81,7 +99,7 @@ struct VerifyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,6 +130,7 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(command) => bench::run(command).await,
+            Command::Admin(command) => admin_cmd::run(command).await,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -124,11 +143,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGRELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // Each line carries the fields of its spans (a session's client_id
+        // and lsn) next to the event's own.
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .init(),
+    }
 }

@@ -44,6 +44,51 @@ pub struct ServeArgs {
     /// Snapshots served at once to hydrating clients; others queue.
     #[arg(long, env = "PGRELAY_MAX_HYDRATIONS", default_value_t = 4)]
     pub max_hydrations: usize,
+    /// Concurrent sync connections at most; more are answered 503.
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Sync connection attempts per second per IP address (0: no limit); more are answered 429.
+    #[arg(long, env = "PGRELAY_CONNECT_RATE", default_value_t = 20.0)]
+    pub connect_rate: f64,
+    /// Connection attempts an IP address may make at once before the rate applies.
+    #[arg(long, env = "PGRELAY_CONNECT_BURST", default_value_t = 100)]
+    pub connect_burst: u32,
+    /// Frames per second one connection may send (0: no limit); over it the connection is closed with rate_limited (4429).
+    #[arg(long, env = "PGRELAY_MESSAGE_RATE", default_value_t = 1_000.0)]
+    pub message_rate: f64,
+    /// Frames a connection may send at once before the rate applies.
+    #[arg(long, env = "PGRELAY_MESSAGE_BURST", default_value_t = 2_000)]
+    pub message_burst: u32,
+    /// Client registry: `redis://host:port[/db]` to share it between nodes; embedded when left out.
+    #[arg(long, env = "PGRELAY_REGISTRY")]
+    pub registry: Option<String>,
+    /// Prefix of the registry's Redis keys.
+    #[arg(long, env = "PGRELAY_REGISTRY_PREFIX", default_value = "pgrelay:")]
+    pub registry_prefix: String,
+    /// A client registration not refreshed for this long expires.
+    #[arg(long, env = "PGRELAY_REGISTRY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub registry_ttl: Duration,
+    /// How often live clients' registrations are refreshed.
+    #[arg(long, env = "PGRELAY_REGISTRY_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub registry_refresh: Duration,
+    /// This node's name in the registry (default: host name and port).
+    #[arg(long, env = "PGRELAY_NODE")]
+    pub node: Option<String>,
+    /// Turns the admin API on, guarded by this token (at least 16 characters).
+    #[arg(long, env = "PGRELAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// `/ready` fails while replication lags more than this.
+    #[arg(long, env = "PGRELAY_READY_MAX_LAG", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ready_max_lag: Duration,
+    /// Not ready (and logged) when the WAL moves on and the slot's confirmed position does not for this long.
+    #[arg(long, env = "PGRELAY_STALL_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stall_after: Duration,
+    /// How often WAL position, slot and change log size are measured.
+    #[arg(long, env = "PGRELAY_MONITOR_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub monitor_interval: Duration,
+    /// On SIGTERM or Ctrl-C, how long open sessions get to close.
+    #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 impl ServeArgs {
@@ -62,6 +107,21 @@ impl ServeArgs {
         config.applied_retention = self.applied_retention;
         config.retain = self.retain;
         config.max_hydrations = self.max_hydrations;
+        config.max_connections = self.max_connections;
+        config.connect_rate = self.connect_rate;
+        config.connect_burst = self.connect_burst;
+        config.message_rate = self.message_rate;
+        config.message_burst = self.message_burst;
+        config.registry = self.registry;
+        config.registry_prefix = self.registry_prefix;
+        config.registry_ttl = self.registry_ttl;
+        config.registry_refresh = self.registry_refresh;
+        config.node = self.node;
+        config.admin_token = self.admin_token;
+        config.ready_max_lag = self.ready_max_lag;
+        config.stall_after = self.stall_after;
+        config.monitor_interval = self.monitor_interval;
+        config.shutdown_grace = self.shutdown_grace;
         config
     }
 }
@@ -73,7 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let stop = server.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: no new connections; finishing writes, closing sessions, confirming the slot");
         let _ = stop.send(true);
     });
     server.wait().await?;

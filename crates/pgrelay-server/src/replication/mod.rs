@@ -90,8 +90,11 @@ impl Replication {
                 // Shutting down: let what was handed over commit first.
                 let durable = writer.durable.clone();
                 let finished = writer.finish().await;
-                stream.confirm(*durable.borrow());
-                stream.close().await;
+                let confirmed = *durable.borrow();
+                let wait = self.config.status_interval * 2 + Duration::from_secs(1);
+                stream.close_confirmed(confirmed, wait).await;
+                self.status.set_confirmed(confirmed);
+                tracing::info!(lsn = %confirmed, "replication stopped; slot confirmed");
                 finished
             }
             Err(e) => Err(e),

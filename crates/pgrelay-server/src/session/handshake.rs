@@ -19,6 +19,8 @@ pub(crate) struct Hello {
     pub(crate) resync: Vec<String>,
     #[allow(dead_code)] // checked by the auth layer once tokens are configured
     pub(crate) token: Option<String>,
+    /// The tables the client syncs; `None` for all.
+    pub(crate) tables: Option<Vec<String>>,
 }
 
 pub(super) async fn receive(
@@ -57,6 +59,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         last_lsn,
         log_id,
         resync,
+        tables,
     } = message
     else {
         return Err(Refusal::new(
@@ -93,6 +96,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         log_id,
         resync,
         token,
+        tables,
     })
 }
 

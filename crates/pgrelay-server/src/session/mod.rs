@@ -2,9 +2,18 @@
 //! change log, then live transactions from the hub, with no gap and no
 //! duplicate between the two (the hub is subscribed to before the log is
 //! read, and nothing at or below the last LSN sent goes out twice).
+//!
+//! Backpressure: a session sends one frame at a time and waits for the
+//! socket. While it waits, the hub's bounded ring keeps filling; a session
+//! that falls further behind than the ring is told it lagged and reads the
+//! change log instead, so a slow client costs no memory of its own. A
+//! client that does not read at all is closed with `too_slow` after the
+//! send timeout.
 
 mod handshake;
 mod hydrate;
+pub(crate) mod subscription;
+pub(crate) mod table;
 mod write;
 
 use std::sync::Arc;
@@ -13,14 +22,19 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{interval_at, Instant};
 use tracing::Instrument;
 
 use crate::history;
 use crate::hub::Frame;
+use crate::metrics::add;
+use crate::ratelimit::TokenBucket;
+use crate::registry;
 use crate::state::AppState;
 use handshake::Hello;
+use subscription::{Pass, Subscription};
+use table::{LiveSession, Signal};
 
 /// Changes read from the change log per query while catching up.
 const CATCH_UP_PAGE: i64 = 5_000;
@@ -41,22 +55,38 @@ impl Refusal {
     }
 }
 
+/// Runs a session on an upgraded socket. `_permit` is its place under
+/// `--max-connections`, given back when the session ends.
 pub(crate) async fn run(
     mut socket: WebSocket,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
 ) {
-    let hello = match handshake::receive(&mut socket, &state.config).await {
+    // Rare or one-off steps are boxed: their state would otherwise be part
+    // of every idle session's future.
+    let hello = match Box::pin(handshake::receive(&mut socket, &state.config)).await {
         Ok(hello) => hello,
-        Err(refusal) => return refuse(&mut socket, refusal).await,
+        Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
-    let span = tracing::info_span!("session", client_id = %hello.client_id);
+    let subscription = match Subscription::resolve(hello.tables.clone(), &state.hub.schemas()) {
+        Ok(subscription) => subscription,
+        Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
+    };
+    let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
+    let span = tracing::info_span!("session", client_id = %hello.client_id, lsn = %start);
     async {
+        let live = state.sessions.open(&hello.client_id, start);
+        Box::pin(register(&state, &live)).await;
+        tracing::debug!(tables = ?hello.tables, "session started");
         let session = Session {
             socket: &mut socket,
             state: &state,
-            sent: Lsn::ZERO,
+            sent: start,
             client_id: hello.client_id.clone(),
+            live: Arc::clone(&live),
+            subscription,
+            bucket: TokenBucket::full(state.config.message_burst, std::time::Instant::now()),
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -71,11 +101,36 @@ pub(crate) async fn run(
                 )
                 .await;
             }
-            Err(refusal) => refuse(&mut socket, refusal).await,
+            Err(refusal) => {
+                match refusal.code {
+                    ErrorCode::TooSlow => add(&state.metrics.too_slow, 1),
+                    ErrorCode::Replaced => add(&state.metrics.replaced, 1),
+                    _ => {}
+                }
+                Box::pin(refuse(&mut socket, refusal)).await
+            }
         }
+        state.sessions.close(&live);
+        let key = registry::session_key(&state.instance, &live);
+        if let Err(e) = state.registry.unregister(&live.client_id, &key).await {
+            add(&state.metrics.registry_errors, 1);
+            tracing::warn!(error = %e, "unregistering the client failed; its record expires with the TTL");
+        }
+        state.sessions.finished();
+        tracing::debug!(lsn = %live.sent(), "session ended");
     }
     .instrument(span)
     .await
+}
+
+/// Registers the session. Its own future, so the record is not kept in
+/// every idle session's state.
+async fn register(state: &AppState, live: &LiveSession) {
+    let record = registry::record(&state.node, &state.instance, live);
+    if let Err(e) = state.registry.register(&record).await {
+        add(&state.metrics.registry_errors, 1);
+        tracing::warn!(error = %e, "registering the client failed; it syncs unregistered");
+    }
 }
 
 /// Sends an error frame and closes with the matching close code.
@@ -113,9 +168,14 @@ enum Ending {
 struct Session<'a> {
     socket: &'a mut WebSocket,
     state: &'a AppState,
-    /// Commit LSN of the last transaction sent (or the client's position).
+    /// Commit LSN of the last transaction sent or skipped (or the client's
+    /// position).
     sent: Lsn,
     client_id: String,
+    live: Arc<LiveSession>,
+    subscription: Option<Subscription>,
+    /// Frames the client may still send now (`--message-rate`).
+    bucket: TokenBucket,
 }
 
 impl Session<'_> {
@@ -144,34 +204,38 @@ impl Session<'_> {
         }
         self.sent = start;
         let schemas = self.state.hub.schemas();
+        let tables: Vec<_> = match &self.subscription {
+            Some(subscription) => subscription.schemas(&schemas),
+            None => schemas.values().cloned().collect(),
+        };
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
             client_id: hello.client_id,
             head_lsn: head,
-            tables: schemas.values().cloned().collect(),
+            tables: tables.clone(),
             log_id: Some(self.state.log_id.clone()),
         };
         self.send(Frame::encode(&welcome, head)).await?;
-        // A new replica (no position) gets every table; a known one only the
-        // tables it asks to resync.
+        // A new replica (no position) gets every table it syncs; a known
+        // one only the tables it asks to resync.
         let full = hello.last_lsn.is_none();
-        let hydrate: Vec<_> = schemas
-            .values()
+        let hydrate: Vec<_> = tables
+            .into_iter()
             .filter(|t| t.skipped.is_none() && (full || hello.resync.contains(&t.name)))
-            .cloned()
             .collect();
         // A client that asked for a snapshot always gets one (perhaps of no
-        // table), so it knows when it is complete.
+        // table), so it knows when it is complete. Boxed: its state would
+        // otherwise sit in every idle session's future.
         if full || !hello.resync.is_empty() {
-            let resume = self.hydrate(hydrate, full).await?;
+            let resume = Box::pin(self.hydrate(hydrate, full)).await?;
             if full {
                 self.sent = resume;
             }
         }
         // Subscribe before reading the log: whatever is published from now on
-        // is in `live`, whatever was published before is in the log.
-        let mut live = self.state.hub.subscribe();
-        self.catch_up().await?;
+        // is in `frames`, whatever was published before is in the log.
+        let mut frames = self.state.hub.subscribe();
+        Box::pin(self.catch_up()).await?;
         self.send(Frame::encode(
             &ServerMessage::CaughtUp {
                 lsn: self.sent.max(head),
@@ -183,22 +247,36 @@ impl Session<'_> {
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
         let mut last_heard = Instant::now();
+        let live = Arc::clone(&self.live);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(Ending::Shutdown),
+                signal = live.signalled() => match signal {
+                    Signal::Nudge => Box::pin(self.catch_up()).await?,
+                    Signal::Disconnect => return Err(Refusal::new(
+                        ErrorCode::Disconnected,
+                        "disconnected by an operator",
+                    )),
+                    Signal::Replaced => return Err(Refusal::new(
+                        ErrorCode::Replaced,
+                        "another connection with this client id took over; this one will not be served again",
+                    )),
+                    Signal::None => {}
+                },
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
-                    if !self.incoming(incoming).await? {
+                    if !Box::pin(self.incoming(incoming)).await? {
                         return Ok(Ending::ClientClosed);
                     }
                 }
-                frame = live.recv() => match frame {
+                frame = frames.recv() => match frame {
                     Ok(frame) => self.forward(frame).await?,
                     Err(RecvError::Lagged(skipped)) => {
                         tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
-                        live = live.resubscribe();
-                        self.catch_up().await?;
+                        add(&self.state.metrics.catch_ups, 1);
+                        frames = frames.resubscribe();
+                        Box::pin(self.catch_up()).await?;
                     }
                     Err(RecvError::Closed) => return Ok(Ending::Shutdown),
                 },
@@ -227,8 +305,16 @@ impl Session<'_> {
                 return Ok(());
             }
             let short = txs.iter().map(|t| t.changes.len() as i64).sum::<i64>() < CATCH_UP_PAGE;
-            for tx in &txs {
-                self.send(Frame::transaction(tx)).await?;
+            for tx in txs {
+                let lsn = tx.lsn;
+                let tx = match &self.subscription {
+                    Some(subscription) => subscription.trim(tx),
+                    None => Some(tx),
+                };
+                match tx {
+                    Some(tx) => self.send(Frame::transaction(&tx)).await?,
+                    None => self.skipped(lsn),
+                }
             }
             if short {
                 return Ok(());
@@ -240,20 +326,50 @@ impl Session<'_> {
         if frame.is_tx && frame.lsn <= self.sent {
             return Ok(());
         }
+        let (lsn, is_tx) = (frame.lsn, frame.is_tx);
+        let frame = match &self.subscription {
+            Some(subscription) => match subscription.pass(frame) {
+                Pass::Send(frame) => frame,
+                Pass::Skip => {
+                    if is_tx {
+                        self.skipped(lsn);
+                    }
+                    return Ok(());
+                }
+            },
+            None => frame,
+        };
         self.send(frame).await
+    }
+
+    /// A transaction this client does not subscribe to: its position counts
+    /// as passed.
+    fn skipped(&mut self, lsn: Lsn) {
+        self.sent = self.sent.max(lsn);
+        self.live.set_sent(self.sent);
     }
 
     async fn send(&mut self, frame: Frame) -> Result<(), Refusal> {
         if frame.is_tx {
             self.sent = self.sent.max(frame.lsn);
+            self.live.set_sent(self.sent);
         }
         self.send_message(Message::Text(frame.text)).await
     }
 
     async fn send_message(&mut self, message: Message) -> Result<(), Refusal> {
+        let bytes = match &message {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) => bytes.len(),
+            _ => 0,
+        };
         match tokio::time::timeout(self.state.config.send_timeout, self.socket.send(message)).await
         {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                add(&self.state.metrics.messages_sent, 1);
+                add(&self.state.metrics.bytes_sent, bytes as u64);
+                Ok(())
+            }
             Ok(Err(e)) => Err(Refusal::new(
                 ErrorCode::Internal,
                 format!("send failed: {e}"),
@@ -271,6 +387,23 @@ impl Session<'_> {
         &mut self,
         incoming: Option<Result<Message, axum::Error>>,
     ) -> Result<bool, Refusal> {
+        if matches!(incoming, Some(Ok(ref m)) if !matches!(m, Message::Close(_))) {
+            let config = &self.state.config;
+            if !self.bucket.take(
+                config.message_rate,
+                config.message_burst,
+                std::time::Instant::now(),
+            ) {
+                add(&self.state.metrics.rate_limited_messages, 1);
+                return Err(Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} messages a second (burst {}); reconnect later and send less",
+                        config.message_rate, config.message_burst
+                    ),
+                ));
+            }
+        }
         let parsed = match incoming {
             None | Some(Ok(Message::Close(_))) => return Ok(false),
             Some(Err(e)) => return Err(handshake::read_error(e)),
@@ -278,6 +411,7 @@ impl Session<'_> {
             Some(Ok(Message::Text(text))) => write::parse(text.as_bytes()),
             Some(Ok(Message::Binary(bytes))) => write::parse(&bytes),
         };
+        self.live.touch();
         self.handle(parsed).await?;
         Ok(true)
     }
@@ -291,6 +425,7 @@ impl Session<'_> {
                 message,
             } => {
                 tracing::debug!(?code, %message, "write batch refused");
+                add(&self.state.metrics.batches_refused, 1);
                 let refused = ServerMessage::WriteRefused {
                     batch_id,
                     code,
@@ -318,6 +453,7 @@ impl Session<'_> {
                     other.chars().take(64).collect::<String>()
                 ),
             };
+            add(&self.state.metrics.batches_refused, 1);
             return self.send(Frame::encode(&refused, Lsn::ZERO)).await;
         }
         let schemas = self.state.hub.schemas();
@@ -326,6 +462,7 @@ impl Session<'_> {
             .writer
             .apply(&self.client_id, &batch, &schemas)
             .await;
+        self.state.metrics.record_results(&results);
         self.send(Frame::encode(
             &ServerMessage::WriteResult(results),
             Lsn::ZERO,

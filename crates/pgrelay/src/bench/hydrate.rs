@@ -42,7 +42,7 @@ pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
     eprintln!("reference: COPY TO STDOUT ...");
     let (copy_secs, copy_bytes) = raw_copy(&db).await?;
 
-    let (mut server, addr) = spawn_server(env.url(), "bench_hydrate", TABLE).await?;
+    let (mut server, addr) = spawn_server(env.url(), "bench_hydrate", TABLE, &[]).await?;
     let server_pid = server.id().context("the server has no pid")?;
     eprintln!("export: a client that only receives ...");
     let export = receive_only(&addr).await?;
@@ -191,6 +191,7 @@ async fn receive_only(addr: &str) -> anyhow::Result<Export> {
         last_lsn: None,
         log_id: None,
         resync: Vec::new(),
+        tables: None,
     };
     let started = Instant::now();
     socket

@@ -47,7 +47,14 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
          INSERT INTO public.bench_idle SELECT g, 'row ' || g FROM generate_series(1, 100) g;",
     )
     .await?;
-    let (mut child, addr) = super::spawn_server(env.url(), "bench_idle", TABLE).await?;
+    let (mut child, addr) = super::spawn_server(
+        env.url(),
+        "bench_idle",
+        TABLE,
+        // Every connection comes from 127.0.0.1, as fast as it can.
+        &["--connect-rate", "0", "--max-connections", "1000000"],
+    )
+    .await?;
     let pid = child.id().context("the server process has no pid")?;
 
     let (stop, stopped) = watch::channel(false);
@@ -165,6 +172,7 @@ async fn hold_connection(
         last_lsn: Some(pgrelay_protocol::Lsn::ZERO),
         log_id: None,
         resync: Vec::new(),
+        tables: None,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))

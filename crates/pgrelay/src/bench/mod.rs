@@ -136,6 +136,10 @@ pub(crate) async fn start_server(
     config.listen = "127.0.0.1:0".parse()?;
     config.slot = slot.to_owned();
     config.tables = pgrelay_pg::TableFilter::Only(vec![table.to_owned()]);
+    // Fleets connect from one address all at once.
+    config.connect_rate = 0.0;
+    config.message_rate = 0.0;
+    config.max_connections = 1_000_000;
     Ok(pgrelay_server::Server::start(config).await?)
 }
 
@@ -145,12 +149,14 @@ pub(crate) async fn spawn_server(
     url: &str,
     slot: &str,
     table: &str,
+    extra_args: &[&str],
 ) -> anyhow::Result<(tokio::process::Child, String)> {
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe().context("finding the pgrelay binary")?;
     let mut child = tokio::process::Command::new(exe)
         .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
         .args(["--slot", slot, "--tables", table])
+        .args(extra_args)
         .env("PGRELAY_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -263,6 +263,14 @@ async fn offline_writes_arrive_exactly_once_after_the_server_returns() {
     wait_count(&world, "SELECT count(*) FROM notes", 1000).await;
     wait_outbox_drained(&client.replica).await;
     world.wait_equal(&path, WAIT).await;
+    // The replica held the rows before the server did: wait for capture
+    // before counting what the change log holds.
+    wait_count(
+        &world,
+        "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.notes' AND operation = 'insert'",
+        1000,
+    )
+    .await;
     assert_eq!(
         world
             .count("SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.notes' AND operation = 'insert'")
@@ -326,6 +334,14 @@ async fn a_client_killed_mid_push_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     assert!(status.success());
     assert_eq!(world.count("SELECT count(*) FROM events").await, ROWS);
+    // The client exits once PostgreSQL has answered its writes; capture
+    // into the change log may still be under way.
+    wait_count(
+        &world,
+        "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.events'",
+        ROWS,
+    )
+    .await;
     assert_eq!(
         world
             .count("SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.events'")

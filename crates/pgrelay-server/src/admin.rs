@@ -1,0 +1,276 @@
+//! The admin API, behind `--admin-token` (`Authorization: Bearer ...`,
+//! compared in constant time): list the registered clients, disconnect
+//! one, forget one, and notify one (answered 410 Gone and removed from the
+//! registry when it has no live session: the seeds' "gone").
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::metrics::add;
+use crate::registry::{self, ClientRecord};
+use crate::session::table::{now_ms, Signal};
+use crate::state::AppState;
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/admin/clients", get(list))
+        .route("/api/admin/clients/{id}", delete(forget))
+        .route("/api/admin/clients/{id}/disconnect", post(disconnect))
+        .route("/api/admin/clients/{id}/notify", post(notify))
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+struct Answer {
+    code: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+}
+
+fn answer(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(Answer {
+            code,
+            message: message.into(),
+            node: None,
+        }),
+    )
+        .into_response()
+}
+
+/// Equal strings, in time that depends on their length only.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `Err` holds the refusal to answer with.
+#[allow(clippy::result_large_err)] // built once per refused request
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = state.config.admin_token.as_deref() else {
+        return Err(answer(
+            StatusCode::NOT_FOUND,
+            "admin_disabled",
+            "the admin API is off; start the server with --admin-token",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(answer(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin token (Authorization: Bearer <token>)",
+        ))
+    }
+}
+
+fn registry_failed(state: &AppState, e: registry::RegistryError) -> Response {
+    add(&state.metrics.registry_errors, 1);
+    answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "registry_unavailable",
+        e.to_string(),
+    )
+}
+
+#[derive(Serialize)]
+struct ClientRow {
+    client_id: String,
+    /// Whether a session serves it now (on this node, or registered by
+    /// another node that keeps its record fresh).
+    connected: bool,
+    node: String,
+    connected_at_ms: u64,
+    lsn: String,
+    /// WAL bytes between the newest transaction and the client's position.
+    lag_bytes: u64,
+    last_seen_ms: u64,
+    last_seen_seconds_ago: f64,
+}
+
+/// `GET /api/admin/clients`: the registry, with this node's live sessions
+/// filling in their current position and activity.
+async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    let records = match state.registry.list().await {
+        Ok(records) => records,
+        Err(e) => return registry_failed(&state, e),
+    };
+    let mut rows: BTreeMap<String, ClientRecord> = records
+        .into_iter()
+        .map(|r| (r.client_id.clone(), r))
+        .collect();
+    for session in state.sessions.all() {
+        rows.insert(
+            session.client_id.clone(),
+            registry::record(&state.node, &state.instance, &session),
+        );
+    }
+    let head = state.hub.head();
+    let now = now_ms();
+    let rows: Vec<ClientRow> = rows
+        .into_values()
+        .map(|r| ClientRow {
+            connected: r.node != state.node || state.sessions.get(&r.client_id).is_some(),
+            lag_bytes: head.0.saturating_sub(r.last_lsn.0),
+            lsn: r.last_lsn.to_string(),
+            last_seen_seconds_ago: now.saturating_sub(r.last_activity_ms) as f64 / 1000.0,
+            last_seen_ms: r.last_activity_ms,
+            connected_at_ms: r.connected_at_ms,
+            node: r.node,
+            client_id: r.client_id,
+        })
+        .collect();
+    Json(rows).into_response()
+}
+
+/// `POST /api/admin/clients/{id}/disconnect`: closes the client's session
+/// on this node with `disconnected`; the client may come back.
+async fn disconnect(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    if let Some(session) = state.sessions.get(&id) {
+        session.signal(Signal::Disconnect);
+        return answer(
+            StatusCode::OK,
+            "disconnected",
+            format!("closing {id}'s session"),
+        );
+    }
+    elsewhere_or_missing(&state, &id).await
+}
+
+/// `DELETE /api/admin/clients/{id}`: removes the client's registration and
+/// closes its session here, if any.
+async fn forget(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    let live = state.sessions.get(&id);
+    if let Some(session) = &live {
+        session.signal(Signal::Disconnect);
+    }
+    match state.registry.forget(&id).await {
+        Ok(found) if found || live.is_some() => {
+            tracing::info!(client_id = %id, "client forgotten");
+            answer(
+                StatusCode::OK,
+                "forgotten",
+                format!("{id} is no longer registered"),
+            )
+        }
+        Ok(_) => answer(
+            StatusCode::NOT_FOUND,
+            "unknown_client",
+            format!("{id} is not registered"),
+        ),
+        Err(e) => registry_failed(&state, e),
+    }
+}
+
+/// `POST /api/admin/clients/{id}/notify`: tells the client's session to
+/// read the change log now. A client with no live session is gone: its
+/// registration is removed and the answer is 410.
+async fn notify(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    if let Some(session) = state.sessions.get(&id) {
+        session.signal(Signal::Nudge);
+        return answer(
+            StatusCode::ACCEPTED,
+            "notified",
+            format!("{id}'s session reads the change log"),
+        );
+    }
+    match state.registry.get(&id).await {
+        Ok(Some(record)) if record.node != state.node => misdirected(record),
+        Ok(_) => {
+            // Registered here without a session (a crash before it could
+            // unregister), or not at all.
+            if let Err(e) = state.registry.forget(&id).await {
+                return registry_failed(&state, e);
+            }
+            tracing::info!(client_id = %id, "notified a client with no live session: gone, removed from the registry");
+            answer(
+                StatusCode::GONE,
+                "gone",
+                format!("{id} has no live session; removed from the registry"),
+            )
+        }
+        Err(e) => registry_failed(&state, e),
+    }
+}
+
+async fn elsewhere_or_missing(state: &AppState, id: &str) -> Response {
+    match state.registry.get(id).await {
+        Ok(Some(record)) if record.node != state.node => misdirected(record),
+        Ok(_) => answer(
+            StatusCode::NOT_FOUND,
+            "unknown_client",
+            format!("{id} has no session on this node"),
+        ),
+        Err(e) => registry_failed(state, e),
+    }
+}
+
+/// The client's session is on another node: ask that one.
+fn misdirected(record: ClientRecord) -> Response {
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        Json(Answer {
+            code: "other_node",
+            message: format!(
+                "{} is connected to node {}; ask that node",
+                record.client_id, record.node
+            ),
+            node: Some(record.node),
+        }),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
+        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}
