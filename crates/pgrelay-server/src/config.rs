@@ -7,7 +7,8 @@ use pgrelay_pg::TableFilter;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    pub database_url: String,
+    /// PostgreSQL to capture from; `None` serves only the LiveStore event logs.
+    pub database_url: Option<String>,
     pub listen: SocketAddr,
     pub tables: TableFilter,
     /// Name of the logical replication slot (also names the publication).
@@ -31,12 +32,16 @@ pub struct ServerConfig {
     /// How long applied change ids are remembered, so a resend within
     /// this time is recognised and not applied twice.
     pub applied_retention: Duration,
+    /// Secret for the admin API; `None` turns the admin API off.
+    pub admin_token: Option<String>,
+    /// The LiveStore event-log backend.
+    pub eventlog: crate::eventlog::EventLogConfig,
 }
 
 impl ServerConfig {
     pub fn new(database_url: impl Into<String>) -> ServerConfig {
         ServerConfig {
-            database_url: database_url.into(),
+            database_url: Some(database_url.into()),
             listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
             tables: TableFilter::AllPublic,
             slot: "pgrelay".to_owned(),
@@ -47,6 +52,16 @@ impl ServerConfig {
             status_interval: Duration::from_secs(1),
             conflicts: Vec::new(),
             applied_retention: Duration::from_secs(7 * 24 * 3600),
+            admin_token: None,
+            eventlog: crate::eventlog::EventLogConfig::default(),
+        }
+    }
+
+    /// A server of LiveStore event logs only, without PostgreSQL.
+    pub fn eventlog_only() -> ServerConfig {
+        ServerConfig {
+            database_url: None,
+            ..ServerConfig::new("")
         }
     }
 
@@ -81,6 +96,14 @@ impl ServerConfig {
         }
         if self.applied_retention < Duration::from_secs(60) {
             return Err("the applied-change retention must be at least a minute".to_owned());
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 8) {
+            return Err("--admin-token must be at least 8 characters".to_owned());
+        }
+        if self.eventlog.storage == crate::eventlog::EventLogStorage::Postgres
+            && self.database_url.is_none()
+        {
+            return Err("--eventlog-store postgres needs --database-url".to_owned());
         }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());

@@ -18,6 +18,8 @@ pub enum ServerError {
     TooLarge(&'static str),
     #[error("configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    EventLog(#[from] crate::eventlog::EventLogError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -44,7 +46,8 @@ impl ServerError {
             ServerError::CorruptLog(_)
             | ServerError::TooLarge(_)
             | ServerError::Config(_)
-            | ServerError::Listen { .. } => false,
+            | ServerError::Listen { .. }
+            | ServerError::EventLog(_) => false,
         }
     }
 }

@@ -5,6 +5,7 @@ mod api;
 mod config;
 mod encoded;
 mod error;
+mod eventlog;
 mod history;
 mod hub;
 mod reader;
@@ -24,6 +25,7 @@ use tokio::task::JoinSet;
 
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
+pub use eventlog::{EventLogConfig, EventLogError, EventLogStorage, StoreInfo};
 
 use hub::Hub;
 use replication::Replication;
@@ -57,29 +59,28 @@ impl Server {
     /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
     /// binds the listener and starts replication and the HTTP server.
     /// Fails fast on anything a retry will not cure (wal_level, bad slot,
-    /// unknown table, port in use).
+    /// unknown table, port in use). Without a database URL only the
+    /// LiveStore event-log backend is served.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        let info = ConnInfo::parse(&config.database_url)?;
-        let db = pgrelay_pg::connect(&info).await?;
-        pgrelay_pg::check_wal_level(&db).await?;
-        history::ensure_schema(&db).await?;
-        let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
-        history::version_schemas(&db, &mut tables).await?;
-        for table in tables.iter().filter(|t| t.skipped.is_some()) {
-            tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
-        }
-        let synced: Vec<String> = tables
-            .iter()
-            .filter(|t| t.skipped.is_none())
-            .map(|t| t.name.clone())
-            .collect();
-        pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
-        let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
-        let head = history::head(&db).await?;
-        drop(db);
-        let versions = version_columns(&config.conflicts, &tables)?;
-        tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let eventlog = eventlog::EventLog::open(&config, shutdown_rx.clone()).await?;
+        let (app, hub, status) = match config.database_url.clone() {
+            Some(url) => start_row_sync(config.clone(), &url, &mut tasks, &shutdown_rx).await?,
+            None => {
+                tracing::info!("no database URL: serving LiveStore event logs only");
+                let health =
+                    axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+                let hub = Arc::new(Hub::new(
+                    config.live_buffer,
+                    pgrelay_protocol::Lsn::ZERO,
+                    Vec::new(),
+                ));
+                (health, hub, Arc::new(ReplicationStatus::new()))
+            }
+        };
+        let app = app.merge(eventlog::router(eventlog));
 
         let listener =
             TcpListener::bind(config.listen)
@@ -94,34 +95,6 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-
-        let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
-        let status = Arc::new(ReplicationStatus::new());
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-
-        let replication = Replication {
-            info: info.clone(),
-            config: config.clone(),
-            hub: Arc::clone(&hub),
-            status: Arc::clone(&status),
-        };
-        tasks.spawn(replication.run(shutdown_rx.clone()));
-
-        let writer = Arc::new(writes::Writer::new(info.clone(), versions));
-        tasks.spawn(prune_applied(
-            Arc::clone(&writer),
-            config.applied_retention,
-            shutdown_rx.clone(),
-        ));
-        let state = Arc::new(AppState {
-            config,
-            hub: Arc::clone(&hub),
-            log_reader: reader::LogReader::new(info),
-            replication: Arc::clone(&status),
-            writer,
-        });
-        let app = api::router(state, shutdown_rx.clone());
         let mut http_shutdown = shutdown_rx;
         // Frames are small and often back to back (a write result, then its
         // echo): with Nagle's algorithm the second waits for the client's
@@ -194,6 +167,62 @@ impl Server {
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
     }
+}
+
+/// The row sync: checks PostgreSQL, sets up schema, publication and slot,
+/// and starts replication; returns its routes.
+async fn start_row_sync(
+    config: ServerConfig,
+    database_url: &str,
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<(axum::Router, Arc<Hub>, Arc<ReplicationStatus>), ServerError> {
+    let info = ConnInfo::parse(database_url)?;
+    let db = pgrelay_pg::connect(&info).await?;
+    pgrelay_pg::check_wal_level(&db).await?;
+    history::ensure_schema(&db).await?;
+    let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
+    history::version_schemas(&db, &mut tables).await?;
+    for table in tables.iter().filter(|t| t.skipped.is_some()) {
+        tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
+    }
+    let synced: Vec<String> = tables
+        .iter()
+        .filter(|t| t.skipped.is_none())
+        .map(|t| t.name.clone())
+        .collect();
+    pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
+    let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
+    let head = history::head(&db).await?;
+    drop(db);
+    let versions = version_columns(&config.conflicts, &tables)?;
+    tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
+
+    let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
+    let status = Arc::new(ReplicationStatus::new());
+
+    let replication = Replication {
+        info: info.clone(),
+        config: config.clone(),
+        hub: Arc::clone(&hub),
+        status: Arc::clone(&status),
+    };
+    tasks.spawn(replication.run(shutdown_rx.clone()));
+
+    let writer = Arc::new(writes::Writer::new(info.clone(), versions));
+    tasks.spawn(prune_applied(
+        Arc::clone(&writer),
+        config.applied_retention,
+        shutdown_rx.clone(),
+    ));
+    let state = Arc::new(AppState {
+        config,
+        hub: Arc::clone(&hub),
+        log_reader: reader::LogReader::new(info),
+        replication: Arc::clone(&status),
+        writer,
+    });
+    Ok((api::router(state, shutdown_rx.clone()), hub, status))
 }
 
 /// Resolves `--conflict` entries against the synced tables: qualified table

@@ -1,5 +1,6 @@
 //! The `pgrelay` command's parts, also used by its integration tests.
 
+pub mod admin_cmd;
 pub mod bench;
 pub mod client_cmd;
 pub mod demo;

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use pgrelay::{bench, client_cmd, demo, serve_cmd, verify};
+use pgrelay::{admin_cmd, bench, client_cmd, demo, serve_cmd, verify};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,16 @@ enum Command {
     /// Measure capture, delivery latency, fan-out and idle memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Administer a running server (needs its --admin-token).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// LiveStore stores: info, reset.
+    #[command(subcommand)]
+    Store(admin_cmd::StoreCommand),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +115,7 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(command) => bench::run(command).await,
+            Command::Admin(AdminCommand::Store(command)) => admin_cmd::store(command).await,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
