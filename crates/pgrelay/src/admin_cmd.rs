@@ -48,7 +48,7 @@ pub async fn store(command: StoreCommand) -> anyhow::Result<()> {
 }
 
 /// One request on a fresh connection; returns the status and the body.
-pub(crate) async fn request(
+pub async fn request(
     server: &str,
     method: &str,
     path: &str,
