@@ -75,7 +75,7 @@ impl EventLog {
     ) -> Result<EventLog, EventLogError> {
         let storage =
             Storage::open(&config.eventlog.storage, config.database_url.as_deref()).await?;
-        Ok(EventLog {
+        let log = EventLog {
             inner: Arc::new(Inner {
                 storage,
                 stores: Mutex::new(HashMap::new()),
@@ -86,7 +86,33 @@ impl EventLog {
                 idle_timeout: config.idle_timeout,
                 send_timeout: config.send_timeout,
             }),
-        })
+        };
+        if let Storage::Postgres(pg) = &log.inner.storage {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            let pg = std::sync::Arc::clone(pg);
+            let shutdown = log.inner.shutdown.clone();
+            if let Ok(mut tasks) = log.inner.tasks.lock() {
+                tasks.spawn(async move { pg.follow(tx, shutdown).await });
+                tasks.spawn(log.clone().refresh_on_notice(rx));
+            }
+        }
+        Ok(log)
+    }
+
+    /// Tells a store this node serves that another node appended to it.
+    async fn refresh_on_notice(self, mut notices: tokio::sync::mpsc::Receiver<Option<String>>) {
+        while let Some(notice) = notices.recv().await {
+            let stores: Vec<StoreHandle> = match self.lock_stores() {
+                Ok(stores) => match &notice {
+                    Some(id) => stores.get(id.as_str()).cloned().into_iter().collect(),
+                    None => stores.values().cloned().collect(),
+                },
+                Err(_) => return,
+            };
+            for store in stores {
+                store.refresh().await;
+            }
+        }
     }
 
     /// The store's task, started on first use with what storage knows.

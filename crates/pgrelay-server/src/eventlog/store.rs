@@ -10,7 +10,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::error::EventLogError;
-use super::event::{now_iso, paginate, Event, Page};
+use super::event::{now_iso, paginate, Event, Page, MAX_PAGE_EVENTS};
 use super::storage::{Appended, Storage, StoreMeta};
 
 /// Commands waiting for a store's task.
@@ -80,6 +80,9 @@ enum Command {
     Reset {
         reply: oneshot::Sender<Result<StoreInfo, EventLogError>>,
     },
+    /// Another node may have appended: read storage's head and broadcast
+    /// what this node has not seen.
+    Refresh,
 }
 
 /// A handle on a store's task; cheap to clone.
@@ -140,6 +143,10 @@ impl StoreHandle {
             .await
             .map_err(|_| EventLogError::ShuttingDown)?;
         rx.await.map_err(|_| EventLogError::ShuttingDown)
+    }
+
+    pub(crate) async fn refresh(&self) {
+        let _ = self.commands.send(Command::Refresh).await;
     }
 
     pub(crate) async fn reset(&self) -> Result<StoreInfo, EventLogError> {
@@ -237,6 +244,7 @@ impl StoreTask {
                     let result = self.reset().await;
                     let _ = reply.send(result);
                 }
+                Command::Refresh => self.refresh().await,
             }
         }
         tracing::debug!(store = %self.id, "store task stopped");
@@ -311,12 +319,58 @@ impl StoreTask {
         let last_seq = events.last().map(|e| e.seq).unwrap_or(parent);
         self.meta.head = last_seq;
         self.meta.events += events.len() as i64;
-        let broadcast = Arc::new(Broadcast {
-            pages: paginate(
+        let pages = paginate(
+            events
+                .iter()
+                .map(|e| (e.seq, e.json.as_str(), created_at.as_str())),
+        );
+        self.broadcast(pages, last_seq, request_id);
+        Ok(())
+    }
+
+    async fn refresh(&mut self) {
+        let stored = match self.storage.open_store(&self.id).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(store = %self.id, error = %e, "reading the store's head failed");
+                return;
+            }
+        };
+        if stored.backend_id != self.meta.backend_id {
+            tracing::warn!(store = %self.id, "store reset by another node");
+            self.backend_id = Arc::from(stored.backend_id.as_str());
+            self.meta = stored;
+            self.subscribers.clear();
+            return;
+        }
+        while self.meta.head < stored.head {
+            let events = match self
+                .storage
+                .read(&self.id, self.meta.head, stored.head, MAX_PAGE_EVENTS)
+                .await
+            {
+                Ok(events) if !events.is_empty() => events,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(store = %self.id, error = %e, "reading other nodes' events failed");
+                    return;
+                }
+            };
+            let last_seq = events.last().map(|e| e.seq).unwrap_or(stored.head);
+            self.meta.head = last_seq;
+            self.meta.events += events.len() as i64;
+            let pages = paginate(
                 events
                     .iter()
-                    .map(|e| (e.seq, e.json.as_str(), created_at.as_str())),
-            ),
+                    .map(|e| (e.seq, e.json.as_str(), e.created_at.as_str())),
+            );
+            self.broadcast(pages, last_seq, String::new());
+        }
+    }
+
+    fn broadcast(&mut self, pages: Vec<Page>, last_seq: i64, request_id: String) {
+        let broadcast = Arc::new(Broadcast {
+            pages,
             last_seq,
             push_request_id: request_id,
             rpc_frames: OnceLock::new(),
@@ -332,6 +386,5 @@ impl StoreTask {
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             });
-        Ok(())
     }
 }

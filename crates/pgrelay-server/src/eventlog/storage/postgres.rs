@@ -5,6 +5,7 @@
 use std::sync::Mutex;
 
 use pgrelay_pg::ConnInfo;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
 use super::{new_backend_id, Appended, StoreMeta};
@@ -37,15 +38,19 @@ WITH moved AS (
     UPDATE pgrelay.eventlog_stores SET head = $3, events = events + $4
     WHERE store_id = $1 AND head = $2
     RETURNING 1
+), notified AS (
+    -- Delivered at commit to every node, so their live pulls get the batch.
+    SELECT pg_notify('pgrelay_eventlog', $1) FROM moved
 )
 INSERT INTO pgrelay.eventlog_events (store_id, seq_num, parent_seq_num, event, created_at)
 SELECT $1, e.seq, e.parent, e.event, $5
 FROM unnest($6::bigint[], $7::bigint[], $8::text[]) AS e(seq, parent, event)
-WHERE EXISTS (SELECT 1 FROM moved)
+WHERE EXISTS (SELECT 1 FROM moved) AND EXISTS (SELECT 1 FROM notified)
 ";
 
 pub(crate) struct PostgresStorage {
     info: ConnInfo,
+    url: String,
     /// Reconnected when PostgreSQL closed it; held only to clone the handle.
     client: Mutex<Option<std::sync::Arc<Client>>>,
 }
@@ -55,6 +60,7 @@ impl PostgresStorage {
         let info = ConnInfo::parse(url).map_err(|e| EventLogError::Storage(e.to_string()))?;
         let storage = PostgresStorage {
             info,
+            url: url.to_owned(),
             client: Mutex::new(None),
         };
         let client = storage.client().await?;
@@ -84,6 +90,81 @@ impl PostgresStorage {
             *slot = Some(client.clone());
         }
         Ok(client)
+    }
+
+    /// Follows appends made by any node (`LISTEN pgrelay_eventlog`): sends
+    /// the store id of each, or `None` after a (re)connect, when
+    /// notifications may have been missed and every store should look.
+    pub(crate) async fn follow(
+        &self,
+        stores: mpsc::Sender<Option<String>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            if let Err(e) = self.follow_once(&stores, &mut shutdown).await {
+                tracing::warn!(error = %e, "following other nodes' appends failed; retrying");
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        stores: &mpsc::Sender<Option<String>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), EventLogError> {
+        let config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(EventLogError::postgres("parsing the database URL"))?;
+        let (client, mut connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(EventLogError::postgres("connecting to listen"))?;
+        let (tx, mut notifications) = mpsc::channel(1024);
+        // Drives the connection; ends with it.
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    if tx.send(n.payload().to_owned()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let result = async {
+            client
+                .batch_execute("LISTEN pgrelay_eventlog")
+                .await
+                .map_err(EventLogError::postgres("LISTEN pgrelay_eventlog"))?;
+            let _ = stores.send(None).await;
+            loop {
+                let store = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                    store = notifications.recv() => store,
+                };
+                match store {
+                    Some(store) => {
+                        let _ = stores.send(Some(store)).await;
+                    }
+                    None => {
+                        return Err(EventLogError::Storage(
+                            "the LISTEN connection closed".to_owned(),
+                        ))
+                    }
+                }
+            }
+        }
+        .await;
+        drop(client);
+        driver.abort();
+        result
     }
 
     pub(crate) async fn open_store(&self, store: &str) -> Result<StoreMeta, EventLogError> {

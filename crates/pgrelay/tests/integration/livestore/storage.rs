@@ -91,11 +91,19 @@ async fn postgres_storage_admits_pushes_across_two_nodes() {
         "Success"
     );
 
-    // A reader on either node gets the whole log from PostgreSQL.
+    // Node a's live socket receives node b's batch (LISTEN/NOTIFY), and a
+    // reader on either node gets the whole log from PostgreSQL.
+    let mut a_seen = Vec::new();
+    a.chunks_until(7, &mut a_seen).await;
+    assert_eq!(
+        a_seen,
+        vec![6, 7],
+        "node a's live socket got node b's batch"
+    );
     let mut r = Sock::open(node_a.local_addr(), "/livestore", &store).await;
-    r.pull("0", None, false).await;
+    r.pull("0", None, true).await;
     let mut seen = Vec::new();
-    r.until_exit("0", &mut seen).await;
+    r.chunks_until(7, &mut seen).await;
     assert_complete("a reader on node a", &seen, 7);
     let stored = world
         .count(&format!(
