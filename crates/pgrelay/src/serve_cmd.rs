@@ -57,6 +57,11 @@ pub struct EventLogArgs {
         default_value = "./pgrelay-events.sqlite"
     )]
     pub eventlog_db: PathBuf,
+    /// SQLite `synchronous` for event logs: `full` syncs each acknowledged
+    /// push to disk (survives power loss); `normal` survives a crash of
+    /// pgrelay but not of the machine, and is much faster on slow disks.
+    #[arg(long, env = "PGRELAY_EVENTLOG_SYNC", default_value = "full", value_parser = ["full", "normal"])]
+    pub eventlog_sync: String,
     /// Require LiveStore clients to send this token as `payload.authToken`
     /// (`makeWsSync` with `syncPayload: { authToken }`).
     #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
@@ -85,6 +90,7 @@ impl ServeArgs {
         config.applied_retention = self.applied_retention;
         config.admin_token = self.eventlog.admin_token;
         config.eventlog.auth_token = self.eventlog.eventlog_auth_token;
+        config.eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
         config.eventlog.storage = match self.eventlog.eventlog_store.as_str() {
             "postgres" => EventLogStorage::Postgres,
             _ => EventLogStorage::Sqlite(Some(self.eventlog.eventlog_db)),

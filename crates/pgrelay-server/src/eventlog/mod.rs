@@ -39,6 +39,11 @@ pub struct EventLogConfig {
     /// Accepted batches queued per live subscription; a socket further
     /// behind is switched to catch-up from storage.
     pub subscriber_buffer: usize,
+    /// SQLite's `synchronous` setting: `true` (FULL, the default) syncs
+    /// every commit to disk before a push is acknowledged, so it survives a
+    /// power loss; `false` (NORMAL, in WAL mode) survives a crash of pgrelay
+    /// but not of the machine, and is much faster on slow disks.
+    pub sqlite_sync_full: bool,
 }
 
 impl Default for EventLogConfig {
@@ -47,6 +52,7 @@ impl Default for EventLogConfig {
             storage: EventLogStorage::Sqlite(None),
             auth_token: None,
             subscriber_buffer: 256,
+            sqlite_sync_full: true,
         }
     }
 }
@@ -73,8 +79,7 @@ impl EventLog {
         config: &crate::ServerConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<EventLog, EventLogError> {
-        let storage =
-            Storage::open(&config.eventlog.storage, config.database_url.as_deref()).await?;
+        let storage = Storage::open(&config.eventlog, config.database_url.as_deref()).await?;
         let log = EventLog {
             inner: Arc::new(Inner {
                 storage,

@@ -4,6 +4,7 @@
 //! JSON and an SVG figure.
 
 mod capture;
+mod eventlog;
 mod fanout;
 mod fleet;
 mod idle;
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     Idle(idle::IdleArgs),
     /// Client writes through the outbox: changes applied/s and write → commit time.
     Writes(writes::WritesArgs),
+    /// LiveStore event logs: events/s accepted on one store, push → receipt at many live clients.
+    Eventlog(eventlog::EventLogArgs),
 }
 
 /// Options every bench takes.
@@ -56,6 +59,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fanout(args) => (args.common.clone(), fanout::run(args).await?),
         BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
         BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),
+        BenchCommand::Eventlog(args) => (args.common.clone(), eventlog::run(args).await?),
     };
     print!("{}", report.render_table());
     if let Some(path) = &common.json {

@@ -50,12 +50,12 @@ pub enum EventLogStorage {
 
 impl Storage {
     pub(crate) async fn open(
-        kind: &EventLogStorage,
+        config: &super::EventLogConfig,
         database_url: Option<&str>,
     ) -> Result<Storage, EventLogError> {
-        match kind {
+        match &config.storage {
             EventLogStorage::Sqlite(path) => Ok(Storage::Sqlite(Arc::new(
-                SqliteStorage::open(path.clone()).await?,
+                SqliteStorage::open(path.clone(), config.sqlite_sync_full).await?,
             ))),
             EventLogStorage::Postgres => {
                 let url = database_url.ok_or_else(|| {

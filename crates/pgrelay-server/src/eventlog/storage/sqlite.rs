@@ -38,7 +38,10 @@ CREATE TABLE IF NOT EXISTS eventlog_events (
 ";
 
 impl SqliteStorage {
-    pub(crate) async fn open(path: Option<PathBuf>) -> Result<SqliteStorage, EventLogError> {
+    pub(crate) async fn open(
+        path: Option<PathBuf>,
+        sync_full: bool,
+    ) -> Result<SqliteStorage, EventLogError> {
         let (jobs, mut rx) = mpsc::channel::<Job>(QUEUE);
         let (ready_tx, ready_rx) = oneshot::channel();
         let name = path
@@ -48,7 +51,7 @@ impl SqliteStorage {
         std::thread::Builder::new()
             .name("pgrelay-eventlog-sqlite".to_owned())
             .spawn(move || {
-                let mut conn = match open_connection(path) {
+                let mut conn = match open_connection(path, sync_full) {
                     Ok(conn) => {
                         let _ = ready_tx.send(Ok(()));
                         conn
@@ -67,7 +70,7 @@ impl SqliteStorage {
         ready_rx
             .await
             .map_err(|_| EventLogError::Storage("the SQLite thread died".to_owned()))??;
-        tracing::info!(db = %name, "event logs in SQLite");
+        tracing::info!(db = %name, synchronous = if sync_full { "full" } else { "normal" }, "event logs in SQLite");
         Ok(SqliteStorage { jobs })
     }
 
@@ -195,7 +198,7 @@ impl SqliteStorage {
     }
 }
 
-fn open_connection(path: Option<PathBuf>) -> Result<Connection, EventLogError> {
+fn open_connection(path: Option<PathBuf>, sync_full: bool) -> Result<Connection, EventLogError> {
     let conn = match &path {
         Some(path) => Connection::open(path),
         None => Connection::open_in_memory(),
@@ -207,9 +210,13 @@ fn open_connection(path: Option<PathBuf>) -> Result<Connection, EventLogError> {
             .unwrap_or_else(|| ":memory:".to_owned())
     )))?;
     // WAL with synchronous=FULL: a commit is on disk before it returns, so
-    // an acknowledged push survives a power cut, not only a crash.
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
-        .map_err(EventLogError::sqlite("setting WAL mode"))?;
+    // an acknowledged push survives a power cut, not only a crash. NORMAL
+    // (chosen by the operator) survives a crash of pgrelay only.
+    let synchronous = if sync_full { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};"
+    ))
+    .map_err(EventLogError::sqlite("setting WAL mode"))?;
     conn.execute_batch(SCHEMA)
         .map_err(EventLogError::sqlite("creating the event-log tables"))?;
     Ok(conn)
