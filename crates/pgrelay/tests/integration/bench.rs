@@ -112,3 +112,20 @@ fn writes_bench_applies_every_client_write_once() {
         "each change id recorded once"
     );
 }
+
+#[test]
+fn eventlog_bench_delivers_every_event_to_every_client() {
+    let report = run_bench(&[
+        "eventlog",
+        "--clients",
+        "5",
+        "--events",
+        "1000",
+        "--single-events",
+        "50",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["batch_100"]["complete"], true);
+    assert_eq!(results["batch_1"]["complete"], true);
+    assert!(results["batch_100"]["events_per_sec"].as_f64().unwrap() > 0.0);
+}
