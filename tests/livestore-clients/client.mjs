@@ -21,6 +21,11 @@ const { values: args } = parseArgs({
     'start-at': { type: 'string', default: '0' },
     token: { type: 'string', default: 'insecure-token-change-me' },
     timeout: { type: 'string', default: '60000' },
+    // Stay running: after the first --expect, print READY, wait for this
+    // file, commit --commit-after more, then wait for --expect-after.
+    'go-file': { type: 'string' },
+    'commit-after': { type: 'string', default: '0' },
+    'expect-after': { type: 'string' },
   },
 })
 
@@ -50,15 +55,29 @@ for (let i = 0; i < Number(args.commit); i++) {
 }
 
 const allTodos = queryDb(todos.select())
-const expected = Number(args.expect)
 let rows = []
 let pending = -1
-while (Date.now() < deadline) {
-  rows = store.query(allTodos)
-  const states = await store._dev.syncStates()
-  pending = states.leader.pending.length + states.session.pending.length
-  if (rows.length >= expected && pending === 0) break
-  await sleep(100)
+const settle = async (expected) => {
+  while (Date.now() < deadline) {
+    rows = store.query(allTodos)
+    const states = await store._dev.syncStates()
+    pending = states.leader.pending.length + states.session.pending.length
+    if (rows.length >= expected && pending === 0) return
+    await sleep(100)
+  }
+}
+
+let expected = Number(args.expect)
+await settle(expected)
+if (args['go-file']) {
+  console.log(`READY ${rows.length}`)
+  const { existsSync } = await import('node:fs')
+  while (!existsSync(args['go-file']) && Date.now() < deadline) await sleep(50)
+  for (let i = 0; i < Number(args['commit-after']); i++) {
+    store.commit(events.todoCreated({ id: `${run}-after-${i}`, text: `todo after ${i}`, client: args.client }))
+  }
+  expected = Number(args['expect-after'])
+  await settle(expected)
 }
 
 const result = {

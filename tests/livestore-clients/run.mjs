@@ -1,10 +1,11 @@
 // Real LiveStore 0.4 clients against a pgrelay server (event logs only, no
 // PostgreSQL): three clients commit at the same moment and each ends with
-// every event; a late client pulls the whole history; pgrelay restarts;
-// two clients restarted on their own storage pull with a cursor and go on;
-// a last client sees everything. Run by .ci/run; exits non-zero on failure.
+// every event; a late client pulls the whole history; pgrelay restarts
+// under a connected client that commits while it is down; two clients
+// restarted on their own storage pull with a cursor and go on; a last
+// client sees everything. Run by .ci/run; exits non-zero on failure.
 import { spawn } from 'node:child_process'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -64,8 +65,11 @@ const stopServer = (child) =>
     child.kill('SIGTERM')
   })
 
-const runClient = (url, name, dir, { commit = 0, expect, startAt = 0 }) =>
+const runClient = (url, name, dir, { commit = 0, expect, startAt = 0, hold, onReady: readyCallback }) =>
   new Promise((res) => {
+    const holdArgs = hold
+      ? ['--go-file', hold.goFile, '--commit-after', String(hold.commit), '--expect-after', String(hold.expect)]
+      : []
     const child = spawn(
       process.execPath,
       [
@@ -73,11 +77,18 @@ const runClient = (url, name, dir, { commit = 0, expect, startAt = 0 }) =>
         join(here, 'client.mjs'),
         '--url', url, '--store', storeId, '--client', name, '--dir', dir,
         '--commit', String(commit), '--expect', String(expect), '--start-at', String(startAt),
+        ...holdArgs,
       ],
       { stdio: ['ignore', 'pipe', 'inherit'] },
     )
     let out = ''
-    child.stdout.on('data', (chunk) => (out += chunk.toString()))
+    child.stdout.on('data', (chunk) => {
+      out += chunk.toString()
+      if (readyCallback && out.includes('READY ')) {
+        readyCallback()
+        readyCallback = undefined
+      }
+    })
     child.on('exit', (code) => {
       const line = out.split('\n').find((l) => l.startsWith('RESULT '))
       const result = line ? JSON.parse(line.slice(7)) : { client: name, count: -1, pending: -1, ids: [] }
@@ -116,26 +127,38 @@ try {
   const before = await adminInfo(port)
   check(before.head === 15 && before.events === 15, `the server holds 15 events (head ${before.head})`)
 
-  // Phase 3: pgrelay restarts on the same storage.
+  // Phase 3: pgrelay restarts under a connected client, which commits
+  // while the server is down and pushes once it is back.
+  const goFile = join(work, 'go')
+  let ready
+  const isReady = new Promise((r) => (ready = r))
+  const frank = runClient(url, 'frank', clientDir('frank'), {
+    commit: 2, expect: 17, hold: { goFile, commit: 2, expect: 19 }, onReady: () => ready(),
+  })
+  await isReady
   await stopServer(server)
+  writeFileSync(goFile, 'go')
+  await new Promise((r) => setTimeout(r, 1000))
   server = await startServer(port)
   const after = await adminInfo(port)
-  check(after.head === 15 && after.backend_id === before.backend_id, 'a restart keeps the log and the backend id')
+  check(after.backend_id === before.backend_id && after.head >= 17, `a restart keeps the log and the backend id (head ${after.head})`)
+  const held = await frank
+  check(held.code === 0 && held.count === 19 && held.pending === 0, `a client connected across the restart pushes what it committed offline (${held.count}, ${held.pending} pending)`)
 
   // Phase 4: two clients restarted on their own storage pull from their
   // cursor, commit at the same moment, and go on.
   const startAgain = Date.now() + 4000
   const phase4 = await Promise.all([
-    runClient(url, 'alice', clientDir('alice'), { commit: 5, expect: 23, startAt: startAgain }),
-    runClient(url, 'bob', clientDir('bob'), { commit: 3, expect: 23, startAt: startAgain }),
+    runClient(url, 'alice', clientDir('alice'), { commit: 5, expect: 27, startAt: startAgain }),
+    runClient(url, 'bob', clientDir('bob'), { commit: 3, expect: 27, startAt: startAgain }),
   ])
-  for (const r of phase4) check(r.code === 0 && r.count === 23 && r.pending === 0, `restarted ${r.client} holds all 23 events, none pending (${r.count}, ${r.pending} pending)`)
+  for (const r of phase4) check(r.code === 0 && r.count === 27 && r.pending === 0, `restarted ${r.client} holds all 27 events, none pending (${r.count}, ${r.pending} pending)`)
 
   // A last client on fresh storage sees everything everyone committed.
-  const last = await runClient(url, 'erin', clientDir('erin'), { expect: 23 })
-  check(last.code === 0 && last.count === 23 && sameIds([...phase4, last]), `a new client sees all 23 events (${last.count})`)
+  const last = await runClient(url, 'erin', clientDir('erin'), { expect: 27 })
+  check(last.code === 0 && last.count === 27 && sameIds([...phase4, last]), `a new client sees all 27 events (${last.count})`)
   const final = await adminInfo(port)
-  check(final.head === 23 && final.events === 23, `the server holds 23 events (head ${final.head})`)
+  check(final.head === 27 && final.events === 27, `the server holds 27 events (head ${final.head})`)
 } catch (e) {
   checks.failed++
   console.log(`not ok - ${e.stack ?? e}`)
