@@ -20,6 +20,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("no message from the server for {0:?}")]
     Silent(std::time::Duration),
+    #[error("tables {0:?} need a snapshot; reconnecting for it")]
+    Resync(Vec<String>),
 }
 
 impl ClientError {
@@ -30,9 +32,14 @@ impl ClientError {
             ClientError::Connect { .. }
             | ClientError::Socket(_)
             | ClientError::Silent(_)
+            | ClientError::Resync(_)
             | ClientError::Protocol(_) => true,
+            // Gone: the client resets its position and hydrates again.
             ClientError::Refused { code, .. } => {
-                matches!(code, ErrorCode::TooSlow | ErrorCode::Internal)
+                matches!(
+                    code,
+                    ErrorCode::TooSlow | ErrorCode::Internal | ErrorCode::Gone
+                )
             }
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
         }

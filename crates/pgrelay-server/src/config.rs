@@ -32,6 +32,14 @@ pub struct ServerConfig {
     /// How long applied change ids are remembered, so a resend within
     /// this time is recognised and not applied twice.
     pub applied_retention: Duration,
+    /// How long the change log keeps a transaction. A replica further
+    /// behind is told it is gone and re-hydrates from a snapshot.
+    pub retain: Duration,
+    /// Snapshots served at once; further hydrating clients queue.
+    pub max_hydrations: usize,
+    /// How often the catalog is checked for new tables to sync (with the
+    /// default filter, every table in schema `public`).
+    pub table_poll_interval: Duration,
     /// Secret for the admin API; `None` turns the admin API off.
     pub admin_token: Option<String>,
     /// The LiveStore event-log backend.
@@ -52,6 +60,9 @@ impl ServerConfig {
             status_interval: Duration::from_secs(1),
             conflicts: Vec::new(),
             applied_retention: Duration::from_secs(7 * 24 * 3600),
+            retain: Duration::from_secs(7 * 24 * 3600),
+            max_hydrations: 4,
+            table_poll_interval: Duration::from_secs(2),
             admin_token: None,
             eventlog: crate::eventlog::EventLogConfig::default(),
         }
@@ -96,6 +107,12 @@ impl ServerConfig {
         }
         if self.applied_retention < Duration::from_secs(60) {
             return Err("the applied-change retention must be at least a minute".to_owned());
+        }
+        if self.retain < Duration::from_secs(1) {
+            return Err("--retain must be at least a second".to_owned());
+        }
+        if self.max_hydrations == 0 {
+            return Err("--max-hydrations must be at least 1".to_owned());
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 8) {
             return Err("--admin-token must be at least 8 characters".to_owned());

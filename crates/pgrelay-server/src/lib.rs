@@ -10,9 +10,12 @@ mod history;
 mod hub;
 mod reader;
 mod replication;
+mod retention;
 mod session;
+mod snapshot;
 mod state;
 mod status;
+mod table_watch;
 mod writes;
 
 use std::net::SocketAddr;
@@ -194,9 +197,10 @@ async fn start_row_sync(
     pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
     let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
     let head = history::head(&db).await?;
+    let (log_id, pruned_through) = history::log_state(&db).await?;
     drop(db);
     let versions = version_columns(&config.conflicts, &tables)?;
-    tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
+    tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
 
     let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
     let status = Arc::new(ReplicationStatus::new());
@@ -215,7 +219,22 @@ async fn start_row_sync(
         config.applied_retention,
         shutdown_rx.clone(),
     ));
+    tasks.spawn(table_watch::run(
+        info.clone(),
+        config.clone(),
+        Arc::clone(&hub),
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(retention::prune_log(
+        info.clone(),
+        config.retain,
+        shutdown_rx.clone(),
+    ));
     let state = Arc::new(AppState {
+        hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
+        hydrations_queued: Default::default(),
+        log_id,
+        database: info.clone(),
         config,
         hub: Arc::clone(&hub),
         log_reader: reader::LogReader::new(info),

@@ -39,6 +39,13 @@ pub struct ServeArgs {
     /// How long applied change ids are remembered to recognise resends.
     #[arg(long, env = "PGRELAY_APPLIED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub applied_retention: Duration,
+    /// How long the change log keeps transactions (e.g. `7d`, `12h`). A
+    /// replica further behind re-hydrates from a snapshot.
+    #[arg(long, env = "PGRELAY_RETAIN", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retain: Duration,
+    /// Snapshots served at once to hydrating clients; others queue.
+    #[arg(long, env = "PGRELAY_MAX_HYDRATIONS", default_value_t = 4)]
+    pub max_hydrations: usize,
     #[command(flatten)]
     pub eventlog: EventLogArgs,
 }
@@ -88,6 +95,8 @@ impl ServeArgs {
         config.status_interval = self.status_interval;
         config.conflicts = self.conflicts;
         config.applied_retention = self.applied_retention;
+        config.retain = self.retain;
+        config.max_hydrations = self.max_hydrations;
         config.admin_token = self.eventlog.admin_token;
         config.eventlog.auth_token = self.eventlog.eventlog_auth_token;
         config.eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";

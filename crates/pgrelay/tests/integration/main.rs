@@ -7,6 +7,7 @@ mod support;
 mod bad_input;
 mod bench;
 mod crash;
+mod hydrate;
 mod livestore;
 mod pipeline;
 mod slot;
