@@ -7,7 +7,8 @@ use pgrelay_pg::TableFilter;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    pub database_url: String,
+    /// PostgreSQL to capture from; `None` serves only the LiveStore event logs.
+    pub database_url: Option<String>,
     pub listen: SocketAddr,
     pub tables: TableFilter,
     /// Name of the logical replication slot (also names the publication).
@@ -73,12 +74,14 @@ pub struct ServerConfig {
     /// On shutdown, how long sessions get to close before the server stops
     /// waiting for them.
     pub shutdown_grace: Duration,
+    /// The LiveStore event-log backend.
+    pub eventlog: crate::eventlog::EventLogConfig,
 }
 
 impl ServerConfig {
     pub fn new(database_url: impl Into<String>) -> ServerConfig {
         ServerConfig {
-            database_url: database_url.into(),
+            database_url: Some(database_url.into()),
             listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
             tables: TableFilter::AllPublic,
             slot: "pgrelay".to_owned(),
@@ -107,6 +110,15 @@ impl ServerConfig {
             stall_after: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            eventlog: crate::eventlog::EventLogConfig::default(),
+        }
+    }
+
+    /// A server of LiveStore event logs only, without PostgreSQL.
+    pub fn eventlog_only() -> ServerConfig {
+        ServerConfig {
+            database_url: None,
+            ..ServerConfig::new("")
         }
     }
 
@@ -183,6 +195,11 @@ impl ServerConfig {
         }
         if self.monitor_interval.is_zero() {
             return Err("the monitor interval must be positive".to_owned());
+        }
+        if self.eventlog.storage == crate::eventlog::EventLogStorage::Postgres
+            && self.database_url.is_none()
+        {
+            return Err("--eventlog-store postgres needs --database-url".to_owned());
         }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());

@@ -23,6 +23,8 @@ pub enum ServerError {
     TooLarge(&'static str),
     #[error("configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    EventLog(#[from] crate::eventlog::EventLogError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -50,7 +52,8 @@ impl ServerError {
             | ServerError::Pruned { .. }
             | ServerError::TooLarge(_)
             | ServerError::Config(_)
-            | ServerError::Listen { .. } => false,
+            | ServerError::Listen { .. }
+            | ServerError::EventLog(_) => false,
         }
     }
 }

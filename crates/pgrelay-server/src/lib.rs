@@ -6,6 +6,7 @@ mod api;
 mod config;
 mod encoded;
 mod error;
+mod eventlog;
 mod history;
 mod hub;
 mod lag;
@@ -32,6 +33,7 @@ use tokio::task::JoinSet;
 
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
+pub use eventlog::{EventLogConfig, EventLogError, EventLogStorage, StoreInfo};
 
 use hub::Hub;
 use replication::Replication;
@@ -68,30 +70,16 @@ impl Server {
     /// binds the listener and starts replication and the HTTP server.
     /// Fails fast on anything a retry will not cure (wal_level, bad slot,
     /// unknown table, port in use).
+    /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
+    /// binds the listener and starts replication and the HTTP server.
+    /// Fails fast on anything a retry will not cure (wal_level, bad slot,
+    /// unknown table, port in use). Without a database URL only the
+    /// LiveStore event-log backend is served.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        let info = ConnInfo::parse(&config.database_url)?;
-        let db = pgrelay_pg::connect(&info).await?;
-        pgrelay_pg::check_wal_level(&db).await?;
-        history::ensure_schema(&db).await?;
-        let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
-        history::version_schemas(&db, &mut tables).await?;
-        for table in tables.iter().filter(|t| t.skipped.is_some()) {
-            tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
-        }
-        let synced: Vec<String> = tables
-            .iter()
-            .filter(|t| t.skipped.is_none())
-            .map(|t| t.name.clone())
-            .collect();
-        pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
-        let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
-        let head = history::head(&db).await?;
-        let (log_id, pruned_through) = history::log_state(&db).await?;
-        drop(db);
-        let versions = version_columns(&config.conflicts, &tables)?;
-        tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
-
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let eventlog = eventlog::EventLog::open(&config, shutdown_rx.clone()).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -105,76 +93,34 @@ impl Server {
                 addr: config.listen,
                 source,
             })?;
-
         let sessions = Arc::new(session::table::SessionTable::default());
-        let node = config
-            .node
-            .clone()
-            .unwrap_or_else(|| registry::default_node(addr.port()));
-        let instance = format!("{node}#{:08x}", rand::random::<u32>());
-        let registry = registry::open(&config, &sessions, &node, &instance)
-            .map_err(|e| ServerError::Config(e.to_string()))?;
-        let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
-        let status = Arc::new(ReplicationStatus::new());
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-
-        let replication = Replication {
-            info: info.clone(),
-            config: config.clone(),
-            hub: Arc::clone(&hub),
-            status: Arc::clone(&status),
-        };
-        tasks.spawn(replication.run(shutdown_rx.clone()));
-
-        let writer = Arc::new(writes::Writer::new(info.clone(), versions));
-        tasks.spawn(prune_applied(
-            Arc::clone(&writer),
-            config.applied_retention,
-            shutdown_rx.clone(),
-        ));
-        tasks.spawn(table_watch::run(
-            info.clone(),
-            config.clone(),
-            Arc::clone(&hub),
-            shutdown_rx.clone(),
-        ));
-        tasks.spawn(retention::prune_log(
-            info.clone(),
-            config.retain,
-            shutdown_rx.clone(),
-        ));
-        let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
-        tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
-        tasks.spawn(registry::refresh_live(
-            Arc::clone(&registry),
-            Arc::clone(&sessions),
-            node.clone(),
-            instance.clone(),
-            config.clone(),
-            shutdown_rx.clone(),
-        ));
         let shutdown_grace = config.shutdown_grace;
-        let state = Arc::new(AppState {
-            hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
-            hydrations_queued: Default::default(),
-            log_id,
-            database: info.clone(),
-            connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
-            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
-            config,
-            hub: Arc::clone(&hub),
-            log_reader: reader::LogReader::new(info),
-            replication: Arc::clone(&status),
-            writer,
-            sessions: Arc::clone(&sessions),
-            registry,
-            node,
-            instance,
-            metrics: metrics::Metrics::default(),
-            lag,
-        });
-        let app = api::router(state, shutdown_rx.clone())
+        let (app, hub, status) = match config.database_url.clone() {
+            Some(url) => {
+                start_row_sync(
+                    config.clone(),
+                    &url,
+                    addr,
+                    &sessions,
+                    &mut tasks,
+                    &shutdown_rx,
+                )
+                .await?
+            }
+            None => {
+                tracing::info!("no database URL: serving LiveStore event logs only");
+                let health =
+                    axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+                let hub = Arc::new(Hub::new(
+                    config.live_buffer,
+                    pgrelay_protocol::Lsn::ZERO,
+                    Vec::new(),
+                ));
+                (health, hub, Arc::new(ReplicationStatus::new()))
+            }
+        };
+        let app = app
+            .merge(eventlog::router(eventlog))
             .into_make_service_with_connect_info::<SocketAddr>();
         let mut http_shutdown = shutdown_rx;
         // Frames are small and often back to back (a write result, then its
@@ -273,6 +219,106 @@ impl Server {
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
     }
+}
+
+/// The row sync: checks PostgreSQL, sets up schema, publication and slot,
+/// and starts replication, client registry and monitoring; returns its
+/// routes.
+async fn start_row_sync(
+    config: ServerConfig,
+    database_url: &str,
+    addr: SocketAddr,
+    sessions: &Arc<session::table::SessionTable>,
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<(axum::Router, Arc<Hub>, Arc<ReplicationStatus>), ServerError> {
+    let info = ConnInfo::parse(database_url)?;
+    let db = pgrelay_pg::connect(&info).await?;
+    pgrelay_pg::check_wal_level(&db).await?;
+    history::ensure_schema(&db).await?;
+    let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
+    history::version_schemas(&db, &mut tables).await?;
+    for table in tables.iter().filter(|t| t.skipped.is_some()) {
+        tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
+    }
+    let synced: Vec<String> = tables
+        .iter()
+        .filter(|t| t.skipped.is_none())
+        .map(|t| t.name.clone())
+        .collect();
+    pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
+    let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
+    let head = history::head(&db).await?;
+    let (log_id, pruned_through) = history::log_state(&db).await?;
+    drop(db);
+    let versions = version_columns(&config.conflicts, &tables)?;
+    tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
+
+    let node = config
+        .node
+        .clone()
+        .unwrap_or_else(|| registry::default_node(addr.port()));
+    let instance = format!("{node}#{:08x}", rand::random::<u32>());
+    let registry = registry::open(&config, &sessions, &node, &instance)
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
+    let status = Arc::new(ReplicationStatus::new());
+
+    let replication = Replication {
+        info: info.clone(),
+        config: config.clone(),
+        hub: Arc::clone(&hub),
+        status: Arc::clone(&status),
+    };
+    tasks.spawn(replication.run(shutdown_rx.clone()));
+
+    let writer = Arc::new(writes::Writer::new(info.clone(), versions));
+    tasks.spawn(prune_applied(
+        Arc::clone(&writer),
+        config.applied_retention,
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(table_watch::run(
+        info.clone(),
+        config.clone(),
+        Arc::clone(&hub),
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(retention::prune_log(
+        info.clone(),
+        config.retain,
+        shutdown_rx.clone(),
+    ));
+    let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
+    tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
+    tasks.spawn(registry::refresh_live(
+        Arc::clone(&registry),
+        Arc::clone(sessions),
+        node.clone(),
+        instance.clone(),
+        config.clone(),
+        shutdown_rx.clone(),
+    ));
+    let state = Arc::new(AppState {
+        hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
+        hydrations_queued: Default::default(),
+        log_id,
+        database: info.clone(),
+        connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
+        connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+        config,
+        hub: Arc::clone(&hub),
+        log_reader: reader::LogReader::new(info),
+        replication: Arc::clone(&status),
+        writer,
+        sessions: Arc::clone(sessions),
+        registry,
+        node,
+        instance,
+        metrics: metrics::Metrics::default(),
+        lag,
+    });
+    Ok((api::router(state, shutdown_rx.clone()), hub, status))
 }
 
 /// Resolves `--conflict` entries against the synced tables: qualified table

@@ -1,4 +1,4 @@
-//! `pgrelay admin clients|disconnect|forget|notify`: the server's admin API
+//! `pgrelay admin clients|disconnect|forget|notify|store`: the server's admin API
 //! from the command line. One HTTP/1.1 request per command, over plain TCP
 //! (the admin API is meant for a private network or a local TLS proxy).
 
@@ -39,6 +39,9 @@ pub enum AdminCommand {
         server: AdminServer,
         client_id: String,
     },
+    /// LiveStore stores: info, reset.
+    #[command(subcommand)]
+    Store(crate::store_cmd::StoreCommand),
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +90,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             let path = format!("/api/admin/clients/{}", path_segment(&client_id)?);
             answer(request(&server, "DELETE", &path).await?)
         }
+        AdminCommand::Store(command) => crate::store_cmd::store(command).await,
         AdminCommand::Notify { server, client_id } => {
             let path = format!("/api/admin/clients/{}/notify", path_segment(&client_id)?);
             answer(request(&server, "POST", &path).await?)

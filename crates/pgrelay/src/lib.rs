@@ -5,4 +5,5 @@ pub mod bench;
 pub mod client_cmd;
 pub mod demo;
 pub mod serve_cmd;
+pub mod store_cmd;
 pub mod verify;

@@ -54,7 +54,7 @@ enum Command {
     /// Measure capture, delivery latency, fan-out and idle memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Ask a running server about its clients (needs its --admin-token).
+    /// Administer a running server: its clients, LiveStore stores (needs its --admin-token).
     #[command(subcommand)]
     Admin(admin_cmd::AdminCommand),
 }

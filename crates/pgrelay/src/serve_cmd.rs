@@ -1,17 +1,19 @@
 //! `pgrelay serve`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use pgrelay_pg::TableFilter;
-use pgrelay_server::{parse_conflict, Server, ServerConfig};
+use pgrelay_server::{parse_conflict, EventLogStorage, Server, ServerConfig};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// PostgreSQL to capture from (needs wal_level=logical).
+    /// PostgreSQL to capture from (needs wal_level=logical). Without it,
+    /// only the LiveStore event-log backend is served.
     #[arg(long, env = "PGRELAY_DATABASE_URL")]
-    pub database_url: String,
+    pub database_url: Option<String>,
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:7171")]
     pub listen: SocketAddr,
     /// Tables to sync, comma-separated (`public.a,b`); default: every table in schema public.
@@ -89,11 +91,41 @@ pub struct ServeArgs {
     /// On SIGTERM or Ctrl-C, how long open sessions get to close.
     #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub eventlog: EventLogArgs,
+}
+
+/// The LiveStore event-log backend (`/livestore`, `/websocket`).
+#[derive(Args, Debug)]
+pub struct EventLogArgs {
+    /// Where LiveStore event logs live: `sqlite` (the --eventlog-db file) or
+    /// `postgres` (the --database-url database, schema pgrelay).
+    #[arg(long, env = "PGRELAY_EVENTLOG_STORE", default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    pub eventlog_store: String,
+    /// The SQLite file of the event logs.
+    #[arg(
+        long,
+        env = "PGRELAY_EVENTLOG_DB",
+        default_value = "./pgrelay-events.sqlite"
+    )]
+    pub eventlog_db: PathBuf,
+    /// SQLite `synchronous` for event logs: `full` syncs each acknowledged
+    /// push to disk (survives power loss); `normal` survives a crash of
+    /// pgrelay but not of the machine, and is much faster on slow disks.
+    #[arg(long, env = "PGRELAY_EVENTLOG_SYNC", default_value = "full", value_parser = ["full", "normal"])]
+    pub eventlog_sync: String,
+    /// Require LiveStore clients to send this token as `payload.authToken`
+    /// (`makeWsSync` with `syncPayload: { authToken }`).
+    #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
+    pub eventlog_auth_token: Option<String>,
 }
 
 impl ServeArgs {
     pub fn into_config(self) -> ServerConfig {
-        let mut config = ServerConfig::new(self.database_url);
+        let mut config = match self.database_url {
+            Some(url) => ServerConfig::new(url),
+            None => ServerConfig::eventlog_only(),
+        };
         config.listen = self.listen;
         config.tables = match self.tables {
             Some(list) if !list.is_empty() => TableFilter::Only(list),
@@ -122,6 +154,12 @@ impl ServeArgs {
         config.stall_after = self.stall_after;
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
+        config.eventlog.auth_token = self.eventlog.eventlog_auth_token;
+        config.eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
+        config.eventlog.storage = match self.eventlog.eventlog_store.as_str() {
+            "postgres" => EventLogStorage::Postgres,
+            _ => EventLogStorage::Sqlite(Some(self.eventlog.eventlog_db)),
+        };
         config
     }
 }

@@ -4,6 +4,7 @@
 //! JSON and an SVG figure.
 
 mod capture;
+mod eventlog;
 mod fanout;
 mod fleet;
 mod hydrate;
@@ -35,6 +36,8 @@ pub enum BenchCommand {
     Writes(writes::WritesArgs),
     /// A fresh replica hydrated from a snapshot: export and apply rows/s, memory peaks.
     Hydrate(hydrate::HydrateArgs),
+    /// LiveStore event logs: events/s accepted on one store, push → receipt at many live clients.
+    Eventlog(eventlog::EventLogArgs),
 }
 
 /// Options every bench takes.
@@ -60,6 +63,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
         BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),
         BenchCommand::Hydrate(args) => (args.common.clone(), hydrate::run(args).await?),
+        BenchCommand::Eventlog(args) => (args.common.clone(), eventlog::run(args).await?),
     };
     print!("{}", report.render_table());
     if let Some(path) = &common.json {

@@ -120,3 +120,20 @@ fn hydrate_bench_loads_every_row_into_both_replicas() {
     assert!(report["export_rows_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["client_peak_bytes"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn eventlog_bench_delivers_every_event_to_every_client() {
+    let report = run_bench(&[
+        "eventlog",
+        "--clients",
+        "5",
+        "--events",
+        "1000",
+        "--single-events",
+        "50",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["batch_100"]["complete"], true);
+    assert_eq!(results["batch_1"]["complete"], true);
+    assert!(results["batch_100"]["events_per_sec"].as_f64().unwrap() > 0.0);
+}

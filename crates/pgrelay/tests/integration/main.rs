@@ -8,6 +8,7 @@ mod bad_input;
 mod bench;
 mod crash;
 mod hydrate;
+mod livestore;
 mod operations;
 mod pipeline;
 mod protection;

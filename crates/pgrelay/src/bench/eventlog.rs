@@ -1,0 +1,314 @@
+//! `bench eventlog`: the LiveStore backend. One writer pushes to one store
+//! over the 0.4 protocol (each push waits for its answer, as a LiveStore
+//! client does) while many live clients pull; reports events accepted per
+//! second in batches of 1 and of 100, and push → receipt at every client.
+//! The server runs in this process on a SQLite file, without PostgreSQL.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use pgrelay_server::{EventLogStorage, Server, ServerConfig};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::fleet::percentile;
+use super::latency::cdf;
+use super::report::{thousands, Figure, Report, Series};
+use super::CommonArgs;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long the clients may take to receive everything after the last push.
+const DRAIN: Duration = Duration::from_secs(120);
+
+#[derive(Args, Debug, Clone)]
+pub struct EventLogArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Live clients pulling the store.
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// Events pushed in batches of 100.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: usize,
+    /// Events pushed one per push.
+    #[arg(long, default_value_t = 5_000)]
+    pub single_events: usize,
+    /// SQLite `synchronous` of the event log, as `serve --eventlog-sync`.
+    #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
+    pub sync: String,
+}
+
+struct Phase {
+    batch: usize,
+    events: usize,
+    seconds: f64,
+    /// Push → receipt per batch per client, µs, sorted.
+    latencies: Vec<u32>,
+    complete: bool,
+    problem: Option<String>,
+}
+
+pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
+    anyhow::ensure!(
+        args.events >= 100 && args.single_events >= 1,
+        "--events must be at least 100 and --single-events at least 1"
+    );
+    let dir = tempfile::tempdir()?;
+    let mut config = ServerConfig::eventlog_only();
+    config.listen = "127.0.0.1:0".parse()?;
+    config.idle_timeout = Duration::from_secs(3600);
+    config.eventlog.storage = EventLogStorage::Sqlite(Some(dir.path().join("events.sqlite")));
+    config.eventlog.sqlite_sync_full = args.sync == "full";
+    let server = Server::start(config).await?;
+    let url = format!("ws://{}/livestore", server.local_addr());
+
+    let single = phase(&url, "single", args.clients, 1, args.single_events).await?;
+    let hundred = phase(&url, "hundred", args.clients, 100, args.events).await?;
+    server.shutdown().await?;
+
+    let mut report = Report::new(
+        "eventlog",
+        format!(
+            "eventlog: one LiveStore store, {} live clients, SQLite (synchronous={})",
+            args.clients,
+            args.sync.to_uppercase()
+        ),
+    );
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    let mut results = serde_json::Map::new();
+    for p in [&single, &hundred] {
+        let rate = p.events as f64 / p.seconds;
+        let (p50, p99) = (
+            ms(percentile(&p.latencies, 50.0)),
+            ms(percentile(&p.latencies, 99.0)),
+        );
+        let label = format!("batches of {}", p.batch);
+        report.line(
+            format!("{label}: accepted"),
+            format!(
+                "{} events/s ({} events in {:.2} s)",
+                thousands(rate),
+                thousands(p.events as f64),
+                p.seconds
+            ),
+        );
+        report.line(
+            format!("{label}: push → receipt p50"),
+            format!("{p50:.2} ms"),
+        );
+        report.line(
+            format!("{label}: push → receipt p99"),
+            format!("{p99:.2} ms"),
+        );
+        report.line(
+            format!("{label}: every client has every event"),
+            if p.complete {
+                "yes".to_owned()
+            } else {
+                "NO".to_owned()
+            },
+        );
+        results.insert(
+            format!("batch_{}", p.batch),
+            json!({"events": p.events, "seconds": p.seconds, "events_per_sec": rate,
+                   "p50_ms": p50, "p99_ms": p99, "samples": p.latencies.len(), "complete": p.complete}),
+        );
+        if let Some(problem) = &p.problem {
+            report.failure = Some(problem.clone());
+        }
+    }
+    results.insert("clients".into(), json!(args.clients));
+    results.insert("synchronous".into(), json!(args.sync));
+    let hundred_rate = hundred.events as f64 / hundred.seconds;
+    report.target(
+        "≥ 50,000 events/s accepted in batches of 100",
+        hundred_rate >= 50_000.0,
+    );
+    for p in [&single, &hundred] {
+        report.target(
+            format!(
+                "p99 ≤ 10 ms to {} clients, batches of {}",
+                args.clients, p.batch
+            ),
+            ms(percentile(&p.latencies, 99.0)) <= 10.0,
+        );
+    }
+    report.set("machine", json!({"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "pgrelay": env!("CARGO_PKG_VERSION")}));
+    report.set("results", serde_json::Value::Object(results));
+    report.figure = Some(Figure {
+        title: format!("push → receipt CDF, {} live clients", args.clients),
+        x_label: "ms from push sent to batch received".into(),
+        y_label: "fraction of receipts".into(),
+        series: [&single, &hundred]
+            .iter()
+            .map(|p| Series {
+                name: format!("batches of {}", p.batch),
+                points: cdf(&p.latencies),
+            })
+            .collect(),
+    });
+    Ok(report)
+}
+
+async fn open(url: &str, store: &str) -> anyhow::Result<Socket> {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("{url}?storeId={store}&transport=ws"))
+        .await
+        .context("connecting to the LiveStore endpoint")?;
+    Ok(ws)
+}
+
+/// One run on a fresh store: clients subscribe, the writer pushes, every
+/// client must receive every event once, in order.
+async fn phase(
+    url: &str,
+    name: &str,
+    clients: usize,
+    batch: usize,
+    events: usize,
+) -> anyhow::Result<Phase> {
+    let store = format!("bench-{name}-{}", rand::random::<u32>());
+    let events = events - events % batch;
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..=events).map(|_| AtomicU64::new(0)).collect());
+    let start = Instant::now();
+    let mut readers = JoinSet::new();
+    let mut backend = String::new();
+    for _ in 0..clients {
+        let mut ws = open(url, &store).await?;
+        let pull = json!({"_tag": "Request", "id": "0", "tag": "SyncWsRpc.Pull",
+            "payload": {"storeId": store, "live": true, "cursor": {"_tag": "None"}},
+            "traceId": "t", "spanId": "s", "sampled": false, "headers": []});
+        ws.send(Message::Text(pull.to_string().into())).await?;
+        let first = next_text(&mut ws).await?;
+        let value: serde_json::Value = serde_json::from_str(&first)?;
+        backend = value["values"][0]["backendId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        readers.spawn(read_all(ws, events as i64, Arc::clone(&sent_at), start));
+    }
+
+    let mut writer = open(url, &store).await?;
+    let began = Instant::now();
+    let mut head = 0usize;
+    let mut request = 0u64;
+    while head < events {
+        request += 1;
+        let frame = push_frame(&store, &backend, request, head, batch);
+        let last = head + batch;
+        sent_at[last].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        writer.send(Message::Text(frame.into())).await?;
+        let answer = next_text(&mut writer).await?;
+        anyhow::ensure!(
+            answer.contains(r#""exit":{"_tag":"Success""#),
+            "push {request} refused: {answer}"
+        );
+        head = last;
+    }
+    let seconds = began.elapsed().as_secs_f64();
+
+    let mut latencies = Vec::new();
+    let mut problem = None;
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while let Some(joined) = tokio::time::timeout_at(deadline, readers.join_next())
+        .await
+        .unwrap_or(None)
+    {
+        match joined? {
+            Ok(mut samples) => latencies.append(&mut samples),
+            Err(e) => problem = Some(e.to_string()),
+        }
+    }
+    let complete = problem.is_none() && readers.is_empty();
+    if !readers.is_empty() {
+        problem = Some(format!(
+            "{} clients did not receive all {events} events within {DRAIN:?}",
+            readers.len()
+        ));
+        readers.abort_all();
+    }
+    latencies.sort_unstable();
+    Ok(Phase {
+        batch,
+        events,
+        seconds,
+        latencies,
+        complete,
+        problem,
+    })
+}
+
+fn push_frame(store: &str, backend: &str, request: u64, head: usize, batch: usize) -> String {
+    let mut events = String::with_capacity(batch * 160);
+    for i in 0..batch {
+        let seq = head + i + 1;
+        if i > 0 {
+            events.push(',');
+        }
+        events.push_str(&format!(
+            r#"{{"name":"v1.TodoCreated","args":{{"id":"bench-{seq}","text":"todo number {seq}"}},"seqNum":{seq},"parentSeqNum":{},"clientId":"bench-writer","sessionId":"bench-session"}}"#,
+            seq - 1
+        ));
+    }
+    format!(
+        r#"{{"_tag":"Request","id":"{request}","tag":"SyncWsRpc.Push","payload":{{"storeId":"{store}","batch":[{events}],"backendId":{{"_tag":"Some","value":"{backend}"}}}},"traceId":"t","spanId":"s","sampled":false,"headers":[]}}"#
+    )
+}
+
+async fn next_text(ws: &mut Socket) -> anyhow::Result<String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(text.to_string()),
+            Some(Ok(Message::Close(_))) | None => anyhow::bail!("the server closed the socket"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+/// The first and last `seqNum` of a chunk, found without parsing the frame.
+fn seq_range(text: &str) -> Option<(i64, i64)> {
+    const KEY: &str = "\"seqNum\":";
+    let number = |at: usize| -> Option<i64> {
+        let digits: String = text[at + KEY.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((number(text.find(KEY)?)?, number(text.rfind(KEY)?)?))
+}
+
+/// Reads chunks until `last`, checking order; returns push → receipt per chunk in µs.
+async fn read_all(
+    mut ws: Socket,
+    last: i64,
+    sent_at: Arc<Vec<AtomicU64>>,
+    start: Instant,
+) -> anyhow::Result<Vec<u32>> {
+    let mut next = 1;
+    let mut samples = Vec::new();
+    while next <= last {
+        let text = next_text(&mut ws).await?;
+        let Some((first, end)) = seq_range(&text) else {
+            continue;
+        };
+        anyhow::ensure!(
+            first == next,
+            "a client expected event {next} and received {first}..{end}"
+        );
+        let now = start.elapsed().as_nanos() as u64;
+        let sent = sent_at[end as usize].load(Ordering::Relaxed);
+        samples.push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
+        next = end + 1;
+    }
+    Ok(samples)
+}
