@@ -259,7 +259,7 @@ async fn start_row_sync(
         .clone()
         .unwrap_or_else(|| registry::default_node(addr.port()));
     let instance = format!("{node}#{:08x}", rand::random::<u32>());
-    let registry = registry::open(&config, &sessions, &node, &instance)
+    let registry = registry::open(&config, sessions, &node, &instance)
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
     let status = Arc::new(ReplicationStatus::new());
