@@ -20,6 +20,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("no message from the server for {0:?}")]
     Silent(std::time::Duration),
+    #[error("token: {0}")]
+    Token(String),
 }
 
 impl ClientError {
@@ -30,10 +32,13 @@ impl ClientError {
             ClientError::Connect { .. }
             | ClientError::Socket(_)
             | ClientError::Silent(_)
-            | ClientError::Protocol(_) => true,
-            ClientError::Refused { code, .. } => {
-                matches!(code, ErrorCode::TooSlow | ErrorCode::Internal)
-            }
+            | ClientError::Protocol(_)
+            // The provider may have a fresh token by the next attempt.
+            | ClientError::Token(_) => true,
+            ClientError::Refused { code, .. } => matches!(
+                code,
+                ErrorCode::TooSlow | ErrorCode::Internal | ErrorCode::TokenExpired
+            ),
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
         }
     }

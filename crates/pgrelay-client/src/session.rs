@@ -31,6 +31,7 @@ pub(crate) async fn connect_and_sync(
     writes: &Notify,
 ) -> Result<Ending, ClientError> {
     let url = config.sync_url();
+    let token = config.current_token().await?;
     let (mut socket, _) =
         // `true`: TCP_NODELAY, so a small frame (a write batch, a ping) is
         // not held back waiting for the ACK of the previous one.
@@ -45,7 +46,7 @@ pub(crate) async fn connect_and_sync(
     let hello = ClientMessage::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id,
-        token: config.token.clone(),
+        token,
         last_lsn: state.lsn,
     };
     let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;

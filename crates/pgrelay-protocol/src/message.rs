@@ -148,6 +148,9 @@ pub enum ErrorCode {
     HandshakeRequired,
     /// The token was missing or not valid.
     Unauthorized,
+    /// The token expired (at connect, or during the session, which the
+    /// server then closes): get a fresh token and reconnect.
+    TokenExpired,
     /// The client's position is not in the change log (or a history the
     /// server does not have); the client must start a fresh replica.
     Gone,
@@ -168,6 +171,7 @@ impl ErrorCode {
             | ErrorCode::HandshakeRequired => CloseCode::PROTOCOL_ERROR,
             ErrorCode::FrameTooLarge => CloseCode::TOO_BIG,
             ErrorCode::Unauthorized => CloseCode::POLICY_VIOLATION,
+            ErrorCode::TokenExpired => CloseCode::TOKEN_EXPIRED,
             ErrorCode::Gone => CloseCode::GONE,
             ErrorCode::TooSlow => CloseCode::TRY_AGAIN_LATER,
             ErrorCode::Internal => CloseCode::INTERNAL_ERROR,
@@ -175,8 +179,8 @@ impl ErrorCode {
     }
 }
 
-/// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus 4410 in the
-/// application range for "gone").
+/// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus 4401 and
+/// 4410 in the application range for "token expired" and "gone").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseCode(pub u16);
 
@@ -188,6 +192,7 @@ impl CloseCode {
     pub const TOO_BIG: CloseCode = CloseCode(1009);
     pub const INTERNAL_ERROR: CloseCode = CloseCode(1011);
     pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
+    pub const TOKEN_EXPIRED: CloseCode = CloseCode(4401);
     pub const GONE: CloseCode = CloseCode(4410);
 }
 

@@ -31,6 +31,9 @@ pub struct ServerConfig {
     /// How long applied change ids are remembered, so a resend within
     /// this time is recognised and not applied twice.
     pub applied_retention: Duration,
+    /// `--auth jwt`: tokens required, row rules applied. `None`: every
+    /// client reads and writes everything (no token needed).
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 impl ServerConfig {
@@ -47,6 +50,7 @@ impl ServerConfig {
             status_interval: Duration::from_secs(1),
             conflicts: Vec::new(),
             applied_retention: Duration::from_secs(7 * 24 * 3600),
+            auth: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! and streams them to clients over WebSockets.
 
 mod api;
+mod auth;
 mod config;
 mod encoded;
 mod error;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
 
@@ -37,6 +39,7 @@ pub struct Server {
     tasks: JoinSet<Result<(), ServerError>>,
     status: Arc<ReplicationStatus>,
     hub: Arc<Hub>,
+    state: Arc<AppState>,
 }
 
 /// Counters of what the server has captured, for benchmarks and embedding.
@@ -77,6 +80,17 @@ impl Server {
         pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
         let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
         let head = history::head(&db).await?;
+        db.batch_execute(auth::AUDIT_SCHEMA_SQL)
+            .await
+            .map_err(ServerError::sql("creating pgrelay.audit_log"))?;
+        let auth = match &config.auth {
+            Some(auth_config) => {
+                let auth = auth::Auth::new(auth_config, &tables).map_err(ServerError::Config)?;
+                full_identity(&db, &auth.rules().need_full_identity(&tables)).await?;
+                Some(auth)
+            }
+            None => None,
+        };
         drop(db);
         let versions = version_columns(&config.conflicts, &tables)?;
         tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
@@ -95,7 +109,8 @@ impl Server {
                 source,
             })?;
 
-        let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
+        let filtering = config.auth.as_ref().is_some_and(|a| a.rules.is_some());
+        let hub = Arc::new(Hub::new(config.live_buffer, head, tables, filtering));
         let status = Arc::new(ReplicationStatus::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -114,14 +129,18 @@ impl Server {
             config.applied_retention,
             shutdown_rx.clone(),
         ));
+        let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
+        tasks.spawn(audit_writer);
         let state = Arc::new(AppState {
+            auth,
+            audit,
             config,
             hub: Arc::clone(&hub),
             log_reader: reader::LogReader::new(info),
             replication: Arc::clone(&status),
             writer,
         });
-        let app = api::router(state, shutdown_rx.clone());
+        let app = api::router(Arc::clone(&state), shutdown_rx.clone());
         let mut http_shutdown = shutdown_rx;
         // Frames are small and often back to back (a write result, then its
         // echo): with Nagle's algorithm the second waits for the client's
@@ -145,6 +164,7 @@ impl Server {
             tasks,
             status,
             hub,
+            state,
         })
     }
 
@@ -157,6 +177,12 @@ impl Server {
             head: self.hub.head(),
             sessions: self.hub.sessions(),
         }
+    }
+
+    /// Distinct scopes (sets of claim values the rules read) of connected
+    /// tokens; 0 without `--auth`.
+    pub fn scopes(&self) -> usize {
+        self.state.auth.as_ref().map_or(0, |a| a.live_scopes())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -225,6 +251,38 @@ fn version_columns(
         versions.insert(qualified, column.clone());
     }
     Ok(versions)
+}
+
+/// Sets REPLICA IDENTITY FULL on tables whose read rule looks at columns
+/// outside the key: only then do updates and deletes carry the old row, and
+/// a row that leaves a client's scope can be sent to it as a delete.
+async fn full_identity(db: &tokio_postgres::Client, tables: &[String]) -> Result<(), ServerError> {
+    for table in tables {
+        let quoted = writes::quote_table(table);
+        let row = db
+            .query_one(
+                "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
+                &[&quoted],
+            )
+            .await
+            .map_err(ServerError::sql(format!(
+                "reading the replica identity of {table}"
+            )))?;
+        let identity: String = row.get(0);
+        if identity == "f" {
+            continue;
+        }
+        db.batch_execute(&format!("ALTER TABLE {quoted} REPLICA IDENTITY FULL"))
+            .await
+            .map_err(|source| {
+                ServerError::Config(format!(
+                    "{table}: its read rule looks at columns outside the primary key, so updates must carry the old row; \
+                     setting REPLICA IDENTITY FULL failed ({source}); run ALTER TABLE {quoted} REPLICA IDENTITY FULL as its owner"
+                ))
+            })?;
+        tracing::info!(table = %table, "set REPLICA IDENTITY FULL: its read rule looks at columns outside the key");
+    }
+    Ok(())
 }
 
 /// Forgets applied change ids older than the retention, now and hourly.

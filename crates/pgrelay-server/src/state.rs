@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::auth::{Audit, Auth};
 use crate::hub::Hub;
 use crate::reader::LogReader;
 use crate::status::ReplicationStatus;
@@ -14,4 +15,7 @@ pub(crate) struct AppState {
     pub(crate) log_reader: LogReader,
     pub(crate) replication: Arc<ReplicationStatus>,
     pub(crate) writer: Arc<Writer>,
+    /// Set with `--auth`.
+    pub(crate) auth: Option<Auth>,
+    pub(crate) audit: Audit,
 }

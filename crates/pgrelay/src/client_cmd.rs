@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use pgrelay_client::{ClientConfig, Event, Replica, SyncClient};
+use pgrelay_client::{ClientConfig, Event, Replica, SyncClient, TokenProvider};
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
@@ -18,6 +18,10 @@ pub struct SyncArgs {
     pub client_id: Option<String>,
     #[arg(long, env = "PGRELAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file before every connection, so a
+    /// refreshed token is used after the old one expires.
+    #[arg(long, env = "PGRELAY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Sync up to the server's head at connect time, then exit 0.
     #[arg(long, env = "PGRELAY_EXIT_WHEN_CAUGHT_UP")]
     pub exit_when_caught_up: bool,
@@ -31,6 +35,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(args.server, args.db);
     config.client_id = args.client_id;
     config.token = args.token;
+    config.token_provider = args.token_file.map(TokenProvider::file);
     config.exit_when_caught_up = args.exit_when_caught_up;
     config.ping_interval = args.ping_interval;
     config.idle_timeout = args.idle_timeout;

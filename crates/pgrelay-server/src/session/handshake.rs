@@ -15,7 +15,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Hello {
     pub(crate) client_id: String,
     pub(crate) last_lsn: Option<Lsn>,
-    #[allow(dead_code)] // checked by the auth layer once tokens are configured
     pub(crate) token: Option<String>,
 }
 

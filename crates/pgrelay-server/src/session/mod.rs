@@ -7,7 +7,7 @@ mod handshake;
 mod write;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::time::{interval_at, Instant};
 use tracing::Instrument;
 
+use crate::auth::{Action, Principal, Scope};
 use crate::history;
 use crate::hub::Frame;
 use crate::state::AppState;
@@ -49,13 +50,25 @@ pub(crate) async fn run(
         Ok(hello) => hello,
         Err(refusal) => return refuse(&mut socket, refusal).await,
     };
+    let principal = match authenticate(&state, &hello) {
+        Ok(principal) => principal,
+        Err(refusal) => return refuse(&mut socket, refusal).await,
+    };
     let span = tracing::info_span!("session", client_id = %hello.client_id);
     async {
+        // Rows are filtered only when rules are configured; a token alone
+        // (no rules) sees everything.
+        let scope = principal
+            .as_ref()
+            .filter(|_| state.hub.filtering())
+            .map(|p| Arc::clone(&p.scope));
         let session = Session {
             socket: &mut socket,
             state: &state,
             sent: Lsn::ZERO,
             client_id: hello.client_id.clone(),
+            scope,
+            principal,
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -75,6 +88,41 @@ pub(crate) async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Checks the hello's token when `--auth` is set; `None` without auth.
+fn authenticate(state: &AppState, hello: &Hello) -> Result<Option<Principal>, Refusal> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    match auth.authenticate(hello.token.as_deref()) {
+        Ok(principal) => {
+            state.audit.record(
+                Action::Connect,
+                Some(&hello.client_id),
+                principal.subject.as_deref(),
+                format!("scope {}", principal.scope.id),
+            );
+            Ok(Some(principal))
+        }
+        Err(refused) => {
+            state.audit.record(
+                Action::Refused,
+                Some(&hello.client_id),
+                None,
+                refused.reason.clone(),
+            );
+            let code = if refused.expired {
+                ErrorCode::TokenExpired
+            } else {
+                ErrorCode::Unauthorized
+            };
+            Err(Refusal::new(
+                code,
+                format!("token refused: {}", refused.reason),
+            ))
+        }
+    }
 }
 
 /// Sends an error frame and closes with the matching close code.
@@ -115,6 +163,9 @@ struct Session<'a> {
     /// Commit LSN of the last transaction sent (or the client's position).
     sent: Lsn,
     client_id: String,
+    /// What this client may see, when row rules are configured.
+    scope: Option<Arc<Scope>>,
+    principal: Option<Principal>,
 }
 
 impl Session<'_> {
@@ -135,7 +186,18 @@ impl Session<'_> {
             ));
         }
         self.sent = start;
-        let tables = self.state.hub.schemas().values().cloned().collect();
+        let tables = self
+            .state
+            .hub
+            .schemas()
+            .values()
+            .filter(|t| {
+                self.scope
+                    .as_ref()
+                    .is_none_or(|s| s.can_read_table(&t.name))
+            })
+            .cloned()
+            .collect();
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
             client_id: hello.client_id,
@@ -155,10 +217,13 @@ impl Session<'_> {
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
         let mut last_heard = Instant::now();
+        let expiry = tokio::time::sleep_until(self.expiry());
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(Ending::Shutdown),
+                _ = &mut expiry => return Err(self.expired()),
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
                     if !self.incoming(incoming).await? {
@@ -184,9 +249,37 @@ impl Session<'_> {
         }
     }
 
+    /// When the token stops being valid (far away without a token).
+    fn expiry(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        match &self.principal {
+            Some(p) => match p.expires.duration_since(SystemTime::now()) {
+                Ok(left) => Instant::now() + left,
+                Err(_) => Instant::now(),
+            },
+            None => far,
+        }
+    }
+
+    fn expired(&self) -> Refusal {
+        self.state.audit.record(
+            Action::TokenExpired,
+            Some(&self.client_id),
+            self.principal.as_ref().and_then(|p| p.subject.as_deref()),
+            "session closed at token expiry",
+        );
+        Refusal::new(
+            ErrorCode::TokenExpired,
+            "token expired; reconnect with a fresh token",
+        )
+    }
+
     /// Sends every logged transaction after `self.sent`.
     async fn catch_up(&mut self) -> Result<(), Refusal> {
         loop {
+            if self.expiry() <= Instant::now() {
+                return Err(self.expired());
+            }
             let client = self.state.log_reader.client().await.map_err(internal)?;
             let txs = history::read_after(&client, self.sent, CATCH_UP_PAGE)
                 .await
@@ -196,7 +289,13 @@ impl Session<'_> {
             }
             let short = txs.iter().map(|t| t.changes.len() as i64).sum::<i64>() < CATCH_UP_PAGE;
             for tx in &txs {
-                self.send(Frame::transaction(tx)).await?;
+                match &self.scope {
+                    None => self.send(Frame::transaction(tx)).await?,
+                    Some(scope) => match scope.filter_tx(tx) {
+                        Some(visible) => self.send(Frame::transaction(&visible)).await?,
+                        None => self.sent = self.sent.max(tx.lsn),
+                    },
+                }
             }
             if short {
                 return Ok(());
@@ -208,7 +307,18 @@ impl Session<'_> {
         if frame.is_tx && frame.lsn <= self.sent {
             return Ok(());
         }
-        self.send(frame).await
+        let Some(scope) = &self.scope else {
+            return self.send(frame).await;
+        };
+        match frame.for_scope(scope) {
+            Some(visible) => self.send(visible).await,
+            None => {
+                if frame.is_tx {
+                    self.sent = self.sent.max(frame.lsn);
+                }
+                Ok(())
+            }
+        }
     }
 
     async fn send(&mut self, frame: Frame) -> Result<(), Refusal> {
@@ -285,13 +395,38 @@ impl Session<'_> {
         let results = self
             .state
             .writer
-            .apply(&self.client_id, &batch, &schemas)
+            .apply(&self.client_id, &batch, &schemas, self.scope.as_deref())
             .await;
+        let subject = self.principal.as_ref().and_then(|p| p.subject.as_deref());
+        audit_rejections(&self.state.audit, &self.client_id, subject, &results);
         self.send(Frame::encode(
             &ServerMessage::WriteResult(results),
             Lsn::ZERO,
         ))
         .await
+    }
+}
+
+/// Writes refused by the rules go to the audit trail.
+pub(crate) fn audit_rejections(
+    audit: &crate::auth::Audit,
+    client_id: &str,
+    subject: Option<&str>,
+    results: &pgrelay_protocol::WriteResults,
+) {
+    for result in &results.results {
+        if result.code == Some(pgrelay_protocol::RejectCode::Forbidden) {
+            audit.record(
+                Action::WriteRejected,
+                Some(client_id),
+                subject,
+                format!(
+                    "transaction {}: {}",
+                    result.id,
+                    result.reason.as_deref().unwrap_or("")
+                ),
+            );
+        }
     }
 }
 
