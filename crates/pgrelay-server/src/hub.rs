@@ -209,3 +209,40 @@ impl Hub {
         self.frames.receiver_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgrelay_protocol::{Change, Op};
+
+    #[test]
+    fn a_transaction_is_filtered_once_per_scope() {
+        let hub = Hub::new(16, Lsn::ZERO, Vec::new(), true);
+        let mut live = hub.subscribe();
+        let tx = Transaction {
+            lsn: Lsn(7),
+            xid: 1,
+            commit_time_us: 0,
+            origin: None,
+            changes: vec![Change {
+                table: "public.t".into(),
+                op: Op::Insert,
+                new: Some([("id".to_owned(), Some("1".to_owned()))].into()),
+                old: None,
+            }],
+        };
+        hub.publish(vec![Frame::transaction(&tx)]);
+        let frame = live.try_recv().unwrap();
+        let (one, other) = (Scope::open(1), Scope::open(2));
+        let first = frame.for_scope(&one).unwrap();
+        let again = frame.clone().for_scope(&one).unwrap();
+        // The same bytes: the second session of the scope reused the first's result.
+        assert_eq!(first.text.as_str().as_ptr(), again.text.as_str().as_ptr());
+        let elsewhere = frame.for_scope(&other).unwrap();
+        assert_ne!(
+            first.text.as_str().as_ptr(),
+            elsewhere.text.as_str().as_ptr()
+        );
+        assert_eq!(first.text.as_str(), elsewhere.text.as_str());
+    }
+}

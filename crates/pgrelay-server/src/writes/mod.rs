@@ -310,21 +310,22 @@ async fn apply_tx(
             ));
             continue;
         };
-        let rule = match scope.map(|s| s.write(&table.name)) {
-            None => None,
-            Some(Some(rule)) => Some(rule),
-            Some(None) => {
-                refused.get_or_insert((
-                    RejectCode::Forbidden,
-                    format!("{} is not writable with your token", table.name),
-                ));
-                continue;
-            }
-        };
+        let rule = scope.map(|s| s.write(&table.name));
         match plan(table, versions.get(&table.name).map(String::as_str), change) {
             Ok(Some(mut p)) => {
-                if let Some(rule) = rule {
-                    statement::guard(&mut p, change.op, rule);
+                match rule {
+                    None => {}
+                    Some(Some(rule)) => statement::guard(&mut p, change.op, rule),
+                    Some(None) => {
+                        // Planned only for its keys: the rejection reports
+                        // those rows, so the replica rolls back to them.
+                        keys.extend(p.keys.iter().map(|k| (table.name.clone(), k.clone())));
+                        refused.get_or_insert((
+                            RejectCode::Forbidden,
+                            format!("{} is not writable with your token", table.name),
+                        ));
+                        continue;
+                    }
                 }
                 keys.extend(p.keys.iter().map(|k| (table.name.clone(), k.clone())));
                 planned.push((table, change.op, p));
