@@ -128,10 +128,21 @@ pub(crate) async fn start_server(
     slot: &str,
     table: &str,
 ) -> anyhow::Result<pgrelay_server::Server> {
+    start_server_with_auth(url, slot, table, None).await
+}
+
+/// As [`start_server`], with `--auth` when `auth` is given.
+pub(crate) async fn start_server_with_auth(
+    url: &str,
+    slot: &str,
+    table: &str,
+    auth: Option<pgrelay_server::AuthConfig>,
+) -> anyhow::Result<pgrelay_server::Server> {
     let mut config = pgrelay_server::ServerConfig::new(url);
     config.listen = "127.0.0.1:0".parse()?;
     config.slot = slot.to_owned();
     config.tables = pgrelay_pg::TableFilter::Only(vec![table.to_owned()]);
+    config.auth = auth;
     Ok(pgrelay_server::Server::start(config).await?)
 }
 
