@@ -3,6 +3,7 @@
 //! and the audit trail.
 
 mod audit;
+mod parse;
 mod rule;
 mod rules;
 mod scope;

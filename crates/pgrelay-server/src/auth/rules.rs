@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use pgrelay_protocol::TableSchema;
 use serde::Deserialize;
 
-use super::rule::{parse, Bound, Expr};
+use super::parse::parse;
+use super::rule::{Bound, Expr};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

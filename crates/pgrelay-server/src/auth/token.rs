@@ -163,7 +163,10 @@ impl TokenVerifier {
             TokenRefusal { expired, reason }
         })?;
         let claims = data.claims;
-        let exp = claims.get("exp").and_then(serde_json::Value::as_u64);
+        // `exp` is a NumericDate: seconds, possibly with a fraction.
+        let exp = claims
+            .get("exp")
+            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)));
         let expires = UNIX_EPOCH + Duration::from_secs(exp.unwrap_or(0)) + self.leeway;
         let subject = claims.get("sub").and_then(super::rule::claim_text);
         Ok(Verified {
