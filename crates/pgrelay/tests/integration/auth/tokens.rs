@@ -357,3 +357,86 @@ async fn an_expiring_token_ends_the_session_and_a_fresh_one_resumes_it() {
     client.stop().await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_a_secret_file_rules_and_a_token_file() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let world = World::new().await;
+    world
+        .exec(
+            "CREATE TABLE todos (id int PRIMARY KEY, tenant text NOT NULL, title text);
+             CREATE TABLE hidden (id int PRIMARY KEY);",
+        )
+        .await;
+    let dir = world.dir.path();
+    std::fs::write(dir.join("secret"), [super::SECRET, b"\n"].concat()).unwrap();
+    std::fs::write(dir.join("rules.toml"), RULES).unwrap();
+    std::fs::write(
+        dir.join("token.jwt"),
+        token(json!({"tenant": "t2", "sub": "dave"})),
+    )
+    .unwrap();
+    let mut server = Command::new(crate::support::BIN)
+        .args([
+            "serve",
+            "--database-url",
+            world.url(),
+            "--slot",
+            &world.slot(),
+        ])
+        .args(["--listen", "127.0.0.1:0", "--auth", "jwt"])
+        .arg("--jwt-secret-file")
+        .arg(dir.join("secret"))
+        .arg("--rules")
+        .arg(dir.join("rules.toml"))
+        .env("PGRELAY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pgrelay listening on ")
+        .unwrap()
+        .to_owned();
+    world
+        .exec("INSERT INTO todos VALUES (1, 't1', 'a'), (2, 't2', 'b'); INSERT INTO hidden VALUES (1)")
+        .await;
+    wait_for("the rows in the change log", WAIT, || async {
+        (world
+            .count("SELECT count(*) FROM pgrelay.change_history")
+            .await
+            == 3)
+            .then_some(())
+    })
+    .await;
+    let path = world.replica_path("dave");
+    let status = Command::new(crate::support::BIN)
+        .args([
+            "client",
+            "sync",
+            "--server",
+            &format!("ws://{addr}"),
+            "--client-id",
+            "dave-1",
+        ])
+        .arg("--db")
+        .arg(&path)
+        .arg("--token-file")
+        .arg(dir.join("token.jwt"))
+        .arg("--exit-when-caught-up")
+        .env("PGRELAY_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rows = replica_rows(&path, "todos");
+    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), vec![2]);
+    assert!(!super::has_table(&path, "hidden"));
+    let _ = server.kill();
+    let _ = server.wait();
+}
