@@ -22,6 +22,8 @@ pub enum ClientError {
     Silent(std::time::Duration),
     #[error("token: {0}")]
     Token(String),
+    #[error("tables {0:?} need a snapshot; reconnecting for it")]
+    Resync(Vec<String>),
 }
 
 impl ClientError {
@@ -33,11 +35,13 @@ impl ClientError {
             | ClientError::Socket(_)
             | ClientError::Silent(_)
             | ClientError::Protocol(_)
+            | ClientError::Resync(_)
             // The provider may have a fresh token by the next attempt.
             | ClientError::Token(_) => true,
+            // Gone: the client resets its position and hydrates again.
             ClientError::Refused { code, .. } => matches!(
                 code,
-                ErrorCode::TooSlow | ErrorCode::Internal | ErrorCode::TokenExpired
+                ErrorCode::TooSlow | ErrorCode::Internal | ErrorCode::Gone | ErrorCode::TokenExpired
             ),
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
         }

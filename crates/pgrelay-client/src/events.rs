@@ -37,6 +37,23 @@ pub enum Event {
     /// The server could not apply a local transaction now; it is sent
     /// again after a backoff.
     WriteRetry { tx_id: String, reason: String },
+    /// A snapshot is arriving: rows and (uncompressed) bytes loaded so far.
+    Hydrating {
+        tables: usize,
+        tables_done: usize,
+        rows: u64,
+        bytes: u64,
+        /// PostgreSQL's estimate of the snapshot's rows (0 when unknown).
+        estimated_rows: u64,
+    },
+    /// A snapshot was loaded, verified and committed; `refetched` lists the
+    /// tables that failed their check and were sent again.
+    Hydrated {
+        rows: u64,
+        bytes: u64,
+        elapsed: std::time::Duration,
+        refetched: Vec<String>,
+    },
     /// The connection ended; the client reconnects after `retry_in`.
     Disconnected {
         error: String,

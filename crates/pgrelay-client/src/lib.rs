@@ -1,8 +1,10 @@
 //! pgrelay's client: keeps a local SQLite replica in sync with a pgrelay
 //! server. Use [`SyncClient`] to run it, [`Replica`] to read its state.
 
+mod copy_text;
 mod error;
 mod events;
+mod hydrate;
 mod replica;
 mod session;
 pub mod value;
@@ -197,6 +199,20 @@ impl SyncClient {
             match result {
                 Ok(_) => return Ok(()),
                 Err(e) if !e.is_retryable() => return Err(e),
+                // Tables to fetch: reconnect for them at once.
+                Err(ClientError::Resync(_)) => continue,
+                Err(ClientError::Refused {
+                    code: pgrelay_protocol::ErrorCode::Gone,
+                    message,
+                }) if welcomed || attempt == 0 => {
+                    tracing::warn!(%message, "the server no longer has this replica's history; re-hydrating (unsent local writes are kept)");
+                    self.replica.reset().await?;
+                    let _ = self.events.send(Event::Disconnected {
+                        error: format!("gone: {message}"),
+                        retry_in: Duration::ZERO,
+                    });
+                    attempt = 1;
+                }
                 Err(e) => {
                     let delay = session::backoff(
                         attempt,

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, Notify};
 use tokio::time::{interval_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::hydrate::Hydration;
 use crate::replica::Outcome;
 use crate::{ClientConfig, ClientError, Event, Replica};
 
@@ -48,6 +49,8 @@ pub(crate) async fn connect_and_sync(
         client_id,
         token,
         last_lsn: state.lsn,
+        log_id: state.log_id.clone(),
+        resync: state.resync.clone(),
     };
     let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
     socket.send(Message::Text(hello.into())).await?;
@@ -59,8 +62,11 @@ pub(crate) async fn connect_and_sync(
     let mut pusher = Pusher::new(config);
     let mut poll = interval_at(Instant::now() + config.outbox_poll, config.outbox_poll);
     let mut caught_up = false;
+    let mut hydration: Option<Hydration> = None;
     loop {
-        if pusher.due() {
+        // Local writes wait until a snapshot is in: the rows they touch are
+        // being replaced.
+        if pusher.due() && hydration.is_none() {
             if let Some(frame) = pusher.take(replica, events).await? {
                 socket.send(Message::Text(frame.into())).await?;
             }
@@ -103,22 +109,79 @@ pub(crate) async fn connect_and_sync(
         let mut next = Some(message?);
         // Gather the transactions already received, to commit them together.
         while let Some(message) = next.take() {
+            if let (Message::Binary(frame), Some(h)) = (&message, hydration.as_mut()) {
+                h.chunk(replica, events, frame).await?;
+                next = match socket.next().now_or_never() {
+                    Some(Some(message)) => Some(message?),
+                    _ => None,
+                };
+                continue;
+            }
             match decode(message)? {
                 Some(ServerMessage::Tx(tx)) => batch.push(tx),
                 Some(other) => {
                     applied = flush(replica, events, &mut batch, applied).await?;
                     match other {
                         ServerMessage::Welcome {
-                            head_lsn, tables, ..
+                            head_lsn,
+                            tables,
+                            log_id,
+                            ..
                         } => {
-                            replica.apply_schema(tables).await?;
+                            if let Some(log_id) = log_id {
+                                replica.set_meta("log_id", log_id).await?;
+                            }
+                            resync_new_tables(replica, tables).await?;
                             target = Some(head_lsn);
                             *welcomed = true;
                             let _ = events.send(Event::Connected { head: head_lsn });
                             // Whatever the outbox holds goes out now.
                             pusher.wake();
                         }
-                        ServerMessage::Schema { tables } => replica.apply_schema(tables).await?,
+                        ServerMessage::Schema { tables } => {
+                            resync_new_tables(replica, tables).await?
+                        }
+                        ServerMessage::SnapshotBegin {
+                            resume_lsn,
+                            full,
+                            tables,
+                            visibility,
+                        } => {
+                            hydration = Some(
+                                Hydration::begin(replica, resume_lsn, full, tables, visibility)
+                                    .await?,
+                            );
+                        }
+                        ServerMessage::SnapshotTable(digest) => {
+                            let h = hydration.as_mut().ok_or_else(|| {
+                                ClientError::Protocol(
+                                    "snapshot_table outside a snapshot".to_owned(),
+                                )
+                            })?;
+                            h.table_done(replica, events, digest).await?;
+                        }
+                        ServerMessage::SnapshotEnd {} => {
+                            let h = hydration.as_mut().ok_or_else(|| {
+                                ClientError::Protocol("snapshot_end outside a snapshot".to_owned())
+                            })?;
+                            let (verdict, complete) = h.end(replica, events).await?;
+                            let frame = serde_json::to_string(&verdict)
+                                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                            socket.send(Message::Text(frame.into())).await?;
+                            if complete {
+                                if h.is_full() {
+                                    applied = h.resume();
+                                }
+                                hydration = None;
+                                pusher.wake();
+                            }
+                        }
+                        ServerMessage::SnapshotQueued { waiting } => {
+                            tracing::info!(
+                                waiting,
+                                "the server is busy with other snapshots; queued"
+                            );
+                        }
                         ServerMessage::CaughtUp { lsn } => target = Some(lsn),
                         ServerMessage::Error { code, message } => {
                             return Err(ClientError::Refused { code, message })
@@ -160,6 +223,22 @@ pub(crate) async fn connect_and_sync(
             target = None;
         }
     }
+}
+
+/// Applies table schemas; a table this replica did not have before (or
+/// whose column types changed) needs its rows from a snapshot, so the
+/// connection ends and the next one asks for it.
+async fn resync_new_tables(
+    replica: &Replica,
+    tables: Vec<pgrelay_protocol::TableSchema>,
+) -> Result<(), ClientError> {
+    let needed = replica.apply_schema(tables).await?;
+    if needed.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(tables = ?needed, "tables need a snapshot; reconnecting to fetch them");
+    replica.request_resync(needed.clone()).await?;
+    Err(ClientError::Resync(needed))
 }
 
 /// tungstenite zero-fills its whole read buffer before every read (128 KiB

@@ -6,6 +6,7 @@ pub mod canonical;
 mod lsn;
 mod message;
 mod schema;
+mod snapshot;
 mod write;
 
 pub use lsn::{Lsn, ParseLsnError};
@@ -14,6 +15,10 @@ pub use message::{
     MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION,
 };
 pub use schema::{sqlite_table_name, Column, TableSchema, ValueKind};
+pub use snapshot::{
+    chunk_header, parse_chunk, Checksum, SnapshotTable, TableDigest, Visibility,
+    CHUNK_HEADER_BYTES, CHUNK_TAG,
+};
 pub use write::{
     valid_id, BatchRefusal, ClientChange, ClientTransaction, CurrentRow, RejectCode, TxResult,
     WriteBatch, WriteResults, WriteStatus, MAX_WRITE_CHANGES, MAX_WRITE_TRANSACTIONS,

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BatchRefusal, Lsn, TableSchema, WriteBatch, WriteResults};
+use crate::{
+    BatchRefusal, Lsn, SnapshotTable, TableDigest, TableSchema, Visibility, WriteBatch,
+    WriteResults,
+};
 
 /// The protocol version this build speaks. A server refuses a `hello` with
 /// any other version with [`ErrorCode::UnsupportedVersion`].
@@ -33,9 +36,20 @@ pub enum ClientMessage {
         /// absent for a new replica.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_lsn: Option<Lsn>,
+        /// The change log the replica follows (from `welcome`); a server
+        /// with another log answers `gone`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_id: Option<String>,
+        /// Tables to take a fresh snapshot of while keeping `last_lsn` for
+        /// the rest (a table whose column types changed, a new table).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        resync: Vec<String>,
     },
     /// A batch of client transactions to apply (after `hello`).
     Write(WriteBatch),
+    /// Answer to `snapshot_end`: the tables whose row count or checksum did
+    /// not match and must be sent again (empty: the snapshot is complete).
+    SnapshotDone { refetch: Vec<String> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,7 +63,30 @@ pub enum ServerMessage {
         /// Commit LSN of the newest transaction in the change log now.
         head_lsn: Lsn,
         tables: Vec<TableSchema>,
+        /// Identifies this server's change log; the client sends it back in
+        /// its next `hello`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_id: Option<String>,
     },
+    /// A snapshot follows: binary chunk frames per table, a
+    /// `snapshot_table` after each table, then `snapshot_end`.
+    SnapshotBegin {
+        /// Transactions are sent from after this position once the
+        /// snapshot is complete (for a full snapshot it becomes the
+        /// replica's position).
+        resume_lsn: Lsn,
+        /// Every synced table (`full`) or only those asked to `resync`.
+        full: bool,
+        tables: Vec<SnapshotTable>,
+        /// Which logged transactions the snapshot already holds.
+        visibility: Visibility,
+    },
+    /// A table's last chunk has been sent.
+    SnapshotTable(TableDigest),
+    /// Every table has been sent; the client answers `snapshot_done`.
+    SnapshotEnd {},
+    /// The server is busy with other snapshots; this one starts later.
+    SnapshotQueued { waiting: usize },
     /// A table's columns changed, or a table started syncing; sent before
     /// the first transaction that depends on it.
     Schema { tables: Vec<TableSchema> },
@@ -213,6 +250,8 @@ mod tests {
                 client_id: "c1".into(),
                 token: None,
                 last_lsn: Some(Lsn(0x16B_3748)),
+                log_id: None,
+                resync: Vec::new(),
             }
         );
     }

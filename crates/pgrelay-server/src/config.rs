@@ -34,6 +34,11 @@ pub struct ServerConfig {
     /// `--auth jwt`: tokens required, row rules applied. `None`: every
     /// client reads and writes everything (no token needed).
     pub auth: Option<crate::auth::AuthConfig>,
+    /// How long the change log keeps a transaction. A replica further
+    /// behind is told it is gone and re-hydrates from a snapshot.
+    pub retain: Duration,
+    /// Snapshots served at once; further hydrating clients queue.
+    pub max_hydrations: usize,
 }
 
 impl ServerConfig {
@@ -51,6 +56,8 @@ impl ServerConfig {
             conflicts: Vec::new(),
             applied_retention: Duration::from_secs(7 * 24 * 3600),
             auth: None,
+            retain: Duration::from_secs(7 * 24 * 3600),
+            max_hydrations: 4,
         }
     }
 
@@ -85,6 +92,12 @@ impl ServerConfig {
         }
         if self.applied_retention < Duration::from_secs(60) {
             return Err("the applied-change retention must be at least a minute".to_owned());
+        }
+        if self.retain < Duration::from_secs(1) {
+            return Err("--retain must be at least a second".to_owned());
+        }
+        if self.max_hydrations == 0 {
+            return Err("--max-hydrations must be at least 1".to_owned());
         }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());

@@ -14,6 +14,11 @@ pub enum ServerError {
     Protocol(String),
     #[error("the change log holds something pgrelay did not write: {0}")]
     CorruptLog(String),
+    #[error("the change log no longer holds what follows {position}: retention pruned it through {pruned_through}")]
+    Pruned {
+        position: pgrelay_protocol::Lsn,
+        pruned_through: pgrelay_protocol::Lsn,
+    },
     #[error("too large: {0}")]
     TooLarge(&'static str),
     #[error("configuration: {0}")]
@@ -42,6 +47,7 @@ impl ServerError {
             ServerError::Sql { source, .. } => pgrelay_pg::sql_error_is_retryable(source),
             ServerError::Protocol(_) => true,
             ServerError::CorruptLog(_)
+            | ServerError::Pruned { .. }
             | ServerError::TooLarge(_)
             | ServerError::Config(_)
             | ServerError::Listen { .. } => false,

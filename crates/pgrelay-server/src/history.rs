@@ -45,7 +45,16 @@ CREATE TABLE IF NOT EXISTS pgrelay.applied_changes (
 );
 CREATE INDEX IF NOT EXISTS applied_changes_applied_at ON pgrelay.applied_changes (applied_at);
 COMMENT ON TABLE pgrelay.applied_changes IS
-    'pgrelay client writes: change ids applied, so a resent batch applies nothing twice (kept for the retention)';";
+    'pgrelay client writes: change ids applied, so a resent batch applies nothing twice (kept for the retention)';
+CREATE TABLE IF NOT EXISTS pgrelay.log_state (
+    id             integer PRIMARY KEY CHECK (id = 1),
+    log_id         text    NOT NULL,
+    pruned_through pg_lsn  NOT NULL DEFAULT '0/0'
+);
+INSERT INTO pgrelay.log_state (id, log_id) VALUES (1, gen_random_uuid()::text)
+    ON CONFLICT (id) DO NOTHING;
+COMMENT ON TABLE pgrelay.log_state IS
+    'pgrelay change log identity (replicas of another log must re-hydrate) and the position through which it was pruned';";
 
 /// Creates pgrelay's schema and tables if they are missing.
 pub(crate) async fn ensure_schema(client: &Client) -> Result<(), ServerError> {
@@ -65,6 +74,64 @@ pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
         .get::<_, Option<PgLsn>>(0)
         .map(u64::from)
         .unwrap_or(0)))
+}
+
+/// The change log's identity and the commit LSN through which retention
+/// has removed it.
+pub(crate) async fn log_state(client: &Client) -> Result<(String, Lsn), ServerError> {
+    let row = client
+        .query_one(
+            "SELECT log_id, pruned_through FROM pgrelay.log_state WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(ServerError::sql("reading the change log's state"))?;
+    Ok((row.get(0), Lsn(u64::from(row.get::<_, PgLsn>(1)))))
+}
+
+/// Removes up to about `max_changes` of the oldest changes committed
+/// before `cutoff`, whole transactions only, and records how far the log
+/// now starts in the same transaction. Returns the new pruned-through
+/// position and the changes removed (`None`: nothing old enough).
+pub(crate) async fn prune(
+    client: &mut Client,
+    cutoff: SystemTime,
+    max_changes: i64,
+) -> Result<Option<(Lsn, u64)>, ServerError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ServerError::sql("starting to prune the change log"))?;
+    // The newest transaction boundary among the oldest `max_changes` rows
+    // that are all older than the cutoff.
+    let row = tx
+        .query_one(
+            "SELECT max(lsn) FROM (SELECT lsn FROM pgrelay.change_history
+                WHERE commit_time < $1 ORDER BY lsn, ordinal LIMIT $2) oldest",
+            &[&cutoff, &max_changes],
+        )
+        .await
+        .map_err(ServerError::sql("finding changes past retention"))?;
+    let Some(through) = row.get::<_, Option<PgLsn>>(0) else {
+        return Ok(None);
+    };
+    tx.execute(
+        "UPDATE pgrelay.log_state SET pruned_through = greatest(pruned_through, $1) WHERE id = 1",
+        &[&through],
+    )
+    .await
+    .map_err(ServerError::sql("recording the pruned position"))?;
+    let removed = tx
+        .execute(
+            "DELETE FROM pgrelay.change_history WHERE lsn <= $1",
+            &[&through],
+        )
+        .await
+        .map_err(ServerError::sql("pruning the change log"))?;
+    tx.commit()
+        .await
+        .map_err(ServerError::sql("committing the pruned change log"))?;
+    Ok(Some((Lsn(u64::from(through)), removed)))
 }
 
 /// Gives each table its persisted schema version: unchanged columns keep
@@ -196,23 +263,42 @@ pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), 
 }
 
 /// Reads whole transactions with commit LSN after `after`, oldest first:
-/// about `limit` changes, never splitting a transaction.
+/// about `limit` changes, never splitting a transaction. Fails with
+/// [`ServerError::Pruned`] when retention has removed transactions after
+/// `after` (read in the same statement, so a prune racing with the read
+/// cannot slip a gap through).
 pub(crate) async fn read_after(
     client: &Client,
     after: Lsn,
     limit: i64,
 ) -> Result<Vec<Transaction>, ServerError> {
-    const COLUMNS: &str = "lsn, ordinal, table_name, operation, data, old_data, transaction_id, \
-        (extract(epoch FROM commit_time) * 1000000)::int8, origin_client";
     let rows = client
         .query(
-            &format!("SELECT {COLUMNS} FROM pgrelay.change_history WHERE lsn > $1 ORDER BY lsn, ordinal LIMIT $2"),
+            &format!(
+                "WITH state AS (SELECT pruned_through FROM pgrelay.log_state WHERE id = 1)
+                 SELECT state.pruned_through, page.* FROM state LEFT JOIN LATERAL
+                   (SELECT {COLUMNS} FROM pgrelay.change_history WHERE lsn > $1
+                    ORDER BY lsn, ordinal LIMIT $2) page ON true"
+            ),
             &[&PgLsn::from(after.0), &limit],
         )
         .await
         .map_err(ServerError::sql("reading the change log"))?;
+    if let Some(first) = rows.first() {
+        let pruned = Lsn(u64::from(first.get::<_, PgLsn>(0)));
+        if after < pruned {
+            return Err(ServerError::Pruned {
+                position: after,
+                pruned_through: pruned,
+            });
+        }
+    }
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| r.get::<_, Option<PgLsn>>(1).is_some())
+        .collect();
     let full_page = rows.len() as i64 == limit;
-    let mut txs = group(rows)?;
+    let mut txs = group(rows, 1)?;
     if full_page {
         // The page may have cut the last transaction short: read its rest.
         if let Some(last) = txs.last_mut() {
@@ -226,7 +312,7 @@ pub(crate) async fn read_after(
                 )
                 .await
                 .map_err(ServerError::sql("reading the change log"))?;
-            for tx in group(rest)? {
+            for tx in group(rest, 0)? {
                 last.changes.extend(tx.changes);
             }
         }
@@ -234,17 +320,21 @@ pub(crate) async fn read_after(
     Ok(txs)
 }
 
-fn group(rows: Vec<tokio_postgres::Row>) -> Result<Vec<Transaction>, ServerError> {
+const COLUMNS: &str = "lsn, ordinal, table_name, operation, data, old_data, transaction_id, \
+    (extract(epoch FROM commit_time) * 1000000)::int8 AS commit_us, origin_client";
+
+/// Groups rows of [`COLUMNS`] (starting at column `at`) into transactions.
+fn group(rows: Vec<tokio_postgres::Row>, at: usize) -> Result<Vec<Transaction>, ServerError> {
     let mut txs: Vec<Transaction> = Vec::new();
     for row in rows {
-        let lsn = Lsn(u64::from(row.get::<_, PgLsn>(0)));
-        let op_text: &str = row.get(3);
+        let lsn = Lsn(u64::from(row.get::<_, PgLsn>(at)));
+        let op_text: &str = row.get(at + 3);
         let op = Op::parse(op_text)
             .ok_or_else(|| ServerError::CorruptLog(format!("operation {op_text:?} at {lsn}")))?;
-        let new: Option<Json<Row>> = row.get(4);
-        let old: Option<Json<Row>> = row.get(5);
+        let new: Option<Json<Row>> = row.get(at + 4);
+        let old: Option<Json<Row>> = row.get(at + 5);
         let change = Change {
-            table: row.get(2),
+            table: row.get(at + 2),
             op,
             new: new.map(|j| j.0),
             old: old.map(|j| j.0),
@@ -253,9 +343,9 @@ fn group(rows: Vec<tokio_postgres::Row>) -> Result<Vec<Transaction>, ServerError
             Some(tx) if tx.lsn == lsn => tx.changes.push(change),
             _ => txs.push(Transaction {
                 lsn,
-                xid: u32::try_from(row.get::<_, i64>(6)).unwrap_or(0),
-                commit_time_us: row.get(7),
-                origin: row.get(8),
+                xid: u32::try_from(row.get::<_, i64>(at + 6)).unwrap_or(0),
+                commit_time_us: row.get(at + 7),
+                origin: row.get(at + 8),
                 changes: vec![change],
             }),
         }

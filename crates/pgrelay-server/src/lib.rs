@@ -10,7 +10,9 @@ mod history;
 mod hub;
 mod reader;
 mod replication;
+mod retention;
 mod session;
+mod snapshot;
 mod state;
 mod status;
 mod writes;
@@ -91,9 +93,10 @@ impl Server {
             }
             None => None,
         };
+        let (log_id, pruned_through) = history::log_state(&db).await?;
         drop(db);
         let versions = version_columns(&config.conflicts, &tables)?;
-        tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, "pgrelay ready");
+        tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
 
         let listener =
             TcpListener::bind(config.listen)
@@ -129,11 +132,20 @@ impl Server {
             config.applied_retention,
             shutdown_rx.clone(),
         ));
+        tasks.spawn(retention::prune_log(
+            info.clone(),
+            config.retain,
+            shutdown_rx.clone(),
+        ));
         let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
         tasks.spawn(audit_writer);
         let state = Arc::new(AppState {
             auth,
             audit,
+            hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
+            hydrations_queued: Default::default(),
+            log_id,
+            database: info.clone(),
             config,
             hub: Arc::clone(&hub),
             log_reader: reader::LogReader::new(info),

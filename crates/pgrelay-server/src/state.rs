@@ -1,6 +1,10 @@
 //! What every request handler and session shares.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use pgrelay_pg::ConnInfo;
+use tokio::sync::Semaphore;
 
 use crate::auth::{Audit, Auth};
 use crate::hub::Hub;
@@ -18,4 +22,18 @@ pub(crate) struct AppState {
     /// Set with `--auth`.
     pub(crate) auth: Option<Auth>,
     pub(crate) audit: Audit,
+    /// Where snapshots for hydrating clients are read.
+    pub(crate) database: ConnInfo,
+    /// One permit per snapshot that may run at once.
+    pub(crate) hydrations: Arc<Semaphore>,
+    /// Sessions waiting for a permit.
+    pub(crate) hydrations_queued: AtomicUsize,
+    /// The change log's identity (`pgrelay.log_state`).
+    pub(crate) log_id: String,
+}
+
+impl AppState {
+    pub(crate) fn hydrations_waiting(&self) -> usize {
+        self.hydrations_queued.load(Ordering::Relaxed)
+    }
 }

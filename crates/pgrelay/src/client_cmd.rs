@@ -42,6 +42,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let client = SyncClient::open(config).await?;
     let mut events = client.subscribe();
     tokio::spawn(async move {
+        let mut progress = HydrationProgress::default();
         loop {
             let event = match events.recv().await {
                 Ok(event) => event,
@@ -74,6 +75,28 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                 Event::WriteRetry { tx_id, reason } => {
                     tracing::info!(%tx_id, %reason, "local write will be retried")
                 }
+                Event::Hydrating {
+                    rows,
+                    bytes,
+                    estimated_rows,
+                    tables,
+                    tables_done,
+                } => progress.update(rows, bytes, estimated_rows, tables, tables_done),
+                Event::Hydrated {
+                    rows,
+                    bytes,
+                    elapsed,
+                    refetched,
+                } => {
+                    progress.finish();
+                    tracing::info!(
+                        rows,
+                        mb = bytes as f64 / 1e6,
+                        ?elapsed,
+                        ?refetched,
+                        "snapshot loaded"
+                    );
+                }
             }
         }
     });
@@ -83,6 +106,53 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
     client.run(stopped).await?;
+    Ok(())
+}
+
+/// A progress bar on stderr while a snapshot loads: rows, MB, rate, ETA.
+#[derive(Default)]
+struct HydrationProgress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl HydrationProgress {
+    fn update(&mut self, rows: u64, bytes: u64, estimate: u64, tables: usize, done: usize) {
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(estimate.max(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "hydrating {bar:30} {human_pos}/{human_len} rows  {msg}  {per_sec}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        if rows > bar.length().unwrap_or(0) {
+            bar.set_length(rows);
+        }
+        bar.set_position(rows);
+        bar.set_message(format!(
+            "{:.1} MB  tables {done}/{tables}",
+            bytes as f64 / 1e6
+        ));
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `pgrelay client reset`: the next sync hydrates the replica from a fresh
+/// snapshot. Unsent local writes are kept and pushed afterwards.
+pub async fn reset(db: &Path) -> anyhow::Result<()> {
+    if !db.exists() {
+        anyhow::bail!("no replica at {}", db.display());
+    }
+    let replica = Replica::open(db)?;
+    replica.reset().await?;
+    println!("reset: the next `pgrelay client sync` loads a fresh snapshot");
     Ok(())
 }
 

@@ -60,6 +60,12 @@ enum ClientCommand {
     },
     /// Show the outbox of local writes: pending, sent, applied, rejected (with reasons).
     Outbox(client_cmd::OutboxArgs),
+    /// Forget the replica's position: the next sync loads a fresh snapshot
+    /// (unsent local writes are kept).
+    Reset {
+        #[arg(long, env = "PGRELAY_DB")]
+        db: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
             Command::Client(ClientCommand::Status { db }) => client_cmd::status(&db).await,
             Command::Client(ClientCommand::Exec { db, sql }) => client_cmd::exec(&db, &sql).await,
             Command::Client(ClientCommand::Outbox(args)) => client_cmd::outbox(args).await,
+            Command::Client(ClientCommand::Reset { db }) => client_cmd::reset(&db).await,
             Command::Verify(args) => {
                 let report =
                     verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;

@@ -58,6 +58,13 @@ pub struct ServeArgs {
     /// Row rules per table (`rules.toml`); needs --auth.
     #[arg(long, env = "PGRELAY_RULES")]
     pub rules: Option<PathBuf>,
+    /// How long the change log keeps transactions (e.g. `7d`, `12h`). A
+    /// replica further behind re-hydrates from a snapshot.
+    #[arg(long, env = "PGRELAY_RETAIN", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retain: Duration,
+    /// Snapshots served at once to hydrating clients; others queue.
+    #[arg(long, env = "PGRELAY_MAX_HYDRATIONS", default_value_t = 4)]
+    pub max_hydrations: usize,
 }
 
 impl ServeArgs {
@@ -115,6 +122,8 @@ impl ServeArgs {
         config.status_interval = self.status_interval;
         config.conflicts = self.conflicts;
         config.applied_retention = self.applied_retention;
+        config.retain = self.retain;
+        config.max_hydrations = self.max_hydrations;
         config.auth = auth;
         Ok(config)
     }

@@ -8,11 +8,12 @@ mod apply;
 mod capture;
 mod outbox;
 mod schema;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use pgrelay_protocol::{Lsn, TableSchema, Transaction, WriteBatch, WriteResults};
+use pgrelay_protocol::{Lsn, TableSchema, Transaction, Visibility, WriteBatch, WriteResults};
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -27,7 +28,7 @@ type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 enum Command {
     State(Reply<ReplicaState>),
     SetClientId(String, Reply<()>),
-    ApplySchema(Vec<TableSchema>, Reply<()>),
+    ApplySchema(Vec<TableSchema>, Reply<Vec<String>>),
     ApplyTransactions(Vec<Transaction>, Reply<Lsn>),
     Status(Reply<ReplicaStatus>),
     Execute(String, Reply<Executed>),
@@ -35,6 +36,21 @@ enum Command {
     RecordResults(WriteResults, Reply<Vec<Outcome>>),
     Outbox(Option<String>, usize, Reply<OutboxReport>),
     Unsent(Reply<bool>),
+    SetMeta(&'static str, String, Reply<()>),
+    Reset(Reply<()>),
+    RequestResync(Vec<String>, Reply<()>),
+    BeginSnapshot(Vec<String>, bool, Reply<()>),
+    LoadSnapshot(String, Vec<u8>, Reply<u64>),
+    ClearTable(String, Reply<()>),
+    FinishSnapshot(SnapshotDone, Reply<()>),
+}
+
+/// A verified snapshot, ready to be committed as the replica's state.
+pub(crate) struct SnapshotDone {
+    pub(crate) resume: Lsn,
+    pub(crate) full: bool,
+    pub(crate) tables: Vec<String>,
+    pub(crate) visibility: Visibility,
 }
 
 /// What [`Replica::execute`] did.
@@ -50,8 +66,13 @@ pub struct Executed {
 #[derive(Clone, Debug)]
 pub struct ReplicaState {
     pub client_id: Option<String>,
-    /// Commit LSN of the last transaction applied; `None` for a new replica.
+    /// Commit LSN of the last transaction applied; `None` for a new replica
+    /// (or one reset), which hydrates from a snapshot.
     pub lsn: Option<Lsn>,
+    /// The server change log this replica follows.
+    pub log_id: Option<String>,
+    /// Tables waiting for a fresh snapshot.
+    pub resync: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -93,9 +114,11 @@ impl Replica {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::ensure_meta(&conn)?;
         capture::ensure_tables(&conn)?;
+        let filters = snapshot::filters(&conn)?;
         let mut worker = Worker {
             conn,
             tables: HashMap::new(),
+            filters,
         };
         worker.reload_tables()?;
         let (commands, rx) = mpsc::channel(16);
@@ -130,8 +153,10 @@ impl Replica {
         self.call(|r| Command::SetClientId(id, r)).await
     }
 
-    /// Creates missing tables and adds missing columns.
-    pub async fn apply_schema(&self, tables: Vec<TableSchema>) -> Result<(), ClientError> {
+    /// Creates missing tables and adds missing columns. Returns the tables
+    /// whose rows must come from a snapshot: new to a replica that already
+    /// has a position, or with a column whose type changed.
+    pub async fn apply_schema(&self, tables: Vec<TableSchema>) -> Result<Vec<String>, ClientError> {
         self.call(|r| Command::ApplySchema(tables, r)).await
     }
 
@@ -169,6 +194,55 @@ impl Replica {
         self.call(Command::Unsent).await
     }
 
+    /// Forgets the replica's position so the next connection hydrates it
+    /// from a snapshot (`pgrelay client reset`). Unsent local writes stay.
+    pub async fn reset(&self) -> Result<(), ClientError> {
+        self.call(Command::Reset).await
+    }
+
+    pub(crate) async fn set_meta(
+        &self,
+        key: &'static str,
+        value: String,
+    ) -> Result<(), ClientError> {
+        self.call(|r| Command::SetMeta(key, value, r)).await
+    }
+
+    pub(crate) async fn request_resync(&self, tables: Vec<String>) -> Result<(), ClientError> {
+        self.call(|r| Command::RequestResync(tables, r)).await
+    }
+
+    pub(crate) async fn begin_snapshot(
+        &self,
+        tables: Vec<String>,
+        full: bool,
+    ) -> Result<(), ClientError> {
+        self.call(|r| Command::BeginSnapshot(tables, full, r)).await
+    }
+
+    /// Queues a chunk of snapshot rows for insertion and returns where
+    /// the row count will arrive, so the caller can go on receiving.
+    pub(crate) async fn send_load(
+        &self,
+        table: String,
+        rows: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<u64, ClientError>>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::LoadSnapshot(table, rows, tx))
+            .await
+            .map_err(|_| ClientError::ReplicaClosed)?;
+        Ok(rx)
+    }
+
+    pub(crate) async fn clear_table(&self, table: String) -> Result<(), ClientError> {
+        self.call(|r| Command::ClearTable(table, r)).await
+    }
+
+    pub(crate) async fn finish_snapshot(&self, done: SnapshotDone) -> Result<(), ClientError> {
+        self.call(|r| Command::FinishSnapshot(done, r)).await
+    }
+
     pub(crate) async fn take_batch(
         &self,
         max_txs: usize,
@@ -187,6 +261,8 @@ impl Replica {
 struct Worker {
     conn: Connection,
     tables: HashMap<String, TableSchema>,
+    /// Transactions that snapshots already hold, skipped when they arrive.
+    filters: Vec<snapshot::Filter>,
 }
 
 impl Worker {
@@ -223,6 +299,54 @@ impl Worker {
                 Command::Unsent(reply) => {
                     let _ = reply.send(outbox::unsent(&self.conn));
                 }
+                Command::SetMeta(key, value, reply) => {
+                    let _ = reply.send(schema::write_meta(&self.conn, key, &value));
+                }
+                Command::Reset(reply) => {
+                    let result = self.in_tx(|conn, _| snapshot::reset(conn));
+                    self.filters.clear();
+                    let _ = reply.send(result);
+                }
+                Command::RequestResync(tables, reply) => {
+                    let _ =
+                        reply.send(self.in_tx(|conn, _| snapshot::request_resync(conn, &tables)));
+                }
+                Command::BeginSnapshot(tables, full, reply) => {
+                    if full {
+                        self.filters.clear();
+                    }
+                    let _ = reply.send(self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || snapshot::begin(conn, known, &tables, full))
+                    }));
+                }
+                Command::LoadSnapshot(table, rows, reply) => {
+                    let _ = reply.send(self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || snapshot::load(conn, known, &table, &rows))
+                    }));
+                }
+                Command::ClearTable(table, reply) => {
+                    let _ = reply.send(self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || snapshot::clear(conn, known, &table))
+                    }));
+                }
+                Command::FinishSnapshot(done, reply) => {
+                    let result = self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || {
+                            snapshot::finish(
+                                conn,
+                                known,
+                                done.resume,
+                                done.full,
+                                &done.tables,
+                                &done.visibility,
+                            )
+                        })
+                    });
+                    let _ = reply.send(result.and_then(|()| {
+                        self.filters = snapshot::filters(&self.conn)?;
+                        Ok(())
+                    }));
+                }
             }
         }
     }
@@ -235,24 +359,63 @@ impl Worker {
         Ok(())
     }
 
+    /// Runs `work` in one immediate SQLite transaction.
+    fn in_tx<T>(
+        &mut self,
+        work: impl FnOnce(&Connection, &HashMap<String, TableSchema>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = work(&tx, &self.tables)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
     fn state(&self) -> Result<ReplicaState, ClientError> {
         let client_id = schema::read_meta(&self.conn, "client_id")?;
+        let pending = snapshot::pending(&self.conn)?.unwrap_or_default();
         let lsn = schema::read_meta(&self.conn, "lsn")?
             .map(|s| s.parse::<Lsn>())
             .transpose()
-            .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?;
-        Ok(ReplicaState { client_id, lsn })
+            .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
+            .filter(|_| !pending.full);
+        let log_id = schema::read_meta(&self.conn, "log_id")?;
+        Ok(ReplicaState {
+            client_id,
+            lsn,
+            log_id,
+            resync: pending.tables,
+        })
     }
 
-    fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<(), ClientError> {
+    fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<Vec<String>, ClientError> {
+        let positioned = self.state()?.lsn.is_some();
+        let mut needed = Vec::new();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for table in tables {
+            let retyped = match self.tables.get(&table.name) {
+                None => table.skipped.is_none(),
+                Some(known) => {
+                    table.skipped.is_none()
+                        && (known.skipped.is_some()
+                            || table.columns.iter().any(|c| {
+                                known.column(&c.name).is_some_and(|k| {
+                                    k.type_oid != c.type_oid || k.pg_type != c.pg_type
+                                })
+                            }))
+                }
+            };
+            if retyped && positioned {
+                needed.push(table.name.clone());
+            }
             schema::apply_table(&tx, table)?;
         }
         tx.commit()?;
-        self.reload_tables()
+        self.reload_tables()?;
+        Ok(needed)
     }
 
     fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Lsn, ClientError> {
@@ -267,7 +430,11 @@ impl Worker {
             if server_tx.lsn <= reached {
                 continue;
             }
+            let skipped = snapshot::skipped(&self.filters, server_tx);
             for change in &server_tx.changes {
+                if skipped.contains(&change.table.as_str()) {
+                    continue;
+                }
                 apply::apply_change(&tx, &self.tables, change).map_err(|e| {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
@@ -276,6 +443,7 @@ impl Worker {
         }
         if reached > current {
             schema::write_meta(&tx, "lsn", &reached.to_string())?;
+            snapshot::expire(&tx, &mut self.filters, reached)?;
         }
         capture::set_applying(&tx, false)?;
         tx.commit()?;

@@ -70,13 +70,32 @@ impl OutboxReport {
     }
 }
 
-struct Captured {
+pub(crate) struct Captured {
     tx_id: String,
     change_id: String,
-    table: String,
-    op: String,
-    new: Option<String>,
-    old: Option<String>,
+    pub(crate) table: String,
+    pub(crate) op: String,
+    pub(crate) new: Option<String>,
+    pub(crate) old: Option<String>,
+}
+
+/// Local writes the server has not confirmed (pending or sent), oldest first.
+pub(crate) fn unconfirmed(conn: &Connection) -> Result<Vec<Captured>, ClientError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
+         WHERE status IN ('pending', 'sent') ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Captured {
+            tx_id: r.get(0)?,
+            change_id: r.get(1)?,
+            table: r.get(2)?,
+            op: r.get(3)?,
+            new: r.get(4)?,
+            old: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Takes the oldest unanswered client transactions (pending, or sent on a

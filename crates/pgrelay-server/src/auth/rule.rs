@@ -296,9 +296,20 @@ impl Bound {
     /// to `params` and referenced as `$n`; columns are quoted identifiers
     /// (checked against the table's schema when the rules were loaded).
     pub(crate) fn to_sql(&self, params: &mut Vec<Option<String>>) -> String {
+        self.to_sql_as(params, &|n| format!("${n}::text"))
+    }
+
+    /// As [`Bound::to_sql`], value `n` (1-based) written as `placeholder(n)`:
+    /// for statements that take no bind parameters (COPY), which read the
+    /// values from settings the caller bound first.
+    pub(crate) fn to_sql_as(
+        &self,
+        params: &mut Vec<Option<String>>,
+        placeholder: &dyn Fn(usize) -> String,
+    ) -> String {
         let bind = |v: &str, params: &mut Vec<Option<String>>| {
             params.push(Some(v.to_owned()));
-            format!("${}::text", params.len())
+            placeholder(params.len())
         };
         match self {
             Bound::Const(true) => "true".to_owned(),
@@ -335,13 +346,19 @@ impl Bound {
                 let not = if *null { "" } else { " NOT" };
                 format!("({} IS{not} NULL)", quote(column))
             }
-            Bound::Not(e) => format!("(NOT {})", e.to_sql(params)),
+            Bound::Not(e) => format!("(NOT {})", e.to_sql_as(params, placeholder)),
             Bound::And(items) => {
-                let parts: Vec<String> = items.iter().map(|e| e.to_sql(params)).collect();
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|e| e.to_sql_as(params, placeholder))
+                    .collect();
                 format!("({})", parts.join(" AND "))
             }
             Bound::Or(items) => {
-                let parts: Vec<String> = items.iter().map(|e| e.to_sql(params)).collect();
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|e| e.to_sql_as(params, placeholder))
+                    .collect();
                 format!("({})", parts.join(" OR "))
             }
         }

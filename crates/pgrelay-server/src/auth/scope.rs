@@ -57,6 +57,23 @@ impl Scope {
         self.read(table).to_sql(params)
     }
 
+    /// The read rule of `table` for a snapshot's COPY, which takes no bind
+    /// parameters: value `n` is read from the transaction-local setting
+    /// `pgrelay.rule_<n>`; bind the returned values with
+    /// [`SNAPSHOT_SETTINGS_SQL`] in the same transaction first. `None` when
+    /// every row is visible.
+    pub(crate) fn snapshot_filter(&self, table: &str) -> Option<(String, Vec<String>)> {
+        let rule = self.read(table);
+        if *rule == Bound::Const(true) {
+            return None;
+        }
+        let mut values = Vec::new();
+        let predicate = rule.to_sql_as(&mut values, &|n| {
+            format!("current_setting('pgrelay.rule_{n}')")
+        });
+        Some((predicate, values.into_iter().flatten().collect()))
+    }
+
     /// Whether a row of `table` may be read: for snapshot rows read as text.
     pub fn may_read(&self, table: &str, row: &Row) -> bool {
         self.read(table).eval(row)
@@ -134,6 +151,13 @@ impl Scope {
         }
     }
 }
+
+/// Sets `pgrelay.rule_<n>` to the n-th value of `$1` for the current
+/// transaction: the values of [`Scope::snapshot_filter`], bound, never
+/// spliced.
+pub(crate) const SNAPSHOT_SETTINGS_SQL: &str =
+    "SELECT count(set_config('pgrelay.rule_' || n, v, true)) \
+     FROM unnest($1::text[]) WITH ORDINALITY AS t(v, n)";
 
 /// The rules, and the scopes of connected tokens, shared while in use.
 #[derive(Debug)]

@@ -15,6 +15,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Hello {
     pub(crate) client_id: String,
     pub(crate) last_lsn: Option<Lsn>,
+    pub(crate) log_id: Option<String>,
+    pub(crate) resync: Vec<String>,
     pub(crate) token: Option<String>,
 }
 
@@ -52,6 +54,8 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         client_id,
         token,
         last_lsn,
+        log_id,
+        resync,
     } = message
     else {
         return Err(Refusal::new(
@@ -76,9 +80,17 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
             "client_id must be 1-128 characters of letters, digits, '-', '_', '.', ':'",
         ));
     }
+    if resync.len() > 1000 {
+        return Err(Refusal::new(
+            ErrorCode::MalformedFrame,
+            "resync names more than 1000 tables",
+        ));
+    }
     Ok(Hello {
         client_id,
         last_lsn,
+        log_id,
+        resync,
         token,
     })
 }
@@ -101,7 +113,7 @@ fn check_size(bytes: &[u8]) -> Result<(), Refusal> {
 pub(super) fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
     match serde_json::from_slice::<serde_json::Value>(bytes) {
         Ok(serde_json::Value::Object(map)) => match map.get("type").and_then(|t| t.as_str()) {
-            Some(kind) if kind != "hello" && kind != "write" => {
+            Some(kind) if !["hello", "write", "snapshot_done"].contains(&kind) => {
                 let kind: String = kind.chars().take(64).collect();
                 Refusal::new(
                     ErrorCode::UnknownMessage,

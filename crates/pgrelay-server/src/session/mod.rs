@@ -4,6 +4,7 @@
 //! read, and nothing at or below the last LSN sent goes out twice).
 
 mod handshake;
+mod hydrate;
 mod write;
 
 use std::sync::Arc;
@@ -174,10 +175,17 @@ impl Session<'_> {
         hello: Hello,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Ending, Refusal> {
-        // Subscribe before reading the log: whatever is published from now on
-        // is in `live`, whatever was published before is in the log.
-        let mut live = self.state.hub.subscribe();
         let head = self.state.hub.head();
+        if let Some(theirs) = hello.log_id.as_ref().filter(|id| **id != self.state.log_id) {
+            return Err(Refusal::new(
+                ErrorCode::Gone,
+                format!(
+                    "your replica follows change log {:?}, this server keeps {:?}; re-hydrate",
+                    theirs.chars().take(64).collect::<String>(),
+                    self.state.log_id
+                ),
+            ));
+        }
         let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
         if start > head {
             return Err(Refusal::new(
@@ -186,25 +194,41 @@ impl Session<'_> {
             ));
         }
         self.sent = start;
-        let tables = self
+        // Only the tables this client may read: in the welcome, and so in
+        // its replica and its snapshot.
+        let schemas: std::collections::BTreeMap<_, _> = self
             .state
             .hub
             .schemas()
-            .values()
-            .filter(|t| {
-                self.scope
-                    .as_ref()
-                    .is_none_or(|s| s.can_read_table(&t.name))
-            })
-            .cloned()
+            .iter()
+            .filter(|(name, _)| self.scope.as_ref().is_none_or(|s| s.can_read_table(name)))
+            .map(|(name, table)| (name.clone(), table.clone()))
             .collect();
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
             client_id: hello.client_id,
             head_lsn: head,
-            tables,
+            tables: schemas.values().cloned().collect(),
+            log_id: Some(self.state.log_id.clone()),
         };
         self.send(Frame::encode(&welcome, head)).await?;
+        // A new replica (no position) gets every table; a known one only the
+        // tables it asks to resync.
+        let full = hello.last_lsn.is_none();
+        let hydrate: Vec<_> = schemas
+            .values()
+            .filter(|t| t.skipped.is_none() && (full || hello.resync.contains(&t.name)))
+            .cloned()
+            .collect();
+        if full || !hydrate.is_empty() {
+            let resume = self.hydrate(hydrate, full).await?;
+            if full {
+                self.sent = resume;
+            }
+        }
+        // Subscribe before reading the log: whatever is published from now on
+        // is in `live`, whatever was published before is in the log.
+        let mut live = self.state.hub.subscribe();
         self.catch_up().await?;
         self.send(Frame::encode(
             &ServerMessage::CaughtUp {
@@ -281,9 +305,13 @@ impl Session<'_> {
                 return Err(self.expired());
             }
             let client = self.state.log_reader.client().await.map_err(internal)?;
-            let txs = history::read_after(&client, self.sent, CATCH_UP_PAGE)
-                .await
-                .map_err(internal)?;
+            let txs = match history::read_after(&client, self.sent, CATCH_UP_PAGE).await {
+                Ok(txs) => txs,
+                Err(e @ crate::ServerError::Pruned { .. }) => {
+                    return Err(Refusal::new(ErrorCode::Gone, format!("{e}; re-hydrate")))
+                }
+                Err(e) => return Err(internal(e)),
+            };
             if txs.is_empty() {
                 return Ok(());
             }
@@ -356,6 +384,11 @@ impl Session<'_> {
             Some(Ok(Message::Text(text))) => write::parse(text.as_bytes()),
             Some(Ok(Message::Binary(bytes))) => write::parse(&bytes),
         };
+        self.handle(parsed).await?;
+        Ok(true)
+    }
+
+    async fn handle(&mut self, parsed: write::Incoming) -> Result<(), Refusal> {
         match parsed {
             write::Incoming::Write(batch) => self.write(batch).await?,
             write::Incoming::Refused {
@@ -371,9 +404,11 @@ impl Session<'_> {
                 };
                 self.send(Frame::encode(&refused, Lsn::ZERO)).await?;
             }
+            // A late verdict on a snapshot already settled: nothing to do.
+            write::Incoming::SnapshotDone(_) => {}
             write::Incoming::Fatal(refusal) => return Err(refusal),
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Applies a client's batch and answers it. Nothing is forwarded while

@@ -5,7 +5,7 @@
 //! recorded in `pgrelay.applied_changes` in the same transaction, so a
 //! batch resent after a lost answer applies nothing twice.
 
-mod statement;
+pub(crate) mod statement;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;

@@ -188,7 +188,11 @@ async fn hold_connection(
         protocol_version: PROTOCOL_VERSION,
         client_id,
         token: None,
-        last_lsn: None,
+        // A position (the empty log's start) rather than none: a replica
+        // without one would be sent a snapshot first.
+        last_lsn: Some(pgrelay_protocol::Lsn::ZERO),
+        log_id: None,
+        resync: Vec::new(),
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))

@@ -3,7 +3,8 @@
 //! move rows between tenants. Afterwards every replica holds exactly the
 //! rows its claims allow, the change log holds only client writes each
 //! writer was allowed to make, and nothing any session was sent (live
-//! stream or catch-up from the change log) was outside its rules.
+//! stream, snapshot, or catch-up from the change log) was outside its
+//! rules.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,8 +27,10 @@ write = "tenant = claims.tenant"
 struct Member {
     tenant: u8,
     admin: bool,
-    /// Connects after the writes: everything comes from catch-up.
+    /// Connects after the writes: a snapshot, then the stream.
     late: bool,
+    /// Disconnects halfway through the writes and comes back after them.
+    pause: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -60,13 +63,18 @@ fn step(tenants: u8, clients: usize) -> impl Strategy<Value = Step> {
 
 fn case() -> impl Strategy<Value = (u8, Vec<Member>, Vec<Step>)> {
     (2u8..=3, 2usize..=4).prop_flat_map(|(tenants, clients)| {
-        let member = (0..tenants, proptest::bool::weighted(0.25), any::<bool>()).prop_map(
-            |(tenant, admin, late)| Member {
+        let member = (
+            0..tenants,
+            proptest::bool::weighted(0.25),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(tenant, admin, late, pause)| Member {
                 tenant,
                 admin,
                 late,
-            },
-        );
+                pause: pause && !late,
+            });
         (
             Just(tenants),
             proptest::collection::vec(member, clients),
@@ -92,7 +100,16 @@ fn may_read(member: &Member, tenant: &str) -> bool {
 }
 
 /// Every row a session was sent passes its read rule; no other table.
-fn check_sent(who: &str, member: &Member, seen: &[ServerMessage]) {
+fn check_sent(who: &str, member: &Member, seen: &[ServerMessage], snapshot: &[(String, String)]) {
+    for (table, line) in snapshot {
+        assert_eq!(table, "public.items", "{who} got a snapshot of {table}");
+        // COPY text: id, tenant, body.
+        let tenant = line.split('\t').nth(1).unwrap_or("");
+        assert!(
+            may_read(member, tenant),
+            "{who} ({member:?}) got snapshot row {line:?}"
+        );
+    }
     let visible = |row: &Row| {
         row.get("tenant")
             .and_then(|t| t.as_deref())
@@ -138,7 +155,7 @@ async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
     // one more per member connected after (catch-up).
     let mut spies = Vec::new();
     for (i, member) in members.iter().enumerate() {
-        let spy = Spy::connect(addr, &format!("spy-{i}"), &token(claims(member))).await;
+        let spy = Spy::connect(addr, &format!("spy-{i}"), &token(claims(member)), None).await;
         spy.wait_caught_up().await;
         spies.push((format!("live spy {i}"), member.clone(), spy));
     }
@@ -167,7 +184,16 @@ async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
         .exec("INSERT INTO secrets VALUES (1, 't0', 'never synced')")
         .await;
 
-    for step in &steps {
+    for (n, step) in steps.iter().enumerate() {
+        if n == steps.len() / 2 {
+            for (i, member) in members.iter().enumerate() {
+                if member.pause {
+                    if let Some((_, client)) = clients[i].take() {
+                        client.stop().await;
+                    }
+                }
+            }
+        }
         match step {
             Step::ServerInsert { id, tenant } => {
                 world
@@ -234,16 +260,21 @@ async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
         }
     }
 
-    // Late members: a replica and a spy that start from the change log.
+    // Late members start now (snapshot, then stream); paused ones come back
+    // (catch-up from the change log). A spy per member takes a snapshot,
+    // and another reads the whole change log.
     for (i, member) in members.iter().enumerate() {
-        if member.late {
+        if member.late || member.pause {
             let path = world.replica_path(&format!("c{i}"));
             let client =
                 start_client(addr, &path, &format!("c{i}"), fixed(token(claims(member)))).await;
             clients[i] = Some((path, client));
         }
-        let spy = Spy::connect(addr, &format!("late-spy-{i}"), &token(claims(member))).await;
-        spies.push((format!("catch-up spy {i}"), member.clone(), spy));
+        let t = token(claims(member));
+        let spy = Spy::connect(addr, &format!("snapshot-spy-{i}"), &t, None).await;
+        spies.push((format!("snapshot spy {i}"), member.clone(), spy));
+        let spy = Spy::connect(addr, &format!("log-spy-{i}"), &t, Some("0/0")).await;
+        spies.push((format!("change-log spy {i}"), member.clone(), spy));
     }
 
     // Every replica converges to exactly what its claims allow.
@@ -330,7 +361,7 @@ async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
 
     for (who, member, spy) in &spies {
         spy.wait_caught_up().await;
-        check_sent(who, member, &spy.messages());
+        check_sent(who, member, &spy.messages(), &spy.snapshot());
     }
     for client in clients.into_iter().flatten() {
         client.1.stop().await;

@@ -85,39 +85,84 @@ pub(crate) fn fixed(token: String) -> TokenProvider {
     })
 }
 
-/// A raw session that records every message the server sends it.
+/// A raw session that records every message the server sends it, and
+/// every snapshot row (COPY text lines, by table), answering the snapshot.
 pub(crate) struct Spy {
     pub(crate) seen: Arc<Mutex<Vec<ServerMessage>>>,
+    pub(crate) snapshot_rows: Arc<Mutex<Vec<(String, String)>>>,
     task: JoinHandle<()>,
 }
 
 impl Spy {
-    pub(crate) async fn connect(addr: SocketAddr, id: &str, token: &str) -> Spy {
+    /// Without `last_lsn` the server hydrates the spy from a snapshot; with
+    /// one it catches up from the change log.
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        id: &str,
+        token: &str,
+        last_lsn: Option<&str>,
+    ) -> Spy {
         let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync"))
             .await
             .unwrap();
-        let hello = serde_json::json!({
+        let mut hello = serde_json::json!({
             "type": "hello", "protocol_version": 1, "client_id": id, "token": token,
         });
+        if let Some(lsn) = last_lsn {
+            hello["last_lsn"] = lsn.into();
+        }
         socket
             .send(Message::Text(hello.to_string().into()))
             .await
             .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = Arc::clone(&seen);
+        let snapshot_rows = Arc::new(Mutex::new(Vec::new()));
+        let (record, rows) = (Arc::clone(&seen), Arc::clone(&snapshot_rows));
         let task = tokio::spawn(async move {
+            let mut tables: Vec<String> = Vec::new();
             while let Some(Ok(message)) = socket.next().await {
-                if let Message::Text(text) = message {
-                    let parsed: ServerMessage = serde_json::from_str(&text).unwrap();
-                    record.lock().unwrap().push(parsed);
+                match message {
+                    Message::Text(text) => {
+                        let parsed: ServerMessage = serde_json::from_str(&text).unwrap();
+                        match &parsed {
+                            ServerMessage::SnapshotBegin { tables: listed, .. } => {
+                                tables = listed.iter().map(|t| t.table.clone()).collect();
+                            }
+                            ServerMessage::SnapshotEnd {} => {
+                                let done = r#"{"type":"snapshot_done","refetch":[]}"#;
+                                let _ = socket.send(Message::Text(done.into())).await;
+                            }
+                            _ => {}
+                        }
+                        record.lock().unwrap().push(parsed);
+                    }
+                    Message::Binary(frame) => {
+                        let (index, _, compressed) =
+                            pgrelay_protocol::parse_chunk(&frame).expect("a chunk frame");
+                        let text = zstd::stream::decode_all(compressed).unwrap();
+                        let table = tables[usize::from(index)].clone();
+                        let mut rows = rows.lock().unwrap();
+                        for line in String::from_utf8(text).unwrap().lines() {
+                            rows.push((table.clone(), line.to_owned()));
+                        }
+                    }
+                    _ => {}
                 }
             }
         });
-        Spy { seen, task }
+        Spy {
+            seen,
+            snapshot_rows,
+            task,
+        }
     }
 
     pub(crate) fn messages(&self) -> Vec<ServerMessage> {
         self.seen.lock().unwrap().clone()
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<(String, String)> {
+        self.snapshot_rows.lock().unwrap().clone()
     }
 
     /// Waits for `caught_up`.

@@ -249,7 +249,7 @@ async fn public_keys_pin_their_algorithm() {
         auth.rules = Some(RULES.to_owned());
         config.auth = Some(auth);
         let server = Server::start(config).await.unwrap();
-        let spy = super::Spy::connect(server.local_addr(), "good", good).await;
+        let spy = super::Spy::connect(server.local_addr(), "good", good, None).await;
         spy.wait_caught_up().await;
         assert!(
             matches!(spy.messages().first(), Some(ServerMessage::Welcome { .. })),

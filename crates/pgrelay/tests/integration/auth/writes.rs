@@ -289,8 +289,29 @@ async fn a_row_changing_tenant_moves_between_replicas() {
         moved.then_some(())
     })
     .await;
-    // Catch-up from the change log applies the same rule: a replica that
-    // starts now ends with the same rows.
+    // A snapshot applies the same rule (COPY with the rule's values bound
+    // as settings): t1 is sent only its remaining row. A tenant name that
+    // looks like SQL is just a value.
+    for (tenant, want) in [
+        (
+            "t1",
+            vec![("public.todos".to_owned(), "2\tt1\tstaying".to_owned())],
+        ),
+        ("t1' OR 'x' = 'x", vec![]),
+    ] {
+        let spy = super::Spy::connect(
+            server.local_addr(),
+            "snapshot-spy",
+            &token(json!({"tenant": tenant})),
+            None,
+        )
+        .await;
+        spy.wait_caught_up().await;
+        assert_eq!(spy.snapshot(), want, "snapshot for tenant {tenant:?}");
+    }
+    // Catch-up from the change log (and a fresh replica: a snapshot, then
+    // the stream) applies the same rule: a replica that starts now ends
+    // with the same rows.
     for tenant in ["t1", "t2"] {
         let path = world.replica_path(&format!("{tenant}-late"));
         let late = start_client(

@@ -1,0 +1,186 @@
+//! Consistent table snapshots for hydrating replicas: a REPEATABLE READ
+//! transaction on its own connection, what it sees (`pg_current_snapshot`),
+//! and each table's rows as PostgreSQL's COPY text, read in order and
+//! compressed into chunks. A bounded number run at once; others queue.
+
+use futures_util::StreamExt;
+use pgrelay_pg::ConnInfo;
+use pgrelay_protocol::{Checksum, Lsn, TableDigest, TableSchema, Visibility};
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::Client;
+
+use crate::auth::{Scope, SNAPSHOT_SETTINGS_SQL};
+use crate::writes::statement::{quote as quote_ident, quote_table as qualified};
+use crate::ServerError;
+
+/// Uncompressed COPY bytes per chunk frame. Whole rows only, so a chunk
+/// can be applied on its own.
+pub(crate) const CHUNK_BYTES: usize = 256 * 1024;
+
+/// zstd level: fast enough to keep up with PostgreSQL's COPY on one core,
+/// and shrinks typical rows three- to fivefold.
+const ZSTD_LEVEL: i32 = 1;
+
+/// An open snapshot: the transaction stays open until this is dropped, so
+/// a table can be read again (a re-fetch) from the same snapshot.
+pub(crate) struct Snapshot {
+    client: Client,
+    pub(crate) visibility: Visibility,
+}
+
+impl Snapshot {
+    pub(crate) async fn open(info: &ConnInfo) -> Result<Snapshot, ServerError> {
+        let client = pgrelay_pg::connect(info).await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(ServerError::sql("starting a snapshot"))?;
+        // The first statement fixes the transaction's snapshot; the WAL
+        // position is read after it, so every transaction it sees committed
+        // below that position.
+        let row = client
+            .query_one(
+                "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()",
+                &[],
+            )
+            .await
+            .map_err(ServerError::sql("reading the snapshot's visibility"))?;
+        let text: String = row.get(0);
+        let until = Lsn(u64::from(row.get::<_, PgLsn>(1)));
+        let visibility = Visibility::parse(&text, until).ok_or_else(|| {
+            ServerError::Protocol(format!("unexpected pg_current_snapshot() {text:?}"))
+        })?;
+        Ok(Snapshot { client, visibility })
+    }
+
+    /// PostgreSQL's estimate of a table's rows, for progress reports.
+    pub(crate) async fn estimate(&self, table: &TableSchema) -> u64 {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
+                &[&qualified(&table.name)],
+            )
+            .await;
+        match row {
+            Ok(Some(row)) => u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Starts reading a table's rows as COPY text; with a scope, only the
+    /// rows its read rule allows.
+    pub(crate) async fn read_table(
+        &self,
+        table: &TableSchema,
+        scope: Option<&Scope>,
+    ) -> Result<TableReader, ServerError> {
+        let columns = table
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sql = format!(
+            "COPY (SELECT {columns} FROM ONLY {}",
+            qualified(&table.name)
+        );
+        if let Some((predicate, values)) = scope.and_then(|s| s.snapshot_filter(&table.name)) {
+            // COPY takes no parameters: the rule's values are bound into
+            // transaction-local settings, which the predicate reads.
+            self.client
+                .query_one(SNAPSHOT_SETTINGS_SQL, &[&values])
+                .await
+                .map_err(ServerError::sql(format!(
+                    "binding the read rule of {}",
+                    table.name
+                )))?;
+            sql.push_str(" WHERE ");
+            sql.push_str(&predicate);
+        }
+        sql.push_str(") TO STDOUT");
+        let stream = self
+            .client
+            .copy_out(sql.as_str())
+            .await
+            .map_err(ServerError::sql(format!(
+                "reading a snapshot of {}",
+                table.name
+            )))?;
+        Ok(TableReader {
+            table: table.name.clone(),
+            stream: Box::pin(stream),
+            checksum: Checksum::new(),
+            rows: 0,
+            bytes: 0,
+            buffer: Vec::with_capacity(CHUNK_BYTES + 64 * 1024),
+            done: false,
+        })
+    }
+}
+
+/// One table's COPY output, cut into compressed chunks of whole rows.
+pub(crate) struct TableReader {
+    table: String,
+    stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+    checksum: Checksum,
+    rows: u64,
+    bytes: u64,
+    buffer: Vec<u8>,
+    done: bool,
+}
+
+impl TableReader {
+    /// The next compressed chunk; `None` once the table is done.
+    pub(crate) async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ServerError> {
+        while !self.done && self.buffer.len() < CHUNK_BYTES {
+            match self.stream.next().await {
+                // PostgreSQL sends one row per CopyData message.
+                Some(data) => self
+                    .buffer
+                    .extend_from_slice(&data.map_err(ServerError::sql(format!(
+                        "reading a snapshot of {}",
+                        self.table
+                    )))?),
+                None => self.done = true,
+            }
+        }
+        if self.buffer.is_empty() {
+            return Ok(None);
+        }
+        self.rows += count_rows(&self.buffer);
+        self.bytes += self.buffer.len() as u64;
+        self.checksum.update(&self.buffer);
+        let chunk = compress(&self.buffer)?;
+        self.buffer.clear();
+        Ok(Some(chunk))
+    }
+
+    /// What the client must have received; call after the last chunk.
+    pub(crate) fn digest(&self) -> TableDigest {
+        TableDigest {
+            table: self.table.clone(),
+            rows: self.rows,
+            bytes: self.bytes,
+            checksum: self.checksum.hex(),
+        }
+    }
+}
+
+/// COPY text ends every row with a newline and escapes newlines in values.
+fn count_rows(copy_text: &[u8]) -> u64 {
+    copy_text.iter().filter(|b| **b == b'\n').count() as u64
+}
+
+fn compress(raw: &[u8]) -> Result<Vec<u8>, ServerError> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL)
+        .map_err(|e| ServerError::Protocol(format!("compressing a snapshot chunk: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_rows_by_newlines() {
+        assert_eq!(super::count_rows(b"1\ta\\nb\n2\t\\N\n"), 2);
+    }
+}
