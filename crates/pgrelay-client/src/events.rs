@@ -49,6 +49,9 @@ pub enum Event {
     /// A snapshot was loaded, verified and committed; `refetched` lists the
     /// tables that failed their check and were sent again.
     Hydrated {
+        /// Every table with a fresh position, or only `tables` (a resync).
+        full: bool,
+        tables: Vec<String>,
         rows: u64,
         bytes: u64,
         elapsed: std::time::Duration,

@@ -231,6 +231,8 @@ impl Hydration {
             "snapshot complete"
         );
         let _ = events.send(Event::Hydrated {
+            full: self.full,
+            tables: self.tables.iter().map(|t| t.name.clone()).collect(),
             rows: self.rows_done,
             bytes: self.bytes_done,
             elapsed,

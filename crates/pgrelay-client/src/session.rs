@@ -63,6 +63,9 @@ pub(crate) async fn connect_and_sync(
     let mut poll = interval_at(Instant::now() + config.outbox_poll, config.outbox_poll);
     let mut caught_up = false;
     let mut hydration: Option<Hydration> = None;
+    // A replica without a position (or with tables to resync) is sent a
+    // snapshot first; it is not caught up before that is in.
+    let mut awaiting_snapshot = state.lsn.is_none() || !state.resync.is_empty();
     loop {
         // Local writes wait until a snapshot is in: the rows they touch are
         // being replaced.
@@ -173,6 +176,7 @@ pub(crate) async fn connect_and_sync(
                                     applied = h.resume();
                                 }
                                 hydration = None;
+                                awaiting_snapshot = false;
                                 pusher.wake();
                             }
                         }
@@ -212,14 +216,12 @@ pub(crate) async fn connect_and_sync(
             };
         }
         applied = flush(replica, events, &mut batch, applied).await?;
-        if let Some(target) = target {
-            if applied >= target {
-                let _ = events.send(Event::CaughtUp { lsn: applied });
-                caught_up = true;
-            }
-        }
-        // Once caught up, report it only once per connection.
-        if target.is_some_and(|t| applied >= t) {
+        // Not while a snapshot is still arriving: the replica is incomplete.
+        let reached = !awaiting_snapshot && target.is_some_and(|t| applied >= t);
+        if reached {
+            let _ = events.send(Event::CaughtUp { lsn: applied });
+            caught_up = true;
+            // Once caught up, report it only once per connection.
             target = None;
         }
     }

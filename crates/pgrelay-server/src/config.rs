@@ -39,6 +39,9 @@ pub struct ServerConfig {
     pub retain: Duration,
     /// Snapshots served at once; further hydrating clients queue.
     pub max_hydrations: usize,
+    /// How often the catalog is checked for new tables to sync (with the
+    /// default filter, every table in schema `public`).
+    pub table_poll_interval: Duration,
 }
 
 impl ServerConfig {
@@ -58,6 +61,7 @@ impl ServerConfig {
             auth: None,
             retain: Duration::from_secs(7 * 24 * 3600),
             max_hydrations: 4,
+            table_poll_interval: Duration::from_secs(2),
         }
     }
 

@@ -15,6 +15,7 @@ mod session;
 mod snapshot;
 mod state;
 mod status;
+mod table_watch;
 mod writes;
 
 use std::net::SocketAddr;
@@ -130,6 +131,12 @@ impl Server {
         tasks.spawn(prune_applied(
             Arc::clone(&writer),
             config.applied_retention,
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(table_watch::run(
+            info.clone(),
+            config.clone(),
+            Arc::clone(&hub),
             shutdown_rx.clone(),
         ));
         tasks.spawn(retention::prune_log(

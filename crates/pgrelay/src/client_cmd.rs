@@ -83,6 +83,8 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                     tables_done,
                 } => progress.update(rows, bytes, estimated_rows, tables, tables_done),
                 Event::Hydrated {
+                    full,
+                    tables,
                     rows,
                     bytes,
                     elapsed,
@@ -90,6 +92,8 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                 } => {
                     progress.finish();
                     tracing::info!(
+                        full,
+                        ?tables,
                         rows,
                         mb = bytes as f64 / 1e6,
                         ?elapsed,

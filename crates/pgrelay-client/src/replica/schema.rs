@@ -62,7 +62,19 @@ pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), 
         return Ok(());
     }
     let name = table.sqlite_name();
-    let existing = existing_columns(conn, name)?;
+    let mut existing = existing_columns(conn, name)?;
+    let retyped = table.columns.iter().any(|c| {
+        existing
+            .iter()
+            .any(|(n, t)| *n == c.name && !t.eq_ignore_ascii_case(c.kind.sqlite_type()))
+    });
+    if retyped {
+        // A column now stores values differently: the table is rebuilt and
+        // its rows come again from a snapshot.
+        conn.execute_batch(&format!("DROP TABLE {}", quote(name)))?;
+        existing.clear();
+    }
+    let existing: Vec<String> = existing.into_iter().map(|(n, _)| n).collect();
     if existing.is_empty() {
         let mut defs: Vec<String> = table
             .columns
@@ -98,12 +110,15 @@ pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), 
     Ok(())
 }
 
-fn existing_columns(conn: &Connection, table: &str) -> Result<Vec<String>, ClientError> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
-    let names = stmt
-        .query_map([table], |r| r.get::<_, String>(0))?
+/// The table's columns and their declared types (empty: no such table).
+fn existing_columns(conn: &Connection, table: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut stmt = conn.prepare("SELECT name, type FROM pragma_table_info(?1)")?;
+    let columns = stmt
+        .query_map([table], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(names)
+    Ok(columns)
 }
 
 pub(crate) fn row_count(conn: &Connection, table: &str) -> Result<i64, ClientError> {

@@ -220,7 +220,9 @@ impl Session<'_> {
             .filter(|t| t.skipped.is_none() && (full || hello.resync.contains(&t.name)))
             .cloned()
             .collect();
-        if full || !hydrate.is_empty() {
+        // A client that asked for a snapshot always gets one (perhaps of no
+        // table), so it knows when it is complete.
+        if full || !hello.resync.is_empty() {
             let resume = self.hydrate(hydrate, full).await?;
             if full {
                 self.sent = resume;

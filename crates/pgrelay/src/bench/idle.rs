@@ -2,7 +2,6 @@
 //! idle, handshaken WebSocket connection. The server runs as its own
 //! process so the clients' memory is not counted.
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +11,6 @@ use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use pgrelay_protocol::{ClientMessage, ServerMessage, PROTOCOL_VERSION};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
@@ -49,7 +47,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
          INSERT INTO public.bench_idle SELECT g, 'row ' || g FROM generate_series(1, 100) g;",
     )
     .await?;
-    let (mut child, addr) = spawn_server(env.url()).await?;
+    let (mut child, addr) = super::spawn_server(env.url(), "bench_idle", TABLE).await?;
     let pid = child.id().context("the server process has no pid")?;
 
     let (stop, stopped) = watch::channel(false);
@@ -59,7 +57,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
     // The first tenth warms the server up (runtime threads, allocator
     // arenas, buffers); the cost per connection is measured after it.
     let warmup = (args.connections / 10).max(1);
-    let mut samples = vec![(0.0, rss_bytes(pid)? as f64 / 1_048_576.0)];
+    let mut samples = vec![(0.0, super::proc_bytes(pid, "VmRSS")? as f64 / 1_048_576.0)];
     let mut baseline = None;
     let started = Instant::now();
     for i in 0..args.connections {
@@ -74,7 +72,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
         let opened = i + 1;
         if opened == warmup || opened.is_multiple_of(1000) || opened == args.connections {
             wait_ready(&ready, opened, &mut sockets).await?;
-            let rss = rss_bytes(pid)?;
+            let rss = super::proc_bytes(pid, "VmRSS")?;
             samples.push((opened as f64, rss as f64 / 1_048_576.0));
             if opened == warmup {
                 baseline = Some(rss);
@@ -85,7 +83,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
         }
     }
     let connect_secs = started.elapsed().as_secs_f64();
-    let total_rss = rss_bytes(pid)?;
+    let total_rss = super::proc_bytes(pid, "VmRSS")?;
     let baseline = baseline.unwrap_or(total_rss);
     let measured = (args.connections - warmup).max(1);
     let per_connection = total_rss.saturating_sub(baseline) as f64 / measured as f64;
@@ -146,32 +144,6 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<Report> {
     drop(db);
     env.close().await?;
     Ok(report)
-}
-
-async fn spawn_server(url: &str) -> anyhow::Result<(tokio::process::Child, String)> {
-    let exe = std::env::current_exe().context("finding the pgrelay binary")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
-        .args(["--slot", "bench_idle", "--tables", TABLE])
-        .env("PGRELAY_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting pgrelay serve")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                return Ok::<_, anyhow::Error>(rest.trim().trim_start_matches("ws://").to_owned());
-            }
-        }
-        anyhow::bail!("pgrelay serve exited before listening")
-    })
-    .await
-    .context("waiting for pgrelay serve to listen")??;
-    Ok((child, addr))
 }
 
 /// Connects, handshakes, reads to `caught_up`, then stays idle (answering
@@ -246,16 +218,4 @@ async fn wait_ready(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
-}
-
-/// Resident set size of a process, from /proc.
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no VmRSS in /proc status")?;
-    Ok(kib * 1024)
 }

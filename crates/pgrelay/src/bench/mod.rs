@@ -6,6 +6,7 @@
 mod capture;
 mod fanout;
 mod fleet;
+mod hydrate;
 mod idle;
 mod latency;
 mod plot;
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     Idle(idle::IdleArgs),
     /// Client writes through the outbox: changes applied/s and write → commit time.
     Writes(writes::WritesArgs),
+    /// A fresh replica hydrated from a snapshot: export and apply rows/s, memory peaks.
+    Hydrate(hydrate::HydrateArgs),
 }
 
 /// Options every bench takes.
@@ -56,6 +59,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fanout(args) => (args.common.clone(), fanout::run(args).await?),
         BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
         BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),
+        BenchCommand::Hydrate(args) => (args.common.clone(), hydrate::run(args).await?),
     };
     print!("{}", report.render_table());
     if let Some(path) = &common.json {
@@ -144,6 +148,52 @@ pub(crate) async fn start_server_with_auth(
     config.tables = pgrelay_pg::TableFilter::Only(vec![table.to_owned()]);
     config.auth = auth;
     Ok(pgrelay_server::Server::start(config).await?)
+}
+
+/// `pgrelay serve` as a child process (so its memory can be read), syncing
+/// only `table`; returns it and its `host:port`.
+pub(crate) async fn spawn_server(
+    url: &str,
+    slot: &str,
+    table: &str,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().context("finding the pgrelay binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
+        .args(["--slot", slot, "--tables", table])
+        .env("PGRELAY_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting pgrelay serve")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                return Ok::<_, anyhow::Error>(rest.trim().trim_start_matches("ws://").to_owned());
+            }
+        }
+        anyhow::bail!("pgrelay serve exited before listening")
+    })
+    .await
+    .context("waiting for pgrelay serve to listen")??;
+    Ok((child, addr))
+}
+
+/// A memory figure of a process from /proc (`VmRSS`, or `VmHWM` for its
+/// peak), in bytes.
+pub(crate) fn proc_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .with_context(|| format!("no {field} in /proc status"))?;
+    Ok(kib * 1024)
 }
 
 /// PostgreSQL's `pg_current_wal_lsn()`.

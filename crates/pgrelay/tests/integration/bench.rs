@@ -132,3 +132,11 @@ fn writes_bench_applies_every_client_write_once() {
         "each change id recorded once"
     );
 }
+
+#[test]
+fn hydrate_bench_loads_every_row_into_both_replicas() {
+    let report = run_bench(&["hydrate", "--rows", "3000"]);
+    assert_eq!(report["rows"], 3000);
+    assert!(report["export_rows_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["client_peak_bytes"].as_u64().unwrap() > 0);
+}

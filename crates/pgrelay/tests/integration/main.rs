@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod bench;
 mod crash;
+mod hydrate;
 mod pipeline;
 mod slot;
 mod types;

@@ -1,0 +1,85 @@
+//! Notices tables created after the server started. With the default
+//! table filter (every table in schema `public`) a new table with a primary
+//! key (or REPLICA IDENTITY FULL) is added to the publication and announced
+//! to sessions; clients then fetch its existing rows with a snapshot of
+//! that table alone. PostgreSQL does not decode DDL, so the catalog is
+//! polled.
+
+use std::sync::Arc;
+
+use pgrelay_pg::{ConnInfo, TableFilter};
+use tokio::sync::watch;
+
+use crate::hub::Hub;
+use crate::{history, ServerConfig, ServerError};
+
+pub(crate) async fn run(
+    info: ConnInfo,
+    config: ServerConfig,
+    hub: Arc<Hub>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    if !matches!(config.tables, TableFilter::AllPublic) {
+        // An explicit list names every table up front.
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        return Ok(());
+    }
+    let mut db: Option<tokio_postgres::Client> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = tokio::time::sleep(config.table_poll_interval) => {}
+        }
+        if db.as_ref().is_none_or(|c| c.is_closed()) {
+            db = match pgrelay_pg::connect(&info).await {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    tracing::debug!(error = %e, "table watch cannot connect; trying later");
+                    continue;
+                }
+            };
+        }
+        if let Some(client) = db.as_ref() {
+            if let Err(e) = check(client, &config, &hub).await {
+                tracing::warn!(error = %e, "looking for new tables failed");
+            }
+        }
+    }
+}
+
+async fn check(
+    db: &tokio_postgres::Client,
+    config: &ServerConfig,
+    hub: &Hub,
+) -> Result<(), ServerError> {
+    let known = hub.schemas();
+    let found = pgrelay_pg::discover_tables(db, &config.tables).await?;
+    let new: Vec<_> = found
+        .into_iter()
+        .filter(|t| match known.get(&t.name) {
+            None => true,
+            // A table that gained a key (or REPLICA IDENTITY FULL).
+            Some(k) => k.skipped.is_some() && t.skipped.is_none(),
+        })
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let synced: Vec<String> = known
+        .values()
+        .chain(new.iter())
+        .filter(|t| t.skipped.is_none())
+        .map(|t| t.name.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    pgrelay_pg::ensure_publication(db, &config.publication(), &synced).await?;
+    for mut table in new {
+        history::record_schema(db, &mut table).await?;
+        tracing::info!(table = %table.name, skipped = table.skipped.as_deref().unwrap_or(""), "new table");
+        let frame = hub.set_schema(table, hub.head());
+        hub.publish(vec![frame]);
+    }
+    Ok(())
+}
