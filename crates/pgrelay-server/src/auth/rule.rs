@@ -168,10 +168,7 @@ impl Expr {
                     }
                 }
                 match resolve(left, claims) {
-                    Side::Column(column) if values.is_empty() => {
-                        let _ = column;
-                        Bound::Const(false)
-                    }
+                    Side::Column(_) if values.is_empty() => Bound::Const(false),
                     Side::Column(column) => Bound::OneOf { column, values },
                     Side::Values(v) => match scalar(v) {
                         Some(value) => Bound::Const(values.contains(&value)),

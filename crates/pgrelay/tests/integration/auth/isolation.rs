@@ -141,7 +141,7 @@ fn check_sent(who: &str, member: &Member, seen: &[ServerMessage], snapshot: &[(S
     }
 }
 
-async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
+async fn run_case(members: Vec<Member>, steps: Vec<Step>) {
     let world = World::new().await;
     world
         .exec(
@@ -171,11 +171,9 @@ async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
         clients.push(Some((path, client)));
     }
     for (i, client) in clients.iter().enumerate() {
-        if let Some((_, client)) = client {
-            let _ = client;
-            let path = world.replica_path(&format!("c{i}"));
+        if let Some((path, _)) = client {
             wait_for(&format!("client {i} to connect"), WAIT, || async {
-                super::has_table(&path, "items").then_some(())
+                super::has_table(path, "items").then_some(())
             })
             .await;
         }
@@ -367,7 +365,6 @@ async fn run_case(tenants: u8, members: Vec<Member>, steps: Vec<Step>) {
         client.1.stop().await;
     }
     server.shutdown().await.unwrap();
-    let _ = tenants;
 }
 
 proptest! {
@@ -380,12 +377,12 @@ proptest! {
     })]
 
     #[test]
-    fn every_replica_holds_exactly_what_its_claims_allow((tenants, members, steps) in case()) {
+    fn every_replica_holds_exactly_what_its_claims_allow((_tenants, members, steps) in case()) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(run_case(tenants, members, steps));
+        runtime.block_on(run_case(members, steps));
     }
 }
