@@ -138,6 +138,7 @@ async fn read_table(
         primary_key,
         version: 1,
         skipped,
+        backfilled: Vec::new(),
     })
 }
 

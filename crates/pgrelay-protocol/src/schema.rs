@@ -77,6 +77,11 @@ pub struct TableSchema {
     /// IDENTITY FULL); such a table carries no changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// Columns just added that gave existing rows a value (a default, or
+    /// NOT NULL): a replica that already had the table re-fetches it,
+    /// since PostgreSQL does not stream those values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfilled: Vec<String>,
 }
 
 impl TableSchema {

@@ -1,4 +1,6 @@
-//! Notices tables created after the server started. With the default
+//! Notices tables created after the server started, and column changes
+//! (DDL is not decoded; a Relation message only comes with the table's
+//! next change). With the default
 //! table filter (every table in schema `public`) a new table with a primary
 //! key (or REPLICA IDENTITY FULL) is added to the publication and announced
 //! to sessions; clients then fetch its existing rows with a snapshot of
@@ -55,14 +57,24 @@ async fn check(
 ) -> Result<(), ServerError> {
     let known = hub.schemas();
     let found = pgrelay_pg::discover_tables(db, &config.tables).await?;
-    let new: Vec<_> = found
-        .into_iter()
-        .filter(|t| match known.get(&t.name) {
-            None => true,
+    let mut new = Vec::new();
+    for mut table in found {
+        match known.get(&table.name) {
+            None => new.push(table),
             // A table that gained a key (or REPLICA IDENTITY FULL).
-            Some(k) => k.skipped.is_some() && t.skipped.is_none(),
-        })
-        .collect();
+            Some(k) if k.skipped.is_some() && table.skipped.is_none() => new.push(table),
+            Some(k) if table.skipped.is_none() && !same_columns(&k.columns, &table.columns) => {
+                table.backfilled =
+                    crate::replication::backfilled_columns(db, &table.name, Some(&k.columns))
+                        .await?;
+                history::record_schema(db, &mut table).await?;
+                tracing::info!(table = %table.name, version = table.version, "table columns changed");
+                let frame = hub.set_schema(table, hub.head());
+                hub.publish(vec![frame]);
+            }
+            Some(_) => {}
+        }
+    }
     if new.is_empty() {
         return Ok(());
     }
@@ -82,4 +94,11 @@ async fn check(
         hub.publish(vec![frame]);
     }
     Ok(())
+}
+
+fn same_columns(a: &[pgrelay_protocol::Column], b: &[pgrelay_protocol::Column]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.pg_type == y.pg_type)
 }

@@ -165,6 +165,7 @@ mod tests {
             primary_key: vec!["c0".into()],
             version: 1,
             skipped: None,
+            backfilled: Vec::new(),
         }
     }
 

@@ -401,6 +401,7 @@ impl Worker {
                 Some(known) => {
                     table.skipped.is_none()
                         && (known.skipped.is_some()
+                            || table.backfilled.iter().any(|c| known.column(c).is_none())
                             || table.columns.iter().any(|c| {
                                 known.column(&c.name).is_some_and(|k| {
                                     k.type_oid != c.type_oid || k.pg_type != c.pg_type

@@ -7,6 +7,8 @@ mod assemble;
 mod schema_change;
 mod writer;
 
+pub(crate) use schema_change::backfilled_columns;
+
 use std::sync::Arc;
 use std::time::Duration;
 

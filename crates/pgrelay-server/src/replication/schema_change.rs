@@ -56,7 +56,35 @@ pub(crate) async fn apply(
         columns.push(column);
     }
     table.columns = columns;
+    table.backfilled = backfilled_columns(db, &name, current.map(|t| &t.columns[..])).await?;
     history::record_schema(db, &mut table).await?;
     tracing::info!(table = %name, version = table.version, "table schema changed");
     Ok(Some(hub.set_schema(table, before)))
+}
+
+/// Columns new since `before` that PostgreSQL filled in for existing rows:
+/// those with a default (stored, or a rewrite) or NOT NULL. A column
+/// added without either is NULL in every existing row, as in the replica.
+pub(crate) async fn backfilled_columns(
+    db: &tokio_postgres::Client,
+    table: &str,
+    before: Option<&[Column]>,
+) -> Result<Vec<String>, ServerError> {
+    let Some(before) = before else {
+        return Ok(Vec::new());
+    };
+    let rows = db
+        .query(
+            "SELECT attname::text FROM pg_attribute
+              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped
+                AND (atthasdef OR atthasmissing OR attnotnull)",
+            &[&table],
+        )
+        .await
+        .map_err(ServerError::sql(format!("reading the columns of {table}")))?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|name| before.iter().all(|c| c.name != *name))
+        .collect())
 }

@@ -269,6 +269,7 @@ mod tests {
             primary_key: vec!["id".into()],
             version: 1,
             skipped: None,
+            backfilled: Vec::new(),
         }
     }
 

@@ -371,6 +371,17 @@ async fn schema_changes_reach_a_connected_client_without_a_full_resync() {
     world.exec("INSERT INTO b VALUES (501, 'live');").await;
     world.wait_equal(&path, Duration::from_secs(30)).await;
 
+    // A column added with a default fills existing rows in PostgreSQL
+    // without streaming them: that table alone is fetched again.
+    world
+        .exec("ALTER TABLE a ADD COLUMN flag text NOT NULL DEFAULT 'yes'; INSERT INTO b VALUES (502, 'nudge');")
+        .await;
+    wait_for("the backfilled column", Duration::from_secs(30), || async {
+        (replica_rows("SELECT count(*) FROM a WHERE flag = 'yes'").await == Some(2)).then_some(())
+    })
+    .await;
+    world.wait_equal(&path, Duration::from_secs(30)).await;
+
     // A column type change re-hydrates that table alone.
     world
         .exec("ALTER TABLE a ALTER COLUMN score TYPE numeric(10,2); INSERT INTO a VALUES (3, 'y', 1.5);")
