@@ -20,6 +20,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("no message from the server for {0:?}")]
     Silent(std::time::Duration),
+    #[error("token: {0}")]
+    Token(String),
     #[error("tables {0:?} need a snapshot; reconnecting for it")]
     Resync(Vec<String>),
 }
@@ -32,8 +34,10 @@ impl ClientError {
             ClientError::Connect { .. }
             | ClientError::Socket(_)
             | ClientError::Silent(_)
+            | ClientError::Protocol(_)
             | ClientError::Resync(_)
-            | ClientError::Protocol(_) => true,
+            // The provider may have a fresh token by the next attempt.
+            | ClientError::Token(_) => true,
             // Gone: the client resets its position and hydrates again.
             ClientError::Refused { code, .. } => {
                 matches!(
@@ -43,6 +47,7 @@ impl ClientError {
                         | ErrorCode::Gone
                         | ErrorCode::RateLimited
                         | ErrorCode::Disconnected
+                        | ErrorCode::TokenExpired
                 )
             }
             ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,

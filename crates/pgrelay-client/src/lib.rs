@@ -29,11 +29,15 @@ pub struct ClientConfig {
     pub db: PathBuf,
     /// Stored in the replica on first use; generated when not given.
     pub client_id: Option<String>,
+    /// A fixed token for the server's `--auth`.
     pub token: Option<String>,
     /// The tables to sync (`todos` or `public.todos`); `None` for every
     /// table the server syncs. Choose them when the replica is new: a table
     /// added later starts from the replica's position, not from its history.
     pub tables: Option<Vec<String>>,
+    /// Asked for a token before every connection (after an expired token
+    /// too); wins over `token`. See [`TokenProvider::file`].
+    pub token_provider: Option<TokenProvider>,
     /// Return once the replica holds what the server had at connect time.
     pub exit_when_caught_up: bool,
     pub ping_interval: Duration,
@@ -54,12 +58,21 @@ impl ClientConfig {
             client_id: None,
             token: None,
             tables: None,
+            token_provider: None,
             exit_when_caught_up: false,
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
             backoff_base: Duration::from_millis(200),
             backoff_cap: Duration::from_secs(30),
             outbox_poll: Duration::from_secs(1),
+        }
+    }
+
+    /// The token for the next connection.
+    pub(crate) async fn current_token(&self) -> Result<Option<String>, ClientError> {
+        match &self.token_provider {
+            Some(provider) => provider.token().await.map(Some),
+            None => Ok(self.token.clone()),
         }
     }
 
@@ -71,6 +84,48 @@ impl ClientConfig {
         } else {
             format!("{trimmed}/api/sync")
         }
+    }
+}
+
+type TokenFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'static>>;
+
+/// Where a client gets its token: asked again before each connection, so a
+/// refreshed token is picked up when the old one expires.
+#[derive(Clone)]
+pub struct TokenProvider(Arc<dyn Fn() -> TokenFuture + Send + Sync>);
+
+impl TokenProvider {
+    pub fn new<F, Fut>(provide: F) -> TokenProvider
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<String, String>> + Send + 'static,
+    {
+        TokenProvider(Arc::new(move || Box::pin(provide())))
+    }
+
+    /// Reads the token from `path` (trimmed) before every connection.
+    pub fn file(path: impl Into<PathBuf>) -> TokenProvider {
+        let path = path.into();
+        TokenProvider::new(move || {
+            let path = path.clone();
+            async move {
+                tokio::fs::read_to_string(&path)
+                    .await
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|e| format!("reading the token file {}: {e}", path.display()))
+            }
+        })
+    }
+
+    async fn token(&self) -> Result<String, ClientError> {
+        (self.0)().await.map_err(ClientError::Token)
+    }
+}
+
+impl std::fmt::Debug for TokenProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenProvider(..)")
     }
 }
 

@@ -32,6 +32,7 @@ pub(crate) async fn connect_and_sync(
     writes: &Notify,
 ) -> Result<Ending, ClientError> {
     let url = config.sync_url();
+    let token = config.current_token().await?;
     let (mut socket, _) =
         // `true`: TCP_NODELAY, so a small frame (a write batch, a ping) is
         // not held back waiting for the ACK of the previous one.
@@ -46,7 +47,7 @@ pub(crate) async fn connect_and_sync(
     let hello = ClientMessage::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id,
-        token: config.token.clone(),
+        token,
         last_lsn: state.lsn,
         log_id: state.log_id.clone(),
         resync: state.resync.clone(),

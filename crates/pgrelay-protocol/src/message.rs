@@ -190,6 +190,9 @@ pub enum ErrorCode {
     HandshakeRequired,
     /// The token was missing or not valid.
     Unauthorized,
+    /// The token expired (at connect, or during the session, which the
+    /// server then closes): get a fresh token and reconnect.
+    TokenExpired,
     /// The client's position is not in the change log (or a history the
     /// server does not have); the client must start a fresh replica.
     Gone,
@@ -220,6 +223,7 @@ impl ErrorCode {
             | ErrorCode::HandshakeRequired => CloseCode::PROTOCOL_ERROR,
             ErrorCode::FrameTooLarge => CloseCode::TOO_BIG,
             ErrorCode::Unauthorized => CloseCode::POLICY_VIOLATION,
+            ErrorCode::TokenExpired => CloseCode::TOKEN_EXPIRED,
             ErrorCode::Gone => CloseCode::GONE,
             ErrorCode::TooSlow => CloseCode::TRY_AGAIN_LATER,
             ErrorCode::Internal => CloseCode::INTERNAL_ERROR,
@@ -232,9 +236,9 @@ impl ErrorCode {
 }
 
 /// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus codes in
-/// the application range that echo HTTP statuses: 4409 replaced by another
-/// connection, 4410 gone, 4429 rate limited; 4000 disconnected by an
-/// operator).
+/// the application range that echo HTTP statuses: 4401 token expired, 4409
+/// replaced by another connection, 4410 gone, 4429 rate limited; 4000
+/// disconnected by an operator).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseCode(pub u16);
 
@@ -248,6 +252,7 @@ impl CloseCode {
     pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     pub const DISCONNECTED: CloseCode = CloseCode(4000);
     pub const REPLACED: CloseCode = CloseCode(4409);
+    pub const TOKEN_EXPIRED: CloseCode = CloseCode(4401);
     pub const GONE: CloseCode = CloseCode(4410);
     pub const RATE_LIMITED: CloseCode = CloseCode(4429);
 }

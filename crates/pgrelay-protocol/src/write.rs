@@ -93,6 +93,10 @@ pub enum RejectCode {
     Conflict,
     /// Any other error PostgreSQL raised while applying it.
     Database,
+    /// The token's rules do not allow this write: the table is read-only
+    /// for it, or the row (before or after the change) is outside what it
+    /// may write.
+    Forbidden,
 }
 
 /// What happened to one client transaction.

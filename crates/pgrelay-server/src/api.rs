@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,6 +15,7 @@ use pgrelay_protocol::{valid_id, BatchRefusal, WriteBatch, MAX_CLIENT_FRAME_BYTE
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::auth::Action;
 use crate::metrics::add;
 use crate::session;
 use crate::state::AppState;
@@ -231,15 +232,15 @@ fn refused(status: StatusCode, code: BatchRefusal, message: impl Into<String>) -
 
 /// `POST /api/changes`: the body of a `write` message with a `client_id`;
 /// answers with the results (the `write_result` message without its type).
-async fn changes(State(ctx): State<Ctx>, body: Bytes) -> Response {
-    let response = apply_changes(&ctx.state, body).await;
+async fn changes(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+    let response = apply_changes(&ctx.state, &headers, body).await;
     if response.status() != StatusCode::OK {
         add(&ctx.state.metrics.batches_refused, 1);
     }
     response
 }
 
-async fn apply_changes(state: &AppState, body: Bytes) -> Response {
+async fn apply_changes(state: &AppState, headers: &HeaderMap, body: Bytes) -> Response {
     let batch: WriteBatch = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(e) => {
@@ -264,8 +265,43 @@ async fn apply_changes(state: &AppState, body: Bytes) -> Response {
         };
         return refused(status, code, message);
     }
+    // With --auth the writer's token comes as `Authorization: Bearer ...`.
+    let principal = match &state.auth {
+        None => None,
+        Some(auth) => {
+            let token = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match auth.authenticate(token) {
+                Ok(principal) => Some(principal),
+                Err(refused) => {
+                    state.audit.record(
+                        Action::Refused,
+                        Some(&client_id),
+                        None,
+                        format!("POST /api/changes: {}", refused.reason),
+                    );
+                    let body = Json(serde_json::json!({
+                        "code": if refused.expired { "token_expired" } else { "unauthorized" },
+                        "message": format!("token refused: {}", refused.reason),
+                    }));
+                    return (StatusCode::UNAUTHORIZED, body).into_response();
+                }
+            }
+        }
+    };
+    let scope = principal
+        .as_ref()
+        .filter(|_| state.hub.filtering())
+        .map(|p| p.scope.as_ref());
     let schemas = state.hub.schemas();
-    let results = state.writer.apply(&client_id, &batch, &schemas).await;
+    let results = state
+        .writer
+        .apply(&client_id, &batch, &schemas, scope)
+        .await;
+    let subject = principal.as_ref().and_then(|p| p.subject.as_deref());
+    session::audit_rejections(&state.audit, &client_id, subject, &results);
     state.metrics.record_results(&results);
     Json(results).into_response()
 }

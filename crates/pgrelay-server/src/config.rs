@@ -32,6 +32,9 @@ pub struct ServerConfig {
     /// How long applied change ids are remembered, so a resend within
     /// this time is recognised and not applied twice.
     pub applied_retention: Duration,
+    /// `--auth jwt`: tokens required, row rules applied. `None`: every
+    /// client reads and writes everything (no token needed).
+    pub auth: Option<crate::auth::AuthConfig>,
     /// How long the change log keeps a transaction. A replica further
     /// behind is told it is gone and re-hydrates from a snapshot.
     pub retain: Duration,
@@ -92,6 +95,7 @@ impl ServerConfig {
             status_interval: Duration::from_secs(1),
             conflicts: Vec::new(),
             applied_retention: Duration::from_secs(7 * 24 * 3600),
+            auth: None,
             retain: Duration::from_secs(7 * 24 * 3600),
             max_hydrations: 4,
             table_poll_interval: Duration::from_secs(2),

@@ -4,12 +4,14 @@
 //! further behind is told it lagged and reads the change log instead, so a
 //! slow client never makes the server buffer without bound.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use pgrelay_protocol::{Lsn, ServerMessage, TableSchema, Transaction};
 use tokio::sync::{broadcast, watch};
+
+use crate::auth::Scope;
 
 /// One encoded server message, shared by every session.
 #[derive(Clone, Debug)]
@@ -23,6 +25,11 @@ pub(crate) struct Frame {
     /// each, so a session that subscribes to some tables can tell at a
     /// glance whether to send, skip or trim the frame.
     pub(crate) tables: Arc<[String]>,
+    /// For a schema frame, the table it announces.
+    pub(crate) table: Option<String>,
+    /// When row rules are configured: the transaction's rows and what each
+    /// scope may see of it, worked out once per scope.
+    filtered: Option<Arc<Filtered>>,
 }
 
 /// Each table once, in first-seen order.
@@ -34,6 +41,12 @@ fn distinct<'a>(names: impl Iterator<Item = &'a String>) -> Arc<[String]> {
         }
     }
     seen.into()
+}
+
+#[derive(Debug, Default)]
+struct Filtered {
+    tx: OnceLock<Option<Transaction>>,
+    by_scope: Mutex<HashMap<u64, Arc<OnceLock<Option<Frame>>>>>,
 }
 
 impl Frame {
@@ -54,6 +67,8 @@ impl Frame {
             is_tx: matches!(message, ServerMessage::Tx(_)),
             text: text.into(),
             tables,
+            table: None,
+            filtered: None,
         }
     }
 
@@ -65,6 +80,8 @@ impl Frame {
             is_tx: true,
             text: text.into(),
             tables: distinct(tx.changes.iter().map(|c| &c.table)),
+            table: None,
+            filtered: None,
         }
     }
 
@@ -82,25 +99,80 @@ impl Frame {
             is_tx: true,
             text: text.into(),
             tables: distinct(tx.changes.iter().map(|c| &c.table)),
+            table: None,
+            filtered: None,
+        }
+    }
+}
+
+impl Frame {
+    /// What `scope` may see of this frame: `None` to send nothing. A
+    /// transaction is filtered once per scope; every session of the scope
+    /// shares the result.
+    pub(crate) fn for_scope(&self, scope: &Scope) -> Option<Frame> {
+        if !self.is_tx {
+            return match &self.table {
+                Some(table) if !scope.can_read_table(table) => None,
+                _ => Some(self.clone()),
+            };
+        }
+        let filter = |tx: &Transaction| scope.filter_tx(tx).map(|t| Frame::transaction(&t));
+        let Some(filtered) = &self.filtered else {
+            let tx = parse_tx(&self.text)?;
+            return filter(&tx);
+        };
+        let slot = {
+            let mut by_scope = filtered.by_scope.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(by_scope.entry(scope.id).or_default())
+        };
+        slot.get_or_init(|| {
+            let tx = filtered.tx.get_or_init(|| parse_tx(&self.text));
+            tx.as_ref().and_then(filter)
+        })
+        .clone()
+    }
+}
+
+fn parse_tx(text: &str) -> Option<Transaction> {
+    match serde_json::from_str::<ServerMessage>(text) {
+        Ok(ServerMessage::Tx(tx)) => Some(tx),
+        _ => {
+            // Only the server encodes these frames; send nothing rather
+            // than something unchecked.
+            tracing::error!("a transaction frame did not decode; withheld from filtered sessions");
+            None
         }
     }
 }
 
 pub(crate) struct Hub {
     frames: broadcast::Sender<Frame>,
+    /// Row rules are configured: frames carry what each scope may see.
+    filtering: bool,
     head: watch::Sender<Lsn>,
     schemas: RwLock<Arc<BTreeMap<String, TableSchema>>>,
 }
 
 impl Hub {
-    pub(crate) fn new(capacity: usize, head: Lsn, tables: Vec<TableSchema>) -> Hub {
+    pub(crate) fn new(
+        capacity: usize,
+        head: Lsn,
+        tables: Vec<TableSchema>,
+        filtering: bool,
+    ) -> Hub {
         let (frames, _) = broadcast::channel(capacity);
         let schemas = tables.into_iter().map(|t| (t.name.clone(), t)).collect();
         Hub {
             frames,
+            filtering,
             head: watch::Sender::new(head),
             schemas: RwLock::new(Arc::new(schemas)),
         }
+    }
+
+    /// Whether row rules are configured.
+    pub(crate) fn filtering(&self) -> bool {
+        self.filtering
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Frame> {
@@ -121,12 +193,13 @@ impl Hub {
 
     /// Records a table's new schema; returns the frame announcing it.
     pub(crate) fn set_schema(&self, table: TableSchema, before: Lsn) -> Frame {
-        let frame = Frame::encode(
+        let mut frame = Frame::encode(
             &ServerMessage::Schema {
                 tables: vec![table.clone()],
             },
             before,
         );
+        frame.table = Some(table.name.clone());
         let mut guard = match self.schemas.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -140,7 +213,10 @@ impl Hub {
     /// Publishes frames already durable in the change log, in order.
     pub(crate) fn publish(&self, frames: Vec<Frame>) {
         let mut newest = None;
-        for frame in frames {
+        for mut frame in frames {
+            if self.filtering && frame.is_tx {
+                frame.filtered = Some(Arc::default());
+            }
             if frame.is_tx {
                 newest = Some(frame.lsn);
             }
@@ -154,5 +230,42 @@ impl Hub {
 
     pub(crate) fn sessions(&self) -> usize {
         self.frames.receiver_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgrelay_protocol::{Change, Op};
+
+    #[test]
+    fn a_transaction_is_filtered_once_per_scope() {
+        let hub = Hub::new(16, Lsn::ZERO, Vec::new(), true);
+        let mut live = hub.subscribe();
+        let tx = Transaction {
+            lsn: Lsn(7),
+            xid: 1,
+            commit_time_us: 0,
+            origin: None,
+            changes: vec![Change {
+                table: "public.t".into(),
+                op: Op::Insert,
+                new: Some([("id".to_owned(), Some("1".to_owned()))].into()),
+                old: None,
+            }],
+        };
+        hub.publish(vec![Frame::transaction(&tx)]);
+        let frame = live.try_recv().unwrap();
+        let (one, other) = (Scope::open(1), Scope::open(2));
+        let first = frame.for_scope(&one).unwrap();
+        let again = frame.clone().for_scope(&one).unwrap();
+        // The same bytes: the second session of the scope reused the first's result.
+        assert_eq!(first.text.as_str().as_ptr(), again.text.as_str().as_ptr());
+        let elsewhere = frame.for_scope(&other).unwrap();
+        assert_ne!(
+            first.text.as_str().as_ptr(),
+            elsewhere.text.as_str().as_ptr()
+        );
+        assert_eq!(first.text.as_str(), elsewhere.text.as_str());
     }
 }

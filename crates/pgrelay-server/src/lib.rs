@@ -3,6 +3,7 @@
 
 mod admin;
 mod api;
+mod auth;
 mod config;
 mod encoded;
 mod error;
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
 pub use eventlog::{EventLogConfig, EventLogError, EventLogStorage, StoreInfo};
@@ -49,6 +51,8 @@ pub struct Server {
     hub: Arc<Hub>,
     sessions: Arc<session::table::SessionTable>,
     shutdown_grace: std::time::Duration,
+    /// The row sync's shared state (none when serving event logs only).
+    state: Option<Arc<AppState>>,
 }
 
 /// Counters of what the server has captured, for benchmarks and embedding.
@@ -95,7 +99,7 @@ impl Server {
             })?;
         let sessions = Arc::new(session::table::SessionTable::default());
         let shutdown_grace = config.shutdown_grace;
-        let (app, hub, status) = match config.database_url.clone() {
+        let (app, hub, status, state) = match config.database_url.clone() {
             Some(url) => {
                 start_row_sync(
                     config.clone(),
@@ -115,8 +119,9 @@ impl Server {
                     config.live_buffer,
                     pgrelay_protocol::Lsn::ZERO,
                     Vec::new(),
+                    false,
                 ));
-                (health, hub, Arc::new(ReplicationStatus::new()))
+                (health, hub, Arc::new(ReplicationStatus::new()), None)
             }
         };
         let app = app
@@ -147,6 +152,7 @@ impl Server {
             hub,
             sessions,
             shutdown_grace,
+            state,
         })
     }
 
@@ -159,6 +165,15 @@ impl Server {
             head: self.hub.head(),
             sessions: self.hub.sessions(),
         }
+    }
+
+    /// Distinct scopes (sets of claim values the rules read) of connected
+    /// tokens; 0 without `--auth`.
+    pub fn scopes(&self) -> usize {
+        self.state
+            .as_ref()
+            .and_then(|s| s.auth.as_ref())
+            .map_or(0, |a| a.live_scopes())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -224,6 +239,15 @@ impl Server {
 /// The row sync: checks PostgreSQL, sets up schema, publication and slot,
 /// and starts replication, client registry and monitoring; returns its
 /// routes.
+/// What the row sync adds to the server: its routes, hub, replication
+/// status and shared state.
+type RowSync = (
+    axum::Router,
+    Arc<Hub>,
+    Arc<ReplicationStatus>,
+    Option<Arc<AppState>>,
+);
+
 async fn start_row_sync(
     config: ServerConfig,
     database_url: &str,
@@ -231,7 +255,7 @@ async fn start_row_sync(
     sessions: &Arc<session::table::SessionTable>,
     tasks: &mut JoinSet<Result<(), ServerError>>,
     shutdown_rx: &watch::Receiver<bool>,
-) -> Result<(axum::Router, Arc<Hub>, Arc<ReplicationStatus>), ServerError> {
+) -> Result<RowSync, ServerError> {
     let info = ConnInfo::parse(database_url)?;
     let db = pgrelay_pg::connect(&info).await?;
     pgrelay_pg::check_wal_level(&db).await?;
@@ -249,6 +273,17 @@ async fn start_row_sync(
     pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
     let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
     let head = history::head(&db).await?;
+    db.batch_execute(auth::AUDIT_SCHEMA_SQL)
+        .await
+        .map_err(ServerError::sql("creating pgrelay.audit_log"))?;
+    let auth = match &config.auth {
+        Some(auth_config) => {
+            let auth = auth::Auth::new(auth_config, &tables).map_err(ServerError::Config)?;
+            full_identity(&db, &auth.rules().need_full_identity(&tables)).await?;
+            Some(auth)
+        }
+        None => None,
+    };
     let (log_id, pruned_through) = history::log_state(&db).await?;
     drop(db);
     let versions = version_columns(&config.conflicts, &tables)?;
@@ -261,7 +296,8 @@ async fn start_row_sync(
     let instance = format!("{node}#{:08x}", rand::random::<u32>());
     let registry = registry::open(&config, sessions, &node, &instance)
         .map_err(|e| ServerError::Config(e.to_string()))?;
-    let hub = Arc::new(Hub::new(config.live_buffer, head, tables));
+    let filtering = config.auth.as_ref().is_some_and(|a| a.rules.is_some());
+    let hub = Arc::new(Hub::new(config.live_buffer, head, tables, filtering));
     let status = Arc::new(ReplicationStatus::new());
 
     let replication = Replication {
@@ -299,7 +335,11 @@ async fn start_row_sync(
         config.clone(),
         shutdown_rx.clone(),
     ));
+    let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
+    tasks.spawn(audit_writer);
     let state = Arc::new(AppState {
+        auth,
+        audit,
         hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
         hydrations_queued: Default::default(),
         log_id,
@@ -318,7 +358,8 @@ async fn start_row_sync(
         metrics: metrics::Metrics::default(),
         lag,
     });
-    Ok((api::router(state, shutdown_rx.clone()), hub, status))
+    let app = api::router(Arc::clone(&state), shutdown_rx.clone());
+    Ok((app, hub, status, Some(state)))
 }
 
 /// Resolves `--conflict` entries against the synced tables: qualified table
@@ -350,6 +391,38 @@ fn version_columns(
         versions.insert(qualified, column.clone());
     }
     Ok(versions)
+}
+
+/// Sets REPLICA IDENTITY FULL on tables whose read rule looks at columns
+/// outside the key: only then do updates and deletes carry the old row, and
+/// a row that leaves a client's scope can be sent to it as a delete.
+async fn full_identity(db: &tokio_postgres::Client, tables: &[String]) -> Result<(), ServerError> {
+    for table in tables {
+        let quoted = writes::quote_table(table);
+        let row = db
+            .query_one(
+                "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
+                &[&quoted],
+            )
+            .await
+            .map_err(ServerError::sql(format!(
+                "reading the replica identity of {table}"
+            )))?;
+        let identity: String = row.get(0);
+        if identity == "f" {
+            continue;
+        }
+        db.batch_execute(&format!("ALTER TABLE {quoted} REPLICA IDENTITY FULL"))
+            .await
+            .map_err(|source| {
+                ServerError::Config(format!(
+                    "{table}: its read rule looks at columns outside the primary key, so updates must carry the old row; \
+                     setting REPLICA IDENTITY FULL failed ({source}); run ALTER TABLE {quoted} REPLICA IDENTITY FULL as its owner"
+                ))
+            })?;
+        tracing::info!(table = %table, "set REPLICA IDENTITY FULL: its read rule looks at columns outside the key");
+    }
+    Ok(())
 }
 
 /// Forgets applied change ids older than the retention, now and hourly.

@@ -9,6 +9,7 @@ use pgrelay_protocol::{Checksum, Lsn, TableDigest, TableSchema, Visibility};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
+use crate::auth::{Scope, SNAPSHOT_SETTINGS_SQL};
 use crate::writes::statement::{quote as quote_ident, quote_table as qualified};
 use crate::ServerError;
 
@@ -67,18 +68,37 @@ impl Snapshot {
         }
     }
 
-    /// Starts reading a table's rows as COPY text.
-    pub(crate) async fn read_table(&self, table: &TableSchema) -> Result<TableReader, ServerError> {
+    /// Starts reading a table's rows as COPY text; with a scope, only the
+    /// rows its read rule allows.
+    pub(crate) async fn read_table(
+        &self,
+        table: &TableSchema,
+        scope: Option<&Scope>,
+    ) -> Result<TableReader, ServerError> {
         let columns = table
             .columns
             .iter()
             .map(|c| quote_ident(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!(
-            "COPY (SELECT {columns} FROM ONLY {}) TO STDOUT",
+        let mut sql = format!(
+            "COPY (SELECT {columns} FROM ONLY {}",
             qualified(&table.name)
         );
+        if let Some((predicate, values)) = scope.and_then(|s| s.snapshot_filter(&table.name)) {
+            // COPY takes no parameters: the rule's values are bound into
+            // transaction-local settings, which the predicate reads.
+            self.client
+                .query_one(SNAPSHOT_SETTINGS_SQL, &[&values])
+                .await
+                .map_err(ServerError::sql(format!(
+                    "binding the read rule of {}",
+                    table.name
+                )))?;
+            sql.push_str(" WHERE ");
+            sql.push_str(&predicate);
+        }
+        sql.push_str(") TO STDOUT");
         let stream = self
             .client
             .copy_out(sql.as_str())

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pgrelay_pg::ConnInfo;
 use tokio::sync::Semaphore;
 
+use crate::auth::{Audit, Auth};
 use crate::hub::Hub;
 use crate::lag::LagMonitor;
 use crate::metrics::Metrics;
@@ -23,6 +24,9 @@ pub(crate) struct AppState {
     pub(crate) log_reader: LogReader,
     pub(crate) replication: Arc<ReplicationStatus>,
     pub(crate) writer: Arc<Writer>,
+    /// Set with `--auth`.
+    pub(crate) auth: Option<Auth>,
+    pub(crate) audit: Audit,
     /// Where snapshots for hydrating clients are read.
     pub(crate) database: ConnInfo,
     /// One permit per snapshot that may run at once.

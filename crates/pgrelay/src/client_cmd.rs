@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use pgrelay_client::{ClientConfig, Event, Replica, SyncClient};
+use pgrelay_client::{ClientConfig, Event, Replica, SyncClient, TokenProvider};
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
@@ -22,6 +22,10 @@ pub struct SyncArgs {
     /// default: every table the server syncs. Choose them for a new replica.
     #[arg(long, env = "PGRELAY_CLIENT_TABLES", value_delimiter = ',')]
     pub tables: Option<Vec<String>>,
+    /// Read the token from this file before every connection, so a
+    /// refreshed token is used after the old one expires.
+    #[arg(long, env = "PGRELAY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Sync up to the server's head at connect time, then exit 0.
     #[arg(long, env = "PGRELAY_EXIT_WHEN_CAUGHT_UP")]
     pub exit_when_caught_up: bool,
@@ -36,6 +40,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     config.client_id = args.client_id;
     config.token = args.token;
     config.tables = args.tables.filter(|t| !t.is_empty());
+    config.token_provider = args.token_file.map(TokenProvider::file);
     config.exit_when_caught_up = args.exit_when_caught_up;
     config.ping_interval = args.ping_interval;
     config.idle_timeout = args.idle_timeout;

@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use pgrelay_pg::TableFilter;
-use pgrelay_server::{parse_conflict, EventLogStorage, Server, ServerConfig};
+use pgrelay_server::{parse_conflict, AuthConfig, EventLogStorage, JwtKey, Server, ServerConfig};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -39,6 +40,25 @@ pub struct ServeArgs {
     /// How long applied change ids are remembered to recognise resends.
     #[arg(long, env = "PGRELAY_APPLIED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub applied_retention: Duration,
+    /// Require a token from every client: `jwt`.
+    #[arg(long, env = "PGRELAY_AUTH", value_parser = ["jwt"])]
+    pub auth: Option<String>,
+    /// HS256: a file holding the shared secret (at least 32 bytes; a
+    /// trailing newline is ignored).
+    #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// RS256 or ES256: the PEM public key tokens are signed for.
+    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Accept only tokens with this `iss`.
+    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Accept only tokens with this `aud`.
+    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Row rules per table (`rules.toml`); needs --auth.
+    #[arg(long, env = "PGRELAY_RULES")]
+    pub rules: Option<PathBuf>,
     /// How long the change log keeps transactions (e.g. `7d`, `12h`). A
     /// replica further behind re-hydrates from a snapshot.
     #[arg(long, env = "PGRELAY_RETAIN", default_value = "7days", value_parser = humantime::parse_duration)]
@@ -121,7 +141,48 @@ pub struct EventLogArgs {
 }
 
 impl ServeArgs {
-    pub fn into_config(self) -> ServerConfig {
+    /// `--auth` and its key and rules files, read and checked.
+    fn auth_config(&self) -> anyhow::Result<Option<AuthConfig>> {
+        if self.auth.is_none() {
+            anyhow::ensure!(
+                self.rules.is_none()
+                    && self.jwt_secret_file.is_none()
+                    && self.jwt_public_key.is_none(),
+                "--rules, --jwt-secret-file and --jwt-public-key need --auth jwt"
+            );
+            return Ok(None);
+        }
+        let key = match (&self.jwt_secret_file, &self.jwt_public_key) {
+            (Some(path), None) => {
+                let mut secret = std::fs::read(path)
+                    .with_context(|| format!("reading --jwt-secret-file {}", path.display()))?;
+                while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    secret.pop();
+                }
+                JwtKey::Secret(secret)
+            }
+            (None, Some(path)) => JwtKey::PublicKeyPem(
+                std::fs::read(path)
+                    .with_context(|| format!("reading --jwt-public-key {}", path.display()))?,
+            ),
+            _ => anyhow::bail!(
+                "--auth jwt needs exactly one of --jwt-secret-file and --jwt-public-key"
+            ),
+        };
+        let mut config = AuthConfig::new(key);
+        config.issuer = self.jwt_issuer.clone();
+        config.audience = self.jwt_audience.clone();
+        if let Some(path) = &self.rules {
+            config.rules = Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --rules {}", path.display()))?,
+            );
+        }
+        Ok(Some(config))
+    }
+
+    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let auth = self.auth_config()?;
         let mut config = match self.database_url {
             Some(url) => ServerConfig::new(url),
             None => ServerConfig::eventlog_only(),
@@ -160,12 +221,13 @@ impl ServeArgs {
             "postgres" => EventLogStorage::Postgres,
             _ => EventLogStorage::Sqlite(Some(self.eventlog.eventlog_db)),
         };
-        config
+        config.auth = auth;
+        Ok(config)
     }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut server = Server::start(args.into_config()).await?;
+    let mut server = Server::start(args.into_config()?).await?;
     // Tests and scripts read this line to learn the bound port.
     println!("pgrelay listening on {}", server.local_addr());
     let stop = server.shutdown_handle();

@@ -17,7 +17,6 @@ pub(crate) struct Hello {
     pub(crate) last_lsn: Option<Lsn>,
     pub(crate) log_id: Option<String>,
     pub(crate) resync: Vec<String>,
-    #[allow(dead_code)] // checked by the auth layer once tokens are configured
     pub(crate) token: Option<String>,
     /// The tables the client syncs; `None` for all.
     pub(crate) tables: Option<Vec<String>>,

@@ -127,7 +127,10 @@ impl Session<'_> {
     ) -> Result<(), Refusal> {
         let table_index = u16::try_from(index)
             .map_err(|_| Refusal::new(ErrorCode::Internal, "over 65535 tables in a snapshot"))?;
-        let mut reader = snapshot.read_table(table).await.map_err(super::internal)?;
+        let mut reader = snapshot
+            .read_table(table, self.scope.as_deref())
+            .await
+            .map_err(super::internal)?;
         let mut seq = 0u32;
         while let Some(compressed) = reader.next_chunk().await.map_err(super::internal)? {
             let mut frame = Vec::with_capacity(compressed.len() + 8);

@@ -17,7 +17,7 @@ pub(crate) mod table;
 mod write;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
@@ -26,6 +26,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{interval_at, Instant};
 use tracing::Instrument;
 
+use crate::auth::{Action, Principal, Scope};
 use crate::history;
 use crate::hub::Frame;
 use crate::metrics::add;
@@ -69,6 +70,10 @@ pub(crate) async fn run(
         Ok(hello) => hello,
         Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
+    let principal = match authenticate(&state, &hello) {
+        Ok(principal) => principal,
+        Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
+    };
     let subscription = match Subscription::resolve(hello.tables.clone(), &state.hub.schemas()) {
         Ok(subscription) => subscription,
         Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
@@ -79,6 +84,12 @@ pub(crate) async fn run(
         let live = state.sessions.open(&hello.client_id, start);
         Box::pin(register(&state, &live)).await;
         tracing::debug!(tables = ?hello.tables, "session started");
+        // Rows are filtered only when rules are configured; a token alone
+        // (no rules) sees everything.
+        let scope = principal
+            .as_ref()
+            .filter(|_| state.hub.filtering())
+            .map(|p| Arc::clone(&p.scope));
         let session = Session {
             socket: &mut socket,
             state: &state,
@@ -87,6 +98,8 @@ pub(crate) async fn run(
             live: Arc::clone(&live),
             subscription,
             bucket: TokenBucket::full(state.config.message_burst, std::time::Instant::now()),
+            scope,
+            principal,
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -133,6 +146,41 @@ async fn register(state: &AppState, live: &LiveSession) {
     }
 }
 
+/// Checks the hello's token when `--auth` is set; `None` without auth.
+fn authenticate(state: &AppState, hello: &Hello) -> Result<Option<Principal>, Refusal> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    match auth.authenticate(hello.token.as_deref()) {
+        Ok(principal) => {
+            state.audit.record(
+                Action::Connect,
+                Some(&hello.client_id),
+                principal.subject.as_deref(),
+                format!("scope {}", principal.scope.id),
+            );
+            Ok(Some(principal))
+        }
+        Err(refused) => {
+            state.audit.record(
+                Action::Refused,
+                Some(&hello.client_id),
+                None,
+                refused.reason.clone(),
+            );
+            let code = if refused.expired {
+                ErrorCode::TokenExpired
+            } else {
+                ErrorCode::Unauthorized
+            };
+            Err(Refusal::new(
+                code,
+                format!("token refused: {}", refused.reason),
+            ))
+        }
+    }
+}
+
 /// Sends an error frame and closes with the matching close code.
 pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
     tracing::debug!(code = ?refusal.code, message = %refusal.message, "closing session");
@@ -176,6 +224,9 @@ struct Session<'a> {
     subscription: Option<Subscription>,
     /// Frames the client may still send now (`--message-rate`).
     bucket: TokenBucket,
+    /// What this client may see, when row rules are configured.
+    scope: Option<Arc<Scope>>,
+    principal: Option<Principal>,
 }
 
 impl Session<'_> {
@@ -203,7 +254,16 @@ impl Session<'_> {
             ));
         }
         self.sent = start;
-        let schemas = self.state.hub.schemas();
+        // Only the tables this client may read (in the welcome, and so in
+        // its replica and its snapshot), of those it subscribes to.
+        let schemas: std::collections::BTreeMap<_, _> = self
+            .state
+            .hub
+            .schemas()
+            .iter()
+            .filter(|(name, _)| self.scope.as_ref().is_none_or(|s| s.can_read_table(name)))
+            .map(|(name, table)| (name.clone(), table.clone()))
+            .collect();
         let tables: Vec<_> = match &self.subscription {
             Some(subscription) => subscription.schemas(&schemas),
             None => schemas.values().cloned().collect(),
@@ -248,6 +308,8 @@ impl Session<'_> {
         let mut ping = interval_at(Instant::now() + period, period);
         let mut last_heard = Instant::now();
         let live = Arc::clone(&self.live);
+        let expiry = tokio::time::sleep_until(self.expiry());
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
@@ -264,6 +326,7 @@ impl Session<'_> {
                     )),
                     Signal::None => {}
                 },
+                _ = &mut expiry => return Err(self.expired()),
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
                     if !Box::pin(self.incoming(incoming)).await? {
@@ -290,9 +353,37 @@ impl Session<'_> {
         }
     }
 
+    /// When the token stops being valid (far away without a token).
+    fn expiry(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        match &self.principal {
+            Some(p) => match p.expires.duration_since(SystemTime::now()) {
+                Ok(left) => Instant::now() + left,
+                Err(_) => Instant::now(),
+            },
+            None => far,
+        }
+    }
+
+    fn expired(&self) -> Refusal {
+        self.state.audit.record(
+            Action::TokenExpired,
+            Some(&self.client_id),
+            self.principal.as_ref().and_then(|p| p.subject.as_deref()),
+            "session closed at token expiry",
+        );
+        Refusal::new(
+            ErrorCode::TokenExpired,
+            "token expired; reconnect with a fresh token",
+        )
+    }
+
     /// Sends every logged transaction after `self.sent`.
     async fn catch_up(&mut self) -> Result<(), Refusal> {
         loop {
+            if self.expiry() <= Instant::now() {
+                return Err(self.expired());
+            }
             let client = self.state.log_reader.client().await.map_err(internal)?;
             let txs = match history::read_after(&client, self.sent, CATCH_UP_PAGE).await {
                 Ok(txs) => txs,
@@ -307,10 +398,15 @@ impl Session<'_> {
             let short = txs.iter().map(|t| t.changes.len() as i64).sum::<i64>() < CATCH_UP_PAGE;
             for tx in txs {
                 let lsn = tx.lsn;
-                let tx = match &self.subscription {
-                    Some(subscription) => subscription.trim(tx),
+                // What the client's token may see, then what it subscribes to.
+                let tx = match &self.scope {
+                    Some(scope) => scope.filter_tx(&tx),
                     None => Some(tx),
                 };
+                let tx = tx.and_then(|tx| match &self.subscription {
+                    Some(subscription) => subscription.trim(tx),
+                    None => Some(tx),
+                });
                 match tx {
                     Some(tx) => self.send(Frame::transaction(&tx)).await?,
                     None => self.skipped(lsn),
@@ -327,6 +423,18 @@ impl Session<'_> {
             return Ok(());
         }
         let (lsn, is_tx) = (frame.lsn, frame.is_tx);
+        let frame = match &self.scope {
+            Some(scope) => match frame.for_scope(scope) {
+                Some(visible) => visible,
+                None => {
+                    if is_tx {
+                        self.skipped(lsn);
+                    }
+                    return Ok(());
+                }
+            },
+            None => frame,
+        };
         let frame = match &self.subscription {
             Some(subscription) => match subscription.pass(frame) {
                 Pass::Send(frame) => frame,
@@ -460,14 +568,39 @@ impl Session<'_> {
         let results = self
             .state
             .writer
-            .apply(&self.client_id, &batch, &schemas)
+            .apply(&self.client_id, &batch, &schemas, self.scope.as_deref())
             .await;
         self.state.metrics.record_results(&results);
+        let subject = self.principal.as_ref().and_then(|p| p.subject.as_deref());
+        audit_rejections(&self.state.audit, &self.client_id, subject, &results);
         self.send(Frame::encode(
             &ServerMessage::WriteResult(results),
             Lsn::ZERO,
         ))
         .await
+    }
+}
+
+/// Writes refused by the rules go to the audit trail.
+pub(crate) fn audit_rejections(
+    audit: &crate::auth::Audit,
+    client_id: &str,
+    subject: Option<&str>,
+    results: &pgrelay_protocol::WriteResults,
+) {
+    for result in &results.results {
+        if result.code == Some(pgrelay_protocol::RejectCode::Forbidden) {
+            audit.record(
+                Action::WriteRejected,
+                Some(client_id),
+                subject,
+                format!(
+                    "transaction {}: {}",
+                    result.id,
+                    result.reason.as_deref().unwrap_or("")
+                ),
+            );
+        }
     }
 }
 

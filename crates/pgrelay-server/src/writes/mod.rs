@@ -22,7 +22,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
+use crate::auth::Scope;
 use crate::ServerError;
+pub(crate) use statement::quote_table;
 use statement::{plan, select_current, Planned};
 
 /// Batches applied at the same time at most (each holds a connection).
@@ -72,8 +74,12 @@ impl Writer {
         client_id: &str,
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
+        scope: Option<&Scope>,
     ) -> WriteResults {
-        let results = match self.apply_in_transaction(client_id, batch, schemas).await {
+        let results = match self
+            .apply_in_transaction(client_id, batch, schemas, scope)
+            .await
+        {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(client_id, error = %e, "applying a write batch failed; the client will retry");
@@ -95,6 +101,7 @@ impl Writer {
         client_id: &str,
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
+        scope: Option<&Scope>,
     ) -> Result<Vec<TxResult>, ServerError> {
         let _permit = self
             .permits
@@ -102,7 +109,7 @@ impl Writer {
             .await
             .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
         let mut conn = self.take().await?;
-        let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions).await;
+        let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions, scope).await;
         match outcome {
             Ok(results) => {
                 self.give_back(conn);
@@ -165,6 +172,7 @@ async fn run_batch(
     batch: &WriteBatch,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
+    scope: Option<&Scope>,
 ) -> Result<Vec<TxResult>, tokio_postgres::Error> {
     conn.client.batch_execute("BEGIN").await?;
     conn.client
@@ -208,7 +216,7 @@ async fn run_batch(
             results.push(TxResult::applied(&tx.id, true));
             continue;
         }
-        match apply_tx(conn, tx, schemas, versions).await {
+        match apply_tx(conn, tx, schemas, versions, scope).await {
             Ok(()) => {
                 conn.client
                     .batch_execute("RELEASE SAVEPOINT client_tx")
@@ -230,7 +238,20 @@ async fn run_batch(
                 conn.client
                     .batch_execute("ROLLBACK TO SAVEPOINT client_tx")
                     .await?;
-                let rows = current_rows(&conn.client, schemas, keys).await?;
+                let mut rows = current_rows(&conn.client, schemas, keys).await?;
+                if let Some(scope) = scope {
+                    // Report only rows the client may read; for the others
+                    // the server "has none", and the replica drops its copy.
+                    for current in &mut rows {
+                        if current
+                            .row
+                            .as_ref()
+                            .is_some_and(|r| !scope.may_read(&current.table, r))
+                        {
+                            current.row = None;
+                        }
+                    }
+                }
                 conn.client
                     .batch_execute("RELEASE SAVEPOINT client_tx")
                     .await?;
@@ -273,6 +294,7 @@ async fn apply_tx(
     tx: &ClientTransaction,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
+    scope: Option<&Scope>,
 ) -> Result<(), Failure> {
     let mut planned: Vec<(&TableSchema, Op, Planned)> = Vec::with_capacity(tx.changes.len());
     let mut keys: Vec<(String, Row)> = Vec::new();
@@ -288,8 +310,23 @@ async fn apply_tx(
             ));
             continue;
         };
+        let rule = scope.map(|s| s.write(&table.name));
         match plan(table, versions.get(&table.name).map(String::as_str), change) {
-            Ok(Some(p)) => {
+            Ok(Some(mut p)) => {
+                match rule {
+                    None => {}
+                    Some(Some(rule)) => statement::guard(&mut p, change.op, rule),
+                    Some(None) => {
+                        // Planned only for its keys: the rejection reports
+                        // those rows, so the replica rolls back to them.
+                        keys.extend(p.keys.iter().map(|k| (table.name.clone(), k.clone())));
+                        refused.get_or_insert((
+                            RejectCode::Forbidden,
+                            format!("{} is not writable with your token", table.name),
+                        ));
+                        continue;
+                    }
+                }
                 keys.extend(p.keys.iter().map(|k| (table.name.clone(), k.clone())));
                 planned.push((table, change.op, p));
             }
@@ -319,14 +356,38 @@ async fn apply_tx(
     let runs = planned.iter().map(|(_, _, p)| async move {
         let params: Vec<&(dyn ToSql + Sync)> =
             p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        if p.check_returned {
+            // Each returned row says whether the row as written is still
+            // one the client may write.
+            let rows = match prepared.get(&p.sql) {
+                Some(statement) => client.query(statement, &params).await,
+                None => client.query(p.sql.as_str(), &params).await,
+            }?;
+            let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
+            return Ok((rows.len() as u64, allowed));
+        }
         match prepared.get(&p.sql) {
             Some(statement) => client.execute(statement, &params).await,
             None => client.execute(p.sql.as_str(), &params).await,
         }
+        .map(|count| (count, true))
     });
     let counts = join_all(runs).await;
     for ((table, op, p), count) in planned.iter().zip(counts) {
-        let count = count.map_err(|e| classify(e, &keys))?;
+        let (count, allowed) = count.map_err(|e| classify(e, &keys))?;
+        let shown = || p.keys.first().map(show_key).unwrap_or_default();
+        if !allowed {
+            return Err(Failure::Rejected {
+                code: RejectCode::Forbidden,
+                reason: format!(
+                    "{} row {}: after this {} it would be outside what your token may write",
+                    table.name,
+                    shown(),
+                    op.as_str()
+                ),
+                keys,
+            });
+        }
         if count > 0 || !p.must_match {
             continue;
         }
@@ -337,6 +398,22 @@ async fn apply_tx(
                 Some(_) => Failure::Transient(describe(&e)),
                 None => Failure::Fault(e),
             })?;
+        let outside = current.as_ref().is_some_and(|row| {
+            scope
+                .and_then(|s| s.write(&table.name))
+                .is_some_and(|rule| !rule.eval(row))
+        });
+        if outside {
+            return Err(Failure::Rejected {
+                code: RejectCode::Forbidden,
+                reason: format!(
+                    "{} row {} is outside what your token may write",
+                    table.name,
+                    shown()
+                ),
+                keys,
+            });
+        }
         let reason = match (&current, op) {
             // Deleting a row that is already gone is done.
             (None, Op::Delete) => continue,

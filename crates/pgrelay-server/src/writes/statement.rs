@@ -26,6 +26,9 @@ pub(crate) struct Planned {
     /// The rows (by key) the change touches, to report their current state
     /// when the transaction is rejected.
     pub(crate) keys: Vec<Row>,
+    /// The statement returns one boolean per row it wrote: whether the row
+    /// as written passes the client's write rule.
+    pub(crate) check_returned: bool,
 }
 
 /// `"schema"."table"` for a qualified name from the catalog.
@@ -99,6 +102,7 @@ pub(crate) fn plan(
                 params,
                 must_match: false,
                 keys,
+                check_returned: false,
             }))
         }
         Op::Update | Op::Delete => {
@@ -162,12 +166,33 @@ pub(crate) fn plan(
                 params,
                 must_match: true,
                 keys,
+                check_returned: false,
             }))
         }
         Op::Truncate => Err(invalid(
             RejectCode::InvalidChange,
             "clients cannot truncate".to_owned(),
         )),
+    }
+}
+
+/// Limits a planned change to rows the client's write rule allows: an
+/// update or delete only touches a row that passes before the change, and
+/// an insert or update returns whether each row passes after it (defaults
+/// and triggers included). The rule's values are parameters.
+pub(crate) fn guard(planned: &mut Planned, op: Op, rule: &crate::auth::Bound) {
+    let predicate = rule.to_sql(&mut planned.params);
+    match op {
+        Op::Insert => {
+            planned.sql = format!("{} RETURNING {predicate}", planned.sql);
+            planned.check_returned = true;
+        }
+        Op::Update => {
+            planned.sql = format!("{} AND {predicate} RETURNING {predicate}", planned.sql);
+            planned.check_returned = true;
+        }
+        Op::Delete => planned.sql = format!("{} AND {predicate}", planned.sql),
+        Op::Truncate => {}
     }
 }
 

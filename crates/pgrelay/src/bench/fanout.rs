@@ -27,6 +27,81 @@ pub struct FanoutArgs {
     /// Rows per transaction.
     #[arg(long, default_value_t = 1_000)]
     pub tx_size: u64,
+    /// Split rows and clients across this many tenants: the server runs
+    /// with `--auth jwt` and a rule `tenant = claims.tenant`, client `i` is
+    /// in tenant `i % tenants` and row `id` in tenant `id % tenants`, so
+    /// each client gets 1/tenants of the rows. 0: no auth, every client
+    /// gets every row.
+    #[arg(long, default_value_t = 0)]
+    pub tenants: u64,
+}
+
+/// The rule of a tenant bench: each client reads its tenant's rows.
+const TENANT_RULES: &str = r#"
+default = "deny"
+[tables.bench_items]
+read = "tenant = claims.tenant"
+"#;
+
+/// Adds the tenant column (set by a trigger, so the shared loader stays
+/// as it is) and returns the server's auth and each client's token.
+async fn tenant_setup(
+    db: &tokio_postgres::Client,
+    tenants: u64,
+    clients: usize,
+) -> anyhow::Result<(pgrelay_server::AuthConfig, Vec<String>)> {
+    db.batch_execute(&format!(
+        "ALTER TABLE {TABLE} ADD COLUMN tenant int;
+         CREATE FUNCTION bench_tenant() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN NEW.tenant := NEW.id % {tenants}; RETURN NEW; END $$;
+         CREATE TRIGGER bench_tenant BEFORE INSERT ON {TABLE} FOR EACH ROW EXECUTE FUNCTION bench_tenant();"
+    ))
+    .await?;
+    let secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+    let key = jsonwebtoken::EncodingKey::from_secret(&secret);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 24 * 3600;
+    let tokens = (0..clients)
+        .map(|i| {
+            let claims =
+                json!({"sub": format!("bench-{i}"), "tenant": i as u64 % tenants, "exp": exp});
+            jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut auth = pgrelay_server::AuthConfig::new(pgrelay_server::JwtKey::Secret(secret));
+    auth.rules = Some(TENANT_RULES.to_owned());
+    Ok((auth, tokens))
+}
+
+/// Rows of tenant `t` among ids `1..=rows`.
+fn tenant_rows(rows: u64, tenants: u64, t: u64) -> u64 {
+    (1..=rows).filter(|id| id % tenants == t).count() as u64
+}
+
+/// Replicas holding a row of another tenant (must be none).
+async fn leaks(dir: std::path::PathBuf, clients: usize, tenants: u64) -> anyhow::Result<usize> {
+    tokio::task::spawn_blocking(move || {
+        let mut leaking = 0;
+        for i in 0..clients {
+            let path = dir.join(format!("replica-{i}.sqlite"));
+            let conn = rusqlite::Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )?;
+            let other: i64 = conn.query_row(
+                "SELECT count(*) FROM bench_items WHERE tenant IS NOT ?1",
+                [i as i64 % tenants as i64],
+                |r| r.get(0),
+            )?;
+            if other > 0 {
+                leaking += 1;
+            }
+        }
+        Ok(leaking)
+    })
+    .await?
 }
 
 pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
@@ -34,13 +109,42 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         args.clients > 0 && args.rows > 0 && args.tx_size > 0,
         "--clients, --rows and --tx-size must be positive"
     );
+    anyhow::ensure!(
+        args.tenants == 0 || args.tx_size >= args.tenants,
+        "--tx-size must be at least --tenants, so every transaction reaches every tenant"
+    );
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
-    let server = super::start_server(env.url(), "bench_fanout", TABLE).await?;
+    let (auth, tokens) = if args.tenants > 0 {
+        let (auth, tokens) = tenant_setup(&db, args.tenants, args.clients).await?;
+        (Some(auth), tokens)
+    } else {
+        (None, Vec::new())
+    };
+    let slot = match args.tenants {
+        0 => "bench_fanout",
+        _ => "bench_fanout_tenants",
+    };
+    let server = super::start_server_with_auth(env.url(), slot, TABLE, auth).await?;
     let dir = tempfile::tempdir()?;
     eprintln!("  starting {} clients ...", args.clients);
-    let fleet = Fleet::start(server.local_addr(), args.clients, dir.path(), false).await?;
+    let fleet = Fleet::start_with_tokens(
+        server.local_addr(),
+        args.clients,
+        dir.path(),
+        false,
+        &tokens,
+    )
+    .await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
-    let expected = args.rows * fleet.len() as u64;
+    let scopes = server.scopes();
+    // What each client must end with.
+    let wanted: Vec<u64> = (0..fleet.len() as u64)
+        .map(|i| match args.tenants {
+            0 => args.rows,
+            t => tenant_rows(args.rows, t, i % t),
+        })
+        .collect();
+    let expected: u64 = wanted.iter().sum();
 
     eprintln!("  writing {} rows ...", args.rows);
     let started = Instant::now();
@@ -77,7 +181,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     let counts = fleet.row_counts(TABLE).await?;
     let positions = fleet.positions().await?;
     for (i, (count, lsn)) in counts.iter().zip(&positions).enumerate() {
-        if *count != args.rows as i64 {
+        if *count != wanted[i] as i64 {
             eprintln!("  client {i}: {count} rows, replica at {lsn:?}, head {head}");
         }
     }
@@ -87,17 +191,39 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     fleet.stop().await?;
     server.shutdown().await?;
 
-    let short = counts.iter().filter(|&&c| c != args.rows as i64).count();
+    let short = counts
+        .iter()
+        .zip(&wanted)
+        .filter(|(&c, &w)| c != w as i64)
+        .count();
+    let leaking = match args.tenants {
+        0 => 0,
+        t => leaks(dir.path().to_owned(), clients, t).await?,
+    };
     let rate = expected as f64 / secs;
     let mut report = Report::new(
         "fanout",
-        format!(
-            "fanout: {} rows (transactions of {}) to {} clients",
-            thousands(args.rows as f64),
-            args.tx_size,
-            clients
-        ),
+        match args.tenants {
+            0 => format!(
+                "fanout: {} rows (transactions of {}) to {} clients",
+                thousands(args.rows as f64),
+                args.tx_size,
+                clients
+            ),
+            t => format!(
+                "fanout: {} rows (transactions of {}) to {} clients in {t} tenants (--auth, row rules)",
+                thousands(args.rows as f64),
+                args.tx_size,
+                clients
+            ),
+        },
     );
+    if args.tenants > 0 {
+        report.line(
+            "distinct scopes (rules evaluated once per change per scope)",
+            scopes.to_string(),
+        );
+    }
     report.line("row deliveries", thousands(expected as f64));
     report.line(
         "first write → every replica at head",
@@ -106,17 +232,31 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     report.line("of which writing", format!("{write_secs:.2} s"));
     report.line("row deliveries/s", thousands(rate));
     report.line(
-        "every client has every row",
+        if args.tenants == 0 {
+            "every client has every row"
+        } else {
+            "every client has every row of its tenant"
+        },
         if short == 0 {
             "yes".to_owned()
         } else {
             format!("NO: {short} clients short")
         },
     );
+    if args.tenants > 0 {
+        report.line(
+            "replicas holding another tenant's row",
+            if leaking == 0 {
+                "none".to_owned()
+            } else {
+                format!("LEAK: {leaking}")
+            },
+        );
+    }
     report.target("fan-out ≥ 500,000 row deliveries/s", rate >= 500_000.0);
-    if short > 0 || captured != args.rows {
+    if short > 0 || captured != args.rows || leaking > 0 {
         report.failure = Some(format!(
-            "{short} of {clients} replicas do not hold all {} rows; change log captured {captured}",
+            "{short} of {clients} replicas do not hold all their rows, {leaking} hold another tenant's; change log captured {captured} of {}",
             args.rows
         ));
     }
@@ -125,6 +265,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         "results",
         json!({
             "clients": clients, "rows": args.rows, "tx_size": args.tx_size,
+            "tenants": args.tenants, "scopes": scopes, "leaking_replicas": leaking,
             "seconds": secs, "write_seconds": write_secs,
             "deliveries": expected, "deliveries_per_sec": rate, "complete": short == 0,
         }),

@@ -39,6 +39,18 @@ impl Fleet {
         dir: &Path,
         record_latency: bool,
     ) -> anyhow::Result<Fleet> {
+        Fleet::start_with_tokens(addr, count, dir, record_latency, &[]).await
+    }
+
+    /// As [`Fleet::start`], client `i` with token `tokens[i]` (none when
+    /// `tokens` is shorter).
+    pub(crate) async fn start_with_tokens(
+        addr: std::net::SocketAddr,
+        count: usize,
+        dir: &Path,
+        record_latency: bool,
+        tokens: &[String],
+    ) -> anyhow::Result<Fleet> {
         let (stop, stopped) = watch::channel(false);
         let mut fleet = Fleet {
             members: Vec::with_capacity(count),
@@ -54,6 +66,7 @@ impl Fleet {
                 dir.join(format!("replica-{i}.sqlite")),
             );
             config.client_id = Some(format!("bench-{i}"));
+            config.token = tokens.get(i).cloned();
             config.backoff_base = Duration::from_millis(100);
             config.backoff_cap = Duration::from_secs(2);
             let client = Arc::new(SyncClient::open(config).await?);

@@ -136,6 +136,16 @@ pub(crate) async fn start_server(
     slot: &str,
     table: &str,
 ) -> anyhow::Result<pgrelay_server::Server> {
+    start_server_with_auth(url, slot, table, None).await
+}
+
+/// As [`start_server`], with `--auth` when `auth` is given.
+pub(crate) async fn start_server_with_auth(
+    url: &str,
+    slot: &str,
+    table: &str,
+    auth: Option<pgrelay_server::AuthConfig>,
+) -> anyhow::Result<pgrelay_server::Server> {
     let mut config = pgrelay_server::ServerConfig::new(url);
     config.listen = "127.0.0.1:0".parse()?;
     config.slot = slot.to_owned();
@@ -144,6 +154,7 @@ pub(crate) async fn start_server(
     config.connect_rate = 0.0;
     config.message_rate = 0.0;
     config.max_connections = 1_000_000;
+    config.auth = auth;
     Ok(pgrelay_server::Server::start(config).await?)
 }
 

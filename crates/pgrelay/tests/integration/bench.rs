@@ -85,6 +85,26 @@ fn fanout_bench_delivers_every_row_to_every_client() {
 }
 
 #[test]
+fn tenant_fanout_bench_delivers_each_tenant_its_rows_only() {
+    let report = run_bench(&[
+        "fanout",
+        "--clients",
+        "6",
+        "--tenants",
+        "3",
+        "--rows",
+        "3000",
+        "--tx-size",
+        "500",
+    ]);
+    assert_eq!(report["results"]["complete"], true);
+    // Each client gets its tenant's third of the rows.
+    assert_eq!(report["results"]["deliveries"], 6000);
+    assert_eq!(report["results"]["scopes"], 3);
+    assert_eq!(report["results"]["leaking_replicas"], 0);
+}
+
+#[test]
 fn idle_bench_measures_memory_per_connection() {
     let report = run_bench(&["idle", "--connections", "200"]);
     assert!(report["results"]["bytes_per_connection"].as_f64().is_some());

@@ -1,0 +1,181 @@
+//! The audit trail: security-relevant actions (connects, refusals, expired
+//! tokens, rejected writes, admin actions) with client id, subject and time,
+//! to the `pgrelay::audit` tracing target at once and to the table
+//! `pgrelay.audit_log` in batches. Tokens and secrets are never recorded.
+
+use std::time::{Duration, SystemTime};
+
+use pgrelay_pg::ConnInfo;
+use tokio::sync::{mpsc, watch};
+
+use crate::ServerError;
+
+pub(crate) const SCHEMA_SQL: &str = "
+CREATE TABLE IF NOT EXISTS pgrelay.audit_log (
+    id        bigserial   PRIMARY KEY,
+    at        timestamptz NOT NULL,
+    action    text        NOT NULL,
+    client_id text,
+    subject   text,
+    detail    text
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON pgrelay.audit_log (at);
+COMMENT ON TABLE pgrelay.audit_log IS
+    'pgrelay audit trail: connects, refusals, expired tokens, rejected writes, admin actions';";
+
+/// Entries waiting for the table at most; past that they only go to the
+/// log target (the table is best effort, the trace is not).
+const QUEUE: usize = 8192;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Connect,
+    Refused,
+    TokenExpired,
+    WriteRejected,
+    Admin,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Connect => "connect",
+            Action::Refused => "refused",
+            Action::TokenExpired => "token_expired",
+            Action::WriteRejected => "write_rejected",
+            Action::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    at: SystemTime,
+    action: Action,
+    client_id: Option<String>,
+    subject: Option<String>,
+    detail: String,
+}
+
+/// Where audit entries go. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    queue: mpsc::Sender<Entry>,
+}
+
+impl Audit {
+    /// Starts the writer; it ends, after writing what is queued, once every
+    /// `Audit` is dropped or shutdown is set.
+    pub(crate) fn start(
+        info: ConnInfo,
+        shutdown: watch::Receiver<bool>,
+    ) -> (
+        Audit,
+        impl std::future::Future<Output = Result<(), ServerError>>,
+    ) {
+        let (queue, entries) = mpsc::channel(QUEUE);
+        (Audit { queue }, write_loop(info, entries, shutdown))
+    }
+
+    /// Records an action. Never blocks.
+    pub fn record(
+        &self,
+        action: Action,
+        client_id: Option<&str>,
+        subject: Option<&str>,
+        detail: impl Into<String>,
+    ) {
+        let detail = detail.into();
+        tracing::info!(
+            target: "pgrelay::audit",
+            action = action.as_str(),
+            client_id = client_id.unwrap_or(""),
+            subject = subject.unwrap_or(""),
+            %detail,
+            "audit"
+        );
+        let entry = Entry {
+            at: SystemTime::now(),
+            action,
+            client_id: client_id.map(str::to_owned),
+            subject: subject.map(str::to_owned),
+            detail,
+        };
+        if self.queue.try_send(entry).is_err() {
+            tracing::warn!(target: "pgrelay::audit", "audit queue full; entry kept in the log only");
+        }
+    }
+}
+
+async fn write_loop(
+    info: ConnInfo,
+    mut entries: mpsc::Receiver<Entry>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let mut db: Option<tokio_postgres::Client> = None;
+    let mut stopping = false;
+    loop {
+        let mut batch = Vec::new();
+        if stopping {
+            // Write what is already queued, then stop.
+            while let Ok(entry) = entries.try_recv() {
+                batch.push(entry);
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    stopping = true;
+                    continue;
+                }
+                received = entries.recv_many(&mut batch, 256) => {
+                    if received == 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if let Err(e) = write(&info, &mut db, &batch).await {
+            // PostgreSQL may be restarting: the entries are in the trace.
+            tracing::warn!(target: "pgrelay::audit", error = %e, entries = batch.len(), "writing to pgrelay.audit_log failed");
+            db = None;
+            if !stopping {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => stopping = true,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn write(
+    info: &ConnInfo,
+    db: &mut Option<tokio_postgres::Client>,
+    batch: &[Entry],
+) -> Result<(), ServerError> {
+    if db.as_ref().is_none_or(|c| c.is_closed()) {
+        *db = Some(pgrelay_pg::connect(info).await?);
+    }
+    let Some(client) = db.as_ref() else {
+        return Ok(());
+    };
+    let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
+    let action: Vec<&str> = batch.iter().map(|e| e.action.as_str()).collect();
+    let client_id: Vec<Option<&str>> = batch.iter().map(|e| e.client_id.as_deref()).collect();
+    let subject: Vec<Option<&str>> = batch.iter().map(|e| e.subject.as_deref()).collect();
+    let detail: Vec<&str> = batch.iter().map(|e| e.detail.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO pgrelay.audit_log (at, action, client_id, subject, detail) \
+             SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[])",
+            &[&at, &action, &client_id, &subject, &detail],
+        )
+        .await
+        .map_err(ServerError::sql("writing pgrelay.audit_log"))?;
+    Ok(())
+}
