@@ -235,8 +235,19 @@ impl Session<'_> {
         hello: Hello,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Ending, Refusal> {
+        // Taken apart and dropped as soon as used: whatever stays alive here
+        // stays in every idle session's state.
+        let Hello {
+            client_id,
+            last_lsn,
+            log_id,
+            resync,
+            token,
+            tables: subscribed,
+        } = hello;
+        drop((token, subscribed));
         let head = self.state.hub.head();
-        if let Some(theirs) = hello.log_id.as_ref().filter(|id| **id != self.state.log_id) {
+        if let Some(theirs) = log_id.as_ref().filter(|id| **id != self.state.log_id) {
             return Err(Refusal::new(
                 ErrorCode::Gone,
                 format!(
@@ -246,7 +257,7 @@ impl Session<'_> {
                 ),
             ));
         }
-        let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
+        let start = last_lsn.unwrap_or(Lsn::ZERO);
         if start > head {
             return Err(Refusal::new(
                 ErrorCode::Gone,
@@ -255,22 +266,26 @@ impl Session<'_> {
         }
         self.sent = start;
         // Only the tables this client may read (in the welcome, and so in
-        // its replica and its snapshot), of those it subscribes to.
-        let schemas: std::collections::BTreeMap<_, _> = self
-            .state
-            .hub
-            .schemas()
-            .iter()
-            .filter(|(name, _)| self.scope.as_ref().is_none_or(|s| s.can_read_table(name)))
-            .map(|(name, table)| (name.clone(), table.clone()))
-            .collect();
-        let tables: Vec<_> = match &self.subscription {
-            Some(subscription) => subscription.schemas(&schemas),
-            None => schemas.values().cloned().collect(),
+        // its replica and its snapshot), of those it subscribes to. In a
+        // block: the copy of the schemas is not kept in the session's state.
+        let tables: Vec<_> = {
+            let schemas: std::collections::BTreeMap<_, _> = self
+                .state
+                .hub
+                .schemas()
+                .iter()
+                .filter(|(name, _)| self.scope.as_ref().is_none_or(|s| s.can_read_table(name)))
+                .map(|(name, table)| (name.clone(), table.clone()))
+                .collect();
+            match &self.subscription {
+                Some(subscription) => subscription.schemas(&schemas),
+                None => schemas.values().cloned().collect(),
+            }
         };
+        drop(log_id);
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
-            client_id: hello.client_id,
+            client_id,
             head_lsn: head,
             tables: tables.clone(),
             log_id: Some(self.state.log_id.clone()),
@@ -278,20 +293,21 @@ impl Session<'_> {
         self.send(Frame::encode(&welcome, head)).await?;
         // A new replica (no position) gets every table it syncs; a known
         // one only the tables it asks to resync.
-        let full = hello.last_lsn.is_none();
+        let full = last_lsn.is_none();
         let hydrate: Vec<_> = tables
             .into_iter()
-            .filter(|t| t.skipped.is_none() && (full || hello.resync.contains(&t.name)))
+            .filter(|t| t.skipped.is_none() && (full || resync.contains(&t.name)))
             .collect();
         // A client that asked for a snapshot always gets one (perhaps of no
         // table), so it knows when it is complete. Boxed: its state would
         // otherwise sit in every idle session's future.
-        if full || !hello.resync.is_empty() {
+        if full || !resync.is_empty() {
             let resume = Box::pin(self.hydrate(hydrate, full)).await?;
             if full {
                 self.sent = resume;
             }
         }
+        drop(resync);
         // Subscribe before reading the log: whatever is published from now on
         // is in `frames`, whatever was published before is in the log.
         let mut frames = self.state.hub.subscribe();
@@ -308,8 +324,12 @@ impl Session<'_> {
         let mut ping = interval_at(Instant::now() + period, period);
         let mut last_heard = Instant::now();
         let live = Arc::clone(&self.live);
-        let expiry = tokio::time::sleep_until(self.expiry());
-        tokio::pin!(expiry);
+        // Only a session with a token has a deadline; boxed, so sessions
+        // without one carry no timer.
+        let mut expiry = self
+            .principal
+            .is_some()
+            .then(|| Box::pin(tokio::time::sleep_until(self.expiry())));
         loop {
             tokio::select! {
                 biased;
@@ -326,7 +346,12 @@ impl Session<'_> {
                     )),
                     Signal::None => {}
                 },
-                _ = &mut expiry => return Err(self.expired()),
+                _ = async {
+                    match expiry.as_mut() {
+                        Some(deadline) => deadline.await,
+                        None => std::future::pending().await,
+                    }
+                } => return Err(self.expired()),
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
                     if !Box::pin(self.incoming(incoming)).await? {
