@@ -73,6 +73,12 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
+        state.audit.record(
+            crate::auth::Action::Refused,
+            None,
+            None,
+            "admin API: missing or wrong admin token",
+        );
         Err(answer(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -153,6 +159,12 @@ async fn disconnect(
     if let Err(refused) = authorize(&state, &headers) {
         return refused;
     }
+    state.audit.record(
+        crate::auth::Action::Admin,
+        Some(&id),
+        None,
+        "admin: disconnect",
+    );
     if let Some(session) = state.sessions.get(&id) {
         session.signal(Signal::Disconnect);
         return answer(
@@ -174,6 +186,9 @@ async fn forget(
     if let Err(refused) = authorize(&state, &headers) {
         return refused;
     }
+    state
+        .audit
+        .record(crate::auth::Action::Admin, Some(&id), None, "admin: forget");
     let live = state.sessions.get(&id);
     if let Some(session) = &live {
         session.signal(Signal::Disconnect);
@@ -207,6 +222,9 @@ async fn notify(
     if let Err(refused) = authorize(&state, &headers) {
         return refused;
     }
+    state
+        .audit
+        .record(crate::auth::Action::Admin, Some(&id), None, "admin: notify");
     if let Some(session) = state.sessions.get(&id) {
         session.signal(Signal::Nudge);
         return answer(

@@ -176,6 +176,15 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
     let ended = read_to_end(&mut beta, Duration::from_secs(20)).await;
     assert_eq!(ended.error.map(|e| e.0), Some(ErrorCode::Disconnected));
     assert_eq!(ended.close, Some(CloseCode::DISCONNECTED.0));
+    // Admin actions are audited.
+    wait_for("the admin action in the audit log", Duration::from_secs(10), || async {
+        (world
+            .count("SELECT count(*) FROM pgrelay.audit_log WHERE action = 'admin' AND client_id = 'beta' AND detail = 'admin: disconnect'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
     wait_for("beta unregistered", Duration::from_secs(10), || async {
         let (_, json) = http(addr, Some(TOKEN), "GET", "/api/admin/clients").await;
         (!json.contains("beta")).then_some(())
