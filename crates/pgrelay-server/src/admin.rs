@@ -55,6 +55,24 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// [`authorize`], then records the action on `client_id` in the audit log.
+#[allow(clippy::result_large_err)] // built once per refused request
+fn authorize_action(
+    state: &AppState,
+    headers: &HeaderMap,
+    client_id: &str,
+    action: &str,
+) -> Result<(), Response> {
+    authorize(state, headers)?;
+    state.audit.record(
+        crate::auth::Action::Admin,
+        Some(client_id),
+        None,
+        format!("admin: {action}"),
+    );
+    Ok(())
+}
+
 /// `Err` holds the refusal to answer with.
 #[allow(clippy::result_large_err)] // built once per refused request
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
@@ -156,15 +174,9 @@ async fn disconnect(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
+    if let Err(refused) = authorize_action(&state, &headers, &id, "disconnect") {
         return refused;
     }
-    state.audit.record(
-        crate::auth::Action::Admin,
-        Some(&id),
-        None,
-        "admin: disconnect",
-    );
     if let Some(session) = state.sessions.get(&id) {
         session.signal(Signal::Disconnect);
         return answer(
@@ -183,12 +195,9 @@ async fn forget(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
+    if let Err(refused) = authorize_action(&state, &headers, &id, "forget") {
         return refused;
     }
-    state
-        .audit
-        .record(crate::auth::Action::Admin, Some(&id), None, "admin: forget");
     let live = state.sessions.get(&id);
     if let Some(session) = &live {
         session.signal(Signal::Disconnect);
@@ -219,12 +228,9 @@ async fn notify(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers) {
+    if let Err(refused) = authorize_action(&state, &headers, &id, "notify") {
         return refused;
     }
-    state
-        .audit
-        .record(crate::auth::Action::Admin, Some(&id), None, "admin: notify");
     if let Some(session) = state.sessions.get(&id) {
         session.signal(Signal::Nudge);
         return answer(

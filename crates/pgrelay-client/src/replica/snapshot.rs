@@ -269,7 +269,8 @@ pub(crate) fn expire(
     Ok(true)
 }
 
-/// Whether capture is off while snapshot rows go in.
+/// Runs `work` with local-write capture off (snapshot rows and replayed
+/// outbox writes are not the application's new writes).
 pub(crate) fn quietly<T>(
     conn: &Connection,
     work: impl FnOnce() -> Result<T, ClientError>,
