@@ -428,6 +428,12 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
         other => panic!("expected write_result, got {other:?}"),
     }
     wait_count(&world, "SELECT count(*) FROM big", 17).await;
+    wait_count(
+        &world,
+        "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.big' AND origin_client = 'parts'",
+        15,
+    )
+    .await;
     assert_eq!(
         world
             .count("SELECT count(DISTINCT lsn) FROM pgrelay.change_history WHERE table_name = 'public.big' AND origin_client = 'parts'")
