@@ -30,6 +30,19 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The server refused the token (at the handshake or when it expired
+    /// mid-session), or the token provider gave none.
+    pub fn is_token_refusal(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Token(_)
+                | ClientError::Refused {
+                    code: ErrorCode::TokenExpired | ErrorCode::Unauthorized,
+                    ..
+                }
+        )
+    }
+
     /// Whether reconnecting can cure it. A replica error or a server that
     /// says our position is gone will not be cured by retrying.
     pub fn is_retryable(&self) -> bool {

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use pgrelay_protocol::ErrorCode;
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
@@ -189,9 +188,10 @@ impl SyncClient {
     /// for that, or until an error no retry can cure.
     ///
     /// With [`ClientConfig::exit_when_caught_up`] a refused token
-    /// (`token_expired` or `unauthorized`) is asked of the token provider
-    /// once more; refused again, or without a provider, it ends the run
-    /// with the server's reason rather than retrying forever.
+    /// (`token_expired` or `unauthorized`, or a provider that fails) is
+    /// asked of the token provider once more; refused again, or without a
+    /// provider, it ends the run with the reason rather than retrying
+    /// forever.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let mut attempt = 0u32;
         let mut tokens_refused = 0u32;
@@ -213,17 +213,14 @@ impl SyncClient {
             }
             match result {
                 Ok(_) => return Ok(()),
-                Err(ClientError::Refused { code, message })
-                    if self.config.exit_when_caught_up
-                        && matches!(code, ErrorCode::TokenExpired | ErrorCode::Unauthorized) =>
-                {
+                Err(e) if self.config.exit_when_caught_up && e.is_token_refusal() => {
                     tokens_refused += 1;
                     if tokens_refused > 1 || self.config.token_provider.is_none() {
-                        return Err(ClientError::Refused { code, message });
+                        return Err(e);
                     }
-                    tracing::warn!(?code, %message, "token refused; asking the token provider once more");
+                    tracing::warn!(error = %e, "token refused; asking the token provider once more");
                     let _ = self.events.send(Event::Disconnected {
-                        error: format!("token refused: {message}"),
+                        error: e.to_string(),
                         retry_in: Duration::ZERO,
                     });
                 }
