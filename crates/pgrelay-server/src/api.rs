@@ -149,7 +149,8 @@ struct Readiness {
 }
 
 /// Readiness: replication connected and hearing from PostgreSQL, not
-/// stalled, lag under `--ready-max-lag`, and not shutting down.
+/// stalled, lag under `--ready-max-lag`, no new change log under way after
+/// a lost slot, and not shutting down.
 async fn ready(State(ctx): State<Ctx>) -> Response {
     let state = &ctx.state;
     let config = &state.config;
@@ -158,6 +159,9 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
     let mut reasons = Vec::new();
     if *ctx.shutdown.borrow() {
         reasons.push("shutting down".to_owned());
+    }
+    if let Some(why) = state.replication.new_epoch() {
+        reasons.push(why);
     }
     if !replication.connected {
         let why = replication

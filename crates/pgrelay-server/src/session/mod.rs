@@ -260,13 +260,14 @@ impl<'a> Session<'a> {
         } = hello;
         drop((token, subscribed));
         let head = self.state.hub.head();
-        if let Some(theirs) = log_id.as_ref().filter(|id| **id != self.state.log_id) {
+        let ours = self.state.hub.log_id();
+        if let Some(theirs) = log_id.as_ref().filter(|id| id.as_str() != &*ours) {
             return Err(Refusal::new(
                 ErrorCode::Gone,
                 format!(
                     "your replica follows change log {:?}, this server keeps {:?}; re-hydrate",
                     theirs.chars().take(64).collect::<String>(),
-                    self.state.log_id
+                    ours
                 ),
             ));
         }
@@ -301,8 +302,9 @@ impl<'a> Session<'a> {
             client_id,
             head_lsn: head,
             tables: tables.clone(),
-            log_id: Some(self.state.log_id.clone()),
+            log_id: Some(ours.to_string()),
         };
+        drop(ours);
         self.send(Frame::encode(&welcome, head)).await?;
         // A new replica (no position) gets every table it syncs; a known
         // one only the tables it asks to resync.
@@ -457,6 +459,12 @@ impl<'a> Session<'a> {
     }
 
     async fn forward(&mut self, frame: Frame) -> Result<(), Refusal> {
+        if frame.ends_log {
+            return Err(Refusal::new(
+                ErrorCode::Gone,
+                "the replication slot was lost and this server keeps a new change log; re-hydrate",
+            ));
+        }
         if frame.is_tx && frame.lsn <= self.sent {
             return Ok(());
         }
