@@ -4,10 +4,14 @@
 //! frame that is not a message at all still ends the session.
 
 use pgrelay_protocol::{
-    BatchRefusal, ClientMessage, ErrorCode, WriteBatch, WritePart, MAX_CLIENT_FRAME_BYTES,
+    Assembly, BatchRefusal, ClientMessage, ErrorCode, Lsn, PartAnswer, ServerMessage, TxResult,
+    WriteBatch, WritePart, WriteResults, MAX_CLIENT_FRAME_BYTES,
 };
+use tokio::sync::SemaphorePermit;
 
-use super::{handshake, Refusal};
+use super::{handshake, Refusal, Session};
+use crate::hub::Frame;
+use crate::metrics::add;
 
 pub(super) enum Incoming {
     Write(WriteBatch),
@@ -77,6 +81,111 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
                 Incoming::Fatal(handshake::classify(bytes, error))
             }
         }
+    }
+}
+
+/// An unfinished transaction from parts and its place among the node's.
+pub(super) struct Parts<'a> {
+    assembly: Option<Assembly>,
+    slot: Option<SemaphorePermit<'a>>,
+}
+
+impl Session<'_> {
+    pub(super) async fn refuse_batch(
+        &mut self,
+        batch_id: Option<String>,
+        code: BatchRefusal,
+        message: String,
+    ) -> Result<(), Refusal> {
+        tracing::debug!(?code, %message, "write batch refused");
+        add(&self.state.metrics.batches_refused, 1);
+        let refused = ServerMessage::WriteRefused {
+            batch_id,
+            code,
+            message,
+        };
+        self.send(Frame::encode(&refused, Lsn::ZERO)).await
+    }
+
+    /// Drops an unfinished transaction from parts (refusing it) when
+    /// something else comes before its last part.
+    pub(super) async fn interrupt_parts(&mut self, by: &str) -> Result<(), Refusal> {
+        let Some(mut parts) = self.parts.take() else {
+            return Ok(());
+        };
+        if let Some(PartAnswer::Refused {
+            batch_id,
+            code,
+            message,
+        }) = Assembly::interrupt(&mut parts.assembly, by)
+        {
+            self.refuse_batch(batch_id, code, message).await?;
+        }
+        Ok(())
+    }
+
+    /// Collects a large transaction's parts; applies it, like a `write`
+    /// of it alone, when the last one comes. Everything collected is
+    /// dropped with the session, and the client sends the whole again.
+    pub(super) async fn write_part(
+        &mut self,
+        part: WritePart,
+        bytes: usize,
+    ) -> Result<(), Refusal> {
+        let (mut assembly, mut slot) = match self.parts.take() {
+            Some(parts) => (parts.assembly, parts.slot),
+            None => (None, None),
+        };
+        if part.part == 0 && slot.is_none() {
+            slot = self.state.writer.assembly_slot();
+            if slot.is_none() {
+                // The node holds as many as it allows: the client sends it
+                // again after a backoff, as after any server-side fault.
+                let results = WriteResults {
+                    batch_id: part.batch_id.clone(),
+                    results: vec![TxResult::retry(
+                        &part.transaction_id,
+                        "the server is receiving as many large transactions as it allows; send it again later",
+                    )],
+                };
+                self.state.metrics.record_results(&results);
+                self.parts = Assembly::drop_rest(&part).map(|a| {
+                    Box::new(Parts {
+                        assembly: Some(a),
+                        slot: None,
+                    })
+                });
+                return self
+                    .send(Frame::encode(
+                        &ServerMessage::WriteResult(results),
+                        Lsn::ZERO,
+                    ))
+                    .await;
+            }
+        }
+        let answers = Assembly::receive(&mut assembly, part, bytes);
+        if !assembly.as_ref().is_some_and(Assembly::is_collecting) {
+            slot = None;
+        }
+        if assembly.is_some() {
+            self.parts = Some(Box::new(Parts { assembly, slot }));
+        }
+        for answer in answers {
+            match answer {
+                PartAnswer::Complete(batch) => match batch.check() {
+                    Ok(()) => self.write(batch).await?,
+                    Err((code, message)) => {
+                        self.refuse_batch(batch.batch_id, code, message).await?
+                    }
+                },
+                PartAnswer::Refused {
+                    batch_id,
+                    code,
+                    message,
+                } => self.refuse_batch(batch_id, code, message).await?,
+            }
+        }
+        Ok(())
     }
 }
 
