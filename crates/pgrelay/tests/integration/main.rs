@@ -9,6 +9,7 @@ mod bad_input;
 mod bench;
 mod crash;
 mod hydrate;
+mod large_writes;
 mod livestore;
 mod operations;
 mod pipeline;
