@@ -76,11 +76,15 @@ pub async fn ensure_publication(
 pub enum SlotState {
     Missing,
     /// Usable: streaming resumes from its confirmed position.
-    Valid { confirmed_flush: Lsn },
+    Valid {
+        confirmed_flush: Lsn,
+    },
     /// PostgreSQL invalidated it (`wal_status = 'lost'`, e.g. past
     /// `max_slot_wal_keep_size`): the WAL it held back is gone, and so are
     /// the changes after its confirmed position.
-    Invalidated { confirmed_flush: Lsn },
+    Invalidated {
+        confirmed_flush: Lsn,
+    },
 }
 
 /// Looks up the slot. A slot of that name that pgrelay cannot use (not

@@ -45,7 +45,9 @@ pub(crate) async fn record_slot(db: &Client, slot: &str) -> Result<(), ServerErr
         &[&slot],
     )
     .await
-    .map_err(ServerError::sql("recording the slot that feeds the change log"))?;
+    .map_err(ServerError::sql(
+        "recording the slot that feeds the change log",
+    ))?;
     Ok(())
 }
 

@@ -207,7 +207,8 @@ impl Hub {
         let mut frame = Frame::encode(
             &ServerMessage::Error {
                 code: pgrelay_protocol::ErrorCode::Gone,
-                message: "the replication slot was lost; the server keeps a new change log".to_owned(),
+                message: "the replication slot was lost; the server keeps a new change log"
+                    .to_owned(),
             },
             Lsn::ZERO,
         );

@@ -107,7 +107,9 @@ impl Replication {
             Err(e) => {
                 // Nothing of this stream may reach the log once the next
                 // connection has read its head (or started a new epoch).
-                writer.stop(self.config.status_interval * 2 + Duration::from_secs(5)).await;
+                writer
+                    .stop(self.config.status_interval * 2 + Duration::from_secs(5))
+                    .await;
                 Err(e)
             }
         }

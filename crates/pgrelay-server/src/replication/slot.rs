@@ -72,21 +72,32 @@ enum Plan {
     Stream { confirmed: Lsn, record: bool },
     /// No slot, and a log that never had a transaction: a first start.
     First,
-    /// The log's feed was lost (`None`: a new epoch was interrupted).
-    NewEpoch { loss: Option<SlotLoss> },
+    /// The log's feed was lost; `resumed`: an earlier attempt to start
+    /// the new epoch did not finish (`loss` is `None` when it got as far
+    /// as creating the new slot).
+    NewEpoch {
+        loss: Option<SlotLoss>,
+        resumed: bool,
+    },
 }
 
 fn plan(state: SlotState, feed: &Feed, slot: &str) -> Result<Plan, String> {
-    if feed.due.is_some() {
-        return Ok(Plan::NewEpoch { loss: None });
-    }
+    let resumed = feed.due.is_some();
     Ok(match state {
         SlotState::Invalidated { .. } => Plan::NewEpoch {
             loss: Some(SlotLoss::Invalidated),
+            resumed,
         },
-        SlotState::Missing if feed.slot.is_none() && feed.head == Lsn::ZERO => Plan::First,
+        SlotState::Missing if !resumed && feed.slot.is_none() && feed.head == Lsn::ZERO => {
+            Plan::First
+        }
         SlotState::Missing => Plan::NewEpoch {
             loss: Some(SlotLoss::Missing),
+            resumed,
+        },
+        SlotState::Valid { .. } if resumed => Plan::NewEpoch {
+            loss: None,
+            resumed,
         },
         SlotState::Valid { confirmed_flush } => match feed.slot.as_deref() {
             Some(fed_by) if fed_by == slot => Plan::Stream {
@@ -138,18 +149,26 @@ pub(crate) async fn prepare(
                 epoch: None,
             })
         }
-        Plan::NewEpoch { loss } => new_epoch(db, slot, state, &feed, loss, status).await,
+        Plan::NewEpoch { loss, resumed } => {
+            let why = loss_reason(slot, state, &feed, loss);
+            tracing::error!(
+                slot,
+                loss = loss.map_or("half-started epoch", SlotLoss::label),
+                "{why}"
+            );
+            match loss {
+                // Counted once, when found; a retry keeps the first reason.
+                Some(loss) if !resumed => status.slot_lost(loss, &why),
+                _ if status.new_epoch().is_none() => status.new_epoch_under_way(&why),
+                _ => {}
+            }
+            new_epoch(db, slot, state).await
+        }
     }
 }
 
-async fn new_epoch(
-    db: &mut Client,
-    slot: &str,
-    state: SlotState,
-    feed: &Feed,
-    loss: Option<SlotLoss>,
-    status: &ReplicationStatus,
-) -> Result<Prepared, ServerError> {
+/// What was lost, for the error log and `/ready`.
+fn loss_reason(slot: &str, state: SlotState, feed: &Feed, loss: Option<SlotLoss>) -> String {
     let why = match (loss, state) {
         (Some(SlotLoss::Invalidated), SlotState::Invalidated { confirmed_flush }) => format!(
             "replication slot {slot:?} was invalidated by PostgreSQL (wal_status = lost, e.g. past \
@@ -165,20 +184,18 @@ async fn new_epoch(
                  not in the change log"
             ),
         },
-        (None, _) => "a new change-log epoch was left half-started (the server stopped)".to_owned(),
+        (None, _) => format!(
+            "a new change-log epoch after a lost replication slot {slot:?} was left half-started"
+        ),
     };
-    let why = format!(
+    format!(
         "{why}; starting a new change-log epoch from a new slot, every replica is told gone and hydrates again"
-    );
-    tracing::error!(
-        slot,
-        loss = loss.map_or("half-started epoch", SlotLoss::label),
-        "{why}"
-    );
-    match loss {
-        Some(loss) => status.slot_lost(loss, &why),
-        None => status.new_epoch_under_way(&why),
-    }
+    )
+}
+
+/// Starts the new epoch (see the module's diagram); resumes one left
+/// half-started.
+async fn new_epoch(db: &mut Client, slot: &str, state: SlotState) -> Result<Prepared, ServerError> {
     let floor = epoch::mark_due(db).await?;
     let (confirmed, created) = match state {
         // Created by the interrupted attempt, after the floor was recorded.
@@ -216,7 +233,12 @@ mod tests {
 
     #[test]
     fn a_slot_is_lost_when_missing_after_the_log_had_one_or_invalidated() {
-        let new_epoch = |loss| Ok(Plan::NewEpoch { loss: Some(loss) });
+        let new_epoch = |loss| {
+            Ok(Plan::NewEpoch {
+                loss: Some(loss),
+                resumed: false,
+            })
+        };
         // First start: nothing recorded, nothing logged.
         assert_eq!(
             plan(SlotState::Missing, &feed(None, None, 0), "s"),
@@ -267,11 +289,29 @@ mod tests {
 
     #[test]
     fn a_half_started_epoch_is_finished_whatever_the_slot() {
-        for state in [SlotState::Missing, VALID] {
-            assert_eq!(
-                plan(state, &feed(Some("s"), Some(3), 7), "s"),
-                Ok(Plan::NewEpoch { loss: None })
-            );
-        }
+        let due = feed(Some("s"), Some(3), 7);
+        assert_eq!(
+            plan(SlotState::Missing, &due, "s"),
+            Ok(Plan::NewEpoch {
+                loss: Some(SlotLoss::Missing),
+                resumed: true
+            })
+        );
+        // The new slot was created before the server stopped.
+        assert_eq!(
+            plan(VALID, &due, "s"),
+            Ok(Plan::NewEpoch {
+                loss: None,
+                resumed: true
+            })
+        );
+        // Even for a log that never held a transaction.
+        assert_eq!(
+            plan(SlotState::Missing, &feed(Some("s"), Some(3), 0), "s"),
+            Ok(Plan::NewEpoch {
+                loss: Some(SlotLoss::Missing),
+                resumed: true
+            })
+        );
     }
 }
