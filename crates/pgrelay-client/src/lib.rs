@@ -38,7 +38,8 @@ pub struct ClientConfig {
     /// Asked for a token before every connection (after an expired token
     /// too); wins over `token`. See [`TokenProvider::file`].
     pub token_provider: Option<TokenProvider>,
-    /// Return once the replica holds what the server had at connect time.
+    /// Return once the replica holds everything PostgreSQL had committed
+    /// when the client connected (see [`Event::CaughtUp`]).
     pub exit_when_caught_up: bool,
     pub ping_interval: Duration,
     /// Reconnect when nothing was heard from the server for this long.
