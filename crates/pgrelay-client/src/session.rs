@@ -152,8 +152,11 @@ pub(crate) async fn connect_and_sync(
                         ServerMessage::Schema { tables } => {
                             // Before this connection's snapshot, the tables
                             // it was asked for are on their way.
-                            let coming: &[String] =
-                                if awaiting_snapshot { &state.resync } else { &[] };
+                            let coming: &[String] = if awaiting_snapshot {
+                                &state.resync
+                            } else {
+                                &[]
+                            };
                             resync_new_tables(replica, tables, coming).await?
                         }
                         ServerMessage::SnapshotBegin {

@@ -130,9 +130,9 @@ impl Server {
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             idle_timeout: config.http_idle_timeout,
-            refused: state
-                .as_ref()
-                .map_or_else(Default::default, |s| Arc::clone(&s.metrics.refused_connections)),
+            refused: state.as_ref().map_or_else(Default::default, |s| {
+                Arc::clone(&s.metrics.refused_connections)
+            }),
         };
         tasks.spawn(serve::run(listener, app, limits, shutdown_rx));
         Ok(Server {

@@ -35,8 +35,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema, PROTOCOL_VERSION};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, watch};
-use tokio_postgres::types::PgLsn;
 use tokio::time::{interval_at, Instant};
+use tokio_postgres::types::PgLsn;
 use tracing::Instrument;
 
 use crate::auth::{Action, Principal, Scope};
@@ -320,8 +320,8 @@ impl Session<'_> {
         self.caught_up(head, captured).await?;
         // Until the capture passes `wal`, the client is owed one more
         // `caught_up` (boxed: only sessions that wait hold it).
-        let mut owed = (captured < wal)
-            .then(|| Box::pin(captured_past(self.state.hub.watch_captured(), wal)));
+        let mut owed =
+            (captured < wal).then(|| Box::pin(captured_past(self.state.hub.watch_captured(), wal)));
 
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
@@ -425,7 +425,11 @@ impl Session<'_> {
     /// may read, of those it subscribes to.
     fn visible<'s>(&self, schemas: impl Iterator<Item = &'s TableSchema>) -> Vec<TableSchema> {
         schemas
-            .filter(|t| self.scope.as_ref().is_none_or(|s| s.can_read_table(&t.name)))
+            .filter(|t| {
+                self.scope
+                    .as_ref()
+                    .is_none_or(|s| s.can_read_table(&t.name))
+            })
             .filter(|t| self.subscription.as_ref().is_none_or(|s| s.wants(&t.name)))
             .cloned()
             .collect()
@@ -441,7 +445,10 @@ impl Session<'_> {
         self.told = changes.generation;
         let tables = self.visible(changes.changed.iter().filter_map(|n| changes.tables.get(n)));
         if !tables.is_empty() {
-            tracing::debug!(tables = tables.len(), "announcing schema changes the client missed");
+            tracing::debug!(
+                tables = tables.len(),
+                "announcing schema changes the client missed"
+            );
             self.send(Frame::encode(&ServerMessage::Schema { tables }, Lsn::ZERO))
                 .await?;
         }

@@ -183,10 +183,13 @@ mod tests {
             }
             Pass::Skip => panic!("skipped a mixed transaction"),
         }
-        let caught_up = Frame::encode(&ServerMessage::CaughtUp {
+        let caught_up = Frame::encode(
+            &ServerMessage::CaughtUp {
                 lsn: Lsn(1),
                 wal_lsn: None,
-            }, Lsn(1));
+            },
+            Lsn(1),
+        );
         assert!(matches!(sub.pass(caught_up), Pass::Send(_)));
     }
 }

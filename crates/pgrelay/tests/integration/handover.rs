@@ -41,7 +41,7 @@ async fn wait_replica(client: &RunningClient, path: &Path, sql: &str, want: i64)
 /// replica lacks counts as a difference).
 async fn wait_equal(world: &World, client: &RunningClient, path: &Path, tables: &[&str]) {
     let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-    let mut last = String::new();
+    let mut last;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         assert!(!client.task.is_finished(), "the client exited");
@@ -60,23 +60,29 @@ async fn wait_equal(world: &World, client: &RunningClient, path: &Path, tables: 
 
 /// Waits until the server syncs `table` (its table watch noticed it).
 async fn wait_synced(addr: std::net::SocketAddr, table: &str) {
-    wait_for("the server to sync the new table", Duration::from_secs(30), || async {
-        let (_, body) = http(addr, None, "GET", "/api/status").await;
-        let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-        status["tables"]
-            .as_array()?
-            .iter()
-            .any(|t| t["name"] == table && t["skipped"].is_null())
-            .then_some(())
-    })
+    wait_for(
+        "the server to sync the new table",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = http(addr, None, "GET", "/api/status").await;
+            let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+            status["tables"]
+                .as_array()?
+                .iter()
+                .any(|t| t["name"] == table && t["skipped"].is_null())
+                .then_some(())
+        },
+    )
     .await;
 }
 
 async fn wait_logged(world: &World, table: &str, changes: i64) {
     let sql = format!("SELECT count(*) FROM pgrelay.change_history WHERE table_name = '{table}'");
-    wait_for("the changes in the change log", Duration::from_secs(30), || async {
-        (world.count(&sql).await == changes).then_some(())
-    })
+    wait_for(
+        "the changes in the change log",
+        Duration::from_secs(30),
+        || async { (world.count(&sql).await == changes).then_some(()) },
+    )
     .await;
 }
 

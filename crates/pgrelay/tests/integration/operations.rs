@@ -394,7 +394,9 @@ async fn json_logs_carry_the_client_id_and_lsn_of_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_shows_a_hydrated_clients_real_position() {
     let world = World::new().await;
-    world.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    world
+        .exec("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await;
     let mut config = world.server_config();
     config.admin_token = Some(TOKEN.to_owned());
     let server = pgrelay_server::Server::start(config).await.unwrap();
@@ -404,16 +406,22 @@ async fn the_admin_api_shows_a_hydrated_clients_real_position() {
         .exec("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 500) g")
         .await;
     wait_for("the change log", Duration::from_secs(20), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await == 500).then_some(())
+        (world
+            .count("SELECT count(*) FROM pgrelay.change_history")
+            .await
+            == 500)
+            .then_some(())
     })
     .await;
     // A new replica: hydrated from a snapshot, nothing streamed after it.
     let path = world.replica_path("hydrated");
     let client = start_client(addr, &path, "hydrated").await;
     world.wait_equal(&path, Duration::from_secs(30)).await;
-    let position = wait_for("the replica's position", Duration::from_secs(10), || async {
-        crate::support::replica_lsn(&path).filter(|lsn| lsn.0 > 0)
-    })
+    let position = wait_for(
+        "the replica's position",
+        Duration::from_secs(10),
+        || async { crate::support::replica_lsn(&path).filter(|lsn| lsn.0 > 0) },
+    )
     .await;
 
     let (status, json) = http(addr, Some(TOKEN), "GET", "/api/admin/clients").await;

@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use pgrelay_client::Event;
 use pgrelay_protocol::{CloseCode, ErrorCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::support::raw::{hello, metric, read_to_caught_up};
@@ -325,7 +325,9 @@ async fn an_idle_http_connection_is_closed_after_the_timeout() {
 
 /// Open file descriptors and resident memory (KiB) of a process.
 fn fds_and_rss(pid: u32) -> (usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss = status
         .lines()

@@ -108,9 +108,11 @@ impl Proxy {
     /// Waits until a snapshot chunk is being held: the session behind it is
     /// hydrating and stays so until [`Proxy::release`].
     pub async fn wait_held(&self) {
-        wait_for("a snapshot chunk to hold", Duration::from_secs(30), || async {
-            (self.held.load(Ordering::SeqCst) > 0).then_some(())
-        })
+        wait_for(
+            "a snapshot chunk to hold",
+            Duration::from_secs(30),
+            || async { (self.held.load(Ordering::SeqCst) > 0).then_some(()) },
+        )
         .await;
     }
 
