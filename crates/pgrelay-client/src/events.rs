@@ -6,7 +6,9 @@ use pgrelay_protocol::Lsn;
 pub enum Event {
     /// The handshake succeeded; `head` is the server's newest transaction.
     Connected { head: Lsn },
-    /// The replica holds everything the server had at connect time.
+    /// The replica holds everything PostgreSQL had committed when this
+    /// connection was welcomed (with an older server that does not report
+    /// its WAL position: everything its change log held then).
     CaughtUp { lsn: Lsn },
     /// Transactions were committed to the replica, up to `lsn`.
     Applied {

@@ -38,9 +38,10 @@ pub struct ClientConfig {
     /// Asked for a token before every connection (after an expired token
     /// too); wins over `token`. See [`TokenProvider::file`].
     pub token_provider: Option<TokenProvider>,
-    /// Return once the replica holds what the server had at connect time;
-    /// a token refused twice (once more after asking the provider again)
-    /// ends the run with an error instead of retrying.
+    /// Return once the replica holds everything PostgreSQL had committed
+    /// when the client connected (see [`Event::CaughtUp`]); a token refused
+    /// twice (once more after asking the provider again) ends the run with
+    /// an error instead of retrying.
     pub exit_when_caught_up: bool,
     pub ping_interval: Duration,
     /// Reconnect when nothing was heard from the server for this long.

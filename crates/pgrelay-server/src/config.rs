@@ -43,8 +43,12 @@ pub struct ServerConfig {
     /// How often the catalog is checked for new tables to sync (with the
     /// default filter, every table in schema `public`).
     pub table_poll_interval: Duration,
-    /// Concurrent sync connections at most; more are answered 503.
+    /// Open connections at most (a sync session, or an HTTP connection
+    /// until it closes); more are answered 503 and closed.
     pub max_connections: usize,
+    /// An HTTP connection that sends no complete request head for this
+    /// long (a new one, or a kept-alive one between requests) is closed.
+    pub http_idle_timeout: Duration,
     /// Sync connection attempts per second per IP address (token bucket;
     /// 0 turns the limit off); more are answered 429.
     pub connect_rate: f64,
@@ -100,6 +104,7 @@ impl ServerConfig {
             max_hydrations: 4,
             table_poll_interval: Duration::from_secs(2),
             max_connections: 10_000,
+            http_idle_timeout: Duration::from_secs(30),
             connect_rate: 20.0,
             connect_burst: 100,
             message_rate: 1_000.0,
@@ -166,6 +171,9 @@ impl ServerConfig {
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".to_owned());
+        }
+        if self.http_idle_timeout.is_zero() {
+            return Err("--http-idle-timeout must be positive".to_owned());
         }
         for (flag, rate, burst) in [
             ("--connect-rate", self.connect_rate, self.connect_burst),

@@ -18,6 +18,7 @@ mod reader;
 mod registry;
 mod replication;
 mod retention;
+mod serve;
 mod session;
 mod snapshot;
 mod state;
@@ -126,26 +127,16 @@ impl Server {
                 (health, hub, Arc::new(ReplicationStatus::new()), None)
             }
         };
-        let app = app
-            .merge(eventlog::router(eventlog))
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let mut http_shutdown = shutdown_rx;
-        // Frames are small and often back to back (a write result, then its
-        // echo): with Nagle's algorithm the second waits for the client's
-        // delayed ACK, ~40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-            }
-        });
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_shutdown.wait_for(|stop| *stop).await;
-                })
-                .await
-                .map_err(|source| ServerError::Listen { addr, source })
-        });
+        let app = app.merge(eventlog::router(eventlog));
+        let limits = serve::Limits {
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
+            idle_timeout: config.http_idle_timeout,
+            refused: state.as_ref().map_or_else(Default::default, |s| {
+                Arc::clone(&s.metrics.refused_connections)
+            }),
+        };
+        tasks.spawn(serve::run(listener, app, limits, shutdown_rx));
         Ok(Server {
             addr,
             shutdown,
@@ -355,7 +346,6 @@ async fn start_row_sync(
         hydrations_queued: Default::default(),
         database: info.clone(),
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
-        connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         config,
         hub: Arc::clone(&hub),
         log_reader: reader::LogReader::new(info),

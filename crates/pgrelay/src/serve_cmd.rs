@@ -66,9 +66,12 @@ pub struct ServeArgs {
     /// Snapshots served at once to hydrating clients; others queue.
     #[arg(long, env = "PGRELAY_MAX_HYDRATIONS", default_value_t = 4)]
     pub max_hydrations: usize,
-    /// Concurrent sync connections at most; more are answered 503.
+    /// Open connections at most (sync sessions and HTTP connections); more are answered 503 and closed.
     #[arg(long, env = "PGRELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Close an HTTP connection that sends no request (head) for this long, new or kept alive.
+    #[arg(long, env = "PGRELAY_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
     /// Sync connection attempts per second per IP address (0: no limit); more are answered 429.
     #[arg(long, env = "PGRELAY_CONNECT_RATE", default_value_t = 20.0)]
     pub connect_rate: f64,
@@ -201,6 +204,7 @@ impl ServeArgs {
         config.retain = self.retain;
         config.max_hydrations = self.max_hydrations;
         config.max_connections = self.max_connections;
+        config.http_idle_timeout = self.http_idle_timeout;
         config.connect_rate = self.connect_rate;
         config.connect_burst = self.connect_burst;
         config.message_rate = self.message_rate;
