@@ -210,7 +210,7 @@ pub(crate) async fn connect_and_sync(
                                 .refused(replica, events, batch_id, code, message)
                                 .await?
                         }
-                        ServerMessage::Tx(_) => {}
+                        ServerMessage::Tx(_) | ServerMessage::Pong => {}
                     }
                 }
                 None => {}
@@ -458,6 +458,8 @@ impl Pusher {
             let (batch, _) = replica.take_batch(1).await?;
             if let Some(tx) = batch.and_then(|b| b.transactions.into_iter().next()) {
                 let rejected = pgrelay_protocol::WriteResults {
+                    lsn: None,
+                    lsn_floor: None,
                     batch_id: None,
                     results: vec![pgrelay_protocol::TxResult {
                         id: tx.id,

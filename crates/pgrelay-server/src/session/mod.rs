@@ -566,6 +566,10 @@ impl Session<'_> {
                 };
                 self.send(Frame::encode(&refused, Lsn::ZERO)).await?;
             }
+            write::Incoming::Ping => {
+                self.send(Frame::encode(&ServerMessage::Pong, Lsn::ZERO))
+                    .await?;
+            }
             // A late verdict on a snapshot already settled: nothing to do.
             write::Incoming::SnapshotDone(_) => {}
             write::Incoming::Fatal(refusal) => return Err(refusal),

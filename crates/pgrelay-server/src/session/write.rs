@@ -10,6 +10,8 @@ use super::{handshake, Refusal};
 
 pub(super) enum Incoming {
     Write(WriteBatch),
+    /// A liveness check: answered with `pong`.
+    Ping,
     /// The client's verdict on a snapshot.
     SnapshotDone(Vec<String>),
     /// Refuse this batch, keep the connection.
@@ -43,6 +45,7 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
             },
         },
         Ok(ClientMessage::SnapshotDone { refetch }) => Incoming::SnapshotDone(refetch),
+        Ok(ClientMessage::Ping) => Incoming::Ping,
         Ok(ClientMessage::Hello { .. }) => Incoming::Fatal(Refusal::new(
             ErrorCode::HandshakeRequired,
             "hello was already received",
@@ -82,7 +85,9 @@ mod tests {
     fn bad_writes_keep_the_connection() {
         let refused = |text: &str| match parse(text.as_bytes()) {
             Incoming::Refused { code, .. } => code,
-            Incoming::Write(_) | Incoming::SnapshotDone(_) => panic!("accepted {text}"),
+            Incoming::Write(_) | Incoming::SnapshotDone(_) | Incoming::Ping => {
+                panic!("accepted {text}")
+            }
             Incoming::Fatal(r) => panic!("closed on {text}: {}", r.message),
         };
         assert_eq!(
