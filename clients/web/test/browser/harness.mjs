@@ -85,7 +85,7 @@ export async function startServer(databaseUrl, extraArgs = [], port) {
     server.process = child;
     await waitFor("pgrelay serve to answer", async () => {
       if (child.exitCode !== null) throw new Error(`pgrelay serve exited: ${server.log}`);
-      const r = await fetch(`http://127.0.0.1:${port}/ready`).catch(() => null);
+      const r = await fetch(`http://127.0.0.1:${port}/health`).catch(() => null);
       return r && r.status < 500;
     }, 30_000, 100);
   };
