@@ -575,7 +575,10 @@ async fn bad_batches_are_refused_and_nothing_partial_is_applied() {
         {"id":"table","changes":[{"id":"x5","table":"public.nope","op":"insert","new":{"id":"6"}}]},
         {"id":"dup","changes":[{"id":"x6","table":"public.t","op":"insert","new":{"id":"2","n":"9"}}]}]}"#;
     let m = answer(&mut socket, batch.to_owned()).await;
-    let ServerMessage::WriteResult(WriteResults { batch_id, results }) = m else {
+    let ServerMessage::WriteResult(WriteResults {
+        batch_id, results, ..
+    }) = m
+    else {
         panic!("expected write_result, got {m:?}");
     };
     assert_eq!(batch_id.as_deref(), Some("b1"));
