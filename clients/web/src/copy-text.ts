@@ -38,7 +38,7 @@ export function forEachRow(data: Uint8Array, row: (values: (string | null)[]) =>
   return count;
 }
 
-function decodeField(field: string, rowNumber: number): string | null {
+export function decodeField(field: string, rowNumber: number): string | null {
   if (field === "\\N") return null;
   if (!field.includes("\\")) return field;
   // Octal and hex escapes stand for bytes, so decode into bytes.

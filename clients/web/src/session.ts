@@ -13,6 +13,8 @@ import type { Outcome, Replica } from "./replica/index.js";
 
 /** Changes applied in one SQLite transaction at most, when many wait. */
 const MAX_APPLY_CHANGES = 10_000;
+/** Compressed snapshot bytes loaded in one SQLite transaction at most. */
+const SNAPSHOT_BATCH_BYTES = 16 << 20;
 
 export interface SyncConfig {
   url: string;
@@ -326,9 +328,21 @@ export class Sync {
     while (this.queue.length > 0 && generation === this.generation) {
       const data = this.queue.shift()!;
       if (typeof data !== "string") {
-        if (!this.hydration) throw new ProtocolError("a binary frame outside a snapshot");
-        this.hydration.chunk(this.replica, new Uint8Array(data));
-        this.setStatus({ hydrating: this.hydration.progress() });
+        const hydration = this.hydration;
+        if (!hydration) throw new ProtocolError("a binary frame outside a snapshot");
+        // The chunks that arrived together load in one SQLite transaction:
+        // a commit on OPFS costs tens of milliseconds, and an interrupted
+        // snapshot starts over anyway, so committing each chunk buys nothing.
+        this.replica.snapshotBatch(() => {
+          hydration.chunk(this.replica, new Uint8Array(data));
+          let bytes = data.byteLength;
+          while (bytes < SNAPSHOT_BATCH_BYTES && typeof this.queue[0] === "object" && generation === this.generation) {
+            const next = this.queue.shift() as ArrayBuffer;
+            bytes += next.byteLength;
+            hydration.chunk(this.replica, new Uint8Array(next));
+          }
+        });
+        this.setStatus({ hydrating: hydration.progress() });
         continue;
       }
       let message: ServerMessage;

@@ -205,8 +205,8 @@ class StorageError extends Error {
 
 async function open(options: OpenOptions): Promise<{ storage: Storage; clientId: string }> {
   const db = await openDatabase(options);
-  const conn = new Conn(db);
-  conn.execBatch("PRAGMA temp_store = MEMORY; PRAGMA busy_timeout = 5000;");
+  const conn = new Conn(db, sqlite3!);
+  conn.execBatch("PRAGMA temp_store = MEMORY; PRAGMA busy_timeout = 5000; PRAGMA cache_size = -16384;");
   if (storage === "opfs") conn.execBatch("PRAGMA journal_mode = TRUNCATE; PRAGMA synchronous = FULL;");
   replica = new Replica(conn);
   let clientId = replica.state().clientId;

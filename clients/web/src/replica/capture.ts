@@ -56,6 +56,17 @@ export function createTriggers(conn: Conn, table: TableSchema): void {
   conn.execBatch(triggersSql(table));
 }
 
+/**
+ * Drops a table's capture triggers. Snapshot loading does this inside its
+ * transaction and creates them again before committing: even a trigger
+ * whose WHEN is false costs as much per row as the insert itself.
+ */
+export function dropTriggers(conn: Conn, table: TableSchema): void {
+  conn.execBatch(
+    ["insert", "update", "delete"].map((op) => `DROP TRIGGER IF EXISTS ${quote(`_pgrelay_capture_${sqliteName(table.name)}_${op}`)};`).join("\n"),
+  );
+}
+
 function triggersSql(table: TableSchema): string {
   const name = quote(sqliteName(table.name));
   const literal = table.name.replaceAll("'", "''");

@@ -1,7 +1,7 @@
 //! A thin layer over SQLite-WASM's `oo1.DB`: cached prepared statements,
 //! immediate transactions that roll back on any error, and plain rows.
 
-import type { Database, PreparedStatement, SqlValue } from "@sqlite.org/sqlite-wasm";
+import type { Database, PreparedStatement, Sqlite3Static, SqlValue } from "@sqlite.org/sqlite-wasm";
 
 export type Params = readonly unknown[] | Record<string, unknown>;
 export type ResultRow = Record<string, SqlValue>;
@@ -10,7 +10,10 @@ export class Conn {
   private readonly statements = new Map<string, PreparedStatement>();
   private depth = 0;
 
-  constructor(readonly db: Database) {}
+  constructor(
+    readonly db: Database,
+    readonly sqlite3: Sqlite3Static,
+  ) {}
 
   /** Runs one or more statements without parameters. */
   execBatch(sql: string): void {

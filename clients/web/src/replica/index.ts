@@ -201,6 +201,11 @@ export class Replica {
     this.quietly(() => snapshot.begin(this.conn, this.tables, tables, full));
   }
 
+  /** Runs `work` (several `loadSnapshot` calls) in one transaction. */
+  snapshotBatch(work: () => void): void {
+    this.quietly(work);
+  }
+
   loadSnapshot(table: string, rows: Uint8Array): number {
     return this.quietly(() => snapshot.load(this.conn, this.tables, table, rows));
   }

@@ -7,8 +7,8 @@
 
 import type { Change, TableSchema, Transaction, Visibility } from "../protocol.js";
 import { parseLsn, sees, sqliteName } from "../protocol.js";
-import { forEachRow } from "../copy-text.js";
-import { toSqlite, type SqliteValue } from "../values.js";
+import { loadCopyChunk } from "./bulk.js";
+import { createTriggers, dropTriggers } from "./capture.js";
 import { applyChange, ReplicaError } from "./apply.js";
 import { Conn, quote } from "./conn.js";
 import { rowFromJson, unconfirmed } from "./outbox.js";
@@ -87,25 +87,15 @@ export function load(conn: Conn, tables: Map<string, TableSchema>, name: string,
   const stmt = conn.cached(
     `INSERT OR REPLACE INTO ${quote(sqliteName(table.name))} (${columns.map((c) => quote(c.name)).join(", ")}) VALUES (${columns.map(() => "?").join(", ")})`,
   );
-  const bound: SqliteValue[] = new Array(columns.length);
-  return forEachRow(data, (values) => {
-    if (values.length !== columns.length) {
-      throw new ReplicaError(`snapshot row of ${name} has ${values.length} values for ${columns.length} columns`);
-    }
-    for (let i = 0; i < columns.length; i++) {
-      try {
-        bound[i] = toSqlite(columns[i]!.kind, values[i]);
-      } catch (e) {
-        throw new ReplicaError(`${name}.${columns[i]!.name}: ${(e as Error).message}`);
-      }
-    }
-    try {
-      stmt.bind(bound as never);
-      stmt.step();
-    } finally {
-      stmt.reset(true);
-    }
-  });
+  // Without the capture triggers while loading (restored before commit).
+  dropTriggers(conn, table);
+  try {
+    return loadCopyChunk(conn.sqlite3, conn.db.pointer as unknown as number, stmt, columns.map((c) => c.kind), data);
+  } catch (e) {
+    throw new ReplicaError(`snapshot of ${name}: ${(e as Error).message}`);
+  } finally {
+    createTriggers(conn, table);
+  }
 }
 
 /** The snapshot is complete and verified: position, filters, and the outbox replayed. */

@@ -5,6 +5,7 @@ import { spawn } from "node:child_process";
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { createServer as createNet } from "node:net";
 import { dirname, extname, join, normalize } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -71,18 +72,29 @@ export async function freshDatabase() {
   };
 }
 
+/** Servers still running when this process exits are killed with it. */
+const children = new Set();
+process.once("exit", () => {
+  for (const child of children) child.kill("SIGKILL");
+});
+
 /** A running `pgrelay serve`; `kill()` sends SIGKILL, `restart()` starts it again on the same port. */
 export async function startServer(databaseUrl, extraArgs = [], port) {
   port ??= await freePort();
   const server = { port, url: `ws://127.0.0.1:${port}`, process: null, log: "" };
   server.start = async () => {
-    const child = spawn(PGRELAY_BIN, ["serve", "--database-url", databaseUrl, "--listen", `127.0.0.1:${port}`, "--connect-rate", "0", ...extraArgs], {
+    // A slot and an event log of its own: other runs may share the PostgreSQL.
+    const slot = `pgrelay_${new URL(databaseUrl).pathname.slice(1)}`.slice(0, 63);
+    const args = ["serve", "--database-url", databaseUrl, "--listen", `127.0.0.1:${port}`, "--connect-rate", "0", "--slot", slot, "--eventlog-db", join(tmpdir(), `${slot}-events.sqlite`), ...extraArgs];
+    const child = spawn(PGRELAY_BIN, args, {
       stdio: ["ignore", "pipe", "pipe"],
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
     });
     child.stdout.on("data", (d) => (server.log += d));
     child.stderr.on("data", (d) => (server.log += d));
     server.process = child;
+    children.add(child);
+    child.once("exit", () => children.delete(child));
     await waitFor("pgrelay serve to answer", async () => {
       if (child.exitCode !== null) throw new Error(`pgrelay serve exited: ${server.log}`);
       const r = await fetch(`http://127.0.0.1:${port}/health`).catch(() => null);
@@ -126,12 +138,18 @@ export async function startPages(roots = { "/dist/": join(packageRoot, "dist"), 
   return { origin: `http://127.0.0.1:${port}`, close: () => new Promise((r) => server.close(r)) };
 }
 
+const CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"];
+
 export async function launchBrowser() {
-  return await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"],
-  });
+  return await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+}
+
+/**
+ * A browser with a profile on disk, as a user's is (an ordinary context's
+ * storage lives in memory): OPFS writes go to real files.
+ */
+export async function launchProfile(userDataDir) {
+  return await chromium.launchPersistentContext(userDataDir, { executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
 }
 
 /** A page of the test app, with `window.pgrelay` (the package) loaded. */

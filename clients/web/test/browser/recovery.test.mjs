@@ -33,7 +33,7 @@ async function postgresIds() {
 }
 
 test("pages resume after pgrelay serve is killed and restarted mid-stream; nothing lost or doubled", async () => {
-  const server = await startServer(db.url, ["--slot", "kill_test"]);
+  const server = await startServer(db.url);
   try {
     const context = await browser.newContext();
     const page = await openPage(context, pages.origin);
@@ -73,7 +73,7 @@ test("an expiring token is refreshed through getToken; a bad token gives a clear
   const dir = mkdtempSync(join(tmpdir(), "pgrelay-web-"));
   const secret = "a-test-secret-that-is-at-least-32-bytes-long";
   writeFileSync(join(dir, "secret"), secret);
-  const server = await startServer(db.url, ["--slot", "auth_test", "--auth", "jwt", "--jwt-secret-file", join(dir, "secret")]);
+  const server = await startServer(db.url, ["--auth", "jwt", "--jwt-secret-file", join(dir, "secret")]);
   try {
     const context = await browser.newContext();
     const page = await openPage(context, pages.origin);
@@ -130,7 +130,7 @@ async function garbageProxy(targetPort) {
 }
 
 test("garbage frames from a proxy: the page reports an error, reconnects, and the replica is intact", async () => {
-  const server = await startServer(db.url, ["--slot", "garbage_test"]);
+  const server = await startServer(db.url);
   const proxy = await garbageProxy(server.port);
   try {
     const context = await browser.newContext();

@@ -77,7 +77,7 @@ const todos = {
 
 async function replica() {
   const sqlite3 = await sqlite3InitModule();
-  return new Replica(new Conn(new sqlite3.oo1.DB(":memory:", "c")));
+  return new Replica(new Conn(new sqlite3.oo1.DB(":memory:", "c"), sqlite3));
 }
 
 test("server transactions apply atomically with their LSN and are not applied twice", async () => {
