@@ -53,14 +53,19 @@ function percentile(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-async function rustHydrate(serverUrl) {
-  const dir = mkdtempSync(join(tmpdir(), "pgrelay-bench-"));
+/** Seconds `pgrelay client sync --exit-when-caught-up` takes on the replica file `db`. */
+async function rustSync(serverUrl, db) {
   const started = performance.now();
   await new Promise((resolve, reject) => {
-    const child = spawn(PGRELAY_BIN, ["client", "sync", "--exit-when-caught-up", "--server", serverUrl, "--db", join(dir, "r.sqlite")], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, PGRELAY_LOG: "warn" } });
+    const child = spawn(PGRELAY_BIN, ["client", "sync", "--exit-when-caught-up", "--server", serverUrl, "--db", db], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, PGRELAY_LOG: "warn" } });
     child.on("exit", (code) => (code === 0 ? resolve() : reject(new Error(`pgrelay client sync exited ${code}`))));
   });
-  const secs = (performance.now() - started) / 1000;
+  return (performance.now() - started) / 1000;
+}
+
+async function rustHydrate(serverUrl) {
+  const dir = mkdtempSync(join(tmpdir(), "pgrelay-bench-"));
+  const secs = await rustSync(serverUrl, join(dir, "r.sqlite"));
   rmSync(dir, { recursive: true, force: true });
   return secs;
 }
@@ -69,13 +74,18 @@ async function rustHydrate(serverUrl) {
 async function hydratePage(browser, origin, url, name) {
   const dir = mkdtempSync(join(tmpdir(), "pgrelay-bench-profile-"));
   const context = await launchProfile(dir);
-  context.on("close", () => rmSync(dir, { recursive: true, force: true }));
+  context.dir = dir;
   const page = await openPage(context, origin);
   const t0 = Date.now();
   await page.evaluate(({ url, name }) => window.open_({ url, name }), { url, name });
   await waitFor("caught up", () => page.evaluate(() => window.db.status.caughtUp), 900_000, 20);
   const secs = (Date.now() - t0) / 1000;
   return { context, page, secs };
+}
+
+async function closeProfile(context) {
+  await context.close();
+  rmSync(context.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
 }
 
 if (ONLY.includes("size")) {
@@ -111,7 +121,7 @@ try {
           web.push(ROWS / secs);
           console.error(`  run ${i + 1}: browser (${storage}) ${fmt(ROWS / secs)} rows/s, Rust client ${fmt(rust[i])} rows/s`);
           await page.evaluate(() => window.db.close());
-          await context.close();
+          await closeProfile(context);
         }
         results.hydrate = { rows: ROWS, browser_rows_per_sec: spread(web), rust_client_rows_per_sec: spread(rust) };
         console.log(`hydrate ${fmt(ROWS)} rows: browser ${fmt(spread(web).min)} / ${fmt(spread(web).median)} / ${fmt(spread(web).max)} rows/s; Rust client ${fmt(spread(rust).min)} / ${fmt(spread(rust).median)} / ${fmt(spread(rust).max)} rows/s (min / median / max of ${RUNS})`);
@@ -133,8 +143,11 @@ try {
         const { context, page } = await hydratePage(browser, pages.origin, server.url, "live");
         let next = 1;
         if (ONLY.includes("apply")) {
-          const rates = [];
+          const rates = [], rust = [];
+          const rustDir = mkdtempSync(join(tmpdir(), "pgrelay-bench-"));
+          const rustDb = join(rustDir, "r.sqlite");
           for (let i = 0; i < RUNS; i++) {
+            await rustSync(server.url, rustDb);
             await page.evaluate(() => window.db.setOffline(true));
             await load(db, APPLY_ROWS, 1000, next);
             const { rows } = await db.sql("SELECT count(*)::int AS n FROM public.bench_items");
@@ -143,13 +156,16 @@ try {
             await waitFor("the backlog", () => page.evaluate(async (n) => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n === n, rows[0].n), 600_000, 20);
             const secs = (performance.now() - t0) / 1000;
             rates.push(APPLY_ROWS / secs);
-            console.error(`  apply run ${i + 1}: ${fmt(APPLY_ROWS / secs)} rows/s`);
+            // The same backlog, from the same server, into the Rust client's replica.
+            rust.push(APPLY_ROWS / (await rustSync(server.url, rustDb)));
+            console.error(`  apply run ${i + 1}: browser ${fmt(APPLY_ROWS / secs)} rows/s, Rust client ${fmt(rust[i])} rows/s`);
             await db.sql("DELETE FROM public.bench_items");
             await waitFor("the delete", () => page.evaluate(async () => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n === 0), 600_000, 50);
           }
-          results.apply = { rows: APPLY_ROWS, tx_rows: 1000, rows_per_sec: spread(rates) };
-          const s = spread(rates);
-          console.log(`apply a backlog of ${fmt(APPLY_ROWS)} rows (1,000 per transaction): ${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)} rows/s (min / median / max of ${RUNS})`);
+          rmSync(rustDir, { recursive: true, force: true });
+          results.apply = { rows: APPLY_ROWS, tx_rows: 1000, browser_rows_per_sec: spread(rates), rust_client_rows_per_sec: spread(rust) };
+          const s = spread(rates), r = spread(rust);
+          console.log(`apply a backlog of ${fmt(APPLY_ROWS)} rows (1,000 per transaction): browser ${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)} rows/s; Rust client ${fmt(r.min)} / ${fmt(r.median)} / ${fmt(r.max)} rows/s (min / median / max of ${RUNS})`);
         }
         if (ONLY.includes("latency")) {
           await page.evaluate(() => {
@@ -190,7 +206,7 @@ try {
           const a = spread(p50s), b = spread(p99s);
           console.log(`commit -> watch at 100 tx/s (${LATENCY_TX} tx per run): p50 ${a.min.toFixed(1)} / ${a.median.toFixed(1)} / ${a.max.toFixed(1)} ms, p99 ${b.min.toFixed(1)} / ${b.median.toFixed(1)} / ${b.max.toFixed(1)} ms (min / median / max of ${RUNS})`);
         }
-        await context.close();
+        await closeProfile(context);
       } finally {
         await server.kill();
       }

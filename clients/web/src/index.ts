@@ -100,7 +100,7 @@ export class PgRelay {
       },
       (event) => this.dispatch(event),
       () => this.token(),
-      this.options.multiTab ?? storage === "opfs",
+      this.options.multiTab ?? storage !== "memory",
     );
     await this.link.start();
     this.status = (await this.call({ method: "status", args: [] })) as SyncStatus;

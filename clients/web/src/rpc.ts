@@ -4,7 +4,8 @@
 import type { Params, ResultRow } from "./replica/index.js";
 import type { SyncEvent, SyncStatus } from "./session.js";
 
-export type Storage = "opfs" | "memory";
+/** `opfs` falls back to `indexeddb` where the browser has no OPFS access handles. */
+export type Storage = "opfs" | "indexeddb" | "memory";
 
 export interface OpenOptions {
   name: string;

@@ -6,6 +6,7 @@
 
 import sqlite3InitModule, { type Database, type Sqlite3Static } from "@sqlite.org/sqlite-wasm";
 import { Gate } from "./gate.js";
+import { IdbImage } from "./idb.js";
 import { randomHex } from "./replica/outbox.js";
 import { Conn, Replica, type Params } from "./replica/index.js";
 import { Sync, type SyncConfig, type SyncEvent } from "./session.js";
@@ -17,6 +18,9 @@ let sqlite3: Sqlite3Static | null = null;
 let replica: Replica | null = null;
 let sync: Sync | null = null;
 let storage: Storage = "memory";
+let idb: IdbImage | null = null;
+/** A transaction committed since the image was last saved (IndexedDB storage). */
+let dirty = false;
 const gate = new Gate();
 /** The application transaction holding the gate, if any. */
 let openTx: { id: string; release: () => void; timer: ReturnType<typeof setTimeout>; txId: string } | null = null;
@@ -60,7 +64,7 @@ async function handle(m: Request): Promise<unknown> {
     case "query": {
       const [sql, params, txHandle] = m.args;
       if (txHandle && openTx?.id === txHandle) return need().query(sql, params);
-      return gate.run(() => need().query(sql, params));
+      return gated(() => need().query(sql, params));
     }
     case "execute": {
       const [sql, params, options] = m.args;
@@ -70,7 +74,7 @@ async function handle(m: Request): Promise<unknown> {
         return { txId: openTx.txId, captured: 0 };
       }
       const txId = options.txId ?? `tx-${randomHex(16)}`;
-      const executed = await gate.run(() => need().execute(sql, params, txId));
+      const executed = await gated(() => need().execute(sql, params, txId));
       afterWrite(sql);
       if (options.waitForServer && executed.captured > 0 && !executed.duplicate) await needSync().waitForServer(txId);
       return { txId, captured: executed.captured };
@@ -95,6 +99,7 @@ async function handle(m: Request): Promise<unknown> {
       const [handleId, waitForServer] = m.args as [string, boolean?];
       const txId = openTx?.txId;
       const captured = endTx(handleId, m.method === "commit");
+      await gated(() => undefined);
       if (m.method === "commit" && txId) {
         afterWrite(null);
         if (waitForServer && captured > 0) await needSync().waitForServer(txId);
@@ -167,6 +172,16 @@ function needSync(): Sync {
   return sync;
 }
 
+/** Whether this browser offers OPFS with synchronous access handles (what the pool VFS needs). */
+function hasOpfs(): boolean {
+  return (
+    typeof navigator !== "undefined" &&
+    typeof navigator.storage?.getDirectory === "function" &&
+    typeof FileSystemFileHandle !== "undefined" &&
+    typeof (FileSystemFileHandle.prototype as { createSyncAccessHandle?: unknown }).createSyncAccessHandle === "function"
+  );
+}
+
 async function openDatabase(options: OpenOptions): Promise<Database> {
   sqlite3 ??= await sqlite3InitModule();
   const file = `/${options.name}.sqlite3`;
@@ -174,8 +189,11 @@ async function openDatabase(options: OpenOptions): Promise<Database> {
     storage = "memory";
     return new sqlite3.oo1.DB(":memory:", "c");
   }
-  if (typeof navigator === "undefined" || !navigator.storage?.getDirectory) {
-    throw new StorageError("opfs_unavailable", "this browser has no Origin Private File System (navigator.storage.getDirectory); open with storage: 'memory'");
+  if (options.storage === "indexeddb" || !hasOpfs()) {
+    if (!IdbImage.available()) {
+      throw new StorageError("storage_unavailable", "this browser has neither OPFS access handles nor IndexedDB; open with storage: 'memory'");
+    }
+    return openIndexedDb(sqlite3, options.name);
   }
   // The previous owner (a closed tab's worker) may still be letting go of
   // the files' access handles: try again for a while.
@@ -191,6 +209,63 @@ async function openDatabase(options: OpenOptions): Promise<Database> {
     }
   }
   throw new StorageError("opfs_unavailable", `cannot open the OPFS database: ${(lastError as Error)?.message ?? lastError}`);
+}
+
+/** An in-memory database loaded from its IndexedDB image; saved again after each commit (see persist). */
+async function openIndexedDb(s3: Sqlite3Static, name: string): Promise<Database> {
+  const store = await IdbImage.open(name);
+  const image = await store.load();
+  const db = new s3.oo1.DB(":memory:", "c");
+  if (image) {
+    // SQLite owns (and frees) the copy: it must come from sqlite3_malloc.
+    const p = s3.wasm.allocFromTypedArray(image);
+    const rc = s3.capi.sqlite3_deserialize(
+      db.pointer!,
+      "main",
+      p,
+      image.byteLength,
+      image.byteLength,
+      s3.capi.SQLITE_DESERIALIZE_FREEONCLOSE | s3.capi.SQLITE_DESERIALIZE_RESIZEABLE,
+    );
+    if (rc !== 0) {
+      db.close();
+      throw new StorageError("storage_corrupt", `the replica saved in IndexedDB cannot be loaded (SQLite error ${rc})`);
+    }
+  }
+  // Every commit marks the image stale; the gate saves it before answering.
+  s3.capi.sqlite3_commit_hook(
+    db.pointer!,
+    () => {
+      dirty = true;
+      return 0;
+    },
+    0,
+  );
+  idb = store;
+  storage = "indexeddb";
+  return db;
+}
+
+/** With IndexedDB storage: writes the image if a transaction committed since the last save. */
+async function persist(): Promise<void> {
+  if (!idb || !dirty || !replica) return;
+  dirty = false;
+  const image = sqlite3!.capi.sqlite3_js_db_export(replica.conn.db.pointer!);
+  try {
+    await idb.save(image);
+  } catch (e) {
+    dirty = true;
+    throw new StorageError("storage_write_failed", `saving the replica to IndexedDB failed: ${(e as Error).message}`);
+  }
+}
+
+/** Replica work one at a time; with IndexedDB, what it committed is saved before the gate opens. */
+function gated<T>(work: () => T | Promise<T>): Promise<T> {
+  return gate.run(async () => {
+    const value = await work();
+    await persist();
+    return value;
+  });
 }
 
 class StorageError extends Error {
@@ -222,8 +297,9 @@ async function open(options: OpenOptions): Promise<{ storage: Storage; clientId:
     outboxPollMs: options.outboxPollMs ?? 1_000,
   };
   if (options.tables) config.tables = options.tables;
-  sync = new Sync(replica, config, { token: requestToken, emit }, (work) => gate.run(work));
+  sync = new Sync(replica, config, { token: requestToken, emit }, gated);
   if (options.offline) sync.setOffline(true);
+  await persist();
   sync.start();
   return { storage, clientId };
 }

@@ -131,3 +131,54 @@ function isInteger(data: Uint8Array, start: number, end: number): boolean {
   }
   return true;
 }
+
+const encoder = new TextEncoder();
+/** Scratch memory in each SQLite instance's heap for values being bound (SQLite copies them). */
+const scratches = new WeakMap<Sqlite3Static, { base: number; size: number }>();
+
+function scratchFor(sqlite3: Sqlite3Static, bytes: number): { base: number; size: number } {
+  let scratch = scratches.get(sqlite3);
+  if (!scratch || scratch.size < bytes) {
+    if (scratch) sqlite3.wasm.dealloc(scratch.base as never);
+    const size = Math.max(bytes, 64 * 1024);
+    scratch = { base: sqlite3.wasm.alloc(size) as unknown as number, size };
+    scratches.set(sqlite3, scratch);
+  }
+  return scratch;
+}
+
+/**
+ * Binds `values` to `stmt`'s parameters 1..n through the raw exports (the
+ * reason is the same as for loadCopyChunk: `oo1`'s bind costs several
+ * microseconds a value). Strings and blobs are copied by SQLite.
+ */
+export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, values: readonly unknown[]): void {
+  const x = sqlite3.wasm.exports as Record<string, (...args: unknown[]) => number>;
+  const p = stmt.pointer as unknown as number;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    const idx = i + 1;
+    let rc = 0;
+    if (v === null || v === undefined) rc = x.sqlite3_bind_null!(p, idx);
+    else if (typeof v === "number") {
+      if (Number.isInteger(v) && v >= -2147483648 && v <= 2147483647) rc = x.sqlite3_bind_int!(p, idx, v);
+      else if (Number.isSafeInteger(v)) rc = x.sqlite3_bind_int64!(p, idx, BigInt(v));
+      else rc = x.sqlite3_bind_double!(p, idx, v);
+    } else if (typeof v === "bigint") rc = x.sqlite3_bind_int64!(p, idx, v);
+    else if (typeof v === "boolean") rc = x.sqlite3_bind_int!(p, idx, v ? 1 : 0);
+    else if (typeof v === "string") {
+      // UTF-8 takes at most 3 bytes per UTF-16 unit.
+      const { base, size } = scratchFor(sqlite3, v.length * 3 + 1);
+      const { written } = encoder.encodeInto(v, sqlite3.wasm.heap8u().subarray(base, base + size));
+      rc = x.sqlite3_bind_text!(p, idx, base, written, SQLITE_TRANSIENT);
+    } else if (v instanceof Uint8Array) {
+      const { base } = scratchFor(sqlite3, v.length + 1);
+      sqlite3.wasm.heap8u().set(v, base);
+      rc = x.sqlite3_bind_blob!(p, idx, base, v.length, SQLITE_TRANSIENT);
+    } else {
+      // Anything else: oo1's rules (and its error for what cannot be bound).
+      stmt.bind(idx, v as never);
+    }
+    if (rc !== 0) throw new BulkError(`binding parameter ${idx}: SQLite error ${rc}`);
+  }
+}

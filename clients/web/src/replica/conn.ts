@@ -1,6 +1,7 @@
 //! A thin layer over SQLite-WASM's `oo1.DB`: cached prepared statements,
 //! immediate transactions that roll back on any error, and plain rows.
 
+import { bindValues } from "./bulk.js";
 import type { Database, PreparedStatement, Sqlite3Static, SqlValue } from "@sqlite.org/sqlite-wasm";
 
 export type Params = readonly unknown[] | Record<string, unknown>;
@@ -24,7 +25,7 @@ export class Conn {
   run(sql: string, params: readonly unknown[] = []): number {
     const stmt = this.cached(sql);
     try {
-      if (params.length > 0) stmt.bind(params as SqlValue[]);
+      if (params.length > 0) bindValues(this.sqlite3, stmt, params);
       stmt.step();
       return this.db.changes();
     } finally {

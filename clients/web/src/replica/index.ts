@@ -7,7 +7,10 @@
 import type { TableSchema, Transaction, Visibility, WriteBatch, WriteResults } from "../protocol.js";
 import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
 import { applyChange, ReplicaError } from "./apply.js";
-import { ensureCaptureTables, setApplying, setTxId } from "./capture.js";
+import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
+
+/** Changes in one applied batch from which capture triggers are set aside. */
+const BULK_CHANGES = 200;
 import { Conn, type Params, type ResultRow } from "./conn.js";
 import * as outbox from "./outbox.js";
 import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
@@ -107,8 +110,14 @@ export class Replica {
     const echoes: Applied["echoes"] = [];
     let transactions = 0;
     let changes = 0;
+    // Many changes: the capture triggers of the tables they touch are set
+    // aside for the transaction (each would run for every row, as
+    // expensive as the row itself) and put back before it commits.
+    const bulk = txs.reduce((n, tx) => n + tx.changes.length, 0) >= BULK_CHANGES;
+    const quiet = bulk ? [...new Set(txs.flatMap((tx) => tx.changes.map((c) => c.table)))].flatMap((t) => this.tables.get(t) ?? []).filter((t) => !t.skipped) : [];
     this.conn.tx(() => {
       setApplying(this.conn, true);
+      for (const t of quiet) dropTriggers(this.conn, t);
       for (const tx of txs) {
         const lsn = parseLsn(tx.lsn);
         // At or below the stored position: already here.
@@ -132,6 +141,7 @@ export class Replica {
         writeMeta(this.conn, "lsn", formatLsn(reached));
         this.filters = snapshot.expire(this.conn, this.filters, reached);
       }
+      for (const t of quiet) createTriggers(this.conn, t);
       setApplying(this.conn, false);
     });
     return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes };
