@@ -49,10 +49,21 @@ function required(row: Row | undefined, table: TableSchema, op: string): Row {
   return row;
 }
 
+/** Statement text by table and column list: building it for every row costs more than running it. */
+const upserts = new WeakMap<TableSchema, Map<string, string>>();
+
 function upsert(conn: Conn, table: TableSchema, name: string, row: Row): void {
   const [cols, vals] = values(table, row);
-  const verb = table.primary_key.length === 0 ? "INSERT" : "INSERT OR REPLACE";
-  conn.run(`${verb} INTO ${name} (${cols.map(quote).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`, vals);
+  let byColumns = upserts.get(table);
+  if (!byColumns) upserts.set(table, (byColumns = new Map()));
+  const key = cols.join("\u0000");
+  let sql = byColumns.get(key);
+  if (sql === undefined) {
+    const verb = table.primary_key.length === 0 ? "INSERT" : "INSERT OR REPLACE";
+    sql = `${verb} INTO ${name} (${cols.map(quote).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`;
+    byColumns.set(key, sql);
+  }
+  conn.run(sql, vals);
 }
 
 /** The row's values for the table's known columns (others are left out). */

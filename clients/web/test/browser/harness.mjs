@@ -12,7 +12,7 @@ import { fileURLToPath } from "node:url";
 import pg from "pg";
 import { chromium } from "playwright-core";
 
-const here = dirname(fileURLToPath(import.meta.url));
+export const here = dirname(fileURLToPath(import.meta.url));
 export const packageRoot = join(here, "..", "..");
 
 export const DATABASE_URL = process.env.PGRELAY_TEST_DATABASE_URL ?? "postgres://postgres@127.0.0.1:5433/postgres";
