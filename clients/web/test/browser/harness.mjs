@@ -92,6 +92,7 @@ export async function startServer(databaseUrl, extraArgs = [], port) {
     });
     child.stdout.on("data", (d) => (server.log += d));
     child.stderr.on("data", (d) => (server.log += d));
+    child.on("error", (e) => (server.log += `cannot start ${PGRELAY_BIN}: ${e.message}`));
     server.process = child;
     children.add(child);
     child.once("exit", () => children.delete(child));

@@ -1,10 +1,11 @@
 // Storage and bad conditions: the IndexedDB fallback keeps the replica and
-// the outbox across a reload; two tabs open one socket (the server counts
-// its sessions); a wrong URL gives a status with a clear error while the
+// the outbox across a reload; two tabs open one socket (counted with ss);
+// a wrong URL gives a status with a clear error while the
 // page keeps retrying; a tab killed inside a transaction leaves the
 // replica and the outbox whole.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { freePort, freshDatabase, launchBrowser, openPage, startPages, startServer, waitFor } from "./harness.mjs";
 
 let db, server, pages, browser;
@@ -63,9 +64,15 @@ test("IndexedDB storage: the replica and unsent writes survive a reload, then re
   await context.close();
 });
 
-test("two tabs hold one WebSocket session between them", async () => {
-  const sessions = async () => (await (await fetch(`http://127.0.0.1:${server.port}/api/status`)).json()).sessions;
-  await waitFor("no sessions left from earlier tests", async () => (await sessions()) === 0);
+/** TCP connections open to the server's port: the page's WebSockets (Node's health checks are closed). */
+function socketsTo(port) {
+  const out = execFileSync("ss", ["-Htn", "state", "established", `( dport = :${port} )`], { encoding: "utf8" });
+  return out.split("\n").filter((l) => l.trim() !== "").length;
+}
+
+test("two tabs hold one WebSocket between them", async () => {
+  const metrics = async () => await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text();
+  await waitFor("no connections left from earlier tests", () => socketsTo(server.port) === 0);
   const context = await browser.newContext();
   const a = await openPage(context, pages.origin);
   const b = await openPage(context, pages.origin);
@@ -73,17 +80,23 @@ test("two tabs hold one WebSocket session between them", async () => {
   await b.evaluate((url) => window.open_({ url, name: "one-socket" }), server.url);
   await waitFor("caught up", () => b.evaluate(() => window.db.status.caughtUp));
   await b.evaluate(() => window.db.execute("INSERT INTO todos (id, title) VALUES (2001, 'via the other tab')", [], { waitForServer: true }));
-  assert.equal(await sessions(), 1);
+  assert.equal(socketsTo(server.port), 1, "one socket for two tabs");
+  assert.match(await metrics(), /^pgrelay_sessions_replaced_total 0$/m, "no second socket ever took the session over");
   await a.close();
   await waitFor("the second tab to take over", () => b.evaluate(() => window.db.isLeader && window.db.status.connection === "connected"));
-  assert.equal(await sessions(), 1);
+  assert.equal(socketsTo(server.port), 1, "still one socket after the hand-over");
   await context.close();
-  await waitFor("the session to end with the tabs", async () => (await sessions()) === 0);
+  await waitFor("the socket to close with the tabs", () => socketsTo(server.port) === 0);
 });
 
 test("a wrong URL: the status says why while the page keeps retrying; local work goes on", async () => {
   const context = await browser.newContext();
-  const page = await openPage(context, pages.origin);
+  let page = await openPage(context, pages.origin);
+  // A replica that has synced once (so it has the tables), then a wrong URL.
+  await page.evaluate((url) => window.open_({ url, name: "wrong-url" }), server.url);
+  await waitFor("caught up", () => page.evaluate(() => window.db.status.caughtUp));
+  await page.close();
+  page = await openPage(context, pages.origin);
   const nobody = `ws://127.0.0.1:${await freePort()}`;
   await page.evaluate((url) => window.open_({ url, name: "wrong-url", backoffBaseMs: 50, backoffCapMs: 200 }), nobody);
   const status = await waitFor("a retry scheduled after a failed connection", async () => {
@@ -92,7 +105,7 @@ test("a wrong URL: the status says why while the page keeps retrying; local work
   });
   assert.match(status.lastError.message, /connect|closed|WebSocket/i, JSON.stringify(status.lastError));
   assert.ok(status.lastError.code, "the error has a code");
-  const wrote = await page.evaluate(() => window.db.execute("INSERT INTO todos (id, title) VALUES (1, 'local')"));
+  const wrote = await page.evaluate(() => window.db.execute("INSERT INTO todos (id, title) VALUES (4001, 'local')"));
   assert.equal(wrote.captured, 1, "local writes work while the server cannot be reached");
   // Still trying, never "failed": the server may come up later.
   await page.evaluate(() => {
