@@ -24,6 +24,14 @@ pub enum ClientError {
     Token(String),
     #[error("tables {0:?} need a snapshot; reconnecting for it")]
     Resync(Vec<String>),
+    #[error("write {tx_id} rejected by the server: {reason}")]
+    WriteRejected { tx_id: String, reason: String },
+    #[error("write {tx_id}: {what} within {timeout:?}")]
+    WriteTimeout {
+        tx_id: String,
+        what: &'static str,
+        timeout: std::time::Duration,
+    },
 }
 
 impl ClientError {
@@ -50,7 +58,11 @@ impl ClientError {
                         | ErrorCode::TokenExpired
                 )
             }
-            ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
+            ClientError::Sqlite(_)
+            | ClientError::Replica(_)
+            | ClientError::ReplicaClosed
+            | ClientError::WriteRejected { .. }
+            | ClientError::WriteTimeout { .. } => false,
         }
     }
 }

@@ -303,6 +303,10 @@ async fn flush(
     let changes = txs.iter().map(|t| t.changes.len()).sum();
     let count = txs.len();
     let commit_times_us: Vec<i64> = txs.iter().map(|t| t.commit_time_us).collect();
+    let origins: Vec<(Lsn, String)> = txs
+        .iter()
+        .filter_map(|t| t.origin.clone().map(|o| (t.lsn, o)))
+        .collect();
     let newest_commit = commit_times_us.last().copied().unwrap_or(0);
     let reached = replica.apply_transactions(txs).await?;
     let now_us = SystemTime::now()
@@ -316,6 +320,7 @@ async fn flush(
         lag_ms: (now_us - newest_commit) / 1000,
         commit_times_us,
         applied_at_us: now_us,
+        origins,
     });
     Ok(reached)
 }
@@ -397,7 +402,7 @@ impl Pusher {
             pgrelay_protocol::MAX_WRITE_TRANSACTIONS
         };
         let (batch, set_aside) = replica.take_batch(max_txs).await?;
-        report(events, set_aside);
+        report(events, set_aside, (None, None));
         let Some(batch) = batch else {
             return Ok(None);
         };
@@ -417,11 +422,12 @@ impl Pusher {
         events: &broadcast::Sender<Event>,
         results: pgrelay_protocol::WriteResults,
     ) -> Result<(), ClientError> {
+        let bounds = (results.lsn_floor, results.lsn);
         let outcomes = replica.record_results(results).await?;
         let retry = outcomes
             .iter()
             .any(|o| o.status == pgrelay_protocol::WriteStatus::Retry);
-        report(events, outcomes);
+        report(events, outcomes, bounds);
         self.in_flight = None;
         self.one_at_a_time = false;
         if retry {
@@ -471,7 +477,7 @@ impl Pusher {
                     }],
                 };
                 let outcomes = replica.record_results(rejected).await?;
-                report(events, outcomes);
+                report(events, outcomes, (None, None));
             }
             self.one_at_a_time = false;
         } else {
@@ -482,7 +488,12 @@ impl Pusher {
     }
 }
 
-fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
+/// Sends an event per outcome; `bounds` are the batch's `(lsn_floor, lsn)`.
+fn report(
+    events: &broadcast::Sender<Event>,
+    outcomes: Vec<Outcome>,
+    bounds: (Option<Lsn>, Option<Lsn>),
+) {
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -493,6 +504,8 @@ fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
                 tx_id: outcome.tx_id,
                 changes: outcome.changes,
                 latency: Duration::from_micros((now_us - outcome.created_us).max(0) as u64),
+                lsn_floor: bounds.0,
+                lsn: bounds.1,
             },
             pgrelay_protocol::WriteStatus::Rejected => {
                 let reason = outcome.reason.unwrap_or_default();
