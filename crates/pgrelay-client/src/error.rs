@@ -32,6 +32,9 @@ pub enum ClientError {
         what: &'static str,
         timeout: std::time::Duration,
     },
+    /// A local transaction the protocol cannot carry; it was rolled back.
+    #[error("transaction refused and rolled back: {0}")]
+    TooLarge(#[from] pgrelay_protocol::TooLarge),
 }
 
 impl ClientError {
@@ -62,7 +65,8 @@ impl ClientError {
             | ClientError::Replica(_)
             | ClientError::ReplicaClosed
             | ClientError::WriteRejected { .. }
-            | ClientError::WriteTimeout { .. } => false,
+            | ClientError::WriteTimeout { .. }
+            | ClientError::TooLarge(_) => false,
         }
     }
 }

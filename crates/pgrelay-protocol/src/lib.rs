@@ -3,12 +3,17 @@
 //! clients in any language can be checked against these definitions.
 
 pub mod canonical;
+mod frames;
 mod lsn;
 mod message;
 mod schema;
 mod snapshot;
 mod write;
 
+pub use frames::{
+    encode_alone, layout, Assembly, BatchFrame, EncodedTransaction, Layout, PartAnswer, TooLarge,
+    WritePart, MAX_TRANSACTION_BYTES,
+};
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::{
     Change, ClientMessage, CloseCode, ErrorCode, Op, Row, ServerMessage, Transaction,
