@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use pgrelay_protocol::{ErrorCode, Lsn};
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
@@ -139,6 +140,7 @@ pub struct SyncClient {
     replica: Replica,
     events: broadcast::Sender<Event>,
     writes: Arc<Notify>,
+    client_id: String,
 }
 
 impl SyncClient {
@@ -150,13 +152,14 @@ impl SyncClient {
             (None, Some(stored)) => stored,
             (None, None) => format!("client-{:016x}", rand::random::<u64>()),
         };
-        replica.set_client_id(id).await?;
+        replica.set_client_id(id.clone()).await?;
         let (events, _) = broadcast::channel(1024);
         Ok(SyncClient {
             config,
             replica,
             events,
             writes: Arc::new(Notify::new()),
+            client_id: id,
         })
     }
 
@@ -178,6 +181,98 @@ impl SyncClient {
             self.writes.notify_one();
         }
         Ok(executed)
+    }
+
+    /// Read-your-writes: runs `sql` like [`SyncClient::execute`], then
+    /// waits until the server has applied its writes and the replica holds
+    /// the PostgreSQL transaction carrying them, so a query right after
+    /// sees the rows as PostgreSQL committed them (defaults, triggers).
+    /// The transaction is recognised by its origin (this client) and its
+    /// commit LSN, which the server's answer bounds to `(lsn_floor, lsn]`.
+    /// [`SyncClient::run`] must be running (in another task). Fails with
+    /// [`ClientError::WriteRejected`] when the server refuses the write
+    /// (the replica is already rolled back), and with
+    /// [`ClientError::WriteTimeout`] after `timeout`; the write stays in
+    /// the outbox either way unless rejected.
+    pub async fn execute_and_wait(
+        &self,
+        sql: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<Executed, ClientError> {
+        // Subscribed before the write, so no answer or echo can be missed.
+        let mut events = self.events.subscribe();
+        let executed = self.execute(sql).await?;
+        if executed.captured == 0 {
+            return Ok(executed);
+        }
+        let tx_id = executed.tx_id.clone();
+        let mut answered = false;
+        let wait = async {
+            let mut bounds: Option<(Option<Lsn>, Option<Lsn>)> = None;
+            let mut position: Option<Lsn> = None;
+            let mut echoes: Vec<Lsn> = Vec::new();
+            loop {
+                match events.recv().await {
+                    Ok(Event::WriteApplied {
+                        tx_id: id,
+                        lsn_floor,
+                        lsn,
+                        ..
+                    }) if id == tx_id => {
+                        answered = true;
+                        bounds = Some((lsn_floor, lsn));
+                    }
+                    Ok(Event::WriteRejected { tx_id: id, reason }) if id == tx_id => {
+                        return Err(ClientError::WriteRejected { tx_id: id, reason });
+                    }
+                    Ok(Event::Applied { lsn, origins, .. }) => {
+                        position = Some(lsn);
+                        echoes.extend(
+                            origins
+                                .into_iter()
+                                .filter(|(_, origin)| *origin == self.client_id)
+                                .map(|(l, _)| l),
+                        );
+                    }
+                    Ok(_) => {}
+                    // Events were dropped: the position may have moved
+                    // past the write; the replica knows.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        position = self.replica.state().await?.lsn;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(ClientError::ReplicaClosed);
+                    }
+                }
+                if let Some((floor, ceiling)) = bounds {
+                    let held = match ceiling {
+                        // A server without the bounds: the answer is all we get.
+                        None => true,
+                        Some(ceiling) => {
+                            position.is_some_and(|p| p >= ceiling)
+                                || echoes
+                                    .iter()
+                                    .any(|&e| floor.is_none_or(|f| e > f) && e <= ceiling)
+                        }
+                    };
+                    if held {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result.map(|()| executed),
+            Err(_) => Err(ClientError::WriteTimeout {
+                tx_id,
+                what: if answered {
+                    "applied, but its transaction has not reached the replica"
+                } else {
+                    "no answer from the server"
+                },
+                timeout,
+            }),
+        }
     }
 
     /// The outbox's counts and its newest `limit` entries.

@@ -229,7 +229,7 @@ pub(crate) async fn connect_and_sync(
                                 .refused(replica, events, batch_id, code, message)
                                 .await?
                         }
-                        ServerMessage::Tx(_) => {}
+                        ServerMessage::Tx(_) | ServerMessage::Pong => {}
                     }
                 }
                 None => {}
@@ -340,6 +340,10 @@ async fn flush(
     let changes = txs.iter().map(|t| t.changes.len()).sum();
     let count = txs.len();
     let commit_times_us: Vec<i64> = txs.iter().map(|t| t.commit_time_us).collect();
+    let origins: Vec<(Lsn, String)> = txs
+        .iter()
+        .filter_map(|t| t.origin.clone().map(|o| (t.lsn, o)))
+        .collect();
     let newest_commit = commit_times_us.last().copied().unwrap_or(0);
     let applied = replica.apply(txs).await?;
     let reached = applied.lsn;
@@ -354,6 +358,7 @@ async fn flush(
         lag_ms: (now_us - newest_commit) / 1000,
         commit_times_us,
         applied_at_us: now_us,
+        origins,
     });
     if !applied.unknown.is_empty() {
         // Committed, and recorded for a snapshot: the next connection
@@ -445,7 +450,7 @@ impl Pusher {
         };
         let taken = replica.take_batch(max_txs).await?;
         if !taken.set_aside.is_empty() {
-            report(events, taken.set_aside);
+            report(events, taken.set_aside, (None, None));
             // What followed it may be sent now.
             self.wanted = true;
         }
@@ -473,11 +478,12 @@ impl Pusher {
         events: &broadcast::Sender<Event>,
         results: pgrelay_protocol::WriteResults,
     ) -> Result<(), ClientError> {
+        let bounds = (results.lsn_floor, results.lsn);
         let outcomes = replica.record_results(results).await?;
         let retry = outcomes
             .iter()
             .any(|o| o.status == pgrelay_protocol::WriteStatus::Retry);
-        report(events, outcomes);
+        report(events, outcomes, bounds);
         self.in_flight = None;
         self.one_at_a_time = false;
         if retry {
@@ -518,7 +524,7 @@ impl Pusher {
                 let (outcome, resync) = replica
                     .set_aside(tx_id.clone(), format!("{code:?}: {message}"))
                     .await?;
-                report(events, vec![outcome]);
+                report(events, vec![outcome], (None, None));
                 if !resync.is_empty() {
                     return Err(ClientError::Resync(resync));
                 }
@@ -535,7 +541,12 @@ struct InFlight {
     tx_ids: Vec<String>,
 }
 
-fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
+/// Sends an event per outcome; `bounds` are the batch's `(lsn_floor, lsn)`.
+fn report(
+    events: &broadcast::Sender<Event>,
+    outcomes: Vec<Outcome>,
+    bounds: (Option<Lsn>, Option<Lsn>),
+) {
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -546,6 +557,8 @@ fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
                 tx_id: outcome.tx_id,
                 changes: outcome.changes,
                 latency: Duration::from_micros((now_us - outcome.created_us).max(0) as u64),
+                lsn_floor: bounds.0,
+                lsn: bounds.1,
             },
             pgrelay_protocol::WriteStatus::Rejected => {
                 let reason = outcome.reason.unwrap_or_default();

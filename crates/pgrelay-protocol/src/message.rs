@@ -57,6 +57,9 @@ pub enum ClientMessage {
     /// Answer to `snapshot_end`: the tables whose row count or checksum did
     /// not match and must be sent again (empty: the snapshot is complete).
     SnapshotDone { refetch: Vec<String> },
+    /// A liveness check for clients that cannot send WebSocket pings
+    /// (browsers); answered with `pong`.
+    Ping,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,6 +131,8 @@ pub enum ServerMessage {
         code: BatchRefusal,
         message: String,
     },
+    /// The answer to a client's `ping`.
+    Pong,
 }
 
 /// One committed PostgreSQL transaction, with the changes a client may see,

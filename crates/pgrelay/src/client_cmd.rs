@@ -76,6 +76,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                     tx_id,
                     changes,
                     latency,
+                    ..
                 } => tracing::debug!(%tx_id, changes, ?latency, "local write applied"),
                 Event::WriteRejected { tx_id, reason } => {
                     tracing::warn!(%tx_id, %reason, "local write rejected")

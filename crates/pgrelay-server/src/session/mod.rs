@@ -679,6 +679,10 @@ impl<'a> Session<'a> {
                 self.interrupt_parts("a refused write").await?;
                 self.refuse_batch(batch_id, code, message).await?
             }
+            write::Incoming::Ping => {
+                self.send(Frame::encode(&ServerMessage::Pong, Lsn::ZERO))
+                    .await?;
+            }
             // A late verdict on a snapshot already settled: nothing to do.
             write::Incoming::SnapshotDone(_) => {}
             write::Incoming::Fatal(refusal) => return Err(refusal),
@@ -734,6 +738,8 @@ impl<'a> Session<'a> {
                 // again after a backoff, as after any server-side fault.
                 let results = WriteResults {
                     batch_id: part.batch_id.clone(),
+                    lsn: None,
+                    lsn_floor: None,
                     results: vec![TxResult::retry(
                         &part.transaction_id,
                         "the server is receiving as many large transactions as it allows; send it again later",

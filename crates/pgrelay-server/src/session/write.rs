@@ -11,6 +11,8 @@ use super::{handshake, Refusal};
 
 pub(super) enum Incoming {
     Write(WriteBatch),
+    /// A liveness check: answered with `pong`.
+    Ping,
     /// A part of a large transaction, with its frame's length.
     WritePart(WritePart, usize),
     /// The client's verdict on a snapshot.
@@ -47,6 +49,7 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
         },
         Ok(ClientMessage::WritePart(part)) => Incoming::WritePart(part, bytes.len()),
         Ok(ClientMessage::SnapshotDone { refetch }) => Incoming::SnapshotDone(refetch),
+        Ok(ClientMessage::Ping) => Incoming::Ping,
         Ok(ClientMessage::Hello { .. }) => Incoming::Fatal(Refusal::new(
             ErrorCode::HandshakeRequired,
             "hello was already received",
@@ -88,7 +91,10 @@ mod tests {
     fn bad_writes_keep_the_connection() {
         let refused = |text: &str| match parse(text.as_bytes()) {
             Incoming::Refused { code, .. } => code,
-            Incoming::Write(_) | Incoming::WritePart(..) | Incoming::SnapshotDone(_) => {
+            Incoming::Write(_)
+            | Incoming::WritePart(..)
+            | Incoming::SnapshotDone(_)
+            | Incoming::Ping => {
                 panic!("accepted {text}")
             }
             Incoming::Fatal(r) => panic!("closed on {text}: {}", r.message),
