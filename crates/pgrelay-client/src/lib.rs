@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use pgrelay_protocol::{ErrorCode, Lsn};
+use pgrelay_protocol::Lsn;
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
