@@ -1,7 +1,6 @@
 //! pgrelay's client: keeps a local SQLite replica in sync with a pgrelay
 //! server. Use [`SyncClient`] to run it, [`Replica`] to read its state.
 
-mod copy_text;
 mod error;
 mod events;
 mod hydrate;

@@ -3,12 +3,15 @@
 //! clients in any language can be checked against these definitions.
 
 pub mod canonical;
+pub mod copy_text;
+mod ident;
 mod lsn;
 mod message;
 mod schema;
 mod snapshot;
 mod write;
 
+pub use ident::{quote_ident, quote_table};
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::{
     Change, ClientMessage, CloseCode, ErrorCode, Op, Row, ServerMessage, Transaction,

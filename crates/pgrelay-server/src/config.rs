@@ -7,7 +7,8 @@ use pgrelay_pg::TableFilter;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// PostgreSQL to capture from; `None` serves only the LiveStore event logs.
+    /// PostgreSQL to capture from; `None` serves only `/health` (and the
+    /// routes given to [`crate::Server::start_with`]).
     pub database_url: Option<String>,
     pub listen: SocketAddr,
     pub tables: TableFilter,
@@ -77,8 +78,6 @@ pub struct ServerConfig {
     /// On shutdown, how long sessions get to close before the server stops
     /// waiting for them.
     pub shutdown_grace: Duration,
-    /// The LiveStore event-log backend.
-    pub eventlog: crate::eventlog::EventLogConfig,
 }
 
 impl ServerConfig {
@@ -114,12 +113,12 @@ impl ServerConfig {
             stall_after: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
-            eventlog: crate::eventlog::EventLogConfig::default(),
         }
     }
 
-    /// A server of LiveStore event logs only, without PostgreSQL.
-    pub fn eventlog_only() -> ServerConfig {
+    /// A server without PostgreSQL: no row sync, only `/health` and the
+    /// routes given to [`crate::Server::start_with`] (the LiveStore event logs).
+    pub fn without_database() -> ServerConfig {
         ServerConfig {
             database_url: None,
             ..ServerConfig::new("")
@@ -199,11 +198,6 @@ impl ServerConfig {
         }
         if self.monitor_interval.is_zero() {
             return Err("the monitor interval must be positive".to_owned());
-        }
-        if self.eventlog.storage == crate::eventlog::EventLogStorage::Postgres
-            && self.database_url.is_none()
-        {
-            return Err("--eventlog-store postgres needs --database-url".to_owned());
         }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());

@@ -7,7 +7,6 @@ mod auth;
 mod config;
 mod encoded;
 mod error;
-mod eventlog;
 mod history;
 mod hub;
 mod lag;
@@ -35,7 +34,6 @@ use tokio::task::JoinSet;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
-pub use eventlog::{EventLogConfig, EventLogError, EventLogStorage, StoreInfo};
 
 use hub::Hub;
 use replication::Replication;
@@ -77,13 +75,23 @@ impl Server {
     /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
     /// binds the listener and starts replication and the HTTP server.
     /// Fails fast on anything a retry will not cure (wal_level, bad slot,
-    /// unknown table, port in use). Without a database URL only the
-    /// LiveStore event-log backend is served.
+    /// unknown table, port in use). Without a database URL only `/health`
+    /// is served.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Server::start_with(config, watch::channel(false).0, axum::Router::new()).await
+    }
+
+    /// [`Server::start`], also serving `routes` (the LiveStore backend's)
+    /// on the same listener. `shutdown` becomes the server's shutdown
+    /// signal, so whatever serves `routes` can stop with it.
+    pub async fn start_with(
+        config: ServerConfig,
+        shutdown: watch::Sender<bool>,
+        routes: axum::Router,
+    ) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown_rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
-        let eventlog = eventlog::EventLog::open(&config, shutdown_rx.clone()).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -125,7 +133,7 @@ impl Server {
             }
         };
         let app = app
-            .merge(eventlog::router(eventlog))
+            .merge(routes)
             .into_make_service_with_connect_info::<SocketAddr>();
         let mut http_shutdown = shutdown_rx;
         // Frames are small and often back to back (a write result, then its

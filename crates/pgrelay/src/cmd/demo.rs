@@ -13,7 +13,7 @@ use pgrelay_server::{Server, ServerConfig};
 use pgrelay_testkit::PrivateCluster;
 use tokio::sync::watch;
 
-use crate::verify;
+use crate::cmd::verify;
 
 const TABLE: &str = "public.pgrelay_demo_todos";
 const SLOT: &str = "pgrelay_demo";

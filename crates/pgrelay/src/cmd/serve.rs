@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use pgrelay_eventlog::{AdminToken, EventLog, EventLogConfig, EventLogStorage};
 use pgrelay_pg::TableFilter;
-use pgrelay_server::{parse_conflict, AuthConfig, EventLogStorage, JwtKey, Server, ServerConfig};
+use pgrelay_server::{parse_conflict, AuthConfig, JwtKey, Server, ServerConfig};
+use tokio::sync::watch;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -181,11 +183,11 @@ impl ServeArgs {
         Ok(Some(config))
     }
 
-    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
+    pub fn into_config(self) -> anyhow::Result<ServeConfig> {
         let auth = self.auth_config()?;
-        let mut config = match self.database_url {
+        let mut config = match self.database_url.clone() {
             Some(url) => ServerConfig::new(url),
-            None => ServerConfig::eventlog_only(),
+            None => ServerConfig::without_database(),
         };
         config.listen = self.listen;
         config.tables = match self.tables {
@@ -215,19 +217,55 @@ impl ServeArgs {
         config.stall_after = self.stall_after;
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
-        config.eventlog.auth_token = self.eventlog.eventlog_auth_token;
-        config.eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
-        config.eventlog.storage = match self.eventlog.eventlog_store.as_str() {
-            "postgres" => EventLogStorage::Postgres,
+        config.auth = auth;
+        let mut eventlog = EventLogConfig {
+            idle_timeout: config.idle_timeout,
+            send_timeout: config.send_timeout,
+            ..EventLogConfig::default()
+        };
+        eventlog.auth_token = self.eventlog.eventlog_auth_token.map(Into::into);
+        eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
+        eventlog.storage = match self.eventlog.eventlog_store.as_str() {
+            "postgres" => match self.database_url {
+                Some(url) => EventLogStorage::Postgres(url.into()),
+                None => {
+                    anyhow::bail!("configuration: --eventlog-store postgres needs --database-url")
+                }
+            },
             _ => EventLogStorage::Sqlite(Some(self.eventlog.eventlog_db)),
         };
-        config.auth = auth;
-        Ok(config)
+        Ok(ServeConfig {
+            server: config,
+            eventlog,
+        })
     }
 }
 
+/// What `pgrelay serve` runs on one listener: the row sync (with a
+/// database URL) and the LiveStore event-log backend.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub server: ServerConfig,
+    pub eventlog: EventLogConfig,
+}
+
+/// Starts the server with the LiveStore backend's routes mounted beside
+/// the row sync's; both stop on the server's shutdown. The store admin API
+/// answers to the server's `--admin-token`.
+pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
+    // Checked before the event logs' storage is opened or created.
+    config
+        .server
+        .validate()
+        .map_err(pgrelay_server::ServerError::Config)?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let admin = AdminToken::new(config.server.admin_token.clone().map(Into::into));
+    let eventlog = EventLog::open(config.eventlog, std::sync::Arc::new(admin), shutdown_rx).await?;
+    Ok(Server::start_with(config.server, shutdown, eventlog.router()).await?)
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut server = Server::start(args.into_config()?).await?;
+    let mut server = start(args.into_config()?).await?;
     // Tests and scripts read this line to learn the bound port.
     println!("pgrelay listening on {}", server.local_addr());
     let stop = server.shutdown_handle();

@@ -2,6 +2,8 @@
 //! from the command line. One HTTP/1.1 request per command, over plain TCP
 //! (the admin API is meant for a private network or a local TLS proxy).
 
+pub mod store;
+
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -41,7 +43,7 @@ pub enum AdminCommand {
     },
     /// LiveStore stores: info, reset.
     #[command(subcommand)]
-    Store(crate::store_cmd::StoreCommand),
+    Store(store::StoreCommand),
 }
 
 #[derive(Args, Debug)]
@@ -90,7 +92,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             let path = format!("/api/admin/clients/{}", path_segment(&client_id)?);
             answer(request(&server, "DELETE", &path).await?)
         }
-        AdminCommand::Store(command) => crate::store_cmd::store(command).await,
+        AdminCommand::Store(command) => store::store(command).await,
         AdminCommand::Notify { server, client_id } => {
             let path = format!("/api/admin/clients/{}/notify", path_segment(&client_id)?);
             answer(request(&server, "POST", &path).await?)

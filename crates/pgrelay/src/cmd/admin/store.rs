@@ -41,8 +41,7 @@ pub async fn store(command: StoreCommand) -> anyhow::Result<()> {
     } else {
         format!("http://{}", args.server)
     };
-    let (status, body) =
-        crate::admin_cmd::http(&server, Some(&args.admin_token), method, &path).await?;
+    let (status, body) = super::http(&server, Some(&args.admin_token), method, &path).await?;
     if !(200..300).contains(&status) {
         bail!("the server answered {status}: {}", body.trim());
     }
