@@ -202,3 +202,21 @@ impl EventLog {
         http::router(self.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let config = EventLogConfig {
+            storage: EventLogStorage::Postgres("postgres://app:pg-secret-7@db/app".into()),
+            auth_token: Some("payload-token-8".into()),
+            ..EventLogConfig::default()
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("pg-secret-7"), "{printed}");
+        assert!(!printed.contains("payload-token-8"), "{printed}");
+        assert!(printed.contains("subscriber_buffer: 256"), "{printed}");
+    }
+}

@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pgrelay_pg::ConnInfo;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -111,7 +112,7 @@ impl Server {
             Some(url) => {
                 start_row_sync(
                     config.clone(),
-                    &url,
+                    url.expose_secret(),
                     addr,
                     &sessions,
                     &mut tasks,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 
 /// glibc's malloc serialises many threads on a few arenas (the client
 /// fleet in `bench` runs one SQLite thread per replica); mimalloc keeps
@@ -92,7 +93,7 @@ enum ClientCommand {
 #[derive(Args)]
 struct VerifyArgs {
     #[arg(long, env = "PGRELAY_DATABASE_URL")]
-    database_url: String,
+    database_url: SecretString,
     #[arg(long, env = "PGRELAY_DB")]
     db: PathBuf,
     /// Only these tables (comma-separated); default: every table in the replica.
@@ -122,8 +123,12 @@ fn main() -> ExitCode {
             Command::Client(ClientCommand::Outbox(args)) => client::outbox(args).await,
             Command::Client(ClientCommand::Reset { db }) => client::reset(&db).await,
             Command::Verify(args) => {
-                let report =
-                    verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;
+                let report = verify::verify(
+                    args.database_url.expose_secret(),
+                    &args.db,
+                    args.tables.as_deref(),
+                )
+                .await?;
                 print!("{}", report.render_table());
                 if report.all_match() {
                     Ok(())

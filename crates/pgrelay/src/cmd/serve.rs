@@ -9,6 +9,7 @@ use clap::Args;
 use pgrelay_eventlog::{AdminToken, EventLog, EventLogConfig, EventLogStorage};
 use pgrelay_pg::TableFilter;
 use pgrelay_server::{parse_conflict, AuthConfig, JwtKey, Server, ServerConfig};
+use secrecy::SecretString;
 use tokio::sync::watch;
 
 #[derive(Args, Debug)]
@@ -16,7 +17,7 @@ pub struct ServeArgs {
     /// PostgreSQL to capture from (needs wal_level=logical). Without it,
     /// only the LiveStore event-log backend is served.
     #[arg(long, env = "PGRELAY_DATABASE_URL")]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretString>,
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:7171")]
     pub listen: SocketAddr,
     /// Tables to sync, comma-separated (`public.a,b`); default: every table in schema public.
@@ -85,7 +86,7 @@ pub struct ServeArgs {
     pub message_burst: u32,
     /// Client registry: `redis://host:port[/db]` to share it between nodes; embedded when left out.
     #[arg(long, env = "PGRELAY_REGISTRY")]
-    pub registry: Option<String>,
+    pub registry: Option<SecretString>,
     /// Prefix of the registry's Redis keys.
     #[arg(long, env = "PGRELAY_REGISTRY_PREFIX", default_value = "pgrelay:")]
     pub registry_prefix: String,
@@ -100,7 +101,7 @@ pub struct ServeArgs {
     pub node: Option<String>,
     /// Turns the admin API on, guarded by this token (at least 16 characters).
     #[arg(long, env = "PGRELAY_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
     /// `/ready` fails while replication lags more than this.
     #[arg(long, env = "PGRELAY_READY_MAX_LAG", default_value = "60s", value_parser = humantime::parse_duration)]
     pub ready_max_lag: Duration,
@@ -139,7 +140,7 @@ pub struct EventLogArgs {
     /// Require LiveStore clients to send this token as `payload.authToken`
     /// (`makeWsSync` with `syncPayload: { authToken }`).
     #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
-    pub eventlog_auth_token: Option<String>,
+    pub eventlog_auth_token: Option<SecretString>,
 }
 
 impl ServeArgs {
@@ -223,11 +224,11 @@ impl ServeArgs {
             send_timeout: config.send_timeout,
             ..EventLogConfig::default()
         };
-        eventlog.auth_token = self.eventlog.eventlog_auth_token.map(Into::into);
+        eventlog.auth_token = self.eventlog.eventlog_auth_token;
         eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
         eventlog.storage = match self.eventlog.eventlog_store.as_str() {
             "postgres" => match self.database_url {
-                Some(url) => EventLogStorage::Postgres(url.into()),
+                Some(url) => EventLogStorage::Postgres(url),
                 None => {
                     anyhow::bail!("configuration: --eventlog-store postgres needs --database-url")
                 }
@@ -259,7 +260,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
         .validate()
         .map_err(pgrelay_server::ServerError::Config)?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let admin = AdminToken::new(config.server.admin_token.clone().map(Into::into));
+    let admin = AdminToken::new(config.server.admin_token.clone());
     let eventlog = EventLog::open(config.eventlog, std::sync::Arc::new(admin), shutdown_rx).await?;
     Ok(Server::start_with(config.server, shutdown, eventlog.router()).await?)
 }
@@ -297,5 +298,49 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--database-url",
+            "postgres://app:db-password-1@127.0.0.1/app",
+            "--admin-token",
+            "admin-token-secret-2",
+            "--registry",
+            "redis://:redis-password-3@127.0.0.1:6379",
+            "--eventlog-store",
+            "postgres",
+            "--eventlog-auth-token",
+            "payload-token-4",
+        ])
+        .unwrap();
+        let secrets = [
+            "db-password-1",
+            "admin-token-secret-2",
+            "redis-password-3",
+            "payload-token-4",
+        ];
+        let args = format!("{:?}", cli.serve);
+        let config = format!("{:?}", cli.serve.into_config().unwrap());
+        for printed in [args, config] {
+            for secret in secrets {
+                assert!(!printed.contains(secret), "{secret} printed in {printed}");
+            }
+        }
     }
 }

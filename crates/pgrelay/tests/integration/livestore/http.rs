@@ -97,7 +97,7 @@ async fn a_payload_token_is_checked_before_the_upgrade() {
 #[tokio::test]
 async fn admin_info_and_reset_over_http_and_the_cli() {
     let mut cfg = config();
-    cfg.server.admin_token = Some("admin-secret-for-tests".to_owned());
+    cfg.server.admin_token = Some("admin-secret-for-tests".into());
     let server = start(cfg).await;
     let addr = server.local_addr();
     let store = store_id("admin");
