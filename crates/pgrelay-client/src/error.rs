@@ -24,6 +24,9 @@ pub enum ClientError {
     Token(String),
     #[error("tables {0:?} need a snapshot; reconnecting for it")]
     Resync(Vec<String>),
+    /// A local transaction the protocol cannot carry; it was rolled back.
+    #[error("transaction refused and rolled back: {0}")]
+    TooLarge(#[from] pgrelay_protocol::TooLarge),
 }
 
 impl ClientError {
@@ -50,7 +53,10 @@ impl ClientError {
                         | ErrorCode::TokenExpired
                 )
             }
-            ClientError::Sqlite(_) | ClientError::Replica(_) | ClientError::ReplicaClosed => false,
+            ClientError::Sqlite(_)
+            | ClientError::Replica(_)
+            | ClientError::ReplicaClosed
+            | ClientError::TooLarge(_) => false,
         }
     }
 }

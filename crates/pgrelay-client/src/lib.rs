@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use pgrelay_protocol::ErrorCode;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{broadcast, watch, Notify};
 
@@ -38,7 +39,9 @@ pub struct ClientConfig {
     /// Asked for a token before every connection (after an expired token
     /// too); wins over `token`. See [`TokenProvider::file`].
     pub token_provider: Option<TokenProvider>,
-    /// Return once the replica holds what the server had at connect time.
+    /// Return once the replica holds what the server had at connect time;
+    /// a token refused twice (once more after asking the provider again)
+    /// ends the run with an error instead of retrying.
     pub exit_when_caught_up: bool,
     pub ping_interval: Duration,
     /// Reconnect when nothing was heard from the server for this long.
@@ -184,8 +187,14 @@ impl SyncClient {
 
     /// Syncs until `shutdown` is set, until caught up when the config asks
     /// for that, or until an error no retry can cure.
+    ///
+    /// With [`ClientConfig::exit_when_caught_up`] a refused token
+    /// (`token_expired` or `unauthorized`) is asked of the token provider
+    /// once more; refused again, or without a provider, it ends the run
+    /// with the server's reason rather than retrying forever.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let mut attempt = 0u32;
+        let mut tokens_refused = 0u32;
         loop {
             let mut welcomed = false;
             let result = session::connect_and_sync(
@@ -200,9 +209,24 @@ impl SyncClient {
             if welcomed {
                 // The server took us: the next failure starts a fresh backoff.
                 attempt = 0;
+                tokens_refused = 0;
             }
             match result {
                 Ok(_) => return Ok(()),
+                Err(ClientError::Refused { code, message })
+                    if self.config.exit_when_caught_up
+                        && matches!(code, ErrorCode::TokenExpired | ErrorCode::Unauthorized) =>
+                {
+                    tokens_refused += 1;
+                    if tokens_refused > 1 || self.config.token_provider.is_none() {
+                        return Err(ClientError::Refused { code, message });
+                    }
+                    tracing::warn!(?code, %message, "token refused; asking the token provider once more");
+                    let _ = self.events.send(Event::Disconnected {
+                        error: format!("token refused: {message}"),
+                        retry_in: Duration::ZERO,
+                    });
+                }
                 Err(e) if !e.is_retryable() => return Err(e),
                 // Tables to fetch: reconnect for them at once.
                 Err(ClientError::Resync(_)) => continue,

@@ -5,7 +5,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use pgrelay_protocol::{ClientMessage, Lsn, ServerMessage, Transaction, PROTOCOL_VERSION};
+use pgrelay_protocol::{
+    ClientMessage, CloseCode, ErrorCode, Lsn, ServerMessage, Transaction, PROTOCOL_VERSION,
+};
 use tokio::sync::{broadcast, Notify};
 use tokio::time::{interval_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -71,7 +73,9 @@ pub(crate) async fn connect_and_sync(
         // Local writes wait until a snapshot is in: the rows they touch are
         // being replaced.
         if pusher.due() && hydration.is_none() {
-            if let Some(frame) = pusher.take(replica, events).await? {
+            // A large transaction goes as several `write_part` frames in a
+            // row; the server answers once, after the last.
+            for frame in pusher.take(replica, events).await? {
                 socket.send(Message::Text(frame.into())).await?;
             }
         }
@@ -268,6 +272,17 @@ fn decode(message: Message) -> Result<Option<ServerMessage>, ClientError> {
         Message::Text(text) => text.as_bytes(),
         Message::Binary(bytes) => bytes,
         Message::Close(frame) => {
+            if let Some(f) = frame
+                .as_ref()
+                .filter(|f| u16::from(f.code) == CloseCode::TOKEN_EXPIRED.0)
+            {
+                // The close code alone says the token was refused, should
+                // the `error` frame before it have been lost.
+                return Err(ClientError::Refused {
+                    code: ErrorCode::TokenExpired,
+                    message: f.reason.to_string(),
+                });
+            }
             let reason = frame
                 .as_ref()
                 .map(|f| format!("{} {}", f.code, f.reason))
@@ -347,7 +362,7 @@ pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
 /// Pushes the outbox: one batch in flight at a time, in capture order;
 /// after a `retry` answer the next push waits out a backoff.
 struct Pusher {
-    in_flight: Option<Option<String>>,
+    in_flight: Option<InFlight>,
     wanted: bool,
     not_before: Instant,
     attempt: u32,
@@ -384,31 +399,42 @@ impl Pusher {
         Ok(self.in_flight.is_none() && !replica.has_unsent_writes().await?)
     }
 
-    /// The next batch's frame, marked sent in the outbox.
+    /// The next batch's frames, marked sent in the outbox (none when
+    /// nothing waits). A set-aside write ends the connection with
+    /// [`ClientError::Resync`]: the next one fetches its tables again.
     async fn take(
         &mut self,
         replica: &Replica,
         events: &broadcast::Sender<Event>,
-    ) -> Result<Option<String>, ClientError> {
+    ) -> Result<Vec<String>, ClientError> {
         self.wanted = false;
         let max_txs = if self.one_at_a_time {
             1
         } else {
             pgrelay_protocol::MAX_WRITE_TRANSACTIONS
         };
-        let (batch, set_aside) = replica.take_batch(max_txs).await?;
-        report(events, set_aside);
-        let Some(batch) = batch else {
-            return Ok(None);
-        };
+        let taken = replica.take_batch(max_txs).await?;
+        if !taken.set_aside.is_empty() {
+            report(events, taken.set_aside);
+            // What followed it may be sent now.
+            self.wanted = true;
+        }
+        if !taken.resync.is_empty() {
+            return Err(ClientError::Resync(taken.resync));
+        }
+        if taken.frames.is_empty() {
+            return Ok(Vec::new());
+        }
         tracing::debug!(
-            transactions = batch.transactions.len(),
+            transactions = taken.tx_ids.len(),
+            frames = taken.frames.len(),
             "pushing local writes"
         );
-        self.in_flight = Some(batch.batch_id.clone());
-        let frame = serde_json::to_string(&ClientMessage::Write(batch))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(Some(frame))
+        self.in_flight = Some(InFlight {
+            batch_id: taken.batch_id,
+            tx_ids: taken.tx_ids,
+        });
+        Ok(taken.frames)
     }
 
     async fn answered(
@@ -448,36 +474,35 @@ impl Pusher {
         let Some(sent) = self.in_flight.take() else {
             return Ok(());
         };
-        if sent != batch_id && batch_id.is_some() {
+        if sent.batch_id != batch_id && batch_id.is_some() {
             self.in_flight = Some(sent);
             return Ok(());
         }
-        if self.one_at_a_time {
-            // A single transaction the server will never take: set it aside
-            // so it does not block every write after it.
-            let (batch, _) = replica.take_batch(1).await?;
-            if let Some(tx) = batch.and_then(|b| b.transactions.into_iter().next()) {
-                let rejected = pgrelay_protocol::WriteResults {
-                    batch_id: None,
-                    results: vec![pgrelay_protocol::TxResult {
-                        id: tx.id,
-                        status: pgrelay_protocol::WriteStatus::Rejected,
-                        duplicate: false,
-                        code: None,
-                        reason: Some(format!("{code:?}: {message}")),
-                        rows: Vec::new(),
-                    }],
-                };
-                let outcomes = replica.record_results(rejected).await?;
-                report(events, outcomes);
-            }
-            self.one_at_a_time = false;
-        } else {
-            self.one_at_a_time = true;
-        }
         self.wanted = true;
+        match (self.one_at_a_time, sent.tx_ids.as_slice()) {
+            (true, [tx_id]) => {
+                // A single transaction the server will never take: set it
+                // aside so it does not block every write after it, and get
+                // the server's rows back for the tables it wrote.
+                self.one_at_a_time = false;
+                let (outcome, resync) = replica
+                    .set_aside(tx_id.clone(), format!("{code:?}: {message}"))
+                    .await?;
+                report(events, vec![outcome]);
+                if !resync.is_empty() {
+                    return Err(ClientError::Resync(resync));
+                }
+            }
+            _ => self.one_at_a_time = true,
+        }
         Ok(())
     }
+}
+
+/// The batch awaiting its answer.
+struct InFlight {
+    batch_id: Option<String>,
+    tx_ids: Vec<String>,
 }
 
 fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {

@@ -1,7 +1,5 @@
 //! Errors of the PostgreSQL layer, each with what it was doing.
 
-use pgrelay_protocol::Lsn;
-
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("invalid database URL: {0}")]
@@ -22,8 +20,17 @@ pub enum PgError {
     WalLevel { current: String },
     #[error("replication slot {slot:?} exists but {problem}; drop it (SELECT pg_drop_replication_slot('{slot}')) or pick another with --slot")]
     BadSlot { slot: String, problem: String },
-    #[error("replication slot {slot:?} was invalidated by PostgreSQL (wal_status=lost, e.g. max_slot_wal_keep_size); changes after {confirmed} are gone")]
-    SlotLost { slot: String, confirmed: Lsn },
+    #[error(
+        "replication slot {slot:?} belongs to database {database:?}, but this server syncs {current:?}: \
+         another pgrelay serve (or another program) replicates {database:?} through it. \
+         Give this server a slot of its own with --slot (e.g. --slot {suggested})"
+    )]
+    SlotOfOtherDatabase {
+        slot: String,
+        database: String,
+        current: String,
+        suggested: String,
+    },
     #[error("replication stream: {0}")]
     Stream(#[from] pgwire_replication::PgWireError),
     #[error("decoding pgoutput: {0}")]
@@ -45,7 +52,7 @@ impl PgError {
             PgError::BadUrl(_)
             | PgError::WalLevel { .. }
             | PgError::BadSlot { .. }
-            | PgError::SlotLost { .. } => false,
+            | PgError::SlotOfOtherDatabase { .. } => false,
             PgError::Decode(_) => false,
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod canonical;
 pub mod copy_text;
+mod frames;
 mod ident;
 mod lsn;
 mod message;
@@ -11,6 +12,10 @@ mod schema;
 mod snapshot;
 mod write;
 
+pub use frames::{
+    encode_alone, layout, Assembly, BatchFrame, EncodedTransaction, Layout, PartAnswer, TooLarge,
+    WritePart, MAX_TRANSACTION_BYTES,
+};
 pub use ident::{quote_ident, quote_table};
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::{

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    BatchRefusal, Lsn, SnapshotTable, TableDigest, TableSchema, Visibility, WriteBatch,
+    BatchRefusal, Lsn, SnapshotTable, TableDigest, TableSchema, Visibility, WriteBatch, WritePart,
     WriteResults,
 };
 
@@ -52,6 +52,8 @@ pub enum ClientMessage {
     },
     /// A batch of client transactions to apply (after `hello`).
     Write(WriteBatch),
+    /// One part of a client transaction too large for one frame.
+    WritePart(WritePart),
     /// Answer to `snapshot_end`: the tables whose row count or checksum did
     /// not match and must be sent again (empty: the snapshot is complete).
     SnapshotDone { refetch: Vec<String> },

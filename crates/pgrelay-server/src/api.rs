@@ -11,7 +11,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pgrelay_protocol::{valid_id, BatchRefusal, WriteBatch, MAX_CLIENT_FRAME_BYTES};
+use pgrelay_protocol::{
+    valid_id, BatchRefusal, WriteBatch, MAX_CLIENT_FRAME_BYTES, MAX_TRANSACTION_BYTES,
+};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -38,7 +40,9 @@ pub(crate) fn router(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> R
         .route("/api/sync", get(sync))
         .route(
             "/api/changes",
-            post(changes).layer(DefaultBodyLimit::max(MAX_CLIENT_FRAME_BYTES)),
+            // HTTP has no frames: a body may be as large as the largest
+            // transaction a WebSocket client may send in parts.
+            post(changes).layer(DefaultBodyLimit::max(MAX_TRANSACTION_BYTES)),
         )
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -145,7 +149,8 @@ struct Readiness {
 }
 
 /// Readiness: replication connected and hearing from PostgreSQL, not
-/// stalled, lag under `--ready-max-lag`, and not shutting down.
+/// stalled, lag under `--ready-max-lag`, no new change log under way after
+/// a lost slot, and not shutting down.
 async fn ready(State(ctx): State<Ctx>) -> Response {
     let state = &ctx.state;
     let config = &state.config;
@@ -154,6 +159,9 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
     let mut reasons = Vec::new();
     if *ctx.shutdown.borrow() {
         reasons.push("shutting down".to_owned());
+    }
+    if let Some(why) = state.replication.new_epoch() {
+        reasons.push(why);
     }
     if !replication.connected {
         let why = replication

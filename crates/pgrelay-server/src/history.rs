@@ -54,7 +54,13 @@ CREATE TABLE IF NOT EXISTS pgrelay.log_state (
 INSERT INTO pgrelay.log_state (id, log_id) VALUES (1, gen_random_uuid()::text)
     ON CONFLICT (id) DO NOTHING;
 COMMENT ON TABLE pgrelay.log_state IS
-    'pgrelay change log identity (replicas of another log must re-hydrate) and the position through which it was pruned';";
+    'pgrelay change log identity (replicas of another log must re-hydrate) and the position through which it was pruned';
+ALTER TABLE pgrelay.log_state ADD COLUMN IF NOT EXISTS slot_name text;
+ALTER TABLE pgrelay.log_state ADD COLUMN IF NOT EXISTS new_epoch_from pg_lsn;
+COMMENT ON COLUMN pgrelay.log_state.slot_name IS
+    'the replication slot that feeds this change log (a lost slot starts a new log)';
+COMMENT ON COLUMN pgrelay.log_state.new_epoch_from IS
+    'set while a new change log is being started after a lost slot: where it begins';";
 
 /// Creates pgrelay's schema and tables if they are missing.
 pub(crate) async fn ensure_schema(client: &Client) -> Result<(), ServerError> {
@@ -64,10 +70,17 @@ pub(crate) async fn ensure_schema(client: &Client) -> Result<(), ServerError> {
         .map_err(ServerError::sql("creating pgrelay's schema"))
 }
 
-/// The commit LSN of the newest transaction in the log (zero when empty).
+/// The commit LSN of the newest transaction the log has held: its newest
+/// row, or where retention pruned it through when that emptied it (zero
+/// for a log that never held one). It never moves backwards: a replica
+/// hydrated at the head must not find itself behind retention.
 pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
     let row = client
-        .query_one("SELECT max(lsn) FROM pgrelay.change_history", &[])
+        .query_one(
+            "SELECT greatest((SELECT max(lsn) FROM pgrelay.change_history),
+                             (SELECT pruned_through FROM pgrelay.log_state WHERE id = 1))",
+            &[],
+        )
         .await
         .map_err(ServerError::sql("reading the change log's head"))?;
     Ok(Lsn(row

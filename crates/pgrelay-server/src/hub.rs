@@ -2,7 +2,9 @@
 //! is encoded once and the same bytes go to every socket. The bounded ring
 //! of a broadcast channel holds the recent ones; a session that falls
 //! further behind is told it lagged and reads the change log instead, so a
-//! slow client never makes the server buffer without bound.
+//! slow client never makes the server buffer without bound. The hub also
+//! holds the change log's identity, and ends every live session when a
+//! lost slot starts a new change log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -27,6 +29,9 @@ pub(crate) struct Frame {
     pub(crate) tables: Arc<[String]>,
     /// For a schema frame, the table it announces.
     pub(crate) table: Option<String>,
+    /// The change log this session follows ended (a lost slot): the
+    /// session ends with `gone`.
+    pub(crate) ends_log: bool,
     /// When row rules are configured: the transaction's rows and what each
     /// scope may see of it, worked out once per scope.
     filtered: Option<Arc<Filtered>>,
@@ -68,6 +73,7 @@ impl Frame {
             text: text.into(),
             tables,
             table: None,
+            ends_log: false,
             filtered: None,
         }
     }
@@ -81,6 +87,7 @@ impl Frame {
             text: text.into(),
             tables: distinct(tx.changes.iter().map(|c| &c.table)),
             table: None,
+            ends_log: false,
             filtered: None,
         }
     }
@@ -100,6 +107,7 @@ impl Frame {
             text: text.into(),
             tables: distinct(tx.changes.iter().map(|c| &c.table)),
             table: None,
+            ends_log: false,
             filtered: None,
         }
     }
@@ -151,6 +159,9 @@ pub(crate) struct Hub {
     filtering: bool,
     head: watch::Sender<Lsn>,
     schemas: RwLock<Arc<BTreeMap<String, TableSchema>>>,
+    /// The change log's identity (`pgrelay.log_state`): a replica of
+    /// another log must hydrate again.
+    log_id: RwLock<Arc<str>>,
 }
 
 impl Hub {
@@ -159,6 +170,7 @@ impl Hub {
         head: Lsn,
         tables: Vec<TableSchema>,
         filtering: bool,
+        log_id: &str,
     ) -> Hub {
         let (frames, _) = broadcast::channel(capacity);
         let schemas = tables.into_iter().map(|t| (t.name.clone(), t)).collect();
@@ -167,7 +179,42 @@ impl Hub {
             filtering,
             head: watch::Sender::new(head),
             schemas: RwLock::new(Arc::new(schemas)),
+            log_id: RwLock::new(Arc::from(log_id)),
         }
+    }
+
+    pub(crate) fn log_id(&self) -> Arc<str> {
+        match self.log_id.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// A new change log replaced the one live sessions follow (its slot was
+    /// lost): the head moves to `floor`, where the new log starts, and
+    /// every live session is told `gone`. The head moves before the id, so
+    /// a session that sees the new id hydrates at the new head.
+    pub(crate) fn new_epoch(&self, log_id: &str, floor: Lsn) {
+        self.head.send_if_modified(|head| {
+            let moved = floor > *head;
+            *head = (*head).max(floor);
+            moved
+        });
+        match self.log_id.write() {
+            Ok(mut guard) => *guard = Arc::from(log_id),
+            Err(poisoned) => *poisoned.into_inner() = Arc::from(log_id),
+        }
+        let mut frame = Frame::encode(
+            &ServerMessage::Error {
+                code: pgrelay_protocol::ErrorCode::Gone,
+                message: "the replication slot was lost; the server keeps a new change log"
+                    .to_owned(),
+            },
+            Lsn::ZERO,
+        );
+        frame.ends_log = true;
+        // No receivers is fine: nobody is connected.
+        let _ = self.frames.send(frame);
     }
 
     /// Whether row rules are configured.
@@ -223,8 +270,14 @@ impl Hub {
             // No receivers is fine: nobody is connected.
             let _ = self.frames.send(frame);
         }
+        // Never backwards: a head below what a session already holds would
+        // make it look ahead of the log.
         if let Some(lsn) = newest {
-            self.head.send_replace(lsn);
+            self.head.send_if_modified(|head| {
+                let moved = lsn > *head;
+                *head = (*head).max(lsn);
+                moved
+            });
         }
     }
 
@@ -239,8 +292,28 @@ mod tests {
     use pgrelay_protocol::{Change, Op};
 
     #[test]
+    fn a_new_epoch_ends_live_sessions_and_the_head_never_moves_back() {
+        let hub = Hub::new(16, Lsn(10), Vec::new(), false, "old");
+        let mut live = hub.subscribe();
+        hub.new_epoch("new", Lsn(50));
+        assert_eq!(&*hub.log_id(), "new");
+        assert_eq!(hub.head(), Lsn(50));
+        assert!(live.try_recv().unwrap().ends_log);
+        // A late frame from before the epoch does not pull the head back.
+        let tx = Transaction {
+            lsn: Lsn(20),
+            xid: 1,
+            commit_time_us: 0,
+            origin: None,
+            changes: Vec::new(),
+        };
+        hub.publish(vec![Frame::transaction(&tx)]);
+        assert_eq!(hub.head(), Lsn(50));
+    }
+
+    #[test]
     fn a_transaction_is_filtered_once_per_scope() {
-        let hub = Hub::new(16, Lsn::ZERO, Vec::new(), true);
+        let hub = Hub::new(16, Lsn::ZERO, Vec::new(), true, "log");
         let mut live = hub.subscribe();
         let tx = Transaction {
             lsn: Lsn(7),

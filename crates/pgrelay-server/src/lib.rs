@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod config;
 mod encoded;
+mod epoch;
 mod error;
 mod history;
 mod hub;
@@ -129,6 +130,7 @@ impl Server {
                     pgrelay_protocol::Lsn::ZERO,
                     Vec::new(),
                     false,
+                    "",
                 ));
                 (health, hub, Arc::new(ReplicationStatus::new()), None)
             }
@@ -266,7 +268,7 @@ async fn start_row_sync(
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Result<RowSync, ServerError> {
     let info = ConnInfo::parse(database_url)?;
-    let db = pgrelay_pg::connect(&info).await?;
+    let mut db = pgrelay_pg::connect(&info).await?;
     pgrelay_pg::check_wal_level(&db).await?;
     history::ensure_schema(&db).await?;
     let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
@@ -280,7 +282,11 @@ async fn start_row_sync(
         .map(|t| t.name.clone())
         .collect();
     pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
-    let slot = pgrelay_pg::ensure_slot(&db, &config.slot).await?;
+    // The slot is ready before start returns, so every change committed
+    // from here on is captured; a slot lost while pgrelay was stopped
+    // starts a new change-log epoch here.
+    let status = Arc::new(ReplicationStatus::new());
+    let slot = replication::prepare_slot(&mut db, &config.slot, &status).await?;
     let head = history::head(&db).await?;
     db.batch_execute(auth::AUDIT_SCHEMA_SQL)
         .await
@@ -306,8 +312,13 @@ async fn start_row_sync(
     let registry = registry::open(&config, sessions, &node, &instance)
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let filtering = config.auth.as_ref().is_some_and(|a| a.rules.is_some());
-    let hub = Arc::new(Hub::new(config.live_buffer, head, tables, filtering));
-    let status = Arc::new(ReplicationStatus::new());
+    let hub = Arc::new(Hub::new(
+        config.live_buffer,
+        head,
+        tables,
+        filtering,
+        &log_id,
+    ));
 
     let replication = Replication {
         info: info.clone(),
@@ -351,7 +362,6 @@ async fn start_row_sync(
         audit,
         hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
         hydrations_queued: Default::default(),
-        log_id,
         database: info.clone(),
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
         connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),

@@ -102,6 +102,18 @@ pub(crate) fn render(state: &AppState) -> String {
         "1 while WAL moves on and the confirmed position does not.",
         u8::from(lag.stalled),
     );
+    let (missing, invalidated) = state.replication.slot_losses();
+    out.metric(
+        "pgrelay_slot_lost_total",
+        "counter",
+        "Replication slots found lost since start, by how (missing: dropped; invalidated: by PostgreSQL); each starts a new change log that every replica hydrates again.",
+    );
+    out.value("pgrelay_slot_lost_total", "{reason=\"missing\"}", missing);
+    out.value(
+        "pgrelay_slot_lost_total",
+        "{reason=\"invalidated\"}",
+        invalidated,
+    );
     out.single(
         "pgrelay_confirmed_lsn",
         "gauge",

@@ -33,8 +33,6 @@ pub(crate) struct AppState {
     pub(crate) hydrations: Arc<Semaphore>,
     /// Sessions waiting for a permit.
     pub(crate) hydrations_queued: AtomicUsize,
-    /// The change log's identity (`pgrelay.log_state`).
-    pub(crate) log_id: String,
     /// The sessions live on this node, by client id.
     pub(crate) sessions: Arc<SessionTable>,
     pub(crate) registry: Arc<dyn Registry>,

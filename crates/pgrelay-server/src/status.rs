@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use pgrelay_protocol::Lsn;
 use serde::Serialize;
 
+use crate::replication::SlotLoss;
+
 pub(crate) struct ReplicationStatus {
     connected: AtomicBool,
     confirmed: AtomicU64,
@@ -14,6 +16,13 @@ pub(crate) struct ReplicationStatus {
     captured_txs: AtomicU64,
     last_event: Mutex<Instant>,
     last_error: Mutex<Option<String>>,
+    /// Slots found lost since start: dropped under pgrelay, invalidated.
+    slots_missing: AtomicU64,
+    slots_invalidated: AtomicU64,
+    last_slot_loss: Mutex<Option<String>>,
+    /// Why a new change-log epoch is under way; cleared once replication
+    /// streams from the new slot.
+    new_epoch: Mutex<Option<String>>,
 }
 
 #[derive(Serialize)]
@@ -24,6 +33,9 @@ pub(crate) struct StatusReport {
     pub(crate) captured_transactions: u64,
     pub(crate) seconds_since_last_event: f64,
     pub(crate) last_error: Option<String>,
+    /// Slots found lost (dropped or invalidated) since start.
+    pub(crate) slot_losses: u64,
+    pub(crate) last_slot_loss: Option<String>,
 }
 
 impl ReplicationStatus {
@@ -35,9 +47,14 @@ impl ReplicationStatus {
             captured_txs: AtomicU64::new(0),
             last_event: Mutex::new(Instant::now()),
             last_error: Mutex::new(None),
+            slots_missing: AtomicU64::new(0),
+            slots_invalidated: AtomicU64::new(0),
+            last_slot_loss: Mutex::new(None),
+            new_epoch: Mutex::new(None),
         }
     }
 
+    /// Streaming (again); a new epoch, if one was under way, is established.
     pub(crate) fn set_connected(&self, confirmed: Lsn) {
         self.connected.store(true, Ordering::Relaxed);
         self.set_confirmed(confirmed);
@@ -45,6 +62,42 @@ impl ReplicationStatus {
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
         }
+        if let Ok(mut epoch) = self.new_epoch.lock() {
+            *epoch = None;
+        }
+    }
+
+    /// Counts a lost slot; until replication streams again, `why` is a
+    /// reason for `/ready` to fail.
+    pub(crate) fn slot_lost(&self, loss: SlotLoss, why: &str) {
+        let counter = match loss {
+            SlotLoss::Missing => &self.slots_missing,
+            SlotLoss::Invalidated => &self.slots_invalidated,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_slot_loss.lock() {
+            *last = Some(why.to_owned());
+        }
+        self.new_epoch_under_way(why);
+    }
+
+    pub(crate) fn new_epoch_under_way(&self, why: &str) {
+        if let Ok(mut epoch) = self.new_epoch.lock() {
+            *epoch = Some(why.to_owned());
+        }
+    }
+
+    /// Why a new change-log epoch is under way, while it is.
+    pub(crate) fn new_epoch(&self) -> Option<String> {
+        self.new_epoch.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Slots found missing and invalidated since start.
+    pub(crate) fn slot_losses(&self) -> (u64, u64) {
+        (
+            self.slots_missing.load(Ordering::Relaxed),
+            self.slots_invalidated.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn set_disconnected(&self, error: String) {
@@ -103,6 +156,9 @@ impl ReplicationStatus {
             captured_transactions: self.captured_txs.load(Ordering::Relaxed),
             seconds_since_last_event: self.since_last_event().as_secs_f64(),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            slot_losses: self.slots_missing.load(Ordering::Relaxed)
+                + self.slots_invalidated.load(Ordering::Relaxed),
+            last_slot_loss: self.last_slot_loss.lock().ok().and_then(|e| e.clone()),
         }
     }
 }

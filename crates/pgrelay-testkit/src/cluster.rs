@@ -98,16 +98,27 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// Starts a cluster in a fresh directory under the system temp dir.
     pub fn start() -> Result<PrivateCluster, TestkitError> {
+        PrivateCluster::start_with("")
+    }
+
+    /// Starts a cluster in a fresh directory with extra `postgresql.conf`
+    /// lines, for tests that need settings the shared server must not get
+    /// (e.g. `max_slot_wal_keep_size`, which applies to every slot).
+    pub fn start_with(settings: &str) -> Result<PrivateCluster, TestkitError> {
         let dir = std::env::temp_dir().join(format!(
             "pgrelay-pg-{}-{:x}",
             std::process::id(),
             rand_suffix()
         ));
-        PrivateCluster::start_in(&dir)
+        PrivateCluster::start_configured(&dir, settings)
     }
 
     /// Starts a cluster whose files live in `dir` (created; must not hold a cluster).
     pub fn start_in(dir: &Path) -> Result<PrivateCluster, TestkitError> {
+        PrivateCluster::start_configured(dir, "")
+    }
+
+    fn start_configured(dir: &Path, settings: &str) -> Result<PrivateCluster, TestkitError> {
         let bindir = pg_bindir()?;
         std::fs::create_dir_all(dir).map_err(io("creating the cluster directory"))?;
         if is_root() {
@@ -141,6 +152,8 @@ impl PrivateCluster {
         let mut text =
             std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
         text.push_str(&conf);
+        text.push_str(settings);
+        text.push('\n');
         std::fs::write(&conf_path, text).map_err(io("writing postgresql.conf"))?;
         let cluster = PrivateCluster {
             dir: dir.to_owned(),

@@ -13,15 +13,15 @@ mod snapshot;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use pgrelay_protocol::{Lsn, TableSchema, Transaction, Visibility, WriteBatch, WriteResults};
+use pgrelay_protocol::{Lsn, TableSchema, Transaction, Visibility, WriteResults};
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ClientError;
 
-pub(crate) use outbox::Outcome;
 pub use outbox::{OutboxEntry, OutboxReport};
+pub(crate) use outbox::{Outcome, Taken};
 
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
@@ -32,7 +32,8 @@ enum Command {
     ApplyTransactions(Vec<Transaction>, Reply<Lsn>),
     Status(Reply<ReplicaStatus>),
     Execute(String, Reply<Executed>),
-    TakeBatch(usize, Reply<(Option<WriteBatch>, Vec<Outcome>)>),
+    TakeBatch(usize, Reply<Taken>),
+    SetAside(String, String, Reply<(Outcome, Vec<String>)>),
     RecordResults(WriteResults, Reply<Vec<Outcome>>),
     Outbox(Option<String>, usize, Reply<OutboxReport>),
     Unsent(Reply<bool>),
@@ -60,6 +61,12 @@ pub struct Executed {
     pub tx_id: String,
     /// Rows the statement wrote to synced tables (now in the outbox).
     pub captured: usize,
+    /// Bytes the transaction takes on the wire, sent alone (0 without
+    /// writes to synced tables).
+    pub bytes: usize,
+    /// Frames that carry it: 1, or more for a transaction sent in parts
+    /// (0 without writes to synced tables).
+    pub frames: usize,
 }
 
 /// The replica's identity and position.
@@ -173,7 +180,10 @@ impl Replica {
     /// Runs SQL written by the application (one or more statements) in one
     /// SQLite transaction. Its writes to synced tables are captured in the
     /// outbox as one client transaction, applied by the server all or none.
-    /// Works offline.
+    /// Works offline. A transaction the protocol cannot carry (over
+    /// `MAX_WRITE_CHANGES` changes, over `MAX_TRANSACTION_BYTES` on the
+    /// wire, or a change larger than a frame) is rolled back and refused
+    /// with [`ClientError::TooLarge`].
     pub async fn execute(&self, sql: impl Into<String>) -> Result<Executed, ClientError> {
         let sql = sql.into();
         self.call(|r| Command::Execute(sql, r)).await
@@ -243,11 +253,18 @@ impl Replica {
         self.call(|r| Command::FinishSnapshot(done, r)).await
     }
 
-    pub(crate) async fn take_batch(
-        &self,
-        max_txs: usize,
-    ) -> Result<(Option<WriteBatch>, Vec<Outcome>), ClientError> {
+    pub(crate) async fn take_batch(&self, max_txs: usize) -> Result<Taken, ClientError> {
         self.call(|r| Command::TakeBatch(max_txs, r)).await
+    }
+
+    /// Rejects a transaction the server refused whole; returns the tables
+    /// to fetch again (see `outbox::set_aside`).
+    pub(crate) async fn set_aside(
+        &self,
+        tx_id: String,
+        reason: String,
+    ) -> Result<(Outcome, Vec<String>), ClientError> {
+        self.call(|r| Command::SetAside(tx_id, reason, r)).await
     }
 
     pub(crate) async fn record_results(
@@ -289,6 +306,12 @@ impl Worker {
                 }
                 Command::TakeBatch(max_txs, reply) => {
                     let _ = reply.send(self.take_batch(max_txs));
+                }
+                Command::SetAside(tx_id, reason, reply) => {
+                    let _ =
+                        reply.send(self.in_tx(|conn, tables| {
+                            outbox::set_aside(conn, tables, &tx_id, &reason)
+                        }));
                 }
                 Command::RecordResults(results, reply) => {
                     let _ = reply.send(self.record_results(&results));
@@ -468,17 +491,26 @@ impl Worker {
             [&tx_id],
             |r| r.get(0),
         )?;
+        let (bytes, frames) = if captured > 0 {
+            // Measured as it will be sent: what the protocol cannot carry
+            // is refused now (dropping `tx` rolls it back), never accepted
+            // here and lost later.
+            let encoded = outbox::encode_captured(&tx, &self.tables, &tx_id)?;
+            let layout = pgrelay_protocol::layout(Some(&outbox::new_batch_id()), &encoded)?;
+            (layout.bytes(), layout.frames())
+        } else {
+            (0, 0)
+        };
         tx.commit()?;
         Ok(Executed {
             tx_id,
             captured: captured as usize,
+            bytes,
+            frames,
         })
     }
 
-    fn take_batch(
-        &mut self,
-        max_txs: usize,
-    ) -> Result<(Option<WriteBatch>, Vec<Outcome>), ClientError> {
+    fn take_batch(&mut self, max_txs: usize) -> Result<Taken, ClientError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -1,24 +1,26 @@
 //! The outbox of local writes (`_pgrelay_outbox`): taking the next batch
 //! to send, in capture order, recording the server's answers, and putting
-//! a rejected write's rows back to the server's version.
+//! a rejected write's rows back to the server's version (from the rows the
+//! server reports, or from a fresh snapshot of the tables when the server
+//! never took the write).
 
 use std::collections::HashMap;
 
 use pgrelay_protocol::{
-    Change, ClientChange, ClientTransaction, Op, Row, TableSchema, TxResult, ValueKind, WriteBatch,
-    WriteResults, WriteStatus, MAX_CLIENT_FRAME_BYTES, MAX_WRITE_CHANGES,
+    encode_alone, BatchFrame, Change, ClientChange, ClientTransaction, EncodedTransaction, Op, Row,
+    TableSchema, TooLarge, TxResult, ValueKind, WriteResults, WriteStatus, MAX_WRITE_CHANGES,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::apply::apply_change;
 use super::capture::NOW_US_SQL;
+use super::snapshot;
 use crate::ClientError;
 
-/// Changes per batch at most (under the server's limit).
+/// Changes per batch of several transactions at most; a transaction alone
+/// may have up to the protocol's limit.
 const BATCH_CHANGES: usize = 5_000;
-/// Bytes of row JSON per batch at most, well under the frame limit.
-const BATCH_BYTES: usize = MAX_CLIENT_FRAME_BYTES / 2;
 /// Applied entries are kept this long for `pgrelay client outbox`.
 const KEEP_APPLIED_US: i64 = 24 * 3600 * 1_000_000;
 
@@ -98,15 +100,36 @@ pub(crate) fn unconfirmed(conn: &Connection) -> Result<Vec<Captured>, ClientErro
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// What [`take_batch`] found: frames to send and transactions set aside.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    /// To send in order: one `write`, or one transaction's `write_part`s.
+    pub(crate) frames: Vec<String>,
+    pub(crate) batch_id: Option<String>,
+    /// The client transactions the frames carry.
+    pub(crate) tx_ids: Vec<String>,
+    /// Transactions that can never be sent, now rejected.
+    pub(crate) set_aside: Vec<Outcome>,
+    /// Tables to fetch again from the server: a set-aside transaction wrote
+    /// them, and only a fresh snapshot says what the server has.
+    pub(crate) resync: Vec<String>,
+}
+
+/// A batch id of the form the client always uses (sizes depend on it).
+pub(crate) fn new_batch_id() -> String {
+    format!("b-{:016x}", rand::random::<u64>())
+}
+
 /// Takes the oldest unanswered client transactions (pending, or sent on a
-/// connection that ended), marks them sent and returns them as a batch.
-/// Also returns transactions too large to ever send, already marked
-/// rejected.
+/// connection that ended), marks them sent and returns their frames: as
+/// many whole transactions as fit one `write` frame (measured on the
+/// encoded bytes), or a transaction too large for one frame alone in
+/// `write_part` frames. A transaction that can never be sent is set aside.
 pub(crate) fn take_batch(
     conn: &Connection,
     tables: &HashMap<String, TableSchema>,
     max_txs: usize,
-) -> Result<(Option<WriteBatch>, Vec<Outcome>), ClientError> {
+) -> Result<Taken, ClientError> {
     let mut stmt = conn.prepare_cached(
         "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
          WHERE status IN ('pending', 'sent') ORDER BY seq LIMIT ?1",
@@ -136,81 +159,170 @@ pub(crate) fn take_batch(
     if hit_limit {
         // The last group may continue past the rows read.
         let cut = groups.pop();
-        if groups.is_empty() {
-            if let Some(g) = cut {
-                let outcome = reject_local(
-                    conn,
-                    &g[0].tx_id,
-                    &format!("the transaction has more than {MAX_WRITE_CHANGES} changes, more than one batch can carry"),
-                )?;
-                return Ok((None, vec![outcome]));
-            }
+        if let (true, Some(g)) = (groups.is_empty(), cut) {
+            // Only an outbox from before `execute` checked sizes can hold
+            // one: `execute` refuses it.
+            let changes = count_tx(conn, &g[0].tx_id)?;
+            return set_aside_taken(conn, tables, &g[0].tx_id, &TooLarge::Changes { changes });
         }
     }
-    let mut transactions = Vec::new();
-    let mut changes = 0usize;
-    let mut bytes = 0usize;
-    let mut too_large = Vec::new();
+    let batch_id = new_batch_id();
+    let mut frame = BatchFrame::new(Some(&batch_id));
     for group in groups {
-        let size: usize = group
-            .iter()
-            .map(|c| {
-                200 + c.new.as_ref().map_or(0, String::len) + c.old.as_ref().map_or(0, String::len)
-            })
-            .sum();
-        if transactions.is_empty() && size > BATCH_BYTES {
-            too_large.push(reject_local(
-                conn,
-                &group[0].tx_id,
-                &format!("the transaction's rows take {size} bytes, more than one batch can carry"),
-            )?);
+        let tx = ClientTransaction {
+            id: group[0].tx_id.clone(),
+            changes: group
+                .iter()
+                .map(|c| to_client_change(c, tables))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let encoded = EncodedTransaction::new(&tx);
+        if frame.is_empty() && !frame.fits(&encoded) {
+            // Alone in `write_part` frames, or not at all.
+            let id = tx.id;
+            return match encode_alone(Some(&batch_id), encoded) {
+                Ok(frames) => {
+                    mark_sent(conn, std::slice::from_ref(&id))?;
+                    Ok(Taken {
+                        frames,
+                        batch_id: Some(batch_id),
+                        tx_ids: vec![id],
+                        ..Taken::default()
+                    })
+                }
+                // Possible only for a write `execute` did not see (made on
+                // the application's own connection), or after the table's
+                // columns changed.
+                Err(too_large) => set_aside_taken(conn, tables, &id, &too_large),
+            };
+        }
+        let full = frame.transactions().count() >= max_txs
+            || frame.changes() + encoded.changes() > BATCH_CHANGES;
+        if !frame.is_empty() && (full || !frame.fits(&encoded)) {
             break;
         }
-        if transactions.len() >= max_txs
-            || (!transactions.is_empty()
-                && (changes + group.len() > BATCH_CHANGES || bytes + size > BATCH_BYTES))
-        {
-            break;
-        }
-        changes += group.len();
-        bytes += size;
-        let id = group[0].tx_id.clone();
-        let changes = group
-            .iter()
-            .map(|c| to_client_change(c, tables))
-            .collect::<Result<Vec<_>, _>>()?;
-        transactions.push(ClientTransaction { id, changes });
+        frame.push(encoded);
     }
-    if transactions.is_empty() {
-        return Ok((None, too_large));
+    if frame.is_empty() {
+        return Ok(Taken::default());
     }
+    let tx_ids: Vec<String> = frame.transactions().map(str::to_owned).collect();
+    mark_sent(conn, &tx_ids)?;
+    Ok(Taken {
+        frames: vec![frame.into_frame()],
+        batch_id: Some(batch_id),
+        tx_ids,
+        ..Taken::default()
+    })
+}
+
+fn mark_sent(conn: &Connection, tx_ids: &[String]) -> Result<(), ClientError> {
     let mut mark = conn.prepare_cached(&format!(
         "UPDATE _pgrelay_outbox SET status = 'sent', updated_us = {NOW_US_SQL} WHERE tx_id = ?1 AND status = 'pending'"
     ))?;
-    for tx in &transactions {
-        mark.execute([&tx.id])?;
+    for id in tx_ids {
+        mark.execute([id])?;
     }
-    let batch = WriteBatch {
-        batch_id: Some(format!("b-{:016x}", rand::random::<u64>())),
-        client_id: None,
-        transactions,
-    };
-    Ok((Some(batch), too_large))
+    Ok(())
 }
 
-fn reject_local(conn: &Connection, tx_id: &str, reason: &str) -> Result<Outcome, ClientError> {
-    tracing::warn!(tx_id, reason, "write rejected before sending");
-    conn.execute(
-        &format!("UPDATE _pgrelay_outbox SET status = 'rejected', error = ?2, updated_us = {NOW_US_SQL} WHERE tx_id = ?1"),
-        params![tx_id, reason],
-    )?;
-    Ok(Outcome {
-        tx_id: tx_id.to_owned(),
-        status: WriteStatus::Rejected,
-        changes: 0,
-        reason: Some(reason.to_owned()),
-        created_us: 0,
+fn count_tx(conn: &Connection, tx_id: &str) -> Result<usize, ClientError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1")?
+        .query_row([tx_id], |r| r.get(0))?;
+    Ok(n as usize)
+}
+
+fn set_aside_taken(
+    conn: &Connection,
+    tables: &HashMap<String, TableSchema>,
+    tx_id: &str,
+    why: &TooLarge,
+) -> Result<Taken, ClientError> {
+    let (outcome, resync) = set_aside(conn, tables, tx_id, &why.to_string())?;
+    Ok(Taken {
+        set_aside: vec![outcome],
+        resync,
+        ..Taken::default()
     })
+}
+
+/// Rejects a transaction the server never took (it cannot be sent, or the
+/// server refused it whole) and asks for a fresh snapshot of the tables it
+/// wrote: without the server's answer, that is how the replica gets the
+/// server's rows back. Returns those tables.
+pub(crate) fn set_aside(
+    conn: &Connection,
+    tables: &HashMap<String, TableSchema>,
+    tx_id: &str,
+    reason: &str,
+) -> Result<(Outcome, Vec<String>), ClientError> {
+    tracing::warn!(
+        tx_id,
+        reason,
+        "local write set aside; its tables are fetched again"
+    );
+    let (changes, created_us): (i64, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT count(*), min(created_us) FROM _pgrelay_outbox WHERE tx_id = ?1 AND status IN ('pending', 'sent')",
+        )?
+        .query_row([tx_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let touched = conn
+        .prepare_cached(
+            "SELECT DISTINCT table_name FROM _pgrelay_outbox WHERE tx_id = ?1 AND status IN ('pending', 'sent')",
+        )?
+        .query_map([tx_id], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    conn.prepare_cached(&format!(
+        "UPDATE _pgrelay_outbox SET status = 'rejected', error = ?2, updated_us = {NOW_US_SQL} \
+         WHERE tx_id = ?1 AND status IN ('pending', 'sent')"
+    ))?
+    .execute(params![tx_id, reason])?;
+    let resync: Vec<String> = touched
+        .into_iter()
+        .filter(|t| tables.get(t).is_some_and(|t| t.skipped.is_none()))
+        .collect();
+    snapshot::request_resync(conn, &resync)?;
+    Ok((
+        Outcome {
+            tx_id: tx_id.to_owned(),
+            status: WriteStatus::Rejected,
+            changes: changes as usize,
+            reason: Some(reason.to_owned()),
+            created_us: created_us.unwrap_or(0),
+        },
+        resync,
+    ))
+}
+
+/// The transaction `tx_id` as it would go out, encoded, for `execute` to
+/// measure before it commits.
+pub(crate) fn encode_captured(
+    conn: &Connection,
+    tables: &HashMap<String, TableSchema>,
+    tx_id: &str,
+) -> Result<EncodedTransaction, ClientError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
+         WHERE tx_id = ?1 ORDER BY seq",
+    )?;
+    let changes = stmt
+        .query_map([tx_id], |r| {
+            Ok(Captured {
+                tx_id: r.get(0)?,
+                change_id: r.get(1)?,
+                table: r.get(2)?,
+                op: r.get(3)?,
+                new: r.get(4)?,
+                old: r.get(5)?,
+            })
+        })?
+        .map(|c| to_client_change(&c?, tables))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(EncodedTransaction::new(&ClientTransaction {
+        id: tx_id.to_owned(),
+        changes,
+    }))
 }
 
 fn to_client_change(

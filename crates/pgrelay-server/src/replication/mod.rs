@@ -1,13 +1,16 @@
 //! Reads PostgreSQL's logical replication stream into the change log and
 //! the hub. The slot's confirmed position only moves past what the change
 //! log has committed (promise 2); on any connection failure it reconnects
-//! with backoff and resumes from the slot.
+//! with backoff and resumes from the slot; a slot lost meanwhile starts a
+//! new change-log epoch (see [`slot`]).
 
 mod assemble;
 mod schema_change;
+mod slot;
 mod writer;
 
 pub(crate) use schema_change::backfilled_columns;
+pub(crate) use slot::{prepare as prepare_slot, SlotLoss};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,25 +65,29 @@ impl Replication {
     }
 
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ServerError> {
-        let db = pgrelay_pg::connect(&self.info).await?;
-        let slot = pgrelay_pg::ensure_slot(&db, &self.config.slot).await?;
+        let mut db = pgrelay_pg::connect(&self.info).await?;
+        let slot = slot::prepare(&mut db, &self.config.slot, &self.status).await?;
+        if let Some(epoch) = &slot.epoch {
+            // Live sessions are told `gone`; new ones get the new log.
+            self.hub.new_epoch(&epoch.log_id, epoch.floor);
+        }
         let logged = history::head(&db).await?;
         self.republish_unannounced(&db, logged).await?;
         let opts = StreamOptions {
             slot: self.config.slot.clone(),
             publication: self.config.publication(),
-            durable: slot.confirmed_flush,
+            durable: slot.confirmed,
             status_interval: self.config.status_interval,
         };
         let mut stream = pgrelay_pg::open_stream(&self.info, &opts).await?;
-        tracing::info!(slot = %self.config.slot, confirmed = %slot.confirmed_flush, log_head = %logged, "replication streaming");
-        self.status.set_connected(slot.confirmed_flush);
+        tracing::info!(slot = %self.config.slot, confirmed = %slot.confirmed, log_head = %logged, "replication streaming");
+        self.status.set_connected(slot.confirmed);
         let log_db = pgrelay_pg::connect(&self.info).await?;
         let mut writer = Writer::start(
             log_db,
             Arc::clone(&self.hub),
             Arc::clone(&self.status),
-            slot.confirmed_flush,
+            slot.confirmed,
         );
         let result = self
             .stream(&db, &mut stream, &mut writer, logged, shutdown)
@@ -97,7 +104,14 @@ impl Replication {
                 tracing::info!(lsn = %confirmed, "replication stopped; slot confirmed");
                 finished
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // Nothing of this stream may reach the log once the next
+                // connection has read its head (or started a new epoch).
+                writer
+                    .stop(self.config.status_interval * 2 + Duration::from_secs(5))
+                    .await;
+                Err(e)
+            }
         }
     }
 

@@ -123,6 +123,26 @@ impl Writer {
         }
     }
 
+    /// Stops after the stream failed: commits what was handed over if that
+    /// takes no longer than `wait`, else abandons it (the slot replays what
+    /// was not confirmed). Returns once the writer is gone, so nothing of
+    /// this stream reaches the log later.
+    pub(super) async fn stop(self, wait: std::time::Duration) {
+        drop(self.batches);
+        let mut task = self.task;
+        match tokio::time::timeout(wait, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(error = %e, "the change-log writer stopped with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "the change-log writer panicked"),
+            Err(_) => {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
+
     /// Commits what was handed over, then stops.
     pub(super) async fn finish(self) -> Result<(), ServerError> {
         drop(self.batches);

@@ -20,9 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
+use pgrelay_protocol::{
+    Assembly, BatchRefusal, ErrorCode, Lsn, PartAnswer, ServerMessage, TxResult, WritePart,
+    WriteResults, PROTOCOL_VERSION,
+};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, OwnedSemaphorePermit, SemaphorePermit};
 use tokio::time::{interval_at, Instant};
 use tracing::Instrument;
 
@@ -100,6 +103,7 @@ pub(crate) async fn run(
             bucket: TokenBucket::full(state.config.message_burst, std::time::Instant::now()),
             scope,
             principal,
+            parts: None,
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -227,9 +231,18 @@ struct Session<'a> {
     /// What this client may see, when row rules are configured.
     scope: Option<Arc<Scope>>,
     principal: Option<Principal>,
+    /// A transaction arriving in `write_part` frames; boxed, as most
+    /// sessions never have one.
+    parts: Option<Box<Parts<'a>>>,
 }
 
-impl Session<'_> {
+/// An unfinished transaction from parts and its place among the node's.
+struct Parts<'a> {
+    assembly: Option<Assembly>,
+    slot: Option<SemaphorePermit<'a>>,
+}
+
+impl<'a> Session<'a> {
     async fn stream(
         mut self,
         hello: Hello,
@@ -247,13 +260,14 @@ impl Session<'_> {
         } = hello;
         drop((token, subscribed));
         let head = self.state.hub.head();
-        if let Some(theirs) = log_id.as_ref().filter(|id| **id != self.state.log_id) {
+        let ours = self.state.hub.log_id();
+        if let Some(theirs) = log_id.as_ref().filter(|id| id.as_str() != &*ours) {
             return Err(Refusal::new(
                 ErrorCode::Gone,
                 format!(
                     "your replica follows change log {:?}, this server keeps {:?}; re-hydrate",
                     theirs.chars().take(64).collect::<String>(),
-                    self.state.log_id
+                    ours
                 ),
             ));
         }
@@ -288,8 +302,9 @@ impl Session<'_> {
             client_id,
             head_lsn: head,
             tables: tables.clone(),
-            log_id: Some(self.state.log_id.clone()),
+            log_id: Some(ours.to_string()),
         };
+        drop(ours);
         self.send(Frame::encode(&welcome, head)).await?;
         // A new replica (no position) gets every table it syncs; a known
         // one only the tables it asks to resync.
@@ -444,6 +459,12 @@ impl Session<'_> {
     }
 
     async fn forward(&mut self, frame: Frame) -> Result<(), Refusal> {
+        if frame.ends_log {
+            return Err(Refusal::new(
+                ErrorCode::Gone,
+                "the replication slot was lost and this server keeps a new change log; re-hydrate",
+            ));
+        }
         if frame.is_tx && frame.lsn <= self.sent {
             return Ok(());
         }
@@ -551,24 +572,117 @@ impl Session<'_> {
 
     async fn handle(&mut self, parsed: write::Incoming) -> Result<(), Refusal> {
         match parsed {
-            write::Incoming::Write(batch) => self.write(batch).await?,
+            write::Incoming::Write(batch) => {
+                self.interrupt_parts("a write").await?;
+                self.write(batch).await?
+            }
+            write::Incoming::WritePart(part, bytes) => {
+                Box::pin(self.write_part(part, bytes)).await?
+            }
             write::Incoming::Refused {
                 batch_id,
                 code,
                 message,
             } => {
-                tracing::debug!(?code, %message, "write batch refused");
-                add(&self.state.metrics.batches_refused, 1);
-                let refused = ServerMessage::WriteRefused {
-                    batch_id,
-                    code,
-                    message,
-                };
-                self.send(Frame::encode(&refused, Lsn::ZERO)).await?;
+                self.interrupt_parts("a refused write").await?;
+                self.refuse_batch(batch_id, code, message).await?
             }
             // A late verdict on a snapshot already settled: nothing to do.
             write::Incoming::SnapshotDone(_) => {}
             write::Incoming::Fatal(refusal) => return Err(refusal),
+        }
+        Ok(())
+    }
+
+    async fn refuse_batch(
+        &mut self,
+        batch_id: Option<String>,
+        code: BatchRefusal,
+        message: String,
+    ) -> Result<(), Refusal> {
+        tracing::debug!(?code, %message, "write batch refused");
+        add(&self.state.metrics.batches_refused, 1);
+        let refused = ServerMessage::WriteRefused {
+            batch_id,
+            code,
+            message,
+        };
+        self.send(Frame::encode(&refused, Lsn::ZERO)).await
+    }
+
+    /// Drops an unfinished transaction from parts (refusing it) when
+    /// something else comes before its last part.
+    async fn interrupt_parts(&mut self, by: &str) -> Result<(), Refusal> {
+        let Some(mut parts) = self.parts.take() else {
+            return Ok(());
+        };
+        if let Some(PartAnswer::Refused {
+            batch_id,
+            code,
+            message,
+        }) = Assembly::interrupt(&mut parts.assembly, by)
+        {
+            self.refuse_batch(batch_id, code, message).await?;
+        }
+        Ok(())
+    }
+
+    /// Collects a large transaction's parts; applies it, like a `write`
+    /// of it alone, when the last one comes. Everything collected is
+    /// dropped with the session, and the client sends the whole again.
+    async fn write_part(&mut self, part: WritePart, bytes: usize) -> Result<(), Refusal> {
+        let (mut assembly, mut slot) = match self.parts.take() {
+            Some(parts) => (parts.assembly, parts.slot),
+            None => (None, None),
+        };
+        if part.part == 0 && slot.is_none() {
+            slot = self.state.writer.assembly_slot();
+            if slot.is_none() {
+                // The node holds as many as it allows: the client sends it
+                // again after a backoff, as after any server-side fault.
+                let results = WriteResults {
+                    batch_id: part.batch_id.clone(),
+                    results: vec![TxResult::retry(
+                        &part.transaction_id,
+                        "the server is receiving as many large transactions as it allows; send it again later",
+                    )],
+                };
+                self.state.metrics.record_results(&results);
+                self.parts = Assembly::drop_rest(&part).map(|a| {
+                    Box::new(Parts {
+                        assembly: Some(a),
+                        slot: None,
+                    })
+                });
+                return self
+                    .send(Frame::encode(
+                        &ServerMessage::WriteResult(results),
+                        Lsn::ZERO,
+                    ))
+                    .await;
+            }
+        }
+        let answers = Assembly::receive(&mut assembly, part, bytes);
+        if !assembly.as_ref().is_some_and(Assembly::is_collecting) {
+            slot = None;
+        }
+        if assembly.is_some() {
+            self.parts = Some(Box::new(Parts { assembly, slot }));
+        }
+        for answer in answers {
+            match answer {
+                PartAnswer::Complete(batch) => match batch.check() {
+                    Ok(()) => self.write(batch).await?,
+                    Err((code, message)) => {
+                        self.refuse_batch(batch.batch_id, code, message).await?
+                    }
+                },
+                PartAnswer::Refused {
+                    batch_id,
+                    code,
+                    message,
+                } => self.refuse_batch(batch_id, code, message).await?,
+            }
         }
         Ok(())
     }

@@ -1,15 +1,18 @@
-//! Frames a client sends after its `hello`: `write` batches. A bad batch is
+//! Frames a client sends after its `hello`: `write` batches and the
+//! `write_part` frames of a transaction too large for one. A bad batch is
 //! refused whole with a `write_refused` and the connection stays open; a
 //! frame that is not a message at all still ends the session.
 
 use pgrelay_protocol::{
-    BatchRefusal, ClientMessage, ErrorCode, WriteBatch, MAX_CLIENT_FRAME_BYTES,
+    BatchRefusal, ClientMessage, ErrorCode, WriteBatch, WritePart, MAX_CLIENT_FRAME_BYTES,
 };
 
 use super::{handshake, Refusal};
 
 pub(super) enum Incoming {
     Write(WriteBatch),
+    /// A part of a large transaction, with its frame's length.
+    WritePart(WritePart, usize),
     /// The client's verdict on a snapshot.
     SnapshotDone(Vec<String>),
     /// Refuse this batch, keep the connection.
@@ -42,6 +45,7 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
                 message,
             },
         },
+        Ok(ClientMessage::WritePart(part)) => Incoming::WritePart(part, bytes.len()),
         Ok(ClientMessage::SnapshotDone { refetch }) => Incoming::SnapshotDone(refetch),
         Ok(ClientMessage::Hello { .. }) => Incoming::Fatal(Refusal::new(
             ErrorCode::HandshakeRequired,
@@ -51,11 +55,13 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
             // A `write` with a bad body is a refused batch, not a broken
             // connection.
             let value = serde_json::from_slice::<serde_json::Value>(bytes).ok();
-            let is_write = value
-                .as_ref()
-                .and_then(|v| v.get("type"))
-                .and_then(|t| t.as_str())
-                == Some("write");
+            let is_write = matches!(
+                value
+                    .as_ref()
+                    .and_then(|v| v.get("type"))
+                    .and_then(|t| t.as_str()),
+                Some("write" | "write_part")
+            );
             if is_write {
                 let batch_id = value
                     .as_ref()
@@ -82,7 +88,9 @@ mod tests {
     fn bad_writes_keep_the_connection() {
         let refused = |text: &str| match parse(text.as_bytes()) {
             Incoming::Refused { code, .. } => code,
-            Incoming::Write(_) | Incoming::SnapshotDone(_) => panic!("accepted {text}"),
+            Incoming::Write(_) | Incoming::WritePart(..) | Incoming::SnapshotDone(_) => {
+                panic!("accepted {text}")
+            }
             Incoming::Fatal(r) => panic!("closed on {text}: {}", r.message),
         };
         assert_eq!(
@@ -100,6 +108,16 @@ mod tests {
             "x".repeat(MAX_CLIENT_FRAME_BYTES)
         );
         assert_eq!(refused(&big), BatchRefusal::BatchTooLarge);
+        assert_eq!(
+            refused(r#"{"type":"write_part","transaction_id":"t","part":"one"}"#),
+            BatchRefusal::MalformedBatch
+        );
+        assert!(matches!(
+            parse(
+                br#"{"type":"write_part","transaction_id":"t","part":0,"last":true,"changes":[]}"#
+            ),
+            Incoming::WritePart(_, 76)
+        ));
         assert!(matches!(parse(b"{nope"), Incoming::Fatal(_)));
         assert!(matches!(
             parse(br#"{"type":"write","transactions":[]}"#),

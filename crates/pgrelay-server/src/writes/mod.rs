@@ -17,7 +17,7 @@ use pgrelay_protocol::{
     ClientTransaction, CurrentRow, Op, RejectCode, Row, TableSchema, TxResult, WriteBatch,
     WriteResults, WriteStatus,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
@@ -30,6 +30,12 @@ use statement::{plan, select_current, Planned};
 /// Batches applied at the same time at most (each holds a connection).
 const MAX_CONCURRENT_BATCHES: usize = 8;
 
+/// Transactions arriving in `write_part` frames that the sessions of this
+/// node hold at once, each up to `MAX_TRANSACTION_BYTES` of frames: the
+/// bound on memory for unfinished large writes. One more is answered
+/// `retry`.
+const MAX_ASSEMBLIES: usize = 8;
+
 /// A connection with the statements prepared on it.
 struct Conn {
     client: Client,
@@ -40,6 +46,8 @@ pub(crate) struct Writer {
     info: ConnInfo,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
+    /// One permit per transaction being assembled from parts.
+    assemblies: Semaphore,
     /// Tables under a version check: qualified name → version column.
     versions: BTreeMap<String, String>,
 }
@@ -63,8 +71,15 @@ impl Writer {
             info,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(MAX_CONCURRENT_BATCHES),
+            assemblies: Semaphore::new(MAX_ASSEMBLIES),
             versions,
         }
+    }
+
+    /// A place for one more transaction arriving in parts; `None` when the
+    /// node holds as many as it allows.
+    pub(crate) fn assembly_slot(&self) -> Option<SemaphorePermit<'_>> {
+        self.assemblies.try_acquire().ok()
     }
 
     /// Applies a checked batch for `client_id`. Never fails as a whole: a
@@ -332,6 +347,13 @@ async fn apply_tx(
             }
             Ok(None) => {}
             Err(invalid) => {
+                // Its rows too: the client wrote them locally and puts them
+                // back from the rejection.
+                keys.extend(
+                    statement::touched_keys(table, change)
+                        .into_iter()
+                        .map(|k| (table.name.clone(), k)),
+                );
                 refused.get_or_insert((invalid.code, invalid.reason));
             }
         }

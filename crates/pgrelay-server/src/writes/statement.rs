@@ -120,14 +120,11 @@ pub(crate) fn plan(
                 })?),
                 None => None,
             };
-            let mut keys = vec![key.clone()];
+            let keys = touched_keys(table, change);
             let head = if change.op == Op::Update {
                 let new = change.new.as_ref().ok_or_else(|| missing(change, "new"))?;
                 if new.is_empty() {
                     return Ok(None);
-                }
-                if let Some(new_key) = key_of(table, new).filter(|k| *k != key) {
-                    keys.push(new_key);
                 }
                 let sets = new
                     .iter()
@@ -211,6 +208,40 @@ pub(crate) fn select_current(table: &TableSchema, key: &Row) -> (String, Vec<Opt
         ),
         params,
     )
+}
+
+/// The rows (by key) `change` touches, as far as it names them: an update
+/// that changes part of the key touches the row under the old key and the
+/// one under the old key with the new values. Also for a change that cannot
+/// be planned, so a rejection reports every row the client wrote.
+pub(crate) fn touched_keys(table: &TableSchema, change: &ClientChange) -> Vec<Row> {
+    let mut keys: Vec<Row> = Vec::new();
+    if table.primary_key.is_empty() {
+        // Nothing names a row of a table without a key.
+        return keys;
+    }
+    let old_key = change.old.as_ref().and_then(|old| key_of(table, old));
+    let new_key = change
+        .new
+        .as_ref()
+        .and_then(|new| match (&old_key, change.op) {
+            (Some(old_key), Op::Update) => {
+                let mut key = old_key.clone();
+                for (column, value) in key.iter_mut() {
+                    if let Some(v) = new.get(column) {
+                        value.clone_from(v);
+                    }
+                }
+                Some(key)
+            }
+            _ => key_of(table, new),
+        });
+    for key in [old_key, new_key].into_iter().flatten() {
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 /// The primary key's values in `row`, when it holds all of them.
@@ -341,6 +372,35 @@ mod tests {
         assert_eq!(
             plan(&keyless, None, &c).unwrap_err().code,
             RejectCode::UnknownTable
+        );
+    }
+
+    #[test]
+    fn a_rejection_names_every_row_the_change_touched() {
+        let mut pair = todos();
+        pair.primary_key = vec!["id".into(), "version".into()];
+        // Half of a two-column key changed: the new row is the old key with
+        // the new value.
+        let c = change(
+            Op::Update,
+            Some(row(&[("version", Some("9"))])),
+            Some(row(&[("id", Some("7")), ("version", Some("3"))])),
+        );
+        let want = vec![
+            row(&[("id", Some("7")), ("version", Some("3"))]),
+            row(&[("id", Some("7")), ("version", Some("9"))]),
+        ];
+        assert_eq!(plan(&pair, None, &c).unwrap().unwrap().keys, want);
+        // A change that cannot be planned still names its rows.
+        let unknown = change(
+            Op::Insert,
+            Some(row(&[("id", Some("8")), ("nope", Some("1"))])),
+            None,
+        );
+        assert!(plan(&todos(), None, &unknown).is_err());
+        assert_eq!(
+            touched_keys(&todos(), &unknown),
+            vec![row(&[("id", Some("8"))])]
         );
     }
 

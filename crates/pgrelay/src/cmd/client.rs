@@ -27,7 +27,9 @@ pub struct SyncArgs {
     /// refreshed token is used after the old one expires.
     #[arg(long, env = "PGRELAY_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
-    /// Sync up to the server's head at connect time, then exit 0.
+    /// Sync up to the server's head at connect time (and push the outbox),
+    /// then exit 0. A refused token exits non-zero with the server's reason
+    /// (after reading --token-file once more).
     #[arg(long, env = "PGRELAY_EXIT_WHEN_CAUGHT_UP")]
     pub exit_when_caught_up: bool,
     #[arg(long, env = "PGRELAY_PING_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]

@@ -72,3 +72,41 @@ async fn confirmed_flush_lsn_advances_with_changes_and_when_idle() {
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }
+
+/// Two `pgrelay serve` on one cluster with the same `--slot` (as with the
+/// default name): the second is refused with the database that holds the
+/// slot named, and told to pick its own with `--slot`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_of_another_database_is_refused_naming_that_database() {
+    let first = World::new().await;
+    let second = World::new().await;
+    for world in [&first, &second] {
+        world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    }
+    let server = first.start_server().await;
+    let output = tokio::process::Command::new(crate::support::BIN)
+        .args([
+            "serve",
+            "--database-url",
+            second.url(),
+            "--slot",
+            &first.slot(),
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .env("PGRELAY_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("belongs to database \"{}\"", first.db.name())),
+        "{stderr}"
+    );
+    assert!(stderr.contains(second.db.name()), "{stderr}");
+    assert!(stderr.contains("--slot"), "{stderr}");
+    assert!(!stderr.contains("Some("), "{stderr}");
+    server.shutdown().await.unwrap();
+    first.db.drop_database().await.unwrap();
+    second.db.drop_database().await.unwrap();
+}

@@ -689,3 +689,95 @@ async fn bad_batches_are_refused_and_nothing_partial_is_applied() {
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }
+
+/// A rejected transaction names every row it wrote, so the replica gets
+/// each back: both rows of an update that changed half of a two-column
+/// key, and the row of a change the server could not even plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_restores_every_row_the_transaction_wrote() {
+    let world = World::new().await;
+    world
+        .exec(
+            "CREATE TABLE pairs (a int, b int, note text, PRIMARY KEY (a, b), CHECK (b < 3));
+             INSERT INTO pairs VALUES (1, 1, 'one'), (1, 2, 'two');",
+        )
+        .await;
+    let server = world.start_server().await;
+    let path = world.replica_path("keys");
+    let client = start_client(server.local_addr(), &path, "keys").await;
+    world.wait_equal(&path, WAIT).await;
+    let mut events = client.client.subscribe();
+    // The replica has no CHECK: the move succeeds locally, the server
+    // refuses it.
+    let moved = client
+        .client
+        .execute("UPDATE pairs SET b = 5 WHERE a = 1 AND b = 1")
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await.unwrap() {
+                Event::WriteRejected { tx_id, .. } if tx_id == moved.tx_id => break,
+                Event::WriteApplied { tx_id, .. } if tx_id == moved.tx_id => {
+                    panic!("the server took a row it must refuse")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the rejection");
+    world.wait_equal(&path, WAIT).await;
+    assert_eq!(
+        local(
+            &path,
+            "SELECT group_concat(a || ':' || b, ',') FROM (SELECT * FROM pairs ORDER BY a, b)"
+        )
+        .as_deref(),
+        Some("1:1,1:2")
+    );
+
+    // Over the wire: an insert next to a change naming a column the table
+    // does not have; the rejection reports both rows.
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/sync", server.local_addr()))
+            .await
+            .unwrap();
+    socket
+        .send(Message::Text(
+            r#"{"type":"hello","protocol_version":1,"client_id":"raw","last_lsn":"0/0"}"#.into(),
+        ))
+        .await
+        .unwrap();
+    let m = answer(
+        &mut socket,
+        r#"{"type":"write","transactions":[{"id":"t","changes":[
+            {"id":"k1","table":"public.pairs","op":"insert","new":{"a":"7","b":"1"}},
+            {"id":"k2","table":"public.pairs","op":"insert","new":{"a":"8","b":"1","nope":"x"}}]}]}"#
+            .into(),
+    )
+    .await;
+    let ServerMessage::WriteResult(results) = m else {
+        panic!("expected write_result, got {m:?}");
+    };
+    let result = &results.results[0];
+    assert_eq!(result.code, Some(RejectCode::UnknownColumn));
+    let mut keys: Vec<String> = result
+        .rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r.key["a"].as_deref().unwrap(),
+                r.key["b"].as_deref().unwrap()
+            )
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec!["7:1", "8:1"]);
+    assert!(result.rows.iter().all(|r| r.row.is_none()));
+    let _ = socket.close(None).await;
+    client.stop().await;
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}

@@ -3,7 +3,7 @@
 //! client reconnects with a fresh token without losing anything.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -439,4 +439,144 @@ async fn the_cli_takes_a_secret_file_rules_and_a_token_file() {
     assert!(!super::has_table(&path, "hidden"));
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// `pgrelay serve --auth jwt` as a child process; its address.
+fn spawn_auth_server(world: &World) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let secret = world.dir.path().join("secret");
+    std::fs::write(&secret, [super::SECRET, b"\n"].concat()).unwrap();
+    let mut server = Command::new(crate::support::BIN)
+        .args([
+            "serve",
+            "--database-url",
+            world.url(),
+            "--slot",
+            &world.slot(),
+        ])
+        .args(["--listen", "127.0.0.1:0", "--auth", "jwt"])
+        .arg("--jwt-secret-file")
+        .arg(&secret)
+        .env("PGRELAY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("pgrelay listening on ")
+        .unwrap()
+        .to_owned();
+    (server, addr)
+}
+
+/// With `--exit-when-caught-up`, an expired token ends the command with
+/// the server's reason after one more read of the token file, instead of
+/// retrying forever and hanging the script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_when_caught_up_ends_on_a_refused_token() {
+    use std::process::{Command, Stdio};
+
+    let world = World::new().await;
+    world
+        .exec("CREATE TABLE todos (id int PRIMARY KEY, tenant text NOT NULL, title text)")
+        .await;
+    let (mut server, addr) = spawn_auth_server(&world);
+    let file = world.dir.path().join("token.jwt");
+    std::fs::write(&file, token(json!({"sub": "erin", "exp": now() - 120}))).unwrap();
+    let mut child = Command::new(crate::support::BIN)
+        .args(["client", "sync", "--server", &format!("ws://{addr}")])
+        .args(["--client-id", "erin-1", "--exit-when-caught-up"])
+        .arg("--db")
+        .arg(world.replica_path("erin"))
+        .arg("--token-file")
+        .arg(&file)
+        .env("PGRELAY_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("the client still retries 30 s after its token was refused");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("TokenExpired") && stderr.contains("token expired"),
+        "{stderr}"
+    );
+    // The first refusal, and one more after reading the file again.
+    wait_for("both refusals in the audit log", WAIT, || async {
+        (world
+            .count("SELECT count(*) FROM pgrelay.audit_log WHERE action = 'refused' AND client_id = 'erin-1'")
+            .await
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// The one more read of the token provider finds a good token: the sync
+/// goes on and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_when_caught_up_asks_the_provider_once_more() {
+    let world = World::new().await;
+    world
+        .exec("CREATE TABLE todos (id int PRIMARY KEY, tenant text NOT NULL, title text)")
+        .await;
+    world.exec("INSERT INTO todos VALUES (1, 't1', 'a')").await;
+    let server = start_server(&world, RULES).await;
+    let asked = Arc::new(Mutex::new(0u32));
+    let counter = Arc::clone(&asked);
+    let provider = TokenProvider::new(move || {
+        let counter = Arc::clone(&counter);
+        async move {
+            let mut n = counter.lock().unwrap();
+            *n += 1;
+            // A token signed with another key first: `unauthorized`.
+            Ok(if *n == 1 {
+                encode(
+                    &Header::new(Algorithm::HS256),
+                    &json!({"tenant": "t1", "exp": now() + 600}),
+                    &EncodingKey::from_secret(b"not the server's secret, but long enough"),
+                )
+                .unwrap()
+            } else {
+                token(json!({"tenant": "t1", "sub": "frank"}))
+            })
+        }
+    });
+    let path = world.replica_path("frank");
+    let mut config =
+        pgrelay_client::ClientConfig::new(format!("ws://{}", server.local_addr()), &path);
+    config.client_id = Some("frank-1".into());
+    config.token_provider = Some(provider);
+    config.exit_when_caught_up = true;
+    let client = pgrelay_client::SyncClient::open(config).await.unwrap();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::time::timeout(WAIT, client.run(stopped))
+        .await
+        .expect("the sync to finish")
+        .expect("the sync to succeed with the second token");
+    assert_eq!(*asked.lock().unwrap(), 2);
+    assert_eq!(replica_rows(&path, "todos").len(), 1);
+    server.shutdown().await.unwrap();
 }

@@ -66,6 +66,20 @@ impl World {
         let db = TestDatabase::create()
             .await
             .expect("creating a test database");
+        World::with(db).await
+    }
+
+    /// A world on another PostgreSQL (e.g. a private cluster with special
+    /// settings), given its admin URL.
+    pub async fn on(admin_url: &str) -> World {
+        init_tracing();
+        let db = TestDatabase::create_on(admin_url)
+            .await
+            .expect("creating a test database");
+        World::with(db).await
+    }
+
+    async fn with(db: TestDatabase) -> World {
         let sql = db.connect().await.expect("connecting to the test database");
         let dir = tempfile::tempdir().expect("temp dir");
         World { db, sql, dir }
@@ -142,11 +156,58 @@ pub struct RunningClient {
 }
 
 pub async fn start_client(server: SocketAddr, db: &Path, id: &str) -> RunningClient {
+    run_client(open_client(server, db, id).await)
+}
+
+async fn open_client(server: SocketAddr, db: &Path, id: &str) -> std::sync::Arc<SyncClient> {
     let mut config = ClientConfig::new(format!("ws://{server}"), db);
     config.client_id = Some(id.to_owned());
     config.backoff_base = Duration::from_millis(50);
     config.backoff_cap = Duration::from_millis(500);
-    let client = std::sync::Arc::new(SyncClient::open(config).await.expect("opening the client"));
+    std::sync::Arc::new(SyncClient::open(config).await.expect("opening the client"))
+}
+
+/// What a client went through, counted from its events.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    /// Full snapshots loaded (a new or reset replica).
+    pub hydrations: usize,
+    /// Times the server answered `gone`.
+    pub gone: usize,
+    pub caught_up: usize,
+}
+
+/// A client whose events are counted from before its first connection.
+pub async fn start_counted_client(
+    server: SocketAddr,
+    db: &Path,
+    id: &str,
+) -> (RunningClient, std::sync::Arc<std::sync::Mutex<Tally>>) {
+    let client = open_client(server, db, id).await;
+    let tally = std::sync::Arc::new(std::sync::Mutex::new(Tally::default()));
+    let mut events = client.subscribe();
+    let sink = std::sync::Arc::clone(&tally);
+    tokio::spawn(async move {
+        use pgrelay_client::Event;
+        while let Ok(event) = events.recv().await {
+            let mut tally = sink.lock().unwrap();
+            match event {
+                Event::Hydrated { full: true, .. } => tally.hydrations += 1,
+                Event::CaughtUp { .. } => tally.caught_up += 1,
+                // Counted however the client took it (reset, or a retry).
+                Event::Disconnected { error, .. }
+                    if error.starts_with("gone") || error.starts_with("server refused: Gone") =>
+                {
+                    tally.gone += 1
+                }
+                _ => {}
+            }
+        }
+    });
+    (run_client(client), tally)
+}
+
+fn run_client(client: std::sync::Arc<SyncClient>) -> RunningClient {
     let replica = client.replica().clone();
     let (stop, stopped) = watch::channel(false);
     let runner = std::sync::Arc::clone(&client);
