@@ -1,7 +1,6 @@
 //! pgrelay's client: keeps a local SQLite replica in sync with a pgrelay
 //! server. Use [`SyncClient`] to run it, [`Replica`] to read its state.
 
-mod copy_text;
 mod error;
 mod events;
 mod hydrate;
@@ -14,7 +13,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use pgrelay_protocol::Lsn;
+use pgrelay_protocol::{ErrorCode, Lsn};
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
@@ -31,7 +31,7 @@ pub struct ClientConfig {
     /// Stored in the replica on first use; generated when not given.
     pub client_id: Option<String>,
     /// A fixed token for the server's `--auth`.
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// The tables to sync (`todos` or `public.todos`); `None` for every
     /// table the server syncs. Choose them when the replica is new: a table
     /// added later starts from the replica's position, not from its history.
@@ -76,7 +76,7 @@ impl ClientConfig {
     pub(crate) async fn current_token(&self) -> Result<Option<String>, ClientError> {
         match &self.token_provider {
             Some(provider) => provider.token().await.map(Some),
-            None => Ok(self.token.clone()),
+            None => Ok(self.token.as_ref().map(|t| t.expose_secret().to_owned())),
         }
     }
 
@@ -355,5 +355,19 @@ impl SyncClient {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_not_printed() {
+        let mut config = ClientConfig::new("ws://127.0.0.1:7171", "replica.sqlite");
+        config.token = Some("client-token-secret-5".into());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("client-token-secret-5"), "{printed}");
+        assert!(printed.contains("ws://127.0.0.1:7171"), "{printed}");
     }
 }

@@ -8,7 +8,6 @@ mod config;
 mod encoded;
 mod epoch;
 mod error;
-mod eventlog;
 mod history;
 mod hub;
 mod lag;
@@ -30,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pgrelay_pg::ConnInfo;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -37,7 +37,6 @@ use tokio::task::JoinSet;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
-pub use eventlog::{EventLogConfig, EventLogError, EventLogStorage, StoreInfo};
 
 use hub::Hub;
 use replication::Replication;
@@ -79,13 +78,23 @@ impl Server {
     /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
     /// binds the listener and starts replication and the HTTP server.
     /// Fails fast on anything a retry will not cure (wal_level, bad slot,
-    /// unknown table, port in use). Without a database URL only the
-    /// LiveStore event-log backend is served.
+    /// unknown table, port in use). Without a database URL only `/health`
+    /// is served.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Server::start_with(config, watch::channel(false).0, axum::Router::new()).await
+    }
+
+    /// [`Server::start`], also serving `routes` (the LiveStore backend's)
+    /// on the same listener. `shutdown` becomes the server's shutdown
+    /// signal, so whatever serves `routes` can stop with it.
+    pub async fn start_with(
+        config: ServerConfig,
+        shutdown: watch::Sender<bool>,
+        routes: axum::Router,
+    ) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown_rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
-        let eventlog = eventlog::EventLog::open(&config, shutdown_rx.clone()).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -105,7 +114,7 @@ impl Server {
             Some(url) => {
                 start_row_sync(
                     config.clone(),
-                    &url,
+                    url.expose_secret(),
                     addr,
                     &sessions,
                     &mut tasks,
@@ -127,7 +136,7 @@ impl Server {
                 (health, hub, Arc::new(ReplicationStatus::new()), None)
             }
         };
-        let app = app.merge(eventlog::router(eventlog));
+        let app = app.merge(routes);
         let limits = serve::Limits {
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,

@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod bad_input;
+#[cfg(feature = "bench")]
 mod bench;
 mod caught_up;
 mod crash;

@@ -111,7 +111,7 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
     let world = World::new().await;
     world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let mut config = world.server_config();
-    config.admin_token = Some(TOKEN.to_owned());
+    config.admin_token = Some(TOKEN.into());
     let server = pgrelay_server::Server::start(config).await.unwrap();
     let addr = server.local_addr();
     let path = world.replica_path("alpha");
@@ -244,8 +244,8 @@ async fn two_nodes_share_the_registry_through_redis() {
     let node = |name: &str, slot: String| {
         let mut config = world.server_config();
         config.slot = slot;
-        config.admin_token = Some(TOKEN.to_owned());
-        config.registry = Some(redis_url());
+        config.admin_token = Some(TOKEN.into());
+        config.registry = Some(redis_url().into());
         config.registry_prefix = prefix.clone();
         config.registry_refresh = Duration::from_millis(200);
         config.node = Some(name.to_owned());

@@ -133,7 +133,7 @@ impl World {
         let mut last;
         let deadline = Instant::now() + timeout;
         loop {
-            match pgrelay::verify::verify(&url, replica, None).await {
+            match pgrelay::cmd::verify::verify(&url, replica, None).await {
                 Ok(report) if report.all_match() && !report.tables.is_empty() => return,
                 Ok(report) => last = report.render_table(),
                 Err(e) => last = format!("{e:#}"),

@@ -1,14 +1,15 @@
 //! `pgrelay admin clients|disconnect|forget|notify|store`: the server's admin API
-//! from the command line. One HTTP/1.1 request per command, over plain TCP
-//! (the admin API is meant for a private network or a local TLS proxy).
+//! from the command line, one HTTP request per command (`reqwest`, with
+//! rustls for an `https://` proxy in front of the server).
+
+pub mod store;
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
@@ -41,7 +42,7 @@ pub enum AdminCommand {
     },
     /// LiveStore stores: info, reset.
     #[command(subcommand)]
-    Store(crate::store_cmd::StoreCommand),
+    Store(store::StoreCommand),
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +51,7 @@ pub struct AdminServer {
     #[arg(long, env = "PGRELAY_SERVER", default_value = "http://127.0.0.1:7171")]
     pub server: String,
     #[arg(long, env = "PGRELAY_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    pub admin_token: SecretString,
 }
 
 #[derive(Deserialize)]
@@ -90,7 +91,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             let path = format!("/api/admin/clients/{}", path_segment(&client_id)?);
             answer(request(&server, "DELETE", &path).await?)
         }
-        AdminCommand::Store(command) => crate::store_cmd::store(command).await,
+        AdminCommand::Store(command) => store::store(command).await,
         AdminCommand::Notify { server, client_id } => {
             let path = format!("/api/admin/clients/{}/notify", path_segment(&client_id)?);
             answer(request(&server, "POST", &path).await?)
@@ -141,11 +142,18 @@ fn render_table(rows: &[ClientRow]) -> String {
 }
 
 async fn request(server: &AdminServer, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    http(&server.server, Some(&server.admin_token), method, path).await
+    http(
+        &server.server,
+        Some(server.admin_token.expose_secret()),
+        method,
+        path,
+    )
+    .await
 }
 
-/// One HTTP/1.1 request to `base` (`http://host:port`); returns the status
-/// code and the body.
+/// One request to `base` (`http://host:port` or `https://host:port`;
+/// `ws://` and `wss://` are taken for their HTTP twins, and a path in
+/// `base` is ignored); returns the status code and the body.
 pub async fn http(
     base: &str,
     token: Option<&str>,
@@ -153,77 +161,81 @@ pub async fn http(
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
     let base = base.trim_end_matches('/');
-    let authority = base
-        .strip_prefix("http://")
-        .or_else(|| base.strip_prefix("ws://"))
-        .with_context(|| format!("--server {base:?}: give http://host:port (https is not supported; use a local proxy)"))?;
-    let authority = authority.split('/').next().unwrap_or(authority);
-    let exchange = async {
-        let mut stream = TcpStream::connect(authority)
-            .await
-            .with_context(|| format!("connecting to {authority}"))?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(head.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        parse_response(&response)
+    let http_base = match base.split_once("://") {
+        Some(("ws", rest)) => format!("http://{rest}"),
+        Some(("wss", rest)) => format!("https://{rest}"),
+        _ => base.to_owned(),
     };
-    tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .context("the server did not answer within 30 s")?
-}
-
-fn parse_response(response: &[u8]) -> anyhow::Result<(u16, String)> {
-    let text = String::from_utf8_lossy(response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("the server's answer is not HTTP")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("the server's answer has no status")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
+    let origin = reqwest::Url::parse(&http_base)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+        .with_context(|| {
+            format!("--server {base:?}: give http://host:port or https://host:port")
+        })?;
+    let url = origin
+        .join(path)
+        .with_context(|| format!("the path {path:?}"))?;
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .with_context(|| format!("the method {method:?}"))?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("setting up the HTTP client")?;
+    let mut request = client.request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
     }
-    out
+    let response = request.send().await.map_err(|e| {
+        if e.is_timeout() {
+            anyhow::anyhow!("the server did not answer within 30 s")
+        } else {
+            anyhow::Error::new(e).context(format!("connecting to {origin}"))
+        }
+    })?;
+    let status = response.status().as_u16();
+    let body = response
+        .text()
+        .await
+        .context("reading the server's answer")?;
+    Ok((status, body))
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        admin: AdminCommand,
+    }
+
     #[test]
-    fn responses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 410 Gone\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain).unwrap(), (410, "{}".to_owned()));
-        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (200, "[1,2]".to_owned()));
+    fn the_admin_token_is_not_printed() {
+        for args in [
+            &["admin", "clients", "--admin-token", "admin-token-secret-6"][..],
+            &[
+                "admin",
+                "store",
+                "info",
+                "s1",
+                "--admin-token",
+                "admin-token-secret-6",
+            ][..],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let printed = format!("{:?}", cli.admin);
+            assert!(!printed.contains("admin-token-secret-6"), "{printed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn servers_that_are_not_http_are_refused_before_connecting() {
+        for base in ["redis://127.0.0.1:6379", "127.0.0.1:7171", "http://"] {
+            let err = http(base, None, "GET", "/health").await.unwrap_err();
+            assert!(err.to_string().contains("--server"), "{base}: {err}");
+        }
     }
 }

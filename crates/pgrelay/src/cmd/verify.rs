@@ -8,7 +8,7 @@ use anyhow::Context;
 use futures_util::{pin_mut, TryStreamExt};
 use pgrelay_client::value::pg_text_from_sqlite;
 use pgrelay_protocol::canonical::{canonical_pg_text, TableDigest};
-use pgrelay_protocol::TableSchema;
+use pgrelay_protocol::{quote_ident, quote_table, TableSchema};
 
 #[derive(Clone, Debug)]
 pub struct TableCheck {
@@ -60,10 +60,6 @@ impl VerifyReport {
         }
         out
     }
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 fn qualified(name: &str) -> String {
@@ -148,26 +144,18 @@ async fn pg_digest(
     db: &tokio_postgres::Client,
     schema: &TableSchema,
 ) -> anyhow::Result<TableDigest> {
-    let (pg_schema, table) = schema
-        .name
-        .split_once('.')
-        .unwrap_or(("public", &schema.name));
     // format('%s') applies the type's output function, as the replication
     // stream does; a ::text cast would differ (char(n) loses its padding).
     let columns = schema
         .columns
         .iter()
         .map(|c| {
-            let col = quote(&c.name);
+            let col = quote_ident(&c.name);
             format!("CASE WHEN {col} IS NULL THEN NULL ELSE format('%s', {col}) END")
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!(
-        "SELECT {columns} FROM {}.{}",
-        quote(pg_schema),
-        quote(table)
-    );
+    let sql = format!("SELECT {columns} FROM {}", quote_table(&schema.name));
     let rows = db
         .query_raw(&sql, std::iter::empty::<&str>())
         .await
@@ -190,12 +178,8 @@ async fn pg_digest(
 
 /// For a table the replica does not have: still count PostgreSQL's rows.
 async fn pg_digest_unknown(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<TableDigest> {
-    let (pg_schema, table) = name.split_once('.').unwrap_or(("public", name));
     let count: i64 = db
-        .query_one(
-            &format!("SELECT count(*) FROM {}.{}", quote(pg_schema), quote(table)),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*) FROM {}", quote_table(name)), &[])
         .await
         .with_context(|| format!("counting {name}"))?
         .get(0);
@@ -212,13 +196,13 @@ fn replica_digest(path: &Path, schema: &TableSchema) -> anyhow::Result<TableDige
     let columns = schema
         .columns
         .iter()
-        .map(|c| quote(&c.name))
+        .map(|c| quote_ident(&c.name))
         .collect::<Vec<_>>()
         .join(", ");
     let mut stmt = conn
         .prepare(&format!(
             "SELECT {columns} FROM {}",
-            quote(schema.sqlite_name())
+            quote_ident(schema.sqlite_name())
         ))
         .with_context(|| format!("reading {} from the replica", schema.name))?;
     let mut rows = stmt.query([])?;

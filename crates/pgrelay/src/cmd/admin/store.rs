@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 
 #[derive(Subcommand, Debug)]
 pub enum StoreCommand {
@@ -24,7 +25,7 @@ pub struct StoreArgs {
     pub server: String,
     /// The server's `--admin-token`.
     #[arg(long, env = "PGRELAY_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    pub admin_token: SecretString,
 }
 
 pub async fn store(command: StoreCommand) -> anyhow::Result<()> {
@@ -41,8 +42,13 @@ pub async fn store(command: StoreCommand) -> anyhow::Result<()> {
     } else {
         format!("http://{}", args.server)
     };
-    let (status, body) =
-        crate::admin_cmd::http(&server, Some(&args.admin_token), method, &path).await?;
+    let (status, body) = super::http(
+        &server,
+        Some(args.admin_token.expose_secret()),
+        method,
+        &path,
+    )
+    .await?;
     if !(200..300).contains(&status) {
         bail!("the server answered {status}: {}", body.trim());
     }

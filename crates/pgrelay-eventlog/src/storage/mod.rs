@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::error::EventLogError;
 use super::event::{Event, StoredEvent};
@@ -40,33 +41,23 @@ pub(crate) enum Storage {
 }
 
 /// Which storage `pgrelay serve` uses for event logs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum EventLogStorage {
     /// A SQLite file; `None` keeps the logs in memory (tests, embedding).
     Sqlite(Option<PathBuf>),
-    /// PostgreSQL at the server's `--database-url`, schema `pgrelay`.
-    Postgres,
+    /// PostgreSQL at this URL (the server's `--database-url`), schema `pgrelay`.
+    Postgres(SecretString),
 }
 
 impl Storage {
-    pub(crate) async fn open(
-        config: &super::EventLogConfig,
-        database_url: Option<&str>,
-    ) -> Result<Storage, EventLogError> {
+    pub(crate) async fn open(config: &super::EventLogConfig) -> Result<Storage, EventLogError> {
         match &config.storage {
             EventLogStorage::Sqlite(path) => Ok(Storage::Sqlite(Arc::new(
                 SqliteStorage::open(path.clone(), config.sqlite_sync_full).await?,
             ))),
-            EventLogStorage::Postgres => {
-                let url = database_url.ok_or_else(|| {
-                    EventLogError::Storage(
-                        "--eventlog-store postgres needs --database-url".to_owned(),
-                    )
-                })?;
-                Ok(Storage::Postgres(Arc::new(
-                    PostgresStorage::open(url).await?,
-                )))
-            }
+            EventLogStorage::Postgres(url) => Ok(Storage::Postgres(Arc::new(
+                PostgresStorage::open(url.expose_secret()).await?,
+            ))),
         }
     }
 

@@ -10,10 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use super::admin::{secret_matches, AdminCheck};
 use super::conn::{self, Conn};
 use super::rpc::Rpc;
 use super::wsmessage::WsMessage;
-use super::{secret_matches, EventLog};
+use super::EventLog;
 
 /// Largest client frame read: LiveStore splits pushes at 900 kB.
 const MAX_FRAME_BYTES: usize = 4 << 20;
@@ -166,19 +167,17 @@ impl SyncParams {
 }
 
 fn admin_refusal(log: &EventLog, headers: &HeaderMap) -> Option<Response> {
-    let Some(expected) = log.admin_token() else {
-        return Some(text(
-            StatusCode::NOT_FOUND,
-            "the admin API is off: start pgrelay serve with --admin-token",
-        ));
-    };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if secret_matches(given, expected) => None,
-        _ => Some(text(
+    match log.admin().check(given) {
+        AdminCheck::Allowed => None,
+        AdminCheck::Off => Some(text(
+            StatusCode::NOT_FOUND,
+            "the admin API is off: start pgrelay serve with --admin-token",
+        )),
+        AdminCheck::Refused => Some(text(
             StatusCode::UNAUTHORIZED,
             "a valid admin token is required",
         )),

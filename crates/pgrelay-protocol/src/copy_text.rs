@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 /// Calls `row` with each row's values in `data` (whole rows only).
 /// Returns the number of rows.
-pub(crate) fn for_each_row<E>(
+pub fn for_each_row<E>(
     data: &[u8],
     mut row: impl FnMut(&[Option<Cow<'_, str>>]) -> Result<(), E>,
     malformed: impl Fn(String) -> E,

@@ -6,15 +6,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use pgrelay_eventlog::{AdminToken, EventLog, EventLogConfig, EventLogStorage};
 use pgrelay_pg::TableFilter;
-use pgrelay_server::{parse_conflict, AuthConfig, EventLogStorage, JwtKey, Server, ServerConfig};
+use pgrelay_server::{parse_conflict, AuthConfig, JwtKey, Server, ServerConfig};
+use secrecy::SecretString;
+use tokio::sync::watch;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// PostgreSQL to capture from (needs wal_level=logical). Without it,
     /// only the LiveStore event-log backend is served.
     #[arg(long, env = "PGRELAY_DATABASE_URL")]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretString>,
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:7171")]
     pub listen: SocketAddr,
     /// Tables to sync, comma-separated (`public.a,b`); default: every table in schema public.
@@ -86,7 +89,7 @@ pub struct ServeArgs {
     pub message_burst: u32,
     /// Client registry: `redis://host:port[/db]` to share it between nodes; embedded when left out.
     #[arg(long, env = "PGRELAY_REGISTRY")]
-    pub registry: Option<String>,
+    pub registry: Option<SecretString>,
     /// Prefix of the registry's Redis keys.
     #[arg(long, env = "PGRELAY_REGISTRY_PREFIX", default_value = "pgrelay:")]
     pub registry_prefix: String,
@@ -101,7 +104,7 @@ pub struct ServeArgs {
     pub node: Option<String>,
     /// Turns the admin API on, guarded by this token (at least 16 characters).
     #[arg(long, env = "PGRELAY_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
     /// `/ready` fails while replication lags more than this.
     #[arg(long, env = "PGRELAY_READY_MAX_LAG", default_value = "60s", value_parser = humantime::parse_duration)]
     pub ready_max_lag: Duration,
@@ -140,7 +143,7 @@ pub struct EventLogArgs {
     /// Require LiveStore clients to send this token as `payload.authToken`
     /// (`makeWsSync` with `syncPayload: { authToken }`).
     #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
-    pub eventlog_auth_token: Option<String>,
+    pub eventlog_auth_token: Option<SecretString>,
 }
 
 impl ServeArgs {
@@ -184,11 +187,11 @@ impl ServeArgs {
         Ok(Some(config))
     }
 
-    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
+    pub fn into_config(self) -> anyhow::Result<ServeConfig> {
         let auth = self.auth_config()?;
-        let mut config = match self.database_url {
+        let mut config = match self.database_url.clone() {
             Some(url) => ServerConfig::new(url),
-            None => ServerConfig::eventlog_only(),
+            None => ServerConfig::without_database(),
         };
         config.listen = self.listen;
         config.tables = match self.tables {
@@ -219,19 +222,55 @@ impl ServeArgs {
         config.stall_after = self.stall_after;
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
-        config.eventlog.auth_token = self.eventlog.eventlog_auth_token;
-        config.eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
-        config.eventlog.storage = match self.eventlog.eventlog_store.as_str() {
-            "postgres" => EventLogStorage::Postgres,
+        config.auth = auth;
+        let mut eventlog = EventLogConfig {
+            idle_timeout: config.idle_timeout,
+            send_timeout: config.send_timeout,
+            ..EventLogConfig::default()
+        };
+        eventlog.auth_token = self.eventlog.eventlog_auth_token;
+        eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
+        eventlog.storage = match self.eventlog.eventlog_store.as_str() {
+            "postgres" => match self.database_url {
+                Some(url) => EventLogStorage::Postgres(url),
+                None => {
+                    anyhow::bail!("configuration: --eventlog-store postgres needs --database-url")
+                }
+            },
             _ => EventLogStorage::Sqlite(Some(self.eventlog.eventlog_db)),
         };
-        config.auth = auth;
-        Ok(config)
+        Ok(ServeConfig {
+            server: config,
+            eventlog,
+        })
     }
 }
 
+/// What `pgrelay serve` runs on one listener: the row sync (with a
+/// database URL) and the LiveStore event-log backend.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub server: ServerConfig,
+    pub eventlog: EventLogConfig,
+}
+
+/// Starts the server with the LiveStore backend's routes mounted beside
+/// the row sync's; both stop on the server's shutdown. The store admin API
+/// answers to the server's `--admin-token`.
+pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
+    // Checked before the event logs' storage is opened or created.
+    config
+        .server
+        .validate()
+        .map_err(pgrelay_server::ServerError::Config)?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let admin = AdminToken::new(config.server.admin_token.clone());
+    let eventlog = EventLog::open(config.eventlog, std::sync::Arc::new(admin), shutdown_rx).await?;
+    Ok(Server::start_with(config.server, shutdown, eventlog.router()).await?)
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut server = Server::start(args.into_config()?).await?;
+    let mut server = start(args.into_config()?).await?;
     // Tests and scripts read this line to learn the bound port.
     println!("pgrelay listening on {}", server.local_addr());
     let stop = server.shutdown_handle();
@@ -263,5 +302,49 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--database-url",
+            "postgres://app:db-password-1@127.0.0.1/app",
+            "--admin-token",
+            "admin-token-secret-2",
+            "--registry",
+            "redis://:redis-password-3@127.0.0.1:6379",
+            "--eventlog-store",
+            "postgres",
+            "--eventlog-auth-token",
+            "payload-token-4",
+        ])
+        .unwrap();
+        let secrets = [
+            "db-password-1",
+            "admin-token-secret-2",
+            "redis-password-3",
+            "payload-token-4",
+        ];
+        let args = format!("{:?}", cli.serve);
+        let config = format!("{:?}", cli.serve.into_config().unwrap());
+        for printed in [args, config] {
+            for secret in secrets {
+                assert!(!printed.contains(secret), "{secret} printed in {printed}");
+            }
+        }
     }
 }

@@ -9,10 +9,10 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::admin::AdminCheck;
 use super::conn::{Conn, Flow, Protocol};
 use super::event::{parse_batch, Page};
 use super::pull::Pull;
-use super::secret_matches;
 use super::store::{Broadcast, PushRefused};
 
 pub(crate) struct WsMessage;
@@ -83,11 +83,7 @@ impl WsMessage {
         kind: &str,
         secret: Option<&str>,
     ) -> String {
-        let allowed = match (conn.log.admin_token(), secret) {
-            (Some(expected), Some(given)) => secret_matches(given, expected),
-            _ => false,
-        };
-        if !allowed {
+        if conn.log.admin().check(secret) != AdminCheck::Allowed {
             return error(id, "Invalid admin secret");
         }
         let result = if kind == "WSMessage.AdminResetRoomReq" {

@@ -4,13 +4,12 @@
 
 use std::sync::Mutex;
 
-use pgrelay_pg::ConnInfo;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Config, NoTls};
 
 use super::{new_backend_id, Appended, StoreMeta};
-use crate::eventlog::error::EventLogError;
-use crate::eventlog::event::{Event, StoredEvent};
+use crate::error::EventLogError;
+use crate::event::{Event, StoredEvent};
 
 const SCHEMA: &str = "
 CREATE SCHEMA IF NOT EXISTS pgrelay;
@@ -49,18 +48,22 @@ WHERE EXISTS (SELECT 1 FROM moved) AND EXISTS (SELECT 1 FROM notified)
 ";
 
 pub(crate) struct PostgresStorage {
-    info: ConnInfo,
-    url: String,
+    /// Parsed once from the URL, which is not kept (it may hold a password).
+    config: Config,
     /// Reconnected when PostgreSQL closed it; held only to clone the handle.
     client: Mutex<Option<std::sync::Arc<Client>>>,
 }
 
 impl PostgresStorage {
     pub(crate) async fn open(url: &str) -> Result<PostgresStorage, EventLogError> {
-        let info = ConnInfo::parse(url).map_err(|e| EventLogError::Storage(e.to_string()))?;
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| EventLogError::Storage(format!("invalid database URL: {e}")))?;
+        if config.get_application_name().is_none() {
+            config.application_name("pgrelay");
+        }
         let storage = PostgresStorage {
-            info,
-            url: url.to_owned(),
+            config,
             client: Mutex::new(None),
         };
         let client = storage.client().await?;
@@ -72,6 +75,23 @@ impl PostgresStorage {
         Ok(storage)
     }
 
+    /// Where the logs live, for error messages (no password).
+    fn target(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
+            None => "127.0.0.1".to_owned(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or("postgres");
+        let database = self.config.get_dbname().unwrap_or(user);
+        format!("{host}:{port}/{database}")
+    }
+
+    /// The shared connection, opened again when PostgreSQL closed it. The
+    /// event logs hold only text and integers, so unlike the row sync's
+    /// connections these need no pinned session settings.
     async fn client(&self) -> Result<std::sync::Arc<Client>, EventLogError> {
         let current = self
             .client
@@ -81,11 +101,19 @@ impl PostgresStorage {
         if let Some(client) = current.filter(|c| !c.is_closed()) {
             return Ok(client);
         }
-        let client = std::sync::Arc::new(
-            pgrelay_pg::connect(&self.info)
-                .await
-                .map_err(|e| EventLogError::Storage(e.to_string()))?,
-        );
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+            EventLogError::Storage(format!(
+                "PostgreSQL error while connecting to {}: {e}",
+                self.target()
+            ))
+        })?;
+        // Drives the connection; ends when the client is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "event-log PostgreSQL connection ended");
+            }
+        });
+        let client = std::sync::Arc::new(client);
         if let Ok(mut slot) = self.client.lock() {
             *slot = Some(client.clone());
         }
@@ -117,12 +145,9 @@ impl PostgresStorage {
         stores: &mpsc::Sender<Option<String>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), EventLogError> {
-        let config: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(EventLogError::postgres("parsing the database URL"))?;
-        let (client, mut connection) = config
-            .connect(tokio_postgres::NoTls)
+        let (client, mut connection) = self
+            .config
+            .connect(NoTls)
             .await
             .map_err(EventLogError::postgres("connecting to listen"))?;
         let (tx, mut notifications) = mpsc::channel(1024);

@@ -8,8 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{new_backend_id, Appended, StoreMeta};
-use crate::eventlog::error::EventLogError;
-use crate::eventlog::event::{Event, StoredEvent};
+use crate::error::EventLogError;
+use crate::event::{Event, StoredEvent};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 

@@ -1,8 +1,12 @@
 //! The LiveStore sync backend: per-store event logs with sequence numbers,
 //! served to unmodified LiveStore clients over the `@livestore/sync-cf`
 //! 0.4 protocol (`/livestore`, Effect RPC) and the 0.3 one (`/websocket`).
-//! It needs no PostgreSQL: logs live in SQLite unless told otherwise.
+//! It needs no PostgreSQL: logs live in SQLite unless told otherwise, and
+//! it knows nothing of the row sync: the binary mounts [`EventLog::router`]
+//! beside the row sync's routes and hands in who may use the admin API
+//! ([`AdminAuth`]).
 
+mod admin;
 mod conn;
 mod error;
 mod event;
@@ -20,12 +24,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use admin::{AdminAuth, AdminCheck, AdminToken};
 pub use error::EventLogError;
 pub use storage::EventLogStorage;
 pub use store::StoreInfo;
 
-pub(crate) use http::router;
-
+use secrecy::{ExposeSecret, SecretString};
 use storage::Storage;
 use store::StoreHandle;
 
@@ -35,7 +39,7 @@ pub struct EventLogConfig {
     pub storage: EventLogStorage,
     /// When set, a client's `payload` must be an object whose `authToken`
     /// is this token, or its socket is refused.
-    pub auth_token: Option<String>,
+    pub auth_token: Option<SecretString>,
     /// Accepted batches queued per live subscription; a socket further
     /// behind is switched to catch-up from storage.
     pub subscriber_buffer: usize,
@@ -44,6 +48,11 @@ pub struct EventLogConfig {
     /// power loss; `false` (NORMAL, in WAL mode) survives a crash of pgrelay
     /// but not of the machine, and is much faster on slow disks.
     pub sqlite_sync_full: bool,
+    /// A socket that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A send to a socket that takes longer than this closes the socket, so
+    /// one stalled client never holds memory or a task hostage.
+    pub send_timeout: Duration,
 }
 
 impl Default for EventLogConfig {
@@ -53,13 +62,16 @@ impl Default for EventLogConfig {
             auth_token: None,
             subscriber_buffer: 256,
             sqlite_sync_full: true,
+            idle_timeout: Duration::from_secs(45),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// Everything a socket of the backend needs; cheap to clone.
+/// The backend: its storage, its stores' tasks and its settings. Cheap to
+/// clone; every socket holds one.
 #[derive(Clone)]
-pub(crate) struct EventLog {
+pub struct EventLog {
     inner: Arc<Inner>,
 }
 
@@ -69,27 +81,28 @@ struct Inner {
     tasks: Mutex<JoinSet<()>>,
     shutdown: watch::Receiver<bool>,
     config: EventLogConfig,
-    admin_token: Option<String>,
-    idle_timeout: Duration,
-    send_timeout: Duration,
+    admin: Arc<dyn AdminAuth>,
 }
 
 impl EventLog {
-    pub(crate) async fn open(
-        config: &crate::ServerConfig,
+    /// Opens the storage (creating its tables) and starts following other
+    /// nodes' appends when the logs are in PostgreSQL. Sockets and store
+    /// tasks stop when `shutdown` turns true; `admin` decides who may use
+    /// the store admin API.
+    pub async fn open(
+        config: EventLogConfig,
+        admin: Arc<dyn AdminAuth>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<EventLog, EventLogError> {
-        let storage = Storage::open(&config.eventlog, config.database_url.as_deref()).await?;
+        let storage = Storage::open(&config).await?;
         let log = EventLog {
             inner: Arc::new(Inner {
                 storage,
                 stores: Mutex::new(HashMap::new()),
                 tasks: Mutex::new(JoinSet::new()),
                 shutdown,
-                config: config.eventlog.clone(),
-                admin_token: config.admin_token.clone(),
-                idle_timeout: config.idle_timeout,
-                send_timeout: config.send_timeout,
+                config,
+                admin,
             }),
         };
         if let Storage::Postgres(pg) = &log.inner.storage {
@@ -164,27 +177,46 @@ impl EventLog {
     }
 
     pub(crate) fn auth_token(&self) -> Option<&str> {
-        self.inner.config.auth_token.as_deref()
+        self.inner
+            .config
+            .auth_token
+            .as_ref()
+            .map(|t| t.expose_secret())
     }
 
-    pub(crate) fn admin_token(&self) -> Option<&str> {
-        self.inner.admin_token.as_deref()
+    pub(crate) fn admin(&self) -> &dyn AdminAuth {
+        self.inner.admin.as_ref()
     }
 
     pub(crate) fn idle_timeout(&self) -> Duration {
-        self.inner.idle_timeout
+        self.inner.config.idle_timeout
     }
 
     pub(crate) fn send_timeout(&self) -> Duration {
-        self.inner.send_timeout
+        self.inner.config.send_timeout
+    }
+
+    /// The backend's routes: `/livestore` (0.4), `/websocket` (0.3) and the
+    /// store admin API under `/admin/stores/`.
+    pub fn router(&self) -> axum::Router {
+        http::router(self.clone())
     }
 }
 
-/// Compares secrets in time independent of where they differ.
-pub(crate) fn secret_matches(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    if a.len() != b.len() {
-        return false;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let config = EventLogConfig {
+            storage: EventLogStorage::Postgres("postgres://app:pg-secret-7@db/app".into()),
+            auth_token: Some("payload-token-8".into()),
+            ..EventLogConfig::default()
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("pg-secret-7"), "{printed}");
+        assert!(!printed.contains("payload-token-8"), "{printed}");
+        assert!(printed.contains("subscriber_buffer: 256"), "{printed}");
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

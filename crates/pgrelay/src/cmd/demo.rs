@@ -11,9 +11,10 @@ use pgrelay_client::{ClientConfig, SyncClient};
 use pgrelay_pg::TableFilter;
 use pgrelay_server::{Server, ServerConfig};
 use pgrelay_testkit::PrivateCluster;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 
-use crate::verify;
+use crate::cmd::verify;
 
 const TABLE: &str = "public.pgrelay_demo_todos";
 const SLOT: &str = "pgrelay_demo";
@@ -23,7 +24,7 @@ pub struct DemoArgs {
     /// Use this PostgreSQL (needs wal_level=logical) instead of starting a private one.
     /// The demo creates and then drops its own table, slot and publication.
     #[arg(long, env = "PGRELAY_DATABASE_URL")]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretString>,
     /// Rows the writer inserts.
     #[arg(long, default_value_t = 20_000)]
     pub rows: u64,
@@ -31,7 +32,7 @@ pub struct DemoArgs {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (url, _cluster) = match args.database_url {
-        Some(url) => (url, None),
+        Some(url) => (url.expose_secret().to_owned(), None),
         None => {
             println!("starting a private PostgreSQL with wal_level=logical ...");
             let cluster = tokio::task::spawn_blocking(PrivateCluster::start).await??;

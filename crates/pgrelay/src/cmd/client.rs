@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use pgrelay_client::{ClientConfig, Event, Replica, SyncClient, TokenProvider};
+use secrecy::SecretString;
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
@@ -17,7 +18,7 @@ pub struct SyncArgs {
     #[arg(long, env = "PGRELAY_CLIENT_ID")]
     pub client_id: Option<String>,
     #[arg(long, env = "PGRELAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// Sync only these tables (comma-separated, `todos` or `public.todos`);
     /// default: every table the server syncs. Choose them for a new replica.
     #[arg(long, env = "PGRELAY_CLIENT_TABLES", value_delimiter = ',')]
