@@ -252,7 +252,11 @@ pub fn layout(batch_id: Option<&str>, tx: &EncodedTransaction) -> Result<Layout,
         }
         next += count;
         parts.push(count);
-        sizes.push(if next == tx.changes.len() { len - 1 } else { len });
+        sizes.push(if next == tx.changes.len() {
+            len - 1
+        } else {
+            len
+        });
     }
     let layout = Layout { parts, sizes };
     if layout.bytes() > MAX_TRANSACTION_BYTES {
@@ -264,7 +268,10 @@ pub fn layout(batch_id: Option<&str>, tx: &EncodedTransaction) -> Result<Layout,
 }
 
 /// The frames that carry `tx` alone, as [`layout`] says.
-pub fn encode_alone(batch_id: Option<&str>, tx: EncodedTransaction) -> Result<Vec<String>, TooLarge> {
+pub fn encode_alone(
+    batch_id: Option<&str>,
+    tx: EncodedTransaction,
+) -> Result<Vec<String>, TooLarge> {
     let layout = layout(batch_id, &tx)?;
     if !layout.is_split() {
         let mut frame = BatchFrame::new(batch_id);
@@ -419,7 +426,11 @@ impl Assembly {
             }
             answers.extend(Assembly::interrupt(
                 &mut Some(open),
-                &format!("part {} of transaction {:?}", part.part, short(&part.transaction_id)),
+                &format!(
+                    "part {} of transaction {:?}",
+                    part.part,
+                    short(&part.transaction_id)
+                ),
             ));
         }
         if part.part != 0 {

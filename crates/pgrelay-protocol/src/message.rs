@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    BatchRefusal, Lsn, SnapshotTable, TableDigest, TableSchema, Visibility, WriteBatch,
-    WritePart, WriteResults,
+    BatchRefusal, Lsn, SnapshotTable, TableDigest, TableSchema, Visibility, WriteBatch, WritePart,
+    WriteResults,
 };
 
 /// The protocol version this build speaks. A server refuses a `hello` with

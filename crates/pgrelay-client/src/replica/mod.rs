@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ClientError;
 
-pub(crate) use outbox::{Outcome, Taken};
 pub use outbox::{OutboxEntry, OutboxReport};
+pub(crate) use outbox::{Outcome, Taken};
 
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
@@ -308,9 +308,10 @@ impl Worker {
                     let _ = reply.send(self.take_batch(max_txs));
                 }
                 Command::SetAside(tx_id, reason, reply) => {
-                    let _ = reply.send(
-                        self.in_tx(|conn, tables| outbox::set_aside(conn, tables, &tx_id, &reason)),
-                    );
+                    let _ =
+                        reply.send(self.in_tx(|conn, tables| {
+                            outbox::set_aside(conn, tables, &tx_id, &reason)
+                        }));
                 }
                 Command::RecordResults(results, reply) => {
                     let _ = reply.send(self.record_results(&results));

@@ -257,7 +257,11 @@ pub(crate) fn set_aside(
     tx_id: &str,
     reason: &str,
 ) -> Result<(Outcome, Vec<String>), ClientError> {
-    tracing::warn!(tx_id, reason, "local write set aside; its tables are fetched again");
+    tracing::warn!(
+        tx_id,
+        reason,
+        "local write set aside; its tables are fetched again"
+    );
     let (changes, created_us): (i64, Option<i64>) = conn
         .prepare_cached(
             "SELECT count(*), min(created_us) FROM _pgrelay_outbox WHERE tx_id = ?1 AND status IN ('pending', 'sent')",

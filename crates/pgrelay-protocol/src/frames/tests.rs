@@ -37,7 +37,10 @@ fn assemble(frames: &[String]) -> Vec<PartAnswer> {
         };
         answers.extend(Assembly::receive(&mut slot, part, frame.len()));
     }
-    assert!(slot.is_none(), "the assembly stays open after the last part");
+    assert!(
+        slot.is_none(),
+        "the assembly stays open after the last part"
+    );
     answers
 }
 
@@ -107,7 +110,8 @@ proptest! {
 fn a_transaction_exactly_one_frame_long_is_one_write() {
     // Grow the last row until the frame is exactly the limit.
     let mut changes: Vec<ClientChange> = (0..100).map(|n| change(n, 10_000)).collect();
-    let base = BatchFrame::new(Some("b-1")).len_with(&EncodedTransaction::new(&tx("t", changes.clone())));
+    let base =
+        BatchFrame::new(Some("b-1")).len_with(&EncodedTransaction::new(&tx("t", changes.clone())));
     let pad = MAX_CLIENT_FRAME_BYTES - base;
     changes[99] = change(99, 10_000 + pad);
     let at = EncodedTransaction::new(&tx("t", changes.clone()));
@@ -185,7 +189,13 @@ fn parts_out_of_order_are_refused_once() {
     // Another write in the middle interrupts the open transaction.
     assert!(Assembly::receive(&mut slot, part("c", 0, false, vec![change(1, 1)]), 100).is_empty());
     let answer = Assembly::interrupt(&mut slot, "a write").unwrap();
-    assert!(matches!(answer, PartAnswer::Refused { code: BatchRefusal::MalformedBatch, .. }));
+    assert!(matches!(
+        answer,
+        PartAnswer::Refused {
+            code: BatchRefusal::MalformedBatch,
+            ..
+        }
+    ));
     assert!(slot.is_none());
     // A part 0 always starts afresh; a single part is a whole transaction.
     let answers = Assembly::receive(&mut slot, part("d", 0, true, vec![change(1, 1)]), 100);
@@ -215,7 +225,11 @@ fn an_assembly_over_the_limits_is_refused_and_the_rest_dropped() {
     let mut answers = Vec::new();
     for n in 0..3u32 {
         let changes = (0..4_000).map(|i| change(i, 0)).collect();
-        answers.extend(Assembly::receive(&mut slot, part("many", n, n == 2, changes), 1000));
+        answers.extend(Assembly::receive(
+            &mut slot,
+            part("many", n, n == 2, changes),
+            1000,
+        ));
     }
     match &answers[..] {
         [PartAnswer::Refused { code, message, .. }] => {

@@ -576,7 +576,9 @@ impl<'a> Session<'a> {
                 self.interrupt_parts("a write").await?;
                 self.write(batch).await?
             }
-            write::Incoming::WritePart(part, bytes) => Box::pin(self.write_part(part, bytes)).await?,
+            write::Incoming::WritePart(part, bytes) => {
+                Box::pin(self.write_part(part, bytes)).await?
+            }
             write::Incoming::Refused {
                 batch_id,
                 code,
@@ -653,7 +655,10 @@ impl<'a> Session<'a> {
                     })
                 });
                 return self
-                    .send(Frame::encode(&ServerMessage::WriteResult(results), Lsn::ZERO))
+                    .send(Frame::encode(
+                        &ServerMessage::WriteResult(results),
+                        Lsn::ZERO,
+                    ))
                     .await;
             }
         }
@@ -662,10 +667,7 @@ impl<'a> Session<'a> {
             slot = None;
         }
         if assembly.is_some() {
-            self.parts = Some(Box::new(Parts {
-                assembly,
-                slot,
-            }));
+            self.parts = Some(Box::new(Parts { assembly, slot }));
         }
         for answer in answers {
             match answer {

@@ -113,7 +113,9 @@ mod tests {
             BatchRefusal::MalformedBatch
         );
         assert!(matches!(
-            parse(br#"{"type":"write_part","transaction_id":"t","part":0,"last":true,"changes":[]}"#),
+            parse(
+                br#"{"type":"write_part","transaction_id":"t","part":0,"last":true,"changes":[]}"#
+            ),
             Incoming::WritePart(_, 76)
         ));
         assert!(matches!(parse(b"{nope"), Incoming::Fatal(_)));

@@ -231,18 +231,21 @@ pub(crate) fn touched_keys(table: &TableSchema, change: &ClientChange) -> Vec<Ro
         return keys;
     }
     let old_key = change.old.as_ref().and_then(|old| key_of(table, old));
-    let new_key = change.new.as_ref().and_then(|new| match (&old_key, change.op) {
-        (Some(old_key), Op::Update) => {
-            let mut key = old_key.clone();
-            for (column, value) in key.iter_mut() {
-                if let Some(v) = new.get(column) {
-                    value.clone_from(v);
+    let new_key = change
+        .new
+        .as_ref()
+        .and_then(|new| match (&old_key, change.op) {
+            (Some(old_key), Op::Update) => {
+                let mut key = old_key.clone();
+                for (column, value) in key.iter_mut() {
+                    if let Some(v) = new.get(column) {
+                        value.clone_from(v);
+                    }
                 }
+                Some(key)
             }
-            Some(key)
-        }
-        _ => key_of(table, new),
-    });
+            _ => key_of(table, new),
+        });
     for key in [old_key, new_key].into_iter().flatten() {
         if !keys.contains(&key) {
             keys.push(key);

@@ -60,11 +60,19 @@ async fn check_once_and_atomic(world: &World, tx: u32, rows: i64, origin: &str) 
     let lsns = format!(
         "SELECT count(DISTINCT lsn) FROM pgrelay.change_history WHERE table_name = 'public.big' AND data->>'tx' = '{tx}'"
     );
-    assert_eq!(world.count(&lsns).await, 1, "transaction {tx} split in PostgreSQL");
+    assert_eq!(
+        world.count(&lsns).await,
+        1,
+        "transaction {tx} split in PostgreSQL"
+    );
     let echoed = format!(
         "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.big' AND data->>'tx' = '{tx}' AND origin_client = '{origin}'"
     );
-    assert_eq!(world.count(&echoed).await, rows, "transaction {tx} not tagged with its origin");
+    assert_eq!(
+        world.count(&echoed).await,
+        rows,
+        "transaction {tx} not tagged with its origin"
+    );
 }
 
 /// The reproduction from the issue, through the CLI: one `client exec` of
@@ -87,11 +95,18 @@ async fn a_thousand_rows_of_400_characters_reach_postgres() {
         )
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let executed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(executed["captured"], 1000, "{executed}");
     let bytes = executed["bytes"].as_u64().unwrap() as usize;
-    assert!(bytes > 500_000 && bytes <= MAX_CLIENT_FRAME_BYTES, "{executed}");
+    assert!(
+        bytes > 500_000 && bytes <= MAX_CLIENT_FRAME_BYTES,
+        "{executed}"
+    );
 
     let mut sync = spawn_client(server.local_addr(), &path, "cli", true);
     let status = tokio::task::spawn_blocking(move || sync.wait().unwrap())
@@ -149,13 +164,21 @@ async fn a_transaction_over_the_limit_is_refused_at_execute() {
         matches!(heavy, ClientError::TooLarge(TooLarge::Bytes { bytes }) if bytes > MAX_TRANSACTION_BYTES),
         "{heavy}"
     );
-    assert!(heavy.to_string().contains(&MAX_TRANSACTION_BYTES.to_string()), "{heavy}");
+    assert!(
+        heavy
+            .to_string()
+            .contains(&MAX_TRANSACTION_BYTES.to_string()),
+        "{heavy}"
+    );
     let wide = client
         .client
         .execute("UPDATE big SET body = substr(replace(hex(zeroblob(600000)), '0', 'x'), 1, 1100000) WHERE id = 1")
         .await
         .unwrap_err();
-    assert!(matches!(wide, ClientError::TooLarge(TooLarge::Change { .. })), "{wide}");
+    assert!(
+        matches!(wide, ClientError::TooLarge(TooLarge::Change { .. })),
+        "{wide}"
+    );
 
     // The CLI says the same and exits non-zero.
     let out = Command::new(BIN)
@@ -166,15 +189,28 @@ async fn a_transaction_over_the_limit_is_refused_at_execute() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("10000") && stderr.contains("rolled back"), "{stderr}");
+    assert!(
+        stderr.contains("10000") && stderr.contains("rolled back"),
+        "{stderr}"
+    );
 
     // Nothing of them was kept: not in the replica, not in the outbox.
     assert_eq!(local_count(&path, "SELECT count(*) FROM big"), 1);
-    assert_eq!(local_count(&path, "SELECT body = 'kept' FROM big WHERE id = 1"), 1);
+    assert_eq!(
+        local_count(&path, "SELECT body = 'kept' FROM big WHERE id = 1"),
+        1
+    );
     let report = client.replica.outbox(None, 10).await.unwrap();
-    assert_eq!((report.unsent(), report.rejected, report.applied), (0, 0, 0));
+    assert_eq!(
+        (report.unsent(), report.rejected, report.applied),
+        (0, 0, 0)
+    );
     // And the replica goes on as before.
-    client.client.execute(insert(5, 200, 3, 10, 10)).await.unwrap();
+    client
+        .client
+        .execute(insert(5, 200, 3, 10, 10))
+        .await
+        .unwrap();
     wait_count(&world, "SELECT count(*) FROM big", 4).await;
     world.wait_equal(&path, WAIT).await;
     client.stop().await;
@@ -231,18 +267,33 @@ async fn run_case(shapes: Vec<Shape>, deltas: Vec<i64>) {
         let last = 9_000 + target - probe.bytes;
         let executed = client.client.execute(run(100, 9_000, last)).await.unwrap();
         if target <= MAX_CLIENT_FRAME_BYTES {
-            assert_eq!((executed.frames, executed.bytes), (1, target), "delta {delta}");
+            assert_eq!(
+                (executed.frames, executed.bytes),
+                (1, target),
+                "delta {delta}"
+            );
         } else {
             assert!(executed.frames >= 2, "delta {delta}: {executed:?}");
         }
     }
     // The most changes a transaction may have.
-    let full = client.client.execute(run(MAX_WRITE_CHANGES, 20, 20)).await.unwrap();
+    let full = client
+        .client
+        .execute(run(MAX_WRITE_CHANGES, 20, 20))
+        .await
+        .unwrap();
     assert_eq!(full.captured, MAX_WRITE_CHANGES);
     for shape in shapes {
         let body = shape.bytes / shape.rows;
-        let executed = client.client.execute(run(shape.rows, body, body)).await.unwrap();
-        assert!(executed.bytes <= MAX_TRANSACTION_BYTES, "{shape:?}: {executed:?}");
+        let executed = client
+            .client
+            .execute(run(shape.rows, body, body))
+            .await
+            .unwrap();
+        assert!(
+            executed.bytes <= MAX_TRANSACTION_BYTES,
+            "{shape:?}: {executed:?}"
+        );
     }
 
     let total: usize = expected.iter().map(|(_, rows)| rows).sum();
@@ -318,18 +369,16 @@ fn part(tx: &str, n: u32, last: bool, first_id: usize, changes: usize, body: usi
     .unwrap()
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn raw(addr: std::net::SocketAddr, id: &str) -> Socket {
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync"))
         .await
         .unwrap();
     // From the start of the change log: no snapshot to answer.
-    let hello = format!(
-        r#"{{"type":"hello","protocol_version":1,"client_id":"{id}","last_lsn":"0/0"}}"#
-    );
+    let hello =
+        format!(r#"{{"type":"hello","protocol_version":1,"client_id":"{id}","last_lsn":"0/0"}}"#);
     socket.send(Message::Text(hello.into())).await.unwrap();
     socket
 }
@@ -380,10 +429,17 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
         .map(|n| part("over", n, n == 8, n as usize * 10, 10, 100_000))
         .collect();
     match send_parts(&mut socket, frames).await {
-        ServerMessage::WriteRefused { batch_id, code, message } => {
+        ServerMessage::WriteRefused {
+            batch_id,
+            code,
+            message,
+        } => {
             assert_eq!(batch_id.as_deref(), Some("b-over"));
             assert_eq!(code, BatchRefusal::BatchTooLarge);
-            assert!(message.contains(&MAX_TRANSACTION_BYTES.to_string()), "{message}");
+            assert!(
+                message.contains(&MAX_TRANSACTION_BYTES.to_string()),
+                "{message}"
+            );
         }
         other => panic!("expected write_refused, got {other:?}"),
     }
@@ -399,7 +455,10 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
         other => panic!("expected write_refused, got {other:?}"),
     }
     // Out of order.
-    let frames = vec![part("skip", 0, false, 0, 1, 1), part("skip", 2, true, 1, 1, 1)];
+    let frames = vec![
+        part("skip", 0, false, 0, 1, 1),
+        part("skip", 2, true, 1, 1, 1),
+    ];
     match send_parts(&mut socket, frames).await {
         ServerMessage::WriteRefused { code, .. } => assert_eq!(code, BatchRefusal::MalformedBatch),
         other => panic!("expected write_refused, got {other:?}"),
@@ -407,7 +466,11 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
     assert_eq!(world.count("SELECT count(*) FROM big").await, 0);
 
     // Meanwhile everyone else is served.
-    bystander.client.execute(insert(1, 1, 2, 5, 5)).await.unwrap();
+    bystander
+        .client
+        .execute(insert(1, 1, 2, 5, 5))
+        .await
+        .unwrap();
     wait_count(&world, "SELECT count(*) FROM big", 2).await;
 
     // The same connection then sends a good one in three parts: applied as
@@ -417,13 +480,19 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
         .collect();
     match send_parts(&mut socket, good.clone()).await {
         ServerMessage::WriteResult(r) => {
-            assert_eq!((r.results[0].status, r.results[0].duplicate), (WriteStatus::Applied, false));
+            assert_eq!(
+                (r.results[0].status, r.results[0].duplicate),
+                (WriteStatus::Applied, false)
+            );
         }
         other => panic!("expected write_result, got {other:?}"),
     }
     match send_parts(&mut socket, good).await {
         ServerMessage::WriteResult(r) => {
-            assert_eq!((r.results[0].status, r.results[0].duplicate), (WriteStatus::Applied, true));
+            assert_eq!(
+                (r.results[0].status, r.results[0].duplicate),
+                (WriteStatus::Applied, true)
+            );
         }
         other => panic!("expected write_result, got {other:?}"),
     }
@@ -440,12 +509,18 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
     let lost: Vec<String> = (0..2u32)
         .map(|n| part("lost", n, n == 1, 2_000 + n as usize * 5, 5, 150_000))
         .collect();
-    socket.send(Message::Text(lost[0].clone().into())).await.unwrap();
+    socket
+        .send(Message::Text(lost[0].clone().into()))
+        .await
+        .unwrap();
     socket.close(None).await.unwrap();
     let mut again = raw(addr, "parts").await;
     match send_parts(&mut again, lost).await {
         ServerMessage::WriteResult(r) => {
-            assert_eq!((r.results[0].status, r.results[0].duplicate), (WriteStatus::Applied, false));
+            assert_eq!(
+                (r.results[0].status, r.results[0].duplicate),
+                (WriteStatus::Applied, false)
+            );
         }
         other => panic!("expected write_result, got {other:?}"),
     }
@@ -464,7 +539,9 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
 async fn a_write_too_large_to_send_is_set_aside_and_its_rows_restored() {
     let world = World::new().await;
     world.exec(TABLE).await;
-    world.exec("INSERT INTO big VALUES (1, 0, 'original')").await;
+    world
+        .exec("INSERT INTO big VALUES (1, 0, 'original')")
+        .await;
     let server = world.start_server().await;
     let path = world.replica_path("aside");
     let mut first = spawn_client(server.local_addr(), &path, "aside", true);
@@ -487,13 +564,22 @@ async fn a_write_too_large_to_send_is_set_aside_and_its_rows_restored() {
     // replica holds what the server has.
     assert_eq!(world.count("SELECT count(*) FROM big").await, 2);
     world.wait_equal(&path, WAIT).await;
-    assert_eq!(local_count(&path, "SELECT count(*) FROM big WHERE id = 1 AND body = 'original'"), 1);
+    assert_eq!(
+        local_count(
+            &path,
+            "SELECT count(*) FROM big WHERE id = 1 AND body = 'original'"
+        ),
+        1
+    );
     let replica = Replica::open(&path).unwrap();
     let report = replica.outbox(Some("rejected".into()), 10).await.unwrap();
     assert_eq!(report.rejected, 2);
     for entry in &report.entries {
         let error = entry.error.as_deref().unwrap_or("");
-        assert!(error.contains(&MAX_CLIENT_FRAME_BYTES.to_string()), "{error}");
+        assert!(
+            error.contains(&MAX_CLIENT_FRAME_BYTES.to_string()),
+            "{error}"
+        );
     }
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();

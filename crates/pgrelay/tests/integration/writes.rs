@@ -729,7 +729,11 @@ async fn a_rejection_restores_every_row_the_transaction_wrote() {
     .expect("the rejection");
     world.wait_equal(&path, WAIT).await;
     assert_eq!(
-        local(&path, "SELECT group_concat(a || ':' || b, ',') FROM (SELECT * FROM pairs ORDER BY a, b)").as_deref(),
+        local(
+            &path,
+            "SELECT group_concat(a || ':' || b, ',') FROM (SELECT * FROM pairs ORDER BY a, b)"
+        )
+        .as_deref(),
         Some("1:1,1:2")
     );
 
@@ -761,7 +765,13 @@ async fn a_rejection_restores_every_row_the_transaction_wrote() {
     let mut keys: Vec<String> = result
         .rows
         .iter()
-        .map(|r| format!("{}:{}", r.key["a"].as_deref().unwrap(), r.key["b"].as_deref().unwrap()))
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r.key["a"].as_deref().unwrap(),
+                r.key["b"].as_deref().unwrap()
+            )
+        })
         .collect();
     keys.sort();
     assert_eq!(keys, vec!["7:1", "8:1"]);

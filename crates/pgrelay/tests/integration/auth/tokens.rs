@@ -449,7 +449,13 @@ fn spawn_auth_server(world: &World) -> (std::process::Child, String) {
     let secret = world.dir.path().join("secret");
     std::fs::write(&secret, [super::SECRET, b"\n"].concat()).unwrap();
     let mut server = Command::new(crate::support::BIN)
-        .args(["serve", "--database-url", world.url(), "--slot", &world.slot()])
+        .args([
+            "serve",
+            "--database-url",
+            world.url(),
+            "--slot",
+            &world.slot(),
+        ])
         .args(["--listen", "127.0.0.1:0", "--auth", "jwt"])
         .arg("--jwt-secret-file")
         .arg(&secret)
@@ -559,7 +565,8 @@ async fn exit_when_caught_up_asks_the_provider_once_more() {
         }
     });
     let path = world.replica_path("frank");
-    let mut config = pgrelay_client::ClientConfig::new(format!("ws://{}", server.local_addr()), &path);
+    let mut config =
+        pgrelay_client::ClientConfig::new(format!("ws://{}", server.local_addr()), &path);
     config.client_id = Some("frank-1".into());
     config.token_provider = Some(provider);
     config.exit_when_caught_up = true;
