@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use pgrelay_protocol::{ErrorCode, Lsn};
+use pgrelay_protocol::Lsn;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{broadcast, watch, Notify};
 

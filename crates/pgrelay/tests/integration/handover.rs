@@ -45,7 +45,7 @@ async fn wait_equal(world: &World, client: &RunningClient, path: &Path, tables: 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         assert!(!client.task.is_finished(), "the client exited");
-        match pgrelay::verify::verify(world.url(), path, Some(&tables)).await {
+        match pgrelay::cmd::verify::verify(world.url(), path, Some(&tables)).await {
             Ok(report) if report.all_match() => return,
             Ok(report) => last = report.render_table(),
             Err(e) => last = format!("{e:#}"),

@@ -398,7 +398,7 @@ async fn the_admin_api_shows_a_hydrated_clients_real_position() {
         .exec("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .await;
     let mut config = world.server_config();
-    config.admin_token = Some(TOKEN.to_owned());
+    config.admin_token = Some(TOKEN.into());
     let server = pgrelay_server::Server::start(config).await.unwrap();
     let addr = server.local_addr();
     // Rows in the change log, so the head is not 0/0.
