@@ -24,6 +24,14 @@ pub enum ClientError {
     Token(String),
     #[error("tables {0:?} need a snapshot; reconnecting for it")]
     Resync(Vec<String>),
+    #[error("write {tx_id} rejected by the server: {reason}")]
+    WriteRejected { tx_id: String, reason: String },
+    #[error("write {tx_id}: {what} within {timeout:?}")]
+    WriteTimeout {
+        tx_id: String,
+        what: &'static str,
+        timeout: std::time::Duration,
+    },
     /// A local transaction the protocol cannot carry; it was rolled back.
     #[error("transaction refused and rolled back: {0}")]
     TooLarge(#[from] pgrelay_protocol::TooLarge),
@@ -69,6 +77,8 @@ impl ClientError {
             ClientError::Sqlite(_)
             | ClientError::Replica(_)
             | ClientError::ReplicaClosed
+            | ClientError::WriteRejected { .. }
+            | ClientError::WriteTimeout { .. }
             | ClientError::TooLarge(_) => false,
         }
     }

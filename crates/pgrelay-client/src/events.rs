@@ -6,7 +6,9 @@ use pgrelay_protocol::Lsn;
 pub enum Event {
     /// The handshake succeeded; `head` is the server's newest transaction.
     Connected { head: Lsn },
-    /// The replica holds everything the server had at connect time.
+    /// The replica holds everything PostgreSQL had committed when this
+    /// connection was welcomed (with an older server that does not report
+    /// its WAL position: everything its change log held then).
     CaughtUp { lsn: Lsn },
     /// Transactions were committed to the replica, up to `lsn`.
     Applied {
@@ -20,6 +22,9 @@ pub enum Event {
         /// When the SQLite transaction holding them committed (µs since the
         /// Unix epoch).
         applied_at_us: i64,
+        /// Commit LSN and origin of each applied transaction that came from
+        /// a client's write (how a writer recognises its own).
+        origins: Vec<(Lsn, String)>,
     },
     /// A local client transaction (from [`crate::SyncClient::execute`] or
     /// any write to a synced table) is committed in PostgreSQL. `latency`
@@ -30,6 +35,11 @@ pub enum Event {
         tx_id: String,
         changes: usize,
         latency: std::time::Duration,
+        /// The PostgreSQL transaction carrying this write has its commit
+        /// LSN in `(lsn_floor, lsn]` (from the server's `write_result`;
+        /// absent from older servers).
+        lsn_floor: Option<Lsn>,
+        lsn: Option<Lsn>,
     },
     /// A local client transaction was refused for good (it is not retried)
     /// and its rows were put back to the server's version.

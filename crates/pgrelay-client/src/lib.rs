@@ -1,7 +1,6 @@
 //! pgrelay's client: keeps a local SQLite replica in sync with a pgrelay
 //! server. Use [`SyncClient`] to run it, [`Replica`] to read its state.
 
-mod copy_text;
 mod error;
 mod events;
 mod hydrate;
@@ -14,6 +13,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use pgrelay_protocol::Lsn;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{broadcast, watch, Notify};
 
 pub use error::ClientError;
@@ -30,7 +31,7 @@ pub struct ClientConfig {
     /// Stored in the replica on first use; generated when not given.
     pub client_id: Option<String>,
     /// A fixed token for the server's `--auth`.
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// The tables to sync (`todos` or `public.todos`); `None` for every
     /// table the server syncs. Choose them when the replica is new: a table
     /// added later starts from the replica's position, not from its history.
@@ -38,9 +39,10 @@ pub struct ClientConfig {
     /// Asked for a token before every connection (after an expired token
     /// too); wins over `token`. See [`TokenProvider::file`].
     pub token_provider: Option<TokenProvider>,
-    /// Return once the replica holds what the server had at connect time;
-    /// a token refused twice (once more after asking the provider again)
-    /// ends the run with an error instead of retrying.
+    /// Return once the replica holds everything PostgreSQL had committed
+    /// when the client connected (see [`Event::CaughtUp`]); a token refused
+    /// twice (once more after asking the provider again) ends the run with
+    /// an error instead of retrying.
     pub exit_when_caught_up: bool,
     pub ping_interval: Duration,
     /// Reconnect when nothing was heard from the server for this long.
@@ -74,7 +76,7 @@ impl ClientConfig {
     pub(crate) async fn current_token(&self) -> Result<Option<String>, ClientError> {
         match &self.token_provider {
             Some(provider) => provider.token().await.map(Some),
-            None => Ok(self.token.clone()),
+            None => Ok(self.token.as_ref().map(|t| t.expose_secret().to_owned())),
         }
     }
 
@@ -138,6 +140,7 @@ pub struct SyncClient {
     replica: Replica,
     events: broadcast::Sender<Event>,
     writes: Arc<Notify>,
+    client_id: String,
 }
 
 impl SyncClient {
@@ -149,13 +152,14 @@ impl SyncClient {
             (None, Some(stored)) => stored,
             (None, None) => format!("client-{:016x}", rand::random::<u64>()),
         };
-        replica.set_client_id(id).await?;
+        replica.set_client_id(id.clone()).await?;
         let (events, _) = broadcast::channel(1024);
         Ok(SyncClient {
             config,
             replica,
             events,
             writes: Arc::new(Notify::new()),
+            client_id: id,
         })
     }
 
@@ -177,6 +181,98 @@ impl SyncClient {
             self.writes.notify_one();
         }
         Ok(executed)
+    }
+
+    /// Read-your-writes: runs `sql` like [`SyncClient::execute`], then
+    /// waits until the server has applied its writes and the replica holds
+    /// the PostgreSQL transaction carrying them, so a query right after
+    /// sees the rows as PostgreSQL committed them (defaults, triggers).
+    /// The transaction is recognised by its origin (this client) and its
+    /// commit LSN, which the server's answer bounds to `(lsn_floor, lsn]`.
+    /// [`SyncClient::run`] must be running (in another task). Fails with
+    /// [`ClientError::WriteRejected`] when the server refuses the write
+    /// (the replica is already rolled back), and with
+    /// [`ClientError::WriteTimeout`] after `timeout`; the write stays in
+    /// the outbox either way unless rejected.
+    pub async fn execute_and_wait(
+        &self,
+        sql: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<Executed, ClientError> {
+        // Subscribed before the write, so no answer or echo can be missed.
+        let mut events = self.events.subscribe();
+        let executed = self.execute(sql).await?;
+        if executed.captured == 0 {
+            return Ok(executed);
+        }
+        let tx_id = executed.tx_id.clone();
+        let mut answered = false;
+        let wait = async {
+            let mut bounds: Option<(Option<Lsn>, Option<Lsn>)> = None;
+            let mut position: Option<Lsn> = None;
+            let mut echoes: Vec<Lsn> = Vec::new();
+            loop {
+                match events.recv().await {
+                    Ok(Event::WriteApplied {
+                        tx_id: id,
+                        lsn_floor,
+                        lsn,
+                        ..
+                    }) if id == tx_id => {
+                        answered = true;
+                        bounds = Some((lsn_floor, lsn));
+                    }
+                    Ok(Event::WriteRejected { tx_id: id, reason }) if id == tx_id => {
+                        return Err(ClientError::WriteRejected { tx_id: id, reason });
+                    }
+                    Ok(Event::Applied { lsn, origins, .. }) => {
+                        position = Some(lsn);
+                        echoes.extend(
+                            origins
+                                .into_iter()
+                                .filter(|(_, origin)| *origin == self.client_id)
+                                .map(|(l, _)| l),
+                        );
+                    }
+                    Ok(_) => {}
+                    // Events were dropped: the position may have moved
+                    // past the write; the replica knows.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        position = self.replica.state().await?.lsn;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(ClientError::ReplicaClosed);
+                    }
+                }
+                if let Some((floor, ceiling)) = bounds {
+                    let held = match ceiling {
+                        // A server without the bounds: the answer is all we get.
+                        None => true,
+                        Some(ceiling) => {
+                            position.is_some_and(|p| p >= ceiling)
+                                || echoes
+                                    .iter()
+                                    .any(|&e| floor.is_none_or(|f| e > f) && e <= ceiling)
+                        }
+                    };
+                    if held {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result.map(|()| executed),
+            Err(_) => Err(ClientError::WriteTimeout {
+                tx_id,
+                what: if answered {
+                    "applied, but its transaction has not reached the replica"
+                } else {
+                    "no answer from the server"
+                },
+                timeout,
+            }),
+        }
     }
 
     /// The outbox's counts and its newest `limit` entries.
@@ -259,5 +355,19 @@ impl SyncClient {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_not_printed() {
+        let mut config = ClientConfig::new("ws://127.0.0.1:7171", "replica.sqlite");
+        config.token = Some("client-token-secret-5".into());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("client-token-secret-5"), "{printed}");
+        assert!(printed.contains("ws://127.0.0.1:7171"), "{printed}");
     }
 }

@@ -60,6 +60,11 @@ pub(crate) async fn connect_and_sync(
 
     let mut applied = state.lsn.unwrap_or(Lsn::ZERO);
     let mut target: Option<Lsn> = None;
+    // PostgreSQL's WAL position at the welcome, and how far the server
+    // says its capture has sent us (`caught_up`): caught up means holding
+    // everything PostgreSQL had committed when we connected.
+    let mut wal_target: Option<Lsn> = None;
+    let mut wal_sent: Option<Lsn> = None;
     let mut ping = interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut last_heard = Instant::now();
     let mut pusher = Pusher::new(config);
@@ -134,20 +139,29 @@ pub(crate) async fn connect_and_sync(
                             head_lsn,
                             tables,
                             log_id,
+                            wal_lsn,
                             ..
                         } => {
                             if let Some(log_id) = log_id {
                                 replica.set_meta("log_id", log_id).await?;
                             }
-                            resync_new_tables(replica, tables).await?;
+                            resync_new_tables(replica, tables, &state.resync).await?;
                             target = Some(head_lsn);
+                            wal_target = wal_lsn;
                             *welcomed = true;
                             let _ = events.send(Event::Connected { head: head_lsn });
                             // Whatever the outbox holds goes out now.
                             pusher.wake();
                         }
                         ServerMessage::Schema { tables } => {
-                            resync_new_tables(replica, tables).await?
+                            // Before this connection's snapshot, the tables
+                            // it was asked for are on their way.
+                            let coming: &[String] = if awaiting_snapshot {
+                                &state.resync
+                            } else {
+                                &[]
+                            };
+                            resync_new_tables(replica, tables, coming).await?
                         }
                         ServerMessage::SnapshotBegin {
                             resume_lsn,
@@ -191,13 +205,14 @@ pub(crate) async fn connect_and_sync(
                                 "the server is busy with other snapshots; queued"
                             );
                         }
-                        ServerMessage::CaughtUp { lsn } => {
+                        ServerMessage::CaughtUp { lsn, wal_lsn } => {
                             // Everything up to `lsn` that this client syncs
                             // has been sent and applied above; transactions
                             // of other tables were left out, so the position
                             // moves on without them.
                             applied = advance(replica, applied, lsn).await?;
                             target = Some(lsn);
+                            wal_sent = wal_sent.max(wal_lsn);
                         }
                         ServerMessage::Error { code, message } => {
                             return Err(ClientError::Refused { code, message })
@@ -214,7 +229,7 @@ pub(crate) async fn connect_and_sync(
                                 .refused(replica, events, batch_id, code, message)
                                 .await?
                         }
-                        ServerMessage::Tx(_) => {}
+                        ServerMessage::Tx(_) | ServerMessage::Pong => {}
                     }
                 }
                 None => {}
@@ -229,7 +244,11 @@ pub(crate) async fn connect_and_sync(
         }
         applied = flush(replica, events, &mut batch, applied).await?;
         // Not while a snapshot is still arriving: the replica is incomplete.
-        let reached = !awaiting_snapshot && target.is_some_and(|t| applied >= t);
+        // A server that names no WAL position (an older one) means its
+        // change log's head at the welcome.
+        let reached = !awaiting_snapshot
+            && target.is_some_and(|t| applied >= t)
+            && wal_target.is_none_or(|w| wal_sent.is_some_and(|sent| sent >= w));
         if reached {
             let _ = events.send(Event::CaughtUp { lsn: applied });
             caught_up = true;
@@ -241,12 +260,15 @@ pub(crate) async fn connect_and_sync(
 
 /// Applies table schemas; a table this replica did not have before (or
 /// whose column types changed) needs its rows from a snapshot, so the
-/// connection ends and the next one asks for it.
+/// connection ends and the next one asks for it, unless it is among the
+/// tables this connection's snapshot brings (`coming`).
 async fn resync_new_tables(
     replica: &Replica,
     tables: Vec<pgrelay_protocol::TableSchema>,
+    coming: &[String],
 ) -> Result<(), ClientError> {
-    let needed = replica.apply_schema(tables).await?;
+    let mut needed = replica.apply_schema(tables).await?;
+    needed.retain(|t| !coming.contains(t));
     if needed.is_empty() {
         return Ok(());
     }
@@ -318,8 +340,13 @@ async fn flush(
     let changes = txs.iter().map(|t| t.changes.len()).sum();
     let count = txs.len();
     let commit_times_us: Vec<i64> = txs.iter().map(|t| t.commit_time_us).collect();
+    let origins: Vec<(Lsn, String)> = txs
+        .iter()
+        .filter_map(|t| t.origin.clone().map(|o| (t.lsn, o)))
+        .collect();
     let newest_commit = commit_times_us.last().copied().unwrap_or(0);
-    let reached = replica.apply_transactions(txs).await?;
+    let applied = replica.apply(txs).await?;
+    let reached = applied.lsn;
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -331,7 +358,15 @@ async fn flush(
         lag_ms: (now_us - newest_commit) / 1000,
         commit_times_us,
         applied_at_us: now_us,
+        origins,
     });
+    if !applied.unknown.is_empty() {
+        // Committed, and recorded for a snapshot: the next connection
+        // fetches those tables (a server that announced them would have
+        // sent their schema first).
+        tracing::warn!(tables = ?applied.unknown, "changes for tables this replica does not know; reconnecting to fetch them");
+        return Err(ClientError::Resync(applied.unknown));
+    }
     Ok(reached)
 }
 
@@ -415,7 +450,7 @@ impl Pusher {
         };
         let taken = replica.take_batch(max_txs).await?;
         if !taken.set_aside.is_empty() {
-            report(events, taken.set_aside);
+            report(events, taken.set_aside, (None, None));
             // What followed it may be sent now.
             self.wanted = true;
         }
@@ -443,11 +478,12 @@ impl Pusher {
         events: &broadcast::Sender<Event>,
         results: pgrelay_protocol::WriteResults,
     ) -> Result<(), ClientError> {
+        let bounds = (results.lsn_floor, results.lsn);
         let outcomes = replica.record_results(results).await?;
         let retry = outcomes
             .iter()
             .any(|o| o.status == pgrelay_protocol::WriteStatus::Retry);
-        report(events, outcomes);
+        report(events, outcomes, bounds);
         self.in_flight = None;
         self.one_at_a_time = false;
         if retry {
@@ -488,7 +524,7 @@ impl Pusher {
                 let (outcome, resync) = replica
                     .set_aside(tx_id.clone(), format!("{code:?}: {message}"))
                     .await?;
-                report(events, vec![outcome]);
+                report(events, vec![outcome], (None, None));
                 if !resync.is_empty() {
                     return Err(ClientError::Resync(resync));
                 }
@@ -505,7 +541,12 @@ struct InFlight {
     tx_ids: Vec<String>,
 }
 
-fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
+/// Sends an event per outcome; `bounds` are the batch's `(lsn_floor, lsn)`.
+fn report(
+    events: &broadcast::Sender<Event>,
+    outcomes: Vec<Outcome>,
+    bounds: (Option<Lsn>, Option<Lsn>),
+) {
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -516,6 +557,8 @@ fn report(events: &broadcast::Sender<Event>, outcomes: Vec<Outcome>) {
                 tx_id: outcome.tx_id,
                 changes: outcome.changes,
                 latency: Duration::from_micros((now_us - outcome.created_us).max(0) as u64),
+                lsn_floor: bounds.0,
+                lsn: bounds.1,
             },
             pgrelay_protocol::WriteStatus::Rejected => {
                 let reason = outcome.reason.unwrap_or_default();
@@ -557,10 +600,22 @@ mod tests {
         assert!(text.as_bytes().starts_with(super::TX_PREFIX));
         let decoded = super::decode(Message::Text(text.into())).unwrap();
         assert_eq!(decoded, Some(ServerMessage::Tx(tx)));
-        let other = serde_json::to_string(&ServerMessage::CaughtUp { lsn: Lsn(42) }).unwrap();
+        let caught_up = ServerMessage::CaughtUp {
+            lsn: Lsn(42),
+            wal_lsn: Some(Lsn(43)),
+        };
+        let other = serde_json::to_string(&caught_up).unwrap();
         assert_eq!(
             super::decode(Message::Text(other.into())).unwrap(),
-            Some(ServerMessage::CaughtUp { lsn: Lsn(42) })
+            Some(caught_up)
+        );
+        // An older server's `caught_up` has no WAL position.
+        assert_eq!(
+            super::decode(Message::Text(r#"{"type":"caught_up","lsn":"0/2A"}"#.into())).unwrap(),
+            Some(ServerMessage::CaughtUp {
+                lsn: Lsn(42),
+                wal_lsn: None
+            })
         );
     }
 }

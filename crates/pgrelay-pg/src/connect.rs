@@ -1,5 +1,6 @@
 //! Connection settings shared by every PostgreSQL connection pgrelay opens.
 
+use secrecy::SecretString;
 use tokio_postgres::NoTls;
 
 use crate::PgError;
@@ -21,7 +22,7 @@ pub struct ConnInfo {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: String,
+    pub password: SecretString,
     pub database: String,
     config: tokio_postgres::Config,
 }
@@ -42,7 +43,8 @@ impl ConnInfo {
         let password = config
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into();
         let database = config.get_dbname().unwrap_or(&user).to_owned();
         config.options(options_string());
         if config.get_application_name().is_none() {
@@ -89,4 +91,17 @@ pub async fn connect(info: &ConnInfo) -> Result<tokio_postgres::Client, PgError>
         }
     });
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_is_not_printed() {
+        let info = ConnInfo::parse("postgres://app:pg-password-9@db.example:5433/app").unwrap();
+        let printed = format!("{info:?}");
+        assert!(!printed.contains("pg-password-9"), "{printed}");
+        assert!(printed.contains("db.example"), "{printed}");
+    }
 }

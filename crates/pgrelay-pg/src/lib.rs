@@ -12,5 +12,7 @@ mod stream;
 pub use catalog::{discover_tables, format_type, TableFilter};
 pub use connect::{connect, ConnInfo, SESSION_SETTINGS};
 pub use error::{sql_error_is_retryable, PgError};
-pub use slot::{check_wal_level, create_slot, drop_slot, ensure_publication, inspect_slot, SlotState};
+pub use slot::{
+    check_wal_level, create_slot, drop_slot, ensure_publication, inspect_slot, SlotState,
+};
 pub use stream::{open_stream, ReplicationEvent, ReplicationStream, StreamOptions};

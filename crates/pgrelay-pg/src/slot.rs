@@ -1,6 +1,6 @@
 //! The publication and the logical replication slot pgrelay reads from.
 
-use pgrelay_protocol::Lsn;
+use pgrelay_protocol::{quote_ident, quote_table, Lsn};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
@@ -37,7 +37,7 @@ pub async fn ensure_publication(
         .is_some();
     let list = tables
         .iter()
-        .map(|t| quote_qualified(t))
+        .map(|t| quote_table(t))
         .collect::<Vec<_>>()
         .join(", ");
     let pub_name = quote_ident(name);
@@ -76,11 +76,15 @@ pub async fn ensure_publication(
 pub enum SlotState {
     Missing,
     /// Usable: streaming resumes from its confirmed position.
-    Valid { confirmed_flush: Lsn },
+    Valid {
+        confirmed_flush: Lsn,
+    },
     /// PostgreSQL invalidated it (`wal_status = 'lost'`, e.g. past
     /// `max_slot_wal_keep_size`): the WAL it held back is gone, and so are
     /// the changes after its confirmed position.
-    Invalidated { confirmed_flush: Lsn },
+    Invalidated {
+        confirmed_flush: Lsn,
+    },
 }
 
 /// Looks up the slot. A slot of that name that pgrelay cannot use (not
@@ -182,17 +186,6 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PgError> {
         .await
         .map_err(PgError::sql(format!("dropping replication slot {slot}")))?;
     Ok(())
-}
-
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes `schema.table` as two identifiers. Names are split at the first
-/// dot; a name without one is taken to be in `public`.
-pub(crate) fn quote_qualified(name: &str) -> String {
-    let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-    format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use pgrelay_protocol::Lsn;
 pub use pgwire_replication::ReplicationEvent;
 use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig};
+use secrecy::ExposeSecret;
 
 use crate::connect::{options_string, ConnInfo};
 use crate::PgError;
@@ -36,7 +37,7 @@ pub async fn open_stream(
     let config = ReplicationConfig::new(
         info.host.clone(),
         info.user.clone(),
-        info.password.clone(),
+        info.password.expose_secret().to_owned(),
         info.database.clone(),
         opts.slot.clone(),
         opts.publication.clone(),

@@ -3,7 +3,9 @@
 //! clients in any language can be checked against these definitions.
 
 pub mod canonical;
+pub mod copy_text;
 mod frames;
+mod ident;
 mod lsn;
 mod message;
 mod schema;
@@ -14,6 +16,7 @@ pub use frames::{
     encode_alone, layout, Assembly, BatchFrame, EncodedTransaction, Layout, PartAnswer, TooLarge,
     WritePart, MAX_TRANSACTION_BYTES,
 };
+pub use ident::{quote_ident, quote_table};
 pub use lsn::{Lsn, ParseLsnError};
 pub use message::{
     Change, ClientMessage, CloseCode, ErrorCode, Op, Row, ServerMessage, Transaction,

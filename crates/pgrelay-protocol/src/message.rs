@@ -57,6 +57,9 @@ pub enum ClientMessage {
     /// Answer to `snapshot_end`: the tables whose row count or checksum did
     /// not match and must be sent again (empty: the snapshot is complete).
     SnapshotDone { refetch: Vec<String> },
+    /// A liveness check for clients that cannot send WebSocket pings
+    /// (browsers); answered with `pong`.
+    Ping,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,6 +77,11 @@ pub enum ServerMessage {
         /// its next `hello`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         log_id: Option<String>,
+        /// PostgreSQL's WAL position (`pg_current_wal_lsn()`) when the
+        /// server welcomed the client: a `caught_up` whose `wal_lsn` reaches
+        /// it means the client has everything committed before it connected.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wal_lsn: Option<Lsn>,
     },
     /// A snapshot follows: binary chunk frames per table, a
     /// `snapshot_table` after each table, then `snapshot_end`.
@@ -99,9 +107,17 @@ pub enum ServerMessage {
     Schema { tables: Vec<TableSchema> },
     /// One committed PostgreSQL transaction.
     Tx(Transaction),
-    /// The client has received everything up to `lsn`, the head at the time
-    /// of its handshake; live transactions follow.
-    CaughtUp { lsn: Lsn },
+    /// The client has received everything up to `lsn` (at least the head
+    /// at the time of its handshake); live transactions follow. Sent at the
+    /// hand-over, and once more when the server's capture passes the
+    /// welcome's `wal_lsn` if it had not then.
+    CaughtUp {
+        lsn: Lsn,
+        /// Every transaction PostgreSQL committed before this WAL position
+        /// has been sent (or did not concern the client).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wal_lsn: Option<Lsn>,
+    },
     /// Something went wrong; when the server closes afterwards, the close
     /// frame carries the matching [`CloseCode`].
     Error { code: ErrorCode, message: String },
@@ -115,6 +131,8 @@ pub enum ServerMessage {
         code: BatchRefusal,
         message: String,
     },
+    /// The answer to a client's `ping`.
+    Pong,
 }
 
 /// One committed PostgreSQL transaction, with the changes a client may see,

@@ -60,6 +60,16 @@ pub struct ClientChange {
 pub struct WriteResults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// PostgreSQL's WAL insert position read right after the batch's
+    /// transaction committed: its commit LSN is at most this. A replica
+    /// whose position reached it holds every applied write of the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<crate::Lsn>,
+    /// The position of the batch's first WAL record: its commit LSN is
+    /// above this. The transaction from this client (`origin`) whose
+    /// commit LSN lies in `(lsn_floor, lsn]` carries the batch's writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn_floor: Option<crate::Lsn>,
     pub results: Vec<TxResult>,
 }
 
@@ -331,6 +341,8 @@ mod tests {
         )
         .is_err());
         let result = crate::ServerMessage::WriteResult(WriteResults {
+            lsn: None,
+            lsn_floor: None,
             batch_id: Some("b1".into()),
             results: vec![TxResult::applied("t1", false)],
         });

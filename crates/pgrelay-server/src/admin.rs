@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use crate::metrics::add;
@@ -49,10 +50,7 @@ fn answer(status: StatusCode, code: &'static str, message: impl Into<String>) ->
 
 /// Equal strings, in time that depends on their length only.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// [`authorize`], then records the action on `client_id` in the audit log.
@@ -76,7 +74,7 @@ fn authorize_action(
 /// `Err` holds the refusal to answer with.
 #[allow(clippy::result_large_err)] // built once per refused request
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = state.config.admin_token.as_deref() else {
+    let Some(expected) = state.config.admin_token.as_ref().map(|t| t.expose_secret()) else {
         return Err(answer(
             StatusCode::NOT_FOUND,
             "admin_disabled",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -62,13 +62,24 @@ struct HttpError {
     message: String,
 }
 
+/// The connection is closed after a refusal: kept alive, it would cost
+/// memory and a file descriptor for nothing, and answer whatever came next.
 fn http_error(status: StatusCode, code: &'static str, message: String) -> Response {
-    (status, Json(HttpError { code, message })).into_response()
+    (
+        status,
+        [(header::CONNECTION, "close")],
+        Json(HttpError { code, message }),
+    )
+        .into_response()
 }
 
+/// `/api/sync`: refusals (rate limit, shutdown) are answered before the
+/// upgrade; an accepted session keeps its connection's place under
+/// `--max-connections` (the accept loop refuses connections past it).
 async fn sync(
     State(ctx): State<Ctx>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(place): Extension<crate::serve::ConnectionPlace>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let state = &ctx.state;
@@ -92,17 +103,6 @@ async fn sync(
             "the server is shutting down; reconnect to another node or retry".to_owned(),
         );
     }
-    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-        add(&state.metrics.refused_connections, 1);
-        return http_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            format!(
-                "the server holds its limit of {} connections (--max-connections); retry with backoff",
-                state.config.max_connections
-            ),
-        );
-    };
     // Frames a little over the protocol limit are still read, so the client
     // gets a clear `frame_too_large` error rather than a bare reset.
     upgrade
@@ -112,7 +112,7 @@ async fn sync(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_CLIENT_FRAME_BYTES * 4)
         .max_frame_size(MAX_CLIENT_FRAME_BYTES * 4)
-        .on_upgrade(move |socket| session::run(socket, ctx.state, ctx.shutdown, permit))
+        .on_upgrade(move |socket| session::run(socket, ctx.state, ctx.shutdown, place))
 }
 
 #[derive(Serialize)]

@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pgrelay_pg::TableFilter;
+use secrecy::{ExposeSecret, SecretString};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// PostgreSQL to capture from; `None` serves only the LiveStore event logs.
-    pub database_url: Option<String>,
+    /// PostgreSQL to capture from; `None` serves only `/health` (and the
+    /// routes given to [`crate::Server::start_with`]).
+    pub database_url: Option<SecretString>,
     pub listen: SocketAddr,
     pub tables: TableFilter,
     /// Name of the logical replication slot (also names the publication).
@@ -43,8 +45,12 @@ pub struct ServerConfig {
     /// How often the catalog is checked for new tables to sync (with the
     /// default filter, every table in schema `public`).
     pub table_poll_interval: Duration,
-    /// Concurrent sync connections at most; more are answered 503.
+    /// Open connections at most (a sync session, or an HTTP connection
+    /// until it closes); more are answered 503 and closed.
     pub max_connections: usize,
+    /// An HTTP connection that sends no complete request head for this
+    /// long (a new one, or a kept-alive one between requests) is closed.
+    pub http_idle_timeout: Duration,
     /// Sync connection attempts per second per IP address (token bucket;
     /// 0 turns the limit off); more are answered 429.
     pub connect_rate: f64,
@@ -55,7 +61,7 @@ pub struct ServerConfig {
     pub message_burst: u32,
     /// Where the client registry lives: `None` in this process, or a
     /// `redis://host:port[/db]` URL shared by several nodes.
-    pub registry: Option<String>,
+    pub registry: Option<SecretString>,
     /// Prefix of every key the registry writes to Redis.
     pub registry_prefix: String,
     /// A registration not refreshed for this long expires.
@@ -66,7 +72,7 @@ pub struct ServerConfig {
     pub node: Option<String>,
     /// The secret the admin API asks for (`Authorization: Bearer ...`);
     /// without one the admin API is off.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
     /// `/ready` fails while replication lags more than this.
     pub ready_max_lag: Duration,
     /// Replication counts as stalled when PostgreSQL's WAL moved on and the
@@ -77,12 +83,10 @@ pub struct ServerConfig {
     /// On shutdown, how long sessions get to close before the server stops
     /// waiting for them.
     pub shutdown_grace: Duration,
-    /// The LiveStore event-log backend.
-    pub eventlog: crate::eventlog::EventLogConfig,
 }
 
 impl ServerConfig {
-    pub fn new(database_url: impl Into<String>) -> ServerConfig {
+    pub fn new(database_url: impl Into<SecretString>) -> ServerConfig {
         ServerConfig {
             database_url: Some(database_url.into()),
             listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
@@ -100,6 +104,7 @@ impl ServerConfig {
             max_hydrations: 4,
             table_poll_interval: Duration::from_secs(2),
             max_connections: 10_000,
+            http_idle_timeout: Duration::from_secs(30),
             connect_rate: 20.0,
             connect_burst: 100,
             message_rate: 1_000.0,
@@ -114,12 +119,12 @@ impl ServerConfig {
             stall_after: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
-            eventlog: crate::eventlog::EventLogConfig::default(),
         }
     }
 
-    /// A server of LiveStore event logs only, without PostgreSQL.
-    pub fn eventlog_only() -> ServerConfig {
+    /// A server without PostgreSQL: no row sync, only `/health` and the
+    /// routes given to [`crate::Server::start_with`] (the LiveStore event logs).
+    pub fn without_database() -> ServerConfig {
         ServerConfig {
             database_url: None,
             ..ServerConfig::new("")
@@ -167,6 +172,9 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".to_owned());
         }
+        if self.http_idle_timeout.is_zero() {
+            return Err("--http-idle-timeout must be positive".to_owned());
+        }
         for (flag, rate, burst) in [
             ("--connect-rate", self.connect_rate, self.connect_burst),
             ("--message-rate", self.message_rate, self.message_burst),
@@ -179,10 +187,13 @@ impl ServerConfig {
             }
         }
         if let Some(url) = &self.registry {
-            if !url.starts_with("redis://") {
-                return Err(format!(
-                    "--registry {url:?}: give a redis://host:port[/db] URL, or leave it out for the embedded registry"
-                ));
+            let url = url.expose_secret();
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                // Not echoed: the URL may hold a password.
+                return Err(
+                    "--registry: give a redis://[user:password@]host:port[/db] URL, or leave it out for the embedded registry"
+                        .to_owned(),
+                );
             }
         }
         if self.registry_ttl < Duration::from_secs(1) || self.registry_refresh.is_zero() {
@@ -194,16 +205,15 @@ impl ServerConfig {
                 self.registry_refresh, self.registry_ttl
             ));
         }
-        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().len() < 16)
+        {
             return Err("--admin-token must be at least 16 characters".to_owned());
         }
         if self.monitor_interval.is_zero() {
             return Err("the monitor interval must be positive".to_owned());
-        }
-        if self.eventlog.storage == crate::eventlog::EventLogStorage::Postgres
-            && self.database_url.is_none()
-        {
-            return Err("--eventlog-store postgres needs --database-url".to_owned());
         }
         if self.live_buffer == 0 {
             return Err("the live buffer must hold at least one transaction".to_owned());
@@ -221,5 +231,23 @@ pub fn parse_conflict(text: &str) -> Result<(String, String), String> {
         _ => Err(format!(
             "{text:?}: expected table=version_column, e.g. todos=version"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let mut config = ServerConfig::new("postgres://app:db-password-1@127.0.0.1/app");
+        config.admin_token = Some("admin-token-secret-2".into());
+        config.registry = Some("redis://:redis-password-3@127.0.0.1:6379".into());
+        let printed = format!("{config:?}");
+        for secret in ["db-password-1", "admin-token-secret-2", "redis-password-3"] {
+            assert!(!printed.contains(secret), "{secret} printed in {printed}");
+        }
+        // The rest is still there to read.
+        assert!(printed.contains("slot: \"pgrelay\""), "{printed}");
     }
 }

@@ -1,5 +1,6 @@
-//! The change log's epoch in `pgrelay.log_state`: which slot feeds the log,
-//! and replacing the log (a new log id) when that slot was lost.
+//! The change log's epoch: which slots feed the log (`pgrelay.log_slots`),
+//! and replacing the log (a new log id in `pgrelay.log_state`) when a
+//! slot that fed it was lost.
 
 use pgrelay_protocol::Lsn;
 use tokio_postgres::types::PgLsn;
@@ -7,12 +8,17 @@ use tokio_postgres::Client;
 
 use crate::ServerError;
 
-/// What `pgrelay.log_state` says about the log's feed.
+/// What pgrelay's own tables say about the log's feed, seen from `slot`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Feed {
-    /// The slot that feeds the log (none recorded: a log from before slots
-    /// were recorded, or one that never had a slot).
-    pub(crate) slot: Option<String>,
+    /// `slot` is recorded as feeding the log.
+    pub(crate) recorded: bool,
+    /// Some slot is recorded (none: a log from before slots were recorded,
+    /// or one that never had a slot).
+    pub(crate) any_recorded: bool,
+    /// Another recorded slot exists and is not invalidated: another node
+    /// (with a `--slot` of its own) feeds the log.
+    pub(crate) other_feeds: bool,
     /// Set while a new epoch is being started: where it begins.
     pub(crate) due: Option<Lsn>,
     /// The log's head (see [`crate::history::head`]); zero for a log that
@@ -20,32 +26,40 @@ pub(crate) struct Feed {
     pub(crate) head: Lsn,
 }
 
-pub(crate) async fn feed(db: &Client) -> Result<Feed, ServerError> {
+pub(crate) async fn feed(db: &Client, slot: &str) -> Result<Feed, ServerError> {
     let row = db
         .query_one(
-            "SELECT slot_name, new_epoch_from,
+            "SELECT EXISTS (SELECT 1 FROM pgrelay.log_slots WHERE slot_name = $1),
+                    EXISTS (SELECT 1 FROM pgrelay.log_slots),
+                    EXISTS (SELECT 1 FROM pgrelay.log_slots l JOIN pg_replication_slots s USING (slot_name)
+                            WHERE l.slot_name <> $1 AND s.wal_status IS DISTINCT FROM 'lost'),
+                    new_epoch_from,
                     greatest((SELECT max(lsn) FROM pgrelay.change_history), pruned_through)
              FROM pgrelay.log_state WHERE id = 1",
-            &[],
+            &[&slot],
         )
         .await
-        .map_err(ServerError::sql("reading which slot feeds the change log"))?;
+        .map_err(ServerError::sql("reading which slots feed the change log"))?;
     let lsn = |v: Option<PgLsn>| v.map(|l| Lsn(u64::from(l)));
     Ok(Feed {
-        slot: row.get(0),
-        due: lsn(row.get(1)),
-        head: lsn(row.get(2)).unwrap_or(Lsn::ZERO),
+        recorded: row.get(0),
+        any_recorded: row.get(1),
+        other_feeds: row.get(2),
+        due: lsn(row.get(3)),
+        head: lsn(row.get(4)).unwrap_or(Lsn::ZERO),
     })
 }
 
-/// Records `slot` as the log's feed.
+/// Records `slot` as feeding the log.
 pub(crate) async fn record_slot(db: &Client, slot: &str) -> Result<(), ServerError> {
     db.execute(
-        "UPDATE pgrelay.log_state SET slot_name = $1 WHERE id = 1",
+        "INSERT INTO pgrelay.log_slots (slot_name) VALUES ($1) ON CONFLICT DO NOTHING",
         &[&slot],
     )
     .await
-    .map_err(ServerError::sql("recording the slot that feeds the change log"))?;
+    .map_err(ServerError::sql(
+        "recording the slot that feeds the change log",
+    ))?;
     Ok(())
 }
 
@@ -68,7 +82,7 @@ pub(crate) async fn mark_due(db: &Client) -> Result<Lsn, ServerError> {
 
 /// Starts the new epoch in one transaction: the old log's transactions go,
 /// the log gets a new id (so every replica of the old one is answered
-/// `gone`), counts as pruned through `floor`, and records `slot` as its
+/// `gone`), counts as pruned through `floor`, and has `slot` as its only
 /// feed. Returns the new log id.
 pub(crate) async fn start(db: &mut Client, slot: &str, floor: Lsn) -> Result<String, ServerError> {
     let tx = db
@@ -77,16 +91,24 @@ pub(crate) async fn start(db: &mut Client, slot: &str, floor: Lsn) -> Result<Str
         .map_err(ServerError::sql("starting a new change log"))?;
     // TRUNCATE before touching log_state: retention locks log_state's row
     // after reading the log, so the other order could deadlock with it.
-    tx.batch_execute("TRUNCATE pgrelay.change_history")
+    tx.batch_execute("TRUNCATE pgrelay.change_history; DELETE FROM pgrelay.log_slots;")
         .await
         .map_err(ServerError::sql("emptying the lost change log"))?;
+    tx.execute(
+        "INSERT INTO pgrelay.log_slots (slot_name) VALUES ($1)",
+        &[&slot],
+    )
+    .await
+    .map_err(ServerError::sql(
+        "recording the slot that feeds the new change log",
+    ))?;
     let row = tx
         .query_one(
             "UPDATE pgrelay.log_state
              SET log_id = gen_random_uuid()::text, pruned_through = greatest(pruned_through, $1),
-                 slot_name = $2, new_epoch_from = NULL
+                 new_epoch_from = NULL
              WHERE id = 1 RETURNING log_id",
-            &[&PgLsn::from(floor.0), &slot],
+            &[&PgLsn::from(floor.0)],
         )
         .await
         .map_err(ServerError::sql("starting a new change log"))?;

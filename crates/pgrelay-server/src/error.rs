@@ -23,8 +23,6 @@ pub enum ServerError {
     TooLarge(&'static str),
     #[error("configuration: {0}")]
     Config(String),
-    #[error(transparent)]
-    EventLog(#[from] crate::eventlog::EventLogError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -52,8 +50,7 @@ impl ServerError {
             | ServerError::Pruned { .. }
             | ServerError::TooLarge(_)
             | ServerError::Config(_)
-            | ServerError::Listen { .. }
-            | ServerError::EventLog(_) => false,
+            | ServerError::Listen { .. } => false,
         }
     }
 }

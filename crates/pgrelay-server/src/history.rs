@@ -55,10 +55,10 @@ INSERT INTO pgrelay.log_state (id, log_id) VALUES (1, gen_random_uuid()::text)
     ON CONFLICT (id) DO NOTHING;
 COMMENT ON TABLE pgrelay.log_state IS
     'pgrelay change log identity (replicas of another log must re-hydrate) and the position through which it was pruned';
-ALTER TABLE pgrelay.log_state ADD COLUMN IF NOT EXISTS slot_name text;
 ALTER TABLE pgrelay.log_state ADD COLUMN IF NOT EXISTS new_epoch_from pg_lsn;
-COMMENT ON COLUMN pgrelay.log_state.slot_name IS
-    'the replication slot that feeds this change log (a lost slot starts a new log)';
+CREATE TABLE IF NOT EXISTS pgrelay.log_slots (slot_name text PRIMARY KEY);
+COMMENT ON TABLE pgrelay.log_slots IS
+    'pgrelay: the replication slots that feed this change log (one losing its slot starts a new log)';
 COMMENT ON COLUMN pgrelay.log_state.new_epoch_from IS
     'set while a new change log is being started after a lost slot: where it begins';";
 

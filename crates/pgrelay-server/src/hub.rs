@@ -158,10 +158,33 @@ pub(crate) struct Hub {
     /// Row rules are configured: frames carry what each scope may see.
     filtering: bool,
     head: watch::Sender<Lsn>,
-    schemas: RwLock<Arc<BTreeMap<String, TableSchema>>>,
+    /// The WAL position through which every committed change of a synced
+    /// table is in the change log and published here: what replication
+    /// has confirmed to the slot.
+    captured: watch::Sender<Lsn>,
+    schemas: RwLock<Schemas>,
     /// The change log's identity (`pgrelay.log_state`): a replica of
     /// another log must hydrate again.
     log_id: RwLock<Arc<str>>,
+}
+
+/// What [`Hub::changed_since`] found.
+pub(crate) struct SchemaChanges {
+    pub(crate) generation: u64,
+    pub(crate) tables: Arc<BTreeMap<String, TableSchema>>,
+    /// Tables (in `tables`) whose schema changed since the generation asked about.
+    pub(crate) changed: Vec<String>,
+}
+
+/// The synced tables' schemas, and when each last changed: every change
+/// bumps the generation, so a session that remembers the generation it
+/// told its client can tell what is new since (whether or not it was
+/// listening when the change was published).
+#[derive(Default)]
+struct Schemas {
+    tables: Arc<BTreeMap<String, TableSchema>>,
+    changed_at: BTreeMap<String, u64>,
+    generation: u64,
 }
 
 impl Hub {
@@ -173,12 +196,16 @@ impl Hub {
         log_id: &str,
     ) -> Hub {
         let (frames, _) = broadcast::channel(capacity);
-        let schemas = tables.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let tables = tables.into_iter().map(|t| (t.name.clone(), t)).collect();
         Hub {
             frames,
             filtering,
             head: watch::Sender::new(head),
-            schemas: RwLock::new(Arc::new(schemas)),
+            captured: watch::Sender::new(Lsn::ZERO),
+            schemas: RwLock::new(Schemas {
+                tables: Arc::new(tables),
+                ..Schemas::default()
+            }),
             log_id: RwLock::new(Arc::from(log_id)),
         }
     }
@@ -207,7 +234,8 @@ impl Hub {
         let mut frame = Frame::encode(
             &ServerMessage::Error {
                 code: pgrelay_protocol::ErrorCode::Gone,
-                message: "the replication slot was lost; the server keeps a new change log".to_owned(),
+                message: "the replication slot was lost; the server keeps a new change log"
+                    .to_owned(),
             },
             Lsn::ZERO,
         );
@@ -230,10 +258,59 @@ impl Hub {
         *self.head.borrow()
     }
 
-    pub(crate) fn schemas(&self) -> Arc<BTreeMap<String, TableSchema>> {
+    /// The WAL position through which everything is captured.
+    pub(crate) fn captured(&self) -> Lsn {
+        *self.captured.borrow()
+    }
+
+    /// Follows [`Hub::captured`].
+    pub(crate) fn watch_captured(&self) -> watch::Receiver<Lsn> {
+        self.captured.subscribe()
+    }
+
+    /// Replication has everything before `lsn` in the change log and
+    /// published (the position never moves back).
+    pub(crate) fn set_captured(&self, lsn: Lsn) {
+        self.captured.send_if_modified(|captured| {
+            let newer = lsn > *captured;
+            if newer {
+                *captured = lsn;
+            }
+            newer
+        });
+    }
+
+    fn read_schemas(&self) -> std::sync::RwLockReadGuard<'_, Schemas> {
         match self.schemas.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub(crate) fn schemas(&self) -> Arc<BTreeMap<String, TableSchema>> {
+        Arc::clone(&self.read_schemas().tables)
+    }
+
+    /// The schemas with their generation, read together.
+    pub(crate) fn schemas_at(&self) -> (u64, Arc<BTreeMap<String, TableSchema>>) {
+        let schemas = self.read_schemas();
+        (schemas.generation, Arc::clone(&schemas.tables))
+    }
+
+    /// The current generation and schemas, and the names of the tables
+    /// whose schema changed after `generation`, read together.
+    pub(crate) fn changed_since(&self, generation: u64) -> SchemaChanges {
+        let schemas = self.read_schemas();
+        let changed = schemas
+            .changed_at
+            .iter()
+            .filter(|(_, at)| **at > generation)
+            .map(|(name, _)| name.clone())
+            .collect();
+        SchemaChanges {
+            generation: schemas.generation,
+            tables: Arc::clone(&schemas.tables),
+            changed,
         }
     }
 
@@ -250,9 +327,14 @@ impl Hub {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut next = (**guard).clone();
-        next.insert(table.name.clone(), table);
-        *guard = Arc::new(next);
+        if guard.tables.get(&table.name) != Some(&table) {
+            guard.generation += 1;
+            let generation = guard.generation;
+            guard.changed_at.insert(table.name.clone(), generation);
+            let mut next = (*guard.tables).clone();
+            next.insert(table.name.clone(), table);
+            guard.tables = Arc::new(next);
+        }
         frame
     }
 
@@ -289,6 +371,51 @@ impl Hub {
 mod tests {
     use super::*;
     use pgrelay_protocol::{Change, Op};
+
+    fn table(name: &str, columns: &[&str]) -> TableSchema {
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "columns": columns.iter().map(|c| serde_json::json!(
+                {"name": c, "pg_type": "text", "type_oid": 25, "kind": "text"})).collect::<Vec<_>>(),
+            "primary_key": [], "version": 1
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn schema_changes_are_numbered_so_a_session_finds_what_it_missed() {
+        let hub = Hub::new(
+            16,
+            Lsn::ZERO,
+            vec![table("public.a", &["id"])],
+            false,
+            "log",
+        );
+        let (told, schemas) = hub.schemas_at();
+        assert_eq!(schemas.len(), 1);
+        assert!(hub.changed_since(told).changed.is_empty());
+        hub.set_schema(table("public.b", &["id"]), Lsn::ZERO);
+        hub.set_schema(table("public.a", &["id", "extra"]), Lsn::ZERO);
+        // Announcing the same schema again is not a change.
+        hub.set_schema(table("public.b", &["id"]), Lsn::ZERO);
+        let changes = hub.changed_since(told);
+        assert_eq!(changes.changed, vec!["public.a", "public.b"]);
+        assert_eq!(changes.tables["public.a"].columns.len(), 2);
+        assert!(hub.changed_since(changes.generation).changed.is_empty());
+    }
+
+    #[test]
+    fn the_captured_position_only_moves_forward() {
+        let hub = Hub::new(16, Lsn::ZERO, Vec::new(), false, "log");
+        let mut watch = hub.watch_captured();
+        hub.set_captured(Lsn(10));
+        hub.set_captured(Lsn(5));
+        assert_eq!(hub.captured(), Lsn(10));
+        assert!(watch.has_changed().unwrap());
+        assert_eq!(*watch.borrow_and_update(), Lsn(10));
+        hub.set_captured(Lsn(10));
+        assert!(!watch.has_changed().unwrap());
+    }
 
     #[test]
     fn a_new_epoch_ends_live_sessions_and_the_head_never_moves_back() {

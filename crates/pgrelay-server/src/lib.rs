@@ -8,7 +8,6 @@ mod config;
 mod encoded;
 mod epoch;
 mod error;
-mod eventlog;
 mod history;
 mod hub;
 mod lag;
@@ -18,6 +17,7 @@ mod reader;
 mod registry;
 mod replication;
 mod retention;
+mod serve;
 mod session;
 mod snapshot;
 mod state;
@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pgrelay_pg::ConnInfo;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -36,7 +37,6 @@ use tokio::task::JoinSet;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
-pub use eventlog::{EventLogConfig, EventLogError, EventLogStorage, StoreInfo};
 
 use hub::Hub;
 use replication::Replication;
@@ -78,13 +78,23 @@ impl Server {
     /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
     /// binds the listener and starts replication and the HTTP server.
     /// Fails fast on anything a retry will not cure (wal_level, bad slot,
-    /// unknown table, port in use). Without a database URL only the
-    /// LiveStore event-log backend is served.
+    /// unknown table, port in use). Without a database URL only `/health`
+    /// is served.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        Server::start_with(config, watch::channel(false).0, axum::Router::new()).await
+    }
+
+    /// [`Server::start`], also serving `routes` (the LiveStore backend's)
+    /// on the same listener. `shutdown` becomes the server's shutdown
+    /// signal, so whatever serves `routes` can stop with it.
+    pub async fn start_with(
+        config: ServerConfig,
+        shutdown: watch::Sender<bool>,
+        routes: axum::Router,
+    ) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown_rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
-        let eventlog = eventlog::EventLog::open(&config, shutdown_rx.clone()).await?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -104,7 +114,7 @@ impl Server {
             Some(url) => {
                 start_row_sync(
                     config.clone(),
-                    &url,
+                    url.expose_secret(),
                     addr,
                     &sessions,
                     &mut tasks,
@@ -126,26 +136,16 @@ impl Server {
                 (health, hub, Arc::new(ReplicationStatus::new()), None)
             }
         };
-        let app = app
-            .merge(eventlog::router(eventlog))
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let mut http_shutdown = shutdown_rx;
-        // Frames are small and often back to back (a write result, then its
-        // echo): with Nagle's algorithm the second waits for the client's
-        // delayed ACK, ~40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-            }
-        });
-        tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = http_shutdown.wait_for(|stop| *stop).await;
-                })
-                .await
-                .map_err(|source| ServerError::Listen { addr, source })
-        });
+        let app = app.merge(routes);
+        let limits = serve::Limits {
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
+            idle_timeout: config.http_idle_timeout,
+            refused: state.as_ref().map_or_else(Default::default, |s| {
+                Arc::clone(&s.metrics.refused_connections)
+            }),
+        };
+        tasks.spawn(serve::run(listener, app, limits, shutdown_rx));
         Ok(Server {
             addr,
             shutdown,
@@ -355,7 +355,6 @@ async fn start_row_sync(
         hydrations_queued: Default::default(),
         database: info.clone(),
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
-        connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         config,
         hub: Arc::clone(&hub),
         log_reader: reader::LogReader::new(info),

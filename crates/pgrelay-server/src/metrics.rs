@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::state::AppState;
 
@@ -27,7 +28,8 @@ pub(crate) struct Metrics {
     pub(crate) txs_retry: AtomicU64,
     pub(crate) rate_limited_connects: AtomicU64,
     pub(crate) rate_limited_messages: AtomicU64,
-    pub(crate) refused_connections: AtomicU64,
+    /// Shared with the accept loop, which refuses them.
+    pub(crate) refused_connections: Arc<AtomicU64>,
     pub(crate) registry_errors: AtomicU64,
 }
 
@@ -268,7 +270,7 @@ pub(crate) fn render(state: &AppState) -> String {
     out.single(
         "pgrelay_connections_refused_total",
         "counter",
-        "Sync connections refused at --max-connections.",
+        "Connections refused at --max-connections.",
         get(&m.refused_connections),
     );
     out.single(

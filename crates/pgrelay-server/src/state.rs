@@ -43,8 +43,6 @@ pub(crate) struct AppState {
     pub(crate) metrics: Metrics,
     pub(crate) lag: Arc<LagMonitor>,
     pub(crate) connect_limiter: IpLimiter,
-    /// One permit per sync connection (`--max-connections`).
-    pub(crate) connections: Arc<Semaphore>,
 }
 
 impl AppState {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 
 /// glibc's malloc serialises many threads on a few arenas (the client
 /// fleet in `bench` runs one SQLite thread per replica); mimalloc keeps
@@ -12,7 +13,9 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use pgrelay::{admin_cmd, bench, client_cmd, demo, serve_cmd, verify};
+#[cfg(feature = "bench")]
+use pgrelay::bench;
+use pgrelay::cmd::{admin, client, demo, serve, verify};
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +46,7 @@ enum LogFormat {
 #[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
     /// Capture PostgreSQL's changes and stream them to clients.
-    Serve(serve_cmd::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Work with a local replica.
     #[command(subcommand)]
     Client(ClientCommand),
@@ -52,17 +55,18 @@ enum Command {
     /// Run the whole pipeline on a private PostgreSQL: server, two clients, a writer, verify.
     Demo(demo::DemoArgs),
     /// Measure capture, delivery latency, fan-out and idle memory.
+    #[cfg(feature = "bench")]
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Administer a running server: its clients, LiveStore stores (needs its --admin-token).
     #[command(subcommand)]
-    Admin(admin_cmd::AdminCommand),
+    Admin(admin::AdminCommand),
 }
 
 #[derive(Subcommand)]
 enum ClientCommand {
     /// Sync a replica with a server (forever, or until caught up).
-    Sync(client_cmd::SyncArgs),
+    Sync(client::SyncArgs),
     /// Print a replica's client id, LSN and tables as JSON.
     Status {
         #[arg(long, env = "PGRELAY_DB")]
@@ -77,7 +81,7 @@ enum ClientCommand {
         sql: String,
     },
     /// Show the outbox of local writes: pending, sent, applied, rejected (with reasons).
-    Outbox(client_cmd::OutboxArgs),
+    Outbox(client::OutboxArgs),
     /// Forget the replica's position: the next sync loads a fresh snapshot
     /// (unsent local writes are kept).
     Reset {
@@ -89,7 +93,7 @@ enum ClientCommand {
 #[derive(Args)]
 struct VerifyArgs {
     #[arg(long, env = "PGRELAY_DATABASE_URL")]
-    database_url: String,
+    database_url: SecretString,
     #[arg(long, env = "PGRELAY_DB")]
     db: PathBuf,
     /// Only these tables (comma-separated); default: every table in the replica.
@@ -112,15 +116,19 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve_cmd::run(args).await,
-            Command::Client(ClientCommand::Sync(args)) => client_cmd::sync(args).await,
-            Command::Client(ClientCommand::Status { db }) => client_cmd::status(&db).await,
-            Command::Client(ClientCommand::Exec { db, sql }) => client_cmd::exec(&db, &sql).await,
-            Command::Client(ClientCommand::Outbox(args)) => client_cmd::outbox(args).await,
-            Command::Client(ClientCommand::Reset { db }) => client_cmd::reset(&db).await,
+            Command::Serve(args) => serve::run(args).await,
+            Command::Client(ClientCommand::Sync(args)) => client::sync(args).await,
+            Command::Client(ClientCommand::Status { db }) => client::status(&db).await,
+            Command::Client(ClientCommand::Exec { db, sql }) => client::exec(&db, &sql).await,
+            Command::Client(ClientCommand::Outbox(args)) => client::outbox(args).await,
+            Command::Client(ClientCommand::Reset { db }) => client::reset(&db).await,
             Command::Verify(args) => {
-                let report =
-                    verify::verify(&args.database_url, &args.db, args.tables.as_deref()).await?;
+                let report = verify::verify(
+                    args.database_url.expose_secret(),
+                    &args.db,
+                    args.tables.as_deref(),
+                )
+                .await?;
                 print!("{}", report.render_table());
                 if report.all_match() {
                     Ok(())
@@ -129,8 +137,9 @@ fn main() -> ExitCode {
                 }
             }
             Command::Demo(args) => demo::run(args).await,
+            #[cfg(feature = "bench")]
             Command::Bench(command) => bench::run(command).await,
-            Command::Admin(command) => admin_cmd::run(command).await,
+            Command::Admin(command) => admin::run(command).await,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));

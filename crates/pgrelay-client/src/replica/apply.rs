@@ -18,8 +18,8 @@ pub(crate) fn apply_change(
     change: &Change,
 ) -> Result<(), ClientError> {
     let Some(table) = tables.get(&change.table) else {
-        // The server only sends synced tables and announces their schema
-        // first; a change for anything else cannot be placed.
+        // The caller leaves out changes of tables it does not know (they
+        // are fetched by a snapshot); one that gets here cannot be placed.
         return Err(ClientError::Replica(format!(
             "change for unknown table {}",
             change.table

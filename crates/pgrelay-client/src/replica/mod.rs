@@ -29,7 +29,7 @@ enum Command {
     State(Reply<ReplicaState>),
     SetClientId(String, Reply<()>),
     ApplySchema(Vec<TableSchema>, Reply<Vec<String>>),
-    ApplyTransactions(Vec<Transaction>, Reply<Lsn>),
+    ApplyTransactions(Vec<Transaction>, Reply<Applied>),
     Status(Reply<ReplicaStatus>),
     Execute(String, Reply<Executed>),
     TakeBatch(usize, Reply<Taken>),
@@ -44,6 +44,15 @@ enum Command {
     LoadSnapshot(String, Vec<u8>, Reply<u64>),
     ClearTable(String, Reply<()>),
     FinishSnapshot(SnapshotDone, Reply<()>),
+}
+
+/// What applying a batch of server transactions did.
+pub(crate) struct Applied {
+    /// The position reached.
+    pub(crate) lsn: Lsn,
+    /// Tables the replica does not know: their changes were left out and
+    /// the tables recorded for a snapshot, which holds those changes.
+    pub(crate) unknown: Vec<String>,
 }
 
 /// A verified snapshot, ready to be committed as the replica's state.
@@ -168,8 +177,14 @@ impl Replica {
     }
 
     /// Applies whole transactions in one SQLite transaction together with
-    /// the last one's LSN; returns that LSN.
+    /// the last one's LSN; returns that LSN. A change for a table the
+    /// replica does not know is left out, and the table is fetched by a
+    /// snapshot on the next connection.
     pub async fn apply_transactions(&self, txs: Vec<Transaction>) -> Result<Lsn, ClientError> {
+        self.apply(txs).await.map(|applied| applied.lsn)
+    }
+
+    pub(crate) async fn apply(&self, txs: Vec<Transaction>) -> Result<Applied, ClientError> {
         self.call(|r| Command::ApplyTransactions(txs, r)).await
     }
 
@@ -442,12 +457,13 @@ impl Worker {
         Ok(needed)
     }
 
-    fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Lsn, ClientError> {
+    fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Applied, ClientError> {
         let current = self.state()?.lsn.unwrap_or(Lsn::ZERO);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut reached = current;
+        let mut unknown: Vec<String> = Vec::new();
         capture::set_applying(&tx, true)?;
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
@@ -457,6 +473,14 @@ impl Worker {
             let skipped = snapshot::skipped(&self.filters, server_tx);
             for change in &server_tx.changes {
                 if skipped.contains(&change.table.as_str()) {
+                    continue;
+                }
+                if !self.tables.contains_key(&change.table) {
+                    // Its schema never arrived, so it cannot be placed. The
+                    // table's snapshot, taken later, holds this change.
+                    if !unknown.contains(&change.table) {
+                        unknown.push(change.table.clone());
+                    }
                     continue;
                 }
                 apply::apply_change(&tx, &self.tables, change).map_err(|e| {
@@ -469,9 +493,16 @@ impl Worker {
             schema::write_meta(&tx, "lsn", &reached.to_string())?;
             snapshot::expire(&tx, &mut self.filters, reached)?;
         }
+        if !unknown.is_empty() {
+            // In the same transaction as the position that passes them.
+            snapshot::request_resync(&tx, &unknown)?;
+        }
         capture::set_applying(&tx, false)?;
         tx.commit()?;
-        Ok(reached)
+        Ok(Applied {
+            lsn: reached,
+            unknown,
+        })
     }
 
     fn execute(&mut self, sql: &str) -> Result<Executed, ClientError> {

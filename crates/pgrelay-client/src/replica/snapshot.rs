@@ -7,13 +7,13 @@
 
 use std::collections::HashMap;
 
+use pgrelay_protocol::copy_text;
 use pgrelay_protocol::{Change, Lsn, Op, TableSchema, Transaction, Visibility};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::schema::{quote, read_meta, write_meta};
 use super::{apply, capture, outbox};
-use crate::copy_text;
 use crate::value::to_sqlite;
 use crate::ClientError;
 

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use pgrelay_protocol::quote_ident as quote;
 use pgrelay_protocol::Row;
 
 #[cfg(test)]
@@ -364,10 +365,6 @@ impl Bound {
     pub(crate) fn is_false(&self) -> bool {
         *self == Bound::Const(false)
     }
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 
 mod embedded;
 mod redis;
-mod resp;
 #[cfg(test)]
 mod tests;
 
@@ -15,6 +14,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use pgrelay_protocol::Lsn;
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -26,7 +26,8 @@ pub(crate) use redis::RedisRegistry;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RegistryError {
-    #[error("registry URL {0:?}: expected redis://host:port[/db] (no credentials)")]
+    /// Holds what is wrong with the URL, never the URL (it may hold a password).
+    #[error("registry URL: {0}; expected redis://[user:password@]host:port[/db]")]
     Url(String),
     #[error("Redis I/O: {0}")]
     Io(String),
@@ -96,7 +97,7 @@ pub(crate) fn open(
             instance.to_owned(),
         )),
         Some(url) => Arc::new(RedisRegistry::new(
-            url,
+            url.expose_secret(),
             &config.registry_prefix,
             config.registry_ttl,
         )?),

@@ -1,13 +1,17 @@
 //! The registry shared by several nodes: one Redis key per client
 //! (`<prefix>client:<id>`, a JSON record) with the TTL as its expiry.
 //! Compare-and-set steps run as Lua scripts, so a node never removes or
-//! overwrites the record of a session that replaced its own.
+//! overwrites the record of a session that replaced its own. Spoken through
+//! the `redis` crate's connection manager (credentials from the URL,
+//! reconnects after a failure, TLS with the `redis-tls` feature).
 
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Value};
+use tokio::sync::OnceCell;
 
-use super::resp::{Redis, Reply};
 use super::{ttl_secs, ClientRecord, Registry, RegistryError};
 
 /// Writes the record unless another session holds the key; 0 if it does.
@@ -26,76 +30,101 @@ return 0"#;
 /// Keys fetched per MGET when listing.
 const LIST_BATCH: usize = 500;
 
+/// Connecting and each answer: a registry call never waits longer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(crate) struct RedisRegistry {
-    redis: Redis,
+    client: redis::Client,
+    /// Opened on first use (so a server starts while Redis is down); it
+    /// reconnects by itself after a failure.
+    conn: OnceCell<ConnectionManager>,
     prefix: String,
     ttl: Duration,
 }
 
 impl RedisRegistry {
+    /// Parses `url` (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` with the `redis-tls` feature); connects on first use.
     pub(crate) fn new(
         url: &str,
         prefix: &str,
         ttl: Duration,
     ) -> Result<RedisRegistry, RegistryError> {
+        // The error names what is wrong, never the URL (it may hold a password).
+        let client = redis::Client::open(url).map_err(|e| RegistryError::Url(e.to_string()))?;
         Ok(RedisRegistry {
-            redis: Redis::new(url)?,
+            client,
+            conn: OnceCell::new(),
             prefix: prefix.to_owned(),
             ttl,
         })
     }
 
-    fn key(&self, client_id: &str) -> Vec<u8> {
-        format!("{}client:{client_id}", self.prefix).into_bytes()
+    /// The connection, opened now if it is not yet. Its handle is a cheap
+    /// clone of a multiplexed connection: calls do not wait for each other.
+    async fn conn(&self) -> Result<ConnectionManager, RegistryError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(IO_TIMEOUT)
+            .set_response_timeout(IO_TIMEOUT)
+            .set_number_of_retries(1);
+        self.conn
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .await
+            .cloned()
+            .map_err(failed)
     }
 
-    fn ttl(&self) -> Vec<u8> {
-        ttl_secs(self.ttl).to_string().into_bytes()
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RegistryError> {
+        let mut conn = self.conn().await?;
+        cmd.query_async(&mut conn).await.map_err(failed)
+    }
+
+    fn key(&self, client_id: &str) -> String {
+        format!("{}client:{client_id}", self.prefix)
+    }
+
+    fn ttl(&self) -> u64 {
+        ttl_secs(self.ttl)
     }
 
     async fn list_all(&self) -> Result<Vec<ClientRecord>, RegistryError> {
-        let pattern = format!("{}client:*", glob_escape(&self.prefix)).into_bytes();
-        let mut cursor = b"0".to_vec();
-        let mut keys = Vec::new();
+        let pattern = format!("{}client:*", glob_escape(&self.prefix));
+        let mut cursor: u64 = 0;
+        let mut keys: Vec<String> = Vec::new();
         loop {
-            let reply = self
-                .redis
-                .command(vec![
-                    b"SCAN".to_vec(),
-                    cursor.clone(),
-                    b"MATCH".to_vec(),
-                    pattern.clone(),
-                    b"COUNT".to_vec(),
-                    b"1000".to_vec(),
-                ])
-                .await?;
-            let Reply::Array(mut parts) = reply else {
-                return Err(RegistryError::Redis("SCAN answered oddly".into()));
-            };
-            let found = parts.pop();
-            cursor = parts
-                .pop()
-                .and_then(Reply::into_bulk)
-                .ok_or_else(|| RegistryError::Redis("SCAN without a cursor".into()))?;
-            if let Some(Reply::Array(found)) = found {
-                keys.extend(found.into_iter().filter_map(Reply::into_bulk));
-            }
-            if cursor == b"0" {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, found): (u64, Vec<String>) = self.query(&scan).await?;
+            keys.extend(found);
+            cursor = next;
+            if cursor == 0 {
                 break;
             }
         }
         let mut records = Vec::with_capacity(keys.len());
         for batch in keys.chunks(LIST_BATCH) {
-            let mut args = vec![b"MGET".to_vec()];
-            args.extend(batch.iter().cloned());
-            if let Reply::Array(values) = self.redis.command(args).await? {
-                for value in values.into_iter().filter_map(Reply::into_bulk) {
-                    records.push(parse(&value)?);
-                }
+            let mut mget = redis::cmd("MGET");
+            mget.arg(batch);
+            let values: Vec<Option<Vec<u8>>> = self.query(&mget).await?;
+            for value in values.into_iter().flatten() {
+                records.push(parse(&value)?);
             }
         }
         records.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         Ok(records)
+    }
+}
+
+/// Whether the connection failed (`Io`, worth retrying) or Redis refused.
+fn failed(e: redis::RedisError) -> RegistryError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        RegistryError::Io(e.to_string())
+    } else {
+        RegistryError::Redis(e.to_string())
     }
 }
 
@@ -119,15 +148,12 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-fn eval(script: &str, key: Vec<u8>, args: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    let mut command = vec![
-        b"EVAL".to_vec(),
-        script.as_bytes().to_vec(),
-        b"1".to_vec(),
-        key,
-    ];
-    command.extend(args);
-    command
+/// `EVAL script 1 key args...`: the script text goes with every call, as
+/// the scripts are tiny and this needs no `SCRIPT LOAD` bookkeeping.
+fn eval(script: &str, key: String) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(1).arg(key);
+    cmd
 }
 
 impl Registry for RedisRegistry {
@@ -136,16 +162,12 @@ impl Registry for RedisRegistry {
         record: &'a ClientRecord,
     ) -> BoxFuture<'a, Result<(), RegistryError>> {
         async move {
-            self.redis
-                .command(vec![
-                    b"SET".to_vec(),
-                    self.key(&record.client_id),
-                    json(record),
-                    b"EX".to_vec(),
-                    self.ttl(),
-                ])
-                .await
-                .map(|_| ())
+            let mut set = redis::cmd("SET");
+            set.arg(self.key(&record.client_id))
+                .arg(json(record))
+                .arg("EX")
+                .arg(self.ttl());
+            self.query::<Value>(&set).await.map(|_| ())
         }
         .boxed()
     }
@@ -155,21 +177,22 @@ impl Registry for RedisRegistry {
         records: &'a [ClientRecord],
     ) -> BoxFuture<'a, Result<Vec<String>, RegistryError>> {
         async move {
-            let commands: Vec<Vec<Vec<u8>>> = records
-                .iter()
-                .map(|r| {
-                    eval(
-                        REFRESH,
-                        self.key(&r.client_id),
-                        vec![json(r), r.session.clone().into_bytes(), self.ttl()],
-                    )
-                })
-                .collect();
-            let replies = self.redis.pipeline(&commands).await?;
+            if records.is_empty() {
+                return Ok(Vec::new());
+            }
+            // One round trip for all of them.
+            let mut pipe = redis::pipe();
+            for r in records {
+                let mut call = eval(REFRESH, self.key(&r.client_id));
+                call.arg(json(r)).arg(&r.session).arg(self.ttl());
+                pipe.add_command(call);
+            }
+            let mut conn = self.conn().await?;
+            let written: Vec<i64> = pipe.query_async(&mut conn).await.map_err(failed)?;
             Ok(records
                 .iter()
-                .zip(replies)
-                .filter(|(_, reply)| *reply == Reply::Int(0))
+                .zip(written)
+                .filter(|(_, written)| *written == 0)
                 .map(|(r, _)| r.client_id.clone())
                 .collect())
         }
@@ -182,23 +205,19 @@ impl Registry for RedisRegistry {
         session: &'a str,
     ) -> BoxFuture<'a, Result<(), RegistryError>> {
         async move {
-            let command = eval(
-                UNREGISTER,
-                self.key(client_id),
-                vec![session.as_bytes().to_vec()],
-            );
-            self.redis.command(command).await.map(|_| ())
+            let mut call = eval(UNREGISTER, self.key(client_id));
+            call.arg(session);
+            self.query::<Value>(&call).await.map(|_| ())
         }
         .boxed()
     }
 
     fn forget<'a>(&'a self, client_id: &'a str) -> BoxFuture<'a, Result<bool, RegistryError>> {
         async move {
-            let reply = self
-                .redis
-                .command(vec![b"DEL".to_vec(), self.key(client_id)])
-                .await?;
-            Ok(reply == Reply::Int(1))
+            let mut del = redis::cmd("DEL");
+            del.arg(self.key(client_id));
+            let deleted: i64 = self.query(&del).await?;
+            Ok(deleted == 1)
         }
         .boxed()
     }
@@ -208,11 +227,10 @@ impl Registry for RedisRegistry {
         client_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ClientRecord>, RegistryError>> {
         async move {
-            let reply = self
-                .redis
-                .command(vec![b"GET".to_vec(), self.key(client_id)])
-                .await?;
-            reply.into_bulk().map(|b| parse(&b)).transpose()
+            let mut get = redis::cmd("GET");
+            get.arg(self.key(client_id));
+            let value: Option<Vec<u8>> = self.query(&get).await?;
+            value.map(|b| parse(&b)).transpose()
         }
         .boxed()
     }

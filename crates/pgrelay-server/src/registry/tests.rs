@@ -138,3 +138,25 @@ async fn redis_lists_many_and_survives_a_bad_url() {
         RedisRegistry::new("redis://127.0.0.1:1", &prefix, Duration::from_secs(60)).unwrap();
     assert!(matches!(nowhere.list().await, Err(RegistryError::Io(_))));
 }
+
+#[tokio::test]
+async fn redis_credentials_come_from_the_url_and_are_never_printed() {
+    let prefix = unique_prefix("auth");
+    // Test Redis has no password: a password in the URL is sent (AUTH) and
+    // refused, so the registry reports Redis's refusal, not a success.
+    let url = redis_url().replacen("redis://", "redis://:registry-password-1@", 1);
+    let with_password = RedisRegistry::new(&url, &prefix, Duration::from_secs(60)).unwrap();
+    let refused = with_password.list().await.unwrap_err().to_string();
+    assert!(!refused.contains("registry-password-1"), "{refused}");
+    assert!(refused.to_ascii_uppercase().contains("AUTH"), "{refused}");
+
+    let Err(bad) = RedisRegistry::new(
+        "redis://:registry-password-2@127.0.0.1:6379/not-a-db",
+        &prefix,
+        Duration::from_secs(60),
+    ) else {
+        panic!("a URL with a bad database number was accepted");
+    };
+    assert!(matches!(bad, RegistryError::Url(_)));
+    assert!(!bad.to_string().contains("registry-password-2"), "{bad}");
+}

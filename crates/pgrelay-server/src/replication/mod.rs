@@ -82,6 +82,9 @@ impl Replication {
         let mut stream = pgrelay_pg::open_stream(&self.info, &opts).await?;
         tracing::info!(slot = %self.config.slot, confirmed = %slot.confirmed, log_head = %logged, "replication streaming");
         self.status.set_connected(slot.confirmed);
+        // The slot never passes the change log, and what the log holds the
+        // hub has published (above).
+        self.hub.set_captured(slot.confirmed);
         let log_db = pgrelay_pg::connect(&self.info).await?;
         let mut writer = Writer::start(
             log_db,
@@ -100,14 +103,16 @@ impl Replication {
                 let confirmed = *durable.borrow();
                 let wait = self.config.status_interval * 2 + Duration::from_secs(1);
                 stream.close_confirmed(confirmed, wait).await;
-                self.status.set_confirmed(confirmed);
+                self.captured(confirmed);
                 tracing::info!(lsn = %confirmed, "replication stopped; slot confirmed");
                 finished
             }
             Err(e) => {
                 // Nothing of this stream may reach the log once the next
                 // connection has read its head (or started a new epoch).
-                writer.stop(self.config.status_interval * 2 + Duration::from_secs(5)).await;
+                writer
+                    .stop(self.config.status_interval * 2 + Duration::from_secs(5))
+                    .await;
                 Err(e)
             }
         }
@@ -135,7 +140,7 @@ impl Replication {
                     }
                     let durable = *writer.durable.borrow_and_update();
                     stream.confirm(durable);
-                    self.status.set_confirmed(durable);
+                    self.captured(durable);
                 }
                 event = stream.recv() => {
                     let Some(event) = event? else {
@@ -152,6 +157,14 @@ impl Replication {
                 writer.send(std::mem::take(&mut batch)).await?;
             }
         }
+    }
+
+    /// Everything PostgreSQL decoded before `lsn` is in the change log and
+    /// published: the slot may be told, and sessions waiting for the
+    /// capture to reach a position (a client's "caught up") may go on.
+    fn captured(&self, lsn: Lsn) {
+        self.status.set_confirmed(lsn);
+        self.hub.set_captured(lsn);
     }
 
     /// A commit whose acknowledgement was lost (PostgreSQL went away while
@@ -213,7 +226,7 @@ impl Replication {
                 // idle slot must not hold WAL).
                 if batch.is_empty() && writer.idle() && !assembler.in_transaction() {
                     stream.confirm(Lsn(wal_end.0));
-                    self.status.set_confirmed(Lsn(wal_end.0));
+                    self.captured(Lsn(wal_end.0));
                 }
                 Assembled::Nothing
             }
@@ -238,7 +251,7 @@ impl Replication {
                     // log: only the position moves.
                     if batch.is_empty() && writer.idle() {
                         stream.confirm(end_lsn);
-                        self.status.set_confirmed(end_lsn);
+                        self.captured(end_lsn);
                     } else {
                         batch.advance(end_lsn);
                     }

@@ -4,11 +4,12 @@
 //! takes every change after its confirmed position with it: a slot created
 //! in its place starts at the current WAL position, and streaming on from
 //! it would leave every replica short of what was written meanwhile,
-//! silently and for good. So `pgrelay.log_state` records which slot feeds
-//! the log, and every (re)connect checks it. A slot that is missing
-//! although the log had one, or invalidated, is a loss: logged as an
-//! error, counted (`pgrelay_slot_lost_total`), failing `/ready` until
-//! replication streams again, and answered with a new change-log epoch:
+//! silently and for good. So `pgrelay.log_slots` records which slots feed
+//! the log, and every (re)connect checks this server's. A slot that is
+//! missing although it fed the log (or the log was fed and no other
+//! recorded slot is left), or invalidated, is a loss: logged as an error,
+//! counted (`pgrelay_slot_lost_total`), failing `/ready` until replication
+//! streams again, and answered with a new change-log epoch:
 //!
 //! ```text
 //! loss ─▶ epoch due from F = current WAL (durable) ─▶ drop the invalidated slot
@@ -67,45 +68,45 @@ pub(crate) struct Epoch {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Plan {
-    /// The slot that feeds the log is there; `record` when the log did not
-    /// name it yet.
+    /// The slot is there and usable; `record` when the log does not name
+    /// it yet (a log from before slots were recorded).
     Stream { confirmed: Lsn, record: bool },
-    /// No slot, and a log that never had a transaction: a first start.
-    First,
-    /// The log's feed was lost (`None`: a new epoch was interrupted).
-    NewEpoch { loss: Option<SlotLoss> },
+    /// No slot, and nothing lost: a first start, or a further node's slot
+    /// while another node's recorded slot feeds the log.
+    Create,
+    /// The log's feed was lost; `resumed`: an earlier attempt to start
+    /// the new epoch did not finish (`loss` is `None` when it got as far
+    /// as creating the new slot).
+    NewEpoch {
+        loss: Option<SlotLoss>,
+        resumed: bool,
+    },
 }
 
-fn plan(state: SlotState, feed: &Feed, slot: &str) -> Result<Plan, String> {
-    if feed.due.is_some() {
-        return Ok(Plan::NewEpoch { loss: None });
-    }
-    Ok(match state {
+fn plan(state: SlotState, feed: &Feed) -> Plan {
+    let resumed = feed.due.is_some();
+    let first = !feed.any_recorded && feed.head == Lsn::ZERO;
+    match state {
         SlotState::Invalidated { .. } => Plan::NewEpoch {
             loss: Some(SlotLoss::Invalidated),
+            resumed,
         },
-        SlotState::Missing if feed.slot.is_none() && feed.head == Lsn::ZERO => Plan::First,
+        SlotState::Missing if !resumed && !feed.recorded && (first || feed.other_feeds) => {
+            Plan::Create
+        }
         SlotState::Missing => Plan::NewEpoch {
             loss: Some(SlotLoss::Missing),
+            resumed,
         },
-        SlotState::Valid { confirmed_flush } => match feed.slot.as_deref() {
-            Some(fed_by) if fed_by == slot => Plan::Stream {
-                confirmed: confirmed_flush,
-                record: false,
-            },
-            None => Plan::Stream {
-                confirmed: confirmed_flush,
-                record: true,
-            },
-            Some(fed_by) => {
-                return Err(format!(
-                    "the change log was fed from replication slot {fed_by:?}, and slot {slot:?} already \
-                     exists with a position of its own; run with --slot {fed_by}, or drop slot {slot:?} \
-                     so a new one (and a new change log, which every replica hydrates again) is started"
-                ))
-            }
+        SlotState::Valid { .. } if resumed => Plan::NewEpoch {
+            loss: None,
+            resumed,
         },
-    })
+        SlotState::Valid { confirmed_flush } => Plan::Stream {
+            confirmed: confirmed_flush,
+            record: !feed.recorded,
+        },
+    }
 }
 
 /// Makes sure the slot that feeds the log can be streamed from: creates it
@@ -115,9 +116,9 @@ pub(crate) async fn prepare(
     slot: &str,
     status: &ReplicationStatus,
 ) -> Result<Prepared, ServerError> {
-    let feed = epoch::feed(db).await?;
+    let feed = epoch::feed(db, slot).await?;
     let state = pgrelay_pg::inspect_slot(db, slot).await?;
-    match plan(state, &feed, slot).map_err(ServerError::Config)? {
+    match plan(state, &feed) {
         Plan::Stream { confirmed, record } => {
             if record {
                 epoch::record_slot(db, slot).await?;
@@ -129,7 +130,7 @@ pub(crate) async fn prepare(
                 epoch: None,
             })
         }
-        Plan::First => {
+        Plan::Create => {
             let confirmed = pgrelay_pg::create_slot(db, slot).await?;
             epoch::record_slot(db, slot).await?;
             Ok(Prepared {
@@ -138,47 +139,51 @@ pub(crate) async fn prepare(
                 epoch: None,
             })
         }
-        Plan::NewEpoch { loss } => new_epoch(db, slot, state, &feed, loss, status).await,
+        Plan::NewEpoch { loss, resumed } => {
+            let why = loss_reason(slot, state, &feed, loss);
+            tracing::error!(
+                slot,
+                loss = loss.map_or("half-started epoch", SlotLoss::label),
+                "{why}"
+            );
+            match loss {
+                // Counted once, when found; a retry keeps the first reason.
+                Some(loss) if !resumed => status.slot_lost(loss, &why),
+                _ if status.new_epoch().is_none() => status.new_epoch_under_way(&why),
+                _ => {}
+            }
+            new_epoch(db, slot, state).await
+        }
     }
 }
 
-async fn new_epoch(
-    db: &mut Client,
-    slot: &str,
-    state: SlotState,
-    feed: &Feed,
-    loss: Option<SlotLoss>,
-    status: &ReplicationStatus,
-) -> Result<Prepared, ServerError> {
+/// What was lost, for the error log and `/ready`.
+fn loss_reason(slot: &str, state: SlotState, feed: &Feed, loss: Option<SlotLoss>) -> String {
     let why = match (loss, state) {
         (Some(SlotLoss::Invalidated), SlotState::Invalidated { confirmed_flush }) => format!(
             "replication slot {slot:?} was invalidated by PostgreSQL (wal_status = lost, e.g. past \
              max_slot_wal_keep_size): the changes after {confirmed_flush} are not in the change log"
         ),
-        (Some(_), _) => match feed.slot.as_deref() {
-            Some(fed_by) if fed_by != slot => format!(
-                "the change log was fed from replication slot {fed_by:?}, and slot {slot:?} does not \
-                 exist: the changes in between are not in the change log"
-            ),
-            _ => format!(
-                "replication slot {slot:?} was dropped: the changes written while it was gone are \
-                 not in the change log"
-            ),
-        },
-        (None, _) => "a new change-log epoch was left half-started (the server stopped)".to_owned(),
+        (Some(_), _) if !feed.recorded && feed.any_recorded => format!(
+            "the change log was fed from other replication slots, none of which is left, and slot \
+             {slot:?} does not exist: the changes since are not in the change log"
+        ),
+        (Some(_), _) => format!(
+            "replication slot {slot:?} was dropped: the changes written while it was gone are not \
+             in the change log"
+        ),
+        (None, _) => format!(
+            "a new change-log epoch after a lost replication slot {slot:?} was left half-started"
+        ),
     };
-    let why = format!(
+    format!(
         "{why}; starting a new change-log epoch from a new slot, every replica is told gone and hydrates again"
-    );
-    tracing::error!(
-        slot,
-        loss = loss.map_or("half-started epoch", SlotLoss::label),
-        "{why}"
-    );
-    match loss {
-        Some(loss) => status.slot_lost(loss, &why),
-        None => status.new_epoch_under_way(&why),
-    }
+    )
+}
+
+/// Starts the new epoch (see the module's diagram); resumes one left
+/// half-started.
+async fn new_epoch(db: &mut Client, slot: &str, state: SlotState) -> Result<Prepared, ServerError> {
     let floor = epoch::mark_due(db).await?;
     let (confirmed, created) = match state {
         // Created by the interrupted attempt, after the floor was recorded.
@@ -202,11 +207,13 @@ async fn new_epoch(
 mod tests {
     use super::*;
 
-    fn feed(slot: Option<&str>, due: Option<u64>, head: u64) -> Feed {
+    /// A log whose feed is recorded as `slot` (this server's), with `head`.
+    fn fed(head: u64) -> Feed {
         Feed {
-            slot: slot.map(str::to_owned),
-            due: due.map(Lsn),
+            recorded: true,
+            any_recorded: true,
             head: Lsn(head),
+            ..Feed::default()
         }
     }
 
@@ -214,64 +221,102 @@ mod tests {
         confirmed_flush: Lsn(500),
     };
 
+    fn lost(loss: SlotLoss) -> Plan {
+        Plan::NewEpoch {
+            loss: Some(loss),
+            resumed: false,
+        }
+    }
+
     #[test]
-    fn a_slot_is_lost_when_missing_after_the_log_had_one_or_invalidated() {
-        let new_epoch = |loss| Ok(Plan::NewEpoch { loss: Some(loss) });
+    fn a_slot_is_lost_when_missing_after_it_fed_the_log_or_invalidated() {
         // First start: nothing recorded, nothing logged.
-        assert_eq!(
-            plan(SlotState::Missing, &feed(None, None, 0), "s"),
-            Ok(Plan::First)
-        );
-        // Dropped: recorded, or a log from before slots were recorded.
-        assert_eq!(
-            plan(SlotState::Missing, &feed(Some("s"), None, 0), "s"),
-            new_epoch(SlotLoss::Missing)
-        );
-        assert_eq!(
-            plan(SlotState::Missing, &feed(None, None, 7), "s"),
-            new_epoch(SlotLoss::Missing)
-        );
-        // Another name configured, and no such slot.
-        assert_eq!(
-            plan(SlotState::Missing, &feed(Some("old"), None, 7), "s"),
-            new_epoch(SlotLoss::Missing)
-        );
-        let lost = SlotState::Invalidated {
-            confirmed_flush: Lsn(9),
+        assert_eq!(plan(SlotState::Missing, &Feed::default()), Plan::Create);
+        // Dropped: recorded (even before the first transaction), or a log
+        // from before slots were recorded.
+        assert_eq!(plan(SlotState::Missing, &fed(0)), lost(SlotLoss::Missing));
+        let unrecorded = Feed {
+            head: Lsn(7),
+            ..Feed::default()
         };
         assert_eq!(
-            plan(lost, &feed(Some("s"), None, 7), "s"),
-            new_epoch(SlotLoss::Invalidated)
+            plan(SlotState::Missing, &unrecorded),
+            lost(SlotLoss::Missing)
         );
+        let invalidated = SlotState::Invalidated {
+            confirmed_flush: Lsn(9),
+        };
+        assert_eq!(plan(invalidated, &fed(7)), lost(SlotLoss::Invalidated));
+    }
+
+    #[test]
+    fn a_further_node_adds_its_slot_only_while_another_feeds_the_log() {
+        let other = Feed {
+            any_recorded: true,
+            other_feeds: true,
+            head: Lsn(7),
+            ..Feed::default()
+        };
+        assert_eq!(plan(SlotState::Missing, &other), Plan::Create);
+        // Other slots fed it and none is left (e.g. dropped on a --slot
+        // rename): the changes in between are lost.
+        let renamed = Feed {
+            other_feeds: false,
+            ..other
+        };
+        assert_eq!(plan(SlotState::Missing, &renamed), lost(SlotLoss::Missing));
     }
 
     #[test]
     fn a_valid_slot_is_streamed_from_and_recorded_once() {
         assert_eq!(
-            plan(VALID, &feed(Some("s"), None, 7), "s"),
-            Ok(Plan::Stream {
+            plan(VALID, &fed(7)),
+            Plan::Stream {
                 confirmed: Lsn(500),
                 record: false
-            })
+            }
         );
         assert_eq!(
-            plan(VALID, &feed(None, None, 7), "s"),
-            Ok(Plan::Stream {
+            plan(VALID, &Feed::default()),
+            Plan::Stream {
                 confirmed: Lsn(500),
                 record: true
-            })
+            }
         );
-        // Another existing slot is refused, not silently switched to.
-        assert!(plan(VALID, &feed(Some("old"), None, 7), "s").is_err());
     }
 
     #[test]
     fn a_half_started_epoch_is_finished_whatever_the_slot() {
-        for state in [SlotState::Missing, VALID] {
-            assert_eq!(
-                plan(state, &feed(Some("s"), Some(3), 7), "s"),
-                Ok(Plan::NewEpoch { loss: None })
-            );
-        }
+        let due = Feed {
+            due: Some(Lsn(3)),
+            ..fed(7)
+        };
+        assert_eq!(
+            plan(SlotState::Missing, &due),
+            Plan::NewEpoch {
+                loss: Some(SlotLoss::Missing),
+                resumed: true
+            }
+        );
+        // The new slot was created before the server stopped.
+        assert_eq!(
+            plan(VALID, &due),
+            Plan::NewEpoch {
+                loss: None,
+                resumed: true
+            }
+        );
+        // Even for a log that never held a transaction.
+        let due_empty = Feed {
+            due: Some(Lsn(3)),
+            ..Feed::default()
+        };
+        assert_eq!(
+            plan(SlotState::Missing, &due_empty),
+            Plan::NewEpoch {
+                loss: Some(SlotLoss::Missing),
+                resumed: true
+            }
+        );
     }
 }

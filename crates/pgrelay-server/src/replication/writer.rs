@@ -130,9 +130,16 @@ impl Writer {
     pub(super) async fn stop(self, wait: std::time::Duration) {
         drop(self.batches);
         let mut task = self.task;
+        // Its failure may have been read already; a JoinHandle must not be
+        // awaited twice.
+        if task.is_finished() {
+            return;
+        }
         match tokio::time::timeout(wait, &mut task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "the change-log writer stopped with an error"),
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(error = %e, "the change-log writer stopped with an error")
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "the change-log writer panicked"),
             Err(_) => {
                 task.abort();

@@ -25,14 +25,21 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(120);
 const QUEUED_NOTICE: Duration = Duration::from_secs(10);
 
 impl Session<'_> {
-    /// Sends a snapshot of `tables`; returns the change-log position from
+    /// Sends a snapshot of every table the client syncs (`full`) or of
+    /// those it asks to `resync`; returns the change-log position from
     /// which transactions follow it.
-    pub(super) async fn hydrate(
-        &mut self,
-        tables: Vec<TableSchema>,
-        full: bool,
-    ) -> Result<Lsn, Refusal> {
+    pub(super) async fn hydrate(&mut self, full: bool, resync: &[String]) -> Result<Lsn, Refusal> {
         let _permit = self.wait_for_slot().await?;
+        // Tables and columns as they are now, not at the welcome: the
+        // client hears of what changed while it waited before the
+        // snapshot, which holds those tables and columns.
+        let schemas = self.announce_schemas().await?;
+        let tables: Vec<TableSchema> = self
+            .visible(schemas.values())
+            .into_iter()
+            .filter(|t| t.skipped.is_none() && (full || resync.contains(&t.name)))
+            .collect();
+        drop(schemas);
         // Read before the snapshot is taken: everything at or below it
         // committed before, so the snapshot sees it, and the client's
         // visibility filter drops it from the stream.

@@ -3,6 +3,17 @@
 //! duplicate between the two (the hub is subscribed to before the log is
 //! read, and nothing at or below the last LSN sent goes out twice).
 //!
+//! Schema changes are ordered with the data: the hub numbers them, and
+//! before a snapshot and after every page read from the change log the
+//! session announces what changed since its client was last told, so a
+//! change published while the session was not listening (hydrating,
+//! behind) still comes before the first transaction that needs it.
+//!
+//! "Caught up" is measured against PostgreSQL: the welcome carries its WAL
+//! position at the handshake, and a `caught_up` says how far the capture
+//! had got; when that is short of the welcome's position, a second one
+//! follows once the capture passes it.
+//!
 //! Backpressure: a session sends one frame at a time and waits for the
 //! socket. While it waits, the hub's bounded ring keeps filling; a session
 //! that falls further behind than the ring is told it lagged and reads the
@@ -16,14 +27,16 @@ pub(crate) mod subscription;
 pub(crate) mod table;
 mod write;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, PROTOCOL_VERSION};
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema, PROTOCOL_VERSION};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, watch};
 use tokio::time::{interval_at, Instant};
+use tokio_postgres::types::PgLsn;
 use tracing::Instrument;
 
 use crate::auth::{Action, Principal, Scope};
@@ -56,13 +69,13 @@ impl Refusal {
     }
 }
 
-/// Runs a session on an upgraded socket. `_permit` is its place under
-/// `--max-connections`, given back when the session ends.
+/// Runs a session on an upgraded socket. `_place` is its connection's
+/// place under `--max-connections`, given back when the session ends.
 pub(crate) async fn run(
     mut socket: WebSocket,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    _place: crate::serve::ConnectionPlace,
 ) {
     // Rare or one-off steps are boxed: their state would otherwise be part
     // of every idle session's future.
@@ -93,7 +106,7 @@ pub(crate) async fn run(
         let session = Session {
             socket: &mut socket,
             state: &state,
-            sent: start,
+            told: 0,
             client_id: hello.client_id.clone(),
             live: Arc::clone(&live),
             subscription,
@@ -217,10 +230,12 @@ enum Ending {
 struct Session<'a> {
     socket: &'a mut WebSocket,
     state: &'a AppState,
-    /// Commit LSN of the last transaction sent or skipped (or the client's
-    /// position).
-    sent: Lsn,
+    /// The schema generation (see `Hub::changed_since`) the client has been
+    /// told about.
+    told: u64,
     client_id: String,
+    /// Its entry in the session table, which holds its position: the commit
+    /// LSN of the last transaction sent or skipped (or the client's own).
     live: Arc<LiveSession>,
     subscription: Option<Subscription>,
     /// Frames the client may still send now (`--message-rate`).
@@ -269,62 +284,49 @@ impl Session<'_> {
                 format!("your position {start} is ahead of this server's change log ({head}); start a fresh replica"),
             ));
         }
-        self.sent = start;
-        // Only the tables this client may read (in the welcome, and so in
-        // its replica and its snapshot), of those it subscribes to. In a
-        // block: the copy of the schemas is not kept in the session's state.
-        let tables: Vec<_> = {
-            let schemas: std::collections::BTreeMap<_, _> = self
-                .state
-                .hub
-                .schemas()
-                .iter()
-                .filter(|(name, _)| self.scope.as_ref().is_none_or(|s| s.can_read_table(name)))
-                .map(|(name, table)| (name.clone(), table.clone()))
-                .collect();
-            match &self.subscription {
-                Some(subscription) => subscription.schemas(&schemas),
-                None => schemas.values().cloned().collect(),
-            }
-        };
         drop(log_id);
+        // What "caught up" is measured against: what PostgreSQL has
+        // committed now, not what the change log has captured so far.
+        let wal = Box::pin(current_wal(self.state)).await?;
+        // Only the tables this client may read (in the welcome, and so in
+        // its replica and its snapshot), of those it subscribes to.
+        let (told, schemas) = self.state.hub.schemas_at();
+        self.told = told;
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
             client_id,
             head_lsn: head,
-            tables: tables.clone(),
+            tables: self.visible(schemas.values()),
             log_id: Some(ours.to_string()),
+            wal_lsn: Some(wal),
         };
-        drop(ours);
+        drop((schemas, ours));
         self.send(Frame::encode(&welcome, head)).await?;
+        drop(welcome);
         // A new replica (no position) gets every table it syncs; a known
-        // one only the tables it asks to resync.
+        // one only the tables it asks to resync. A client that asked for a
+        // snapshot always gets one (perhaps of no table), so it knows when
+        // it is complete. Boxed: its state would otherwise sit in every
+        // idle session's future.
         let full = last_lsn.is_none();
-        let hydrate: Vec<_> = tables
-            .into_iter()
-            .filter(|t| t.skipped.is_none() && (full || resync.contains(&t.name)))
-            .collect();
-        // A client that asked for a snapshot always gets one (perhaps of no
-        // table), so it knows when it is complete. Boxed: its state would
-        // otherwise sit in every idle session's future.
         if full || !resync.is_empty() {
-            let resume = Box::pin(self.hydrate(hydrate, full)).await?;
+            let resume = Box::pin(self.hydrate(full, &resync)).await?;
             if full {
-                self.sent = resume;
+                self.live.advance(resume);
             }
         }
         drop(resync);
         // Subscribe before reading the log: whatever is published from now on
-        // is in `frames`, whatever was published before is in the log.
+        // is in `frames`, whatever was published before is in the log. And
+        // whatever PostgreSQL committed before `captured` is in the log now.
         let mut frames = self.state.hub.subscribe();
+        let captured = self.state.hub.captured();
         Box::pin(self.catch_up()).await?;
-        self.send(Frame::encode(
-            &ServerMessage::CaughtUp {
-                lsn: self.sent.max(head),
-            },
-            head,
-        ))
-        .await?;
+        self.caught_up(head, captured).await?;
+        // Until the capture passes `wal`, the client is owed one more
+        // `caught_up` (boxed: only sessions that wait hold it).
+        let mut owed =
+            (captured < wal).then(|| Box::pin(captured_past(self.state.hub.watch_captured(), wal)));
 
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
@@ -358,6 +360,15 @@ impl Session<'_> {
                         None => std::future::pending().await,
                     }
                 } => return Err(self.expired()),
+                _ = async {
+                    match owed.as_mut() {
+                        Some(passed) => passed.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    owed = None;
+                    Box::pin(self.caught_up_with_wal(&mut frames)).await?;
+                }
                 incoming = self.socket.recv() => {
                     last_heard = Instant::now();
                     if !Box::pin(self.incoming(incoming)).await? {
@@ -409,20 +420,103 @@ impl Session<'_> {
         )
     }
 
-    /// Sends every logged transaction after `self.sent`.
+    /// The client's position: the commit LSN of the last transaction sent
+    /// or skipped.
+    fn position(&self) -> Lsn {
+        self.live.sent()
+    }
+
+    /// The tables of `schemas` this client is told about: those its token
+    /// may read, of those it subscribes to.
+    fn visible<'s>(&self, schemas: impl Iterator<Item = &'s TableSchema>) -> Vec<TableSchema> {
+        schemas
+            .filter(|t| {
+                self.scope
+                    .as_ref()
+                    .is_none_or(|s| s.can_read_table(&t.name))
+            })
+            .filter(|t| self.subscription.as_ref().is_none_or(|s| s.wants(&t.name)))
+            .cloned()
+            .collect()
+    }
+
+    /// Tells the client the schema of every table that changed since it was
+    /// last told, whether or not this session was listening when the change
+    /// was published (it may have been hydrating, or reading the change
+    /// log), so nothing reaches the client for a table or column it does
+    /// not know. Returns the schemas it is now in step with.
+    async fn announce_schemas(&mut self) -> Result<Arc<BTreeMap<String, TableSchema>>, Refusal> {
+        let changes = self.state.hub.changed_since(self.told);
+        self.told = changes.generation;
+        let tables = self.visible(changes.changed.iter().filter_map(|n| changes.tables.get(n)));
+        if !tables.is_empty() {
+            tracing::debug!(
+                tables = tables.len(),
+                "announcing schema changes the client missed"
+            );
+            self.send(Frame::encode(&ServerMessage::Schema { tables }, Lsn::ZERO))
+                .await?;
+        }
+        Ok(changes.tables)
+    }
+
+    /// Says the client has everything up to the change log's `head` at its
+    /// handshake (and whatever came since), and everything PostgreSQL
+    /// committed before `captured`.
+    async fn caught_up(&mut self, head: Lsn, captured: Lsn) -> Result<(), Refusal> {
+        let lsn = self.position().max(head);
+        // The client stores `lsn` as its position; so does the session.
+        self.live.advance(lsn);
+        self.send(Frame::encode(
+            &ServerMessage::CaughtUp {
+                lsn,
+                wal_lsn: Some(captured),
+            },
+            Lsn::ZERO,
+        ))
+        .await
+    }
+
+    /// The capture passed the WAL position of the welcome: every frame
+    /// published before it is in `frames`; once those are sent, the client
+    /// has everything PostgreSQL had committed when it connected.
+    async fn caught_up_with_wal(
+        &mut self,
+        frames: &mut broadcast::Receiver<Frame>,
+    ) -> Result<(), Refusal> {
+        let captured = self.state.hub.captured();
+        let head = self.state.hub.head();
+        loop {
+            match frames.try_recv() {
+                Ok(frame) => self.forward(frame).await?,
+                Err(TryRecvError::Lagged(_)) => {
+                    add(&self.state.metrics.catch_ups, 1);
+                    *frames = frames.resubscribe();
+                    Box::pin(self.catch_up()).await?;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        self.caught_up(head, captured).await
+    }
+
+    /// Sends every logged transaction after the client's position.
     async fn catch_up(&mut self) -> Result<(), Refusal> {
         loop {
             if self.expiry() <= Instant::now() {
                 return Err(self.expired());
             }
             let client = self.state.log_reader.client().await.map_err(internal)?;
-            let txs = match history::read_after(&client, self.sent, CATCH_UP_PAGE).await {
+            let txs = match history::read_after(&client, self.position(), CATCH_UP_PAGE).await {
                 Ok(txs) => txs,
                 Err(e @ crate::ServerError::Pruned { .. }) => {
                     return Err(Refusal::new(ErrorCode::Gone, format!("{e}; re-hydrate")))
                 }
                 Err(e) => return Err(internal(e)),
             };
+            // Read after the page: a schema a transaction of it needs was
+            // set before the transaction reached the log.
+            self.announce_schemas().await?;
             if txs.is_empty() {
                 return Ok(());
             }
@@ -456,7 +550,7 @@ impl Session<'_> {
                 "the replication slot was lost and this server keeps a new change log; re-hydrate",
             ));
         }
-        if frame.is_tx && frame.lsn <= self.sent {
+        if frame.is_tx && frame.lsn <= self.position() {
             return Ok(());
         }
         let (lsn, is_tx) = (frame.lsn, frame.is_tx);
@@ -490,14 +584,12 @@ impl Session<'_> {
     /// A transaction this client does not subscribe to: its position counts
     /// as passed.
     fn skipped(&mut self, lsn: Lsn) {
-        self.sent = self.sent.max(lsn);
-        self.live.set_sent(self.sent);
+        self.live.advance(lsn);
     }
 
     async fn send(&mut self, frame: Frame) -> Result<(), Refusal> {
         if frame.is_tx {
-            self.sent = self.sent.max(frame.lsn);
-            self.live.set_sent(self.sent);
+            self.live.advance(frame.lsn);
         }
         self.send_message(Message::Text(frame.text)).await
     }
@@ -578,6 +670,10 @@ impl Session<'_> {
                 self.interrupt_parts("a refused write").await?;
                 self.refuse_batch(batch_id, code, message).await?
             }
+            write::Incoming::Ping => {
+                self.send(Frame::encode(&ServerMessage::Pong, Lsn::ZERO))
+                    .await?;
+            }
             // A late verdict on a snapshot already settled: nothing to do.
             write::Incoming::SnapshotDone(_) => {}
             write::Incoming::Fatal(refusal) => return Err(refusal),
@@ -638,6 +734,24 @@ pub(crate) fn audit_rejections(
                 ),
             );
         }
+    }
+}
+
+/// PostgreSQL's WAL position now.
+async fn current_wal(state: &AppState) -> Result<Lsn, Refusal> {
+    let client = state.log_reader.client().await.map_err(internal)?;
+    let row = client
+        .query_one("SELECT pg_current_wal_lsn()", &[])
+        .await
+        .map_err(|e| internal(crate::ServerError::sql("reading PostgreSQL's WAL position")(e)))?;
+    Ok(Lsn(u64::from(row.get::<_, PgLsn>(0))))
+}
+
+/// Returns once the capture has reached `target` (never, if the server
+/// stops first).
+async fn captured_past(mut captured: watch::Receiver<Lsn>, target: Lsn) {
+    if captured.wait_for(|lsn| *lsn >= target).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

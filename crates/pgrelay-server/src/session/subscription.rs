@@ -104,13 +104,6 @@ impl Subscription {
         tx.changes.retain(|c| self.wants(&c.table));
         (!tx.changes.is_empty()).then_some(tx)
     }
-
-    pub(crate) fn schemas(&self, all: &BTreeMap<String, TableSchema>) -> Vec<TableSchema> {
-        all.values()
-            .filter(|t| self.wants(&t.name))
-            .cloned()
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -190,7 +183,13 @@ mod tests {
             }
             Pass::Skip => panic!("skipped a mixed transaction"),
         }
-        let caught_up = Frame::encode(&ServerMessage::CaughtUp { lsn: Lsn(1) }, Lsn(1));
+        let caught_up = Frame::encode(
+            &ServerMessage::CaughtUp {
+                lsn: Lsn(1),
+                wal_lsn: None,
+            },
+            Lsn(1),
+        );
         assert!(matches!(sub.pass(caught_up), Pass::Send(_)));
     }
 }

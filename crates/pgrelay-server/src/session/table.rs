@@ -70,8 +70,11 @@ impl LiveSession {
         Lsn(self.sent.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn set_sent(&self, lsn: Lsn) {
-        self.sent.store(lsn.0, Ordering::Relaxed);
+    /// Moves the position forward to `lsn` (never back). The session keeps
+    /// its position here alone, so the registry and the admin API read what
+    /// the session acts on.
+    pub(crate) fn advance(&self, lsn: Lsn) {
+        self.sent.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
     pub(crate) fn touch(&self) {

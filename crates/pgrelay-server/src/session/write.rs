@@ -15,6 +15,8 @@ use crate::metrics::add;
 
 pub(super) enum Incoming {
     Write(WriteBatch),
+    /// A liveness check: answered with `pong`.
+    Ping,
     /// A part of a large transaction, with its frame's length.
     WritePart(WritePart, usize),
     /// The client's verdict on a snapshot.
@@ -51,6 +53,7 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
         },
         Ok(ClientMessage::WritePart(part)) => Incoming::WritePart(part, bytes.len()),
         Ok(ClientMessage::SnapshotDone { refetch }) => Incoming::SnapshotDone(refetch),
+        Ok(ClientMessage::Ping) => Incoming::Ping,
         Ok(ClientMessage::Hello { .. }) => Incoming::Fatal(Refusal::new(
             ErrorCode::HandshakeRequired,
             "hello was already received",
@@ -143,6 +146,8 @@ impl Session<'_> {
                 // again after a backoff, as after any server-side fault.
                 let results = WriteResults {
                     batch_id: part.batch_id.clone(),
+                    lsn: None,
+                    lsn_floor: None,
                     results: vec![TxResult::retry(
                         &part.transaction_id,
                         "the server is receiving as many large transactions as it allows; send it again later",
@@ -197,7 +202,10 @@ mod tests {
     fn bad_writes_keep_the_connection() {
         let refused = |text: &str| match parse(text.as_bytes()) {
             Incoming::Refused { code, .. } => code,
-            Incoming::Write(_) | Incoming::WritePart(..) | Incoming::SnapshotDone(_) => {
+            Incoming::Write(_)
+            | Incoming::WritePart(..)
+            | Incoming::SnapshotDone(_)
+            | Incoming::Ping => {
                 panic!("accepted {text}")
             }
             Incoming::Fatal(r) => panic!("closed on {text}: {}", r.message),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use pgrelay_pg::ConnInfo;
 use pgrelay_protocol::{
-    ClientTransaction, CurrentRow, Op, RejectCode, Row, TableSchema, TxResult, WriteBatch,
+    ClientTransaction, CurrentRow, Lsn, Op, RejectCode, Row, TableSchema, TxResult, WriteBatch,
     WriteResults, WriteStatus,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -91,22 +91,25 @@ impl Writer {
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> WriteResults {
-        let results = match self
+        let (results, lsn_floor, lsn) = match self
             .apply_in_transaction(client_id, batch, schemas, scope)
             .await
         {
-            Ok(results) => results,
+            Ok(applied) => (applied.results, applied.floor, applied.ceiling),
             Err(e) => {
                 tracing::warn!(client_id, error = %e, "applying a write batch failed; the client will retry");
-                batch
+                let results = batch
                     .transactions
                     .iter()
                     .map(|tx| TxResult::retry(&tx.id, format!("server fault: {e}")))
-                    .collect()
+                    .collect();
+                (results, None, None)
             }
         };
         WriteResults {
             batch_id: batch.batch_id.clone(),
+            lsn,
+            lsn_floor,
             results,
         }
     }
@@ -117,7 +120,7 @@ impl Writer {
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
-    ) -> Result<Vec<TxResult>, ServerError> {
+    ) -> Result<Applied, ServerError> {
         let _permit = self
             .permits
             .acquire()
@@ -181,6 +184,13 @@ impl Writer {
     }
 }
 
+/// A batch's answers and the WAL bounds of its commit (read-your-writes).
+struct Applied {
+    results: Vec<TxResult>,
+    floor: Option<Lsn>,
+    ceiling: Option<Lsn>,
+}
+
 async fn run_batch(
     conn: &mut Conn,
     client_id: &str,
@@ -188,14 +198,18 @@ async fn run_batch(
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
     scope: Option<&Scope>,
-) -> Result<Vec<TxResult>, tokio_postgres::Error> {
+) -> Result<Applied, tokio_postgres::Error> {
     conn.client.batch_execute("BEGIN").await?;
-    conn.client
-        .execute(
-            "SELECT pg_logical_emit_message(true, 'pgrelay.origin', $1::text)",
+    // The origin message is the transaction's first WAL record: its
+    // position is a floor for the commit's.
+    let floor: String = conn
+        .client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'pgrelay.origin', $1::text)::text",
             &[&client_id],
         )
-        .await?;
+        .await?
+        .get(0);
     let mut results = Vec::with_capacity(batch.transactions.len());
     let mut stopped: Option<String> = None;
     for tx in &batch.transactions {
@@ -283,7 +297,16 @@ async fn run_batch(
         }
     }
     conn.client.batch_execute("COMMIT").await?;
-    Ok(results)
+    let ceiling: String = conn
+        .client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    Ok(Applied {
+        results,
+        floor: floor.parse().ok(),
+        ceiling: ceiling.parse().ok(),
+    })
 }
 
 /// Records the transaction's change ids; false when they were recorded

@@ -31,17 +31,7 @@ pub(crate) struct Planned {
     pub(crate) check_returned: bool,
 }
 
-/// `"schema"."table"` for a qualified name from the catalog.
-pub(crate) fn quote_table(qualified: &str) -> String {
-    match qualified.split_once('.') {
-        Some((schema, table)) => format!("{}.{}", quote(schema), quote(table)),
-        None => quote(qualified),
-    }
-}
-
-pub(crate) fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
+pub(crate) use pgrelay_protocol::{quote_ident as quote, quote_table};
 
 /// Plans `change` on `table`; `version` is the table's version column when
 /// the table is under a version check. `None` means nothing to do (an

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
-use pgrelay_server::{EventLogStorage, Server, ServerConfig};
+use pgrelay_eventlog::{EventLogConfig, EventLogStorage};
+use pgrelay_server::ServerConfig;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -63,12 +64,17 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
         "--events must be at least 100 and --single-events at least 1"
     );
     let dir = tempfile::tempdir()?;
-    let mut config = ServerConfig::eventlog_only();
-    config.listen = "127.0.0.1:0".parse()?;
-    config.idle_timeout = Duration::from_secs(3600);
-    config.eventlog.storage = EventLogStorage::Sqlite(Some(dir.path().join("events.sqlite")));
-    config.eventlog.sqlite_sync_full = args.sync == "full";
-    let server = Server::start(config).await?;
+    let mut server = ServerConfig::without_database();
+    server.listen = "127.0.0.1:0".parse()?;
+    server.idle_timeout = Duration::from_secs(3600);
+    let eventlog = EventLogConfig {
+        storage: EventLogStorage::Sqlite(Some(dir.path().join("events.sqlite"))),
+        sqlite_sync_full: args.sync == "full",
+        idle_timeout: server.idle_timeout,
+        ..EventLogConfig::default()
+    };
+    let server =
+        crate::cmd::serve::start(crate::cmd::serve::ServeConfig { server, eventlog }).await?;
     let url = format!("ws://{}/livestore", server.local_addr());
 
     let single = phase(&url, "single", args.clients, 1, args.single_events).await?;

@@ -66,7 +66,7 @@ impl Fleet {
                 dir.join(format!("replica-{i}.sqlite")),
             );
             config.client_id = Some(format!("bench-{i}"));
-            config.token = tokens.get(i).cloned();
+            config.token = tokens.get(i).cloned().map(Into::into);
             config.backoff_base = Duration::from_millis(100);
             config.backoff_cap = Duration::from_secs(2);
             let client = Arc::new(SyncClient::open(config).await?);

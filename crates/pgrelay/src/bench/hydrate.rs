@@ -248,6 +248,15 @@ async fn replay_to_client(frames: Vec<Message>, db: &std::path::Path) -> anyhow:
         },
         _ => None,
     });
+    // The recorded welcome's WAL position: the client is caught up once a
+    // `caught_up` reaches it.
+    let wal_lsn = frames.iter().find_map(|m| match m {
+        Message::Text(t) => match serde_json::from_str::<ServerMessage>(t).ok()? {
+            ServerMessage::Welcome { wal_lsn, .. } => wal_lsn,
+            _ => None,
+        },
+        _ => None,
+    });
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await?;
         let mut socket = tokio_tungstenite::accept_async(tcp).await?;
@@ -265,6 +274,7 @@ async fn replay_to_client(frames: Vec<Message>, db: &std::path::Path) -> anyhow:
         }
         let caught_up = ServerMessage::CaughtUp {
             lsn: resume.unwrap_or_default(),
+            wal_lsn,
         };
         socket
             .send(Message::Text(serde_json::to_string(&caught_up)?.into()))

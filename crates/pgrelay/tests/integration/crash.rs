@@ -166,7 +166,7 @@ async fn postgres_crash_mid_stream_is_survived() {
         "the replica to equal PostgreSQL after the crash",
         Duration::from_secs(120),
         || async {
-            match pgrelay::verify::verify(&url, &path, None).await {
+            match pgrelay::cmd::verify::verify(&url, &path, None).await {
                 Ok(report) if report.all_match() && !report.tables.is_empty() => Some(()),
                 _ => None,
             }

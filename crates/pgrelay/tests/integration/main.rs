@@ -6,8 +6,11 @@ mod support;
 
 mod auth;
 mod bad_input;
+#[cfg(feature = "bench")]
 mod bench;
+mod caught_up;
 mod crash;
+mod handover;
 mod hydrate;
 mod large_writes;
 mod livestore;

@@ -111,7 +111,7 @@ async fn the_admin_api_lists_disconnects_and_forgets_clients() {
     let world = World::new().await;
     world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let mut config = world.server_config();
-    config.admin_token = Some(TOKEN.to_owned());
+    config.admin_token = Some(TOKEN.into());
     let server = pgrelay_server::Server::start(config).await.unwrap();
     let addr = server.local_addr();
     let path = world.replica_path("alpha");
@@ -244,8 +244,8 @@ async fn two_nodes_share_the_registry_through_redis() {
     let node = |name: &str, slot: String| {
         let mut config = world.server_config();
         config.slot = slot;
-        config.admin_token = Some(TOKEN.to_owned());
-        config.registry = Some(redis_url());
+        config.admin_token = Some(TOKEN.into());
+        config.registry = Some(redis_url().into());
         config.registry_prefix = prefix.clone();
         config.registry_refresh = Duration::from_millis(200);
         config.node = Some(name.to_owned());
@@ -388,5 +388,64 @@ async fn json_logs_carry_the_client_id_and_lsn_of_the_session() {
     assert_eq!(event["level"], "DEBUG", "{event}");
     let _ = child.kill();
     let _ = child.wait();
+    world.db.drop_database().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_shows_a_hydrated_clients_real_position() {
+    let world = World::new().await;
+    world
+        .exec("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await;
+    let mut config = world.server_config();
+    config.admin_token = Some(TOKEN.into());
+    let server = pgrelay_server::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    // Rows in the change log, so the head is not 0/0.
+    world
+        .exec("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 500) g")
+        .await;
+    wait_for("the change log", Duration::from_secs(20), || async {
+        (world
+            .count("SELECT count(*) FROM pgrelay.change_history")
+            .await
+            == 500)
+            .then_some(())
+    })
+    .await;
+    // A new replica: hydrated from a snapshot, nothing streamed after it.
+    let path = world.replica_path("hydrated");
+    let client = start_client(addr, &path, "hydrated").await;
+    world.wait_equal(&path, Duration::from_secs(30)).await;
+    let position = wait_for(
+        "the replica's position",
+        Duration::from_secs(10),
+        || async { crate::support::replica_lsn(&path).filter(|lsn| lsn.0 > 0) },
+    )
+    .await;
+
+    let (status, json) = http(addr, Some(TOKEN), "GET", "/api/admin/clients").await;
+    assert_eq!(status, 200, "{json}");
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["client_id"] == "hydrated")
+        .unwrap_or_else(|| panic!("hydrated not listed: {json}"));
+    assert_eq!(
+        row["lsn"].as_str(),
+        Some(position.to_string().as_str()),
+        "{row}"
+    );
+    assert_eq!(row["lag_bytes"], 0, "{row}");
+    let out = admin_cli(addr, &["clients"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains(&position.to_string()),
+        "{table}"
+    );
+    client.stop().await;
+    server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }

@@ -1,17 +1,21 @@
 //! Promise 7 under abuse: a flood of messages from one client closes that
 //! client with `rate_limited` while the others keep receiving; too many
 //! connection attempts from one address get 429; connections over
-//! `--max-connections` get 503.
+//! `--max-connections` get 503; a refused connection is closed after its
+//! answer, and an idle HTTP connection after `--http-idle-timeout`, so
+//! refusals cost nothing that stays.
 
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use pgrelay_client::Event;
 use pgrelay_protocol::{CloseCode, ErrorCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::support::raw::{hello, metric, read_to_caught_up};
-use crate::support::{start_client, wait_for, World};
+use crate::support::{free_port, start_client, wait_for, ServerProcess, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_is_cut_off_and_the_others_keep_up() {
@@ -176,5 +180,208 @@ async fn connection_limits_answer_429_and_503() {
     .await;
     drop(second);
     server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}
+
+const UPGRADE: &str = "GET /api/sync HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+const HEALTH: &str = "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Sends `request` on a raw connection and reads one answer: its status
+/// and its head, lowercased.
+async fn ask(stream: &mut TcpStream, request: &str) -> (u16, String) {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed before the answer's head ended: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {head}"));
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (status, head)
+}
+
+/// Whether the server closed `stream` (end of stream or reset) within
+/// `timeout`; `false` when it sent something or kept it open.
+async fn closed_by_server(stream: &mut TcpStream, timeout: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(timeout, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(n)) => {
+            eprintln!(
+                "the server answered: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_closed_after_its_answer() {
+    let world = World::new().await;
+    world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut config = world.server_config();
+    config.connect_rate = 0.001;
+    config.connect_burst = 1;
+    let server = pgrelay_server::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    // The burst goes to a real client.
+    let mut first = hello(addr, "first", None).await;
+    read_to_caught_up(&mut first).await;
+    // Refused: answered, and the connection closed; a second request on
+    // it gets no answer.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let (status, head) = ask(&mut tcp, UPGRADE).await;
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let _ = tcp.write_all(HEALTH.as_bytes()).await;
+    assert!(
+        closed_by_server(&mut tcp, Duration::from_secs(5)).await,
+        "the refused connection stayed open"
+    );
+    drop(first);
+    server.shutdown().await.unwrap();
+
+    // Over --max-connections: the same.
+    let mut config = world.server_config();
+    config.max_connections = 1;
+    let server = pgrelay_server::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut only = hello(addr, "only", None).await;
+    read_to_caught_up(&mut only).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let (status, head) = ask(&mut tcp, UPGRADE).await;
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let _ = tcp.write_all(HEALTH.as_bytes()).await;
+    assert!(
+        closed_by_server(&mut tcp, Duration::from_secs(5)).await,
+        "the refused connection stayed open"
+    );
+    drop(only);
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http_connection_is_closed_after_the_timeout() {
+    let world = World::new().await;
+    world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut config = world.server_config();
+    config.http_idle_timeout = Duration::from_millis(500);
+    let server = pgrelay_server::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    // A connection that never sends a request.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_by_server(&mut silent, Duration::from_secs(10)).await,
+        "a silent connection stayed open"
+    );
+    // A kept-alive connection after its answer.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(ask(&mut kept, HEALTH).await.0, 200);
+    assert!(
+        closed_by_server(&mut kept, Duration::from_secs(10)).await,
+        "an idle kept-alive connection stayed open"
+    );
+    // A WebSocket session is not an idle HTTP connection: it stays.
+    let mut session = hello(addr, "session", None).await;
+    read_to_caught_up(&mut session).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // longer than the HTTP idle timeout, on purpose
+    world.exec("INSERT INTO t VALUES (1)").await;
+    let tx = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut session).await {
+            if let Message::Text(text) = message {
+                if let Ok(pgrelay_protocol::ServerMessage::Tx(tx)) = serde_json::from_str(&text) {
+                    return Some(tx);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .expect("a transaction within 10 s");
+    assert!(tx.is_some(), "the session was closed");
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}
+
+/// Open file descriptors and resident memory (KiB) of a process.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_attempts_leave_no_connection_open() {
+    let world = World::new().await;
+    world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let server = ServerProcess::spawn_with(
+        world.url(),
+        &world.slot(),
+        free_port(),
+        &["--connect-rate", "0.001", "--connect-burst", "1"],
+    );
+    let addr = server.addr;
+    let pid = server.child.id();
+    // The one attempt the burst allows.
+    let mut first = hello(addr, "first", None).await;
+    read_to_caught_up(&mut first).await;
+    let (fds_before, rss_before) = fds_and_rss(pid);
+
+    // 1,000 refused attempts whose clients keep their end open.
+    let mut kept = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask(&mut tcp, UPGRADE).await.0, 429);
+        kept.push(tcp);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (fds_after, rss_after) = loop {
+        let (fds, rss) = fds_and_rss(pid);
+        if fds <= fds_before + 10 || std::time::Instant::now() > deadline {
+            break (fds, rss);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "1000 refused attempts: server fds {fds_before} -> {fds_after}, RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        fds_after <= fds_before + 10,
+        "the server kept the refused connections open: {fds_before} -> {fds_after} fds"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the server's memory grew from {rss_before} to {rss_after} KiB"
+    );
+    drop(kept);
+    drop(first);
+    drop(server);
     world.db.drop_database().await.unwrap();
 }

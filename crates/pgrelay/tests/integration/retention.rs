@@ -14,8 +14,10 @@ use crate::support::{free_port, replica_lsn, start_counted_client, wait_for, Wor
 async fn a_quiet_database_past_retention_hydrates_once_and_says_gone_once() {
     let world = World::new().await;
     world
-        .exec("CREATE TABLE notes (id int PRIMARY KEY, body text);
-               INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 1000) g;")
+        .exec(
+            "CREATE TABLE notes (id int PRIMARY KEY, body text);
+               INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 1000) g;",
+        )
         .await;
     let mut config = world.server_config();
     config.retain = Duration::from_secs(1);
@@ -28,13 +30,17 @@ async fn a_quiet_database_past_retention_hydrates_once_and_says_gone_once() {
     let returning_path = world.replica_path("returning");
     let (returning, _) = start_counted_client(addr, &returning_path, "returning").await;
     world.exec("INSERT INTO notes VALUES (1001, 'seen')").await;
-    world.wait_equal(&returning_path, Duration::from_secs(30)).await;
+    world
+        .wait_equal(&returning_path, Duration::from_secs(30))
+        .await;
     returning.stop().await;
     let position = replica_lsn(&returning_path).expect("a position");
 
     // One more write, then nothing for longer than --retain: the log is
     // pruned empty, past the returning client's position.
-    world.exec("INSERT INTO notes VALUES (1002, 'missed')").await;
+    world
+        .exec("INSERT INTO notes VALUES (1002, 'missed')")
+        .await;
     wait_for("the log pruned empty", Duration::from_secs(30), || async {
         let row = world
             .sql
@@ -53,16 +59,17 @@ async fn a_quiet_database_past_retention_hydrates_once_and_says_gone_once() {
     // A new client while the log is empty.
     let early_path = world.replica_path("early");
     let (early, early_seen) = start_counted_client(addr, &early_path, "early").await;
-    wait_for("the early client caught up", Duration::from_secs(30), || async {
-        (early_seen.lock().unwrap().caught_up >= 1).then_some(())
-    })
+    wait_for(
+        "the early client caught up",
+        Duration::from_secs(30),
+        || async { (early_seen.lock().unwrap().caught_up >= 1).then_some(()) },
+    )
     .await;
 
     // Restart with the log empty; the early client reconnects by itself.
     server.shutdown().await.unwrap();
     let server = Server::start(config).await.unwrap();
-    let (late, late_seen) =
-        start_counted_client(addr, &world.replica_path("late"), "late").await;
+    let (late, late_seen) = start_counted_client(addr, &world.replica_path("late"), "late").await;
     let (back, back_seen) = start_counted_client(addr, &returning_path, "returning").await;
     wait_for(
         "every client caught up after the restart",
@@ -86,9 +93,21 @@ async fn a_quiet_database_past_retention_hydrates_once_and_says_gone_once() {
     let early_tally = early_seen.lock().unwrap().clone();
     let late_tally = late_seen.lock().unwrap().clone();
     let back_tally = back_seen.lock().unwrap().clone();
-    assert_eq!((early_tally.hydrations, early_tally.gone), (1, 0), "{early_tally:?}");
-    assert_eq!((late_tally.hydrations, late_tally.gone), (1, 0), "{late_tally:?}");
-    assert_eq!((back_tally.hydrations, back_tally.gone), (1, 1), "{back_tally:?}");
+    assert_eq!(
+        (early_tally.hydrations, early_tally.gone),
+        (1, 0),
+        "{early_tally:?}"
+    );
+    assert_eq!(
+        (late_tally.hydrations, late_tally.gone),
+        (1, 0),
+        "{late_tally:?}"
+    );
+    assert_eq!(
+        (back_tally.hydrations, back_tally.gone),
+        (1, 1),
+        "{back_tally:?}"
+    );
     for client in [early, late, back] {
         client.stop().await;
     }

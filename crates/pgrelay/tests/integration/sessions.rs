@@ -48,7 +48,7 @@ async fn a_subscribed_client_gets_only_its_tables() {
         "table a on the replica",
         Duration::from_secs(30),
         || async {
-            pgrelay::verify::verify(&url, &path, Some(only_a.as_slice()))
+            pgrelay::cmd::verify::verify(&url, &path, Some(only_a.as_slice()))
                 .await
                 .ok()
                 .filter(|r| r.all_match())
@@ -111,7 +111,7 @@ async fn a_subscribed_client_gets_only_its_tables() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(replica_lsn(&fresh), Some(head.parse::<Lsn>().unwrap()));
-    let report = pgrelay::verify::verify(&url, &fresh, Some(only_a.as_slice()))
+    let report = pgrelay::cmd::verify::verify(&url, &fresh, Some(only_a.as_slice()))
         .await
         .unwrap();
     assert!(report.all_match(), "{}", report.render_table());

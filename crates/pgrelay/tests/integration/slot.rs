@@ -85,7 +85,13 @@ async fn a_slot_of_another_database_is_refused_naming_that_database() {
     }
     let server = first.start_server().await;
     let output = tokio::process::Command::new(crate::support::BIN)
-        .args(["serve", "--database-url", second.url(), "--slot", &first.slot()])
+        .args([
+            "serve",
+            "--database-url",
+            second.url(),
+            "--slot",
+            &first.slot(),
+        ])
         .args(["--listen", "127.0.0.1:0"])
         .env("PGRELAY_LOG", "warn")
         .output()

@@ -117,9 +117,11 @@ async fn every_replica_made_whole(
     clients: Vec<(RunningClient, Arc<std::sync::Mutex<Tally>>)>,
     old_log: &str,
 ) {
-    wait_for("a new change-log epoch", Duration::from_secs(60), || async {
-        (log_id(world).await != old_log).then_some(())
-    })
+    wait_for(
+        "a new change-log epoch",
+        Duration::from_secs(60),
+        || async { (log_id(world).await != old_log).then_some(()) },
+    )
     .await;
     writer.wait_for_more(20).await;
     let writes = writer.stop().await;
@@ -154,12 +156,20 @@ async fn a_slot_dropped_under_a_running_server_is_reported_and_every_replica_end
     let writer = Writer::start(world.url());
     writer.wait_for_more(20).await;
 
-    // End the walsender and drop the slot, then change rows in the same
-    // transaction, kept open: no slot exists while they change, and a new
-    // slot cannot become consistent before the transaction ends.
+    // Change rows and, in the same transaction, end the walsender and drop
+    // the slot; the transaction stays open, so its changes commit while no
+    // slot of before exists, and a new slot cannot become consistent (nor
+    // the new epoch start) before it ends.
     let gap = connect(world.url()).await;
     let slot = world.slot();
     wait_for("the slot dropped", Duration::from_secs(30), || async {
+        gap.batch_execute(
+            "BEGIN;
+             UPDATE items SET note = 'changed while no slot existed' WHERE id = 5;
+             DELETE FROM items WHERE id = 6;",
+        )
+        .await
+        .unwrap();
         gap.execute(
             "SELECT pg_terminate_backend(active_pid, 5000) FROM pg_replication_slots
              WHERE slot_name = $1 AND active_pid IS NOT NULL",
@@ -167,7 +177,6 @@ async fn a_slot_dropped_under_a_running_server_is_reported_and_every_replica_end
         )
         .await
         .unwrap();
-        gap.batch_execute("BEGIN").await.unwrap();
         match gap
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await
@@ -181,17 +190,15 @@ async fn a_slot_dropped_under_a_running_server_is_reported_and_every_replica_end
         }
     })
     .await;
-    gap.batch_execute(
-        "UPDATE items SET note = 'changed while no slot existed' WHERE id = 5;
-         DELETE FROM items WHERE id = 6;",
-    )
-    .await
-    .unwrap();
 
-    let reasons = wait_for("/ready to fail for the lost slot", Duration::from_secs(30), || async {
-        let (status, body) = http(addr, None, "GET", "/ready").await;
-        (status == 503 && body.contains("new change-log epoch")).then_some(body)
-    })
+    let reasons = wait_for(
+        "/ready to fail for the lost slot",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = http(addr, None, "GET", "/ready").await;
+            (status == 503 && body.contains("new change-log epoch")).then_some(body)
+        },
+    )
     .await;
     assert!(reasons.contains("dropped"), "{reasons}");
     assert_eq!(
@@ -203,7 +210,9 @@ async fn a_slot_dropped_under_a_running_server_is_reported_and_every_replica_end
     every_replica_made_whole(&world, addr, writer, clients, &old_log).await;
     assert_eq!(
         world
-            .count("SELECT count(*) FROM items WHERE id = 6 OR note = 'changed while no slot existed'")
+            .count(
+                "SELECT count(*) FROM items WHERE id = 6 OR note = 'changed while no slot existed'"
+            )
             .await,
         1
     );
@@ -214,12 +223,11 @@ async fn a_slot_dropped_under_a_running_server_is_reported_and_every_replica_end
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_reported_and_every_replica_ends_equal() {
     // The setting applies to every slot of a cluster: a private one.
-    let cluster = tokio::task::spawn_blocking(|| {
-        PrivateCluster::start_with("max_slot_wal_keep_size = 16MB")
-    })
-    .await
-    .unwrap()
-    .expect("starting a private cluster");
+    let cluster =
+        tokio::task::spawn_blocking(|| PrivateCluster::start_with("max_slot_wal_keep_size = 16MB"))
+            .await
+            .unwrap()
+            .expect("starting a private cluster");
     let world = World::on(&cluster.admin_url()).await;
     world.exec(ITEMS).await;
     let server = world.start_server().await;
@@ -239,31 +247,45 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_reported_and_every_repl
         .await
         .unwrap();
     let slot = world.slot();
-    wait_for("PostgreSQL to invalidate the slot", Duration::from_secs(60), || async {
-        world
-            .exec("INSERT INTO side.filler SELECT repeat('x', 1000) FROM generate_series(1, 100)")
-            .await;
-        world.exec("SELECT pg_switch_wal()").await;
-        world.exec("CHECKPOINT").await;
-        let status = world
-            .sql
-            .query_opt(
-                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
+    wait_for(
+        "PostgreSQL to invalidate the slot",
+        Duration::from_secs(60),
+        || async {
+            world
+                .exec(
+                    "INSERT INTO side.filler SELECT repeat('x', 1000) FROM generate_series(1, 100)",
+                )
+                .await;
+            world.exec("SELECT pg_switch_wal()").await;
+            world.exec("CHECKPOINT").await;
+            let status = world
+                .sql
+                .query_opt(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get::<_, Option<String>>(0));
+            // Gone already: the server dropped the invalidated slot.
+            matches!(
+                status.as_ref().map(|s| s.as_deref()),
+                None | Some(Some("lost"))
             )
-            .await
-            .unwrap()
-            .map(|row| row.get::<_, Option<String>>(0));
-        // Gone already: the server dropped the invalidated slot.
-        matches!(status.as_ref().map(|s| s.as_deref()), None | Some(Some("lost"))).then_some(())
-    })
+            .then_some(())
+        },
+    )
     .await;
 
     // The new slot cannot become consistent while the holder is open.
-    let reasons = wait_for("/ready to fail for the lost slot", Duration::from_secs(30), || async {
-        let (status, body) = http(addr, None, "GET", "/ready").await;
-        (status == 503 && body.contains("new change-log epoch")).then_some(body)
-    })
+    let reasons = wait_for(
+        "/ready to fail for the lost slot",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = http(addr, None, "GET", "/ready").await;
+            (status == 503 && body.contains("new change-log epoch")).then_some(body)
+        },
+    )
     .await;
     assert!(reasons.contains("invalidated"), "{reasons}");
     assert_eq!(

@@ -575,7 +575,10 @@ async fn bad_batches_are_refused_and_nothing_partial_is_applied() {
         {"id":"table","changes":[{"id":"x5","table":"public.nope","op":"insert","new":{"id":"6"}}]},
         {"id":"dup","changes":[{"id":"x6","table":"public.t","op":"insert","new":{"id":"2","n":"9"}}]}]}"#;
     let m = answer(&mut socket, batch.to_owned()).await;
-    let ServerMessage::WriteResult(WriteResults { batch_id, results }) = m else {
+    let ServerMessage::WriteResult(WriteResults {
+        batch_id, results, ..
+    }) = m
+    else {
         panic!("expected write_result, got {m:?}");
     };
     assert_eq!(batch_id.as_deref(), Some("b1"));
@@ -688,6 +691,72 @@ async fn bad_batches_are_refused_and_nothing_partial_is_applied() {
     let _ = socket.close(None).await;
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
+}
+
+/// Read-your-writes: `execute_and_wait` returns once the replica holds the
+/// PostgreSQL transaction carrying the write (found by origin and the
+/// `(lsn_floor, lsn]` bounds of `write_result`), so the very next local
+/// read shows the row as PostgreSQL committed it; a refused write is an
+/// error, already rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_and_wait_reads_the_servers_version_of_its_own_write() {
+    let world = World::new().await;
+    world
+        .exec(
+            "CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL CHECK (length(title) < 40), \
+               source text DEFAULT 'server-default');
+             CREATE FUNCTION shout() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN NEW.title := upper(NEW.title); RETURN NEW; END $$;
+             CREATE TRIGGER shout BEFORE INSERT OR UPDATE ON todos FOR EACH ROW EXECUTE FUNCTION shout();",
+        )
+        .await;
+    let server = world.start_server().await;
+    let path = world.replica_path("ryw");
+    let client = start_client(server.local_addr(), &path, "ryw").await;
+    world.wait_equal(&path, WAIT).await;
+
+    for i in 1..=5 {
+        let executed = client
+            .client
+            .execute_and_wait(
+                format!("INSERT INTO todos (id, title) VALUES ({i}, 'write {i}')"),
+                WAIT,
+            )
+            .await
+            .expect("applied and back in the replica");
+        assert_eq!(executed.captured, 1);
+        // No waiting here: the replica already has PostgreSQL's version.
+        assert_eq!(
+            local(
+                &path,
+                &format!("SELECT title || '/' || source FROM todos WHERE id = {i}")
+            )
+            .as_deref(),
+            Some(format!("WRITE {i}/server-default").as_str())
+        );
+    }
+
+    let refused = client
+        .client
+        .execute_and_wait(
+            format!(
+                "INSERT INTO todos (id, title) VALUES (99, '{}')",
+                "x".repeat(60)
+            ),
+            WAIT,
+        )
+        .await;
+    match refused {
+        Err(pgrelay_client::ClientError::WriteRejected { reason, .. }) => {
+            assert!(reason.contains("check"), "{reason}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(
+        local(&path, "SELECT count(*) FROM todos WHERE id = 99").as_deref(),
+        Some("0")
+    );
+    client.stop().await;
 }
 
 /// A rejected transaction names every row it wrote, so the replica gets

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use pgrelay::cmd::serve::ServeConfig;
+use pgrelay_eventlog::EventLogConfig;
 use pgrelay_server::{Server, ServerConfig};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -15,15 +17,21 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 const RECV_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// An event-log-only server on a free port, in memory unless told otherwise.
-pub fn config() -> ServerConfig {
-    let mut config = ServerConfig::eventlog_only();
-    config.listen = "127.0.0.1:0".parse().expect("address");
-    config
+pub fn config() -> ServeConfig {
+    let mut server = ServerConfig::without_database();
+    server.listen = "127.0.0.1:0".parse().expect("address");
+    ServeConfig {
+        server,
+        eventlog: EventLogConfig::default(),
+    }
 }
 
-pub async fn start(config: ServerConfig) -> Server {
+/// The server as `pgrelay serve` runs it: the LiveStore routes mounted.
+pub async fn start(config: ServeConfig) -> Server {
     crate::support::init_tracing();
-    Server::start(config).await.expect("starting the server")
+    pgrelay::cmd::serve::start(config)
+        .await
+        .expect("starting the server")
 }
 
 /// A fresh store id per test, so tests never share a log.

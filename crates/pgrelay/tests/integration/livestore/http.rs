@@ -10,7 +10,7 @@ use crate::support::BIN;
 
 /// Status and body of a plain request.
 async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    pgrelay::admin_cmd::http(&format!("http://{addr}"), token, method, path)
+    pgrelay::cmd::admin::http(&format!("http://{addr}"), token, method, path)
         .await
         .expect("an HTTP answer")
 }
@@ -76,7 +76,7 @@ async fn info_without_upgrade_and_400_for_bad_store_or_payload() {
 #[tokio::test]
 async fn a_payload_token_is_checked_before_the_upgrade() {
     let mut cfg = config();
-    cfg.eventlog.auth_token = Some("t0ken".to_owned());
+    cfg.eventlog.auth_token = Some("t0ken".into());
     let server = start(cfg).await;
     let addr = server.local_addr();
     assert_eq!(
@@ -97,7 +97,7 @@ async fn a_payload_token_is_checked_before_the_upgrade() {
 #[tokio::test]
 async fn admin_info_and_reset_over_http_and_the_cli() {
     let mut cfg = config();
-    cfg.admin_token = Some("admin-secret-for-tests".to_owned());
+    cfg.server.admin_token = Some("admin-secret-for-tests".into());
     let server = start(cfg).await;
     let addr = server.local_addr();
     let store = store_id("admin");

@@ -3,7 +3,8 @@
 
 use serde_json::Value;
 
-use pgrelay_server::EventLogStorage;
+use pgrelay::cmd::serve::ServeConfig;
+use pgrelay_eventlog::{EventLogConfig, EventLogStorage};
 
 use super::client::{assert_complete, chunk_seqs, config, events, start, store_id, Sock};
 use crate::support::World;
@@ -58,11 +59,15 @@ async fn a_restart_on_the_same_sqlite_file_keeps_log_and_backend_id() {
 #[tokio::test]
 async fn postgres_storage_admits_pushes_across_two_nodes() {
     let world = World::new().await;
-    let mut cfg = world.server_config();
-    cfg.eventlog.storage = EventLogStorage::Postgres;
+    let server = world.server_config();
+    let eventlog = EventLogConfig {
+        storage: EventLogStorage::Postgres(world.url().into()),
+        ..EventLogConfig::default()
+    };
+    let cfg = ServeConfig { server, eventlog };
     let node_a = start(cfg.clone()).await;
     let mut cfg_b = cfg.clone();
-    cfg_b.slot = format!("{}_b", world.slot());
+    cfg_b.server.slot = format!("{}_b", world.slot());
     let node_b = start(cfg_b).await;
     let store = store_id("pg");
 

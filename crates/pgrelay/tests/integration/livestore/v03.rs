@@ -38,7 +38,7 @@ async fn pull_res_until(sock: &mut Sock, head: i64, seqs: &mut Vec<i64>) {
 #[tokio::test]
 async fn v03_pull_push_errors_ping_and_admin() {
     let mut cfg = config();
-    cfg.admin_token = Some("admin-secret-for-tests".to_owned());
+    cfg.server.admin_token = Some("admin-secret-for-tests".into());
     let server = start(cfg).await;
     let addr = server.local_addr();
     let store = store_id("v03");

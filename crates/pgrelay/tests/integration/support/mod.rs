@@ -3,6 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod proxy;
 pub mod raw;
 
 use std::future::Future;
@@ -132,7 +133,7 @@ impl World {
         let mut last;
         let deadline = Instant::now() + timeout;
         loop {
-            match pgrelay::verify::verify(&url, replica, None).await {
+            match pgrelay::cmd::verify::verify(&url, replica, None).await {
                 Ok(report) if report.all_match() && !report.tables.is_empty() => return,
                 Ok(report) => last = report.render_table(),
                 Err(e) => last = format!("{e:#}"),
@@ -244,6 +245,11 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn spawn(url: &str, slot: &str, port: u16) -> ServerProcess {
+        ServerProcess::spawn_with(url, slot, port, &[])
+    }
+
+    /// `pgrelay serve` with more flags.
+    pub fn spawn_with(url: &str, slot: &str, port: u16, flags: &[&str]) -> ServerProcess {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -255,6 +261,7 @@ impl ServerProcess {
                 "200ms",
             ])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(flags)
             .env("PGRELAY_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -138,7 +138,7 @@ pub async fn http(
     method: &str,
     path: &str,
 ) -> (u16, String) {
-    pgrelay::admin_cmd::http(&format!("http://{addr}"), token, method, path)
+    pgrelay::cmd::admin::http(&format!("http://{addr}"), token, method, path)
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"))
 }

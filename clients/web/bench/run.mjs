@@ -1,0 +1,221 @@
+// `npm run bench`: the browser client's figures, measured in the system's
+// headless Chromium against a real `pgrelay serve` and PostgreSQL.
+//   hydrate  - 1,000,000 rows of `pgrelay bench hydrate`'s table into a fresh
+//              OPFS replica, connect() to caught up; reference: the Rust
+//              client (`pgrelay client sync --exit-when-caught-up`) on the
+//              same rows and server, in the same run.
+//   apply    - a backlog of committed rows (written while the page was
+//              offline) applied after it reconnects, rows/s.
+//   latency  - PostgreSQL COMMIT returned in Node -> the page's `watch`
+//              callback holding the row, at a steady 100 tx/s.
+//   size     - the package's JavaScript, gzipped, without sqlite3.wasm.
+// Each measurement runs RUNS times (default 3); min / median / max printed
+// and written to bench/results.json.
+// Env: PGRELAY_TEST_DATABASE_URL, PGRELAY_BIN, BENCH_ROWS (1000000),
+// BENCH_APPLY_ROWS (200000), BENCH_LATENCY_TX (1000), RUNS (3), ONLY (comma list).
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { gzipSync } from "node:zlib";
+import { performance } from "node:perf_hooks";
+import { freshDatabase, launchBrowser, launchProfile, openPage, packageRoot, PGRELAY_BIN, startPages, startServer, waitFor } from "../test/browser/harness.mjs";
+
+const ROWS = Number(process.env.BENCH_ROWS ?? 1_000_000);
+const APPLY_ROWS = Number(process.env.BENCH_APPLY_ROWS ?? 200_000);
+const LATENCY_TX = Number(process.env.BENCH_LATENCY_TX ?? 1000);
+const RUNS = Number(process.env.RUNS ?? 3);
+const ONLY = (process.env.ONLY ?? "size,hydrate,apply,latency").split(",");
+
+// `pgrelay bench hydrate`'s table and rows (crates/pgrelay/src/bench/capture.rs).
+const TABLE_DDL = `CREATE TABLE public.bench_items (
+    id bigint PRIMARY KEY, n int NOT NULL, name text NOT NULL, price numeric(12,2),
+    tags text[], doc jsonb, at timestamptz NOT NULL DEFAULT now())`;
+const insertSql = (first, count) => `INSERT INTO public.bench_items (id, n, name, price, tags, doc, at)
+  SELECT g, g % 1000, 'item number ' || g, (g % 100000) / 100.0,
+         ARRAY['tag' || (g % 7), 'tag' || (g % 11)],
+         jsonb_build_object('k', g, 'label', 'row ' || g, 'flag', g % 2 = 0), now()
+  FROM generate_series(${first}, ${first + count - 1}) g`;
+
+const spread = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return { min: s[0], median: s[Math.floor((s.length - 1) / 2)], max: s[s.length - 1], runs: xs };
+};
+const fmt = (n) => Math.round(n).toLocaleString("en-US");
+const results = { machine: { node: process.version, cpus: (await import("node:os")).cpus().length }, config: { ROWS, APPLY_ROWS, LATENCY_TX, RUNS } };
+
+/** Inserts rows first..first+rows-1 in transactions of txSize rows. */
+async function load(db, rows, txSize = 10_000, first = 1) {
+  for (let done = 0; done < rows; done += txSize) await db.sql(insertSql(first + done, Math.min(txSize, rows - done)));
+}
+
+function percentile(sorted, p) {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+/** Seconds `pgrelay client sync --exit-when-caught-up` takes on the replica file `db`. */
+async function rustSync(serverUrl, db) {
+  const started = performance.now();
+  await new Promise((resolve, reject) => {
+    const child = spawn(PGRELAY_BIN, ["client", "sync", "--exit-when-caught-up", "--server", serverUrl, "--db", db], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, PGRELAY_LOG: "warn" } });
+    child.on("exit", (code) => (code === 0 ? resolve() : reject(new Error(`pgrelay client sync exited ${code}`))));
+  });
+  return (performance.now() - started) / 1000;
+}
+
+async function rustHydrate(serverUrl) {
+  const dir = mkdtempSync(join(tmpdir(), "pgrelay-bench-"));
+  const secs = await rustSync(serverUrl, join(dir, "r.sqlite"));
+  rmSync(dir, { recursive: true, force: true });
+  return secs;
+}
+
+/** A fresh browser context (fresh OPFS) with a page connected; resolves when caught up. */
+async function hydratePage(browser, origin, url, name) {
+  const dir = mkdtempSync(join(tmpdir(), "pgrelay-bench-profile-"));
+  const context = await launchProfile(dir);
+  context.dir = dir;
+  const page = await openPage(context, origin);
+  const t0 = Date.now();
+  await page.evaluate(({ url, name }) => window.open_({ url, name }), { url, name });
+  await waitFor("caught up", () => page.evaluate(() => window.db.status.caughtUp), 900_000, 20);
+  const secs = (Date.now() - t0) / 1000;
+  return { context, page, secs };
+}
+
+async function closeProfile(context) {
+  await context.close();
+  rmSync(context.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
+}
+
+if (ONLY.includes("size")) {
+  const files = ["index.js", "worker.js", "react.js"];
+  const sizes = Object.fromEntries(files.map((f) => {
+    const b = readFileSync(join(packageRoot, "dist", f));
+    return [f, { bytes: b.length, gzip: gzipSync(b, { level: 9 }).length }];
+  }));
+  const wasm = readFileSync(join(packageRoot, "dist", "sqlite3.wasm"));
+  results.size = { ...sizes, total_gzip: files.reduce((n, f) => n + sizes[f].gzip, 0), wasm: { bytes: wasm.length, gzip: gzipSync(wasm, { level: 9 }).length } };
+  console.log(`size: JavaScript ${fmt(results.size.total_gzip)} bytes gzipped (${files.map((f) => `${f} ${fmt(sizes[f].gzip)}`).join(", ")}); sqlite3.wasm ${fmt(wasm.length)} bytes (${fmt(results.size.wasm.gzip)} gzipped, not counted)`);
+}
+
+const pages = await startPages();
+const browser = await launchBrowser();
+try {
+  if (ONLY.includes("hydrate")) {
+    const db = await freshDatabase();
+    try {
+      await db.sql(TABLE_DDL);
+      console.error(`loading ${fmt(ROWS)} rows ...`);
+      await load(db, ROWS);
+      await db.sql("VACUUM ANALYZE public.bench_items");
+      const server = await startServer(db.url, ["--tables", "public.bench_items"]);
+      try {
+        const web = [], rust = [];
+        for (let i = 0; i < RUNS; i++) {
+          rust.push(ROWS / (await rustHydrate(server.url)));
+          const { context, page, secs } = await hydratePage(browser, pages.origin, server.url, `h${i}`);
+          const n = await page.evaluate(async () => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n);
+          if (n !== ROWS) throw new Error(`the replica holds ${n} rows, PostgreSQL ${ROWS}`);
+          const storage = await page.evaluate(() => window.db.storage);
+          web.push(ROWS / secs);
+          console.error(`  run ${i + 1}: browser (${storage}) ${fmt(ROWS / secs)} rows/s, Rust client ${fmt(rust[i])} rows/s`);
+          await page.evaluate(() => window.db.close());
+          await closeProfile(context);
+        }
+        results.hydrate = { rows: ROWS, browser_rows_per_sec: spread(web), rust_client_rows_per_sec: spread(rust) };
+        console.log(`hydrate ${fmt(ROWS)} rows: browser ${fmt(spread(web).min)} / ${fmt(spread(web).median)} / ${fmt(spread(web).max)} rows/s; Rust client ${fmt(spread(rust).min)} / ${fmt(spread(rust).median)} / ${fmt(spread(rust).max)} rows/s (min / median / max of ${RUNS})`);
+      } finally {
+        await server.kill();
+      }
+    } finally {
+      await db.drop();
+    }
+  }
+
+  if (ONLY.includes("apply") || ONLY.includes("latency")) {
+    const db = await freshDatabase();
+    try {
+      await db.sql(TABLE_DDL);
+      await db.sql(`CREATE TABLE public.lat (id bigint PRIMARY KEY, note text)`);
+      const server = await startServer(db.url);
+      try {
+        const { context, page } = await hydratePage(browser, pages.origin, server.url, "live");
+        let next = 1;
+        if (ONLY.includes("apply")) {
+          const rates = [], rust = [];
+          const rustDir = mkdtempSync(join(tmpdir(), "pgrelay-bench-"));
+          const rustDb = join(rustDir, "r.sqlite");
+          for (let i = 0; i < RUNS; i++) {
+            await rustSync(server.url, rustDb);
+            await page.evaluate(() => window.db.setOffline(true));
+            await load(db, APPLY_ROWS, 1000, next);
+            const { rows } = await db.sql("SELECT count(*)::int AS n FROM public.bench_items");
+            const t0 = performance.now();
+            await page.evaluate(() => window.db.setOffline(false));
+            await waitFor("the backlog", () => page.evaluate(async (n) => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n === n, rows[0].n), 600_000, 20);
+            const secs = (performance.now() - t0) / 1000;
+            rates.push(APPLY_ROWS / secs);
+            // The same backlog, from the same server, into the Rust client's replica.
+            rust.push(APPLY_ROWS / (await rustSync(server.url, rustDb)));
+            console.error(`  apply run ${i + 1}: browser ${fmt(APPLY_ROWS / secs)} rows/s, Rust client ${fmt(rust[i])} rows/s`);
+            await db.sql("DELETE FROM public.bench_items");
+            await waitFor("the delete", () => page.evaluate(async () => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n === 0), 600_000, 50);
+          }
+          rmSync(rustDir, { recursive: true, force: true });
+          results.apply = { rows: APPLY_ROWS, tx_rows: 1000, browser_rows_per_sec: spread(rates), rust_client_rows_per_sec: spread(rust) };
+          const s = spread(rates), r = spread(rust);
+          console.log(`apply a backlog of ${fmt(APPLY_ROWS)} rows (1,000 per transaction): browser ${fmt(s.min)} / ${fmt(s.median)} / ${fmt(s.max)} rows/s; Rust client ${fmt(r.min)} / ${fmt(r.median)} / ${fmt(r.max)} rows/s (min / median / max of ${RUNS})`);
+        }
+        if (ONLY.includes("latency")) {
+          await page.evaluate(() => {
+            window.seen = new Map();
+            window.db.watch("SELECT id FROM lat ORDER BY id DESC LIMIT 50", [], (rows) => {
+              const at = performance.timeOrigin + performance.now();
+              for (const r of rows) if (!window.seen.has(Number(r.id))) window.seen.set(Number(r.id), at);
+            });
+          });
+          const p50s = [], p99s = [], maxes = [];
+          for (let run = 0; run < RUNS; run++) {
+            const committed = new Map();
+            const first = next;
+            const t0 = performance.now();
+            for (let k = 0; k < LATENCY_TX; k++) {
+              const due = t0 + k * 10; // 100 tx/s
+              const wait = due - performance.now();
+              if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+              await db.sql("INSERT INTO lat VALUES ($1, 'x')", [next]);
+              committed.set(next, performance.timeOrigin + performance.now());
+              next++;
+            }
+            const last = next - 1;
+            await waitFor("the last row in the page", () => page.evaluate((id) => window.seen.has(id), last), 30_000, 20);
+            const seen = new Map(await page.evaluate(() => [...window.seen]));
+            const lat = [];
+            for (let id = first; id <= last; id++) {
+              if (!seen.has(id)) throw new Error(`row ${id} never reached the watch callback`);
+              lat.push(seen.get(id) - committed.get(id));
+            }
+            lat.sort((a, b) => a - b);
+            p50s.push(percentile(lat, 50));
+            p99s.push(percentile(lat, 99));
+            maxes.push(lat[lat.length - 1]);
+            console.error(`  latency run ${run + 1}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms, max ${lat[lat.length - 1].toFixed(1)} ms`);
+          }
+          results.latency = { tx: LATENCY_TX, rate_per_sec: 100, p50_ms: spread(p50s), p99_ms: spread(p99s), max_ms: spread(maxes) };
+          const a = spread(p50s), b = spread(p99s);
+          console.log(`commit -> watch at 100 tx/s (${LATENCY_TX} tx per run): p50 ${a.min.toFixed(1)} / ${a.median.toFixed(1)} / ${a.max.toFixed(1)} ms, p99 ${b.min.toFixed(1)} / ${b.median.toFixed(1)} / ${b.max.toFixed(1)} ms (min / median / max of ${RUNS})`);
+        }
+        await closeProfile(context);
+      } finally {
+        await server.kill();
+      }
+    } finally {
+      await db.drop();
+    }
+  }
+} finally {
+  await browser.close();
+  await pages.close();
+}
+writeFileSync(join(packageRoot, "bench", "results.json"), JSON.stringify(results, null, 2) + "\n");

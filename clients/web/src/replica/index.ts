@@ -1,0 +1,240 @@
+//! The local SQLite replica: the server's tables, pgrelay's bookkeeping
+//! and the outbox in one database. Each batch of server transactions
+//! commits together with the LSN it reaches; each local write commits
+//! together with its outbox entries. Synchronous: it runs in the worker
+//! that owns the database, one call at a time.
+
+import type { TableSchema, Transaction, Visibility, WriteBatch, WriteResults } from "../protocol.js";
+import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
+import { applyChange, ReplicaError } from "./apply.js";
+import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
+
+/** Changes in one applied batch from which capture triggers are set aside. */
+const BULK_CHANGES = 200;
+import { Conn, type Params, type ResultRow } from "./conn.js";
+import * as outbox from "./outbox.js";
+import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
+import * as snapshot from "./snapshot.js";
+
+export { Conn, ReplicaError };
+export type { Params, ResultRow };
+export type { Outcome, OutboxCounts } from "./outbox.js";
+
+export interface ReplicaState {
+  clientId: string | null;
+  /** Commit LSN of the last applied transaction; null for a new or reset replica. */
+  lsn: string | null;
+  logId: string | null;
+  resync: string[];
+}
+
+export interface Applied {
+  /** The position reached (LSN text). */
+  lsn: string;
+  /** Tables whose rows changed. */
+  tables: string[];
+  transactions: number;
+  changes: number;
+  /** Transactions applied that came from this client's own writes. */
+  echoes: { lsn: string; origin: string }[];
+}
+
+export interface Executed {
+  txId: string;
+  captured: number;
+  duplicate: boolean;
+}
+
+export class Replica {
+  private tables: Map<string, TableSchema>;
+  private filters: snapshot.Filter[];
+
+  constructor(readonly conn: Conn) {
+    conn.tx(() => {
+      ensureMeta(conn);
+      ensureCaptureTables(conn);
+    });
+    this.tables = loadTables(conn);
+    this.filters = snapshot.loadFilters(conn);
+  }
+
+  state(): ReplicaState {
+    const p = snapshot.pending(this.conn);
+    const lsn = readMeta(this.conn, "lsn");
+    return {
+      clientId: readMeta(this.conn, "client_id"),
+      lsn: p?.full ? null : lsn,
+      logId: readMeta(this.conn, "log_id"),
+      resync: p?.tables ?? [],
+    };
+  }
+
+  setMeta(key: string, value: string): void {
+    writeMeta(this.conn, key, value);
+  }
+
+  schema(): TableSchema[] {
+    return [...this.tables.values()];
+  }
+
+  /**
+   * Creates missing tables and adds columns; returns the tables whose rows
+   * must come from a snapshot (new to a positioned replica, or retyped).
+   */
+  applySchema(tables: TableSchema[]): string[] {
+    const positioned = this.state().lsn !== null;
+    const needed: string[] = [];
+    this.conn.tx(() => {
+      for (const table of tables) {
+        const known = this.tables.get(table.name);
+        const retyped = !known
+          ? !table.skipped
+          : !table.skipped &&
+            (!!known.skipped ||
+              (table.backfilled ?? []).some((c) => !known.columns.some((k) => k.name === c)) ||
+              table.columns.some((c) => known.columns.some((k) => k.name === c.name && (k.type_oid !== c.type_oid || k.pg_type !== c.pg_type))));
+        if (retyped && positioned) needed.push(table.name);
+        applyTable(this.conn, table);
+      }
+    });
+    this.tables = loadTables(this.conn);
+    return needed;
+  }
+
+  /** Applies whole transactions in one SQLite transaction with the last one's LSN. */
+  applyTransactions(txs: Transaction[], ownClientId: string | null): Applied {
+    const current = this.state().lsn;
+    const currentLsn = current === null ? 0n : parseLsn(current);
+    let reached = currentLsn;
+    const changed = new Set<string>();
+    const echoes: Applied["echoes"] = [];
+    let transactions = 0;
+    let changes = 0;
+    // Many changes: the capture triggers of the tables they touch are set
+    // aside for the transaction (each would run for every row, as
+    // expensive as the row itself) and put back before it commits.
+    const bulk = txs.reduce((n, tx) => n + tx.changes.length, 0) >= BULK_CHANGES;
+    const quiet = bulk ? [...new Set(txs.flatMap((tx) => tx.changes.map((c) => c.table)))].flatMap((t) => this.tables.get(t) ?? []).filter((t) => !t.skipped) : [];
+    this.conn.tx(() => {
+      setApplying(this.conn, true);
+      for (const t of quiet) dropTriggers(this.conn, t);
+      for (const tx of txs) {
+        const lsn = parseLsn(tx.lsn);
+        // At or below the stored position: already here.
+        if (lsn <= reached) continue;
+        const skipped = snapshot.skipped(this.filters, tx);
+        for (const change of tx.changes) {
+          if (skipped.has(change.table)) continue;
+          try {
+            applyChange(this.conn, this.tables, change);
+          } catch (e) {
+            throw new ReplicaError(`applying transaction ${tx.lsn}: ${(e as Error).message}`);
+          }
+          changed.add(sqliteName(change.table));
+          changes++;
+        }
+        if (ownClientId !== null && tx.origin === ownClientId) echoes.push({ lsn: tx.lsn, origin: tx.origin });
+        transactions++;
+        reached = lsn;
+      }
+      if (reached > currentLsn) {
+        writeMeta(this.conn, "lsn", formatLsn(reached));
+        this.filters = snapshot.expire(this.conn, this.filters, reached);
+      }
+      for (const t of quiet) createTriggers(this.conn, t);
+      setApplying(this.conn, false);
+    });
+    return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes };
+  }
+
+  /**
+   * Runs application SQL in one SQLite transaction (or inside the open
+   * one); its writes to synced tables go to the outbox as one client
+   * transaction. With `txId` given, a transaction whose id is already in
+   * the outbox is not run again (a request resent after a tab handover).
+   */
+  execute(sql: string, params: Params | undefined, txId: string): Executed {
+    if (outbox.hasTx(this.conn, txId)) return { txId, captured: 0, duplicate: true };
+    return this.conn.tx(() => {
+      setTxId(this.conn, txId);
+      try {
+        this.conn.query(sql, params);
+      } finally {
+        setTxId(this.conn, null);
+      }
+      const captured = Number(this.conn.value("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1", [txId]) ?? 0);
+      return { txId, captured, duplicate: false };
+    });
+  }
+
+  query(sql: string, params?: Params): ResultRow[] {
+    return this.conn.query(sql, params);
+  }
+
+  takeBatch(maxTxs: number): [WriteBatch | null, outbox.Outcome[]] {
+    return this.conn.tx(() => outbox.takeBatch(this.conn, this.tables, maxTxs));
+  }
+
+  recordResults(results: WriteResults): outbox.Outcome[] {
+    return this.conn.tx(() => {
+      setApplying(this.conn, true);
+      const outcomes = outbox.recordResults(this.conn, this.tables, results);
+      setApplying(this.conn, false);
+      return outcomes;
+    });
+  }
+
+  rejectAlone(txId: string, reason: string): outbox.Outcome {
+    return this.conn.tx(() => outbox.rejectAlone(this.conn, txId, reason));
+  }
+
+  outboxCounts(): outbox.OutboxCounts {
+    return outbox.counts(this.conn);
+  }
+
+  hasUnsent(): boolean {
+    return outbox.hasUnsent(this.conn);
+  }
+
+  /** Forgets the position; unsent local writes stay. */
+  reset(): void {
+    this.conn.tx(() => snapshot.reset(this.conn));
+    this.filters = [];
+  }
+
+  requestResync(tables: string[]): void {
+    this.conn.tx(() => snapshot.requestResync(this.conn, tables));
+  }
+
+  beginSnapshot(tables: string[], full: boolean): void {
+    if (full) this.filters = [];
+    this.quietly(() => snapshot.begin(this.conn, this.tables, tables, full));
+  }
+
+  /** Runs `work` (several `loadSnapshot` calls) in one transaction. */
+  snapshotBatch(work: () => void): void {
+    this.quietly(work);
+  }
+
+  loadSnapshot(table: string, rows: Uint8Array): number {
+    return this.quietly(() => snapshot.load(this.conn, this.tables, table, rows));
+  }
+
+  clearTable(table: string): void {
+    this.quietly(() => snapshot.clear(this.conn, this.tables, table));
+  }
+
+  finishSnapshot(resume: string, full: boolean, tables: string[], visibility: Visibility): void {
+    this.filters = this.quietly(() => snapshot.finish(this.conn, this.tables, resume, full, tables, visibility));
+  }
+
+  /** Runs `work` in a transaction with local-write capture off. */
+  private quietly<T>(work: () => T): T {
+    return this.conn.tx(() => {
+      setApplying(this.conn, true);
+      const value = work();
+      setApplying(this.conn, false);
+      return value;
+    });
+  }
+}

@@ -1,0 +1,134 @@
+// Unit tests of the package's own logic in Node, with a real SQLite
+// (the same WebAssembly build, in memory).
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import sqlite3InitModule from "@sqlite.org/sqlite-wasm";
+import { backoff } from "../../build/node/backoff.js";
+import { forEachRow } from "../../build/node/copy-text.js";
+import { formatLsn, parseLsn, sees, parseChunk, decodeFrame } from "../../build/node/protocol.js";
+import { Conn, Replica } from "../../build/node/replica/index.js";
+import { toSqlite, pgText } from "../../build/node/values.js";
+import { tablesRead } from "../../build/node/watch.js";
+
+test("LSNs compare as 64-bit numbers and print as PostgreSQL does", () => {
+  assert.ok(parseLsn("16/B374D848") > parseLsn("9/FFFFFFFF"));
+  assert.equal(formatLsn(parseLsn("16/B374D848")), "16/B374D848");
+  assert.throws(() => parseLsn("16-B3"));
+});
+
+test("snapshot visibility: committed before, not in progress, across an epoch", () => {
+  const v = { xmin: 10, xmax: 20, xip: [10, 14], until: "0/0" };
+  assert.deepEqual([9, 10, 11, 14, 19, 20, 25].map((x) => sees(v, x)), [true, false, true, false, true, false, false]);
+  const base = 2 ** 32;
+  const w = { xmin: base - 10, xmax: base + 5, xip: [base - 3], until: "0/0" };
+  assert.equal(sees(w, 2 ** 32 - 1 - 20), true);
+  assert.equal(sees(w, 2 ** 32 - 1 - 2), false);
+  assert.equal(sees(w, 3), true);
+  assert.equal(sees(w, 6), false);
+});
+
+test("chunk frames and bad text frames", () => {
+  const frame = new Uint8Array([1, 0, 3, 0, 1, 0x11, 0x70, 9, 9]);
+  assert.deepEqual({ ...parseChunk(frame), payload: [...parseChunk(frame).payload] }, { table: 3, seq: 70000, payload: [9, 9] });
+  assert.equal(parseChunk(new Uint8Array([0x7b])), null);
+  assert.throws(() => decodeFrame("{not json"), /not JSON/);
+  assert.throws(() => decodeFrame('{"type":"tx","lsn":"x","xid":1,"changes":[]}'), /not an LSN/);
+});
+
+test("backoff has full jitter under an exponential cap", () => {
+  assert.equal(backoff(3, 100, 30_000, () => 0.999999), 799);
+  assert.equal(backoff(3, 100, 30_000, () => 0), 0);
+  assert.equal(backoff(40, 100, 30_000, () => 0.5), 15_000);
+});
+
+test("COPY text decodes as PostgreSQL writes it", () => {
+  const rows = [];
+  forEachRow(new TextEncoder().encode("1\thello\\tworld\t\\N\n2\t\\\\x0102\ta\\nb\n\\101\\x42\\q\n"), (v) => rows.push([...v]));
+  assert.deepEqual(rows, [["1", "hello\tworld", null], ["2", "\\x0102", "a\nb"], ["ABq"]]);
+  assert.throws(() => forEachRow(new TextEncoder().encode("1\t2"), () => {}));
+});
+
+test("values map like the Rust client's; 64-bit integers keep every digit", () => {
+  assert.equal(toSqlite("integer", "42"), 42);
+  assert.equal(toSqlite("integer", "9223372036854775807"), 9223372036854775807n);
+  assert.throws(() => toSqlite("integer", "1.5"));
+  assert.equal(toSqlite("float", "NaN"), "NaN");
+  assert.equal(toSqlite("bool", "t"), 1);
+  assert.deepEqual([...toSqlite("bytes", "\\x00ff")], [0, 255]);
+  assert.equal(toSqlite("numeric", "1.10"), "1.10");
+  assert.equal(pgText("bool", "1"), "t");
+  assert.equal(pgText("integer", "9223372036854775807"), "9223372036854775807");
+});
+
+test("a watch knows which tables a query reads", () => {
+  assert.deepEqual([...tablesRead("SELECT * FROM todos JOIN lists ON true", ["public.todos", "public.lists", "public.todo"])].sort(), ["lists", "todos"]);
+});
+
+const todos = {
+  name: "public.todos",
+  columns: [
+    { name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" },
+    { name: "title", pg_type: "text", type_oid: 25, kind: "text" },
+    { name: "done", pg_type: "boolean", type_oid: 16, kind: "bool" },
+  ],
+  primary_key: ["id"],
+  version: 1,
+};
+
+async function replica() {
+  const sqlite3 = await sqlite3InitModule();
+  return new Replica(new Conn(new sqlite3.oo1.DB(":memory:", "c"), sqlite3));
+}
+
+test("server transactions apply atomically with their LSN and are not applied twice", async () => {
+  const r = await replica();
+  r.applySchema([todos]);
+  const tx = { lsn: "0/10", xid: 5, commit_time_us: 0, changes: [{ table: "public.todos", op: "insert", new: { id: "1", title: "a", done: "f" } }] };
+  r.applyTransactions([tx], null);
+  r.applyTransactions([tx], null);
+  assert.equal(r.state().lsn, "0/10");
+  assert.equal(r.query("SELECT count(*) AS n FROM todos")[0].n, 1);
+  const bad = { lsn: "0/20", xid: 6, commit_time_us: 0, changes: [{ table: "public.todos", op: "update", new: { id: "1", title: "b" } }, { table: "public.todos", op: "insert", new: { id: "x" } }] };
+  assert.throws(() => r.applyTransactions([bad], null));
+  assert.equal(r.state().lsn, "0/10", "a failed transaction leaves neither rows nor position");
+  assert.equal(r.query("SELECT title FROM todos")[0].title, "a");
+  assert.equal(r.hasUnsent(), false, "server changes are not captured as local writes");
+});
+
+test("local writes go to the outbox in order; a rejection rolls the row back", async () => {
+  const r = await replica();
+  r.applySchema([todos]);
+  r.applyTransactions([{ lsn: "0/10", xid: 5, commit_time_us: 0, changes: [{ table: "public.todos", op: "insert", new: { id: "1", title: "a", done: "f" } }] }], null);
+  r.execute("UPDATE todos SET title = 'mine', done = 1 WHERE id = 1", undefined, "tx-1");
+  r.execute("INSERT INTO todos VALUES (9223372036854775807, 'big', 0)", undefined, "tx-2");
+  assert.equal(r.execute("INSERT INTO todos VALUES (3, 'again', 0)", undefined, "tx-2").duplicate, true, "a resent request is not run twice");
+  const [batch] = r.takeBatch(1000);
+  assert.deepEqual(batch.transactions.map((t) => t.id), ["tx-1", "tx-2"]);
+  assert.deepEqual(batch.transactions[0].changes[0].new, { title: "mine", done: "t" }, "only changed columns, as PostgreSQL input");
+  assert.equal(batch.transactions[1].changes[0].new.id, "9223372036854775807");
+  const outcomes = r.recordResults({
+    results: [
+      { id: "tx-1", status: "rejected", code: "conflict", reason: "changed", rows: [{ table: "public.todos", key: { id: "1" }, row: { id: "1", title: "theirs", done: "f" } }] },
+      { id: "tx-2", status: "applied" },
+    ],
+  });
+  assert.deepEqual(outcomes.map((o) => o.status), ["rejected", "applied"]);
+  assert.equal(r.query("SELECT title FROM todos WHERE id = 1")[0].title, "theirs");
+  assert.deepEqual(r.outboxCounts(), { pending: 0, sent: 0, applied: 1, rejected: 1 });
+  assert.equal(r.takeBatch(1000)[0], null, "a rejected write is never sent again");
+});
+
+test("a reset keeps unsent writes and replays them over a fresh snapshot", async () => {
+  const r = await replica();
+  r.applySchema([todos]);
+  r.applyTransactions([{ lsn: "0/10", xid: 5, commit_time_us: 0, changes: [] }], null);
+  r.execute("INSERT INTO todos VALUES (5, 'local', 0)", undefined, "tx-9");
+  r.reset();
+  assert.equal(r.state().lsn, null);
+  r.beginSnapshot(["public.todos"], true);
+  r.loadSnapshot("public.todos", new TextEncoder().encode("1\tfrom snapshot\tt\n"));
+  r.finishSnapshot("0/30", true, ["public.todos"], { xmin: 1, xmax: 2, xip: [], until: "0/30" });
+  assert.deepEqual(r.query("SELECT id, title FROM todos ORDER BY id").map((x) => [x.id, x.title]), [[1, "from snapshot"], [5, "local"]]);
+  assert.equal(r.state().lsn, "0/30");
+  assert.equal(r.hasUnsent(), true);
+});

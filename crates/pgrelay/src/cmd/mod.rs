@@ -1,0 +1,8 @@
+//! The `pgrelay` subcommands, one module each (`pgrelay bench` lives in
+//! `crate::bench`, behind the `bench` feature).
+
+pub mod admin;
+pub mod client;
+pub mod demo;
+pub mod serve;
+pub mod verify;
