@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
+pub use ops::doctor;
 
 use api::serve;
 use hub::Hub;
