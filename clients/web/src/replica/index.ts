@@ -4,7 +4,7 @@
 //! together with its outbox entries. Synchronous: it runs in the worker
 //! that owns the database, one call at a time.
 
-import type { TableSchema, Transaction, Visibility, WriteBatch, WriteResults } from "../protocol.js";
+import type { TableSchema, Transaction, Visibility, WriteResults } from "../protocol.js";
 import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
 import { applyChange, ReplicaError } from "./apply.js";
 import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
@@ -18,7 +18,7 @@ import * as snapshot from "./snapshot.js";
 
 export { Conn, ReplicaError };
 export type { Params, ResultRow };
-export type { Outcome, OutboxCounts } from "./outbox.js";
+export type { Outcome, OutboxCounts, Taken } from "./outbox.js";
 
 export interface ReplicaState {
   clientId: string | null;
@@ -37,6 +37,8 @@ export interface Applied {
   changes: number;
   /** Transactions applied that came from this client's own writes. */
   echoes: { lsn: string; origin: string }[];
+  /** Tables the changes named that the replica does not know: left out and recorded for a snapshot. */
+  unknown: string[];
 }
 
 export interface Executed {
@@ -108,6 +110,7 @@ export class Replica {
     let reached = currentLsn;
     const changed = new Set<string>();
     const echoes: Applied["echoes"] = [];
+    const unknown: string[] = [];
     let transactions = 0;
     let changes = 0;
     // Many changes: the capture triggers of the tables they touch are set
@@ -125,6 +128,12 @@ export class Replica {
         const skipped = snapshot.skipped(this.filters, tx);
         for (const change of tx.changes) {
           if (skipped.has(change.table)) continue;
+          if (!this.tables.has(change.table)) {
+            // Its schema never arrived, so it cannot be placed. The
+            // table's snapshot, taken later, holds this change.
+            if (!unknown.includes(change.table)) unknown.push(change.table);
+            continue;
+          }
           try {
             applyChange(this.conn, this.tables, change);
           } catch (e) {
@@ -141,10 +150,12 @@ export class Replica {
         writeMeta(this.conn, "lsn", formatLsn(reached));
         this.filters = snapshot.expire(this.conn, this.filters, reached);
       }
+      // In the same transaction as the position that passes them.
+      if (unknown.length > 0) snapshot.requestResync(this.conn, unknown);
       for (const t of quiet) createTriggers(this.conn, t);
       setApplying(this.conn, false);
     });
-    return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes };
+    return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes, unknown };
   }
 
   /**
@@ -163,6 +174,10 @@ export class Replica {
         setTxId(this.conn, null);
       }
       const captured = Number(this.conn.value("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1", [txId]) ?? 0);
+      // Measured as it will be sent: what the protocol cannot carry is
+      // refused now (the throw rolls the transaction back), never
+      // accepted here and lost later.
+      if (captured > 0) outbox.checkSendable(this.conn, this.tables, txId);
       return { txId, captured, duplicate: false };
     });
   }
@@ -171,8 +186,13 @@ export class Replica {
     return this.conn.query(sql, params);
   }
 
-  takeBatch(maxTxs: number): [WriteBatch | null, outbox.Outcome[]] {
+  takeBatch(maxTxs: number): outbox.Taken {
     return this.conn.tx(() => outbox.takeBatch(this.conn, this.tables, maxTxs));
+  }
+
+  /** Inside an open application transaction: refuses (throws) one the protocol cannot carry. */
+  checkSendable(txId: string): void {
+    outbox.checkSendable(this.conn, this.tables, txId);
   }
 
   recordResults(results: WriteResults): outbox.Outcome[] {
@@ -184,8 +204,9 @@ export class Replica {
     });
   }
 
-  rejectAlone(txId: string, reason: string): outbox.Outcome {
-    return this.conn.tx(() => outbox.rejectAlone(this.conn, txId, reason));
+  /** Rejects a transaction the server refused alone; returns the tables to fetch again. */
+  setAside(txId: string, reason: string): [outbox.Outcome, string[]] {
+    return this.conn.tx(() => outbox.setAside(this.conn, this.tables, txId, reason));
   }
 
   outboxCounts(): outbox.OutboxCounts {
