@@ -503,7 +503,13 @@ export class Sync {
    * tables this connection's snapshot brings (`coming`).
    */
   private resyncNewTables(tables: import("./protocol.js").TableSchema[], coming: string[]): void {
-    const needed = this.replica.applySchema(tables).filter((t) => !coming.includes(t));
+    const applied = this.replica.applySchema(tables);
+    for (const r of applied.refused) {
+      const message = `table ${r.table} is not synced: ${r.reason}`;
+      console.warn(`pgrelay: ${message}`);
+      this.host.emit({ type: "error", code: "schema_unsupported", message });
+    }
+    const needed = applied.needed.filter((t) => !coming.includes(t));
     if (needed.length === 0) return;
     this.replica.requestResync(needed);
     // Reconnect at once to fetch them.

@@ -6,12 +6,13 @@
 
 import type { TableSchema, Transaction, Visibility, WriteResults } from "../protocol.js";
 import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
+import { cannotHold } from "./holdable.js";
 import { applyChange, ReplicaError } from "./apply.js";
 import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
 
 /** Changes in one applied batch from which capture triggers are set aside. */
 const BULK_CHANGES = 200;
-import { Conn, type Params, type ResultRow } from "./conn.js";
+import { Conn, quote, type Params, type ResultRow } from "./conn.js";
 import * as outbox from "./outbox.js";
 import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
 import * as snapshot from "./snapshot.js";
@@ -81,14 +82,25 @@ export class Replica {
 
   /**
    * Creates missing tables and adds columns; returns the tables whose rows
-   * must come from a snapshot (new to a positioned replica, or retyped).
+   * must come from a snapshot (new to a positioned replica, or retyped),
+   * and the tables the replica cannot hold (kept out, with the reason).
    */
-  applySchema(tables: TableSchema[]): string[] {
+  applySchema(tables: TableSchema[]): { needed: string[]; refused: { table: string; reason: string }[] } {
     const positioned = this.state().lsn !== null;
     const needed: string[] = [];
+    const refused: { table: string; reason: string }[] = [];
+    const all = new Map(this.tables);
+    for (const t of tables) all.set(t.name, t);
     this.conn.tx(() => {
-      for (const table of tables) {
-        const known = this.tables.get(table.name);
+      for (const incoming of tables) {
+        const known = this.tables.get(incoming.name);
+        const reason = incoming.skipped ? null : cannotHold(incoming, all.values());
+        const table = reason === null ? incoming : { ...incoming, skipped: `the replica cannot hold it: ${reason}` };
+        if (reason !== null) {
+          refused.push({ table: table.name, reason: table.skipped! });
+          // Held before under another schema: its rows would go stale.
+          if (known && !known.skipped) this.conn.execBatch(`DROP TABLE IF EXISTS ${quote(sqliteName(table.name))}`);
+        }
         const retyped = !known
           ? !table.skipped
           : !table.skipped &&
@@ -100,7 +112,7 @@ export class Replica {
       }
     });
     this.tables = loadTables(this.conn);
-    return needed;
+    return { needed, refused };
   }
 
   /** Applies whole transactions in one SQLite transaction with the last one's LSN. */

@@ -155,6 +155,27 @@ test("a change for a table the replica does not know is left out and the table a
   assert.equal(r.query("SELECT count(*) AS n FROM todos")[0].n, 1, "the rest of the transaction is applied");
 });
 
+test("a schema the replica cannot hold is kept out with the reason; the rest is applied", async () => {
+  const r = await replica();
+  const col = (name) => ({ name, pg_type: "text", type_oid: 25, kind: "text" });
+  const cased = { name: "public.people", columns: [{ name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" }, col("Name"), col("name")], primary_key: ["id"], version: 1 };
+  const dotted = { name: "public.x.y", columns: [{ name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" }], primary_key: ["id"], version: 1 };
+  const schemed = { name: "x.y", columns: [{ name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" }], primary_key: ["id"], version: 1 };
+  const { refused } = r.applySchema([todos, cased, dotted, schemed]);
+  assert.deepEqual(refused.map((x) => x.table).sort(), ["public.people", "public.x.y", "x.y"]);
+  assert.match(refused.find((x) => x.table === "public.people").reason, /"Name" and "name" differ only in case/);
+  assert.match(refused.find((x) => x.table === "x.y").reason, /public\.x\.y would both be the replica's table "x\.y"/);
+  const created = r.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_pgrelay%' ESCAPE '\\' AND name NOT LIKE 'sqlite%'").map((x) => x.name);
+  assert.deepEqual(created, ["todos"], "only the table it can hold was created");
+  // Its changes and snapshot rows are passed over, the position still moves.
+  r.beginSnapshot(["public.people"], true);
+  assert.equal(r.loadSnapshot("public.people", new TextEncoder().encode("1\ta\tb\n2\tc\td\n")), 2);
+  r.finishSnapshot("0/10", true, ["public.people"], { xmin: 1, xmax: 2, xip: [], until: "0/10" });
+  const applied = r.applyTransactions([{ lsn: "0/20", xid: 6, commit_time_us: 0, changes: [{ table: "public.people", op: "insert", new: { id: "3", Name: "a", name: "b" } }] }], null);
+  assert.equal(applied.lsn, "0/20");
+  assert.deepEqual(applied.unknown, []);
+});
+
 test("a reset keeps unsent writes and replays them over a fresh snapshot", async () => {
   const r = await replica();
   r.applySchema([todos]);

@@ -6,3 +6,4 @@ pub mod client;
 pub mod demo;
 pub mod serve;
 pub mod verify;
+pub mod web_demo;
