@@ -1,7 +1,8 @@
 // `pgrelay demo --web`: the page it serves syncs between two windows
 // (each with a replica of its own) and PostgreSQL's writer, live. With
-// PGRELAY_DEMO_SCREENSHOT=path the two windows are saved as a PNG (the
-// one in docs/ comes from here).
+// PGRELAY_DEMO_SCREENSHOT=path the two windows are saved as a PNG while
+// window b is offline with a write waiting (docs/web-demo.png comes from
+// here).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -27,7 +28,7 @@ after(async () => {
 
 test("pgrelay demo --web serves a page whose windows show each other's edits and PostgreSQL's", async () => {
   const port = await freePort();
-  demo = spawn(PGRELAY_BIN, ["demo", "--web", "--database-url", db.url, "--listen", `127.0.0.1:${port}`, "--web-dist", join(packageRoot, "dist"), "--write-every", "700ms"], {
+  demo = spawn(PGRELAY_BIN, ["demo", "--web", "--database-url", db.url, "--listen", `127.0.0.1:${port}`, "--web-dist", join(packageRoot, "dist"), "--write-every", "1s"], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
   });
@@ -42,6 +43,12 @@ test("pgrelay demo --web serves a page whose windows show each other's edits and
   assert.match(log, /open http:\/\/127\.0\.0\.1:\d+\/ in two browser windows/);
 
   const page = await browser.newPage({ viewport: { width: 1180, height: 640 } });
+  page.on("console", (m) => {
+    if (m.type() === "error" || process.env.PAGE_LOG) console.error(`[page ${m.type()}] ${m.text()}`);
+  });
+  // The two windows side by side in one page of the demo's origin (so
+  // their storage is first-party, as in two real windows).
+  await page.goto(`${origin}/health`);
   await page.setContent(`<!doctype html><body style="margin:0;display:flex;gap:12px;background:#dde1e7;padding:12px">
     <iframe id="a" src="${origin}/?replica=a" style="flex:1;height:600px;border:0;border-radius:8px;background:white"></iframe>
     <iframe id="b" src="${origin}/?replica=b" style="flex:1;height:600px;border:0;border-radius:8px;background:white"></iframe></body>`);
@@ -68,10 +75,9 @@ test("pgrelay demo --web serves a page whose windows show each other's edits and
   await b.locator("#add button").click();
   await b.locator("#outbox").filter({ hasText: "1 write waiting" }).waitFor({ timeout: 5_000 });
   assert.equal(await a.locator("li", { hasText: "Written while offline" }).count(), 0);
+  if (process.env.PGRELAY_DEMO_SCREENSHOT) await page.screenshot({ path: process.env.PGRELAY_DEMO_SCREENSHOT });
   await b.locator("#offline").uncheck();
   await a.locator("li", { hasText: "Written while offline" }).waitFor({ timeout: 15_000 });
-
-  if (process.env.PGRELAY_DEMO_SCREENSHOT) await page.screenshot({ path: process.env.PGRELAY_DEMO_SCREENSHOT });
   await page.close();
 
   const exited = new Promise((r) => demo.once("exit", r));

@@ -85,7 +85,7 @@ pub async fn run(demo: WebDemo) -> anyhow::Result<()> {
     ended
 }
 
-/// Adds a todo and ticks off an older one every `every`, until a signal.
+/// Adds a todo every `every` (and now and then ticks off an older one), until a signal.
 async fn write_until_stopped(db: &tokio_postgres::Client, every: Duration) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -97,10 +97,17 @@ async fn write_until_stopped(db: &tokio_postgres::Client, every: Duration) -> an
             _ = &mut stop => return Ok(()),
             _ = tick.tick() => {
                 n += 1;
+                // Every third time, the oldest of its own open todos is ticked off.
+                let tick_off = if n % 3 == 0 {
+                    format!(
+                        "UPDATE {TABLE} SET done = true WHERE id = (
+                             SELECT min(id) FROM {TABLE} WHERE author = 'PostgreSQL' AND NOT done AND id > 3);"
+                    )
+                } else {
+                    String::new()
+                };
                 db.batch_execute(&format!(
-                    "INSERT INTO {TABLE} (id, title) VALUES ({id}, 'Written in PostgreSQL (#{n})');
-                     UPDATE {TABLE} SET done = true WHERE author = 'PostgreSQL' AND id = (
-                         SELECT min(id) FROM {TABLE} WHERE author = 'PostgreSQL' AND NOT done AND id > 3);",
+                    "INSERT INTO {TABLE} (id, title) VALUES ({id}, 'Written in PostgreSQL (#{n})'); {tick_off}",
                     id = 1_000_000 + n
                 ))
                 .await
