@@ -72,7 +72,10 @@ pub async fn run(demo: WebDemo) -> anyhow::Result<()> {
     let addr = server.local_addr();
     println!("pgrelay demo --web: open http://{addr}/ in two browser windows");
     println!("  (http://{addr}/?replica=b gives a window a replica of its own)");
-    println!("  a writer adds a todo in PostgreSQL every {:?}; Ctrl-C stops", demo.write_every);
+    println!(
+        "  a writer adds a todo in PostgreSQL every {:?}; Ctrl-C stops",
+        demo.write_every
+    );
 
     let ended = write_until_stopped(&db, demo.write_every).await;
     server.shutdown().await?;
@@ -147,7 +150,14 @@ async fn dist_file(State(dist): State<PathBuf>, UrlPath(file): UrlPath<String>) 
         return StatusCode::NOT_FOUND.into_response();
     }
     match tokio::fs::read(dist.join(&file)).await {
-        Ok(body) => ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-store")], body).into_response(),
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, kind),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
         Err(_) => StatusCode::NOT_FOUND.into_response(),
     }
 }

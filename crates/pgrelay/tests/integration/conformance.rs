@@ -167,7 +167,8 @@ impl Run {
             }
             Step::Replica { sql } => {
                 let conn = rusqlite::Connection::open(self.replica()).expect("replica");
-                conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+                conn.busy_timeout(Duration::from_secs(5))
+                    .expect("busy timeout");
                 conn.execute_batch(sql).expect("replica SQL");
             }
             Step::KillServer => {
@@ -207,7 +208,7 @@ impl Run {
                 let deadline = Instant::now() + if wait { WAIT } else { Duration::ZERO };
                 loop {
                     let got = self.pg_rows(query).await.map(scalar);
-                    if got.as_deref() == Ok(Some(equals.as_str())) {
+                    if got.as_ref().is_ok_and(|v| v.as_deref() == Some(equals.as_str())) {
                         break;
                     }
                     assert!(
@@ -222,7 +223,7 @@ impl Run {
                 let deadline = Instant::now() + if wait { WAIT } else { Duration::ZERO };
                 loop {
                     let got = replica_rows(&self.replica(), query).map(scalar);
-                    if got.as_deref() == Ok(Some(equals.as_str())) {
+                    if got.as_ref().is_ok_and(|v| v.as_deref() == Some(equals.as_str())) {
                         break;
                     }
                     assert!(
@@ -250,7 +251,10 @@ impl Run {
                     .proxy
                     .as_ref()
                     .map_or(0, |p| p.dropped.load(std::sync::atomic::Ordering::SeqCst));
-                assert!(dropped > 0, "{scenario} step {n}: no schema frame was dropped");
+                assert!(
+                    dropped > 0,
+                    "{scenario} step {n}: no schema frame was dropped"
+                );
             }
         }
     }
@@ -262,11 +266,9 @@ fn offline_replica(path: &Path) -> pgrelay_client::Replica {
 }
 
 fn replica_rows(path: &Path, sql: &str) -> Result<Rows, String> {
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .map_err(|e| e.to_string())?;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| e.to_string())?;
     let mut stmt = conn.prepare(sql).map_err(|e| e.to_string())?;
     let columns = stmt.column_count();
     let rows = stmt
@@ -297,7 +299,11 @@ fn scalar(rows: Rows) -> Option<String> {
 
 fn summary(rows: &Result<Rows, String>) -> String {
     match rows {
-        Ok(rows) => format!("{} rows, first {:?}", rows.len(), rows.iter().take(3).collect::<Vec<_>>()),
+        Ok(rows) => format!(
+            "{} rows, first {:?}",
+            rows.len(),
+            rows.iter().take(3).collect::<Vec<_>>()
+        ),
         Err(e) => e.clone(),
     }
 }
