@@ -101,7 +101,7 @@ async fn write_until_stopped(db: &tokio_postgres::Client, every: Duration) -> an
             _ = tick.tick() => {
                 n += 1;
                 // Every third time, the oldest of its own open todos is ticked off.
-                let tick_off = if n % 3 == 0 {
+                let tick_off = if n.is_multiple_of(3) {
                     format!(
                         "UPDATE {TABLE} SET done = true WHERE id = (
                              SELECT min(id) FROM {TABLE} WHERE author = 'PostgreSQL' AND NOT done AND id > 3);"

@@ -208,7 +208,10 @@ impl Run {
                 let deadline = Instant::now() + if wait { WAIT } else { Duration::ZERO };
                 loop {
                     let got = self.pg_rows(query).await.map(scalar);
-                    if got.as_ref().is_ok_and(|v| v.as_deref() == Some(equals.as_str())) {
+                    if got
+                        .as_ref()
+                        .is_ok_and(|v| v.as_deref() == Some(equals.as_str()))
+                    {
                         break;
                     }
                     assert!(
@@ -223,7 +226,10 @@ impl Run {
                 let deadline = Instant::now() + if wait { WAIT } else { Duration::ZERO };
                 loop {
                     let got = replica_rows(&self.replica(), query).map(scalar);
-                    if got.as_ref().is_ok_and(|v| v.as_deref() == Some(equals.as_str())) {
+                    if got
+                        .as_ref()
+                        .is_ok_and(|v| v.as_deref() == Some(equals.as_str()))
+                    {
                         break;
                     }
                     assert!(
