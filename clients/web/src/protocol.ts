@@ -97,10 +97,10 @@ export interface WriteResults {
 }
 
 export type ServerMessage =
-  | { type: "welcome"; protocol_version: number; client_id: string; head_lsn: string; tables: TableSchema[]; log_id?: string }
+  | { type: "welcome"; protocol_version: number; client_id: string; head_lsn: string; tables: TableSchema[]; log_id?: string; wal_lsn?: string }
   | { type: "schema"; tables: TableSchema[] }
   | ({ type: "tx" } & Transaction)
-  | { type: "caught_up"; lsn: string }
+  | { type: "caught_up"; lsn: string; wal_lsn?: string }
   | ({ type: "write_result" } & WriteResults)
   | { type: "write_refused"; batch_id?: string; code: string; message: string }
   | { type: "error"; code: string; message: string }

@@ -81,9 +81,19 @@ export class Sync {
   // Per connection.
   private welcomed = false;
   private target: bigint | null = null;
+  /**
+   * PostgreSQL's WAL position at the welcome, and how far the server says
+   * its capture has sent us (`caught_up.wal_lsn`): caught up means holding
+   * everything PostgreSQL had committed when this connection began.
+   */
+  private walTarget: bigint | null = null;
+  private walSent: bigint | null = null;
+  /** The tables this connection's `hello` asked to resync (its snapshot brings them). */
+  private resyncAsked: string[] = [];
   private awaitingSnapshot = false;
   private hydration: Hydration | null = null;
-  private inFlight: string | null | undefined = undefined;
+  /** The batch awaiting its answer. */
+  private inFlight: { batchId: string | null; txIds: string[] } | null = null;
   private pushWanted = false;
   private notBefore = 0;
   private pushAttempt = 0;
@@ -197,6 +207,7 @@ export class Sync {
       if (state.resync.length > 0) hello.resync = state.resync;
       if (this.config.tables) hello.tables = this.config.tables;
       this.awaitingSnapshot = state.lsn === null || state.resync.length > 0;
+      this.resyncAsked = state.resync;
       socket.send(JSON.stringify(hello));
       this.lastHeard = Date.now();
       this.pingTimer = setInterval(() => this.heartbeat(generation), this.config.pingIntervalMs);
@@ -224,8 +235,10 @@ export class Sync {
     this.queue = [];
     this.welcomed = false;
     this.target = null;
+    this.walTarget = null;
+    this.walSent = null;
     this.hydration = null;
-    this.inFlight = undefined;
+    this.inFlight = null;
     this.pushWanted = true;
     this.oneAtATime = false;
     this.echoes = [];
@@ -261,6 +274,15 @@ export class Sync {
   /** Ends this connection after an error and plans the next one. */
   private fail(generation: number, error: Error, kind: string): void {
     if (generation !== this.generation) return;
+    if (error instanceof ResyncNeeded) {
+      // Not an error: the next connection asks for these tables' snapshot.
+      this.disconnect("resync");
+      if (this.stopped || this.offline) return;
+      this.attempt = 0;
+      this.setStatus({ connection: "disconnected", retryInMs: 0 });
+      this.reconnectTimer = setTimeout(() => this.connect(), 0);
+      return;
+    }
     const code = error instanceof RefusedError ? error.code : error instanceof ProtocolError ? "protocol" : kind;
     this.disconnect("error");
     if (this.stopped || this.offline) return;
@@ -365,7 +387,10 @@ export class Sync {
     }
     this.flush(batch);
     const lsn = this.status.lsn === null ? 0n : parseLsn(this.status.lsn);
-    if (!this.awaitingSnapshot && this.target !== null && lsn >= this.target) {
+    // Not while a snapshot is still arriving; a server that names no WAL
+    // position (an older one) means its change log's head at the welcome.
+    const walReached = this.walTarget === null || (this.walSent !== null && this.walSent >= this.walTarget);
+    if (!this.awaitingSnapshot && this.target !== null && lsn >= this.target && walReached) {
       this.target = null;
       this.setStatus({ caughtUp: true });
     }
@@ -383,14 +408,23 @@ export class Sync {
     }
     this.settleWaiters();
     this.setStatus({});
+    if (applied.unknown.length > 0) {
+      // Committed, and recorded for a snapshot: the next connection
+      // fetches those tables (a server that announced them would have
+      // sent their schema first).
+      console.warn(`pgrelay: changes for tables this replica does not know (${applied.unknown.join(", ")}); reconnecting to fetch them`);
+      this.attempt = 0;
+      throw new ResyncNeeded(applied.unknown);
+    }
   }
 
   private async handle(message: ServerMessage): Promise<void> {
     switch (message.type) {
       case "welcome": {
         if (message.log_id) this.replica.setMeta("log_id", message.log_id);
-        this.resyncNewTables(message.tables);
+        this.resyncNewTables(message.tables, this.resyncAsked);
         this.target = parseLsn(message.head_lsn);
+        this.walTarget = message.wal_lsn ? parseLsn(message.wal_lsn) : null;
         this.welcomed = true;
         this.attempt = 0;
         this.pushWanted = true;
@@ -398,7 +432,8 @@ export class Sync {
         return;
       }
       case "schema":
-        this.resyncNewTables(message.tables);
+        // Before this connection's snapshot, the tables it asked for are on their way.
+        this.resyncNewTables(message.tables, this.awaitingSnapshot ? this.resyncAsked : []);
         return;
       case "snapshot_begin":
         this.hydration = await Hydration.begin(this.replica, message.resume_lsn, message.full, message.tables, message.visibility);
@@ -439,6 +474,10 @@ export class Sync {
           this.settleWaiters();
         }
         this.target = lsn;
+        if (message.wal_lsn) {
+          const wal = parseLsn(message.wal_lsn);
+          if (this.walSent === null || wal > this.walSent) this.walSent = wal;
+        }
         return;
       }
       case "error":
@@ -457,33 +496,60 @@ export class Sync {
     }
   }
 
-  private resyncNewTables(tables: import("./protocol.js").TableSchema[]): void {
-    const needed = this.replica.applySchema(tables);
+  /**
+   * Applies table schemas; a table this replica did not have before (or
+   * whose column types changed) needs its rows from a snapshot, so the
+   * connection ends and the next one asks for it, unless it is among the
+   * tables this connection's snapshot brings (`coming`).
+   */
+  private resyncNewTables(tables: import("./protocol.js").TableSchema[], coming: string[]): void {
+    const applied = this.replica.applySchema(tables);
+    for (const r of applied.refused) {
+      const message = `table ${r.table} is not synced: ${r.reason}`;
+      console.warn(`pgrelay: ${message}`);
+      this.host.emit({ type: "error", code: "schema_unsupported", message });
+    }
+    const needed = applied.needed.filter((t) => !coming.includes(t));
     if (needed.length === 0) return;
     this.replica.requestResync(needed);
     // Reconnect at once to fetch them.
     this.attempt = 0;
-    throw new Error(`tables ${needed.join(", ")} need a snapshot; reconnecting for it`);
+    throw new ResyncNeeded(needed);
   }
 
   private send(message: unknown): void {
-    if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(message));
+    this.sendText(JSON.stringify(message));
+  }
+
+  private sendText(frame: string): void {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send(frame);
   }
 
   /** Sends the next outbox batch when one is due. */
   private pump(): void {
-    if (!this.welcomed || this.hydration || this.awaitingSnapshot || this.inFlight !== undefined) return;
+    if (!this.welcomed || this.hydration || this.awaitingSnapshot || this.inFlight !== null) return;
     if (!this.pushWanted || Date.now() < this.notBefore) return;
     if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return;
     const generation = this.generation;
     void this.exclusive(() => {
-      if (generation !== this.generation || this.inFlight !== undefined) return;
+      if (generation !== this.generation || this.inFlight !== null) return;
       this.pushWanted = false;
-      const [batch, setAside] = this.replica.takeBatch(this.oneAtATime ? 1 : MAX_WRITE_TRANSACTIONS);
-      this.report(setAside);
-      if (!batch) return;
-      this.inFlight = batch.batch_id ?? null;
-      this.send({ type: "write", ...batch });
+      const taken = this.replica.takeBatch(this.oneAtATime ? 1 : MAX_WRITE_TRANSACTIONS);
+      if (taken.setAside.length > 0) {
+        this.report(taken.setAside);
+        // What followed it may be sent now.
+        this.pushWanted = true;
+      }
+      if (taken.resync.length > 0) {
+        // The next connection fetches the set-aside write's tables again.
+        this.attempt = 0;
+        throw new ResyncNeeded(taken.resync);
+      }
+      if (taken.frames.length === 0) return;
+      this.inFlight = { batchId: taken.batchId, txIds: taken.txIds };
+      // A large transaction goes as several `write_part` frames in a row;
+      // the server answers once, after the last.
+      for (const frame of taken.frames) this.sendText(frame);
     }).catch((e: unknown) => this.fail(generation, e as Error, "replica"));
   }
 
@@ -496,7 +562,7 @@ export class Sync {
       if (w && o.status === "applied") w.bounds = { floor, ceiling };
     }
     this.report(outcomes);
-    this.inFlight = undefined;
+    this.inFlight = null;
     this.oneAtATime = false;
     if (outcomes.some((o) => o.status === "retry")) {
       this.notBefore = Date.now() + backoff(this.pushAttempt, this.config.backoffBaseMs, this.config.backoffCapMs);
@@ -510,20 +576,26 @@ export class Sync {
   }
 
   private refused(batchId: string | null, code: string, message: string): void {
-    if (this.inFlight === undefined) return;
-    if (batchId !== null && this.inFlight !== batchId) return;
-    this.inFlight = undefined;
-    if (this.oneAtATime) {
-      // A single transaction the server will never take: set it aside so
-      // it does not block every write after it.
-      const [batch] = this.replica.takeBatch(1);
-      const tx = batch?.transactions[0];
-      if (tx) this.report([this.replica.rejectAlone(tx.id, `${code}: ${message}`)]);
-      this.oneAtATime = false;
-    } else {
-      this.oneAtATime = true;
-    }
+    const sent = this.inFlight;
+    if (sent === null) return;
+    if (batchId !== null && sent.batchId !== batchId) return;
+    this.inFlight = null;
     this.pushWanted = true;
+    if (this.oneAtATime && sent.txIds.length === 1) {
+      // A single transaction the server will never take: set it aside so
+      // it does not block every write after it, and fetch the server's
+      // rows again for the tables it wrote.
+      this.oneAtATime = false;
+      const [outcome, resync] = this.replica.setAside(sent.txIds[0]!, `${code}: ${message}`);
+      this.report([outcome]);
+      this.refreshOutbox();
+      if (resync.length > 0) {
+        this.attempt = 0;
+        throw new ResyncNeeded(resync);
+      }
+      return;
+    }
+    this.oneAtATime = true;
     this.refreshOutbox();
   }
 
@@ -567,6 +639,14 @@ export class Sync {
   private setStatus(change: Partial<SyncStatus>): void {
     Object.assign(this.status, change);
     this.host.emit({ type: "status", status: { ...this.status } });
+  }
+}
+
+/** Tables need a snapshot: the connection ends and the next one asks for them. */
+class ResyncNeeded extends Error {
+  override name = "ResyncNeeded";
+  constructor(readonly tables: string[]) {
+    super(`tables ${tables.join(", ")} need a snapshot; reconnecting for it`);
   }
 }
 

@@ -140,6 +140,8 @@ function endTx(id: string, commit: boolean): number {
   try {
     conn.run("UPDATE _pgrelay_capture SET tx_id = NULL WHERE id = 1");
     captured = Number(conn.value("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1", [tx.txId]) ?? 0);
+    // A transaction the protocol cannot carry is rolled back and refused.
+    if (commit && captured > 0) need().checkSendable(tx.txId);
     conn.execBatch(commit ? "COMMIT" : "ROLLBACK");
   } catch (e) {
     try {

@@ -4,21 +4,22 @@
 //! together with its outbox entries. Synchronous: it runs in the worker
 //! that owns the database, one call at a time.
 
-import type { TableSchema, Transaction, Visibility, WriteBatch, WriteResults } from "../protocol.js";
+import type { TableSchema, Transaction, Visibility, WriteResults } from "../protocol.js";
 import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
+import { cannotHold } from "./holdable.js";
 import { applyChange, ReplicaError } from "./apply.js";
 import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
 
 /** Changes in one applied batch from which capture triggers are set aside. */
 const BULK_CHANGES = 200;
-import { Conn, type Params, type ResultRow } from "./conn.js";
+import { Conn, quote, type Params, type ResultRow } from "./conn.js";
 import * as outbox from "./outbox.js";
 import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
 import * as snapshot from "./snapshot.js";
 
 export { Conn, ReplicaError };
 export type { Params, ResultRow };
-export type { Outcome, OutboxCounts } from "./outbox.js";
+export type { Outcome, OutboxCounts, Taken } from "./outbox.js";
 
 export interface ReplicaState {
   clientId: string | null;
@@ -37,6 +38,8 @@ export interface Applied {
   changes: number;
   /** Transactions applied that came from this client's own writes. */
   echoes: { lsn: string; origin: string }[];
+  /** Tables the changes named that the replica does not know: left out and recorded for a snapshot. */
+  unknown: string[];
 }
 
 export interface Executed {
@@ -79,14 +82,25 @@ export class Replica {
 
   /**
    * Creates missing tables and adds columns; returns the tables whose rows
-   * must come from a snapshot (new to a positioned replica, or retyped).
+   * must come from a snapshot (new to a positioned replica, or retyped),
+   * and the tables the replica cannot hold (kept out, with the reason).
    */
-  applySchema(tables: TableSchema[]): string[] {
+  applySchema(tables: TableSchema[]): { needed: string[]; refused: { table: string; reason: string }[] } {
     const positioned = this.state().lsn !== null;
     const needed: string[] = [];
+    const refused: { table: string; reason: string }[] = [];
+    const all = new Map(this.tables);
+    for (const t of tables) all.set(t.name, t);
     this.conn.tx(() => {
-      for (const table of tables) {
-        const known = this.tables.get(table.name);
+      for (const incoming of tables) {
+        const known = this.tables.get(incoming.name);
+        const reason = incoming.skipped ? null : cannotHold(incoming, all.values());
+        const table = reason === null ? incoming : { ...incoming, skipped: `the replica cannot hold it: ${reason}` };
+        if (reason !== null) {
+          refused.push({ table: table.name, reason: table.skipped! });
+          // Held before under another schema: its rows would go stale.
+          if (known && !known.skipped) this.conn.execBatch(`DROP TABLE IF EXISTS ${quote(sqliteName(table.name))}`);
+        }
         const retyped = !known
           ? !table.skipped
           : !table.skipped &&
@@ -98,7 +112,7 @@ export class Replica {
       }
     });
     this.tables = loadTables(this.conn);
-    return needed;
+    return { needed, refused };
   }
 
   /** Applies whole transactions in one SQLite transaction with the last one's LSN. */
@@ -108,6 +122,7 @@ export class Replica {
     let reached = currentLsn;
     const changed = new Set<string>();
     const echoes: Applied["echoes"] = [];
+    const unknown: string[] = [];
     let transactions = 0;
     let changes = 0;
     // Many changes: the capture triggers of the tables they touch are set
@@ -125,6 +140,12 @@ export class Replica {
         const skipped = snapshot.skipped(this.filters, tx);
         for (const change of tx.changes) {
           if (skipped.has(change.table)) continue;
+          if (!this.tables.has(change.table)) {
+            // Its schema never arrived, so it cannot be placed. The
+            // table's snapshot, taken later, holds this change.
+            if (!unknown.includes(change.table)) unknown.push(change.table);
+            continue;
+          }
           try {
             applyChange(this.conn, this.tables, change);
           } catch (e) {
@@ -141,10 +162,12 @@ export class Replica {
         writeMeta(this.conn, "lsn", formatLsn(reached));
         this.filters = snapshot.expire(this.conn, this.filters, reached);
       }
+      // In the same transaction as the position that passes them.
+      if (unknown.length > 0) snapshot.requestResync(this.conn, unknown);
       for (const t of quiet) createTriggers(this.conn, t);
       setApplying(this.conn, false);
     });
-    return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes };
+    return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes, unknown };
   }
 
   /**
@@ -163,6 +186,10 @@ export class Replica {
         setTxId(this.conn, null);
       }
       const captured = Number(this.conn.value("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1", [txId]) ?? 0);
+      // Measured as it will be sent: what the protocol cannot carry is
+      // refused now (the throw rolls the transaction back), never
+      // accepted here and lost later.
+      if (captured > 0) outbox.checkSendable(this.conn, this.tables, txId);
       return { txId, captured, duplicate: false };
     });
   }
@@ -171,8 +198,13 @@ export class Replica {
     return this.conn.query(sql, params);
   }
 
-  takeBatch(maxTxs: number): [WriteBatch | null, outbox.Outcome[]] {
+  takeBatch(maxTxs: number): outbox.Taken {
     return this.conn.tx(() => outbox.takeBatch(this.conn, this.tables, maxTxs));
+  }
+
+  /** Inside an open application transaction: refuses (throws) one the protocol cannot carry. */
+  checkSendable(txId: string): void {
+    outbox.checkSendable(this.conn, this.tables, txId);
   }
 
   recordResults(results: WriteResults): outbox.Outcome[] {
@@ -184,8 +216,9 @@ export class Replica {
     });
   }
 
-  rejectAlone(txId: string, reason: string): outbox.Outcome {
-    return this.conn.tx(() => outbox.rejectAlone(this.conn, txId, reason));
+  /** Rejects a transaction the server refused alone; returns the tables to fetch again. */
+  setAside(txId: string, reason: string): [outbox.Outcome, string[]] {
+    return this.conn.tx(() => outbox.setAside(this.conn, this.tables, txId, reason));
   }
 
   outboxCounts(): outbox.OutboxCounts {

@@ -3,15 +3,17 @@
 //! a rejected write's rows back to the server's version. Same rules as
 //! the Rust client's `outbox.rs`.
 
-import type { ClientChange, ClientTransaction, Row, TableSchema, TxResult, WriteBatch, WriteResults, WriteStatus } from "../protocol.js";
-import { MAX_CLIENT_FRAME_BYTES, MAX_WRITE_CHANGES } from "../protocol.js";
+import { BatchFrame, EncodedTransaction, encodeAlone, layout, TooLargeError } from "../frames.js";
+import type { ClientChange, Row, TableSchema, TxResult, WriteResults, WriteStatus } from "../protocol.js";
+import { MAX_WRITE_CHANGES } from "../protocol.js";
 import { pgText } from "../values.js";
 import { applyChange } from "./apply.js";
 import { NOW_US_SQL } from "./capture.js";
 import { Conn } from "./conn.js";
+import { requestResync } from "./snapshot.js";
 
+/** Changes per batch of several transactions at most; one alone may have up to the protocol's limit. */
 const BATCH_CHANGES = 5_000;
-const BATCH_BYTES = MAX_CLIENT_FRAME_BYTES / 2;
 /** Applied entries are kept this long for inspection. */
 const KEEP_APPLIED_US = 24 * 3600 * 1_000_000;
 
@@ -48,14 +50,37 @@ export function unconfirmed(conn: Conn): Captured[] {
   return conn.all(SELECT_UNCONFIRMED) as unknown as Captured[];
 }
 
+/** What `takeBatch` found: frames to send and transactions set aside. */
+export interface Taken {
+  /** To send in order: one `write`, or one transaction's `write_part`s. */
+  frames: string[];
+  batchId: string | null;
+  /** The client transactions the frames carry. */
+  txIds: string[];
+  /** Transactions that can never be sent, now rejected. */
+  setAside: Outcome[];
+  /** Tables to fetch again: a set-aside transaction wrote them. */
+  resync: string[];
+}
+
+const NOTHING: Taken = { frames: [], batchId: null, txIds: [], setAside: [], resync: [] };
+
+/** A batch id of the form the client always uses (sizes depend on it). */
+export function newBatchId(): string {
+  return `b-${randomHex(8)}`;
+}
+
 /**
- * Takes the oldest unanswered client transactions, marks them sent and
- * returns them as a batch; also returns transactions too large to ever
- * send, already marked rejected.
+ * Takes the oldest unanswered client transactions (pending, or sent on a
+ * connection that ended), marks them sent and returns their frames: as
+ * many whole transactions as fit one `write` frame (measured on the
+ * encoded bytes), or a transaction too large for one frame alone in
+ * `write_part` frames. A transaction that can never be sent is set aside.
  */
-export function takeBatch(conn: Conn, tables: Map<string, TableSchema>, maxTxs: number): [WriteBatch | null, Outcome[]] {
+export function takeBatch(conn: Conn, tables: Map<string, TableSchema>, maxTxs: number): Taken {
   const rows = conn.all(`${SELECT_UNCONFIRMED} LIMIT ?1`, [MAX_WRITE_CHANGES + 1]) as unknown as Captured[];
   const hitLimit = rows.length > MAX_WRITE_CHANGES;
+  // A transaction's entries are contiguous (captured in one SQLite transaction).
   const groups: Captured[][] = [];
   for (const row of rows) {
     const last = groups[groups.length - 1];
@@ -63,38 +88,84 @@ export function takeBatch(conn: Conn, tables: Map<string, TableSchema>, maxTxs: 
     else groups.push([row]);
   }
   if (hitLimit) {
+    // The last group may continue past the rows read.
     const cut = groups.pop();
     if (groups.length === 0 && cut) {
-      return [null, [rejectLocal(conn, cut[0]!.tx_id, `the transaction has more than ${MAX_WRITE_CHANGES} changes, more than one batch can carry`)]];
+      // Only an outbox from before `execute` checked sizes can hold one.
+      const txId = cut[0]!.tx_id;
+      const changes = Number(conn.value("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1", [txId]) ?? 0);
+      return setAsideTaken(conn, tables, txId, `the transaction has ${changes} changes; one transaction may have at most ${MAX_WRITE_CHANGES}`);
     }
   }
-  const transactions: ClientTransaction[] = [];
-  const tooLarge: Outcome[] = [];
-  let changes = 0;
-  let bytes = 0;
+  const batchId = newBatchId();
+  const frame = new BatchFrame(batchId);
   for (const group of groups) {
-    const size = group.reduce((n, c) => n + 200 + (c.new_row?.length ?? 0) + (c.old_row?.length ?? 0), 0);
-    if (transactions.length === 0 && size > BATCH_BYTES) {
-      tooLarge.push(rejectLocal(conn, group[0]!.tx_id, `the transaction's rows take ${size} bytes, more than one batch can carry`));
-      break;
+    const encoded = new EncodedTransaction({ id: group[0]!.tx_id, changes: group.map((c) => toClientChange(c, tables)) });
+    if (frame.transactions.length === 0 && !frame.fits(encoded)) {
+      // Alone in `write_part` frames, or not at all.
+      let frames: string[];
+      try {
+        frames = encodeAlone(batchId, encoded);
+      } catch (e) {
+        // Only a write `execute` did not measure (an older outbox, or the
+        // table's columns changed since) gets here.
+        if (e instanceof TooLargeError) return setAsideTaken(conn, tables, encoded.id, e.message);
+        throw e;
+      }
+      markSent(conn, [encoded.id]);
+      return { frames, batchId, txIds: [encoded.id], setAside: [], resync: [] };
     }
-    if (transactions.length >= maxTxs || (transactions.length > 0 && (changes + group.length > BATCH_CHANGES || bytes + size > BATCH_BYTES))) {
-      break;
-    }
-    changes += group.length;
-    bytes += size;
-    transactions.push({ id: group[0]!.tx_id, changes: group.map((c) => toClientChange(c, tables)) });
+    const full = frame.transactions.length >= maxTxs || frame.changes + encoded.changes.length > BATCH_CHANGES;
+    if (frame.transactions.length > 0 && (full || !frame.fits(encoded))) break;
+    frame.push(encoded);
   }
-  if (transactions.length === 0) return [null, tooLarge];
-  for (const tx of transactions) {
-    conn.run(`UPDATE _pgrelay_outbox SET status = 'sent', updated_us = ${NOW_US_SQL} WHERE tx_id = ?1 AND status = 'pending'`, [tx.id]);
-  }
-  return [{ batch_id: `b-${randomHex(8)}`, transactions }, tooLarge];
+  if (frame.transactions.length === 0) return NOTHING;
+  const txIds = frame.transactions.map((t) => t.id);
+  markSent(conn, txIds);
+  return { frames: [frame.frame()], batchId, txIds, setAside: [], resync: [] };
 }
 
-function rejectLocal(conn: Conn, txId: string, reason: string): Outcome {
-  conn.run(`UPDATE _pgrelay_outbox SET status = 'rejected', error = ?2, updated_us = ${NOW_US_SQL} WHERE tx_id = ?1`, [txId, reason]);
-  return { txId, status: "rejected", changes: 0, reason, createdUs: 0 };
+function markSent(conn: Conn, txIds: string[]): void {
+  for (const id of txIds) {
+    conn.run(`UPDATE _pgrelay_outbox SET status = 'sent', updated_us = ${NOW_US_SQL} WHERE tx_id = ?1 AND status = 'pending'`, [id]);
+  }
+}
+
+function setAsideTaken(conn: Conn, tables: Map<string, TableSchema>, txId: string, reason: string): Taken {
+  const [outcome, resync] = setAside(conn, tables, txId, reason);
+  return { ...NOTHING, setAside: [outcome], resync };
+}
+
+/**
+ * Rejects a transaction the server never took (it cannot be sent, or the
+ * server refused it whole) and asks for a fresh snapshot of the synced
+ * tables it wrote: without the server's answer, that is how the replica
+ * gets the server's rows back. Returns those tables.
+ */
+export function setAside(conn: Conn, tables: Map<string, TableSchema>, txId: string, reason: string): [Outcome, string[]] {
+  const row = conn.all("SELECT count(*) AS n, min(created_us) AS created FROM _pgrelay_outbox WHERE tx_id = ?1 AND status IN ('pending', 'sent')", [txId])[0];
+  const touched = conn.all("SELECT DISTINCT table_name AS t FROM _pgrelay_outbox WHERE tx_id = ?1 AND status IN ('pending', 'sent')", [txId]).map((r) => String(r.t));
+  conn.run(`UPDATE _pgrelay_outbox SET status = 'rejected', error = ?2, updated_us = ${NOW_US_SQL} WHERE tx_id = ?1 AND status IN ('pending', 'sent')`, [txId, reason]);
+  const resync = touched.filter((t) => {
+    const table = tables.get(t);
+    return table !== undefined && !table.skipped;
+  });
+  if (resync.length > 0) requestResync(conn, resync);
+  return [{ txId, status: "rejected", changes: Number(row?.n ?? 0), reason, createdUs: Number(row?.created ?? 0) }, resync];
+}
+
+/** The transaction `txId` as it would go out, encoded, for `execute` to measure before it commits. */
+export function encodeCaptured(conn: Conn, tables: Map<string, TableSchema>, txId: string): EncodedTransaction {
+  const rows = conn.all(
+    "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox WHERE tx_id = ?1 ORDER BY seq",
+    [txId],
+  ) as unknown as Captured[];
+  return new EncodedTransaction({ id: txId, changes: rows.map((c) => toClientChange(c, tables)) });
+}
+
+/** Refuses (throws TooLargeError) a captured transaction the protocol cannot carry. */
+export function checkSendable(conn: Conn, tables: Map<string, TableSchema>, txId: string): void {
+  layout(newBatchId(), encodeCaptured(conn, tables, txId));
 }
 
 function toClientChange(captured: Captured, tables: Map<string, TableSchema>): ClientChange {
@@ -179,10 +250,6 @@ function rollBack(conn: Conn, tables: Map<string, TableSchema>, result: TxResult
   }
 }
 
-/** Marks a transaction rejected without the server (refused alone). */
-export function rejectAlone(conn: Conn, txId: string, reason: string): Outcome {
-  return rejectLocal(conn, txId, reason);
-}
 
 export function counts(conn: Conn): OutboxCounts {
   const c: OutboxCounts = { pending: 0, sent: 0, applied: 0, rejected: 0 };

@@ -83,6 +83,10 @@ function known(tables: Map<string, TableSchema>, name: string): TableSchema {
 /** Inserts a chunk of COPY text rows; returns how many. */
 export function load(conn: Conn, tables: Map<string, TableSchema>, name: string, data: Uint8Array): number {
   const table = known(tables, name);
+  // A table the replica cannot hold: its rows are counted (COPY text ends
+  // every row with a newline and escapes the ones inside values), so the
+  // snapshot still checks out, and dropped.
+  if (table.skipped) return data.reduce((n, b) => n + (b === 10 ? 1 : 0), 0);
   const columns = table.columns;
   const stmt = conn.cached(
     `INSERT OR REPLACE INTO ${quote(sqliteName(table.name))} (${columns.map((c) => quote(c.name)).join(", ")}) VALUES (${columns.map(() => "?").join(", ")})`,

@@ -100,7 +100,7 @@ test("an expiring token is refreshed through getToken; a bad token gives a clear
   }
 });
 
-/** A TCP proxy that can slip a garbage WebSocket frame to the client. */
+/** A TCP proxy that can slip a garbage WebSocket frame to the client, or cut one short. */
 async function garbageProxy(targetPort) {
   const clients = new Set();
   const proxy = createServer((client) => {
@@ -119,6 +119,15 @@ async function garbageProxy(targetPort) {
   await new Promise((r) => proxy.listen(0, "127.0.0.1", r));
   return {
     url: `ws://127.0.0.1:${proxy.address().port}`,
+    /** A text frame whose header promises more bytes than come before the connection ends. */
+    truncate() {
+      const body = Buffer.from('{"type":"tx","lsn":"0/1","xid":1,');
+      for (const c of clients) {
+        c.write(Buffer.concat([Buffer.from([0x81, 126, 0x01, 0x00]), body]));
+        c.end();
+      }
+      return clients.size;
+    },
     inject(payload) {
       // An unmasked server text frame with a payload that is not a message.
       const body = Buffer.from(payload);
@@ -129,7 +138,7 @@ async function garbageProxy(targetPort) {
   };
 }
 
-test("garbage frames from a proxy: the page reports an error, reconnects, and the replica is intact", async () => {
+test("garbage and truncated frames from a proxy: the page reports an error, reconnects, and the replica is intact", async () => {
   const server = await startServer(db.url);
   const proxy = await garbageProxy(server.port);
   try {
@@ -145,6 +154,14 @@ test("garbage frames from a proxy: the page reports an error, reconnects, and th
     await db.sql("INSERT INTO events VALUES (300000, 'after the garbage')");
     await waitFor("the replica to equal PostgreSQL", async () => JSON.stringify(await replicaIds(page)) === JSON.stringify(await postgresIds()), 30_000);
     assert.ok((await replicaIds(page)).length > before.length);
+
+    // A frame cut short by the connection ending: an error, a reconnect, nothing damaged.
+    const errorsBefore = await page.evaluate(() => window.events.filter((e) => e.name === "error").length);
+    assert.ok(proxy.truncate() > 0);
+    await waitFor("the error about the cut frame", () => page.evaluate((n) => window.events.filter((e) => e.name === "error").length > n, errorsBefore));
+    await waitFor("reconnected", () => page.evaluate(() => window.db.status.connection === "connected"));
+    await db.sql("INSERT INTO events VALUES (300001, 'after the cut frame')");
+    await waitFor("the replica to equal PostgreSQL", async () => JSON.stringify(await replicaIds(page)) === JSON.stringify(await postgresIds()), 30_000);
     await context.close();
   } finally {
     await proxy.close();

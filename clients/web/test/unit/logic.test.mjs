@@ -102,7 +102,12 @@ test("local writes go to the outbox in order; a rejection rolls the row back", a
   r.execute("UPDATE todos SET title = 'mine', done = 1 WHERE id = 1", undefined, "tx-1");
   r.execute("INSERT INTO todos VALUES (9223372036854775807, 'big', 0)", undefined, "tx-2");
   assert.equal(r.execute("INSERT INTO todos VALUES (3, 'again', 0)", undefined, "tx-2").duplicate, true, "a resent request is not run twice");
-  const [batch] = r.takeBatch(1000);
+  const taken = r.takeBatch(1000);
+  assert.equal(taken.frames.length, 1);
+  const batch = JSON.parse(taken.frames[0]);
+  assert.equal(batch.type, "write");
+  assert.equal(batch.batch_id, taken.batchId);
+  assert.deepEqual(taken.txIds, ["tx-1", "tx-2"]);
   assert.deepEqual(batch.transactions.map((t) => t.id), ["tx-1", "tx-2"]);
   assert.deepEqual(batch.transactions[0].changes[0].new, { title: "mine", done: "t" }, "only changed columns, as PostgreSQL input");
   assert.equal(batch.transactions[1].changes[0].new.id, "9223372036854775807");
@@ -115,7 +120,60 @@ test("local writes go to the outbox in order; a rejection rolls the row back", a
   assert.deepEqual(outcomes.map((o) => o.status), ["rejected", "applied"]);
   assert.equal(r.query("SELECT title FROM todos WHERE id = 1")[0].title, "theirs");
   assert.deepEqual(r.outboxCounts(), { pending: 0, sent: 0, applied: 1, rejected: 1 });
-  assert.equal(r.takeBatch(1000)[0], null, "a rejected write is never sent again");
+  assert.equal(r.takeBatch(1000).frames.length, 0, "a rejected write is never sent again");
+});
+
+test("a local transaction the protocol cannot carry is refused at execute and rolled back", async () => {
+  const r = await replica();
+  r.applySchema([todos]);
+  r.applyTransactions([{ lsn: "0/10", xid: 5, commit_time_us: 0, changes: [] }], null);
+  assert.throws(
+    () => r.execute("WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 10001) INSERT INTO todos SELECT n, 't', 0 FROM g", undefined, "tx-many"),
+    (e) => e.name === "TooLargeError" && e.code === "too_large" && /10001 changes/.test(e.message),
+  );
+  assert.equal(r.query("SELECT count(*) AS n FROM todos")[0].n, 0, "the local transaction was rolled back");
+  assert.equal(r.hasUnsent(), false, "nothing of it is in the outbox");
+  // A transaction larger than one frame but within the limits is taken, in parts.
+  r.execute("WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 3000) INSERT INTO todos SELECT n, printf('%.600c', 'x'), 0 FROM g", undefined, "tx-wide");
+  const taken = r.takeBatch(1000);
+  assert.ok(taken.frames.length > 1, `${taken.frames.length} frames`);
+  assert.deepEqual(taken.frames.map((f) => JSON.parse(f).type), taken.frames.map(() => "write_part"));
+  assert.deepEqual(taken.txIds, ["tx-wide"]);
+});
+
+test("a change for a table the replica does not know is left out and the table asked for", async () => {
+  const r = await replica();
+  r.applySchema([todos]);
+  r.applyTransactions([{ lsn: "0/10", xid: 5, commit_time_us: 0, changes: [] }], null);
+  const applied = r.applyTransactions(
+    [{ lsn: "0/20", xid: 6, commit_time_us: 0, changes: [{ table: "public.fresh", op: "insert", new: { id: "1" } }, { table: "public.todos", op: "insert", new: { id: "2", title: "b", done: "f" } }] }],
+    null,
+  );
+  assert.deepEqual(applied.unknown, ["public.fresh"]);
+  assert.equal(r.state().lsn, "0/20", "the position moves on");
+  assert.deepEqual(r.state().resync, ["public.fresh"], "the next hello asks for its snapshot");
+  assert.equal(r.query("SELECT count(*) AS n FROM todos")[0].n, 1, "the rest of the transaction is applied");
+});
+
+test("a schema the replica cannot hold is kept out with the reason; the rest is applied", async () => {
+  const r = await replica();
+  const col = (name) => ({ name, pg_type: "text", type_oid: 25, kind: "text" });
+  const cased = { name: "public.people", columns: [{ name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" }, col("Name"), col("name")], primary_key: ["id"], version: 1 };
+  const dotted = { name: "public.x.y", columns: [{ name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" }], primary_key: ["id"], version: 1 };
+  const schemed = { name: "x.y", columns: [{ name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" }], primary_key: ["id"], version: 1 };
+  const { refused } = r.applySchema([todos, cased, dotted, schemed]);
+  assert.deepEqual(refused.map((x) => x.table).sort(), ["public.people", "public.x.y", "x.y"]);
+  assert.match(refused.find((x) => x.table === "public.people").reason, /"Name" and "name" differ only in case/);
+  assert.match(refused.find((x) => x.table === "x.y").reason, /public\.x\.y would both be the replica's table "x\.y"/);
+  const created = r.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_pgrelay%' ESCAPE '\\' AND name NOT LIKE 'sqlite%'").map((x) => x.name);
+  assert.deepEqual(created, ["todos"], "only the table it can hold was created");
+  // Its changes and snapshot rows are passed over, the position still moves.
+  r.beginSnapshot(["public.people"], true);
+  assert.equal(r.loadSnapshot("public.people", new TextEncoder().encode("1\ta\tb\n2\tc\td\n")), 2);
+  r.finishSnapshot("0/10", true, ["public.people"], { xmin: 1, xmax: 2, xip: [], until: "0/10" });
+  const applied = r.applyTransactions([{ lsn: "0/20", xid: 6, commit_time_us: 0, changes: [{ table: "public.people", op: "insert", new: { id: "3", Name: "a", name: "b" } }] }], null);
+  assert.equal(applied.lsn, "0/20");
+  assert.deepEqual(applied.unknown, []);
 });
 
 test("a reset keeps unsent writes and replays them over a fresh snapshot", async () => {

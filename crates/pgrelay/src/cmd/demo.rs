@@ -14,7 +14,7 @@ use pgrelay_testkit::PrivateCluster;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 
-use crate::cmd::verify;
+use crate::cmd::{verify, web_demo};
 
 const TABLE: &str = "public.pgrelay_demo_todos";
 const SLOT: &str = "pgrelay_demo";
@@ -28,6 +28,19 @@ pub struct DemoArgs {
     /// Rows the writer inserts.
     #[arg(long, default_value_t = 20_000)]
     pub rows: u64,
+    /// Serve a todo page that uses the browser client instead, with a
+    /// writer adding a todo now and then; runs until Ctrl-C.
+    #[arg(long)]
+    pub web: bool,
+    /// Where the page and its sync endpoint listen (with --web).
+    #[arg(long, default_value = "127.0.0.1:7171")]
+    pub listen: std::net::SocketAddr,
+    /// The browser client's built files (with --web; `npm run build` in clients/web).
+    #[arg(long, default_value = "clients/web/dist")]
+    pub web_dist: std::path::PathBuf,
+    /// How often the writer adds a todo in PostgreSQL (with --web).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub write_every: Duration,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -40,6 +53,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             (cluster.admin_url(), Some(cluster))
         }
     };
+    if args.web {
+        return web_demo::run(web_demo::WebDemo {
+            url,
+            listen: args.listen,
+            dist: args.web_dist,
+            write_every: args.write_every,
+        })
+        .await;
+    }
     let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .context("connecting to PostgreSQL")?;

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod doctor;
 pub mod serve;
 pub mod verify;
+pub mod web_demo;

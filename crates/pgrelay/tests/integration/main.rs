@@ -9,6 +9,7 @@ mod bad_input;
 #[cfg(feature = "bench")]
 mod bench;
 mod caught_up;
+mod conformance;
 mod crash;
 mod doctor;
 mod handover;
