@@ -4,6 +4,7 @@
 //! with backoff and resumes from the slot; a slot lost meanwhile starts a
 //! new change-log epoch (see [`slot`]).
 
+mod error;
 pub(crate) mod lag;
 mod schema_change;
 mod slot;
@@ -11,6 +12,7 @@ pub(crate) mod status;
 pub(crate) mod table_watch;
 mod writer;
 
+pub use error::ReplicationError;
 pub(crate) use schema_change::backfilled_columns;
 pub(crate) use slot::{prepare as prepare_slot, SlotLoss};
 
@@ -144,7 +146,7 @@ impl Replication {
                 }
                 event = stream.recv() => {
                     let Some(event) = event? else {
-                        return Err(ServerError::Protocol("replication stream ended".to_owned()));
+                        return Err(ReplicationError::StreamEnded.into());
                     };
                     self.status.touch();
                     self.handle(event, &mut batch, db, stream, writer, logged)
@@ -182,7 +184,7 @@ impl Replication {
             }
             tracing::info!(from = %self.hub.head(), txs = txs.len(), "publishing transactions whose commit acknowledgement was lost");
             self.hub
-                .publish(txs.iter().map(Frame::transaction).collect());
+                .publish(txs.into_iter().map(Frame::transaction).collect());
         }
         Ok(())
     }
