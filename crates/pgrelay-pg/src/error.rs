@@ -33,8 +33,8 @@ pub enum PgError {
     },
     #[error("replication stream: {0}")]
     Stream(#[from] pgwire_replication::PgWireError),
-    #[error("decoding pgoutput: {0}")]
-    Decode(#[from] crate::pgoutput::DecodeError),
+    #[error("replication stream: {0}")]
+    Assemble(#[from] crate::AssembleError),
 }
 
 impl PgError {
@@ -53,7 +53,7 @@ impl PgError {
             | PgError::WalLevel { .. }
             | PgError::BadSlot { .. }
             | PgError::SlotOfOtherDatabase { .. } => false,
-            PgError::Decode(_) => false,
+            PgError::Assemble(e) => e.is_retryable(),
         }
     }
 }

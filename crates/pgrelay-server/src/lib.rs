@@ -26,7 +26,9 @@ use tokio::task::JoinSet;
 
 pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
-pub use error::ServerError;
+pub use error::{
+    ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
+};
 pub use ops::doctor;
 
 use api::serve;
@@ -202,9 +204,7 @@ impl Server {
                 }
                 Err(e) => {
                     let _ = self.shutdown.send(true);
-                    return Err(ServerError::Protocol(format!(
-                        "a server task panicked: {e}"
-                    )));
+                    return Err(ServerError::TaskPanicked(e.to_string()));
                 }
             }
         }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::Message;
+use futures_util::StreamExt;
 use pgrelay_protocol::{ClientMessage, ErrorCode, Lsn, MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION};
 
 use super::Refusal;
@@ -23,11 +24,11 @@ pub(crate) struct Hello {
 }
 
 pub(super) async fn receive(
-    socket: &mut WebSocket,
+    socket: &mut dyn super::Socket,
     _config: &ServerConfig,
 ) -> Result<Hello, Refusal> {
     loop {
-        let next = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+        let next = tokio::time::timeout(HELLO_TIMEOUT, socket.next())
             .await
             .map_err(|_| {
                 Refusal::new(ErrorCode::HandshakeRequired, "no hello within 10 seconds")

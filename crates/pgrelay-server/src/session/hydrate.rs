@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::Message;
+use futures_util::StreamExt;
 use pgrelay_protocol::{chunk_header, ErrorCode, Lsn, ServerMessage, SnapshotTable, TableSchema};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -158,7 +159,7 @@ impl Session<'_> {
     /// Reads the client's `snapshot_done`, answering writes that come first.
     async fn verdict(&mut self) -> Result<Vec<String>, Refusal> {
         loop {
-            let incoming = tokio::time::timeout(VERDICT_TIMEOUT, self.socket.recv())
+            let incoming = tokio::time::timeout(VERDICT_TIMEOUT, self.socket.next())
                 .await
                 .map_err(|_| Refusal::new(ErrorCode::TooSlow, "no snapshot_done in time"))?;
             let bytes = match incoming {

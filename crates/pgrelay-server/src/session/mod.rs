@@ -28,6 +28,8 @@ mod incoming;
 mod live;
 pub(crate) mod subscription;
 pub(crate) mod table;
+#[cfg(test)]
+mod tests;
 mod write;
 
 pub(crate) use incoming::audit_rejections;
@@ -36,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{Sink, SinkExt, Stream};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -64,6 +67,21 @@ impl Refusal {
             message: message.into(),
         }
     }
+}
+
+/// What a session speaks over: any sink and stream of WebSocket messages.
+/// A server session runs on axum's `WebSocket`; a unit test on channels.
+pub(crate) trait Socket:
+    Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin + Send
+{
+}
+
+impl<T> Socket for T where
+    T: Sink<Message, Error = axum::Error>
+        + Stream<Item = Result<Message, axum::Error>>
+        + Unpin
+        + Send
+{
 }
 
 /// Runs a session on an upgraded socket. `_place` is its connection's
@@ -114,17 +132,7 @@ pub(crate) async fn run(
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
-            Ok(Ending::Shutdown) => {
-                let close = CloseFrame {
-                    code: 1001,
-                    reason: "server shutting down".into(),
-                };
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    socket.send(Message::Close(Some(close))),
-                )
-                .await;
-            }
+            Ok(Ending::Shutdown) => going_away(&mut socket).await,
             Err(refusal) => {
                 match refusal.code {
                     ErrorCode::TooSlow => add(&state.metrics.too_slow, 1),
@@ -192,8 +200,21 @@ fn authenticate(state: &AppState, hello: &Hello) -> Result<Option<Principal>, Re
     }
 }
 
+/// Closes with 1001 ("going away"): the server is shutting down.
+async fn going_away(socket: &mut dyn Socket) {
+    let close = CloseFrame {
+        code: 1001,
+        reason: "server shutting down".into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.send(Message::Close(Some(close))),
+    )
+    .await;
+}
+
 /// Sends an error frame and closes with the matching close code.
-pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
+pub(crate) async fn refuse(socket: &mut dyn Socket, refusal: Refusal) {
     tracing::debug!(code = ?refusal.code, message = %refusal.message, "closing session");
     let frame = Frame::encode(
         &ServerMessage::Error {
@@ -219,13 +240,14 @@ pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
     .await;
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Ending {
     ClientClosed,
     Shutdown,
 }
 
 struct Session<'a> {
-    socket: &'a mut WebSocket,
+    socket: &'a mut dyn Socket,
     state: &'a AppState,
     /// The schema generation (see `Hub::changed_since`) the client has been
     /// told about.
@@ -245,7 +267,8 @@ struct Session<'a> {
     parts: Option<Box<write::Parts<'a>>>,
 }
 
-fn internal(e: crate::ServerError) -> Refusal {
+fn internal(e: impl Into<crate::ServerError>) -> Refusal {
+    let e = e.into();
     tracing::warn!(error = %e, "session failed");
     Refusal::new(
         ErrorCode::Internal,

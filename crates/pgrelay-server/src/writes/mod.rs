@@ -5,7 +5,10 @@
 //! recorded in `pgrelay.applied_changes` in the same transaction, so a
 //! batch resent after a lost answer applies nothing twice.
 
+mod error;
 pub(crate) mod statement;
+
+pub use error::WriteError;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -125,7 +128,7 @@ impl Writer {
             .permits
             .acquire()
             .await
-            .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
+            .map_err(|_| WriteError::Closed)?;
         let mut conn = self.take().await?;
         let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions, scope).await;
         match outcome {
@@ -137,10 +140,11 @@ impl Writer {
                 // The connection may be mid-transaction: close it rather
                 // than hand it to the next batch.
                 drop(conn);
-                Err(ServerError::Protocol(format!(
-                    "applying a write batch of {client_id}: {}",
-                    describe(&source)
-                )))
+                Err(WriteError::Batch {
+                    client_id: client_id.to_owned(),
+                    reason: describe(&source),
+                }
+                .into())
             }
         }
     }
