@@ -34,9 +34,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
+pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
+pub use ratelimit::{IpLimiter, TokenBucket};
 
 use hub::Hub;
 use replication::Replication;
@@ -200,8 +201,12 @@ impl Server {
                 );
             }
         }
-        let (_, _, confirmed) = self.status.counters();
-        tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        if self.state.is_some() {
+            let (_, _, confirmed) = self.status.counters();
+            tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        } else {
+            tracing::info!("server stopped");
+        }
         result
     }
 

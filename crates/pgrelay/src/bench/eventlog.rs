@@ -74,7 +74,11 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
         ..EventLogConfig::default()
     };
     let server =
-        crate::cmd::serve::start(crate::cmd::serve::ServeConfig { server, eventlog }).await?;
+        crate::cmd::serve::start(crate::cmd::serve::ServeConfig {
+        server,
+        eventlog,
+        eventlog_auth: None,
+    }).await?;
     let url = format!("ws://{}/livestore", server.local_addr());
 
     let single = phase(&url, "single", args.clients, 1, args.single_events).await?;

@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod client;
 pub mod demo;
+pub mod eventlog_host;
 pub mod serve;
 pub mod verify;
