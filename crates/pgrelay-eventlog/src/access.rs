@@ -21,8 +21,11 @@ pub enum AccessRefusal {
 /// Decides whether a client may read and write a store.
 pub trait StoreAccess: Send + Sync + 'static {
     /// `payload` is the client's decoded sync payload, if it sent one.
-    fn check(&self, store_id: &str, payload: Option<&serde_json::Value>)
-        -> Result<(), AccessRefusal>;
+    fn check(
+        &self,
+        store_id: &str,
+        payload: Option<&serde_json::Value>,
+    ) -> Result<(), AccessRefusal>;
 }
 
 /// The `authToken` of a sync payload, if it has one.
@@ -107,7 +110,13 @@ mod tests {
         let good = json!({"authToken": "t0ken-for-tests"});
         let bad = json!({"authToken": "other"});
         assert_eq!(token.check("s", Some(&good)), Ok(()));
-        assert!(matches!(token.check("s", Some(&bad)), Err(AccessRefusal::Forbidden(_))));
-        assert!(matches!(token.check("s", None), Err(AccessRefusal::Unauthorized(_))));
+        assert!(matches!(
+            token.check("s", Some(&bad)),
+            Err(AccessRefusal::Forbidden(_))
+        ));
+        assert!(matches!(
+            token.check("s", None),
+            Err(AccessRefusal::Unauthorized(_))
+        ));
     }
 }

@@ -223,7 +223,12 @@ pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
     }
 }
 
-async fn send_step<P: Protocol>(conn: &mut Conn, protocol: &P, index: usize, step: PullStep) -> Flow {
+async fn send_step<P: Protocol>(
+    conn: &mut Conn,
+    protocol: &P,
+    index: usize,
+    step: PullStep,
+) -> Flow {
     let Some(pull) = conn.pulls.get(index) else {
         return Flow::Continue;
     };

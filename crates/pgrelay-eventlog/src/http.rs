@@ -28,9 +28,11 @@ pub(crate) fn router(log: EventLog) -> Router {
     Router::new()
         .route(
             "/livestore",
-            get(livestore).post(super::httprpc::serve).layer(
-                axum::extract::DefaultBodyLimit::max(super::httprpc::MAX_REQUEST_BYTES),
-            ),
+            get(livestore)
+                .post(super::httprpc::serve)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::httprpc::MAX_REQUEST_BYTES,
+                )),
         )
         .route("/websocket", get(websocket))
         .route("/admin/stores/{store_id}", get(admin_info))

@@ -89,7 +89,12 @@ impl Registry {
 
     /// The stores held, for a notice that concerns them all.
     pub(crate) fn all(&self) -> Result<Vec<StoreHandle>, EventLogError> {
-        Ok(self.lock()?.map.values().map(|e| e.handle.clone()).collect())
+        Ok(self
+            .lock()?
+            .map
+            .values()
+            .map(|e| e.handle.clone())
+            .collect())
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -251,12 +251,10 @@ impl Protocol for Rpc {
             "Interrupt" => {
                 let id = frame.request_id.as_ref().map(id_text);
                 match id {
-                    Some(id) if conn.end_pull(&id) => {
-                        Some(format!(
-                            r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Failure","cause":{{"_tag":"Interrupt","fiberId":{{"_tag":"None"}}}}}}}}"#,
-                            quoted(&id)
-                        ))
-                    }
+                    Some(id) if conn.end_pull(&id) => Some(format!(
+                        r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Failure","cause":{{"_tag":"Interrupt","fiberId":{{"_tag":"None"}}}}}}}}"#,
+                        quoted(&id)
+                    )),
                     // A push is answered before its interrupt arrives: nothing to stop.
                     _ => None,
                 }

@@ -87,5 +87,5 @@ console.log(`RESULT ${JSON.stringify({ client: args.client, count: rows.length, 
 if (args['exit-file']) {
   while (!existsSync(args['exit-file']) && Date.now() < deadline) await sleep(50)
 }
-await store.shutdownPromise()
+await store.shutdown()
 process.exit(rows.length === expected ? 0 : 1)

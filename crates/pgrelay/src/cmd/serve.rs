@@ -316,11 +316,14 @@ impl ServeConfig {
             EventLogAuth::None => std::sync::Arc::new(OpenAccess),
             EventLogAuth::Token => match &self.eventlog.auth_token {
                 Some(token) => std::sync::Arc::new(SharedToken(token.clone())),
-                None => anyhow::bail!("configuration: --eventlog-auth token needs --eventlog-auth-token"),
+                None => anyhow::bail!(
+                    "configuration: --eventlog-auth token needs --eventlog-auth-token"
+                ),
             },
             EventLogAuth::Jwt { claim } => match &self.server.auth {
                 Some(auth) => std::sync::Arc::new(
-                    JwtStoreAccess::new(auth, claim).map_err(|e| anyhow::anyhow!("configuration: {e}"))?,
+                    JwtStoreAccess::new(auth, claim)
+                        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?,
                 ),
                 None => anyhow::bail!("configuration: --eventlog-auth jwt needs --auth jwt"),
             },

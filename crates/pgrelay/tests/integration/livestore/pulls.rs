@@ -86,7 +86,8 @@ async fn two_live_pulls_and_a_one_off_pull_on_one_socket_each_get_their_events()
     );
 
     // Interrupting one live pull leaves the other running.
-    app.send(json!({"_tag": "Interrupt", "requestId": "d"})).await;
+    app.send(json!({"_tag": "Interrupt", "requestId": "d"}))
+        .await;
     let exit = app.recv().await;
     assert_eq!(exit["requestId"], "d");
     assert_eq!(exit["exit"]["cause"]["_tag"], "Interrupt");
@@ -111,7 +112,8 @@ async fn a_pull_drops_its_subscription_when_it_ends_or_its_socket_closes() {
         let id = format!("p{i}");
         sock.pull(&id, None, true).await;
         assert_eq!(sock.recv().await["requestId"], id.as_str());
-        sock.send(json!({"_tag": "Interrupt", "requestId": id})).await;
+        sock.send(json!({"_tag": "Interrupt", "requestId": id}))
+            .await;
         assert_eq!(sock.recv().await["_tag"], "Exit");
     }
     sock.pull("kept", None, true).await;
