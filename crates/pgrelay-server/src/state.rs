@@ -6,15 +6,15 @@ use std::sync::Arc;
 use pgrelay_pg::ConnInfo;
 use tokio::sync::Semaphore;
 
+use crate::api::ratelimit::IpLimiter;
 use crate::auth::{Audit, Auth};
+use crate::history::reader::LogReader;
 use crate::hub::Hub;
-use crate::lag::LagMonitor;
-use crate::metrics::Metrics;
-use crate::ratelimit::IpLimiter;
-use crate::reader::LogReader;
+use crate::ops::metrics::Metrics;
 use crate::registry::Registry;
+use crate::replication::lag::LagMonitor;
+use crate::replication::status::ReplicationStatus;
 use crate::session::table::SessionTable;
-use crate::status::ReplicationStatus;
 use crate::writes::Writer;
 use crate::ServerConfig;
 

@@ -3,8 +3,6 @@
 //! and the audit trail.
 
 mod audit;
-mod parse;
-mod rule;
 mod rules;
 mod scope;
 mod token;
@@ -20,7 +18,7 @@ pub(crate) use scope::SNAPSHOT_SETTINGS_SQL;
 pub use token::{AuthConfig, ClaimsVerifier, JwtKey};
 
 pub(crate) use audit::SCHEMA_SQL as AUDIT_SCHEMA_SQL;
-pub(crate) use rule::Bound;
+pub(crate) use rules::Bound;
 pub(crate) use rules::Rules;
 pub(crate) use token::TokenRefusal;
 

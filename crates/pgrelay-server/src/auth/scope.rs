@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use pgrelay_protocol::{Change, Op, Row, Transaction};
 
-use super::rule::Bound;
+use super::rules::Bound;
 use super::rules::{Access, Rules};
 
 #[derive(Debug)]

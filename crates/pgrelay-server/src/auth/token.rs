@@ -168,7 +168,7 @@ impl TokenVerifier {
             .get("exp")
             .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)));
         let expires = UNIX_EPOCH + Duration::from_secs(exp.unwrap_or(0)) + self.leeway;
-        let subject = claims.get("sub").and_then(super::rule::claim_text);
+        let subject = claims.get("sub").and_then(super::rules::claim_text);
         Ok(Verified {
             claims,
             subject,

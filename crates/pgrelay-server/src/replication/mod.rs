@@ -5,8 +5,11 @@
 //! new change-log epoch (see [`slot`]).
 
 mod assemble;
+pub(crate) mod lag;
 mod schema_change;
 mod slot;
+pub(crate) mod status;
+pub(crate) mod table_watch;
 mod writer;
 
 pub(crate) use schema_change::backfilled_columns;
@@ -21,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::history;
 use crate::hub::{Frame, Hub};
-use crate::status::ReplicationStatus;
+use crate::replication::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
 use assemble::{Assembled, Assembler};
 use writer::{Batch, Writer};

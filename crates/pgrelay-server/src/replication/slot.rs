@@ -29,8 +29,8 @@ use pgrelay_pg::SlotState;
 use pgrelay_protocol::Lsn;
 use tokio_postgres::Client;
 
-use crate::epoch::{self, Feed};
-use crate::status::ReplicationStatus;
+use crate::history::epoch::{self, Feed};
+use crate::replication::status::ReplicationStatus;
 use crate::ServerError;
 
 /// How a slot was lost, for the log and the metric's label.

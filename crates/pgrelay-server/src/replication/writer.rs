@@ -10,10 +10,10 @@ use pgrelay_protocol::{Lsn, Transaction};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::encoded::EncodedTx;
 use crate::history::{self, LoggedTx};
+use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
-use crate::status::ReplicationStatus;
+use crate::replication::status::ReplicationStatus;
 use crate::ServerError;
 
 /// Committed transactions waiting to be written to the change log together.

@@ -11,7 +11,7 @@ use tokio::sync::SemaphorePermit;
 
 use super::{handshake, Refusal, Session};
 use crate::hub::Frame;
-use crate::metrics::add;
+use crate::ops::metrics::add;
 
 pub(super) enum Incoming {
     Write(WriteBatch),

@@ -6,6 +6,8 @@
 //! holds the change log's identity, and ends every live session when a
 //! lost slot starts a new change log.
 
+pub(crate) mod encoded;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -79,7 +81,7 @@ impl Frame {
     }
 
     /// A transaction whose rows are already encoded.
-    pub(crate) fn encoded(tx: &crate::encoded::EncodedTx) -> Frame {
+    pub(crate) fn encoded(tx: &crate::hub::encoded::EncodedTx) -> Frame {
         let text = serde_json::to_string(tx).unwrap_or_default();
         Frame {
             lsn: tx.lsn,

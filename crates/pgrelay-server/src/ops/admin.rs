@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use crate::metrics::add;
+use crate::ops::metrics::add;
 use crate::registry::{self, ClientRecord};
 use crate::session::table::{now_ms, Signal};
 use crate::state::AppState;

@@ -1,5 +1,10 @@
 //! HTTP routes: the sync WebSocket, client writes, health, readiness,
-//! metrics and status (the admin API is in `admin`).
+//! metrics and status (the admin API is in `ops::admin`); the accept loop
+//! and connection limits (`serve`) and per-address rate limits
+//! (`ratelimit`).
+
+pub(crate) mod ratelimit;
+pub(crate) mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::auth::Action;
-use crate::metrics::add;
+use crate::ops::metrics::add;
 use crate::session;
 use crate::state::AppState;
 
@@ -52,7 +57,7 @@ pub(crate) fn router(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> R
             state: Arc::clone(&state),
             shutdown,
         })
-        .merge(crate::admin::router(state))
+        .merge(crate::ops::admin::router(state))
 }
 
 /// A refusal before the WebSocket upgrade, as JSON.
@@ -79,7 +84,7 @@ fn http_error(status: StatusCode, code: &'static str, message: String) -> Respon
 async fn sync(
     State(ctx): State<Ctx>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(place): Extension<crate::serve::ConnectionPlace>,
+    Extension(place): Extension<crate::api::serve::ConnectionPlace>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let state = &ctx.state;
@@ -119,7 +124,7 @@ async fn sync(
 struct Status {
     head_lsn: String,
     sessions: usize,
-    replication: crate::status::StatusReport,
+    replication: crate::replication::status::StatusReport,
     tables: Vec<pgrelay_protocol::TableSchema>,
 }
 
@@ -144,8 +149,8 @@ struct Readiness {
     ready: bool,
     /// Why not, when not.
     reasons: Vec<String>,
-    replication: crate::status::StatusReport,
-    lag: crate::lag::LagReport,
+    replication: crate::replication::status::StatusReport,
+    lag: crate::replication::lag::LagReport,
 }
 
 /// Readiness: replication connected and hearing from PostgreSQL, not
@@ -216,7 +221,7 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(&ctx.state),
+        crate::ops::metrics::render(&ctx.state),
     )
         .into_response()
 }

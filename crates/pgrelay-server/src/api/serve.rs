@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::metrics::add;
+use crate::ops::metrics::add;
 use crate::ServerError;
 
 /// Connections over the limit being answered at once; more are dropped

@@ -1,7 +1,7 @@
 //! The parser of the rule language: a hand-written lexer and recursive
 //! descent over `OR` / `AND` / `NOT` / comparison, nothing else.
 
-use super::rule::{Expr, Operand};
+use super::expr::{Expr, Operand};
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct ParseError(pub(crate) String);

@@ -7,8 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use pgrelay_protocol::TableSchema;
 use serde::Deserialize;
 
-use super::parse::parse;
-use super::rule::{Bound, Expr};
+mod expr;
+mod parse;
+
+use parse::parse;
+
+use expr::Expr;
+pub(crate) use expr::{claim_text, Bound};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

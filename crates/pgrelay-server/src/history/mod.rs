@@ -3,6 +3,10 @@
 //! transaction (several changes can share one WAL record, so the LSN alone is
 //! not a key).
 
+pub(crate) mod epoch;
+pub(crate) mod reader;
+pub(crate) mod retention;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::pin_mut;
@@ -11,7 +15,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, PgLsn, Type};
 use tokio_postgres::Client;
 
-use crate::encoded::{EncodedTx, JsonText};
+use crate::hub::encoded::{EncodedTx, JsonText};
 use crate::ServerError;
 
 const SCHEMA_SQL: &str = "

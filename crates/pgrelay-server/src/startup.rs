@@ -1,0 +1,240 @@
+//! Start-up of the row sync: checks PostgreSQL, sets up pgrelay's schema,
+//! the publication and the slot, then starts the long-running tasks
+//! (replication, table watch, retention, lag, registry refresh, audit) and
+//! builds the routes over the shared state.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pgrelay_pg::ConnInfo;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::api::ratelimit;
+use crate::history::{reader, retention};
+use crate::hub::Hub;
+use crate::ops::metrics;
+use crate::replication::status::ReplicationStatus;
+use crate::replication::{self, lag, table_watch, Replication};
+use crate::state::AppState;
+use crate::{api, auth, history, registry, session, writes, ServerConfig, ServerError};
+
+/// What the row sync adds to the server: its routes, hub, replication
+/// status and shared state.
+type RowSync = (
+    axum::Router,
+    Arc<Hub>,
+    Arc<ReplicationStatus>,
+    Option<Arc<AppState>>,
+);
+
+/// The row sync: checks PostgreSQL, sets up schema, publication and slot,
+/// and starts replication, client registry and monitoring; returns its
+/// routes.
+pub(crate) async fn start_row_sync(
+    config: ServerConfig,
+    database_url: &str,
+    addr: SocketAddr,
+    sessions: &Arc<session::table::SessionTable>,
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<RowSync, ServerError> {
+    let info = ConnInfo::parse(database_url)?;
+    let mut db = pgrelay_pg::connect(&info).await?;
+    pgrelay_pg::check_wal_level(&db).await?;
+    history::ensure_schema(&db).await?;
+    let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
+    history::version_schemas(&db, &mut tables).await?;
+    for table in tables.iter().filter(|t| t.skipped.is_some()) {
+        tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");
+    }
+    let synced: Vec<String> = tables
+        .iter()
+        .filter(|t| t.skipped.is_none())
+        .map(|t| t.name.clone())
+        .collect();
+    pgrelay_pg::ensure_publication(&db, &config.publication(), &synced).await?;
+    // The slot is ready before start returns, so every change committed
+    // from here on is captured; a slot lost while pgrelay was stopped
+    // starts a new change-log epoch here.
+    let status = Arc::new(ReplicationStatus::new());
+    let slot = replication::prepare_slot(&mut db, &config.slot, &status).await?;
+    let head = history::head(&db).await?;
+    db.batch_execute(auth::AUDIT_SCHEMA_SQL)
+        .await
+        .map_err(ServerError::sql("creating pgrelay.audit_log"))?;
+    let auth = match &config.auth {
+        Some(auth_config) => {
+            let auth = auth::Auth::new(auth_config, &tables).map_err(ServerError::Config)?;
+            full_identity(&db, &auth.rules().need_full_identity(&tables)).await?;
+            Some(auth)
+        }
+        None => None,
+    };
+    let (log_id, pruned_through) = history::log_state(&db).await?;
+    drop(db);
+    let versions = version_columns(&config.conflicts, &tables)?;
+    tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
+
+    let node = config
+        .node
+        .clone()
+        .unwrap_or_else(|| registry::default_node(addr.port()));
+    let instance = format!("{node}#{:08x}", rand::random::<u32>());
+    let registry = registry::open(&config, sessions, &node, &instance)
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    let filtering = config.auth.as_ref().is_some_and(|a| a.rules.is_some());
+    let hub = Arc::new(Hub::new(
+        config.live_buffer,
+        head,
+        tables,
+        filtering,
+        &log_id,
+    ));
+
+    let replication = Replication {
+        info: info.clone(),
+        config: config.clone(),
+        hub: Arc::clone(&hub),
+        status: Arc::clone(&status),
+    };
+    tasks.spawn(replication.run(shutdown_rx.clone()));
+
+    let writer = Arc::new(writes::Writer::new(info.clone(), versions));
+    tasks.spawn(prune_applied(
+        Arc::clone(&writer),
+        config.applied_retention,
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(table_watch::run(
+        info.clone(),
+        config.clone(),
+        Arc::clone(&hub),
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(retention::prune_log(
+        info.clone(),
+        config.retain,
+        shutdown_rx.clone(),
+    ));
+    let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
+    tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
+    tasks.spawn(registry::refresh_live(
+        Arc::clone(&registry),
+        Arc::clone(sessions),
+        node.clone(),
+        instance.clone(),
+        config.clone(),
+        shutdown_rx.clone(),
+    ));
+    let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
+    tasks.spawn(audit_writer);
+    let state = Arc::new(AppState {
+        auth,
+        audit,
+        hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
+        hydrations_queued: Default::default(),
+        database: info.clone(),
+        connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
+        config,
+        hub: Arc::clone(&hub),
+        log_reader: reader::LogReader::new(info),
+        replication: Arc::clone(&status),
+        writer,
+        sessions: Arc::clone(sessions),
+        registry,
+        node,
+        instance,
+        metrics: metrics::Metrics::default(),
+        lag,
+    });
+    let app = api::router(Arc::clone(&state), shutdown_rx.clone());
+    Ok((app, hub, status, Some(state)))
+}
+
+/// Resolves `--conflict` entries against the synced tables: qualified table
+/// name → version column.
+fn version_columns(
+    conflicts: &[(String, String)],
+    tables: &[pgrelay_protocol::TableSchema],
+) -> Result<std::collections::BTreeMap<String, String>, ServerError> {
+    let mut versions = std::collections::BTreeMap::new();
+    for (table, column) in conflicts {
+        let qualified = if table.contains('.') {
+            table.clone()
+        } else {
+            format!("public.{table}")
+        };
+        let schema = tables
+            .iter()
+            .find(|t| t.name == qualified && t.skipped.is_none())
+            .ok_or_else(|| {
+                ServerError::Config(format!(
+                    "--conflict {table}={column}: {qualified} is not a synced table"
+                ))
+            })?;
+        if schema.column(column).is_none() {
+            return Err(ServerError::Config(format!(
+                "--conflict {table}={column}: {qualified} has no column {column:?}"
+            )));
+        }
+        versions.insert(qualified, column.clone());
+    }
+    Ok(versions)
+}
+
+/// Sets REPLICA IDENTITY FULL on tables whose read rule looks at columns
+/// outside the key: only then do updates and deletes carry the old row, and
+/// a row that leaves a client's scope can be sent to it as a delete.
+async fn full_identity(db: &tokio_postgres::Client, tables: &[String]) -> Result<(), ServerError> {
+    for table in tables {
+        let quoted = writes::quote_table(table);
+        let row = db
+            .query_one(
+                "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
+                &[&quoted],
+            )
+            .await
+            .map_err(ServerError::sql(format!(
+                "reading the replica identity of {table}"
+            )))?;
+        let identity: String = row.get(0);
+        if identity == "f" {
+            continue;
+        }
+        db.batch_execute(&format!("ALTER TABLE {quoted} REPLICA IDENTITY FULL"))
+            .await
+            .map_err(|source| {
+                ServerError::Config(format!(
+                    "{table}: its read rule looks at columns outside the primary key, so updates must carry the old row; \
+                     setting REPLICA IDENTITY FULL failed ({source}); run ALTER TABLE {quoted} REPLICA IDENTITY FULL as its owner"
+                ))
+            })?;
+        tracing::info!(table = %table, "set REPLICA IDENTITY FULL: its read rule looks at columns outside the key");
+    }
+    Ok(())
+}
+
+/// Forgets applied change ids older than the retention, now and hourly.
+async fn prune_applied(
+    writer: Arc<writes::Writer>,
+    retention: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let period = std::time::Duration::from_secs(3600).min(retention);
+    loop {
+        match writer.prune(retention).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(deleted, "forgot applied change ids past their retention")
+            }
+            // PostgreSQL may be restarting; the next round will do it.
+            Err(e) => tracing::warn!(error = %e, "pruning applied change ids failed"),
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
