@@ -131,16 +131,18 @@ const run03 = (url, name, dir, store, { commit = 0, expect = 0, beforeCommit = 0
   })
 
 // A TCP proxy to pgrelay that can cut every connection through it once;
-// counts connections and notes when pgrelay has answered on each.
+// counts connections, notes when pgrelay has answered on each and when a
+// 0.3 pull answer (`"context":"pull"`) went through.
 const startCutProxy = (target) =>
   new Promise((res) => {
     const open = new Set()
-    const state = { connections: 0, answered: 0 }
+    const state = { connections: 0, answered: 0, pulled: false }
     const proxy = createServer((client) => {
       state.connections++
       const upstream = connect(target, '127.0.0.1')
       let answered = false
-      upstream.on('data', () => {
+      upstream.on('data', (data) => {
+        if (data.includes('"context":"pull"')) state.pulled = true
         if (!answered) {
           answered = true
           state.answered++
@@ -274,7 +276,10 @@ try {
     commit: 2, expect: 0, beforeCommit: 3, expectAfter: 5, goFile: go03, exitFile: exit03, onReady: () => alice03Ready(),
   })
   await isAlice03Ready
-  await waitFor('alice03 to connect', async () => (await adminInfo(port, store03)).sockets === 1)
+  // Cut once her pull is answered: a 0.3 client pulls once per client, and
+  // one cut before that answer would leave it waiting for it for good,
+  // with LiveStore's own 0.3 backend too.
+  await waitFor('alice03 to pull', async () => proxy.state.pulled)
   proxy.cut()
   const reconnected = await waitFor('alice03 to reconnect', async () =>
     proxy.state.answered >= 2 && (await adminInfo(port, store03)).sockets === 1)

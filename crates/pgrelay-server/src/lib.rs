@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
-pub use ratelimit::{IpLimiter, TokenBucket};
+pub use api::ratelimit::{IpLimiter, TokenBucket};
 
 use api::serve;
 use hub::Hub;
