@@ -24,10 +24,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use api::ratelimit::{IpLimiter, TokenBucket};
 pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
-pub use api::ratelimit::{IpLimiter, TokenBucket};
 
 use api::serve;
 use hub::Hub;

@@ -55,7 +55,11 @@ impl StoreCost {
     }
 }
 
-pub(crate) async fn measure(stores: usize, max_stores: usize, sync_full: bool) -> anyhow::Result<StoreCost> {
+pub(crate) async fn measure(
+    stores: usize,
+    max_stores: usize,
+    sync_full: bool,
+) -> anyhow::Result<StoreCost> {
     let dir = tempfile::tempdir()?;
     let mut server = ServerConfig::without_database();
     server.listen = "127.0.0.1:0".parse()?;
@@ -109,9 +113,10 @@ pub(crate) async fn measure(stores: usize, max_stores: usize, sync_full: bool) -
 
 /// One client touching a store once: open, pull its (empty) history, close.
 async fn touch(url: &str, store: &str) -> anyhow::Result<()> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?storeId={store}&transport=ws"))
-        .await
-        .context("connecting to the LiveStore endpoint")?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{url}?storeId={store}&transport=ws"))
+            .await
+            .context("connecting to the LiveStore endpoint")?;
     let pull = json!({"_tag": "Request", "id": "0", "tag": "SyncWsRpc.Pull",
         "payload": {"storeId": store, "live": false, "cursor": {"_tag": "None"}},
         "traceId": "t", "spanId": "s", "sampled": false, "headers": []});

@@ -407,6 +407,56 @@ mod tests {
     }
 
     #[test]
+    fn eventlog_auth_follows_auth_jwt_unless_the_operator_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("jwt.key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+        let key = key.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["serve", "--auth", "jwt", "--jwt-secret-file", key];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+                .unwrap()
+                .serve
+                .into_config()
+                .unwrap()
+                .eventlog_auth
+        };
+        assert_eq!(
+            parse(&[]),
+            Some(EventLogAuth::Jwt {
+                claim: "livestore_stores".into()
+            })
+        );
+        assert_eq!(
+            parse(&["--eventlog-store-claim", "stores"]),
+            Some(EventLogAuth::Jwt {
+                claim: "stores".into()
+            })
+        );
+        assert_eq!(
+            parse(&["--eventlog-auth", "none"]),
+            Some(EventLogAuth::None)
+        );
+        let open = Cli::try_parse_from(["serve"])
+            .unwrap()
+            .serve
+            .into_config()
+            .unwrap();
+        assert!(open.store_access().is_ok());
+        assert_eq!(open.eventlog_auth, None);
+        let bad = Cli::try_parse_from(["serve", "--eventlog-auth", "jwt"])
+            .unwrap()
+            .serve
+            .into_config()
+            .unwrap();
+        assert!(
+            bad.store_access().is_err(),
+            "jwt without --auth jwt is refused"
+        );
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let cli = Cli::try_parse_from([
             "serve",
