@@ -45,11 +45,7 @@ impl StoreCost {
 
     /// RSS growth from the bound to the end, bytes (eviction at work).
     pub(crate) fn growth_past_bound(&self) -> Option<i64> {
-        let at_bound = self
-            .samples
-            .iter()
-            .filter(|(n, _)| *n <= self.max_stores)
-            .last()?;
+        let at_bound = self.samples.iter().rfind(|(n, _)| *n <= self.max_stores)?;
         let last = self.samples.last()?;
         (last.0 > at_bound.0).then(|| last.1 as i64 - at_bound.1 as i64)
     }
