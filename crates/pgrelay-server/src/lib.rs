@@ -28,6 +28,7 @@ pub use api::ratelimit::{IpLimiter, TokenBucket};
 pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::ServerError;
+pub use ops::doctor;
 
 use api::serve;
 use hub::Hub;

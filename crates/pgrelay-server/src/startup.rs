@@ -42,6 +42,12 @@ pub(crate) async fn start_row_sync(
     let info = ConnInfo::parse(database_url)?;
     let mut db = pgrelay_pg::connect(&info).await?;
     pgrelay_pg::check_wal_level(&db).await?;
+    // What `pgrelay doctor` would say, in the log; nothing here stops the
+    // start (what must stop it is checked where it matters).
+    match crate::ops::doctor::run_checks(&db, &config).await {
+        Ok(report) => crate::ops::doctor::log(&report),
+        Err(e) => tracing::warn!(error = %e, "start-up checks could not run"),
+    }
     history::ensure_schema(&db).await?;
     let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
     history::version_schemas(&db, &mut tables).await?;

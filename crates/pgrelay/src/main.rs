@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(feature = "bench")]
 use pgrelay::bench;
-use pgrelay::cmd::{admin, client, demo, serve, verify};
+use pgrelay::cmd::{admin, client, demo, doctor, serve, verify};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +54,8 @@ enum Command {
     Verify(VerifyArgs),
     /// Run the whole pipeline on a private PostgreSQL: server, two clients, a writer, verify.
     Demo(demo::DemoArgs),
+    /// Check PostgreSQL for what would break syncing (same flags as serve); exits 1 on errors.
+    Doctor(doctor::DoctorArgs),
     /// Measure capture, delivery latency, fan-out and idle memory.
     #[cfg(feature = "bench")]
     #[command(subcommand)]
@@ -137,6 +139,7 @@ fn main() -> ExitCode {
                 }
             }
             Command::Demo(args) => demo::run(args).await,
+            Command::Doctor(args) => doctor::run(args).await,
             #[cfg(feature = "bench")]
             Command::Bench(command) => bench::run(command).await,
             Command::Admin(command) => admin::run(command).await,

@@ -1,5 +1,7 @@
 //! The operations plane: the admin API (list, disconnect, forget and
-//! notify clients) and the Prometheus metrics.
+//! notify clients), the Prometheus metrics, and the checks of `pgrelay
+//! doctor`.
 
 pub(crate) mod admin;
+pub mod doctor;
 pub(crate) mod metrics;

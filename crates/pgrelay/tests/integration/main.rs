@@ -10,6 +10,7 @@ mod bad_input;
 mod bench;
 mod caught_up;
 mod crash;
+mod doctor;
 mod handover;
 mod hydrate;
 mod large_writes;
