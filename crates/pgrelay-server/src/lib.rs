@@ -24,7 +24,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
+pub use api::ratelimit::{IpLimiter, TokenBucket};
+pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::{
     ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
@@ -189,8 +190,12 @@ impl Server {
                 );
             }
         }
-        let (_, _, confirmed) = self.status.counters();
-        tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        if self.state.is_some() {
+            let (_, _, confirmed) = self.status.counters();
+            tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        } else {
+            tracing::info!("server stopped");
+        }
         result
     }
 

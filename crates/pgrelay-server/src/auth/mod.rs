@@ -15,7 +15,7 @@ use pgrelay_protocol::TableSchema;
 pub use audit::{Action, Audit};
 pub use scope::Scope;
 pub(crate) use scope::SNAPSHOT_SETTINGS_SQL;
-pub use token::{AuthConfig, JwtKey};
+pub use token::{AuthConfig, ClaimsVerifier, JwtKey};
 
 pub(crate) use audit::SCHEMA_SQL as AUDIT_SCHEMA_SQL;
 pub(crate) use rules::Bound;

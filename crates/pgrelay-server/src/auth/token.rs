@@ -177,6 +177,26 @@ impl TokenVerifier {
     }
 }
 
+/// The server's token check for endpoints outside the row sync (the
+/// LiveStore backend): a token's claims, or why it is refused (safe to send).
+pub struct ClaimsVerifier(TokenVerifier);
+
+impl ClaimsVerifier {
+    pub fn new(config: &AuthConfig) -> Result<ClaimsVerifier, String> {
+        TokenVerifier::new(config).map(ClaimsVerifier)
+    }
+
+    pub fn verify(
+        &self,
+        token: Option<&str>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        self.0
+            .verify(token)
+            .map(|verified| verified.claims)
+            .map_err(|refusal| refusal.reason)
+    }
+}
+
 /// The `alg` of a token's header, when the header decodes.
 fn header_alg(token: &str) -> Option<String> {
     use base64::Engine;
