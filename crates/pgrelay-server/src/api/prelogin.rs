@@ -66,13 +66,14 @@ impl Gate {
         let used = self.used.fetch_add(n, Ordering::AcqRel) + n;
         let total = self.budget.used.fetch_add(n, Ordering::AcqRel) + n;
         if used > PER_CONNECTION_BYTES {
+            // "too long": the session answers `frame_too_large`.
             return Err(io::Error::other(format!(
-                "over {PER_CONNECTION_BYTES} bytes sent before the hello was accepted"
+                "message too long: over {PER_CONNECTION_BYTES} bytes sent before the hello was accepted"
             )));
         }
         if total > TOTAL_BYTES {
             return Err(io::Error::other(
-                "connections not yet logged in hold the server's limit of unread bytes",
+                "message too long: connections not yet logged in hold the server's limit of unread bytes",
             ));
         }
         Ok(())

@@ -142,10 +142,16 @@ async fn refusals_for_rows_out_of_scope_are_generic_and_quote_no_other_tenant() 
         assert_eq!(status, 200, "{answer}");
         let r = result(&answer);
         assert_eq!(r["status"], "rejected", "{answer}");
+        let shown: Vec<_> = r["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["row"].clone())
+            .collect();
         answers.push((
             r["code"].clone(),
             r["reason"].as_str().unwrap().replace(id, "<id>"),
-            r["rows"].clone(),
+            shown,
         ));
     }
     assert_eq!(answers[0], answers[1], "a hidden row answered unlike a missing one");
