@@ -197,7 +197,9 @@ pub(crate) async fn prune(
                 tracing::info!(target: "pgrelay::audit", deleted, "deleted audit entries past --audit-retention")
             }
             // PostgreSQL may be restarting; the next round will do it.
-            Err(e) => tracing::warn!(target: "pgrelay::audit", error = %e, "pruning pgrelay.audit_log failed"),
+            Err(e) => {
+                tracing::warn!(target: "pgrelay::audit", error = %e, "pruning pgrelay.audit_log failed")
+            }
         }
         tokio::select! {
             biased;

@@ -207,7 +207,11 @@ pub(crate) async fn claim(
     principal: &Principal,
 ) -> Result<(), Refusal> {
     use crate::auth::owners::Claim;
-    match state.owners.claim(client_id, principal.owner.as_deref()).await {
+    match state
+        .owners
+        .claim(client_id, principal.owner.as_deref())
+        .await
+    {
         Ok(Claim::Allowed) => Ok(()),
         Ok(Claim::Taken) => {
             state.audit.record(

@@ -500,7 +500,9 @@ async fn apply_tx(
             // Under a token's rules a row the token cannot read gets the
             // same answer as a row that does not exist, so a refusal tells
             // nothing of other tenants' rows.
-            let visible = current.as_ref().filter(|row| scope.may_read(&table.name, row));
+            let visible = current
+                .as_ref()
+                .filter(|row| scope.may_read(&table.name, row));
             let Some(row) = visible else {
                 return Err(Failure::Rejected {
                     code: RejectCode::Forbidden,

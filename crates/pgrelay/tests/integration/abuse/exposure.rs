@@ -31,7 +31,8 @@ async fn a_token_with_an_exp_past_2_63_is_refused_and_the_server_goes_on() {
         let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync"))
             .await
             .unwrap();
-        let hello = json!({"type": "hello", "protocol_version": 1, "client_id": "far", "token": forged});
+        let hello =
+            json!({"type": "hello", "protocol_version": 1, "client_id": "far", "token": forged});
         socket
             .send(Message::Text(hello.to_string().into()))
             .await
@@ -126,7 +127,10 @@ async fn refusals_for_rows_out_of_scope_are_generic_and_quote_no_other_tenant() 
     assert_eq!(status, 200, "{answer}");
     let overlap = result(&answer);
     assert_eq!(overlap["status"], "rejected", "{answer}");
-    assert!(!answer.contains("1000"), "leaked the other booking: {answer}");
+    assert!(
+        !answer.contains("1000"),
+        "leaked the other booking: {answer}"
+    );
 
     // Updating another tenant's row and a row that does not exist: the same
     // refusal, so it tells nothing about which exists.
@@ -154,7 +158,10 @@ async fn refusals_for_rows_out_of_scope_are_generic_and_quote_no_other_tenant() 
             shown,
         ));
     }
-    assert_eq!(answers[0], answers[1], "a hidden row answered unlike a missing one");
+    assert_eq!(
+        answers[0], answers[1],
+        "a hidden row answered unlike a missing one"
+    );
     assert_eq!(
         world
             .count("SELECT count(*) FROM rooms WHERE id = 1 AND during = '[1000,2000)'")
@@ -174,7 +181,10 @@ async fn refusals_for_rows_out_of_scope_are_generic_and_quote_no_other_tenant() 
         codes.push((r["status"].clone(), r["code"].clone()));
     }
     assert_eq!(codes[0], codes[1]);
-    assert_eq!(world.count("SELECT count(*) FROM rooms WHERE id = 1").await, 1);
+    assert_eq!(
+        world.count("SELECT count(*) FROM rooms WHERE id = 1").await,
+        1
+    );
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }

@@ -57,18 +57,25 @@ async fn four_non_confirming_hydrations_do_not_block_a_fifth_for_long() {
     let started = Instant::now();
     let path = world.replica_path("fifth");
     let fifth = start_client(addr, &path, "fifth").await;
-    wait_for("the fifth replica hydrated", Duration::from_secs(60), || async {
-        let rows = rusqlite::Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
-        (rows.ok() == Some(500)).then_some(())
-    })
+    wait_for(
+        "the fifth replica hydrated",
+        Duration::from_secs(60),
+        || async {
+            let rows = rusqlite::Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+            (rows.ok() == Some(500)).then_some(())
+        },
+    )
     .await;
     let waited = started.elapsed();
     eprintln!("the fifth replica hydrated after {waited:?}");
-    assert!(waited < Duration::from_secs(40), "the fifth waited {waited:?}");
+    assert!(
+        waited < Duration::from_secs(40),
+        "the fifth waited {waited:?}"
+    );
     // The hostages were closed after being sent a whole snapshot.
     for _ in 0..4 {
         let had_snapshot = tokio::time::timeout(Duration::from_secs(30), ended.recv())

@@ -53,7 +53,9 @@ async fn a_session_under_another_subjects_client_id_is_refused() {
     .expect("an answer");
     assert_eq!(code, Some(1008), "{texts:?}");
     assert!(
-        texts.iter().any(|t| t.contains("belongs to another token subject")),
+        texts
+            .iter()
+            .any(|t| t.contains("belongs to another token subject")),
         "{texts:?}"
     );
     // The owner was not replaced, and keeps receiving.
@@ -91,28 +93,47 @@ async fn a_change_id_poisoned_by_another_subject_does_not_suppress_the_owners_wr
     let alice = token(json!({"sub": "alice"}));
     let mallory = token(json!({"sub": "mallory"}));
     // Alice's client has written before: its id is hers.
-    let first = one_change("alice-1", "a0", json!({"table": "public.t", "op": "insert", "new": {"id": "0"}}));
+    let first = one_change(
+        "alice-1",
+        "a0",
+        json!({"table": "public.t", "op": "insert", "new": {"id": "0"}}),
+    );
     let (status, answer) = post_changes(addr, Some(&alice), &first).await;
     assert_eq!(status, 200, "{answer}");
 
     // Mallory pre-records the change id Alice will use next.
-    let poison = one_change("alice-1", "a1", json!({"table": "public.t", "op": "insert", "new": {"id": "666"}}));
+    let poison = one_change(
+        "alice-1",
+        "a1",
+        json!({"table": "public.t", "op": "insert", "new": {"id": "666"}}),
+    );
     let (status, answer) = post_changes(addr, Some(&mallory), &poison).await;
     assert_eq!(status, 403, "{answer}");
     assert!(answer.contains("forbidden"), "{answer}");
 
-    let real = one_change("alice-1", "a1", json!({"table": "public.t", "op": "insert", "new": {"id": "1"}}));
+    let real = one_change(
+        "alice-1",
+        "a1",
+        json!({"table": "public.t", "op": "insert", "new": {"id": "1"}}),
+    );
     let (status, answer) = post_changes(addr, Some(&alice), &real).await;
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"applied\""), "{answer}");
     assert!(!answer.contains("\"duplicate\":true"), "{answer}");
     assert_eq!(world.count("SELECT count(*) FROM t WHERE id = 1").await, 1);
-    assert_eq!(world.count("SELECT count(*) FROM t WHERE id = 666").await, 0);
+    assert_eq!(
+        world.count("SELECT count(*) FROM t WHERE id = 666").await,
+        0
+    );
 
     // Others see Alice's transactions with a tag, never her client id.
     let watcher = Spy::connect(addr, "bob-1", &token(json!({"sub": "bob"})), None).await;
     watcher.wait_caught_up().await;
-    let more = one_change("alice-1", "a2", json!({"table": "public.t", "op": "insert", "new": {"id": "2"}}));
+    let more = one_change(
+        "alice-1",
+        "a2",
+        json!({"table": "public.t", "op": "insert", "new": {"id": "2"}}),
+    );
     assert_eq!(post_changes(addr, Some(&alice), &more).await.0, 200);
     let origin = crate::support::wait_for("the watcher gets alice's write", WAIT, || async {
         watcher.messages().iter().find_map(|m| match m {

@@ -30,10 +30,18 @@ async fn upgraded(addr: std::net::SocketAddr) -> TcpStream {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "closed during the upgrade");
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "closed during the upgrade"
+        );
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     tcp
 }
 
@@ -84,7 +92,12 @@ async fn unauthenticated_sockets_holding_partial_messages_stay_within_a_bound() 
         world.url(),
         &world.slot(),
         free_port(),
-        &["--auth", "jwt", "--jwt-secret-file", secret.to_str().unwrap()],
+        &[
+            "--auth",
+            "jwt",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
     );
     let pid = server.child.id();
     let addr = server.addr;

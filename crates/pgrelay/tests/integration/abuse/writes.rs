@@ -36,12 +36,18 @@ async fn post_changes_is_rate_limited_per_address() {
     // Sync connections have their own buckets.
     let (status, _) = crate::support::raw::http(addr, None, "GET", "/health").await;
     assert_eq!(status, 200);
-    wait_for("the refusals in the audit log", Duration::from_secs(30), || async {
-        let n = world
-            .count("SELECT count(*) FROM pgrelay.audit_log WHERE detail LIKE 'POST /api/changes%'")
-            .await;
-        (n == 3).then_some(())
-    })
+    wait_for(
+        "the refusals in the audit log",
+        Duration::from_secs(30),
+        || async {
+            let n = world
+                .count(
+                    "SELECT count(*) FROM pgrelay.audit_log WHERE detail LIKE 'POST /api/changes%'",
+                )
+                .await;
+            (n == 3).then_some(())
+        },
+    )
     .await;
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
@@ -104,26 +110,33 @@ async fn one_client_filling_the_write_pool_does_not_hold_up_another() {
             &format!("hog-{i}"),
             json!({"table": "public.hogged", "op": "insert", "new": {"id": i.to_string()}}),
         );
-        hog.push(tokio::spawn(async move { post_changes(addr, None, &body).await }));
+        hog.push(tokio::spawn(async move {
+            post_changes(addr, None, &body).await
+        }));
     }
-    wait_for("the hog's batches waiting on the lock", Duration::from_secs(30), || async {
-        let waiting = world
-            .count(
-                "SELECT count(*) FROM pg_stat_activity \
+    wait_for(
+        "the hog's batches waiting on the lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting = world
+                .count(
+                    "SELECT count(*) FROM pg_stat_activity \
                  WHERE wait_event_type = 'Lock' AND query LIKE '%hogged%'",
-            )
-            .await;
-        (waiting >= 2).then_some(())
-    })
+                )
+                .await;
+            (waiting >= 2).then_some(())
+        },
+    )
     .await;
     let other = one_change(
         "other",
         "other-1",
         json!({"table": "public.free", "op": "insert", "new": {"id": "1"}}),
     );
-    let (status, answer) = tokio::time::timeout(Duration::from_secs(10), post_changes(addr, None, &other))
-        .await
-        .expect("another client's write waited for the hog's");
+    let (status, answer) =
+        tokio::time::timeout(Duration::from_secs(10), post_changes(addr, None, &other))
+            .await
+            .expect("another client's write waited for the hog's");
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"applied\""), "{answer}");
     locker.batch_execute("COMMIT").await.unwrap();
