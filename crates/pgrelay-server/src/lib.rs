@@ -134,6 +134,7 @@ impl Server {
             refused: state.as_ref().map_or_else(Default::default, |s| {
                 Arc::clone(&s.metrics.refused_connections)
             }),
+            prelogin: Default::default(),
         };
         tasks.spawn(serve::run(listener, app, limits, shutdown_rx));
         Ok(Server {

@@ -69,6 +69,9 @@ pub(crate) async fn start_row_sync(
     db.batch_execute(auth::AUDIT_SCHEMA_SQL)
         .await
         .map_err(ServerError::sql("creating pgrelay.audit_log"))?;
+    db.batch_execute(auth::owners::SCHEMA_SQL)
+        .await
+        .map_err(ServerError::sql("creating pgrelay.client_owners"))?;
     let auth = match &config.auth {
         Some(auth_config) => {
             let auth = auth::Auth::new(auth_config, &tables).map_err(ServerError::Config)?;
@@ -135,13 +138,20 @@ pub(crate) async fn start_row_sync(
     ));
     let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
     tasks.spawn(audit_writer);
+    tasks.spawn(auth::audit::prune(
+        info.clone(),
+        config.audit_retention,
+        shutdown_rx.clone(),
+    ));
     let state = Arc::new(AppState {
         auth,
         audit,
+        owners: auth::owners::Owners::new(info.clone()),
         hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
         hydrations_queued: Default::default(),
         database: info.clone(),
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
+        write_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
         config,
         hub: Arc::clone(&hub),
         log_reader: reader::LogReader::new(info),

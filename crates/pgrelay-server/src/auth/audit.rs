@@ -1,7 +1,9 @@
 //! The audit trail: security-relevant actions (connects, refusals, expired
 //! tokens, rejected writes, admin actions) with client id, subject and time,
 //! to the `pgrelay::audit` tracing target at once and to the table
-//! `pgrelay.audit_log` in batches. Tokens and secrets are never recorded.
+//! `pgrelay.audit_log` in batches, where entries older than
+//! `--audit-retention` are deleted hourly. Tokens and secrets are never
+//! recorded.
 
 use std::time::{Duration, SystemTime};
 
@@ -178,4 +180,42 @@ async fn write(
         .await
         .map_err(ServerError::sql("writing pgrelay.audit_log"))?;
     Ok(())
+}
+
+/// Deletes audit entries older than `retention`, now and hourly, so refused
+/// requests (each one a row) cannot grow the table without end.
+pub(crate) async fn prune(
+    info: ConnInfo,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let period = Duration::from_secs(3600).min(retention);
+    loop {
+        match prune_once(&info, retention).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(target: "pgrelay::audit", deleted, "deleted audit entries past --audit-retention")
+            }
+            // PostgreSQL may be restarting; the next round will do it.
+            Err(e) => {
+                tracing::warn!(target: "pgrelay::audit", error = %e, "pruning pgrelay.audit_log failed")
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+async fn prune_once(info: &ConnInfo, retention: Duration) -> Result<u64, ServerError> {
+    let client = pgrelay_pg::connect(info).await?;
+    client
+        .execute(
+            "DELETE FROM pgrelay.audit_log WHERE at < now() - make_interval(secs => $1)",
+            &[&retention.as_secs_f64()],
+        )
+        .await
+        .map_err(ServerError::sql("pruning pgrelay.audit_log"))
 }

@@ -71,6 +71,7 @@ impl Session<'_> {
         let (told, schemas) = self.state.hub.schemas_at();
         self.told = told;
         let welcome = ServerMessage::Welcome {
+            origin: Some(pgrelay_protocol::origin_tag(&client_id)),
             protocol_version: PROTOCOL_VERSION,
             client_id,
             head_lsn: head,
@@ -187,10 +188,11 @@ impl Session<'_> {
 
     /// When the token stops being valid (far away without a token).
     pub(super) fn expiry(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let far_off = Duration::from_secs(100 * 365 * 24 * 3600);
+        let far = Instant::now() + far_off;
         match &self.principal {
             Some(p) => match p.expires.duration_since(SystemTime::now()) {
-                Ok(left) => Instant::now() + left,
+                Ok(left) => Instant::now() + left.min(far_off),
                 Err(_) => Instant::now(),
             },
             None => far,

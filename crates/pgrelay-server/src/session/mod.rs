@@ -84,13 +84,14 @@ impl<T> Socket for T where
 {
 }
 
-/// Runs a session on an upgraded socket. `_place` is its connection's
-/// place under `--max-connections`, given back when the session ends.
+/// Runs a session on an upgraded socket. `place` is its connection's
+/// place under `--max-connections`, given back when the session ends; its
+/// socket is metered until the hello is accepted.
 pub(crate) async fn run(
     mut socket: WebSocket,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
-    _place: crate::api::serve::ConnectionPlace,
+    place: crate::api::serve::ConnectionPlace,
 ) {
     // Rare or one-off steps are boxed: their state would otherwise be part
     // of every idle session's future.
@@ -102,10 +103,16 @@ pub(crate) async fn run(
         Ok(principal) => principal,
         Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
+    if let Some(principal) = &principal {
+        if let Err(refusal) = Box::pin(claim(&state, &hello.client_id, principal)).await {
+            return Box::pin(refuse(&mut socket, refusal)).await;
+        }
+    }
     let subscription = match Subscription::resolve(hello.tables.clone(), &state.hub.schemas()) {
         Ok(subscription) => subscription,
         Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
+    place.logged_in();
     let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
     let span = tracing::info_span!("session", client_id = %hello.client_id, lsn = %start);
     async {
@@ -211,6 +218,36 @@ async fn going_away(socket: &mut dyn Socket) {
         socket.send(Message::Close(Some(close))),
     )
     .await;
+}
+
+/// Refuses a client id that another token subject owns (and claims an
+/// unowned one for this token's).
+pub(crate) async fn claim(
+    state: &AppState,
+    client_id: &str,
+    principal: &Principal,
+) -> Result<(), Refusal> {
+    use crate::auth::owners::Claim;
+    match state
+        .owners
+        .claim(client_id, principal.owner.as_deref())
+        .await
+    {
+        Ok(Claim::Allowed) => Ok(()),
+        Ok(Claim::Taken) => {
+            state.audit.record(
+                Action::Refused,
+                Some(client_id),
+                principal.subject.as_deref(),
+                "client id owned by another token subject",
+            );
+            Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!("client id {client_id:?} belongs to another token subject"),
+            ))
+        }
+        Err(e) => Err(internal(e)),
+    }
 }
 
 /// Sends an error frame and closes with the matching close code.

@@ -1,7 +1,8 @@
 //! Client writes: applies a client's batch in one PostgreSQL transaction,
-//! a savepoint per client transaction, tagged with the client's id (a
-//! transactional logical message the replication stream turns into the
-//! transaction's `origin`), and idempotent per change id: the ids are
+//! a savepoint per client transaction, tagged with the client's origin
+//! tag (a transactional logical message the replication stream turns into
+//! the transaction's `origin`; a one-way tag, so other clients never learn
+//! the id), and idempotent per change id: the ids are
 //! recorded in `pgrelay.applied_changes` in the same transaction, so a
 //! batch resent after a lost answer applies nothing twice.
 
@@ -11,7 +12,7 @@ pub(crate) mod statement;
 pub use error::WriteError;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -33,6 +34,11 @@ use statement::{plan, select_current, Planned};
 /// Batches applied at the same time at most (each holds a connection).
 const MAX_CONCURRENT_BATCHES: usize = 8;
 
+/// Batches of one client applied at the same time at most: a client that
+/// sends many large batches at once waits for its own, and the rest of the
+/// pool stays free for the others.
+const MAX_BATCHES_PER_CLIENT: usize = 2;
+
 /// Transactions arriving in `write_part` frames that the sessions of this
 /// node hold at once, each up to `MAX_TRANSACTION_BYTES` of frames: the
 /// bound on memory for unfinished large writes. One more is answered
@@ -49,6 +55,8 @@ pub(crate) struct Writer {
     info: ConnInfo,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
+    /// Each client's share of `permits`, while it has batches in flight.
+    shares: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// One permit per transaction being assembled from parts.
     assemblies: Semaphore,
     /// Tables under a version check: qualified name → version column.
@@ -74,6 +82,7 @@ impl Writer {
             info,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(MAX_CONCURRENT_BATCHES),
+            shares: Mutex::new(HashMap::new()),
             assemblies: Semaphore::new(MAX_ASSEMBLIES),
             versions,
         }
@@ -124,6 +133,11 @@ impl Writer {
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> Result<Applied, ServerError> {
+        let share = self.share(client_id);
+        let _own = share
+            .acquire()
+            .await
+            .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
         let _permit = self
             .permits
             .acquire()
@@ -146,6 +160,20 @@ impl Writer {
                 }
                 .into())
             }
+        }
+    }
+
+    /// The client's share of the pool, given back (forgotten) when its last
+    /// batch ends.
+    fn share(&self, client_id: &str) -> Share<'_> {
+        let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        let semaphore = shares
+            .entry(client_id.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_BATCHES_PER_CLIENT)));
+        Share {
+            writer: self,
+            client_id: client_id.to_owned(),
+            semaphore: Arc::clone(semaphore),
         }
     }
 
@@ -188,6 +216,31 @@ impl Writer {
     }
 }
 
+/// A client's claim on its share of the pool; the last one out removes
+/// the client's entry.
+struct Share<'a> {
+    writer: &'a Writer,
+    client_id: String,
+    semaphore: Arc<Semaphore>,
+}
+
+impl std::ops::Deref for Share<'_> {
+    type Target = Semaphore;
+    fn deref(&self) -> &Semaphore {
+        &self.semaphore
+    }
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut shares = self.writer.shares.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: this one and the map's.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            shares.remove(&self.client_id);
+        }
+    }
+}
+
 /// A batch's answers and the WAL bounds of its commit (read-your-writes).
 struct Applied {
     results: Vec<TxResult>,
@@ -210,7 +263,7 @@ async fn run_batch(
         .client
         .query_one(
             "SELECT pg_logical_emit_message(true, 'pgrelay.origin', $1::text)::text",
-            &[&client_id],
+            &[&pgrelay_protocol::origin_tag(client_id)],
         )
         .await?
         .get(0);
@@ -396,7 +449,7 @@ async fn apply_tx(
                 .client
                 .prepare(&p.sql)
                 .await
-                .map_err(|e| classify(e, &keys))?;
+                .map_err(|e| classify(e, &keys, scope.is_some()))?;
             conn.prepared.insert(p.sql.clone(), statement);
         }
     }
@@ -423,7 +476,7 @@ async fn apply_tx(
     });
     let counts = join_all(runs).await;
     for ((table, op, p), count) in planned.iter().zip(counts) {
-        let (count, allowed) = count.map_err(|e| classify(e, &keys))?;
+        let (count, allowed) = count.map_err(|e| classify(e, &keys, scope.is_some()))?;
         let shown = || p.keys.first().map(show_key).unwrap_or_default();
         if !allowed {
             return Err(Failure::Rejected {
@@ -447,21 +500,35 @@ async fn apply_tx(
                 Some(_) => Failure::Transient(describe(&e)),
                 None => Failure::Fault(e),
             })?;
-        let outside = current.as_ref().is_some_and(|row| {
-            scope
-                .and_then(|s| s.write(&table.name))
-                .is_some_and(|rule| !rule.eval(row))
-        });
-        if outside {
-            return Err(Failure::Rejected {
-                code: RejectCode::Forbidden,
-                reason: format!(
-                    "{} row {} is outside what your token may write",
-                    table.name,
-                    shown()
-                ),
-                keys,
-            });
+        if let Some(scope) = scope {
+            // Under a token's rules a row the token cannot read gets the
+            // same answer as a row that does not exist, so a refusal tells
+            // nothing of other tenants' rows.
+            let visible = current
+                .as_ref()
+                .filter(|row| scope.may_read(&table.name, row));
+            let Some(row) = visible else {
+                return Err(Failure::Rejected {
+                    code: RejectCode::Forbidden,
+                    reason: format!(
+                        "{} row {} is not there or not yours to write",
+                        table.name,
+                        shown()
+                    ),
+                    keys,
+                });
+            };
+            if scope.write(&table.name).is_some_and(|rule| !rule.eval(row)) {
+                return Err(Failure::Rejected {
+                    code: RejectCode::Forbidden,
+                    reason: format!(
+                        "{} row {} is outside what your token may write",
+                        table.name,
+                        shown()
+                    ),
+                    keys,
+                });
+            }
         }
         let reason = match (&current, op) {
             // Deleting a row that is already gone is done.
@@ -491,7 +558,9 @@ async fn apply_tx(
     Ok(())
 }
 
-fn classify(error: tokio_postgres::Error, keys: &[(String, Row)]) -> Failure {
+/// `scoped`: the writer's token sees only some rows, and PostgreSQL's
+/// detail (which may quote a conflicting row of another tenant) is left out.
+fn classify(error: tokio_postgres::Error, keys: &[(String, Row)], scoped: bool) -> Failure {
     let Some(db) = error.as_db_error() else {
         return Failure::Fault(error);
     };
@@ -518,7 +587,7 @@ fn classify(error: tokio_postgres::Error, keys: &[(String, Row)]) -> Failure {
         RejectCode::Database
     };
     let mut reason = db.message().to_owned();
-    if let Some(detail) = db.detail() {
+    if let Some(detail) = db.detail().filter(|_| !scoped) {
         reason.push_str(": ");
         reason.push_str(detail);
     }

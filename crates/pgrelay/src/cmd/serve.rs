@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// How long applied change ids are remembered to recognise resends.
     #[arg(long, env = "PGRELAY_APPLIED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub applied_retention: Duration,
+    /// How long pgrelay.audit_log keeps an entry; older ones are deleted hourly.
+    #[arg(long, env = "PGRELAY_AUDIT_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
     /// Require a token from every client: `jwt`.
     #[arg(long, env = "PGRELAY_AUTH", value_parser = ["jwt"])]
     pub auth: Option<String>,
@@ -64,6 +67,10 @@ pub struct ServeArgs {
     /// Accept only tokens with this `aud`.
     #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// The token claim that owns client ids: an id first used with a token
+    /// belongs to its value of this claim; other values are refused it.
+    #[arg(long, env = "PGRELAY_CLIENT_ID_CLAIM", default_value = "sub")]
+    pub client_id_claim: String,
     /// Row rules per table (`rules.toml`); needs --auth.
     #[arg(long, env = "PGRELAY_RULES")]
     pub rules: Option<PathBuf>,
@@ -205,6 +212,7 @@ impl ServeArgs {
         let mut config = AuthConfig::new(key);
         config.issuer = self.jwt_issuer.clone();
         config.audience = self.jwt_audience.clone();
+        config.owner_claim = self.client_id_claim.clone();
         if let Some(path) = &self.rules {
             config.rules = Some(
                 std::fs::read_to_string(path)
@@ -231,6 +239,7 @@ impl ServeArgs {
         config.status_interval = self.status_interval;
         config.conflicts = self.conflicts;
         config.applied_retention = self.applied_retention;
+        config.audit_retention = self.audit_retention;
         config.retain = self.retain;
         config.max_hydrations = self.max_hydrations;
         config.max_connections = self.max_connections;

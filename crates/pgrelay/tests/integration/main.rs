@@ -4,6 +4,7 @@
 
 mod support;
 
+mod abuse;
 mod auth;
 mod bad_input;
 #[cfg(feature = "bench")]
