@@ -19,6 +19,11 @@ use crate::replication::{self, lag, table_watch, Replication};
 use crate::state::AppState;
 use crate::{api, auth, history, registry, session, writes, ServerConfig, ServerError};
 
+/// Connections the pool opens at most: the writer's concurrent batches,
+/// the change-log reader and the four background tasks (audit, lag, table
+/// watch, retention), with room to spare so none of them waits on another.
+const POOL_SIZE: usize = writes::MAX_CONCURRENT_BATCHES + 8;
+
 /// What the row sync adds to the server: its routes, hub, replication
 /// status and shared state.
 type RowSync = (
@@ -100,25 +105,29 @@ pub(crate) async fn start_row_sync(
     };
     tasks.spawn(replication.run(shutdown_rx.clone()));
 
-    let writer = Arc::new(writes::Writer::new(info.clone(), versions));
+    // Connections the parts borrow: the writer's batches, the change-log
+    // reader, audit and the monitoring tasks (replication and snapshots
+    // keep connections of their own).
+    let pool = pgrelay_pg::Pool::new(&info, POOL_SIZE)?;
+    let writer = Arc::new(writes::Writer::new(pool.clone(), versions));
     tasks.spawn(prune_applied(
         Arc::clone(&writer),
         config.applied_retention,
         shutdown_rx.clone(),
     ));
     tasks.spawn(table_watch::run(
-        info.clone(),
+        pool.clone(),
         config.clone(),
         Arc::clone(&hub),
         shutdown_rx.clone(),
     ));
     tasks.spawn(retention::prune_log(
-        info.clone(),
+        pool.clone(),
         config.retain,
         shutdown_rx.clone(),
     ));
     let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
-    tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
+    tasks.spawn(Arc::clone(&lag).run(pool.clone(), config.clone(), shutdown_rx.clone()));
     tasks.spawn(registry::refresh_live(
         Arc::clone(&registry),
         Arc::clone(sessions),
@@ -127,7 +136,7 @@ pub(crate) async fn start_row_sync(
         config.clone(),
         shutdown_rx.clone(),
     ));
-    let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
+    let (audit, audit_writer) = auth::Audit::start(pool.clone(), shutdown_rx.clone());
     tasks.spawn(audit_writer);
     let state = Arc::new(AppState {
         auth,
@@ -138,7 +147,7 @@ pub(crate) async fn start_row_sync(
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
         config,
         hub: Arc::clone(&hub),
-        log_reader: reader::LogReader::new(info),
+        log_reader: reader::LogReader::new(pool),
         replication: Arc::clone(&status),
         writer,
         sessions: Arc::clone(sessions),

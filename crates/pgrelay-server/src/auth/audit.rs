@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::Pool;
 use tokio::sync::{mpsc, watch};
 
 use crate::ServerError;
@@ -67,14 +67,14 @@ impl Audit {
     /// Starts the writer; it ends, after writing what is queued, once every
     /// `Audit` is dropped or shutdown is set.
     pub(crate) fn start(
-        info: ConnInfo,
+        pool: Pool,
         shutdown: watch::Receiver<bool>,
     ) -> (
         Audit,
         impl std::future::Future<Output = Result<(), ServerError>>,
     ) {
         let (queue, entries) = mpsc::channel(QUEUE);
-        (Audit { queue }, write_loop(info, entries, shutdown))
+        (Audit { queue }, write_loop(pool, entries, shutdown))
     }
 
     /// Records an action. Never blocks.
@@ -108,11 +108,10 @@ impl Audit {
 }
 
 async fn write_loop(
-    info: ConnInfo,
+    pool: Pool,
     mut entries: mpsc::Receiver<Entry>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
-    let mut db: Option<tokio_postgres::Client> = None;
     let mut stopping = false;
     loop {
         let mut batch = Vec::new();
@@ -138,10 +137,9 @@ async fn write_loop(
                 }
             }
         }
-        if let Err(e) = write(&info, &mut db, &batch).await {
+        if let Err(e) = write(&pool, &batch).await {
             // PostgreSQL may be restarting: the entries are in the trace.
             tracing::warn!(target: "pgrelay::audit", error = %e, entries = batch.len(), "writing to pgrelay.audit_log failed");
-            db = None;
             if !stopping {
                 tokio::select! {
                     biased;
@@ -153,17 +151,8 @@ async fn write_loop(
     }
 }
 
-async fn write(
-    info: &ConnInfo,
-    db: &mut Option<tokio_postgres::Client>,
-    batch: &[Entry],
-) -> Result<(), ServerError> {
-    if db.as_ref().is_none_or(|c| c.is_closed()) {
-        *db = Some(pgrelay_pg::connect(info).await?);
-    }
-    let Some(client) = db.as_ref() else {
-        return Ok(());
-    };
+async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), ServerError> {
+    let client = pool.get().await?;
     let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
     let action: Vec<&str> = batch.iter().map(|e| e.action.as_str()).collect();
     let client_id: Vec<Option<&str>> = batch.iter().map(|e| e.client_id.as_deref()).collect();
