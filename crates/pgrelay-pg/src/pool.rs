@@ -89,24 +89,25 @@ impl Pool {
     }
 }
 
+/// What opening one of the pool's connections gives: the client and the
+/// task driving its connection.
+type Opening<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+                    tokio_postgres::Error,
+                >,
+            > + Send
+            + 'a,
+    >,
+>;
+
 /// Opens the pool's connections through [`open`].
 struct Opener;
 
 impl deadpool_postgres::Connect for Opener {
-    fn connect(
-        &self,
-        pg_config: &tokio_postgres::Config,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        (tokio_postgres::Client, tokio::task::JoinHandle<()>),
-                        tokio_postgres::Error,
-                    >,
-                > + Send
-                + '_,
-        >,
-    > {
+    fn connect(&self, pg_config: &tokio_postgres::Config) -> Opening<'_> {
         let config = pg_config.clone();
         Box::pin(async move { open(&config).await })
     }

@@ -87,7 +87,13 @@ impl Out {
     }
 
     /// A counter family with one label taking each of `values`.
-    fn counters(&mut self, name: &str, help: &str, label: &'static str, values: &[(&'static str, u64)]) {
+    fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: &[(&'static str, u64)],
+    ) {
         let family = Family::<Label, Counter>::default();
         for (value, count) in values {
             family.get_or_create(&[(label, *value)]).inc_by(*count);

@@ -193,8 +193,7 @@ async fn run_batch(
         let first_time = match recorded {
             Ok(first_time) => first_time,
             Err(e) if e.as_db_error().is_some() => {
-                conn
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                     .await?;
                 let reason = describe(&e);
                 results.push(TxResult::retry(&tx.id, reason));
@@ -204,17 +203,14 @@ async fn run_batch(
             Err(e) => return Err(e),
         };
         if !first_time {
-            conn
-                .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+            conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                 .await?;
             results.push(TxResult::applied(&tx.id, true));
             continue;
         }
         match apply_tx(conn, tx, schemas, versions, scope).await {
             Ok(()) => {
-                conn
-                    .batch_execute("RELEASE SAVEPOINT client_tx")
-                    .await?;
+                conn.batch_execute("RELEASE SAVEPOINT client_tx").await?;
                 results.push(TxResult::applied(&tx.id, false));
             }
             Err(Failure::Fault(e)) => {
@@ -222,15 +218,13 @@ async fn run_batch(
                 return Err(e);
             }
             Err(Failure::Transient(reason)) => {
-                conn
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                     .await?;
                 results.push(TxResult::retry(&tx.id, reason.clone()));
                 stopped = Some(format!("waiting for transaction {} to be retried", tx.id));
             }
             Err(Failure::Rejected { code, reason, keys }) => {
-                conn
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx")
                     .await?;
                 let mut rows = current_rows(&conn, schemas, keys).await?;
                 if let Some(scope) = scope {
@@ -246,9 +240,7 @@ async fn run_batch(
                         }
                     }
                 }
-                conn
-                    .batch_execute("RELEASE SAVEPOINT client_tx")
-                    .await?;
+                conn.batch_execute("RELEASE SAVEPOINT client_tx").await?;
                 tracing::debug!(client_id, tx = %tx.id, ?code, %reason, "client transaction rejected");
                 results.push(TxResult {
                     id: tx.id.clone(),
@@ -359,21 +351,24 @@ async fn apply_tx(
         statements.push(statement);
     }
     let client: &Client = conn;
-    let runs = planned.iter().zip(&statements).map(|((_, _, p), statement)| async move {
-        let params: Vec<&(dyn ToSql + Sync)> =
-            p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        if p.check_returned {
-            // Each returned row says whether the row as written is still
-            // one the client may write.
-            let rows = client.query(statement, &params).await?;
-            let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
-            return Ok((rows.len() as u64, allowed));
-        }
-        client
-            .execute(statement, &params)
-            .await
-            .map(|count| (count, true))
-    });
+    let runs = planned
+        .iter()
+        .zip(&statements)
+        .map(|((_, _, p), statement)| async move {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            if p.check_returned {
+                // Each returned row says whether the row as written is still
+                // one the client may write.
+                let rows = client.query(statement, &params).await?;
+                let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
+                return Ok((rows.len() as u64, allowed));
+            }
+            client
+                .execute(statement, &params)
+                .await
+                .map(|count| (count, true))
+        });
     let counts = join_all(runs).await;
     for ((table, op, p), count) in planned.iter().zip(counts) {
         let (count, allowed) = count.map_err(|e| classify(e, &keys))?;
