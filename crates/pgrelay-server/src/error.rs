@@ -19,6 +19,8 @@ pub enum ServerError {
         position: pgrelay_protocol::Lsn,
         pruned_through: pgrelay_protocol::Lsn,
     },
+    #[error("migrating schema pgrelay: {0}")]
+    Migration(String),
     #[error("too large: {0}")]
     TooLarge(&'static str),
     #[error("configuration: {0}")]
@@ -48,6 +50,7 @@ impl ServerError {
             ServerError::Protocol(_) => true,
             ServerError::CorruptLog(_)
             | ServerError::Pruned { .. }
+            | ServerError::Migration(_)
             | ServerError::TooLarge(_)
             | ServerError::Config(_)
             | ServerError::Listen { .. } => false,

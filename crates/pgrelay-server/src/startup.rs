@@ -17,7 +17,7 @@ use crate::ops::metrics;
 use crate::replication::status::ReplicationStatus;
 use crate::replication::{self, lag, table_watch, Replication};
 use crate::state::AppState;
-use crate::{api, auth, history, registry, session, writes, ServerConfig, ServerError};
+use crate::{api, auth, history, migrations, registry, session, writes, ServerConfig, ServerError};
 
 /// Connections the pool opens at most: the writer's concurrent batches,
 /// the change-log reader and the four background tasks (audit, lag, table
@@ -47,7 +47,7 @@ pub(crate) async fn start_row_sync(
     let info = ConnInfo::parse(database_url)?;
     let mut db = pgrelay_pg::connect(&info).await?;
     pgrelay_pg::check_wal_level(&db).await?;
-    history::ensure_schema(&db).await?;
+    migrations::migrate(&mut db).await?;
     let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
     history::version_schemas(&db, &mut tables).await?;
     for table in tables.iter().filter(|t| t.skipped.is_some()) {
@@ -65,9 +65,6 @@ pub(crate) async fn start_row_sync(
     let status = Arc::new(ReplicationStatus::new());
     let slot = replication::prepare_slot(&mut db, &config.slot, &status).await?;
     let head = history::head(&db).await?;
-    db.batch_execute(auth::AUDIT_SCHEMA_SQL)
-        .await
-        .map_err(ServerError::sql("creating pgrelay.audit_log"))?;
     let auth = match &config.auth {
         Some(auth_config) => {
             let auth = auth::Auth::new(auth_config, &tables).map_err(ServerError::Config)?;

@@ -10,19 +10,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::ServerError;
 
-pub(crate) const SCHEMA_SQL: &str = "
-CREATE TABLE IF NOT EXISTS pgrelay.audit_log (
-    id        bigserial   PRIMARY KEY,
-    at        timestamptz NOT NULL,
-    action    text        NOT NULL,
-    client_id text,
-    subject   text,
-    detail    text
-);
-CREATE INDEX IF NOT EXISTS audit_log_at ON pgrelay.audit_log (at);
-COMMENT ON TABLE pgrelay.audit_log IS
-    'pgrelay audit trail: connects, refusals, expired tokens, rejected writes, admin actions';";
-
 /// Entries waiting for the table at most; past that they only go to the
 /// log target (the table is best effort, the trace is not).
 const QUEUE: usize = 8192;
