@@ -1,5 +1,5 @@
 //! How a value travels (PostgreSQL's text output) maps to how a replica
-//! stores it, and back. The mapping is documented in the README.
+//! stores it, and back. The mapping is documented in docs/running.md (Type mapping).
 
 use pgrelay_protocol::ValueKind;
 use rusqlite::types::{Value, ValueRef};

@@ -6,9 +6,9 @@ use pgrelay_protocol::{Change, Op, Row, TableSchema};
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection};
 
-use super::schema::quote;
 use crate::value::to_sqlite;
 use crate::ClientError;
+use pgrelay_protocol::quote_ident as quote;
 
 /// Applies one change. The caller holds the SQLite transaction that also
 /// stores the LSN, so a transaction is applied whole or not at all.

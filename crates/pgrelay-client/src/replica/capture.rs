@@ -7,8 +7,8 @@
 use pgrelay_protocol::{TableSchema, ValueKind};
 use rusqlite::Connection;
 
-use super::schema::quote;
 use crate::ClientError;
+use pgrelay_protocol::quote_ident as quote;
 
 const CAPTURE_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _pgrelay_outbox (

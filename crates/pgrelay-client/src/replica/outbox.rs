@@ -7,14 +7,15 @@
 use std::collections::HashMap;
 
 use pgrelay_protocol::{
-    encode_alone, BatchFrame, Change, ClientChange, ClientTransaction, EncodedTransaction, Op, Row,
-    TableSchema, TooLarge, TxResult, ValueKind, WriteResults, WriteStatus, MAX_WRITE_CHANGES,
+    encode_alone, BatchFrame, Change, ClientTransaction, EncodedTransaction, Op, TableSchema,
+    TooLarge, TxResult, WriteResults, WriteStatus, MAX_WRITE_CHANGES,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::apply::apply_change;
 use super::capture::NOW_US_SQL;
+use super::captured::{self, to_client_change, Captured};
 use super::snapshot;
 use crate::ClientError;
 
@@ -72,34 +73,6 @@ impl OutboxReport {
     }
 }
 
-pub(crate) struct Captured {
-    tx_id: String,
-    change_id: String,
-    pub(crate) table: String,
-    pub(crate) op: String,
-    pub(crate) new: Option<String>,
-    pub(crate) old: Option<String>,
-}
-
-/// Local writes the server has not confirmed (pending or sent), oldest first.
-pub(crate) fn unconfirmed(conn: &Connection) -> Result<Vec<Captured>, ClientError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
-         WHERE status IN ('pending', 'sent') ORDER BY seq",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(Captured {
-            tx_id: r.get(0)?,
-            change_id: r.get(1)?,
-            table: r.get(2)?,
-            op: r.get(3)?,
-            new: r.get(4)?,
-            old: r.get(5)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
-}
-
 /// What [`take_batch`] found: frames to send and transactions set aside.
 #[derive(Debug, Default)]
 pub(crate) struct Taken {
@@ -130,22 +103,7 @@ pub(crate) fn take_batch(
     tables: &HashMap<String, TableSchema>,
     max_txs: usize,
 ) -> Result<Taken, ClientError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
-         WHERE status IN ('pending', 'sent') ORDER BY seq LIMIT ?1",
-    )?;
-    let rows = stmt
-        .query_map([(MAX_WRITE_CHANGES + 1) as i64], |r| {
-            Ok(Captured {
-                tx_id: r.get(0)?,
-                change_id: r.get(1)?,
-                table: r.get(2)?,
-                op: r.get(3)?,
-                new: r.get(4)?,
-                old: r.get(5)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let rows = captured::unconfirmed(conn, Some(MAX_WRITE_CHANGES + 1))?;
     let hit_limit = rows.len() > MAX_WRITE_CHANGES;
     // Group into client transactions; a transaction's entries are
     // contiguous (captured in one SQLite transaction).
@@ -302,98 +260,14 @@ pub(crate) fn encode_captured(
     tables: &HashMap<String, TableSchema>,
     tx_id: &str,
 ) -> Result<EncodedTransaction, ClientError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT tx_id, change_id, table_name, op, new_row, old_row FROM _pgrelay_outbox \
-         WHERE tx_id = ?1 ORDER BY seq",
-    )?;
-    let changes = stmt
-        .query_map([tx_id], |r| {
-            Ok(Captured {
-                tx_id: r.get(0)?,
-                change_id: r.get(1)?,
-                table: r.get(2)?,
-                op: r.get(3)?,
-                new: r.get(4)?,
-                old: r.get(5)?,
-            })
-        })?
-        .map(|c| to_client_change(&c?, tables))
+    let changes = captured::of_transaction(conn, tx_id)?
+        .iter()
+        .map(|c| to_client_change(c, tables))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(EncodedTransaction::new(&ClientTransaction {
         id: tx_id.to_owned(),
         changes,
     }))
-}
-
-fn to_client_change(
-    captured: &Captured,
-    tables: &HashMap<String, TableSchema>,
-) -> Result<ClientChange, ClientError> {
-    let op = Op::parse(&captured.op)
-        .ok_or_else(|| ClientError::Replica(format!("outbox op {:?}", captured.op)))?;
-    let table = tables.get(&captured.table);
-    let new = captured
-        .new
-        .as_deref()
-        .map(|j| row_from_json(j, table))
-        .transpose()?;
-    let old = captured
-        .old
-        .as_deref()
-        .map(|j| row_from_json(j, table))
-        .transpose()?;
-    let new = match (op, new, &old) {
-        // Only the columns the update changed, so concurrent writers of
-        // other columns of the same row do not undo each other.
-        (Op::Update, Some(new), Some(old)) => Some(
-            new.into_iter()
-                .filter(|(k, v)| old.get(k) != Some(v))
-                .collect(),
-        ),
-        (_, new, _) => new,
-    };
-    Ok(ClientChange {
-        id: captured.change_id.clone(),
-        table: captured.table.clone(),
-        op,
-        new,
-        old,
-    })
-}
-
-/// A captured row (JSON from the triggers) as PostgreSQL text values.
-pub(crate) fn row_from_json(json: &str, table: Option<&TableSchema>) -> Result<Row, ClientError> {
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(json).map_err(|e| ClientError::Replica(format!("outbox row: {e}")))?;
-    Ok(map
-        .into_iter()
-        .map(|(column, value)| {
-            let kind = table
-                .and_then(|t| t.column(&column))
-                .map_or(ValueKind::Text, |c| c.kind);
-            let text = pg_text(kind, &value);
-            (column, text)
-        })
-        .collect())
-}
-
-/// PostgreSQL input text for a value SQLite stored in a column of `kind`.
-pub(crate) fn pg_text(kind: ValueKind, value: &serde_json::Value) -> Option<String> {
-    use serde_json::Value;
-    match value {
-        Value::Null => None,
-        Value::Bool(b) => Some(if *b { "t" } else { "f" }.to_owned()),
-        Value::Number(n) => Some(match (kind, n.as_i64()) {
-            (ValueKind::Bool, Some(i)) => if i != 0 { "t" } else { "f" }.to_owned(),
-            (_, Some(i)) => i.to_string(),
-            (_, None) => match n.as_f64() {
-                Some(f) => format!("{f:?}"),
-                None => n.to_string(),
-            },
-        }),
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
 }
 
 /// Records the server's answers; rolls back the rows of rejected
@@ -537,41 +411,4 @@ pub(crate) fn unsent(conn: &Connection) -> Result<bool, ClientError> {
         )
         .optional()?
         .is_some())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn sqlite_values_become_postgres_text() {
-        assert_eq!(pg_text(ValueKind::Integer, &json!(42)), Some("42".into()));
-        assert_eq!(pg_text(ValueKind::Bool, &json!(1)), Some("t".into()));
-        assert_eq!(pg_text(ValueKind::Bool, &json!(0)), Some("f".into()));
-        assert_eq!(pg_text(ValueKind::Float, &json!(0.5)), Some("0.5".into()));
-        assert_eq!(
-            pg_text(ValueKind::Float, &json!(1e300)),
-            Some("1e300".into())
-        );
-        assert_eq!(pg_text(ValueKind::Text, &json!("a'b")), Some("a'b".into()));
-        assert_eq!(pg_text(ValueKind::Text, &json!(null)), None);
-    }
-
-    #[test]
-    fn updates_send_only_changed_columns() {
-        let captured = Captured {
-            tx_id: "t".into(),
-            change_id: "c".into(),
-            table: "public.todos".into(),
-            op: "update".into(),
-            new: Some(r#"{"id":7,"title":"new","done":0}"#.into()),
-            old: Some(r#"{"id":7,"title":"old","done":0}"#.into()),
-        };
-        let change = to_client_change(&captured, &HashMap::new()).unwrap();
-        let new = change.new.unwrap();
-        assert_eq!(new.len(), 1);
-        assert_eq!(new["title"], Some("new".to_owned()));
-        assert_eq!(change.old.unwrap()["id"], Some("7".to_owned()));
-    }
 }

@@ -15,7 +15,7 @@ pub(crate) fn ensure_meta(conn: &Connection) -> Result<(), ClientError> {
     Ok(())
 }
 
-pub(crate) use pgrelay_protocol::quote_ident as quote;
+use pgrelay_protocol::quote_ident as quote;
 
 pub(crate) fn read_meta(conn: &Connection, key: &str) -> Result<Option<String>, ClientError> {
     // Cached: the LSN is read and written on every applied batch.

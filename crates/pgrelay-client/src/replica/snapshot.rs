@@ -12,8 +12,10 @@ use pgrelay_protocol::{Change, Lsn, Op, TableSchema, Transaction, Visibility};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
-use super::schema::{quote, read_meta, write_meta};
-use super::{apply, capture, outbox};
+use pgrelay_protocol::quote_ident as quote;
+
+use super::schema::{read_meta, write_meta};
+use super::{apply, capture, captured};
 use crate::value::to_sqlite;
 use crate::ClientError;
 
@@ -215,7 +217,7 @@ fn replay_outbox(
     tables: &HashMap<String, TableSchema>,
     names: &[String],
 ) -> Result<(), ClientError> {
-    for entry in outbox::unconfirmed(conn)? {
+    for entry in captured::unconfirmed(conn, None)? {
         if !names.contains(&entry.table) {
             continue;
         }
@@ -225,7 +227,7 @@ fn replay_outbox(
         let schema = tables.get(&entry.table);
         let row = |json: &Option<String>| {
             json.as_deref()
-                .map(|j| outbox::row_from_json(j, schema))
+                .map(|j| captured::row_from_json(j, schema))
                 .transpose()
         };
         let change = Change {

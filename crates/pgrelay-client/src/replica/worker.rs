@@ -1,0 +1,322 @@
+//! The replica's thread: owns the SQLite connection and runs the commands
+//! the async [`Replica`](super::Replica) handle sends, one at a time, each
+//! in its own SQLite transaction where it writes.
+
+use std::collections::HashMap;
+
+use pgrelay_protocol::{Lsn, TableSchema, Transaction, WriteResults};
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::mpsc;
+
+use super::{
+    apply, capture, outbox, schema, snapshot, Applied, Command, Executed, Outcome, ReplicaState,
+    ReplicaStatus, TableStatus, Taken,
+};
+use crate::ClientError;
+
+pub(super) struct Worker {
+    conn: Connection,
+    tables: HashMap<String, TableSchema>,
+    /// Transactions that snapshots already hold, skipped when they arrive.
+    filters: Vec<snapshot::Filter>,
+}
+
+impl Worker {
+    /// Takes over the opened connection, with the tables and snapshot
+    /// filters it holds.
+    pub(super) fn open(conn: Connection) -> Result<Worker, ClientError> {
+        let filters = snapshot::filters(&conn)?;
+        let mut worker = Worker {
+            conn,
+            tables: HashMap::new(),
+            filters,
+        };
+        worker.reload_tables()?;
+        Ok(worker)
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(command) = rx.blocking_recv() {
+            match command {
+                Command::State(reply) => {
+                    let _ = reply.send(self.state());
+                }
+                Command::SetClientId(id, reply) => {
+                    let _ = reply.send(schema::write_meta(&self.conn, "client_id", &id));
+                }
+                Command::ApplySchema(tables, reply) => {
+                    let _ = reply.send(self.apply_schema(&tables));
+                }
+                Command::ApplyTransactions(txs, reply) => {
+                    let _ = reply.send(self.apply_transactions(&txs));
+                }
+                Command::Status(reply) => {
+                    let _ = reply.send(self.status());
+                }
+                Command::Execute(sql, reply) => {
+                    let _ = reply.send(self.execute(&sql));
+                }
+                Command::TakeBatch(max_txs, reply) => {
+                    let _ = reply.send(self.take_batch(max_txs));
+                }
+                Command::SetAside(tx_id, reason, reply) => {
+                    let _ =
+                        reply.send(self.in_tx(|conn, tables| {
+                            outbox::set_aside(conn, tables, &tx_id, &reason)
+                        }));
+                }
+                Command::RecordResults(results, reply) => {
+                    let _ = reply.send(self.record_results(&results));
+                }
+                Command::Outbox(status, limit, reply) => {
+                    let _ = reply.send(outbox::report(&self.conn, status.as_deref(), limit));
+                }
+                Command::Unsent(reply) => {
+                    let _ = reply.send(outbox::unsent(&self.conn));
+                }
+                Command::SetMeta(key, value, reply) => {
+                    let _ = reply.send(schema::write_meta(&self.conn, key, &value));
+                }
+                Command::Reset(reply) => {
+                    let result = self.in_tx(|conn, _| snapshot::reset(conn));
+                    self.filters.clear();
+                    let _ = reply.send(result);
+                }
+                Command::RequestResync(tables, reply) => {
+                    let _ =
+                        reply.send(self.in_tx(|conn, _| snapshot::request_resync(conn, &tables)));
+                }
+                Command::BeginSnapshot(tables, full, reply) => {
+                    if full {
+                        self.filters.clear();
+                    }
+                    let _ = reply.send(self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || snapshot::begin(conn, known, &tables, full))
+                    }));
+                }
+                Command::LoadSnapshot(table, rows, reply) => {
+                    let _ = reply.send(self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || snapshot::load(conn, known, &table, &rows))
+                    }));
+                }
+                Command::ClearTable(table, reply) => {
+                    let _ = reply.send(self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || snapshot::clear(conn, known, &table))
+                    }));
+                }
+                Command::FinishSnapshot(done, reply) => {
+                    let result = self.in_tx(|conn, known| {
+                        snapshot::quietly(conn, || {
+                            snapshot::finish(
+                                conn,
+                                known,
+                                done.resume,
+                                done.full,
+                                &done.tables,
+                                &done.visibility,
+                            )
+                        })
+                    });
+                    let _ = reply.send(result.and_then(|()| {
+                        self.filters = snapshot::filters(&self.conn)?;
+                        Ok(())
+                    }));
+                }
+            }
+        }
+    }
+
+    fn reload_tables(&mut self) -> Result<(), ClientError> {
+        self.tables = schema::load_tables(&self.conn)?
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        Ok(())
+    }
+
+    /// Runs `work` in one immediate SQLite transaction.
+    fn in_tx<T>(
+        &mut self,
+        work: impl FnOnce(&Connection, &HashMap<String, TableSchema>) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = work(&tx, &self.tables)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    fn state(&self) -> Result<ReplicaState, ClientError> {
+        let client_id = schema::read_meta(&self.conn, "client_id")?;
+        let pending = snapshot::pending(&self.conn)?.unwrap_or_default();
+        let lsn = schema::read_meta(&self.conn, "lsn")?
+            .map(|s| s.parse::<Lsn>())
+            .transpose()
+            .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
+            .filter(|_| !pending.full);
+        let log_id = schema::read_meta(&self.conn, "log_id")?;
+        Ok(ReplicaState {
+            client_id,
+            lsn,
+            log_id,
+            resync: pending.tables,
+        })
+    }
+
+    fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<Vec<String>, ClientError> {
+        let positioned = self.state()?.lsn.is_some();
+        let mut needed = Vec::new();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for table in tables {
+            let retyped = match self.tables.get(&table.name) {
+                None => table.skipped.is_none(),
+                Some(known) => {
+                    table.skipped.is_none()
+                        && (known.skipped.is_some()
+                            || table.backfilled.iter().any(|c| known.column(c).is_none())
+                            || table.columns.iter().any(|c| {
+                                known.column(&c.name).is_some_and(|k| {
+                                    k.type_oid != c.type_oid || k.pg_type != c.pg_type
+                                })
+                            }))
+                }
+            };
+            if retyped && positioned {
+                needed.push(table.name.clone());
+            }
+            schema::apply_table(&tx, table)?;
+        }
+        tx.commit()?;
+        self.reload_tables()?;
+        Ok(needed)
+    }
+
+    fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Applied, ClientError> {
+        let current = self.state()?.lsn.unwrap_or(Lsn::ZERO);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut reached = current;
+        let mut unknown: Vec<String> = Vec::new();
+        capture::set_applying(&tx, true)?;
+        for server_tx in txs {
+            // A transaction at or below the stored position is already here.
+            if server_tx.lsn <= reached {
+                continue;
+            }
+            let skipped = snapshot::skipped(&self.filters, server_tx);
+            for change in &server_tx.changes {
+                if skipped.contains(&change.table.as_str()) {
+                    continue;
+                }
+                if !self.tables.contains_key(&change.table) {
+                    // Its schema never arrived, so it cannot be placed. The
+                    // table's snapshot, taken later, holds this change.
+                    if !unknown.contains(&change.table) {
+                        unknown.push(change.table.clone());
+                    }
+                    continue;
+                }
+                apply::apply_change(&tx, &self.tables, change).map_err(|e| {
+                    ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
+                })?;
+            }
+            reached = server_tx.lsn;
+        }
+        if reached > current {
+            schema::write_meta(&tx, "lsn", &reached.to_string())?;
+            snapshot::expire(&tx, &mut self.filters, reached)?;
+        }
+        if !unknown.is_empty() {
+            // In the same transaction as the position that passes them.
+            snapshot::request_resync(&tx, &unknown)?;
+        }
+        capture::set_applying(&tx, false)?;
+        tx.commit()?;
+        Ok(Applied {
+            lsn: reached,
+            unknown,
+        })
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<Executed, ClientError> {
+        let tx_id = format!(
+            "tx-{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        capture::set_tx_id(&tx, Some(&tx_id))?;
+        tx.execute_batch(sql)?;
+        capture::set_tx_id(&tx, None)?;
+        let captured: i64 = tx.query_row(
+            "SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1",
+            [&tx_id],
+            |r| r.get(0),
+        )?;
+        let (bytes, frames) = if captured > 0 {
+            // Measured as it will be sent: what the protocol cannot carry
+            // is refused now (dropping `tx` rolls it back), never accepted
+            // here and lost later.
+            let encoded = outbox::encode_captured(&tx, &self.tables, &tx_id)?;
+            let layout = pgrelay_protocol::layout(Some(&outbox::new_batch_id()), &encoded)?;
+            (layout.bytes(), layout.frames())
+        } else {
+            (0, 0)
+        };
+        tx.commit()?;
+        Ok(Executed {
+            tx_id,
+            captured: captured as usize,
+            bytes,
+            frames,
+        })
+    }
+
+    fn take_batch(&mut self, max_txs: usize) -> Result<Taken, ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken = outbox::take_batch(&tx, &self.tables, max_txs)?;
+        tx.commit()?;
+        Ok(taken)
+    }
+
+    fn record_results(&mut self, results: &WriteResults) -> Result<Vec<Outcome>, ClientError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        capture::set_applying(&tx, true)?;
+        let outcomes = outbox::record_results(&tx, &self.tables, results)?;
+        capture::set_applying(&tx, false)?;
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    fn status(&self) -> Result<ReplicaStatus, ClientError> {
+        let state = self.state()?;
+        let mut tables: Vec<TableStatus> = Vec::new();
+        for table in self.tables.values() {
+            let rows = match table.skipped {
+                Some(_) => None,
+                None => Some(schema::row_count(&self.conn, table.sqlite_name())?),
+            };
+            tables.push(TableStatus {
+                table: table.name.clone(),
+                rows,
+                skipped: table.skipped.clone(),
+            });
+        }
+        tables.sort_by(|a, b| a.table.cmp(&b.table));
+        Ok(ReplicaStatus {
+            client_id: state.client_id,
+            lsn: state.lsn.map(|l| l.to_string()),
+            tables,
+        })
+    }
+}
