@@ -119,19 +119,22 @@ impl Writer {
             .acquire()
             .await
             .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
-        let mut conn = self.pool.get().await?;
-        let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions, scope).await;
+        let mut borrowed = Borrowed(Some(self.pool.get().await?));
+        let outcome = match borrowed.0.as_mut() {
+            Some(conn) => run_batch(conn, client_id, batch, schemas, &self.versions, scope).await,
+            None => return Err(ServerError::Protocol("no connection borrowed".to_owned())),
+        };
         match outcome {
-            Ok(results) => Ok(results),
-            Err(source) => {
-                // The connection may be mid-transaction: close it rather
-                // than hand it to the next batch.
-                drop(PooledClient::take(conn));
-                Err(ServerError::Protocol(format!(
-                    "applying a write batch of {client_id}: {}",
-                    describe(&source)
-                )))
+            Ok(results) => {
+                borrowed.give_back();
+                Ok(results)
             }
+            // The connection may be mid-transaction: `borrowed` closes it
+            // rather than hand it to the next batch.
+            Err(source) => Err(ServerError::Protocol(format!(
+                "applying a write batch of {client_id}: {}",
+                describe(&source)
+            ))),
         }
     }
 
@@ -147,6 +150,27 @@ impl Writer {
             .await
             .map_err(ServerError::sql("pruning pgrelay.applied_changes"))?;
         Ok(deleted)
+    }
+}
+
+/// A connection borrowed for one batch. It goes back to the pool only
+/// when the batch finished (committed or rolled back); dropped any other
+/// way (a fault, or the batch's future dropped mid-transaction when its
+/// session ends) it is closed, so no batch inherits an open transaction.
+struct Borrowed(Option<PooledClient>);
+
+impl Borrowed {
+    fn give_back(mut self) {
+        // Dropping the pool's object returns it to the pool.
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(PooledClient::take(conn));
+        }
     }
 }
 
