@@ -31,6 +31,10 @@ pub enum PgError {
         current: String,
         suggested: String,
     },
+    /// The pool could not hand out a connection in time (PostgreSQL slow
+    /// to accept one) or is closed.
+    #[error("connection pool: {0}")]
+    Pool(String),
     #[error("replication stream: {0}")]
     Stream(#[from] pgwire_replication::PgWireError),
     #[error("replication stream: {0}")]
@@ -48,7 +52,7 @@ impl PgError {
     pub fn is_retryable(&self) -> bool {
         match self {
             PgError::Sql { source, .. } => sql_error_is_retryable(source),
-            PgError::Stream(_) => true,
+            PgError::Stream(_) | PgError::Pool(_) => true,
             PgError::BadUrl(_)
             | PgError::WalLevel { .. }
             | PgError::BadSlot { .. }

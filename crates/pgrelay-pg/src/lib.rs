@@ -8,6 +8,7 @@ mod catalog;
 mod connect;
 mod error;
 pub mod pgoutput;
+mod pool;
 mod slot;
 mod stream;
 
@@ -15,6 +16,7 @@ pub use assemble::{AssembleError, StreamEvent, ORIGIN_PREFIX};
 pub use catalog::{discover_tables, format_type, TableFilter};
 pub use connect::{connect, ConnInfo, SESSION_SETTINGS};
 pub use error::{sql_error_is_retryable, PgError};
+pub use pool::{Pool, PooledClient};
 pub use slot::{
     check_wal_level, create_slot, drop_slot, ensure_publication, inspect_slot, SlotState,
 };

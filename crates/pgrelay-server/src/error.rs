@@ -57,6 +57,8 @@ pub enum ServerError {
     Write(#[from] WriteError),
     #[error("a server task panicked: {0}")]
     TaskPanicked(String),
+    #[error("migrating schema pgrelay: {0}")]
+    Migration(String),
     #[error("configuration: {0}")]
     Config(String),
     #[error("listening on {addr}: {source}")]
@@ -83,7 +85,10 @@ impl ServerError {
             ServerError::Replication(e) => e.kind(),
             ServerError::Snapshot(e) => e.kind(),
             ServerError::Write(e) => e.kind(),
-            ServerError::TaskPanicked(_) | ServerError::Config(_) | ServerError::Listen { .. } => {
+            ServerError::TaskPanicked(_)
+            | ServerError::Migration(_)
+            | ServerError::Config(_)
+            | ServerError::Listen { .. } => {
                 ErrorKind::Definite
             }
         }

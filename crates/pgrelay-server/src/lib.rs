@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod history;
 mod hub;
+mod migrations;
 mod ops;
 mod registry;
 mod replication;

@@ -226,10 +226,7 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::ops::metrics::CONTENT_TYPE)],
         crate::ops::metrics::render(&ctx.state),
     )
         .into_response()

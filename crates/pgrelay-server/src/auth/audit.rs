@@ -7,23 +7,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::Pool;
 use tokio::sync::{mpsc, watch};
 
 use crate::ServerError;
-
-pub(crate) const SCHEMA_SQL: &str = "
-CREATE TABLE IF NOT EXISTS pgrelay.audit_log (
-    id        bigserial   PRIMARY KEY,
-    at        timestamptz NOT NULL,
-    action    text        NOT NULL,
-    client_id text,
-    subject   text,
-    detail    text
-);
-CREATE INDEX IF NOT EXISTS audit_log_at ON pgrelay.audit_log (at);
-COMMENT ON TABLE pgrelay.audit_log IS
-    'pgrelay audit trail: connects, refusals, expired tokens, rejected writes, admin actions';";
 
 /// Entries waiting for the table at most; past that they only go to the
 /// log target (the table is best effort, the trace is not).
@@ -69,14 +56,14 @@ impl Audit {
     /// Starts the writer; it ends, after writing what is queued, once every
     /// `Audit` is dropped or shutdown is set.
     pub(crate) fn start(
-        info: ConnInfo,
+        pool: Pool,
         shutdown: watch::Receiver<bool>,
     ) -> (
         Audit,
         impl std::future::Future<Output = Result<(), ServerError>>,
     ) {
         let (queue, entries) = mpsc::channel(QUEUE);
-        (Audit { queue }, write_loop(info, entries, shutdown))
+        (Audit { queue }, write_loop(pool, entries, shutdown))
     }
 
     /// Records an action. Never blocks.
@@ -110,11 +97,10 @@ impl Audit {
 }
 
 async fn write_loop(
-    info: ConnInfo,
+    pool: Pool,
     mut entries: mpsc::Receiver<Entry>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
-    let mut db: Option<tokio_postgres::Client> = None;
     let mut stopping = false;
     loop {
         let mut batch = Vec::new();
@@ -140,10 +126,9 @@ async fn write_loop(
                 }
             }
         }
-        if let Err(e) = write(&info, &mut db, &batch).await {
+        if let Err(e) = write(&pool, &batch).await {
             // PostgreSQL may be restarting: the entries are in the trace.
             tracing::warn!(target: "pgrelay::audit", error = %e, entries = batch.len(), "writing to pgrelay.audit_log failed");
-            db = None;
             if !stopping {
                 tokio::select! {
                     biased;
@@ -155,17 +140,8 @@ async fn write_loop(
     }
 }
 
-async fn write(
-    info: &ConnInfo,
-    db: &mut Option<tokio_postgres::Client>,
-    batch: &[Entry],
-) -> Result<(), ServerError> {
-    if db.as_ref().is_none_or(|c| c.is_closed()) {
-        *db = Some(pgrelay_pg::connect(info).await?);
-    }
-    let Some(client) = db.as_ref() else {
-        return Ok(());
-    };
+async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), ServerError> {
+    let client = pool.get().await?;
     let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
     let action: Vec<&str> = batch.iter().map(|e| e.action.as_str()).collect();
     let client_id: Vec<Option<&str>> = batch.iter().map(|e| e.client_id.as_deref()).collect();

@@ -18,7 +18,6 @@ pub use scope::Scope;
 pub(crate) use scope::SNAPSHOT_SETTINGS_SQL;
 pub use token::{AuthConfig, ClaimsVerifier, JwtKey};
 
-pub(crate) use audit::SCHEMA_SQL as AUDIT_SCHEMA_SQL;
 pub(crate) use rules::Bound;
 pub(crate) use rules::Rules;
 pub(crate) use token::TokenRefusal;

@@ -11,15 +11,6 @@ use pgrelay_pg::ConnInfo;
 
 use crate::ServerError;
 
-pub(crate) const SCHEMA_SQL: &str = "
-CREATE TABLE IF NOT EXISTS pgrelay.client_owners (
-    client_id  text        PRIMARY KEY,
-    subject    text        NOT NULL,
-    claimed_at timestamptz NOT NULL DEFAULT now()
-);
-COMMENT ON TABLE pgrelay.client_owners IS
-    'pgrelay client ids and the token subject that owns each (under --auth)';";
-
 /// Ids known to this node, by owner; claims never move, so a cached one
 /// stays true.
 pub(crate) struct Owners {

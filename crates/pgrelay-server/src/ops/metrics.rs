@@ -1,12 +1,22 @@
-//! Counters for `/metrics`, rendered in Prometheus' text format. Counters
-//! are plain atomics bumped where things happen; gauges are read from their
-//! owners when scraped.
+//! Counters for `/metrics`, encoded by `prometheus-client` in the
+//! OpenMetrics text format. Counters are plain atomics bumped where things
+//! happen; gauges are read from their owners when scraped, so a scrape
+//! builds a registry of constant values and encodes it.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use crate::state::AppState;
+
+/// The `Content-Type` of what [`render`] returns.
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the per-session lag histogram, in bytes of WAL between
 /// the newest transaction and the last one sent to the session.
@@ -57,20 +67,38 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
-struct Out(String);
+/// A label set of one label, as the labelled families here have.
+type Label = [(&'static str, &'static str); 1];
+
+/// A registry whose names all start with `pgrelay_`. `prometheus-client`
+/// adds `_total` to a counter's name.
+struct Out(Registry);
 
 impl Out {
-    fn metric(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    fn gauge<N>(&mut self, name: &str, help: &str, value: N)
+    where
+        ConstGauge<N>: prometheus_client::registry::Metric,
+    {
+        self.0.register(name, help, ConstGauge::new(value));
     }
 
-    fn value(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
-        let _ = writeln!(self.0, "{name}{labels} {value}");
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.0.register(name, help, ConstCounter::new(value));
     }
 
-    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-        self.metric(name, kind, help);
-        self.value(name, "", value);
+    /// A counter family with one label taking each of `values`.
+    fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        values: &[(&'static str, u64)],
+    ) {
+        let family = Family::<Label, Counter>::default();
+        for (value, count) in values {
+            family.get_or_create(&[(label, *value)]).inc_by(*count);
+        }
+        self.0.register(name, help, family);
     }
 }
 
@@ -78,206 +106,145 @@ pub(crate) fn render(state: &AppState) -> String {
     let m = &state.metrics;
     let lag = state.lag.report();
     let (changes, txs, confirmed) = state.replication.counters();
-    let mut out = Out(String::with_capacity(4096));
+    let mut out = Out(Registry::with_prefix("pgrelay"));
 
-    out.single(
-        "pgrelay_replication_connected",
-        "gauge",
+    out.gauge(
+        "replication_connected",
         "1 while the replication stream is connected.",
-        u8::from(state.replication.report().connected),
+        i64::from(state.replication.report().connected),
     );
-    out.single(
-        "pgrelay_replication_lag_bytes",
-        "gauge",
+    out.gauge(
+        "replication_lag_bytes",
         "WAL bytes between PostgreSQL's current position and the slot's confirmed position.",
         lag.lag_bytes,
     );
-    out.single(
-        "pgrelay_replication_lag_seconds",
-        "gauge",
+    out.gauge(
+        "replication_lag_seconds",
         "Age of the oldest WAL position the slot has not confirmed.",
         lag.lag_seconds,
     );
-    out.single(
-        "pgrelay_replication_stalled",
-        "gauge",
+    out.gauge(
+        "replication_stalled",
         "1 while WAL moves on and the confirmed position does not.",
-        u8::from(lag.stalled),
+        i64::from(lag.stalled),
     );
     let (missing, invalidated) = state.replication.slot_losses();
-    out.metric(
-        "pgrelay_slot_lost_total",
-        "counter",
+    out.counters(
+        "slot_lost",
         "Replication slots found lost since start, by how (missing: dropped; invalidated: by PostgreSQL); each starts a new change log that every replica hydrates again.",
+        "reason",
+        &[("missing", missing), ("invalidated", invalidated)],
     );
-    out.value("pgrelay_slot_lost_total", "{reason=\"missing\"}", missing);
-    out.value(
-        "pgrelay_slot_lost_total",
-        "{reason=\"invalidated\"}",
-        invalidated,
-    );
-    out.single(
-        "pgrelay_confirmed_lsn",
-        "gauge",
+    out.gauge(
+        "confirmed_lsn",
         "The slot position pgrelay confirmed to PostgreSQL, as a number.",
         confirmed.0,
     );
-    out.single(
-        "pgrelay_captured_changes_total",
-        "counter",
+    out.counter(
+        "captured_changes",
         "Changes committed to the change log since start.",
         changes,
     );
-    out.single(
-        "pgrelay_captured_transactions_total",
-        "counter",
+    out.counter(
+        "captured_transactions",
         "Transactions committed to the change log since start.",
         txs,
     );
-    out.single(
-        "pgrelay_change_log_rows",
-        "gauge",
+    out.gauge(
+        "change_log_rows",
         "Rows in pgrelay.change_history (PostgreSQL's estimate).",
         lag.change_log_rows,
     );
-    out.single(
-        "pgrelay_change_log_bytes",
-        "gauge",
+    out.gauge(
+        "change_log_bytes",
         "Size of pgrelay.change_history with its indexes.",
         lag.change_log_bytes,
     );
 
     let sessions = state.sessions.all();
-    out.single(
-        "pgrelay_sessions",
-        "gauge",
+    out.gauge(
+        "sessions",
         "Sync sessions connected to this node.",
         sessions.len(),
     );
-    out.single(
-        "pgrelay_messages_sent_total",
-        "counter",
+    out.counter(
+        "messages_sent",
         "Frames sent to clients.",
         get(&m.messages_sent),
     );
-    out.single(
-        "pgrelay_bytes_sent_total",
-        "counter",
+    out.counter(
+        "bytes_sent",
         "Bytes of frames sent to clients.",
         get(&m.bytes_sent),
     );
-    out.single(
-        "pgrelay_session_catch_ups_total",
-        "counter",
+    out.counter(
+        "session_catch_ups",
         "Times a session fell behind the live buffer and read the change log instead.",
         get(&m.catch_ups),
     );
-    out.single(
-        "pgrelay_sessions_too_slow_total",
-        "counter",
+    out.counter(
+        "sessions_too_slow",
         "Sessions closed because the client did not read in time.",
         get(&m.too_slow),
     );
-    out.single(
-        "pgrelay_sessions_replaced_total",
-        "counter",
+    out.counter(
+        "sessions_replaced",
         "Sessions closed because the same client connected again.",
         get(&m.replaced),
     );
 
     let head = state.hub.head();
-    let mut counts = [0u64; LAG_BUCKETS.len()];
-    let mut sum = 0u64;
+    // Bounds below 2^53 are exact as floats.
+    let lags = Histogram::new(LAG_BUCKETS.iter().map(|b| *b as f64));
     for session in &sessions {
-        let lag = head.0.saturating_sub(session.sent().0);
-        sum = sum.saturating_add(lag);
-        for (bound, count) in LAG_BUCKETS.iter().zip(counts.iter_mut()) {
-            if lag <= *bound {
-                *count += 1;
-            }
-        }
+        lags.observe(head.0.saturating_sub(session.sent().0) as f64);
     }
-    out.metric(
-        "pgrelay_session_lag_bytes",
-        "histogram",
+    out.0.register(
+        "session_lag_bytes",
         "Per session: WAL bytes between the newest transaction and the last one sent.",
+        lags,
     );
-    for (bound, count) in LAG_BUCKETS.iter().zip(counts) {
-        out.value(
-            "pgrelay_session_lag_bytes_bucket",
-            &format!("{{le=\"{bound}\"}}"),
-            count,
-        );
-    }
-    out.value(
-        "pgrelay_session_lag_bytes_bucket",
-        "{le=\"+Inf\"}",
-        sessions.len(),
-    );
-    out.value("pgrelay_session_lag_bytes_sum", "", sum);
-    out.value("pgrelay_session_lag_bytes_count", "", sessions.len());
 
-    out.metric(
-        "pgrelay_write_batches_total",
-        "counter",
+    out.counters(
+        "write_batches",
         "Client write batches, by outcome (refused: turned down whole before applying).",
+        "outcome",
+        &[
+            ("applied", get(&m.batches_applied)),
+            ("refused", get(&m.batches_refused)),
+        ],
     );
-    out.value(
-        "pgrelay_write_batches_total",
-        "{outcome=\"applied\"}",
-        get(&m.batches_applied),
-    );
-    out.value(
-        "pgrelay_write_batches_total",
-        "{outcome=\"refused\"}",
-        get(&m.batches_refused),
-    );
-    out.metric(
-        "pgrelay_write_transactions_total",
-        "counter",
+    out.counters(
+        "write_transactions",
         "Client transactions in applied batches, by status.",
+        "status",
+        &[
+            ("applied", get(&m.txs_applied)),
+            ("rejected", get(&m.txs_rejected)),
+            ("retry", get(&m.txs_retry)),
+        ],
     );
-    out.value(
-        "pgrelay_write_transactions_total",
-        "{status=\"applied\"}",
-        get(&m.txs_applied),
-    );
-    out.value(
-        "pgrelay_write_transactions_total",
-        "{status=\"rejected\"}",
-        get(&m.txs_rejected),
-    );
-    out.value(
-        "pgrelay_write_transactions_total",
-        "{status=\"retry\"}",
-        get(&m.txs_retry),
-    );
-    out.metric(
-        "pgrelay_rate_limited_total",
-        "counter",
+    out.counters(
+        "rate_limited",
         "Requests refused by a rate limit, by limit.",
+        "limit",
+        &[
+            ("connect", get(&m.rate_limited_connects)),
+            ("message", get(&m.rate_limited_messages)),
+        ],
     );
-    out.value(
-        "pgrelay_rate_limited_total",
-        "{limit=\"connect\"}",
-        get(&m.rate_limited_connects),
-    );
-    out.value(
-        "pgrelay_rate_limited_total",
-        "{limit=\"message\"}",
-        get(&m.rate_limited_messages),
-    );
-    out.single(
-        "pgrelay_connections_refused_total",
-        "counter",
+    out.counter(
+        "connections_refused",
         "Connections refused at --max-connections.",
         get(&m.refused_connections),
     );
-    out.single(
-        "pgrelay_registry_errors_total",
-        "counter",
+    out.counter(
+        "registry_errors",
         "Client registry operations that failed.",
         get(&m.registry_errors),
     );
-    out.0
+    let mut text = String::with_capacity(4096);
+    // Writing to a String cannot fail.
+    let _ = encode(&mut text, &out.0);
+    text
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::{Pool, PooledClient};
 use pgrelay_protocol::{
     ClientTransaction, CurrentRow, Lsn, Op, RejectCode, Row, TableSchema, TxResult, WriteBatch,
     WriteResults, WriteStatus,
@@ -32,7 +32,7 @@ pub(crate) use statement::quote_table;
 use statement::{plan, select_current, Planned};
 
 /// Batches applied at the same time at most (each holds a connection).
-const MAX_CONCURRENT_BATCHES: usize = 8;
+pub(crate) const MAX_CONCURRENT_BATCHES: usize = 8;
 
 /// Batches of one client applied at the same time at most: a client that
 /// sends many large batches at once waits for its own, and the rest of the
@@ -45,15 +45,10 @@ const MAX_BATCHES_PER_CLIENT: usize = 2;
 /// `retry`.
 const MAX_ASSEMBLIES: usize = 8;
 
-/// A connection with the statements prepared on it.
-struct Conn {
-    client: Client,
-    prepared: HashMap<String, Statement>,
-}
-
 pub(crate) struct Writer {
-    info: ConnInfo,
-    idle: Mutex<Vec<Conn>>,
+    /// Shared with the server's other parts; a batch borrows one
+    /// connection, whose statements stay prepared for the next batch.
+    pool: Pool,
     permits: Semaphore,
     /// Each client's share of `permits`, while it has batches in flight.
     shares: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -77,10 +72,9 @@ enum Failure {
 }
 
 impl Writer {
-    pub(crate) fn new(info: ConnInfo, versions: BTreeMap<String, String>) -> Writer {
+    pub(crate) fn new(pool: Pool, versions: BTreeMap<String, String>) -> Writer {
         Writer {
-            info,
-            idle: Mutex::new(Vec::new()),
+            pool,
             permits: Semaphore::new(MAX_CONCURRENT_BATCHES),
             shares: Mutex::new(HashMap::new()),
             assemblies: Semaphore::new(MAX_ASSEMBLIES),
@@ -137,29 +131,29 @@ impl Writer {
         let _own = share
             .acquire()
             .await
-            .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
+            .map_err(|_| WriteError::Closed)?;
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| WriteError::Closed)?;
-        let mut conn = self.take().await?;
-        let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions, scope).await;
+        let mut borrowed = Borrowed(Some(self.pool.get().await?));
+        let outcome = match borrowed.0.as_mut() {
+            Some(conn) => run_batch(conn, client_id, batch, schemas, &self.versions, scope).await,
+            None => return Err(WriteError::Closed.into()),
+        };
         match outcome {
             Ok(results) => {
-                self.give_back(conn);
+                borrowed.give_back();
                 Ok(results)
             }
-            Err(source) => {
-                // The connection may be mid-transaction: close it rather
-                // than hand it to the next batch.
-                drop(conn);
-                Err(WriteError::Batch {
-                    client_id: client_id.to_owned(),
-                    reason: describe(&source),
-                }
-                .into())
+            // The connection may be mid-transaction: `borrowed` closes it
+            // rather than hand it to the next batch.
+            Err(source) => Err(WriteError::Batch {
+                client_id: client_id.to_owned(),
+                reason: describe(&source),
             }
+            .into()),
         }
     }
 
@@ -177,41 +171,17 @@ impl Writer {
         }
     }
 
-    async fn take(&self) -> Result<Conn, ServerError> {
-        let reused = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|c| !c.client.is_closed());
-            idle.pop()
-        };
-        match reused {
-            Some(conn) => Ok(conn),
-            None => Ok(Conn {
-                client: pgrelay_pg::connect(&self.info).await?,
-                prepared: HashMap::new(),
-            }),
-        }
-    }
-
-    fn give_back(&self, conn: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_CONCURRENT_BATCHES {
-            idle.push(conn);
-        }
-    }
-
     /// Deletes the record of change ids applied longer ago than `retention`;
     /// a client that resends something older than that is not recognised.
     pub(crate) async fn prune(&self, retention: Duration) -> Result<u64, ServerError> {
-        let conn = self.take().await?;
+        let conn = self.pool.get().await?;
         let deleted = conn
-            .client
             .execute(
                 "DELETE FROM pgrelay.applied_changes WHERE applied_at < now() - make_interval(secs => $1)",
                 &[&retention.as_secs_f64()],
             )
             .await
             .map_err(ServerError::sql("pruning pgrelay.applied_changes"))?;
-        self.give_back(conn);
         Ok(deleted)
     }
 }
@@ -241,6 +211,27 @@ impl Drop for Share<'_> {
     }
 }
 
+/// A connection borrowed for one batch. It goes back to the pool only
+/// when the batch finished (committed or rolled back); dropped any other
+/// way (a fault, or the batch's future dropped mid-transaction when its
+/// session ends) it is closed, so no batch inherits an open transaction.
+struct Borrowed(Option<PooledClient>);
+
+impl Borrowed {
+    fn give_back(mut self) {
+        // Dropping the pool's object returns it to the pool.
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(PooledClient::take(conn));
+        }
+    }
+}
+
 /// A batch's answers and the WAL bounds of its commit (read-your-writes).
 struct Applied {
     results: Vec<TxResult>,
@@ -249,18 +240,17 @@ struct Applied {
 }
 
 async fn run_batch(
-    conn: &mut Conn,
+    conn: &mut PooledClient,
     client_id: &str,
     batch: &WriteBatch,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
     scope: Option<&Scope>,
 ) -> Result<Applied, tokio_postgres::Error> {
-    conn.client.batch_execute("BEGIN").await?;
+    conn.batch_execute("BEGIN").await?;
     // The origin message is the transaction's first WAL record: its
     // position is a floor for the commit's.
     let floor: String = conn
-        .client
         .query_one(
             "SELECT pg_logical_emit_message(true, 'pgrelay.origin', $1::text)::text",
             &[&pgrelay_protocol::origin_tag(client_id)],
@@ -278,15 +268,14 @@ async fn run_batch(
         }
         // One round trip for both: tokio-postgres pipelines them in order.
         let (savepoint, recorded) = tokio::join!(
-            conn.client.batch_execute("SAVEPOINT client_tx"),
-            record_ids(&conn.client, client_id, tx)
+            conn.batch_execute("SAVEPOINT client_tx"),
+            record_ids(&conn, client_id, tx)
         );
         savepoint?;
         let first_time = match recorded {
             Ok(first_time) => first_time,
             Err(e) if e.as_db_error().is_some() => {
-                conn.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                     .await?;
                 let reason = describe(&e);
                 results.push(TxResult::retry(&tx.id, reason));
@@ -296,35 +285,30 @@ async fn run_batch(
             Err(e) => return Err(e),
         };
         if !first_time {
-            conn.client
-                .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+            conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                 .await?;
             results.push(TxResult::applied(&tx.id, true));
             continue;
         }
         match apply_tx(conn, tx, schemas, versions, scope).await {
             Ok(()) => {
-                conn.client
-                    .batch_execute("RELEASE SAVEPOINT client_tx")
-                    .await?;
+                conn.batch_execute("RELEASE SAVEPOINT client_tx").await?;
                 results.push(TxResult::applied(&tx.id, false));
             }
             Err(Failure::Fault(e)) => {
-                let _ = conn.client.batch_execute("ROLLBACK").await;
+                let _ = conn.batch_execute("ROLLBACK").await;
                 return Err(e);
             }
             Err(Failure::Transient(reason)) => {
-                conn.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                     .await?;
                 results.push(TxResult::retry(&tx.id, reason.clone()));
                 stopped = Some(format!("waiting for transaction {} to be retried", tx.id));
             }
             Err(Failure::Rejected { code, reason, keys }) => {
-                conn.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx")
                     .await?;
-                let mut rows = current_rows(&conn.client, schemas, keys).await?;
+                let mut rows = current_rows(&conn, schemas, keys).await?;
                 if let Some(scope) = scope {
                     // Report only rows the client may read; for the others
                     // the server "has none", and the replica drops its copy.
@@ -338,9 +322,7 @@ async fn run_batch(
                         }
                     }
                 }
-                conn.client
-                    .batch_execute("RELEASE SAVEPOINT client_tx")
-                    .await?;
+                conn.batch_execute("RELEASE SAVEPOINT client_tx").await?;
                 tracing::debug!(client_id, tx = %tx.id, ?code, %reason, "client transaction rejected");
                 results.push(TxResult {
                     id: tx.id.clone(),
@@ -353,9 +335,8 @@ async fn run_batch(
             }
         }
     }
-    conn.client.batch_execute("COMMIT").await?;
+    conn.batch_execute("COMMIT").await?;
     let ceiling: String = conn
-        .client
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
@@ -385,7 +366,7 @@ async fn record_ids(
 }
 
 async fn apply_tx(
-    conn: &mut Conn,
+    conn: &mut PooledClient,
     tx: &ClientTransaction,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
@@ -443,37 +424,33 @@ async fn apply_tx(
     }
     // Prepare what this connection has not seen yet, then run the changes
     // pipelined: one round trip for the whole client transaction.
+    let mut statements: Vec<Statement> = Vec::with_capacity(planned.len());
     for (_, _, p) in &planned {
-        if !conn.prepared.contains_key(&p.sql) {
-            let statement = conn
-                .client
-                .prepare(&p.sql)
-                .await
-                .map_err(|e| classify(e, &keys, scope.is_some()))?;
-            conn.prepared.insert(p.sql.clone(), statement);
-        }
+        let statement = conn
+            .prepare_cached(&p.sql)
+            .await
+            .map_err(|e| classify(e, &keys, scope.is_some()))?;
+        statements.push(statement);
     }
-    let client = &conn.client;
-    let prepared = &conn.prepared;
-    let runs = planned.iter().map(|(_, _, p)| async move {
-        let params: Vec<&(dyn ToSql + Sync)> =
-            p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        if p.check_returned {
-            // Each returned row says whether the row as written is still
-            // one the client may write.
-            let rows = match prepared.get(&p.sql) {
-                Some(statement) => client.query(statement, &params).await,
-                None => client.query(p.sql.as_str(), &params).await,
-            }?;
-            let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
-            return Ok((rows.len() as u64, allowed));
-        }
-        match prepared.get(&p.sql) {
-            Some(statement) => client.execute(statement, &params).await,
-            None => client.execute(p.sql.as_str(), &params).await,
-        }
-        .map(|count| (count, true))
-    });
+    let client: &Client = conn;
+    let runs = planned
+        .iter()
+        .zip(&statements)
+        .map(|((_, _, p), statement)| async move {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            if p.check_returned {
+                // Each returned row says whether the row as written is still
+                // one the client may write.
+                let rows = client.query(statement, &params).await?;
+                let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
+                return Ok((rows.len() as u64, allowed));
+            }
+            client
+                .execute(statement, &params)
+                .await
+                .map(|count| (count, true))
+        });
     let counts = join_all(runs).await;
     for ((table, op, p), count) in planned.iter().zip(counts) {
         let (count, allowed) = count.map_err(|e| classify(e, &keys, scope.is_some()))?;

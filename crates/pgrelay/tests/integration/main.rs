@@ -17,6 +17,7 @@ mod handover;
 mod hydrate;
 mod large_writes;
 mod livestore;
+mod migrations;
 mod operations;
 mod pipeline;
 mod protection;
