@@ -142,7 +142,7 @@ pub(crate) async fn start_row_sync(
     let (audit, audit_writer) = auth::Audit::start(pool.clone(), shutdown_rx.clone());
     tasks.spawn(audit_writer);
     tasks.spawn(auth::audit::prune(
-        info.clone(),
+        pool.clone(),
         config.audit_retention,
         shutdown_rx.clone(),
     ));

@@ -161,13 +161,13 @@ async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), ServerError> {
 /// Deletes audit entries older than `retention`, now and hourly, so refused
 /// requests (each one a row) cannot grow the table without end.
 pub(crate) async fn prune(
-    info: ConnInfo,
+    pool: Pool,
     retention: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let period = Duration::from_secs(3600).min(retention);
     loop {
-        match prune_once(&info, retention).await {
+        match prune_once(&pool, retention).await {
             Ok(0) => {}
             Ok(deleted) => {
                 tracing::info!(target: "pgrelay::audit", deleted, "deleted audit entries past --audit-retention")
@@ -185,8 +185,8 @@ pub(crate) async fn prune(
     }
 }
 
-async fn prune_once(info: &ConnInfo, retention: Duration) -> Result<u64, ServerError> {
-    let client = pgrelay_pg::connect(info).await?;
+async fn prune_once(pool: &Pool, retention: Duration) -> Result<u64, ServerError> {
+    let client = pool.get().await?;
     client
         .execute(
             "DELETE FROM pgrelay.audit_log WHERE at < now() - make_interval(secs => $1)",
