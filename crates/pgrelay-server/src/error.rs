@@ -88,9 +88,7 @@ impl ServerError {
             ServerError::TaskPanicked(_)
             | ServerError::Migration(_)
             | ServerError::Config(_)
-            | ServerError::Listen { .. } => {
-                ErrorKind::Definite
-            }
+            | ServerError::Listen { .. } => ErrorKind::Definite,
         }
     }
 

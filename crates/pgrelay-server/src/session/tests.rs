@@ -91,12 +91,15 @@ fn state(config: ServerConfig) -> AppState {
     let info = ConnInfo::parse("postgres://nobody@127.0.0.1:1/nothing").unwrap();
     let sessions = Arc::new(SessionTable::default());
     let (_, shutdown) = watch::channel(false);
-    let (audit, _writer) = Audit::start(info.clone(), shutdown);
+    // A pool connects only when a connection is asked for.
+    let pool = pgrelay_pg::Pool::new(&info, 2).unwrap();
+    let (audit, _writer) = Audit::start(pool.clone(), shutdown);
     AppState {
         hub: Arc::new(Hub::new(16, Lsn::ZERO, Vec::new(), false, "log")),
-        log_reader: LogReader::new(info.clone()),
+        log_reader: LogReader::new(pool.clone()),
         replication: Arc::new(ReplicationStatus::new()),
-        writer: Arc::new(crate::writes::Writer::new(info.clone(), BTreeMap::new())),
+        writer: Arc::new(crate::writes::Writer::new(pool, BTreeMap::new())),
+        owners: crate::auth::owners::Owners::new(info.clone()),
         auth: None,
         audit,
         database: info,
@@ -114,6 +117,7 @@ fn state(config: ServerConfig) -> AppState {
         metrics: Metrics::default(),
         lag: Arc::new(LagMonitor::new(Duration::from_secs(60))),
         connect_limiter: IpLimiter::new(config.connect_rate, config.connect_burst),
+        write_limiter: IpLimiter::new(config.connect_rate, config.connect_burst),
         config,
     }
 }
@@ -199,6 +203,7 @@ async fn a_client_that_answers_stays_connected_until_its_token_expires() {
         subject: Some("alice".into()),
         expires: SystemTime::now() + Duration::from_secs(120),
         scope: Arc::new(Scope::open(1)),
+        owner: Some("alice".into()),
     };
     let started = Instant::now();
     let result = serve(&state, &mut socket, Some(principal), &mut shutdown).await;

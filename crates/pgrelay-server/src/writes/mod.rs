@@ -128,10 +128,7 @@ impl Writer {
         scope: Option<&Scope>,
     ) -> Result<Applied, ServerError> {
         let share = self.share(client_id);
-        let _own = share
-            .acquire()
-            .await
-            .map_err(|_| WriteError::Closed)?;
+        let _own = share.acquire().await.map_err(|_| WriteError::Closed)?;
         let _permit = self
             .permits
             .acquire()
@@ -269,7 +266,7 @@ async fn run_batch(
         // One round trip for both: tokio-postgres pipelines them in order.
         let (savepoint, recorded) = tokio::join!(
             conn.batch_execute("SAVEPOINT client_tx"),
-            record_ids(&conn, client_id, tx)
+            record_ids(conn, client_id, tx)
         );
         savepoint?;
         let first_time = match recorded {
@@ -308,7 +305,7 @@ async fn run_batch(
             Err(Failure::Rejected { code, reason, keys }) => {
                 conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx")
                     .await?;
-                let mut rows = current_rows(&conn, schemas, keys).await?;
+                let mut rows = current_rows(conn, schemas, keys).await?;
                 if let Some(scope) = scope {
                     // Report only rows the client may read; for the others
                     // the server "has none", and the replica drops its copy.

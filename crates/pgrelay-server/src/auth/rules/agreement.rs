@@ -16,8 +16,11 @@ const TEXTS: [Option<&str>; 6] = [None, Some("x"), Some("X"), Some(""), Some("1"
 /// Values of the integer column `n`, compared as PostgreSQL's text output.
 const NUMBERS: [Option<i32>; 3] = [None, Some(1), Some(-1)];
 
+/// A test row: its id and the values of columns `a`, `b` and `n`.
+type TestRow = (i32, Option<&'static str>, Option<&'static str>, Option<i32>);
+
 /// Every combination of the columns' values, with its id.
-fn rows() -> Vec<(i32, Option<&'static str>, Option<&'static str>, Option<i32>)> {
+fn rows() -> Vec<TestRow> {
     let mut rows = Vec::new();
     for a in TEXTS {
         for b in TEXTS {
