@@ -13,7 +13,7 @@ mod slot;
 mod stream;
 
 pub use assemble::{AssembleError, StreamEvent, ORIGIN_PREFIX};
-pub use catalog::{discover_tables, format_type, TableFilter};
+pub use catalog::{discover_tables, format_type, has_full_identity, TableFilter};
 pub use connect::{connect, ConnInfo, SESSION_SETTINGS};
 pub use error::{sql_error_is_retryable, PgError};
 pub use pool::{Pool, PooledClient};

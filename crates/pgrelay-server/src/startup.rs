@@ -207,20 +207,10 @@ fn version_columns(
 /// a row that leaves a client's scope can be sent to it as a delete.
 async fn full_identity(db: &tokio_postgres::Client, tables: &[String]) -> Result<(), ServerError> {
     for table in tables {
-        let quoted = writes::quote_table(table);
-        let row = db
-            .query_one(
-                "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
-                &[&quoted],
-            )
-            .await
-            .map_err(ServerError::sql(format!(
-                "reading the replica identity of {table}"
-            )))?;
-        let identity: String = row.get(0);
-        if identity == "f" {
+        if pgrelay_pg::has_full_identity(db, table).await? {
             continue;
         }
+        let quoted = writes::quote_table(table);
         db.batch_execute(&format!("ALTER TABLE {quoted} REPLICA IDENTITY FULL"))
             .await
             .map_err(|source| {
