@@ -226,8 +226,8 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     (
-        [(header::CONTENT_TYPE, crate::ops::metrics::CONTENT_TYPE)],
-        crate::ops::metrics::render(&ctx.state),
+        [(header::CONTENT_TYPE, crate::ops::exposition::CONTENT_TYPE)],
+        crate::ops::exposition::render(&ctx.state),
     )
         .into_response()
 }
