@@ -133,8 +133,8 @@ mod tests {
             .unwrap()
             .get(0);
 
-        assert_eq!(migrate(&mut client).await.unwrap(), vec![1, 2]);
-        assert_eq!(versions(&client).await, vec![1, 2]);
+        assert_eq!(migrate(&mut client).await.unwrap(), vec![1, 2, 3]);
+        assert_eq!(versions(&client).await, vec![1, 2, 3]);
         let row = client
             .query_one(
                 "SELECT (SELECT log_id FROM pgrelay.log_state),
@@ -172,9 +172,9 @@ mod tests {
             applied.extend(done.unwrap().unwrap());
         }
         applied.sort_unstable();
-        assert_eq!(applied, vec![1, 2]);
+        assert_eq!(applied, vec![1, 2, 3]);
         let client = db.connect().await.unwrap();
-        assert_eq!(versions(&client).await, vec![1, 2]);
+        assert_eq!(versions(&client).await, vec![1, 2, 3]);
         let log_ids: i64 = client
             .query_one("SELECT count(*) FROM pgrelay.log_state", &[])
             .await

@@ -92,6 +92,18 @@ async fn a_healthy_database_has_no_error_and_each_misconfiguration_is_found() {
     // change log nothing prunes.
     world.exec("CREATE TABLE loose (x int)").await;
     world.exec("INSERT INTO todos VALUES (1, 'a', 'b')").await;
+    wait_for(
+        "the insert in the change log",
+        Duration::from_secs(30),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                > 0)
+            .then_some(())
+        },
+    )
+    .await;
     server.shutdown().await.unwrap();
     world
         .exec(&format!(
