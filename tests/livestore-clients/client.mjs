@@ -1,4 +1,5 @@
-// One real LiveStore client (adapter-node, fs storage, sync-cf's makeWsSync)
+// One real LiveStore client (adapter-node, fs storage, sync-cf's makeWsSync,
+// or makeHttpSync with --transport http)
 // as its own process: commits --commit todos at --start-at, then waits until
 // it holds --expect todos and nothing of its own is left unpushed, and
 // prints one JSON line with what it holds.
@@ -6,7 +7,7 @@ import { parseArgs } from 'node:util'
 
 import { makeAdapter } from '@livestore/adapter-node'
 import { createStorePromise, queryDb } from '@livestore/livestore'
-import { makeWsSync } from '@livestore/sync-cf/client'
+import { makeHttpSync, makeWsSync } from '@livestore/sync-cf/client'
 
 import { events, schema, todos } from './schema.mjs'
 
@@ -20,6 +21,9 @@ const { values: args } = parseArgs({
     expect: { type: 'string' },
     'start-at': { type: 'string', default: '0' },
     token: { type: 'string', default: 'insecure-token-change-me' },
+    // `ws` (makeWsSync) or `http` (makeHttpSync: push and pull over plain
+    // HTTP requests, live updates by polling).
+    transport: { type: 'string', default: 'ws' },
     timeout: { type: 'string', default: '60000' },
     // Stay running: after the first --expect, print READY, wait for this
     // file, commit --commit-after more, then wait for --expect-after.
@@ -36,7 +40,12 @@ const adapter = makeAdapter({
   storage: { type: 'fs', baseDirectory: args.dir },
   clientId: args.client,
   sessionId: `${args.client}-session`,
-  sync: { backend: makeWsSync({ url: args.url }) },
+  sync: {
+    backend:
+      args.transport === 'http'
+        ? makeHttpSync({ url: args.url, livePull: { pollInterval: 300 } })
+        : makeWsSync({ url: args.url }),
+  },
 })
 
 const store = await createStorePromise({

@@ -97,7 +97,7 @@ export interface WriteResults {
 }
 
 export type ServerMessage =
-  | { type: "welcome"; protocol_version: number; client_id: string; head_lsn: string; tables: TableSchema[]; log_id?: string; wal_lsn?: string }
+  | { type: "welcome"; protocol_version: number; client_id: string; head_lsn: string; tables: TableSchema[]; log_id?: string; wal_lsn?: string; origin?: string }
   | { type: "schema"; tables: TableSchema[] }
   | ({ type: "tx" } & Transaction)
   | { type: "caught_up"; lsn: string; wal_lsn?: string }

@@ -82,6 +82,8 @@ export class Sync {
 
   // Per connection.
   private welcomed = false;
+  /** This client's tag in transactions' `origin` (the welcome says it). */
+  private origin: string | null = null;
   private target: bigint | null = null;
   /**
    * PostgreSQL's WAL position at the welcome, and how far the server says
@@ -410,7 +412,8 @@ export class Sync {
 
   private flush(batch: Transaction[]): void {
     if (batch.length === 0) return;
-    const own = this.replica.state().clientId;
+    // Servers before the origin tag sent the client id itself.
+    const own = this.origin ?? this.replica.state().clientId;
     const applied = this.replica.applyTransactions(batch, own);
     for (const e of applied.echoes) this.echoes.push(parseLsn(e.lsn));
     if (this.echoes.length > 1000) this.echoes.splice(0, this.echoes.length - 1000);
@@ -434,6 +437,7 @@ export class Sync {
     switch (message.type) {
       case "welcome": {
         if (message.log_id) this.replica.setMeta("log_id", message.log_id);
+        this.origin = message.origin ?? null;
         this.resyncNewTables(message.tables, this.resyncAsked);
         this.target = parseLsn(message.head_lsn);
         this.walTarget = message.wal_lsn ? parseLsn(message.wal_lsn) : null;

@@ -3,6 +3,11 @@
 //! queue's depth in flight). After each table the row count and checksum
 //! are compared with the server's; a table that does not match is emptied
 //! and asked for again, never kept.
+//!
+//! Memory is bounded against a lying server or a man in the middle: a chunk
+//! is decompressed into no more than the size its zstd frame announces
+//! (itself capped), one that holds more is refused, and decompressed bytes
+//! waiting for the replica's thread stay under a total.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -19,6 +24,10 @@ use crate::{ClientError, Event, Replica};
 /// most one row; a row can be large).
 const MAX_CHUNK_BYTES: usize = 256 << 20;
 
+/// Decompressed bytes handed to the replica's thread and not yet inserted,
+/// at most (one chunk larger than this is let through alone).
+const MAX_IN_FLIGHT_BYTES: usize = 32 << 20;
+
 type Pending = oneshot::Receiver<Result<u64, ClientError>>;
 
 struct TableState {
@@ -29,8 +38,9 @@ struct TableState {
     /// Rows inserted in this round of the table.
     rows: u64,
     next_seq: u32,
-    /// Rows inserted, as the replica thread reports them.
-    loads: VecDeque<Pending>,
+    /// Rows inserted, as the replica thread reports them, with the bytes
+    /// each load holds until then.
+    loads: VecDeque<(Pending, usize)>,
     /// Set when a chunk could not be used; the table is fetched again.
     damaged: Option<String>,
 }
@@ -46,6 +56,8 @@ pub(crate) struct Hydration {
     rows_done: u64,
     bytes_done: u64,
     tables_done: usize,
+    /// Decompressed bytes in `loads` of every table.
+    in_flight: usize,
 }
 
 impl Hydration {
@@ -82,6 +94,7 @@ impl Hydration {
             rows_done: 0,
             bytes_done: 0,
             tables_done: 0,
+            in_flight: 0,
         })
     }
 
@@ -111,21 +124,57 @@ impl Hydration {
             return Ok(());
         }
         table.next_seq += 1;
-        let raw = match zstd::bulk::decompress(payload, MAX_CHUNK_BYTES) {
-            Ok(raw) => raw,
+        let announced = match announced_size(payload) {
+            Ok(size) => size,
+            Err(why) => {
+                table.damaged = Some(format!("chunk {seq} {why}"));
+                return Ok(());
+            }
+        };
+        // Wait for the replica's thread before holding more than the bound.
+        while self.in_flight > 0 && self.in_flight + announced > MAX_IN_FLIGHT_BYTES {
+            let Some((load, bytes)) = table.loads.pop_front() else {
+                break;
+            };
+            self.in_flight -= bytes;
+            match load.await.map_err(|_| ClientError::ReplicaClosed)? {
+                Ok(rows) => {
+                    table.rows += rows;
+                    self.rows_done += rows;
+                }
+                Err(e) => table.damaged = Some(e.to_string()),
+            }
+        }
+        // The capacity is a hard bound: a frame that holds more than it
+        // announced fails here instead of growing the buffer.
+        let raw = match zstd::bulk::decompress(payload, announced) {
+            Ok(raw) if raw.len() == announced => raw,
+            Ok(raw) => {
+                table.damaged = Some(format!(
+                    "chunk {seq} announced {announced} bytes and held {}",
+                    raw.len()
+                ));
+                return Ok(());
+            }
             Err(e) => {
-                table.damaged = Some(format!("chunk {seq} does not decompress: {e}"));
+                table.damaged = Some(format!(
+                    "chunk {seq} does not decompress to the {announced} bytes it announced: {e}"
+                ));
                 return Ok(());
             }
         };
         table.checksum.update(&raw);
         table.bytes += raw.len() as u64;
         self.bytes_done += raw.len() as u64;
+        let bytes = raw.len();
         let receiver = replica.send_load(table.name.clone(), raw).await?;
-        table.loads.push_back(receiver);
+        table.loads.push_back((receiver, bytes));
+        self.in_flight += bytes;
         // Collect what the replica has finished, for progress, without waiting.
-        while let Some(Ok(done)) = table.loads.front_mut().map(|r| r.try_recv()) {
-            table.loads.pop_front();
+        while let Some(Ok(done)) = table.loads.front_mut().map(|(r, _)| r.try_recv()) {
+            if let Some((_, bytes)) = table.loads.pop_front() {
+                self.in_flight -= bytes;
+            }
             match done {
                 Ok(rows) => {
                     table.rows += rows;
@@ -151,7 +200,8 @@ impl Hydration {
                 digest.table
             )));
         };
-        while let Some(load) = table.loads.pop_front() {
+        while let Some((load, bytes)) = table.loads.pop_front() {
+            self.in_flight -= bytes;
             match load.await.map_err(|_| ClientError::ReplicaClosed)? {
                 Ok(n) => {
                     table.rows += n;
@@ -262,5 +312,46 @@ impl Hydration {
             bytes: self.bytes_done,
             estimated_rows: self.tables.iter().map(|t| t.estimated_rows).sum(),
         });
+    }
+}
+
+/// The uncompressed size a chunk's zstd frame announces, when it is one
+/// this client accepts.
+fn announced_size(payload: &[u8]) -> Result<usize, String> {
+    match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(size)) if size <= MAX_CHUNK_BYTES as u64 => Ok(size as usize),
+        Ok(Some(size)) => Err(format!(
+            "announces {size} bytes, over the {MAX_CHUNK_BYTES}-byte limit"
+        )),
+        Ok(None) => Err("does not announce its uncompressed size".to_owned()),
+        Err(_) => Err("is not a zstd frame".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `frame` with its 4-byte Frame_Content_Size field set to `size`.
+    fn lie(frame: &mut [u8], size: u32) {
+        // Magic (4 bytes), frame header descriptor, window descriptor.
+        let descriptor = frame[4];
+        assert_eq!(descriptor >> 6, 2, "a 4-byte content size field");
+        assert_eq!(descriptor & 0x20, 0, "a window descriptor byte");
+        frame[6..10].copy_from_slice(&size.to_le_bytes());
+    }
+
+    #[test]
+    fn a_chunk_is_held_to_the_size_it_announces() {
+        let honest = zstd::bulk::compress(&vec![b'x'; 1 << 20], 3).unwrap();
+        assert_eq!(announced_size(&honest), Ok(1 << 20));
+        let mut lying = honest.clone();
+        lie(&mut lying, 1000);
+        assert_eq!(announced_size(&lying), Ok(1000));
+        assert!(zstd::bulk::decompress(&lying, 1000).is_err());
+        let mut huge = honest;
+        lie(&mut huge, u32::MAX);
+        assert!(announced_size(&huge).unwrap_err().contains("over the"));
+        assert!(announced_size(b"not zstd at all").is_err());
     }
 }

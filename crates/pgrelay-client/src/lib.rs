@@ -207,6 +207,9 @@ impl SyncClient {
             return Ok(executed);
         }
         let tx_id = executed.tx_id.clone();
+        // The server tags this client's transactions with a one-way tag of
+        // its id, not the id.
+        let own_origin = pgrelay_protocol::origin_tag(&self.client_id);
         let mut answered = false;
         let wait = async {
             let mut bounds: Option<(Option<Lsn>, Option<Lsn>)> = None;
@@ -231,7 +234,7 @@ impl SyncClient {
                         echoes.extend(
                             origins
                                 .into_iter()
-                                .filter(|(_, origin)| *origin == self.client_id)
+                                .filter(|(_, origin)| *origin == own_origin)
                                 .map(|(l, _)| l),
                         );
                     }

@@ -1,5 +1,7 @@
 //! One LiveStore socket: reads frames, answers them through its protocol
-//! (0.4 RPC or 0.3 messages), and sends its pull's pages and live batches.
+//! (0.4 RPC or 0.3 messages), and sends its pulls' pages and live batches
+//! (a socket may hold several pulls: LiveStore's devtools open a second
+//! live pull on the app's connection).
 //! One task per socket; every send has a deadline, so a stalled client is
 //! closed instead of holding memory, and its subscription buffer is bounded
 //! by the store (a full buffer turns into catch-up from storage).
@@ -8,7 +10,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::http::Extensions;
+use futures_util::future::select_all;
 use tokio::time::Instant;
+
+use super::limits::FrameBudget;
 
 use super::event::Page;
 use super::pull::{Pull, PullStep};
@@ -19,6 +25,11 @@ use super::EventLog;
 /// clients reconnect and learn the new backend id.
 const CLOSE_RESYNC: u16 = 4000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a socket over `--message-rate` (as the row sync's).
+const CLOSE_RATE_LIMITED: u16 = 4429;
+
+/// Pulls one socket may hold at once; a further one is refused.
+pub(crate) const MAX_PULLS: usize = 16;
 
 pub(crate) enum Flow {
     Continue,
@@ -39,25 +50,62 @@ pub(crate) struct Conn {
     ws: WebSocket,
     pub(crate) log: EventLog,
     pub(crate) store: StoreHandle,
-    pub(crate) pull: Option<Pull>,
+    /// The socket's pulls, each under its own request id.
+    pub(crate) pulls: Vec<Pull>,
     send_timeout: Duration,
+    frames: Box<dyn FrameBudget>,
     _guard: SocketGuard,
+    /// The upgrade request's extensions, held while the socket lives: the
+    /// host keeps the connection's place under its connection limit there.
+    _request: Extensions,
 }
 
 /// The socket could not take a frame in time, or is gone.
 pub(crate) struct Gone;
 
 impl Conn {
-    pub(crate) fn new(ws: WebSocket, log: EventLog, store: StoreHandle) -> Conn {
+    pub(crate) fn new(
+        ws: WebSocket,
+        log: EventLog,
+        store: StoreHandle,
+        request: Extensions,
+    ) -> Conn {
         let guard = store.connect_socket();
         Conn {
             ws,
             send_timeout: log.send_timeout(),
+            frames: log.admission().frames(),
             log,
             store,
-            pull: None,
+            pulls: Vec::new(),
             _guard: guard,
+            _request: request,
         }
+    }
+
+    /// Adds a pull; one under the same request id is replaced (a client
+    /// never reuses an id while its request runs). `Err` past [`MAX_PULLS`].
+    pub(crate) fn add_pull(&mut self, pull: Pull) -> Result<(), Pull> {
+        if let Some(old) = self
+            .pulls
+            .iter_mut()
+            .find(|p| p.request_id == pull.request_id)
+        {
+            *old = pull;
+            return Ok(());
+        }
+        if self.pulls.len() >= MAX_PULLS {
+            return Err(pull);
+        }
+        self.pulls.push(pull);
+        Ok(())
+    }
+
+    /// Removes the pull under `request_id`; whether there was one.
+    pub(crate) fn end_pull(&mut self, request_id: &str) -> bool {
+        let before = self.pulls.len();
+        self.pulls.retain(|p| p.request_id != request_id);
+        self.pulls.len() != before
     }
 
     pub(crate) async fn send(&mut self, frame: impl Into<Utf8Bytes>) -> Result<(), Gone> {
@@ -76,22 +124,30 @@ impl Conn {
     /// Sends batches already queued for the live pull (a pusher's own echo
     /// goes out before the push's answer, as LiveStore's backend does).
     pub(crate) async fn flush_live<P: Protocol>(&mut self, protocol: &P) -> Result<(), Gone> {
-        while let Some(batch) = self.pull.as_mut().and_then(Pull::try_live) {
-            let frames = match &self.pull {
-                Some(pull) => protocol.live(pull, &batch),
-                None => Vec::new(),
-            };
-            for frame in frames {
-                self.send(frame).await?;
+        for i in 0..self.pulls.len() {
+            while let Some(batch) = self.pulls.get_mut(i).and_then(Pull::try_live) {
+                let frames = protocol.live(&self.pulls[i], &batch);
+                for frame in frames {
+                    self.send(frame).await?;
+                }
             }
         }
         Ok(())
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) {
+        self.close_with(code, reason.to_owned()).await;
+    }
+
+    async fn close_with(&mut self, code: u16, reason: String) {
+        // A close reason is at most 123 bytes.
+        let mut reason = reason;
+        while reason.len() > 123 {
+            reason.pop();
+        }
         let frame = CloseFrame {
             code,
-            reason: Utf8Bytes::from_static(reason),
+            reason: Utf8Bytes::from(reason),
         };
         let _ = tokio::time::timeout(self.send_timeout, self.ws.send(Message::Close(Some(frame))))
             .await;
@@ -102,13 +158,20 @@ enum Input {
     Shutdown,
     Idle,
     Frame(Option<Result<Message, axum::Error>>),
-    Step(PullStep),
+    Step(usize, PullStep),
 }
 
-async fn next_step(pull: &mut Option<Pull>, storage: &super::storage::Storage) -> PullStep {
-    match pull {
-        Some(pull) => pull.step(storage).await,
-        None => std::future::pending().await,
+/// The next step of whichever pull has one first, with the pull's index.
+async fn next_step(pulls: &mut [Pull], storage: &super::storage::Storage) -> (usize, PullStep) {
+    match pulls {
+        [] => std::future::pending().await,
+        [pull] => (0, pull.step(storage).await),
+        pulls => {
+            // Every step is cancel-safe, so the ones that lose lose nothing.
+            let steps = pulls.iter_mut().map(|p| Box::pin(p.step(storage)));
+            let (step, index, _) = select_all(steps).await;
+            (index, step)
+        }
     }
 }
 
@@ -123,7 +186,7 @@ pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
             _ = shutdown.wait_for(|stop| *stop) => Input::Shutdown,
             frame = conn.ws.recv() => Input::Frame(frame),
             _ = tokio::time::sleep_until(deadline) => Input::Idle,
-            step = next_step(&mut conn.pull, &storage) => Input::Step(step),
+            (index, step) = next_step(&mut conn.pulls, &storage) => Input::Step(index, step),
         };
         let flow = match input {
             Input::Shutdown => {
@@ -138,6 +201,11 @@ pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
             Input::Frame(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => Flow::Close,
             Input::Frame(Some(Ok(message))) => {
                 deadline = Instant::now() + idle;
+                if let Err(reason) = conn.frames.take() {
+                    tracing::debug!(store = %conn.store.id, "LiveStore socket over the message rate; closing");
+                    conn.close_with(CLOSE_RATE_LIMITED, reason).await;
+                    break;
+                }
                 match message {
                     Message::Text(text) => protocol.on_text(&mut conn, text.as_str()).await,
                     Message::Binary(bytes) => match std::str::from_utf8(&bytes) {
@@ -147,7 +215,7 @@ pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
                     _ => Flow::Continue,
                 }
             }
-            Input::Step(step) => send_step(&mut conn, &protocol, step).await,
+            Input::Step(index, step) => send_step(&mut conn, &protocol, index, step).await,
         };
         if let Flow::Close = flow {
             break;
@@ -155,8 +223,13 @@ pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
     }
 }
 
-async fn send_step<P: Protocol>(conn: &mut Conn, protocol: &P, step: PullStep) -> Flow {
-    let Some(pull) = &conn.pull else {
+async fn send_step<P: Protocol>(
+    conn: &mut Conn,
+    protocol: &P,
+    index: usize,
+    step: PullStep,
+) -> Flow {
+    let Some(pull) = conn.pulls.get(index) else {
         return Flow::Continue;
     };
     let frames = match step {
@@ -165,13 +238,13 @@ async fn send_step<P: Protocol>(conn: &mut Conn, protocol: &P, step: PullStep) -
         PullStep::Live(batch) => protocol.live(pull, &batch),
         PullStep::Done => {
             let frames = protocol.done(pull).into_iter().collect();
-            conn.pull = None;
+            conn.pulls.remove(index);
             frames
         }
         PullStep::Failed(message) => {
             tracing::error!(store = %conn.store.id, error = %message, "a pull failed");
             let frames = vec![protocol.failed(pull, &message)];
-            conn.pull = None;
+            conn.pulls.remove(index);
             frames
         }
         PullStep::Ended(reason) => {

@@ -57,9 +57,12 @@ pub(crate) fn parse_batch(batch: &[&RawValue]) -> Result<Vec<Event>, String> {
                 "event {i} of the batch needs a name, a clientId and a sessionId"
             ));
         }
-        if fields.seq <= fields.parent || fields.parent < 0 {
+        // LiveStore clients number global events one after another; a
+        // larger jump (up to i64::MAX) would leave the store unable to
+        // accept any later push.
+        if fields.parent < 0 || fields.parent.checked_add(1) != Some(fields.seq) {
             return Err(format!(
-                "event {i} of the batch: seqNum {} must be greater than parentSeqNum {}",
+                "event {i} of the batch: seqNum {} must be parentSeqNum {} + 1",
                 fields.seq, fields.parent
             ));
         }
@@ -176,6 +179,10 @@ mod tests {
         assert!(parse_batch(&[&bad]).is_err());
         let backwards = event(1, 1);
         assert!(parse_batch(&[&backwards]).is_err());
+        let jump = event(i64::MAX, 0);
+        assert!(parse_batch(&[&jump]).unwrap_err().contains("+ 1"));
+        let overflow = event(i64::MIN, i64::MAX);
+        assert!(parse_batch(&[&overflow]).is_err());
     }
 
     #[test]

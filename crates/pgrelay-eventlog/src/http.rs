@@ -1,20 +1,24 @@
-//! The backend's HTTP side: the two WebSocket endpoints (checked before the
-//! upgrade: `storeId`, `payload`, optional token) and the store admin API.
+//! The backend's HTTP side: the two WebSocket endpoints and the HTTP
+//! transport (checked before anything is served: the host's connect rate,
+//! `storeId`, `payload`, the host's access rule) and the store admin API.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
+use axum::http::{header, Extensions, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::admin::{secret_matches, AdminCheck};
+use super::access::AccessRefusal;
+use super::admin::AdminCheck;
 use super::conn::{self, Conn};
 use super::rpc::Rpc;
+use super::store::StoreHandle;
 use super::wsmessage::WsMessage;
-use super::EventLog;
+use super::{EventLog, OpenRefusal};
 
 /// Largest client frame read: LiveStore splits pushes at 900 kB.
 const MAX_FRAME_BYTES: usize = 4 << 20;
@@ -22,7 +26,14 @@ const MAX_STORE_ID_BYTES: usize = 256;
 
 pub(crate) fn router(log: EventLog) -> Router {
     Router::new()
-        .route("/livestore", get(livestore))
+        .route(
+            "/livestore",
+            get(livestore)
+                .post(super::httprpc::serve)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    super::httprpc::MAX_REQUEST_BYTES,
+                )),
+        )
         .route("/websocket", get(websocket))
         .route("/admin/stores/{store_id}", get(admin_info))
         .route("/admin/stores/{store_id}/reset", post(admin_reset))
@@ -30,34 +41,97 @@ pub(crate) fn router(log: EventLog) -> Router {
 }
 
 #[derive(Clone, Copy)]
-enum Version {
+pub(crate) enum Version {
     V04,
     V03,
+    /// 0.4 over plain HTTP requests (`transport=http`).
+    Http,
 }
 
 async fn livestore(
     State(log): State<EventLog>,
     Query(query): Query<HashMap<String, String>>,
+    request: Extensions,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    accept(log, query, upgrade, Version::V04).await
+    accept(log, query, request, upgrade, Version::V04).await
 }
 
 async fn websocket(
     State(log): State<EventLog>,
     Query(query): Query<HashMap<String, String>>,
+    request: Extensions,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    accept(log, query, upgrade, Version::V03).await
+    accept(log, query, request, upgrade, Version::V03).await
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response {
+pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain")], body.into()).into_response()
+}
+
+/// A refusal as the row sync words it (`{code, message}`), closing the connection.
+fn refusal(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        [(header::CONNECTION, "close")],
+        Json(serde_json::json!({ "code": code, "message": message })),
+    )
+        .into_response()
+}
+
+/// The checks every sync request passes before it is served: the host's
+/// connect rate for the client's address, then the store's access rule
+/// and the store itself (loaded or created). `Err` is the answer instead.
+pub(crate) async fn admit(
+    log: &EventLog,
+    request: &Extensions,
+    params: &SyncParams,
+) -> Result<StoreHandle, Response> {
+    // The host puts the client's address there (axum's `ConnectInfo`).
+    if let Some(ConnectInfo(peer)) = request.get::<ConnectInfo<SocketAddr>>() {
+        if let Err(message) = log.admission().connect(peer.ip()) {
+            return Err(refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                message,
+            ));
+        }
+    }
+    match log
+        .open_for_client(&params.store_id, params.payload.as_ref())
+        .await
+    {
+        Ok(store) => Ok(store),
+        Err(OpenRefusal::Access(AccessRefusal::Unauthorized(why))) => Err(text(
+            StatusCode::UNAUTHORIZED,
+            format!("LiveStore sync refused: {why}"),
+        )),
+        Err(OpenRefusal::Access(AccessRefusal::Forbidden(why))) => Err(text(
+            StatusCode::FORBIDDEN,
+            format!("LiveStore sync refused: {why}"),
+        )),
+        Err(OpenRefusal::Full(max)) => Err(refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_stores",
+            format!(
+                "the server holds its limit of {max} stores in memory, all in use (--eventlog-max-stores); retry with backoff"
+            ),
+        )),
+        Err(OpenRefusal::Failed(e)) => {
+            tracing::error!(store = %params.store_id, error = %e, "opening a store failed");
+            Err(text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("opening the store failed: {e}"),
+            ))
+        }
+    }
 }
 
 async fn accept(
     log: EventLog,
     query: HashMap<String, String>,
+    request: Extensions,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     version: Version,
 ) -> Response {
@@ -73,60 +147,42 @@ async fn accept(
         return text(
             StatusCode::OK,
             "Info: pgrelay LiveStore sync backend (@livestore/sync-cf protocol 0.4 at /livestore, 0.3 at /websocket). \
-             Point a LiveStore client at it with makeWsSync({ url: 'ws://HOST:PORT/livestore' }).",
+             Point a LiveStore client at it with makeWsSync({ url: 'ws://HOST:PORT/livestore' }) \
+             or makeHttpSync({ url: 'http://HOST:PORT/livestore' }).",
         );
     };
-    if let Some(expected) = log.auth_token() {
-        let given = params
-            .payload
-            .as_ref()
-            .and_then(|p| p.get("authToken"))
-            .and_then(|t| t.as_str());
-        match given {
-            None => return text(
-                StatusCode::UNAUTHORIZED,
-                "LiveStore sync refused: this server needs a token, give it as payload.authToken",
-            ),
-            Some(given) if !secret_matches(given, expected) => {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "LiveStore sync refused: payload.authToken is not this server's token",
-                )
-            }
-            Some(_) => {}
-        }
-    }
-    let store = match log.store(&params.store_id).await {
+    let store = match admit(&log, &request, &params).await {
         Ok(store) => store,
-        Err(e) => {
-            tracing::error!(store = %params.store_id, error = %e, "opening a store failed");
-            return text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("opening the store failed: {e}"),
-            );
-        }
+        Err(refused) => return refused,
     };
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
-            let conn = Conn::new(socket, log, store);
+            let mut conn = Conn::new(socket, log, store, request);
             match version {
-                Version::V04 => conn::run(conn, Rpc).await,
-                Version::V03 => conn::run(conn, WsMessage).await,
+                Version::V04 | Version::Http => conn::run(conn, Rpc).await,
+                Version::V03 => {
+                    if let Some(protocol) = WsMessage::connect(&mut conn).await {
+                        conn::run(conn, protocol).await;
+                    }
+                }
             }
         })
 }
 
-/// The query of a sync socket, as `makeWsSync` builds it.
+/// The query of a sync request, as `makeWsSync` and `makeHttpSync` build it.
 #[derive(Debug)]
-struct SyncParams {
-    store_id: String,
-    payload: Option<serde_json::Value>,
+pub(crate) struct SyncParams {
+    pub(crate) store_id: String,
+    pub(crate) payload: Option<serde_json::Value>,
 }
 
 impl SyncParams {
-    fn parse(query: &HashMap<String, String>, version: Version) -> Result<SyncParams, String> {
+    pub(crate) fn parse(
+        query: &HashMap<String, String>,
+        version: Version,
+    ) -> Result<SyncParams, String> {
         let store_id = query
             .get("storeId")
             .ok_or("the storeId query parameter is required")?;
@@ -138,12 +194,18 @@ impl SyncParams {
                 "invalid storeId: 1-{MAX_STORE_ID_BYTES} bytes without control characters"
             ));
         }
-        if let (Version::V04, Some(transport)) = (version, query.get("transport")) {
-            if transport != "ws" {
+        match (version, query.get("transport").map(String::as_str)) {
+            (Version::V04, Some(transport)) if transport != "ws" => {
                 return Err(format!(
-                    "transport={transport:?} is not served here: use the WebSocket transport (transport=ws)"
-                ));
+                    "transport={transport:?} on a WebSocket: use transport=ws (or POST for transport=http)"
+                ))
             }
+            (Version::Http, Some(transport)) if transport != "http" => {
+                return Err(format!(
+                    "transport={transport:?} in a POST: the HTTP transport is transport=http"
+                ))
+            }
+            _ => {}
         }
         // makeWsSync encodes the payload with encodeURIComponent and then
         // again as a query value; Query undid the second.
@@ -193,7 +255,8 @@ async fn admin_info(
         return refusal;
     }
     let info = match log.store(&store_id).await {
-        Ok(store) => store.info().await,
+        Ok(Ok(store)) => store.info().await,
+        Ok(Err(full)) => return admin_full(full),
         Err(e) => Err(e),
     };
     match info {
@@ -211,13 +274,24 @@ async fn admin_reset(
         return refusal;
     }
     let info = match log.store(&store_id).await {
-        Ok(store) => store.reset().await,
+        Ok(Ok(store)) => store.reset().await,
+        Ok(Err(full)) => return admin_full(full),
         Err(e) => Err(e),
     };
     match info {
         Ok(info) => Json(info).into_response(),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+fn admin_full(full: super::registry::Full) -> Response {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the server holds its limit of {} stores in memory, all in use",
+            full.0
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -252,5 +326,8 @@ mod tests {
         let http = query(&[("storeId", "s"), ("transport", "http")]);
         assert!(SyncParams::parse(&http, Version::V04).is_err());
         assert!(SyncParams::parse(&http, Version::V03).is_ok());
+        assert!(SyncParams::parse(&http, Version::Http).is_ok());
+        let ws = query(&[("storeId", "s"), ("transport", "ws")]);
+        assert!(SyncParams::parse(&ws, Version::Http).is_err());
     }
 }

@@ -4,32 +4,41 @@
 //! It needs no PostgreSQL: logs live in SQLite unless told otherwise, and
 //! it knows nothing of the row sync: the binary mounts [`EventLog::router`]
 //! beside the row sync's routes and hands in who may use the admin API
-//! ([`AdminAuth`]).
+//! ([`AdminAuth`]), who may use which store ([`StoreAccess`]) and the
+//! server's limits ([`Admission`]), in an [`EventLogHost`].
 
+mod access;
 mod admin;
 mod conn;
 mod error;
 mod event;
 mod http;
+mod httprpc;
+mod limits;
 mod pull;
+mod registry;
 mod rpc;
 mod storage;
 mod store;
 mod wsmessage;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use access::{
+    payload_token, store_matches, AccessRefusal, OpenAccess, SharedToken, StoreAccess,
+};
 pub use admin::{AdminAuth, AdminCheck, AdminToken};
 pub use error::EventLogError;
+pub use limits::{Admission, FrameBudget, Unlimited};
 pub use storage::EventLogStorage;
 pub use store::StoreInfo;
 
-use secrecy::{ExposeSecret, SecretString};
+use registry::Registry;
+use secrecy::SecretString;
 use storage::Storage;
 use store::StoreHandle;
 
@@ -53,6 +62,12 @@ pub struct EventLogConfig {
     /// A send to a socket that takes longer than this closes the socket, so
     /// one stalled client never holds memory or a task hostage.
     pub send_timeout: Duration,
+    /// Stores held in memory at most; past it the least recently used idle
+    /// ones are evicted (and reloaded from storage on their next use).
+    pub max_stores: usize,
+    /// Store ids clients may use (`*` stands for any run of characters);
+    /// empty: any. Others are refused before a store is created.
+    pub allow_stores: Vec<String>,
 }
 
 impl Default for EventLogConfig {
@@ -64,6 +79,8 @@ impl Default for EventLogConfig {
             sqlite_sync_full: true,
             idle_timeout: Duration::from_secs(45),
             send_timeout: Duration::from_secs(30),
+            max_stores: 10_000,
+            allow_stores: Vec::new(),
         }
     }
 }
@@ -77,32 +94,67 @@ pub struct EventLog {
 
 struct Inner {
     storage: Storage,
-    stores: Mutex<HashMap<Arc<str>, StoreHandle>>,
+    stores: Registry,
     tasks: Mutex<JoinSet<()>>,
     shutdown: watch::Receiver<bool>,
     config: EventLogConfig,
-    admin: Arc<dyn AdminAuth>,
+    host: EventLogHost,
+}
+
+/// What the host decides for the backend.
+#[derive(Clone)]
+pub struct EventLogHost {
+    /// Who may use the store admin API.
+    pub admin: Arc<dyn AdminAuth>,
+    /// Who may use which store; [`OpenAccess`] serves anyone.
+    pub access: Arc<dyn StoreAccess>,
+    /// Connection and frame rates; [`Unlimited`] applies none.
+    pub admission: Arc<dyn Admission>,
+}
+
+impl EventLogHost {
+    /// The admin API as given, stores guarded by the config's shared token
+    /// when it has one (open otherwise), no rate limits.
+    pub fn new(admin: Arc<dyn AdminAuth>, config: &EventLogConfig) -> EventLogHost {
+        let access: Arc<dyn StoreAccess> = match &config.auth_token {
+            Some(token) => Arc::new(SharedToken(token.clone())),
+            None => Arc::new(OpenAccess),
+        };
+        EventLogHost {
+            admin,
+            access,
+            admission: Arc::new(Unlimited),
+        }
+    }
+}
+
+/// Why a client may not open a store.
+pub(crate) enum OpenRefusal {
+    Access(AccessRefusal),
+    /// Every store held is in use and the registry is at `max_stores`.
+    Full(usize),
+    Failed(EventLogError),
 }
 
 impl EventLog {
     /// Opens the storage (creating its tables) and starts following other
     /// nodes' appends when the logs are in PostgreSQL. Sockets and store
-    /// tasks stop when `shutdown` turns true; `admin` decides who may use
-    /// the store admin API.
+    /// tasks stop when `shutdown` turns true; `host` decides who may use
+    /// what and the limits.
     pub async fn open(
         config: EventLogConfig,
-        admin: Arc<dyn AdminAuth>,
+        host: EventLogHost,
         shutdown: watch::Receiver<bool>,
     ) -> Result<EventLog, EventLogError> {
         let storage = Storage::open(&config).await?;
         let log = EventLog {
             inner: Arc::new(Inner {
                 storage,
-                stores: Mutex::new(HashMap::new()),
+                stores: Registry::new(config.max_stores),
                 tasks: Mutex::new(JoinSet::new()),
                 shutdown,
                 config,
-                admin,
+                host,
             }),
         };
         if let Storage::Postgres(pg) = &log.inner.storage {
@@ -120,12 +172,15 @@ impl EventLog {
     /// Tells a store this node serves that another node appended to it.
     async fn refresh_on_notice(self, mut notices: tokio::sync::mpsc::Receiver<Option<String>>) {
         while let Some(notice) = notices.recv().await {
-            let stores: Vec<StoreHandle> = match self.lock_stores() {
-                Ok(stores) => match &notice {
-                    Some(id) => stores.get(id.as_str()).cloned().into_iter().collect(),
-                    None => stores.values().cloned().collect(),
+            let stores: Vec<StoreHandle> = match &notice {
+                Some(id) => match self.inner.stores.get(id) {
+                    Ok(store) => store.into_iter().collect(),
+                    Err(_) => return,
                 },
-                Err(_) => return,
+                None => match self.inner.stores.all() {
+                    Ok(stores) => stores,
+                    Err(_) => return,
+                },
             };
             for store in stores {
                 store.refresh().await;
@@ -133,39 +188,61 @@ impl EventLog {
         }
     }
 
-    /// The store's task, started on first use with what storage knows.
-    pub(crate) async fn store(&self, id: &str) -> Result<StoreHandle, EventLogError> {
-        if let Some(handle) = self.lock_stores()?.get(id) {
-            return Ok(handle.clone());
+    /// The store a client asks for, after the host's access check and the
+    /// allowed store ids; started (or reloaded) on first use.
+    pub(crate) async fn open_for_client(
+        &self,
+        id: &str,
+        payload: Option<&serde_json::Value>,
+    ) -> Result<StoreHandle, OpenRefusal> {
+        self.inner
+            .host
+            .access
+            .check(id, payload)
+            .map_err(OpenRefusal::Access)?;
+        let allowed = &self.inner.config.allow_stores;
+        if !allowed.is_empty() && !allowed.iter().any(|p| store_matches(p, id)) {
+            return Err(OpenRefusal::Access(AccessRefusal::Forbidden(format!(
+                "store id {id:?} is not one this server serves (--eventlog-allow-stores)"
+            ))));
         }
-        let meta = self.inner.storage.open_store(id).await?;
-        let mut stores = self.lock_stores()?;
-        if let Some(handle) = stores.get(id) {
-            return Ok(handle.clone());
+        match self.store(id).await {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(registry::Full(max))) => Err(OpenRefusal::Full(max)),
+            Err(e) => Err(OpenRefusal::Failed(e)),
         }
-        let (handle, task) = store::start(
-            id,
-            self.inner.storage.clone(),
-            meta,
-            self.inner.config.subscriber_buffer,
-            self.inner.shutdown.clone(),
-        );
-        if let Ok(mut tasks) = self.inner.tasks.lock() {
-            // Finished tasks are reaped here so the set does not grow.
-            while tasks.try_join_next().is_some() {}
-            tasks.spawn(task);
-        }
-        stores.insert(Arc::clone(&handle.id), handle.clone());
-        Ok(handle)
     }
 
-    fn lock_stores(
+    /// The store's task, started on first use with what storage knows.
+    pub(crate) async fn store(
         &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<Arc<str>, StoreHandle>>, EventLogError> {
-        self.inner
-            .stores
-            .lock()
-            .map_err(|_| EventLogError::Storage("store registry lock poisoned".to_owned()))
+        id: &str,
+    ) -> Result<Result<StoreHandle, registry::Full>, EventLogError> {
+        if let Some(handle) = self.inner.stores.get(id)? {
+            return Ok(Ok(handle));
+        }
+        let meta = self.inner.storage.open_store(id).await?;
+        self.inner.stores.insert_with(id, || {
+            let (handle, task) = store::start(
+                id,
+                self.inner.storage.clone(),
+                meta,
+                self.inner.config.subscriber_buffer,
+                self.inner.shutdown.clone(),
+            );
+            if let Ok(mut tasks) = self.inner.tasks.lock() {
+                // Finished tasks (evicted stores) are reaped here so the set
+                // does not grow.
+                while tasks.try_join_next().is_some() {}
+                tasks.spawn(task);
+            }
+            handle
+        })
+    }
+
+    /// Stores held in memory now.
+    pub fn stores_in_memory(&self) -> usize {
+        self.inner.stores.len()
     }
 
     pub(crate) fn storage(&self) -> &Storage {
@@ -176,16 +253,12 @@ impl EventLog {
         self.inner.shutdown.clone()
     }
 
-    pub(crate) fn auth_token(&self) -> Option<&str> {
-        self.inner
-            .config
-            .auth_token
-            .as_ref()
-            .map(|t| t.expose_secret())
+    pub(crate) fn admin(&self) -> &dyn AdminAuth {
+        self.inner.host.admin.as_ref()
     }
 
-    pub(crate) fn admin(&self) -> &dyn AdminAuth {
-        self.inner.admin.as_ref()
+    pub(crate) fn admission(&self) -> &dyn Admission {
+        self.inner.host.admission.as_ref()
     }
 
     pub(crate) fn idle_timeout(&self) -> Duration {
@@ -196,8 +269,9 @@ impl EventLog {
         self.inner.config.send_timeout
     }
 
-    /// The backend's routes: `/livestore` (0.4), `/websocket` (0.3) and the
-    /// store admin API under `/admin/stores/`.
+    /// The backend's routes: `/livestore` (0.4 over a WebSocket, or over
+    /// HTTP with `POST`), `/websocket` (0.3) and the store admin API under
+    /// `/admin/stores/`.
     pub fn router(&self) -> axum::Router {
         http::router(self.clone())
     }

@@ -42,15 +42,26 @@ pub(crate) enum PullStep {
     Failed(String),
 }
 
+impl Drop for Pull {
+    fn drop(&mut self) {
+        // Its subscription would otherwise stay in the store's list until
+        // the next push or pull found it closed.
+        if self.live {
+            self.store.prune_soon();
+        }
+    }
+}
+
 impl Pull {
-    /// Subscribes to the store; `None` when the server is shutting down.
+    /// Learns the store's head (and with `live`, subscribes to what comes
+    /// after it); `None` when the server is shutting down.
     pub(crate) async fn start(
         store: &StoreHandle,
         request_id: String,
         cursor: i64,
         live: bool,
     ) -> Option<Pull> {
-        let subscription = store.subscribe().await?;
+        let subscription = store.subscribe(live).await?;
         Some(Pull {
             request_id,
             backend_id: subscription.backend_id,
@@ -61,6 +72,47 @@ impl Pull {
             live,
             answered: false,
         })
+    }
+
+    /// Every batch accepted from now on, and no history: what a 0.3
+    /// socket receives from the moment it connects.
+    pub(crate) async fn broadcast(store: &StoreHandle) -> Option<Pull> {
+        let mut pull = Pull::start(store, String::new(), 0, true).await?;
+        pull.sent = pull.target;
+        pull.answered = true;
+        Some(pull)
+    }
+
+    /// The history after `cursor` up to `upto`, then the end: a 0.3 pull,
+    /// whose socket already receives what comes after `upto`.
+    pub(crate) fn history(
+        store: &StoreHandle,
+        request_id: String,
+        backend_id: Arc<str>,
+        cursor: i64,
+        upto: i64,
+    ) -> Pull {
+        let (_, batches) = mpsc::channel(1);
+        Pull {
+            request_id,
+            backend_id,
+            store: store.clone(),
+            sent: cursor,
+            target: upto,
+            batches,
+            live: false,
+            answered: false,
+        }
+    }
+
+    /// The head up to which this (live) pull has sent or will send history
+    /// before its live batches.
+    pub(crate) fn start_head(&self) -> i64 {
+        self.target
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.live
     }
 
     /// The next thing to send. Cancel-safe: state changes only once a
@@ -105,7 +157,7 @@ impl Pull {
                     self.sent = batch.last_seq;
                     return PullStep::Live(batch);
                 }
-                None => match self.store.subscribe().await {
+                None => match self.store.subscribe(true).await {
                     None => return PullStep::Ended("server shutting down"),
                     Some(sub) if sub.backend_id != self.backend_id => {
                         return PullStep::Ended("store reset")

@@ -2,7 +2,8 @@
 //! JSON frames. `SyncWsRpc.Pull` is a stream that stays open while live;
 //! `SyncWsRpc.Push` answers with an `Exit`. A frame that cannot be read
 //! fails only its own request (an `Exit` with `UnknownError`); never a
-//! `Defect`, which would fail every request of the client.
+//! `Defect`, which would fail every request of the client. The HTTP
+//! transport (`httprpc`) answers the same requests with the same frames.
 
 use std::borrow::Cow;
 
@@ -10,10 +11,10 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::conn::{Conn, Flow, Protocol};
+use super::conn::{Conn, Flow, Protocol, MAX_PULLS};
 use super::event::{parse_batch, Page};
 use super::pull::Pull;
-use super::store::{Broadcast, PushRefused};
+use super::store::{Broadcast, PushRefused, StoreHandle};
 
 pub(crate) struct Rpc;
 
@@ -59,6 +60,8 @@ struct Cursor {
 struct PullPayload {
     #[serde(rename = "storeId")]
     store_id: String,
+    /// The HTTP transport's pull has no `live`: it always ends.
+    #[serde(default)]
     live: bool,
     cursor: Maybe<Cursor>,
 }
@@ -81,6 +84,10 @@ fn id_text(id: &serde_json::Value) -> String {
     }
 }
 
+pub(crate) fn id_of(id: &serde_json::Value) -> String {
+    id_text(id)
+}
+
 fn quoted(s: &str) -> String {
     serde_json::Value::from(s).to_string()
 }
@@ -92,7 +99,7 @@ fn exit_failure(request_id: &str, error: &str) -> String {
     )
 }
 
-fn unknown_error(request_id: &str, message: &str) -> String {
+pub(crate) fn unknown_error(request_id: &str, message: &str) -> String {
     exit_failure(
         request_id,
         &format!(r#"{{"_tag":"UnknownError","cause":{}}}"#, quoted(message)),
@@ -109,80 +116,121 @@ fn chunk(request_id: &str, items: &str, page_info: &str, backend_id: &str) -> St
 
 const NO_MORE: &str = r#"{"_tag":"NoMore"}"#;
 
+/// The `Chunk` of one page of a pull's history.
+pub(crate) fn page_frame(pull: &Pull, page: &Page, remaining: i64) -> String {
+    let info = if remaining > 0 {
+        format!(r#"{{"_tag":"MoreKnown","remaining":{remaining}}}"#)
+    } else {
+        NO_MORE.to_owned()
+    };
+    chunk(&pull.request_id, &page.items, &info, &pull.backend_id)
+}
+
+/// The one empty `Chunk` of a pull with nothing after its cursor.
+pub(crate) fn empty_frame(pull: &Pull) -> String {
+    chunk(&pull.request_id, "[]", NO_MORE, &pull.backend_id)
+}
+
+/// The `Exit` that ends a pull that is not live.
+pub(crate) fn done_frame(pull: &Pull) -> String {
+    format!(
+        r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Success"}}}}"#,
+        quoted(&pull.request_id)
+    )
+}
+
+/// A successful `Exit` carrying `value` (JSON).
+pub(crate) fn success(request_id: &str, value: &str) -> String {
+    format!(
+        r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Success","value":{value}}}}}"#,
+        quoted(request_id)
+    )
+}
+
+/// Starts the pull a `Pull` request asks for on `store` (live only if it
+/// asks and `live_allowed`); `Err` is the `Exit` frame that answers it instead.
+pub(crate) async fn start_pull(
+    store: &StoreHandle,
+    id: &str,
+    payload: &RawValue,
+    live_allowed: bool,
+) -> Result<Pull, String> {
+    let pull: PullPayload = serde_json::from_str(payload.get())
+        .map_err(|e| unknown_error(id, &format!("invalid Pull payload: {e}")))?;
+    if *pull.store_id != *store.id {
+        return Err(unknown_error(
+            id,
+            "the request's storeId is not the connection's storeId",
+        ));
+    }
+    let cursor = pull.cursor.into_option();
+    let after = cursor.as_ref().map(|c| c.seq).unwrap_or(0);
+    let live = pull.live && live_allowed;
+    let Some(started) = Pull::start(store, id.to_owned(), after, live).await else {
+        return Err(unknown_error(id, "the server is shutting down"));
+    };
+    if let Some(cursor) = cursor.filter(|c| *c.backend_id != *started.backend_id) {
+        return Err(exit_failure(
+            id,
+            &format!(
+                r#"{{"_tag":"BackendIdMismatchError","expected":{},"received":{}}}"#,
+                quoted(&started.backend_id),
+                quoted(&cursor.backend_id)
+            ),
+        ));
+    }
+    Ok(started)
+}
+
+/// Admits the batch a `Push` request carries to `store`; the `Exit` that answers it.
+pub(crate) async fn push(store: &StoreHandle, id: &str, payload: &RawValue) -> String {
+    let push: PushPayload<'_> = match serde_json::from_str(payload.get()) {
+        Ok(push) => push,
+        Err(e) => return unknown_error(id, &format!("invalid Push payload: {e}")),
+    };
+    if *push.store_id != *store.id {
+        return unknown_error(id, "the request's storeId is not the connection's storeId");
+    }
+    let events = match parse_batch(&push.batch) {
+        Ok(events) => events,
+        Err(e) => return unknown_error(id, &e),
+    };
+    let backend_id = push.backend_id.into_option();
+    match store.push(events, backend_id, id.to_owned()).await {
+        Ok(()) => success(id, "{}"),
+        Err(PushRefused::ServerAhead {
+            minimum_expected,
+            provided,
+        }) => exit_failure(
+            id,
+            &format!(
+                r#"{{"_tag":"ServerAheadError","minimumExpectedNum":{minimum_expected},"providedNum":{provided}}}"#
+            ),
+        ),
+        Err(PushRefused::BackendIdMismatch { expected, received }) => exit_failure(
+            id,
+            &format!(
+                r#"{{"_tag":"BackendIdMismatchError","expected":{},"received":{}}}"#,
+                quoted(&expected),
+                quoted(&received)
+            ),
+        ),
+        Err(PushRefused::Failed(message)) => unknown_error(id, &message),
+    }
+}
+
 impl Rpc {
     async fn pull(&mut self, conn: &mut Conn, id: &str, payload: &RawValue) -> Option<String> {
-        let pull: PullPayload = match serde_json::from_str(payload.get()) {
-            Ok(pull) => pull,
-            Err(e) => {
-                return Some(unknown_error(
-                    id,
-                    &format!("invalid SyncWsRpc.Pull payload: {e}"),
-                ))
-            }
+        let started = match start_pull(&conn.store, id, payload, true).await {
+            Ok(started) => started,
+            Err(exit) => return Some(exit),
         };
-        if *pull.store_id != *conn.store.id {
-            return Some(unknown_error(
+        match conn.add_pull(started) {
+            Ok(()) => None,
+            Err(_) => Some(unknown_error(
                 id,
-                "the request's storeId is not the socket's storeId",
-            ));
-        }
-        let cursor = pull.cursor.into_option();
-        let after = cursor.as_ref().map(|c| c.seq).unwrap_or(0);
-        let Some(started) = Pull::start(&conn.store, id.to_owned(), after, pull.live).await else {
-            return Some(unknown_error(id, "the server is shutting down"));
-        };
-        if let Some(cursor) = cursor.filter(|c| *c.backend_id != *started.backend_id) {
-            return Some(exit_failure(
-                id,
-                &format!(
-                    r#"{{"_tag":"BackendIdMismatchError","expected":{},"received":{}}}"#,
-                    quoted(&started.backend_id),
-                    quoted(&cursor.backend_id)
-                ),
-            ));
-        }
-        if let Some(previous) = conn.pull.replace(started) {
-            tracing::debug!(store = %conn.store.id, old = %previous.request_id, new = %id, "a new pull replaces the socket's previous one");
-        }
-        None
-    }
-
-    async fn push(&mut self, conn: &mut Conn, id: &str, payload: &RawValue) -> String {
-        let push: PushPayload<'_> = match serde_json::from_str(payload.get()) {
-            Ok(push) => push,
-            Err(e) => return unknown_error(id, &format!("invalid SyncWsRpc.Push payload: {e}")),
-        };
-        if *push.store_id != *conn.store.id {
-            return unknown_error(id, "the request's storeId is not the socket's storeId");
-        }
-        let events = match parse_batch(&push.batch) {
-            Ok(events) => events,
-            Err(e) => return unknown_error(id, &e),
-        };
-        let backend_id = push.backend_id.into_option();
-        match conn.store.push(events, backend_id, id.to_owned()).await {
-            Ok(()) => format!(
-                r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Success","value":{{}}}}}}"#,
-                quoted(id)
-            ),
-            Err(PushRefused::ServerAhead {
-                minimum_expected,
-                provided,
-            }) => exit_failure(
-                id,
-                &format!(
-                    r#"{{"_tag":"ServerAheadError","minimumExpectedNum":{minimum_expected},"providedNum":{provided}}}"#
-                ),
-            ),
-            Err(PushRefused::BackendIdMismatch { expected, received }) => exit_failure(
-                id,
-                &format!(
-                    r#"{{"_tag":"BackendIdMismatchError","expected":{},"received":{}}}"#,
-                    quoted(&expected),
-                    quoted(&received)
-                ),
-            ),
-            Err(PushRefused::Failed(message)) => unknown_error(id, &message),
+                &format!("a socket holds at most {MAX_PULLS} pulls; interrupt one first"),
+            )),
         }
     }
 }
@@ -202,14 +250,11 @@ impl Protocol for Rpc {
             "Ack" | "Eof" => None,
             "Interrupt" => {
                 let id = frame.request_id.as_ref().map(id_text);
-                match (&conn.pull, id) {
-                    (Some(pull), Some(id)) if pull.request_id == id => {
-                        conn.pull = None;
-                        Some(format!(
-                            r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Failure","cause":{{"_tag":"Interrupt","fiberId":{{"_tag":"None"}}}}}}}}"#,
-                            quoted(&id)
-                        ))
-                    }
+                match id {
+                    Some(id) if conn.end_pull(&id) => Some(format!(
+                        r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Failure","cause":{{"_tag":"Interrupt","fiberId":{{"_tag":"None"}}}}}}}}"#,
+                        quoted(&id)
+                    )),
                     // A push is answered before its interrupt arrives: nothing to stop.
                     _ => None,
                 }
@@ -222,7 +267,7 @@ impl Protocol for Rpc {
                 match (frame.tag.as_deref(), frame.payload) {
                     (Some("SyncWsRpc.Pull"), Some(payload)) => self.pull(conn, &id, payload).await,
                     (Some("SyncWsRpc.Push"), Some(payload)) => {
-                        let reply = self.push(conn, &id, payload).await;
+                        let reply = push(&conn.store, &id, payload).await;
                         if conn.flush_live(&*self).await.is_err() {
                             return Flow::Close;
                         }
@@ -248,16 +293,11 @@ impl Protocol for Rpc {
     }
 
     fn page(&self, pull: &Pull, page: &Page, remaining: i64) -> Utf8Bytes {
-        let info = if remaining > 0 {
-            format!(r#"{{"_tag":"MoreKnown","remaining":{remaining}}}"#)
-        } else {
-            NO_MORE.to_owned()
-        };
-        chunk(&pull.request_id, &page.items, &info, &pull.backend_id).into()
+        page_frame(pull, page, remaining).into()
     }
 
     fn empty(&self, pull: &Pull) -> Utf8Bytes {
-        chunk(&pull.request_id, "[]", NO_MORE, &pull.backend_id).into()
+        empty_frame(pull).into()
     }
 
     fn live(&self, pull: &Pull, batch: &Broadcast) -> Vec<Utf8Bytes> {
@@ -279,13 +319,7 @@ impl Protocol for Rpc {
     }
 
     fn done(&self, pull: &Pull) -> Option<Utf8Bytes> {
-        Some(
-            format!(
-                r#"{{"_tag":"Exit","requestId":{},"exit":{{"_tag":"Success"}}}}"#,
-                quoted(&pull.request_id)
-            )
-            .into(),
-        )
+        Some(done_frame(pull).into())
     }
 
     fn failed(&self, pull: &Pull, message: &str) -> Utf8Bytes {

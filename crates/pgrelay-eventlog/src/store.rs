@@ -62,6 +62,8 @@ pub struct StoreInfo {
     pub head: i64,
     pub events: i64,
     pub sockets: usize,
+    /// Live pulls subscribed to the store's new batches.
+    pub subscriptions: usize,
 }
 
 enum Command {
@@ -71,9 +73,13 @@ enum Command {
         request_id: String,
         reply: oneshot::Sender<Result<(), PushRefused>>,
     },
+    /// `live`: register for new batches; otherwise only learn the head.
     Subscribe {
+        live: bool,
         reply: oneshot::Sender<Subscription>,
     },
+    /// A live pull ended: forget subscriptions nobody reads any more.
+    Prune,
     Info {
         reply: oneshot::Sender<StoreInfo>,
     },
@@ -126,14 +132,28 @@ impl StoreHandle {
         rx.await.map_err(|_| gone())?
     }
 
-    /// `None` when the server is shutting down.
-    pub(crate) async fn subscribe(&self) -> Option<Subscription> {
+    /// The store's head and backend id, and with `live` every batch
+    /// accepted after that head. `None` when the server is shutting down.
+    pub(crate) async fn subscribe(&self, live: bool) -> Option<Subscription> {
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(Command::Subscribe { reply })
+            .send(Command::Subscribe { live, reply })
             .await
             .ok()?;
         rx.await.ok()
+    }
+
+    /// Asks the store to drop subscriptions whose pull has ended. Best
+    /// effort: a full command queue skips it, and the next subscription
+    /// prunes instead.
+    pub(crate) fn prune_soon(&self) {
+        let _ = self.commands.try_send(Command::Prune);
+    }
+
+    /// Whether anything but the registry and the store's own task holds
+    /// this store (a socket, a pull, a request under way).
+    pub(crate) fn in_use(&self) -> bool {
+        Arc::strong_count(&self.sockets) > 2
     }
 
     pub(crate) async fn info(&self) -> Result<StoreInfo, EventLogError> {
@@ -226,17 +246,19 @@ impl StoreTask {
                     let result = self.push(events, backend_id, request_id).await;
                     let _ = reply.send(result);
                 }
-                Command::Subscribe { reply } => {
-                    let (tx, batches) = mpsc::channel(self.buffer);
+                Command::Subscribe { live, reply } => {
+                    self.prune();
+                    let (tx, batches) = mpsc::channel(if live { self.buffer } else { 1 });
                     let subscription = Subscription {
                         backend_id: Arc::clone(&self.backend_id),
                         head: self.meta.head,
                         batches,
                     };
-                    if reply.send(subscription).is_ok() {
+                    if reply.send(subscription).is_ok() && live {
                         self.subscribers.push(tx);
                     }
                 }
+                Command::Prune => self.prune(),
                 Command::Info { reply } => {
                     let _ = reply.send(self.info());
                 }
@@ -250,6 +272,10 @@ impl StoreTask {
         tracing::debug!(store = %self.id, "store task stopped");
     }
 
+    fn prune(&mut self) {
+        self.subscribers.retain(|tx| !tx.is_closed());
+    }
+
     fn info(&self) -> StoreInfo {
         StoreInfo {
             store_id: self.id.to_string(),
@@ -257,6 +283,7 @@ impl StoreTask {
             head: self.meta.head,
             events: self.meta.events,
             sockets: self.sockets.load(Ordering::Relaxed),
+            subscriptions: self.subscribers.iter().filter(|tx| !tx.is_closed()).count(),
         }
     }
 

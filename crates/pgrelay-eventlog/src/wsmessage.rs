@@ -1,7 +1,13 @@
 //! The `@livestore/sync-cf` 0.3 protocol (`/websocket`): tagged
-//! `WSMessage.*` JSON messages. A pull answers the history after its cursor
-//! in `PullRes` pages (`context: "pull"`, with `remaining`), then the socket
-//! receives every accepted batch as a `PullRes` with `context: "push"`.
+//! `WSMessage.*` JSON messages. As LiveStore's 0.3 backend does, a socket
+//! receives every batch accepted after it connected as a `PullRes` with
+//! `context: "push"`, whether it pulled or not (the 0.3 client pulls once
+//! per client, not again after its socket reconnects). A pull answers the
+//! history after its cursor up to the head at connect in `PullRes` pages
+//! (`context: "pull"`, with `remaining`); the client stashes broadcasts
+//! that arrive before that answer.
+
+use std::sync::Arc;
 
 use std::borrow::Cow;
 
@@ -15,7 +21,15 @@ use super::event::{parse_batch, Page};
 use super::pull::Pull;
 use super::store::{Broadcast, PushRefused};
 
-pub(crate) struct WsMessage;
+/// The request id of a socket's broadcast subscription (not one a client can pull under).
+const BROADCAST_ID: &str = "";
+
+pub(crate) struct WsMessage {
+    /// The store's head when the socket connected: broadcasts cover what
+    /// comes after it, pulls what comes before.
+    connect_head: i64,
+    backend_id: Arc<str>,
+}
 
 #[derive(Deserialize)]
 struct Frame<'a> {
@@ -50,6 +64,18 @@ fn pull_res(items: &str, context: &str, request_id: &str, remaining: i64) -> Str
 }
 
 impl WsMessage {
+    /// Subscribes a new socket to every batch from now on; `None` when the
+    /// server is shutting down.
+    pub(crate) async fn connect(conn: &mut Conn) -> Option<WsMessage> {
+        let broadcast = Pull::broadcast(&conn.store).await?;
+        let protocol = WsMessage {
+            connect_head: broadcast.start_head(),
+            backend_id: Arc::clone(&broadcast.backend_id),
+        };
+        conn.add_pull(broadcast).ok()?;
+        Some(protocol)
+    }
+
     async fn push(&mut self, conn: &mut Conn, id: &str, batch: &[&RawValue]) -> String {
         let events = match parse_batch(batch) {
             Ok(events) => events,
@@ -118,13 +144,21 @@ impl Protocol for WsMessage {
         let id = frame.request_id.clone().unwrap_or_default();
         let reply = match frame.kind.as_ref() {
             "WSMessage.Ping" => r#"{"_tag":"WSMessage.Pong","requestId":"ping"}"#.to_owned(),
+            "WSMessage.PullReq" if id == BROADCAST_ID => {
+                error(&id, "WSMessage.PullReq needs a requestId")
+            }
             "WSMessage.PullReq" => {
-                match Pull::start(&conn.store, id.clone(), frame.cursor.unwrap_or(0), true).await {
-                    Some(pull) => {
-                        conn.pull = Some(pull);
-                        return Flow::Continue;
-                    }
-                    None => error(&id, "the server is shutting down"),
+                let cursor = frame.cursor.unwrap_or(0).max(0);
+                let history = Pull::history(
+                    &conn.store,
+                    id.clone(),
+                    Arc::clone(&self.backend_id),
+                    cursor,
+                    self.connect_head.max(cursor),
+                );
+                match conn.add_pull(history) {
+                    Ok(()) => return Flow::Continue,
+                    Err(_) => error(&id, "too many pulls under way on this socket"),
                 }
             }
             "WSMessage.PushReq" => match &frame.batch {
@@ -151,10 +185,16 @@ impl Protocol for WsMessage {
     }
 
     fn page(&self, pull: &Pull, page: &Page, remaining: i64) -> Utf8Bytes {
-        pull_res(&page.items, "pull", &pull.request_id, remaining).into()
+        if pull.is_live() {
+            // The broadcast catching up from storage after it fell behind.
+            pull_res(&page.items, "push", BROADCAST_ID, 0).into()
+        } else {
+            pull_res(&page.items, "pull", &pull.request_id, remaining).into()
+        }
     }
 
     fn empty(&self, pull: &Pull) -> Utf8Bytes {
+        // Only a pull is ever empty: the broadcast starts answered.
         pull_res("[]", "pull", &pull.request_id, 0).into()
     }
 

@@ -152,3 +152,16 @@ pub async fn format_type(client: &Client, oid: u32, modifier: i32) -> Result<Str
         .get::<_, Option<String>>(0)
         .unwrap_or_else(|| format!("oid {oid}")))
 }
+
+/// Whether `table` (schema-qualified) has REPLICA IDENTITY FULL, so its
+/// updates and deletes carry the whole old row.
+pub async fn has_full_identity(client: &Client, table: &str) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
+            &[&pgrelay_protocol::quote_table(table)],
+        )
+        .await
+        .map_err(PgError::sql("reading a replica identity"))?;
+    Ok(row.get::<_, String>(0) == "f")
+}

@@ -77,20 +77,25 @@ pub(crate) fn options_string() -> String {
 /// Opens an ordinary connection and drives it on a task of its own; the
 /// task ends when the client is dropped.
 pub async fn connect(info: &ConnInfo) -> Result<tokio_postgres::Client, PgError> {
-    let (client, connection) = info
-        .config
-        .connect(NoTls)
-        .await
-        .map_err(PgError::sql(format!(
-            "connecting to {}:{}/{}",
-            info.host, info.port, info.database
-        )))?;
-    tokio::spawn(async move {
+    let (client, _driver) = open(&info.config).await.map_err(PgError::sql(format!(
+        "connecting to {}:{}/{}",
+        info.host, info.port, info.database
+    )))?;
+    Ok(client)
+}
+
+/// The one place an ordinary connection is opened, for [`connect`] and for
+/// the pool alike, so both reach PostgreSQL the same way.
+pub(crate) async fn open(
+    config: &tokio_postgres::Config,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection ended");
         }
     });
-    Ok(client)
+    Ok((client, driver))
 }
 
 #[cfg(test)]

@@ -31,10 +31,14 @@ pub enum PgError {
         current: String,
         suggested: String,
     },
+    /// The pool could not hand out a connection in time (PostgreSQL slow
+    /// to accept one) or is closed.
+    #[error("connection pool: {0}")]
+    Pool(String),
     #[error("replication stream: {0}")]
     Stream(#[from] pgwire_replication::PgWireError),
-    #[error("decoding pgoutput: {0}")]
-    Decode(#[from] crate::pgoutput::DecodeError),
+    #[error("replication stream: {0}")]
+    Assemble(#[from] crate::AssembleError),
 }
 
 impl PgError {
@@ -48,12 +52,12 @@ impl PgError {
     pub fn is_retryable(&self) -> bool {
         match self {
             PgError::Sql { source, .. } => sql_error_is_retryable(source),
-            PgError::Stream(_) => true,
+            PgError::Stream(_) | PgError::Pool(_) => true,
             PgError::BadUrl(_)
             | PgError::WalLevel { .. }
             | PgError::BadSlot { .. }
             | PgError::SlotOfOtherDatabase { .. } => false,
-            PgError::Decode(_) => false,
+            PgError::Assemble(e) => e.is_retryable(),
         }
     }
 }

@@ -1,18 +1,23 @@
 //! The PostgreSQL side of pgrelay: connection settings, the publication and
 //! the logical slot, the catalog of synced tables, the replication stream
-//! and the pgoutput decoder.
+//! the pgoutput decoder and the assembly of its messages into
+//! transactions.
 
+mod assemble;
 mod catalog;
 mod connect;
 mod error;
 pub mod pgoutput;
+mod pool;
 mod slot;
 mod stream;
 
-pub use catalog::{discover_tables, format_type, TableFilter};
+pub use assemble::{AssembleError, StreamEvent, ORIGIN_PREFIX};
+pub use catalog::{discover_tables, format_type, has_full_identity, TableFilter};
 pub use connect::{connect, ConnInfo, SESSION_SETTINGS};
 pub use error::{sql_error_is_retryable, PgError};
+pub use pool::{Pool, PooledClient};
 pub use slot::{
     check_wal_level, create_slot, drop_slot, ensure_publication, inspect_slot, SlotState,
 };
-pub use stream::{open_stream, ReplicationEvent, ReplicationStream, StreamOptions};
+pub use stream::{open_stream, ReplicationStream, StreamOptions};

@@ -445,4 +445,4 @@ pub fn old_tuple_to_row(relation: &Relation, old: OldTuple) -> Result<Row, Decod
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,14 +1,15 @@
 //! The streaming replication connection (START_REPLICATION with pgoutput),
 //! spoken by the `pgwire-replication` crate; pgoutput row messages are
-//! decoded by [`crate::pgoutput`].
+//! decoded by [`crate::pgoutput`] and assembled into transactions by
+//! [`crate::assemble`].
 
 use std::time::Duration;
 
 use pgrelay_protocol::Lsn;
-pub use pgwire_replication::ReplicationEvent;
 use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig};
 use secrecy::ExposeSecret;
 
+use crate::assemble::{Assembler, StreamEvent};
 use crate::connect::{options_string, ConnInfo};
 use crate::PgError;
 
@@ -27,6 +28,7 @@ pub struct StreamOptions {
 /// so the slot becomes free again.
 pub struct ReplicationStream {
     client: ReplicationClient,
+    assembler: Assembler,
 }
 
 /// Starts streaming from the slot's confirmed position.
@@ -51,13 +53,19 @@ pub async fn open_stream(
     .with_application_name("pgrelay-replication")
     .with_buffer_size(16_384);
     let client = ReplicationClient::connect(config).await?;
-    Ok(ReplicationStream { client })
+    Ok(ReplicationStream {
+        client,
+        assembler: Assembler::default(),
+    })
 }
 
 impl ReplicationStream {
     /// The next event; `None` when the stream ended.
-    pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>, PgError> {
-        Ok(self.client.recv().await?)
+    pub async fn recv(&mut self) -> Result<Option<StreamEvent>, PgError> {
+        match self.client.recv().await? {
+            Some(event) => Ok(Some(self.assembler.feed(event)?)),
+            None => Ok(None),
+        }
     }
 
     /// Tells PostgreSQL everything up to `lsn` is durable downstream, so the

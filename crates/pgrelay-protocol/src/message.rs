@@ -82,6 +82,10 @@ pub enum ServerMessage {
         /// it means the client has everything committed before it connected.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wal_lsn: Option<Lsn>,
+        /// This client's tag in the `origin` of transactions it wrote
+        /// (see [`crate::origin_tag`]); others see the tag, never the id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
     },
     /// A snapshot follows: binary chunk frames per table, a
     /// `snapshot_table` after each table, then `snapshot_end`.

@@ -34,6 +34,8 @@ pub struct ServerConfig {
     /// How long applied change ids are remembered, so a resend within
     /// this time is recognised and not applied twice.
     pub applied_retention: Duration,
+    /// How long `pgrelay.audit_log` keeps an entry.
+    pub audit_retention: Duration,
     /// `--auth jwt`: tokens required, row rules applied. `None`: every
     /// client reads and writes everything (no token needed).
     pub auth: Option<crate::auth::AuthConfig>,
@@ -99,6 +101,7 @@ impl ServerConfig {
             status_interval: Duration::from_secs(1),
             conflicts: Vec::new(),
             applied_retention: Duration::from_secs(7 * 24 * 3600),
+            audit_retention: Duration::from_secs(30 * 24 * 3600),
             auth: None,
             retain: Duration::from_secs(7 * 24 * 3600),
             max_hydrations: 4,
@@ -162,6 +165,9 @@ impl ServerConfig {
         }
         if self.applied_retention < Duration::from_secs(60) {
             return Err("the applied-change retention must be at least a minute".to_owned());
+        }
+        if self.audit_retention < Duration::from_secs(1) {
+            return Err("--audit-retention must be at least a second".to_owned());
         }
         if self.retain < Duration::from_secs(1) {
             return Err("--retain must be at least a second".to_owned());

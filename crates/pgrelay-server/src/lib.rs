@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod history;
 mod hub;
+mod migrations;
 mod ops;
 mod registry;
 mod replication;
@@ -24,9 +25,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use auth::{Action as AuditAction, Audit, AuthConfig, JwtKey, Scope};
+pub use api::ratelimit::{IpLimiter, TokenBucket};
+pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
-pub use error::ServerError;
+pub use error::{
+    ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
+};
 pub use ops::doctor;
 
 use api::serve;
@@ -131,6 +135,7 @@ impl Server {
             refused: state.as_ref().map_or_else(Default::default, |s| {
                 Arc::clone(&s.metrics.refused_connections)
             }),
+            prelogin: Default::default(),
         };
         tasks.spawn(serve::run(listener, app, limits, shutdown_rx));
         Ok(Server {
@@ -187,8 +192,12 @@ impl Server {
                 );
             }
         }
-        let (_, _, confirmed) = self.status.counters();
-        tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        if self.state.is_some() {
+            let (_, _, confirmed) = self.status.counters();
+            tracing::info!(lsn = %confirmed, "server stopped; slot confirmed up to here");
+        } else {
+            tracing::info!("server stopped");
+        }
         result
     }
 
@@ -202,9 +211,7 @@ impl Server {
                 }
                 Err(e) => {
                     let _ = self.shutdown.send(true);
-                    return Err(ServerError::Protocol(format!(
-                        "a server task panicked: {e}"
-                    )));
+                    return Err(ServerError::TaskPanicked(e.to_string()));
                 }
             }
         }

@@ -17,7 +17,12 @@ use crate::ops::metrics;
 use crate::replication::status::ReplicationStatus;
 use crate::replication::{self, lag, table_watch, Replication};
 use crate::state::AppState;
-use crate::{api, auth, history, registry, session, writes, ServerConfig, ServerError};
+use crate::{api, auth, history, migrations, registry, session, writes, ServerConfig, ServerError};
+
+/// Connections the pool opens at most: the writer's concurrent batches,
+/// the change-log reader and the four background tasks (audit, lag, table
+/// watch, retention), with room to spare so none of them waits on another.
+const POOL_SIZE: usize = writes::MAX_CONCURRENT_BATCHES + 8;
 
 /// What the row sync adds to the server: its routes, hub, replication
 /// status and shared state.
@@ -48,7 +53,7 @@ pub(crate) async fn start_row_sync(
         Ok(report) => crate::ops::doctor::log(&report),
         Err(e) => tracing::warn!(error = %e, "start-up checks could not run"),
     }
-    history::ensure_schema(&db).await?;
+    migrations::migrate(&mut db).await?;
     let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
     history::version_schemas(&db, &mut tables).await?;
     for table in tables.iter().filter(|t| t.skipped.is_some()) {
@@ -66,9 +71,6 @@ pub(crate) async fn start_row_sync(
     let status = Arc::new(ReplicationStatus::new());
     let slot = replication::prepare_slot(&mut db, &config.slot, &status).await?;
     let head = history::head(&db).await?;
-    db.batch_execute(auth::AUDIT_SCHEMA_SQL)
-        .await
-        .map_err(ServerError::sql("creating pgrelay.audit_log"))?;
     let auth = match &config.auth {
         Some(auth_config) => {
             let auth = auth::Auth::new(auth_config, &tables).map_err(ServerError::Config)?;
@@ -106,25 +108,29 @@ pub(crate) async fn start_row_sync(
     };
     tasks.spawn(replication.run(shutdown_rx.clone()));
 
-    let writer = Arc::new(writes::Writer::new(info.clone(), versions));
+    // Connections the parts borrow: the writer's batches, the change-log
+    // reader, audit and the monitoring tasks (replication and snapshots
+    // keep connections of their own).
+    let pool = pgrelay_pg::Pool::new(&info, POOL_SIZE)?;
+    let writer = Arc::new(writes::Writer::new(pool.clone(), versions));
     tasks.spawn(prune_applied(
         Arc::clone(&writer),
         config.applied_retention,
         shutdown_rx.clone(),
     ));
     tasks.spawn(table_watch::run(
-        info.clone(),
+        pool.clone(),
         config.clone(),
         Arc::clone(&hub),
         shutdown_rx.clone(),
     ));
     tasks.spawn(retention::prune_log(
-        info.clone(),
+        pool.clone(),
         config.retain,
         shutdown_rx.clone(),
     ));
     let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
-    tasks.spawn(Arc::clone(&lag).run(info.clone(), config.clone(), shutdown_rx.clone()));
+    tasks.spawn(Arc::clone(&lag).run(pool.clone(), config.clone(), shutdown_rx.clone()));
     tasks.spawn(registry::refresh_live(
         Arc::clone(&registry),
         Arc::clone(sessions),
@@ -133,18 +139,25 @@ pub(crate) async fn start_row_sync(
         config.clone(),
         shutdown_rx.clone(),
     ));
-    let (audit, audit_writer) = auth::Audit::start(info.clone(), shutdown_rx.clone());
+    let (audit, audit_writer) = auth::Audit::start(pool.clone(), shutdown_rx.clone());
     tasks.spawn(audit_writer);
+    tasks.spawn(auth::audit::prune(
+        pool.clone(),
+        config.audit_retention,
+        shutdown_rx.clone(),
+    ));
     let state = Arc::new(AppState {
         auth,
         audit,
+        owners: auth::owners::Owners::new(info.clone()),
         hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
         hydrations_queued: Default::default(),
         database: info.clone(),
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
+        write_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
         config,
         hub: Arc::clone(&hub),
-        log_reader: reader::LogReader::new(info),
+        log_reader: reader::LogReader::new(pool),
         replication: Arc::clone(&status),
         writer,
         sessions: Arc::clone(sessions),
@@ -194,20 +207,10 @@ fn version_columns(
 /// a row that leaves a client's scope can be sent to it as a delete.
 async fn full_identity(db: &tokio_postgres::Client, tables: &[String]) -> Result<(), ServerError> {
     for table in tables {
-        let quoted = writes::quote_table(table);
-        let row = db
-            .query_one(
-                "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
-                &[&quoted],
-            )
-            .await
-            .map_err(ServerError::sql(format!(
-                "reading the replica identity of {table}"
-            )))?;
-        let identity: String = row.get(0);
-        if identity == "f" {
+        if pgrelay_pg::has_full_identity(db, table).await? {
             continue;
         }
+        let quoted = writes::quote_table(table);
         db.batch_execute(&format!("ALTER TABLE {quoted} REPLICA IDENTITY FULL"))
             .await
             .map_err(|source| {

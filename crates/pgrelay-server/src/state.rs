@@ -27,6 +27,8 @@ pub(crate) struct AppState {
     /// Set with `--auth`.
     pub(crate) auth: Option<Auth>,
     pub(crate) audit: Audit,
+    /// Which token subject owns which client id (under `--auth`).
+    pub(crate) owners: crate::auth::owners::Owners,
     /// Where snapshots for hydrating clients are read.
     pub(crate) database: ConnInfo,
     /// One permit per snapshot that may run at once.
@@ -43,6 +45,8 @@ pub(crate) struct AppState {
     pub(crate) metrics: Metrics,
     pub(crate) lag: Arc<LagMonitor>,
     pub(crate) connect_limiter: IpLimiter,
+    /// `POST /api/changes` requests per address, at the connect rate.
+    pub(crate) write_limiter: IpLimiter,
 }
 
 impl AppState {

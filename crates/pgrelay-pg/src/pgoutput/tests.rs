@@ -41,7 +41,7 @@ fn old(out: &mut Vec<u8>, o: &OldTuple) {
     }
 }
 
-fn encode(m: &RowMessage) -> Vec<u8> {
+pub(crate) fn encode(m: &RowMessage) -> Vec<u8> {
     let mut out = Vec::new();
     match m {
         RowMessage::Relation(r) => {

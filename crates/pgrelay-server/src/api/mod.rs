@@ -1,8 +1,9 @@
 //! HTTP routes: the sync WebSocket, client writes, health, readiness,
 //! metrics and status (the admin API is in `ops::admin`); the accept loop
-//! and connection limits (`serve`) and per-address rate limits
-//! (`ratelimit`).
+//! and connection limits (`serve`), what an untrusted connection may send
+//! (`prelogin`) and per-address rate limits (`ratelimit`).
 
+pub(crate) mod prelogin;
 pub(crate) mod ratelimit;
 pub(crate) mod serve;
 
@@ -128,14 +129,22 @@ struct Status {
     tables: Vec<pgrelay_protocol::TableSchema>,
 }
 
-async fn status(State(ctx): State<Ctx>) -> Json<Status> {
+/// Under `--auth` the status names every table and column, those the rules
+/// hide included: only the admin token may read it then.
+async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     let state = &ctx.state;
+    if state.auth.is_some() {
+        if let Err(refusal) = crate::ops::admin::authorize(state, &headers) {
+            return refusal;
+        }
+    }
     Json(Status {
         head_lsn: state.hub.head().to_string(),
         sessions: state.sessions.len(),
         replication: state.replication.report(),
         tables: state.hub.schemas().values().cloned().collect(),
     })
+    .into_response()
 }
 
 /// Liveness: the process serves HTTP. What replication is doing is in the
@@ -217,11 +226,8 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::ops::metrics::render(&ctx.state),
+        [(header::CONTENT_TYPE, crate::ops::exposition::CONTENT_TYPE)],
+        crate::ops::exposition::render(&ctx.state),
     )
         .into_response()
 }
@@ -245,7 +251,29 @@ fn refused(status: StatusCode, code: BatchRefusal, message: impl Into<String>) -
 
 /// `POST /api/changes`: the body of a `write` message with a `client_id`;
 /// answers with the results (the `write_result` message without its type).
-async fn changes(State(ctx): State<Ctx>, headers: HeaderMap, body: Bytes) -> Response {
+/// Rate-limited per address like `/api/sync` (at `--connect-rate`, its own
+/// buckets), before
+/// the token is checked: refused tokens cost an audit row each.
+async fn changes(
+    State(ctx): State<Ctx>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let state = &ctx.state;
+    if !state.write_limiter.allow(peer.ip()) {
+        add(&state.metrics.rate_limited_connects, 1);
+        return http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "more than {} requests a second from {} (burst {}); retry with backoff",
+                state.config.connect_rate,
+                peer.ip(),
+                state.config.connect_burst
+            ),
+        );
+    }
     let response = apply_changes(&ctx.state, &headers, body).await;
     if response.status() != StatusCode::OK {
         add(&ctx.state.metrics.batches_refused, 1);
@@ -304,6 +332,21 @@ async fn apply_changes(state: &AppState, headers: &HeaderMap, body: Bytes) -> Re
             }
         }
     };
+    if let Some(principal) = &principal {
+        if let Err(refusal) = session::claim(state, &client_id, principal).await {
+            let status = match refusal.code {
+                pgrelay_protocol::ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let code = if status == StatusCode::FORBIDDEN {
+                "forbidden"
+            } else {
+                "retry"
+            };
+            let body = Json(serde_json::json!({"code": code, "message": refusal.message}));
+            return (status, body).into_response();
+        }
+    }
     let scope = principal
         .as_ref()
         .filter(|_| state.hub.filtering())

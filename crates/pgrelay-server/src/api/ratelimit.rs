@@ -11,13 +11,13 @@ use std::time::Instant;
 const PRUNE_ABOVE: usize = 4096;
 
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct TokenBucket {
+pub struct TokenBucket {
     tokens: f32,
     last: Instant,
 }
 
 impl TokenBucket {
-    pub(crate) fn full(burst: u32, now: Instant) -> TokenBucket {
+    pub fn full(burst: u32, now: Instant) -> TokenBucket {
         TokenBucket {
             tokens: burst as f32,
             last: now,
@@ -25,7 +25,7 @@ impl TokenBucket {
     }
 
     /// Takes one token; `false` when there is none. A rate of 0 never limits.
-    pub(crate) fn take(&mut self, rate: f64, burst: u32, now: Instant) -> bool {
+    pub fn take(&mut self, rate: f64, burst: u32, now: Instant) -> bool {
         if rate <= 0.0 {
             return true;
         }
@@ -47,14 +47,14 @@ impl TokenBucket {
 }
 
 /// One bucket per client address.
-pub(crate) struct IpLimiter {
+pub struct IpLimiter {
     rate: f64,
     burst: u32,
     buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
 }
 
 impl IpLimiter {
-    pub(crate) fn new(rate: f64, burst: u32) -> IpLimiter {
+    pub fn new(rate: f64, burst: u32) -> IpLimiter {
         IpLimiter {
             rate,
             burst,
@@ -63,7 +63,7 @@ impl IpLimiter {
     }
 
     /// Whether `ip` may make another attempt now.
-    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
+    pub fn allow(&self, ip: IpAddr) -> bool {
         if self.rate <= 0.0 {
             return true;
         }

@@ -5,6 +5,7 @@
 //! sync session keeps its connection's place. One over the limit is
 //! answered 503 and closed; one that sends no request head for
 //! `--http-idle-timeout` (new, or kept alive between requests) is closed.
+//! What a connection sends is metered (`prelogin`) until it is trusted.
 
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
@@ -18,10 +19,11 @@ use axum::{Json, Router};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::prelogin::{Budget, Gate, Metered};
 use crate::ops::metrics::add;
 use crate::ServerError;
 
@@ -33,10 +35,19 @@ const MAX_REFUSING: usize = 256;
 /// extensions. Whoever keeps the connection past its request (the sync
 /// WebSocket) keeps a clone.
 #[derive(Clone)]
-pub(crate) struct ConnectionPlace(
+pub(crate) struct ConnectionPlace {
     // Held, never read: the place is given back when the last clone goes.
-    #[allow(dead_code)] Arc<OwnedSemaphorePermit>,
-);
+    _permit: Arc<OwnedSemaphorePermit>,
+    gate: Arc<Gate>,
+}
+
+impl ConnectionPlace {
+    /// The session's hello was accepted: its socket may send up to the
+    /// full frame limits from now on.
+    pub(crate) fn logged_in(&self) {
+        self.gate.open();
+    }
+}
 
 /// What the accept loop needs.
 pub(crate) struct Limits {
@@ -46,6 +57,8 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Duration,
     /// Connections refused at the limit (a metric).
     pub(crate) refused: Arc<AtomicU64>,
+    /// Bytes sent by connections not yet trusted, all together.
+    pub(crate) prelogin: Arc<Budget>,
 }
 
 /// Serves `app` on `listener` until shutdown, then lets the connections
@@ -80,14 +93,26 @@ pub(crate) async fn run(
         }
         match Arc::clone(&limits.connections).try_acquire_owned() {
             Ok(permit) => {
-                let place = ConnectionPlace(Arc::new(permit));
+                let gate = Gate::new(Arc::clone(&limits.prelogin));
+                let place = ConnectionPlace {
+                    _permit: Arc::new(permit),
+                    gate: Arc::clone(&gate),
+                };
                 let app = app.clone();
                 let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    // A sync session stays metered until its hello is
+                    // accepted; other requests are bounded by their routes.
+                    if request.uri().path() == "/api/sync" {
+                        place.gate.close();
+                    } else {
+                        place.gate.open();
+                    }
                     request.extensions_mut().insert(place.clone());
                     request.extensions_mut().insert(ConnectInfo(peer));
                     let mut app = app.clone();
                     tower_service::Service::call(&mut app, request)
                 });
+                let tcp = Metered::new(tcp, gate);
                 connections.spawn(serve(tcp, service, limits.idle_timeout, shutdown.clone()));
             }
             Err(_) => {
@@ -117,14 +142,15 @@ pub(crate) async fn run(
 
 /// Serves one connection until it closes, is upgraded, or the server
 /// shuts down.
-async fn serve<S>(
-    tcp: TcpStream,
+async fn serve<S, T>(
+    tcp: T,
     service: S,
     idle_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = http1::Builder::new();
     builder

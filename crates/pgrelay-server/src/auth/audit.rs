@@ -1,27 +1,16 @@
 //! The audit trail: security-relevant actions (connects, refusals, expired
 //! tokens, rejected writes, admin actions) with client id, subject and time,
 //! to the `pgrelay::audit` tracing target at once and to the table
-//! `pgrelay.audit_log` in batches. Tokens and secrets are never recorded.
+//! `pgrelay.audit_log` in batches, where entries older than
+//! `--audit-retention` are deleted hourly. Tokens and secrets are never
+//! recorded.
 
 use std::time::{Duration, SystemTime};
 
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::Pool;
 use tokio::sync::{mpsc, watch};
 
 use crate::ServerError;
-
-pub(crate) const SCHEMA_SQL: &str = "
-CREATE TABLE IF NOT EXISTS pgrelay.audit_log (
-    id        bigserial   PRIMARY KEY,
-    at        timestamptz NOT NULL,
-    action    text        NOT NULL,
-    client_id text,
-    subject   text,
-    detail    text
-);
-CREATE INDEX IF NOT EXISTS audit_log_at ON pgrelay.audit_log (at);
-COMMENT ON TABLE pgrelay.audit_log IS
-    'pgrelay audit trail: connects, refusals, expired tokens, rejected writes, admin actions';";
 
 /// Entries waiting for the table at most; past that they only go to the
 /// log target (the table is best effort, the trace is not).
@@ -67,14 +56,14 @@ impl Audit {
     /// Starts the writer; it ends, after writing what is queued, once every
     /// `Audit` is dropped or shutdown is set.
     pub(crate) fn start(
-        info: ConnInfo,
+        pool: Pool,
         shutdown: watch::Receiver<bool>,
     ) -> (
         Audit,
         impl std::future::Future<Output = Result<(), ServerError>>,
     ) {
         let (queue, entries) = mpsc::channel(QUEUE);
-        (Audit { queue }, write_loop(info, entries, shutdown))
+        (Audit { queue }, write_loop(pool, entries, shutdown))
     }
 
     /// Records an action. Never blocks.
@@ -108,11 +97,10 @@ impl Audit {
 }
 
 async fn write_loop(
-    info: ConnInfo,
+    pool: Pool,
     mut entries: mpsc::Receiver<Entry>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
-    let mut db: Option<tokio_postgres::Client> = None;
     let mut stopping = false;
     loop {
         let mut batch = Vec::new();
@@ -138,10 +126,9 @@ async fn write_loop(
                 }
             }
         }
-        if let Err(e) = write(&info, &mut db, &batch).await {
+        if let Err(e) = write(&pool, &batch).await {
             // PostgreSQL may be restarting: the entries are in the trace.
             tracing::warn!(target: "pgrelay::audit", error = %e, entries = batch.len(), "writing to pgrelay.audit_log failed");
-            db = None;
             if !stopping {
                 tokio::select! {
                     biased;
@@ -153,17 +140,8 @@ async fn write_loop(
     }
 }
 
-async fn write(
-    info: &ConnInfo,
-    db: &mut Option<tokio_postgres::Client>,
-    batch: &[Entry],
-) -> Result<(), ServerError> {
-    if db.as_ref().is_none_or(|c| c.is_closed()) {
-        *db = Some(pgrelay_pg::connect(info).await?);
-    }
-    let Some(client) = db.as_ref() else {
-        return Ok(());
-    };
+async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), ServerError> {
+    let client = pool.get().await?;
     let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
     let action: Vec<&str> = batch.iter().map(|e| e.action.as_str()).collect();
     let client_id: Vec<Option<&str>> = batch.iter().map(|e| e.client_id.as_deref()).collect();
@@ -178,4 +156,42 @@ async fn write(
         .await
         .map_err(ServerError::sql("writing pgrelay.audit_log"))?;
     Ok(())
+}
+
+/// Deletes audit entries older than `retention`, now and hourly, so refused
+/// requests (each one a row) cannot grow the table without end.
+pub(crate) async fn prune(
+    pool: Pool,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let period = Duration::from_secs(3600).min(retention);
+    loop {
+        match prune_once(&pool, retention).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(target: "pgrelay::audit", deleted, "deleted audit entries past --audit-retention")
+            }
+            // PostgreSQL may be restarting; the next round will do it.
+            Err(e) => {
+                tracing::warn!(target: "pgrelay::audit", error = %e, "pruning pgrelay.audit_log failed")
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+async fn prune_once(pool: &Pool, retention: Duration) -> Result<u64, ServerError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "DELETE FROM pgrelay.audit_log WHERE at < now() - make_interval(secs => $1)",
+            &[&retention.as_secs_f64()],
+        )
+        .await
+        .map_err(ServerError::sql("pruning pgrelay.audit_log"))
 }

@@ -2,7 +2,8 @@
 //! `POST /api/changes`, row rules bound to each token's claims (a scope),
 //! and the audit trail.
 
-mod audit;
+pub(crate) mod audit;
+pub(crate) mod owners;
 mod rules;
 mod scope;
 mod token;
@@ -15,9 +16,8 @@ use pgrelay_protocol::TableSchema;
 pub use audit::{Action, Audit};
 pub use scope::Scope;
 pub(crate) use scope::SNAPSHOT_SETTINGS_SQL;
-pub use token::{AuthConfig, JwtKey};
+pub use token::{AuthConfig, ClaimsVerifier, JwtKey};
 
-pub(crate) use audit::SCHEMA_SQL as AUDIT_SCHEMA_SQL;
 pub(crate) use rules::Bound;
 pub(crate) use rules::Rules;
 pub(crate) use token::TokenRefusal;
@@ -26,6 +26,8 @@ pub(crate) use token::TokenRefusal;
 #[derive(Debug, Clone)]
 pub(crate) struct Principal {
     pub(crate) subject: Option<String>,
+    /// The owner claim's value: whose client ids this token may use.
+    pub(crate) owner: Option<String>,
     pub(crate) expires: SystemTime,
     pub(crate) scope: Arc<Scope>,
 }
@@ -33,6 +35,7 @@ pub(crate) struct Principal {
 pub(crate) struct Auth {
     verifier: token::TokenVerifier,
     scopes: scope::Scopes,
+    owner_claim: String,
 }
 
 impl Auth {
@@ -48,6 +51,7 @@ impl Auth {
         Ok(Auth {
             verifier,
             scopes: scope::Scopes::new(rules),
+            owner_claim: config.owner_claim.clone(),
         })
     }
 
@@ -57,7 +61,12 @@ impl Auth {
 
     pub(crate) fn authenticate(&self, token: Option<&str>) -> Result<Principal, TokenRefusal> {
         let verified = self.verifier.verify(token)?;
+        let owner = verified
+            .claims
+            .get(&self.owner_claim)
+            .and_then(rules::claim_text);
         Ok(Principal {
+            owner,
             subject: verified.subject,
             expires: verified.expires,
             scope: self.scopes.scope(&verified.claims),

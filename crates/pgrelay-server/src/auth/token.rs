@@ -38,6 +38,9 @@ pub struct AuthConfig {
     /// The text of `rules.toml`; `None`: every valid token reads and writes
     /// every table.
     pub rules: Option<String>,
+    /// The claim that owns client ids (`--client-id-claim`): a client id
+    /// first used with a token belongs to that token's value of it.
+    pub owner_claim: String,
 }
 
 impl AuthConfig {
@@ -48,6 +51,7 @@ impl AuthConfig {
             audience: None,
             leeway: Duration::ZERO,
             rules: None,
+            owner_claim: "sub".to_owned(),
         }
     }
 }
@@ -167,13 +171,38 @@ impl TokenVerifier {
         let exp = claims
             .get("exp")
             .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)));
-        let expires = UNIX_EPOCH + Duration::from_secs(exp.unwrap_or(0)) + self.leeway;
+        // A signed `exp` may be any number: one past what a clock can hold
+        // (2^63 seconds and up) is refused, not added with overflow.
+        let expires = UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp.unwrap_or(0)))
+            .and_then(|t| t.checked_add(self.leeway))
+            .ok_or_else(|| refuse("token exp is out of range".to_owned()))?;
         let subject = claims.get("sub").and_then(super::rules::claim_text);
         Ok(Verified {
             claims,
             subject,
             expires,
         })
+    }
+}
+
+/// The server's token check for endpoints outside the row sync (the
+/// LiveStore backend): a token's claims, or why it is refused (safe to send).
+pub struct ClaimsVerifier(TokenVerifier);
+
+impl ClaimsVerifier {
+    pub fn new(config: &AuthConfig) -> Result<ClaimsVerifier, String> {
+        TokenVerifier::new(config).map(ClaimsVerifier)
+    }
+
+    pub fn verify(
+        &self,
+        token: Option<&str>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        self.0
+            .verify(token)
+            .map(|verified| verified.claims)
+            .map_err(|refusal| refusal.reason)
     }
 }
 
@@ -270,5 +299,15 @@ mod tests {
         assert_eq!(v.verify(None).err().unwrap().reason, "a token is required");
         assert_eq!(reason("garbage").reason, "token is malformed");
         assert!(TokenVerifier::new(&AuthConfig::new(JwtKey::Secret(b"short".to_vec()))).is_err());
+    }
+
+    #[test]
+    fn an_exp_past_what_a_clock_holds_is_refused_without_a_panic() {
+        let v = verifier();
+        for exp in [json!(1u64 << 63), json!(u64::MAX)] {
+            let token = sign(Algorithm::HS256, json!({"exp": exp, "iss": "me"}), SECRET);
+            let refused = v.verify(Some(&token)).err().unwrap();
+            assert_eq!(refused.reason, "token exp is out of range", "exp {exp}");
+        }
     }
 }

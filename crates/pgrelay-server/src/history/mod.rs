@@ -4,6 +4,7 @@
 //! not a key).
 
 pub(crate) mod epoch;
+mod error;
 pub(crate) mod reader;
 pub(crate) mod retention;
 
@@ -16,69 +17,13 @@ use tokio_postgres::types::{Json, PgLsn, Type};
 use tokio_postgres::Client;
 
 use crate::hub::encoded::{EncodedTx, JsonText};
-use crate::ServerError;
-
-const SCHEMA_SQL: &str = "
-CREATE SCHEMA IF NOT EXISTS pgrelay;
-CREATE TABLE IF NOT EXISTS pgrelay.change_history (
-    lsn            pg_lsn      NOT NULL,
-    ordinal        integer     NOT NULL,
-    table_name     text        NOT NULL,
-    operation      text        NOT NULL,
-    data           json,
-    old_data       json,
-    transaction_id bigint      NOT NULL,
-    commit_time    timestamptz NOT NULL,
-    origin_client  text,
-    schema_version integer     NOT NULL,
-    PRIMARY KEY (lsn, ordinal)
-);
-COMMENT ON TABLE pgrelay.change_history IS
-    'pgrelay change log: one row per captured change, in commit order (lsn = commit LSN, ordinal = position in the transaction)';
-CREATE TABLE IF NOT EXISTS pgrelay.table_schemas (
-    name    text PRIMARY KEY,
-    version integer NOT NULL,
-    schema  jsonb NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pgrelay.applied_changes (
-    client_id  text        NOT NULL,
-    change_id  text        NOT NULL,
-    tx_id      text        NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (client_id, change_id)
-);
-CREATE INDEX IF NOT EXISTS applied_changes_applied_at ON pgrelay.applied_changes (applied_at);
-COMMENT ON TABLE pgrelay.applied_changes IS
-    'pgrelay client writes: change ids applied, so a resent batch applies nothing twice (kept for the retention)';
-CREATE TABLE IF NOT EXISTS pgrelay.log_state (
-    id             integer PRIMARY KEY CHECK (id = 1),
-    log_id         text    NOT NULL,
-    pruned_through pg_lsn  NOT NULL DEFAULT '0/0'
-);
-INSERT INTO pgrelay.log_state (id, log_id) VALUES (1, gen_random_uuid()::text)
-    ON CONFLICT (id) DO NOTHING;
-COMMENT ON TABLE pgrelay.log_state IS
-    'pgrelay change log identity (replicas of another log must re-hydrate) and the position through which it was pruned';
-ALTER TABLE pgrelay.log_state ADD COLUMN IF NOT EXISTS new_epoch_from pg_lsn;
-CREATE TABLE IF NOT EXISTS pgrelay.log_slots (slot_name text PRIMARY KEY);
-COMMENT ON TABLE pgrelay.log_slots IS
-    'pgrelay: the replication slots that feed this change log (one losing its slot starts a new log)';
-COMMENT ON COLUMN pgrelay.log_state.new_epoch_from IS
-    'set while a new change log is being started after a lost slot: where it begins';";
-
-/// Creates pgrelay's schema and tables if they are missing.
-pub(crate) async fn ensure_schema(client: &Client) -> Result<(), ServerError> {
-    client
-        .batch_execute(SCHEMA_SQL)
-        .await
-        .map_err(ServerError::sql("creating pgrelay's schema"))
-}
+pub use error::HistoryError;
 
 /// The commit LSN of the newest transaction the log has held: its newest
 /// row, or where retention pruned it through when that emptied it (zero
 /// for a log that never held one). It never moves backwards: a replica
 /// hydrated at the head must not find itself behind retention.
-pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
+pub(crate) async fn head(client: &Client) -> Result<Lsn, HistoryError> {
     let row = client
         .query_one(
             "SELECT greatest((SELECT max(lsn) FROM pgrelay.change_history),
@@ -86,7 +31,7 @@ pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
             &[],
         )
         .await
-        .map_err(ServerError::sql("reading the change log's head"))?;
+        .map_err(HistoryError::sql("reading the change log's head"))?;
     Ok(Lsn(row
         .get::<_, Option<PgLsn>>(0)
         .map(u64::from)
@@ -95,14 +40,14 @@ pub(crate) async fn head(client: &Client) -> Result<Lsn, ServerError> {
 
 /// The change log's identity and the commit LSN through which retention
 /// has removed it.
-pub(crate) async fn log_state(client: &Client) -> Result<(String, Lsn), ServerError> {
+pub(crate) async fn log_state(client: &Client) -> Result<(String, Lsn), HistoryError> {
     let row = client
         .query_one(
             "SELECT log_id, pruned_through FROM pgrelay.log_state WHERE id = 1",
             &[],
         )
         .await
-        .map_err(ServerError::sql("reading the change log's state"))?;
+        .map_err(HistoryError::sql("reading the change log's state"))?;
     Ok((row.get(0), Lsn(u64::from(row.get::<_, PgLsn>(1)))))
 }
 
@@ -114,11 +59,11 @@ pub(crate) async fn prune(
     client: &mut Client,
     cutoff: SystemTime,
     max_changes: i64,
-) -> Result<Option<(Lsn, u64)>, ServerError> {
+) -> Result<Option<(Lsn, u64)>, HistoryError> {
     let tx = client
         .transaction()
         .await
-        .map_err(ServerError::sql("starting to prune the change log"))?;
+        .map_err(HistoryError::sql("starting to prune the change log"))?;
     // The newest transaction boundary among the oldest `max_changes` rows
     // that are all older than the cutoff.
     let row = tx
@@ -128,7 +73,7 @@ pub(crate) async fn prune(
             &[&cutoff, &max_changes],
         )
         .await
-        .map_err(ServerError::sql("finding changes past retention"))?;
+        .map_err(HistoryError::sql("finding changes past retention"))?;
     let Some(through) = row.get::<_, Option<PgLsn>>(0) else {
         return Ok(None);
     };
@@ -137,17 +82,17 @@ pub(crate) async fn prune(
         &[&through],
     )
     .await
-    .map_err(ServerError::sql("recording the pruned position"))?;
+    .map_err(HistoryError::sql("recording the pruned position"))?;
     let removed = tx
         .execute(
             "DELETE FROM pgrelay.change_history WHERE lsn <= $1",
             &[&through],
         )
         .await
-        .map_err(ServerError::sql("pruning the change log"))?;
+        .map_err(HistoryError::sql("pruning the change log"))?;
     tx.commit()
         .await
-        .map_err(ServerError::sql("committing the pruned change log"))?;
+        .map_err(HistoryError::sql("committing the pruned change log"))?;
     Ok(Some((Lsn(u64::from(through)), removed)))
 }
 
@@ -156,7 +101,7 @@ pub(crate) async fn prune(
 pub(crate) async fn version_schemas(
     client: &Client,
     tables: &mut [TableSchema],
-) -> Result<(), ServerError> {
+) -> Result<(), HistoryError> {
     for table in tables.iter_mut() {
         record_schema(client, table).await?;
     }
@@ -168,14 +113,14 @@ pub(crate) async fn version_schemas(
 pub(crate) async fn record_schema(
     client: &Client,
     table: &mut TableSchema,
-) -> Result<(), ServerError> {
+) -> Result<(), HistoryError> {
     let stored = client
         .query_opt(
             "SELECT version, schema FROM pgrelay.table_schemas WHERE name = $1",
             &[&table.name],
         )
         .await
-        .map_err(ServerError::sql("reading stored table schemas"))?;
+        .map_err(HistoryError::sql("reading stored table schemas"))?;
     table.version = match stored {
         Some(row) => {
             let version: i32 = row.get(0);
@@ -199,7 +144,7 @@ pub(crate) async fn record_schema(
             &[&table.name, &version, &Json(&*table)],
         )
         .await
-        .map_err(ServerError::sql(format!(
+        .map_err(HistoryError::sql(format!(
             "storing the schema of {}",
             table.name
         )))?;
@@ -217,14 +162,14 @@ pub(crate) struct LoggedTx<'a> {
 /// BEGIN/COMMIT). Callers pass only transactions newer than the log's head,
 /// so a replay after a crash inserts nothing twice (and the primary key
 /// would refuse it).
-pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), ServerError> {
+pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), HistoryError> {
     let sink = client
         .copy_in(
             "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
              transaction_id, commit_time, origin_client, schema_version) FROM STDIN BINARY",
         )
         .await
-        .map_err(ServerError::sql("starting COPY into the change log"))?;
+        .map_err(HistoryError::sql("starting COPY into the change log"))?;
     let types = [
         Type::PG_LSN,
         Type::INT4,
@@ -246,7 +191,7 @@ pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), 
         let commit_time = system_time(tx.commit_time_us);
         for (ordinal, change) in tx.changes.iter().enumerate() {
             let ordinal = i32::try_from(ordinal)
-                .map_err(|_| ServerError::TooLarge("transaction with over 2^31 changes"))?;
+                .map_err(|_| HistoryError::TooLarge("transaction with over 2^31 changes"))?;
             let version = logged
                 .schema_versions
                 .get(ordinal as usize)
@@ -269,26 +214,26 @@ pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), 
                     &version,
                 ])
                 .await
-                .map_err(ServerError::sql("writing to the change log"))?;
+                .map_err(HistoryError::sql("writing to the change log"))?;
         }
     }
     writer
         .finish()
         .await
-        .map_err(ServerError::sql("committing to the change log"))?;
+        .map_err(HistoryError::sql("committing to the change log"))?;
     Ok(())
 }
 
 /// Reads whole transactions with commit LSN after `after`, oldest first:
 /// about `limit` changes, never splitting a transaction. Fails with
-/// [`ServerError::Pruned`] when retention has removed transactions after
+/// [`HistoryError::Pruned`] when retention has removed transactions after
 /// `after` (read in the same statement, so a prune racing with the read
 /// cannot slip a gap through).
 pub(crate) async fn read_after(
     client: &Client,
     after: Lsn,
     limit: i64,
-) -> Result<Vec<Transaction>, ServerError> {
+) -> Result<Vec<Transaction>, HistoryError> {
     let rows = client
         .query(
             &format!(
@@ -300,11 +245,11 @@ pub(crate) async fn read_after(
             &[&PgLsn::from(after.0), &limit],
         )
         .await
-        .map_err(ServerError::sql("reading the change log"))?;
+        .map_err(HistoryError::sql("reading the change log"))?;
     if let Some(first) = rows.first() {
         let pruned = Lsn(u64::from(first.get::<_, PgLsn>(0)));
         if after < pruned {
-            return Err(ServerError::Pruned {
+            return Err(HistoryError::Pruned {
                 position: after,
                 pruned_through: pruned,
             });
@@ -328,7 +273,7 @@ pub(crate) async fn read_after(
                     &[&PgLsn::from(last.lsn.0), &done],
                 )
                 .await
-                .map_err(ServerError::sql("reading the change log"))?;
+                .map_err(HistoryError::sql("reading the change log"))?;
             for tx in group(rest, 0)? {
                 last.changes.extend(tx.changes);
             }
@@ -341,13 +286,13 @@ const COLUMNS: &str = "lsn, ordinal, table_name, operation, data, old_data, tran
     (extract(epoch FROM commit_time) * 1000000)::int8 AS commit_us, origin_client";
 
 /// Groups rows of [`COLUMNS`] (starting at column `at`) into transactions.
-fn group(rows: Vec<tokio_postgres::Row>, at: usize) -> Result<Vec<Transaction>, ServerError> {
+fn group(rows: Vec<tokio_postgres::Row>, at: usize) -> Result<Vec<Transaction>, HistoryError> {
     let mut txs: Vec<Transaction> = Vec::new();
     for row in rows {
         let lsn = Lsn(u64::from(row.get::<_, PgLsn>(at)));
         let op_text: &str = row.get(at + 3);
         let op = Op::parse(op_text)
-            .ok_or_else(|| ServerError::CorruptLog(format!("operation {op_text:?} at {lsn}")))?;
+            .ok_or_else(|| HistoryError::CorruptLog(format!("operation {op_text:?} at {lsn}")))?;
         let new: Option<Json<Row>> = row.get(at + 4);
         let old: Option<Json<Row>> = row.get(at + 5);
         let change = Change {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::Pool;
 use tokio::sync::watch;
 
 use crate::{history, ServerError};
@@ -15,13 +15,13 @@ use crate::{history, ServerError};
 const BATCH: i64 = 50_000;
 
 pub(crate) async fn prune_log(
-    info: ConnInfo,
+    pool: Pool,
     retain: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let period = (retain / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
     loop {
-        if let Err(e) = prune_once(&info, retain, &shutdown).await {
+        if let Err(e) = prune_once(&pool, retain, &shutdown).await {
             // PostgreSQL may be restarting; the next round will do it.
             tracing::warn!(error = %e, "pruning the change log failed");
         }
@@ -34,14 +34,14 @@ pub(crate) async fn prune_log(
 }
 
 async fn prune_once(
-    info: &ConnInfo,
+    pool: &Pool,
     retain: Duration,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let cutoff = SystemTime::now()
         .checked_sub(retain)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let mut client = pgrelay_pg::connect(info).await?;
+    let mut client = pool.get().await?;
     let mut total = 0u64;
     while !*shutdown.borrow() {
         match history::prune(&mut client, cutoff, BATCH).await? {

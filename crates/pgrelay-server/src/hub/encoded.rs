@@ -30,17 +30,17 @@ pub(crate) struct EncodedChange {
 }
 
 impl EncodedTx {
-    pub(crate) fn new(tx: Transaction) -> EncodedTx {
+    pub(crate) fn new(tx: &Transaction) -> EncodedTx {
         EncodedTx {
             lsn: tx.lsn,
             xid: tx.xid,
             commit_time_us: tx.commit_time_us,
-            origin: tx.origin,
+            origin: tx.origin.clone(),
             changes: tx
                 .changes
-                .into_iter()
+                .iter()
                 .map(|c| EncodedChange {
-                    table: c.table,
+                    table: c.table.clone(),
                     op: c.op,
                     new: c.new.as_ref().map(raw),
                     old: c.old.as_ref().map(raw),
@@ -113,7 +113,7 @@ mod tests {
                 },
             ],
         };
-        let encoded = serde_json::to_string(&super::EncodedTx::new(tx.clone())).unwrap();
+        let encoded = serde_json::to_string(&super::EncodedTx::new(&tx)).unwrap();
         let decoded: ServerMessage = serde_json::from_str(&encoded).unwrap();
         assert_eq!(decoded, ServerMessage::Tx(tx));
     }

@@ -1,5 +1,8 @@
 //! Publishes committed transactions to every live session. Each transaction
-//! is encoded once and the same bytes go to every socket. The bounded ring
+//! is encoded once and the same bytes go to every socket; the frame also
+//! carries the typed transaction, so a session that sends only part of it
+//! (row rules, a subscription to some tables) trims it without decoding
+//! the bytes again. The bounded ring
 //! of a broadcast channel holds the recent ones; a session that falls
 //! further behind is told it lagged and reads the change log instead, so a
 //! slow client never makes the server buffer without bound. The hub also
@@ -25,6 +28,8 @@ pub(crate) struct Frame {
     pub(crate) lsn: Lsn,
     pub(crate) is_tx: bool,
     pub(crate) text: Utf8Bytes,
+    /// What `text` encodes, for the frames a session may trim.
+    pub(crate) content: Content,
     /// The tables a transaction changes or a schema frame describes, once
     /// each, so a session that subscribes to some tables can tell at a
     /// glance whether to send, skip or trim the frame.
@@ -50,9 +55,18 @@ fn distinct<'a>(names: impl Iterator<Item = &'a String>) -> Arc<[String]> {
     seen.into()
 }
 
+/// The typed message behind a frame's bytes, kept for the kinds a session
+/// may send only part of.
+#[derive(Clone, Debug)]
+pub(crate) enum Content {
+    Tx(Arc<Transaction>),
+    Schema(Arc<[TableSchema]>),
+    /// Sent whole or not at all (errors, results, handshake answers).
+    Whole,
+}
+
 #[derive(Debug, Default)]
 struct Filtered {
-    tx: OnceLock<Option<Transaction>>,
     by_scope: Mutex<HashMap<u64, Arc<OnceLock<Option<Frame>>>>>,
 }
 
@@ -64,15 +78,22 @@ impl Frame {
             tracing::error!(error = %e, "encoding a server message failed");
             String::new()
         });
-        let tables = match message {
-            ServerMessage::Tx(tx) => distinct(tx.changes.iter().map(|c| &c.table)),
-            ServerMessage::Schema { tables } => distinct(tables.iter().map(|t| &t.name)),
-            _ => Arc::from(Vec::new()),
+        let (tables, content) = match message {
+            ServerMessage::Tx(tx) => (
+                distinct(tx.changes.iter().map(|c| &c.table)),
+                Content::Tx(Arc::new(tx.clone())),
+            ),
+            ServerMessage::Schema { tables } => (
+                distinct(tables.iter().map(|t| &t.name)),
+                Content::Schema(tables.clone().into()),
+            ),
+            _ => (Arc::from(Vec::new()), Content::Whole),
         };
         Frame {
             lsn,
             is_tx: matches!(message, ServerMessage::Tx(_)),
             text: text.into(),
+            content,
             tables,
             table: None,
             ends_log: false,
@@ -80,21 +101,22 @@ impl Frame {
         }
     }
 
-    /// A transaction whose rows are already encoded.
-    pub(crate) fn encoded(tx: &crate::hub::encoded::EncodedTx) -> Frame {
-        let text = serde_json::to_string(tx).unwrap_or_default();
+    /// A transaction whose rows are already encoded (`encoded` is `tx`).
+    pub(crate) fn encoded(encoded: &crate::hub::encoded::EncodedTx, tx: Arc<Transaction>) -> Frame {
+        let text = serde_json::to_string(encoded).unwrap_or_default();
         Frame {
             lsn: tx.lsn,
             is_tx: true,
             text: text.into(),
             tables: distinct(tx.changes.iter().map(|c| &c.table)),
+            content: Content::Tx(tx),
             table: None,
             ends_log: false,
             filtered: None,
         }
     }
 
-    pub(crate) fn transaction(tx: &Transaction) -> Frame {
+    pub(crate) fn transaction(tx: impl Into<Arc<Transaction>>) -> Frame {
         // Serialize the borrowed transaction without cloning it.
         #[derive(serde::Serialize)]
         #[serde(tag = "type", rename = "tx")]
@@ -102,12 +124,14 @@ impl Frame {
             #[serde(flatten)]
             tx: &'a Transaction,
         }
-        let text = serde_json::to_string(&TxRef { tx }).unwrap_or_default();
+        let tx = tx.into();
+        let text = serde_json::to_string(&TxRef { tx: &tx }).unwrap_or_default();
         Frame {
             lsn: tx.lsn,
             is_tx: true,
             text: text.into(),
             tables: distinct(tx.changes.iter().map(|c| &c.table)),
+            content: Content::Tx(tx),
             table: None,
             ends_log: false,
             filtered: None,
@@ -126,32 +150,21 @@ impl Frame {
                 _ => Some(self.clone()),
             };
         }
-        let filter = |tx: &Transaction| scope.filter_tx(tx).map(|t| Frame::transaction(&t));
+        let Content::Tx(tx) = &self.content else {
+            // Only the hub builds transaction frames, always with their
+            // transaction; send nothing rather than something unchecked.
+            tracing::error!(lsn = %self.lsn, "a transaction frame without its transaction; withheld from a filtered session");
+            return None;
+        };
+        let filter = || scope.filter_tx(tx).map(Frame::transaction);
         let Some(filtered) = &self.filtered else {
-            let tx = parse_tx(&self.text)?;
-            return filter(&tx);
+            return filter();
         };
         let slot = {
             let mut by_scope = filtered.by_scope.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(by_scope.entry(scope.id).or_default())
         };
-        slot.get_or_init(|| {
-            let tx = filtered.tx.get_or_init(|| parse_tx(&self.text));
-            tx.as_ref().and_then(filter)
-        })
-        .clone()
-    }
-}
-
-fn parse_tx(text: &str) -> Option<Transaction> {
-    match serde_json::from_str::<ServerMessage>(text) {
-        Ok(ServerMessage::Tx(tx)) => Some(tx),
-        _ => {
-            // Only the server encodes these frames; send nothing rather
-            // than something unchecked.
-            tracing::error!("a transaction frame did not decode; withheld from filtered sessions");
-            None
-        }
+        slot.get_or_init(filter).clone()
     }
 }
 
@@ -435,7 +448,7 @@ mod tests {
             origin: None,
             changes: Vec::new(),
         };
-        hub.publish(vec![Frame::transaction(&tx)]);
+        hub.publish(vec![Frame::transaction(tx)]);
         assert_eq!(hub.head(), Lsn(50));
     }
 
@@ -455,7 +468,7 @@ mod tests {
                 old: None,
             }],
         };
-        hub.publish(vec![Frame::transaction(&tx)]);
+        hub.publish(vec![Frame::transaction(tx)]);
         let frame = live.try_recv().unwrap();
         let (one, other) = (Scope::open(1), Scope::open(2));
         let first = frame.for_scope(&one).unwrap();

@@ -73,7 +73,7 @@ fn authorize_action(
 
 /// `Err` holds the refusal to answer with.
 #[allow(clippy::result_large_err)] // built once per refused request
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(expected) = state.config.admin_token.as_ref().map(|t| t.expose_secret()) else {
         return Err(answer(
             StatusCode::NOT_FOUND,

@@ -460,17 +460,8 @@ async fn rule_identity(
     };
     for table in rules.need_full_identity(tables) {
         let quoted = pgrelay_protocol::quote_table(&table);
-        let identity: String = db
-            .query_one(
-                "SELECT relreplident::text FROM pg_class WHERE oid = $1::text::regclass",
-                &[&quoted],
-            )
-            .await
-            .map_err(ServerError::sql(format!(
-                "reading the replica identity of {table}"
-            )))?
-            .get(0);
-        report.push(if identity == "f" {
+        let full = pgrelay_pg::has_full_identity(db, &table).await?;
+        report.push(if full {
             Finding::new(
                 "rule_identity",
                 Severity::Ok,

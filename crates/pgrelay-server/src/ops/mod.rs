@@ -4,4 +4,5 @@
 
 pub(crate) mod admin;
 pub mod doctor;
+pub(crate) mod exposition;
 pub(crate) mod metrics;

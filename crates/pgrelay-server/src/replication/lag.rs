@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::Pool;
 use pgrelay_protocol::Lsn;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -142,17 +142,13 @@ impl LagMonitor {
     /// Measures every `monitor_interval` until shutdown.
     pub(crate) async fn run(
         self: Arc<Self>,
-        info: ConnInfo,
+        pool: Pool,
         config: ServerConfig,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), crate::ServerError> {
-        let mut db: Option<tokio_postgres::Client> = None;
         loop {
-            if db.as_ref().is_none_or(|c| c.is_closed()) {
-                db = pgrelay_pg::connect(&info).await.ok();
-            }
-            match &db {
-                Some(client) => match measure(client, &config.slot).await {
+            match pool.get().await.ok() {
+                Some(client) => match measure(&client, &config.slot).await {
                     Ok(m) => self.record(m),
                     Err(e) => self.with(|s| s.error = Some(e.to_string())),
                 },

@@ -4,7 +4,7 @@
 //! with backoff and resumes from the slot; a slot lost meanwhile starts a
 //! new change-log epoch (see [`slot`]).
 
-mod assemble;
+mod error;
 pub(crate) mod lag;
 mod schema_change;
 mod slot;
@@ -12,13 +12,14 @@ pub(crate) mod status;
 pub(crate) mod table_watch;
 mod writer;
 
+pub use error::ReplicationError;
 pub(crate) use schema_change::backfilled_columns;
 pub(crate) use slot::{prepare as prepare_slot, SlotLoss};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgrelay_pg::{ConnInfo, ReplicationEvent, ReplicationStream, StreamOptions};
+use pgrelay_pg::{ConnInfo, ReplicationStream, StreamEvent, StreamOptions};
 use pgrelay_protocol::Lsn;
 use tokio::sync::watch;
 
@@ -26,7 +27,6 @@ use crate::history;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
-use assemble::{Assembled, Assembler};
 use writer::{Batch, Writer};
 
 /// Changes gathered before the change log is written even if more are
@@ -131,7 +131,6 @@ impl Replication {
         logged: Lsn,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ServerError> {
-        let mut assembler = Assembler::new();
         let mut batch = Batch::default();
         loop {
             tokio::select! {
@@ -147,10 +146,10 @@ impl Replication {
                 }
                 event = stream.recv() => {
                     let Some(event) = event? else {
-                        return Err(ServerError::Protocol("replication stream ended".to_owned()));
+                        return Err(ReplicationError::StreamEnded.into());
                     };
                     self.status.touch();
-                    self.handle(event, &mut assembler, &mut batch, db, stream, writer, logged)
+                    self.handle(event, &mut batch, db, stream, writer, logged)
                         .await?;
                 }
             }
@@ -185,68 +184,40 @@ impl Replication {
             }
             tracing::info!(from = %self.hub.head(), txs = txs.len(), "publishing transactions whose commit acknowledgement was lost");
             self.hub
-                .publish(txs.iter().map(Frame::transaction).collect());
+                .publish(txs.into_iter().map(Frame::transaction).collect());
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn handle(
         &self,
-        event: ReplicationEvent,
-        assembler: &mut Assembler,
+        event: StreamEvent,
         batch: &mut Batch,
         db: &tokio_postgres::Client,
         stream: &ReplicationStream,
         writer: &Writer,
         logged: Lsn,
     ) -> Result<(), ServerError> {
-        let assembled = match event {
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid,
-                commit_time_micros,
-            } => {
-                assembler.begin(Lsn(final_lsn.0), xid, commit_time_micros);
-                Assembled::Nothing
-            }
-            ReplicationEvent::XLogData { data, .. } => assembler.data(&data)?,
-            ReplicationEvent::Message {
-                prefix, content, ..
-            } => {
-                assembler.message(&prefix, &content);
-                Assembled::Nothing
-            }
-            ReplicationEvent::Commit {
-                lsn,
-                end_lsn,
-                commit_time_micros,
-            } => assembler.commit(Lsn(lsn.0), Lsn(end_lsn.0), commit_time_micros)?,
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
+        match event {
+            StreamEvent::Progress => {}
+            StreamEvent::Idle { wal_end } => {
                 // Nothing of ours is in flight: everything PostgreSQL decoded
                 // before this point is in the change log, so the slot may move
                 // on even when no published table changes (peer lesson: an
                 // idle slot must not hold WAL).
-                if batch.is_empty() && writer.idle() && !assembler.in_transaction() {
-                    stream.confirm(Lsn(wal_end.0));
-                    self.captured(Lsn(wal_end.0));
-                }
-                Assembled::Nothing
-            }
-            ReplicationEvent::StoppedAt { .. } => Assembled::Nothing,
-        };
-        match assembled {
-            Assembled::Nothing => {}
-            Assembled::Relation(oid) => {
-                if let Some(relation) = assembler.relation(oid) {
-                    if let Some(frame) =
-                        schema_change::apply(db, &self.hub, relation, batch.next_lsn()).await?
-                    {
-                        batch.frames.push(frame);
-                    }
+                if batch.is_empty() && writer.idle() {
+                    stream.confirm(wal_end);
+                    self.captured(wal_end);
                 }
             }
-            Assembled::Committed { tx, end_lsn } => {
+            StreamEvent::Relation(relation) => {
+                if let Some(frame) =
+                    schema_change::apply(db, &self.hub, &relation, batch.next_lsn()).await?
+                {
+                    batch.frames.push(frame);
+                }
+            }
+            StreamEvent::Committed { tx, end_lsn } => {
                 tracing::trace!(lsn = %tx.lsn, since_commit_us = now_us() - tx.commit_time_us, "transaction received");
                 if tx.lsn <= logged || tx.changes.is_empty() {
                     tracing::trace!(lsn = %tx.lsn, %logged, "transaction already logged or empty");

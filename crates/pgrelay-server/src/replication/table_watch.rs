@@ -9,14 +9,14 @@
 
 use std::sync::Arc;
 
-use pgrelay_pg::{ConnInfo, TableFilter};
+use pgrelay_pg::{Pool, TableFilter};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
 use crate::{history, ServerConfig, ServerError};
 
 pub(crate) async fn run(
-    info: ConnInfo,
+    pool: Pool,
     config: ServerConfig,
     hub: Arc<Hub>,
     mut shutdown: watch::Receiver<bool>,
@@ -26,26 +26,21 @@ pub(crate) async fn run(
         let _ = shutdown.wait_for(|stop| *stop).await;
         return Ok(());
     }
-    let mut db: Option<tokio_postgres::Client> = None;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             _ = tokio::time::sleep(config.table_poll_interval) => {}
         }
-        if db.as_ref().is_none_or(|c| c.is_closed()) {
-            db = match pgrelay_pg::connect(&info).await {
-                Ok(client) => Some(client),
-                Err(e) => {
-                    tracing::debug!(error = %e, "table watch cannot connect; trying later");
-                    continue;
-                }
-            };
-        }
-        if let Some(client) = db.as_ref() {
-            if let Err(e) = check(client, &config, &hub).await {
-                tracing::warn!(error = %e, "looking for new tables failed");
+        let client = match pool.get().await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::debug!(error = %e, "table watch cannot connect; trying later");
+                continue;
             }
+        };
+        if let Err(e) = check(&client, &config, &hub).await {
+            tracing::warn!(error = %e, "looking for new tables failed");
         }
     }
 }

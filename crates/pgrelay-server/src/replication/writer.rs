@@ -14,6 +14,7 @@ use crate::history::{self, LoggedTx};
 use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
+use crate::replication::ReplicationError;
 use crate::ServerError;
 
 /// Committed transactions waiting to be written to the change log together.
@@ -118,8 +119,8 @@ impl Writer {
     pub(super) async fn failure(&mut self) -> ServerError {
         match (&mut self.task).await {
             Ok(Err(e)) => e,
-            Ok(Ok(())) => ServerError::Protocol("the change-log writer stopped".to_owned()),
-            Err(e) => ServerError::Protocol(format!("the change-log writer panicked: {e}")),
+            Ok(Ok(())) => ReplicationError::WriterStopped.into(),
+            Err(e) => ReplicationError::WriterPanicked(e.to_string()).into(),
         }
     }
 
@@ -153,9 +154,7 @@ impl Writer {
         drop(self.batches);
         match self.task.await {
             Ok(result) => result,
-            Err(e) => Err(ServerError::Protocol(format!(
-                "the change-log writer panicked: {e}"
-            ))),
+            Err(e) => Err(ReplicationError::WriterPanicked(e.to_string()).into()),
         }
     }
 }
@@ -169,15 +168,15 @@ async fn commit_loop(
     status: Arc<ReplicationStatus>,
 ) -> Result<(), ServerError> {
     while let Some(batch) = batches.recv().await {
-        let txs: Vec<(EncodedTx, Vec<u32>)> = batch
+        let txs: Vec<(EncodedTx, Vec<u32>, Arc<Transaction>)> = batch
             .txs
             .into_iter()
-            .map(|(tx, versions)| (EncodedTx::new(tx), versions))
+            .map(|(tx, versions)| (EncodedTx::new(&tx), versions, Arc::new(tx)))
             .collect();
         if !txs.is_empty() {
             let entries: Vec<LoggedTx<'_>> = txs
                 .iter()
-                .map(|(tx, versions)| LoggedTx {
+                .map(|(tx, versions, _)| LoggedTx {
                     tx,
                     schema_versions: versions,
                 })
@@ -186,9 +185,12 @@ async fn commit_loop(
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;
-        frames.extend(txs.iter().map(|(tx, _)| Frame::encoded(tx)));
+        frames.extend(
+            txs.iter()
+                .map(|(encoded, _, tx)| Frame::encoded(encoded, Arc::clone(tx))),
+        );
         frames.sort_by_key(|f| (f.lsn, f.is_tx));
-        if let Some((last, _)) = txs.last() {
+        if let Some((last, _, _)) = txs.last() {
             tracing::trace!(lsn = %last.lsn, since_commit_us = super::now_us() - last.commit_time_us, "transaction published");
         }
         hub.publish(frames);

@@ -90,7 +90,7 @@ impl Session<'_> {
             let client = self.state.log_reader.client().await.map_err(internal)?;
             let txs = match history::read_after(&client, self.position(), CATCH_UP_PAGE).await {
                 Ok(txs) => txs,
-                Err(e @ crate::ServerError::Pruned { .. }) => {
+                Err(e @ history::HistoryError::Pruned { .. }) => {
                     return Err(Refusal::new(ErrorCode::Gone, format!("{e}; re-hydrate")))
                 }
                 Err(e) => return Err(internal(e)),
@@ -114,7 +114,7 @@ impl Session<'_> {
                     None => Some(tx),
                 });
                 match tx {
-                    Some(tx) => self.send(Frame::transaction(&tx)).await?,
+                    Some(tx) => self.send(Frame::transaction(tx)).await?,
                     None => self.skipped(lsn),
                 }
             }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::Message;
+use futures_util::StreamExt;
 use pgrelay_protocol::{ClientMessage, ErrorCode, Lsn, MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION};
 
 use super::Refusal;
@@ -23,11 +24,13 @@ pub(crate) struct Hello {
 }
 
 pub(super) async fn receive(
-    socket: &mut WebSocket,
+    socket: &mut dyn super::Socket,
     _config: &ServerConfig,
 ) -> Result<Hello, Refusal> {
+    // Absolute: pings and pongs before the hello do not extend it.
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
-        let next = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+        let next = tokio::time::timeout_at(deadline, socket.next())
             .await
             .map_err(|_| {
                 Refusal::new(ErrorCode::HandshakeRequired, "no hello within 10 seconds")
@@ -193,5 +196,52 @@ mod tests {
         .unwrap();
         assert_eq!(hello.client_id, "c-1");
         assert_eq!(hello.last_lsn, Some(Lsn(16)));
+    }
+
+    /// The decoders a client reaches before and after login, over random
+    /// bytes and over valid messages with bytes flipped: no panic, and a
+    /// refusal for anything that is not a message. A fixed case budget
+    /// keeps it in every test run.
+    mod fuzz {
+        use proptest::prelude::*;
+
+        const SEEDS: [&str; 4] = [
+            r#"{"type":"hello","protocol_version":1,"client_id":"c-1","last_lsn":"0/10","resync":["public.t"],"tables":["t"]}"#,
+            r#"{"type":"write","batch_id":"b","transactions":[{"id":"t1","changes":[{"id":"c1","table":"public.t","op":"update","old":{"id":"1"},"new":{"v":"x"}}]}]}"#,
+            r#"{"type":"write_part","tx_id":"t","part":0,"parts":2,"batch_id":"b","changes":[]}"#,
+            r#"{"type":"snapshot_done","refetch":["public.t"]}"#,
+        ];
+
+        fn decode_all(bytes: &[u8]) {
+            let _ = super::parse_hello(bytes);
+            let _ = super::super::super::write::parse(bytes);
+            let _ = serde_json::from_slice::<pgrelay_protocol::ClientMessage>(bytes);
+            let _ = pgrelay_protocol::parse_chunk(bytes);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                decode_all(&bytes);
+            }
+
+            #[test]
+            fn mutated_messages_never_panic(
+                seed in 0..SEEDS.len(),
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let mut bytes = SEEDS[seed].as_bytes().to_vec();
+                for (at, byte) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+                let keep = cut.index(bytes.len() + 1);
+                decode_all(&bytes[..keep]);
+                decode_all(&bytes);
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::Message;
+use futures_util::StreamExt;
 use pgrelay_protocol::{chunk_header, ErrorCode, Lsn, ServerMessage, SnapshotTable, TableSchema};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -18,8 +19,14 @@ use crate::snapshot::Snapshot;
 /// Re-fetch rounds before the server gives up on a client's snapshot.
 const MAX_ROUNDS: usize = 3;
 
-/// How long the client may take to check a snapshot.
-const VERDICT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the client may take to check a snapshot after its last chunk:
+/// this much, plus [`VERDICT_PER_MIB`] for each MiB of the round (the
+/// client inserts the last chunks it queued), at most [`VERDICT_MAX`]. A
+/// client that never answers holds its hydration slot (and PostgreSQL's
+/// snapshot) no longer than its snapshot's size warrants.
+const VERDICT_BASE: Duration = Duration::from_secs(10);
+const VERDICT_PER_MIB: Duration = Duration::from_millis(100);
+const VERDICT_MAX: Duration = Duration::from_secs(120);
 
 /// How often a queued client hears that it is still queued.
 const QUEUED_NOTICE: Duration = Duration::from_secs(10);
@@ -64,12 +71,15 @@ impl Session<'_> {
         self.send(Frame::encode(&begin, Lsn::ZERO)).await?;
         let mut pending: Vec<usize> = (0..tables.len()).collect();
         for _ in 0..MAX_ROUNDS {
+            let mut sent = 0u64;
             for &index in &pending {
-                self.send_table(&snapshot, index, &tables[index]).await?;
+                sent += self.send_table(&snapshot, index, &tables[index]).await?;
             }
             self.send(Frame::encode(&ServerMessage::SnapshotEnd {}, Lsn::ZERO))
                 .await?;
-            let refetch = self.verdict().await?;
+            let mib = u32::try_from(sent >> 20).unwrap_or(u32::MAX);
+            let allowed = (VERDICT_BASE + VERDICT_PER_MIB.saturating_mul(mib)).min(VERDICT_MAX);
+            let refetch = self.verdict(allowed).await?;
             if refetch.is_empty() {
                 return Ok(resume);
             }
@@ -131,7 +141,7 @@ impl Session<'_> {
         snapshot: &Snapshot,
         index: usize,
         table: &TableSchema,
-    ) -> Result<(), Refusal> {
+    ) -> Result<u64, Refusal> {
         let table_index = u16::try_from(index)
             .map_err(|_| Refusal::new(ErrorCode::Internal, "over 65535 tables in a snapshot"))?;
         let mut reader = snapshot
@@ -147,18 +157,23 @@ impl Session<'_> {
             self.send_message(Message::Binary(frame.into())).await?;
         }
         let digest = reader.digest();
+        // Uncompressed: what the client has to insert.
+        let sent = digest.bytes;
         tracing::debug!(table = %table.name, rows = digest.rows, bytes = digest.bytes, "snapshot table sent");
         self.send(Frame::encode(
             &ServerMessage::SnapshotTable(digest),
             Lsn::ZERO,
         ))
-        .await
+        .await?;
+        Ok(sent)
     }
 
     /// Reads the client's `snapshot_done`, answering writes that come first.
-    async fn verdict(&mut self) -> Result<Vec<String>, Refusal> {
+    async fn verdict(&mut self, allowed: Duration) -> Result<Vec<String>, Refusal> {
+        // Absolute: frames the client sends meanwhile do not extend it.
+        let deadline = tokio::time::Instant::now() + allowed;
         loop {
-            let incoming = tokio::time::timeout(VERDICT_TIMEOUT, self.socket.recv())
+            let incoming = tokio::time::timeout_at(deadline, self.socket.next())
                 .await
                 .map_err(|_| Refusal::new(ErrorCode::TooSlow, "no snapshot_done in time"))?;
             let bytes = match incoming {

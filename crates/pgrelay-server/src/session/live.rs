@@ -3,11 +3,15 @@
 //! answers the client's frames, pings, and ends the session on shutdown,
 //! token expiry, an operator's signal or a client that stops reading.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::Message;
+use futures_util::{SinkExt, StreamExt};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema, PROTOCOL_VERSION};
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio::time::{interval_at, Instant};
@@ -67,6 +71,7 @@ impl Session<'_> {
         let (told, schemas) = self.state.hub.schemas_at();
         self.told = told;
         let welcome = ServerMessage::Welcome {
+            origin: Some(pgrelay_protocol::origin_tag(&client_id)),
             protocol_version: PROTOCOL_VERSION,
             client_id,
             head_lsn: head,
@@ -93,15 +98,27 @@ impl Session<'_> {
         // Subscribe before reading the log: whatever is published from now on
         // is in `frames`, whatever was published before is in the log. And
         // whatever PostgreSQL committed before `captured` is in the log now.
-        let mut frames = self.state.hub.subscribe();
+        let frames = self.state.hub.subscribe();
         let captured = self.state.hub.captured();
         Box::pin(self.catch_up()).await?;
         self.caught_up(head, captured).await?;
         // Until the capture passes `wal`, the client is owed one more
         // `caught_up` (boxed: only sessions that wait hold it).
-        let mut owed =
+        let owed =
             (captured < wal).then(|| Box::pin(captured_past(self.state.hub.watch_captured(), wal)));
+        self.serve(frames, owed, shutdown).await
+    }
 
+    /// The live loop: forwards the hub's frames, answers the client's,
+    /// pings, and ends the session on shutdown, token expiry, an
+    /// operator's signal, a client that stops reading or answering pings.
+    /// `owed` resolves when the client is owed its second `caught_up`.
+    pub(super) async fn serve<F: Future<Output = ()>>(
+        &mut self,
+        mut frames: broadcast::Receiver<Frame>,
+        mut owed: Option<Pin<Box<F>>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Ending, Refusal> {
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
         let mut last_heard = Instant::now();
@@ -143,7 +160,7 @@ impl Session<'_> {
                     owed = None;
                     Box::pin(self.caught_up_with_wal(&mut frames)).await?;
                 }
-                incoming = self.socket.recv() => {
+                incoming = self.socket.next() => {
                     last_heard = Instant::now();
                     if !Box::pin(self.incoming(incoming)).await? {
                         return Ok(Ending::ClientClosed);
@@ -171,10 +188,11 @@ impl Session<'_> {
 
     /// When the token stops being valid (far away without a token).
     pub(super) fn expiry(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let far_off = Duration::from_secs(100 * 365 * 24 * 3600);
+        let far = Instant::now() + far_off;
         match &self.principal {
             Some(p) => match p.expires.duration_since(SystemTime::now()) {
-                Ok(left) => Instant::now() + left,
+                Ok(left) => Instant::now() + left.min(far_off),
                 Err(_) => Instant::now(),
             },
             None => far,

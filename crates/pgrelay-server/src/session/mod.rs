@@ -28,6 +28,8 @@ mod incoming;
 mod live;
 pub(crate) mod subscription;
 pub(crate) mod table;
+#[cfg(test)]
+mod tests;
 mod write;
 
 pub(crate) use incoming::audit_rejections;
@@ -36,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{Sink, SinkExt, Stream};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -66,13 +69,29 @@ impl Refusal {
     }
 }
 
-/// Runs a session on an upgraded socket. `_place` is its connection's
-/// place under `--max-connections`, given back when the session ends.
+/// What a session speaks over: any sink and stream of WebSocket messages.
+/// A server session runs on axum's `WebSocket`; a unit test on channels.
+pub(crate) trait Socket:
+    Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin + Send
+{
+}
+
+impl<T> Socket for T where
+    T: Sink<Message, Error = axum::Error>
+        + Stream<Item = Result<Message, axum::Error>>
+        + Unpin
+        + Send
+{
+}
+
+/// Runs a session on an upgraded socket. `place` is its connection's
+/// place under `--max-connections`, given back when the session ends; its
+/// socket is metered until the hello is accepted.
 pub(crate) async fn run(
     mut socket: WebSocket,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
-    _place: crate::api::serve::ConnectionPlace,
+    place: crate::api::serve::ConnectionPlace,
 ) {
     // Rare or one-off steps are boxed: their state would otherwise be part
     // of every idle session's future.
@@ -84,10 +103,16 @@ pub(crate) async fn run(
         Ok(principal) => principal,
         Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
+    if let Some(principal) = &principal {
+        if let Err(refusal) = Box::pin(claim(&state, &hello.client_id, principal)).await {
+            return Box::pin(refuse(&mut socket, refusal)).await;
+        }
+    }
     let subscription = match Subscription::resolve(hello.tables.clone(), &state.hub.schemas()) {
         Ok(subscription) => subscription,
         Err(refusal) => return Box::pin(refuse(&mut socket, refusal)).await,
     };
+    place.logged_in();
     let start = hello.last_lsn.unwrap_or(Lsn::ZERO);
     let span = tracing::info_span!("session", client_id = %hello.client_id, lsn = %start);
     async {
@@ -114,17 +139,7 @@ pub(crate) async fn run(
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
-            Ok(Ending::Shutdown) => {
-                let close = CloseFrame {
-                    code: 1001,
-                    reason: "server shutting down".into(),
-                };
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    socket.send(Message::Close(Some(close))),
-                )
-                .await;
-            }
+            Ok(Ending::Shutdown) => going_away(&mut socket).await,
             Err(refusal) => {
                 match refusal.code {
                     ErrorCode::TooSlow => add(&state.metrics.too_slow, 1),
@@ -192,8 +207,51 @@ fn authenticate(state: &AppState, hello: &Hello) -> Result<Option<Principal>, Re
     }
 }
 
+/// Closes with 1001 ("going away"): the server is shutting down.
+async fn going_away(socket: &mut dyn Socket) {
+    let close = CloseFrame {
+        code: 1001,
+        reason: "server shutting down".into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        socket.send(Message::Close(Some(close))),
+    )
+    .await;
+}
+
+/// Refuses a client id that another token subject owns (and claims an
+/// unowned one for this token's).
+pub(crate) async fn claim(
+    state: &AppState,
+    client_id: &str,
+    principal: &Principal,
+) -> Result<(), Refusal> {
+    use crate::auth::owners::Claim;
+    match state
+        .owners
+        .claim(client_id, principal.owner.as_deref())
+        .await
+    {
+        Ok(Claim::Allowed) => Ok(()),
+        Ok(Claim::Taken) => {
+            state.audit.record(
+                Action::Refused,
+                Some(client_id),
+                principal.subject.as_deref(),
+                "client id owned by another token subject",
+            );
+            Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!("client id {client_id:?} belongs to another token subject"),
+            ))
+        }
+        Err(e) => Err(internal(e)),
+    }
+}
+
 /// Sends an error frame and closes with the matching close code.
-pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
+pub(crate) async fn refuse(socket: &mut dyn Socket, refusal: Refusal) {
     tracing::debug!(code = ?refusal.code, message = %refusal.message, "closing session");
     let frame = Frame::encode(
         &ServerMessage::Error {
@@ -219,13 +277,14 @@ pub(crate) async fn refuse(socket: &mut WebSocket, refusal: Refusal) {
     .await;
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Ending {
     ClientClosed,
     Shutdown,
 }
 
 struct Session<'a> {
-    socket: &'a mut WebSocket,
+    socket: &'a mut dyn Socket,
     state: &'a AppState,
     /// The schema generation (see `Hub::changed_since`) the client has been
     /// told about.
@@ -245,7 +304,8 @@ struct Session<'a> {
     parts: Option<Box<write::Parts<'a>>>,
 }
 
-fn internal(e: crate::ServerError) -> Refusal {
+fn internal(e: impl Into<crate::ServerError>) -> Refusal {
+    let e = e.into();
     tracing::warn!(error = %e, "session failed");
     Refusal::new(
         ErrorCode::Internal,

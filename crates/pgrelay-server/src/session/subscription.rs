@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use pgrelay_protocol::{ErrorCode, ServerMessage, TableSchema, Transaction};
 
 use super::Refusal;
-use crate::hub::Frame;
+use crate::hub::{Content, Frame};
 
 /// Most tables a `hello` may name.
 const MAX_TABLES: usize = 1_000;
@@ -80,23 +80,46 @@ impl Subscription {
         if wanted == 0 {
             return Pass::Skip;
         }
-        // A mixed frame: decode it, keep this client's part, encode again.
-        match serde_json::from_str::<ServerMessage>(frame.text.as_str()) {
-            Ok(ServerMessage::Tx(tx)) => match self.trim(tx) {
-                Some(tx) => Pass::Send(Frame::transaction(&tx)),
+        // A mixed frame: keep this client's part of what it carries, encode
+        // again.
+        match &frame.content {
+            Content::Tx(tx) => match self.trimmed(tx) {
+                Some(tx) => Pass::Send(Frame::transaction(tx)),
                 None => Pass::Skip,
             },
-            Ok(ServerMessage::Schema { tables }) => Pass::Send(Frame::encode(
+            Content::Schema(tables) => Pass::Send(Frame::encode(
                 &ServerMessage::Schema {
-                    tables: tables.into_iter().filter(|t| self.wants(&t.name)).collect(),
+                    tables: tables
+                        .iter()
+                        .filter(|t| self.wants(&t.name))
+                        .cloned()
+                        .collect(),
                 },
                 frame.lsn,
             )),
-            Ok(_) | Err(_) => {
-                tracing::error!(lsn = %frame.lsn, "a frame naming tables did not decode; skipped for a subscriber");
+            Content::Whole => {
+                tracing::error!(lsn = %frame.lsn, "a frame naming tables carries no message to trim; skipped for a subscriber");
                 Pass::Skip
             }
         }
+    }
+
+    /// A copy of the transaction with only this client's changes; `None`
+    /// if none.
+    fn trimmed(&self, tx: &Transaction) -> Option<Transaction> {
+        let changes: Vec<_> = tx
+            .changes
+            .iter()
+            .filter(|c| self.wants(&c.table))
+            .cloned()
+            .collect();
+        (!changes.is_empty()).then(|| Transaction {
+            lsn: tx.lsn,
+            xid: tx.xid,
+            commit_time_us: tx.commit_time_us,
+            origin: tx.origin.clone(),
+            changes,
+        })
     }
 
     /// The transaction with only this client's changes; `None` if none.
@@ -162,16 +185,16 @@ mod tests {
         let sub = Subscription::resolve(Some(vec!["a".into()]), &synced)
             .unwrap()
             .unwrap();
-        let only_a = Frame::transaction(&tx(&["public.a"]));
+        let only_a = Frame::transaction(tx(&["public.a"]));
         match sub.pass(only_a.clone()) {
             Pass::Send(f) => assert_eq!(f.text, only_a.text),
             Pass::Skip => panic!("skipped its own table"),
         }
         assert!(matches!(
-            sub.pass(Frame::transaction(&tx(&["public.b"]))),
+            sub.pass(Frame::transaction(tx(&["public.b"]))),
             Pass::Skip
         ));
-        match sub.pass(Frame::transaction(&tx(&[
+        match sub.pass(Frame::transaction(tx(&[
             "public.b", "public.a", "public.b",
         ]))) {
             Pass::Send(f) => {

@@ -11,7 +11,8 @@ use tokio_postgres::Client;
 
 use crate::auth::{Scope, SNAPSHOT_SETTINGS_SQL};
 use crate::writes::statement::{quote as quote_ident, quote_table as qualified};
-use crate::ServerError;
+mod error;
+pub use error::SnapshotError;
 
 /// Uncompressed COPY bytes per chunk frame. Whole rows only, so a chunk
 /// can be applied on its own.
@@ -29,12 +30,12 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    pub(crate) async fn open(info: &ConnInfo) -> Result<Snapshot, ServerError> {
+    pub(crate) async fn open(info: &ConnInfo) -> Result<Snapshot, SnapshotError> {
         let client = pgrelay_pg::connect(info).await?;
         client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
-            .map_err(ServerError::sql("starting a snapshot"))?;
+            .map_err(SnapshotError::sql("starting a snapshot"))?;
         // The first statement fixes the transaction's snapshot; the WAL
         // position is read after it, so every transaction it sees committed
         // below that position.
@@ -44,12 +45,11 @@ impl Snapshot {
                 &[],
             )
             .await
-            .map_err(ServerError::sql("reading the snapshot's visibility"))?;
+            .map_err(SnapshotError::sql("reading the snapshot's visibility"))?;
         let text: String = row.get(0);
         let until = Lsn(u64::from(row.get::<_, PgLsn>(1)));
-        let visibility = Visibility::parse(&text, until).ok_or_else(|| {
-            ServerError::Protocol(format!("unexpected pg_current_snapshot() {text:?}"))
-        })?;
+        let visibility = Visibility::parse(&text, until)
+            .ok_or_else(|| SnapshotError::Visibility(text.clone()))?;
         Ok(Snapshot { client, visibility })
     }
 
@@ -74,7 +74,7 @@ impl Snapshot {
         &self,
         table: &TableSchema,
         scope: Option<&Scope>,
-    ) -> Result<TableReader, ServerError> {
+    ) -> Result<TableReader, SnapshotError> {
         let columns = table
             .columns
             .iter()
@@ -91,7 +91,7 @@ impl Snapshot {
             self.client
                 .query_one(SNAPSHOT_SETTINGS_SQL, &[&values])
                 .await
-                .map_err(ServerError::sql(format!(
+                .map_err(SnapshotError::sql(format!(
                     "binding the read rule of {}",
                     table.name
                 )))?;
@@ -103,7 +103,7 @@ impl Snapshot {
             .client
             .copy_out(sql.as_str())
             .await
-            .map_err(ServerError::sql(format!(
+            .map_err(SnapshotError::sql(format!(
                 "reading a snapshot of {}",
                 table.name
             )))?;
@@ -132,13 +132,13 @@ pub(crate) struct TableReader {
 
 impl TableReader {
     /// The next compressed chunk; `None` once the table is done.
-    pub(crate) async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, ServerError> {
+    pub(crate) async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, SnapshotError> {
         while !self.done && self.buffer.len() < CHUNK_BYTES {
             match self.stream.next().await {
                 // PostgreSQL sends one row per CopyData message.
                 Some(data) => self
                     .buffer
-                    .extend_from_slice(&data.map_err(ServerError::sql(format!(
+                    .extend_from_slice(&data.map_err(SnapshotError::sql(format!(
                         "reading a snapshot of {}",
                         self.table
                     )))?),
@@ -172,9 +172,8 @@ fn count_rows(copy_text: &[u8]) -> u64 {
     copy_text.iter().filter(|b| **b == b'\n').count() as u64
 }
 
-fn compress(raw: &[u8]) -> Result<Vec<u8>, ServerError> {
-    zstd::bulk::compress(raw, ZSTD_LEVEL)
-        .map_err(|e| ServerError::Protocol(format!("compressing a snapshot chunk: {e}")))
+fn compress(raw: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(SnapshotError::Compress)
 }
 
 #[cfg(test)]

@@ -1,18 +1,22 @@
 //! Client writes: applies a client's batch in one PostgreSQL transaction,
-//! a savepoint per client transaction, tagged with the client's id (a
-//! transactional logical message the replication stream turns into the
-//! transaction's `origin`), and idempotent per change id: the ids are
+//! a savepoint per client transaction, tagged with the client's origin
+//! tag (a transactional logical message the replication stream turns into
+//! the transaction's `origin`; a one-way tag, so other clients never learn
+//! the id), and idempotent per change id: the ids are
 //! recorded in `pgrelay.applied_changes` in the same transaction, so a
 //! batch resent after a lost answer applies nothing twice.
 
+mod error;
 pub(crate) mod statement;
 
+pub use error::WriteError;
+
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use pgrelay_pg::ConnInfo;
+use pgrelay_pg::{Pool, PooledClient};
 use pgrelay_protocol::{
     ClientTransaction, CurrentRow, Lsn, Op, RejectCode, Row, TableSchema, TxResult, WriteBatch,
     WriteResults, WriteStatus,
@@ -28,7 +32,12 @@ pub(crate) use statement::quote_table;
 use statement::{plan, select_current, Planned};
 
 /// Batches applied at the same time at most (each holds a connection).
-const MAX_CONCURRENT_BATCHES: usize = 8;
+pub(crate) const MAX_CONCURRENT_BATCHES: usize = 8;
+
+/// Batches of one client applied at the same time at most: a client that
+/// sends many large batches at once waits for its own, and the rest of the
+/// pool stays free for the others.
+const MAX_BATCHES_PER_CLIENT: usize = 2;
 
 /// Transactions arriving in `write_part` frames that the sessions of this
 /// node hold at once, each up to `MAX_TRANSACTION_BYTES` of frames: the
@@ -36,16 +45,13 @@ const MAX_CONCURRENT_BATCHES: usize = 8;
 /// `retry`.
 const MAX_ASSEMBLIES: usize = 8;
 
-/// A connection with the statements prepared on it.
-struct Conn {
-    client: Client,
-    prepared: HashMap<String, Statement>,
-}
-
 pub(crate) struct Writer {
-    info: ConnInfo,
-    idle: Mutex<Vec<Conn>>,
+    /// Shared with the server's other parts; a batch borrows one
+    /// connection, whose statements stay prepared for the next batch.
+    pool: Pool,
     permits: Semaphore,
+    /// Each client's share of `permits`, while it has batches in flight.
+    shares: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// One permit per transaction being assembled from parts.
     assemblies: Semaphore,
     /// Tables under a version check: qualified name → version column.
@@ -66,11 +72,11 @@ enum Failure {
 }
 
 impl Writer {
-    pub(crate) fn new(info: ConnInfo, versions: BTreeMap<String, String>) -> Writer {
+    pub(crate) fn new(pool: Pool, versions: BTreeMap<String, String>) -> Writer {
         Writer {
-            info,
-            idle: Mutex::new(Vec::new()),
+            pool,
             permits: Semaphore::new(MAX_CONCURRENT_BATCHES),
+            shares: Mutex::new(HashMap::new()),
             assemblies: Semaphore::new(MAX_ASSEMBLIES),
             versions,
         }
@@ -121,66 +127,105 @@ impl Writer {
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> Result<Applied, ServerError> {
+        let share = self.share(client_id);
+        let _own = share.acquire().await.map_err(|_| WriteError::Closed)?;
         let _permit = self
             .permits
             .acquire()
             .await
-            .map_err(|_| ServerError::Protocol("the writer is closed".to_owned()))?;
-        let mut conn = self.take().await?;
-        let outcome = run_batch(&mut conn, client_id, batch, schemas, &self.versions, scope).await;
+            .map_err(|_| WriteError::Closed)?;
+        let mut borrowed = Borrowed(Some(self.pool.get().await?));
+        let outcome = match borrowed.0.as_mut() {
+            Some(conn) => run_batch(conn, client_id, batch, schemas, &self.versions, scope).await,
+            None => return Err(WriteError::Closed.into()),
+        };
         match outcome {
             Ok(results) => {
-                self.give_back(conn);
+                borrowed.give_back();
                 Ok(results)
             }
-            Err(source) => {
-                // The connection may be mid-transaction: close it rather
-                // than hand it to the next batch.
-                drop(conn);
-                Err(ServerError::Protocol(format!(
-                    "applying a write batch of {client_id}: {}",
-                    describe(&source)
-                )))
+            // The connection may be mid-transaction: `borrowed` closes it
+            // rather than hand it to the next batch.
+            Err(source) => Err(WriteError::Batch {
+                client_id: client_id.to_owned(),
+                reason: describe(&source),
             }
+            .into()),
         }
     }
 
-    async fn take(&self) -> Result<Conn, ServerError> {
-        let reused = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|c| !c.client.is_closed());
-            idle.pop()
-        };
-        match reused {
-            Some(conn) => Ok(conn),
-            None => Ok(Conn {
-                client: pgrelay_pg::connect(&self.info).await?,
-                prepared: HashMap::new(),
-            }),
-        }
-    }
-
-    fn give_back(&self, conn: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_CONCURRENT_BATCHES {
-            idle.push(conn);
+    /// The client's share of the pool, given back (forgotten) when its last
+    /// batch ends.
+    fn share(&self, client_id: &str) -> Share<'_> {
+        let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        let semaphore = shares
+            .entry(client_id.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_BATCHES_PER_CLIENT)));
+        Share {
+            writer: self,
+            client_id: client_id.to_owned(),
+            semaphore: Arc::clone(semaphore),
         }
     }
 
     /// Deletes the record of change ids applied longer ago than `retention`;
     /// a client that resends something older than that is not recognised.
     pub(crate) async fn prune(&self, retention: Duration) -> Result<u64, ServerError> {
-        let conn = self.take().await?;
+        let conn = self.pool.get().await?;
         let deleted = conn
-            .client
             .execute(
                 "DELETE FROM pgrelay.applied_changes WHERE applied_at < now() - make_interval(secs => $1)",
                 &[&retention.as_secs_f64()],
             )
             .await
             .map_err(ServerError::sql("pruning pgrelay.applied_changes"))?;
-        self.give_back(conn);
         Ok(deleted)
+    }
+}
+
+/// A client's claim on its share of the pool; the last one out removes
+/// the client's entry.
+struct Share<'a> {
+    writer: &'a Writer,
+    client_id: String,
+    semaphore: Arc<Semaphore>,
+}
+
+impl std::ops::Deref for Share<'_> {
+    type Target = Semaphore;
+    fn deref(&self) -> &Semaphore {
+        &self.semaphore
+    }
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut shares = self.writer.shares.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: this one and the map's.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            shares.remove(&self.client_id);
+        }
+    }
+}
+
+/// A connection borrowed for one batch. It goes back to the pool only
+/// when the batch finished (committed or rolled back); dropped any other
+/// way (a fault, or the batch's future dropped mid-transaction when its
+/// session ends) it is closed, so no batch inherits an open transaction.
+struct Borrowed(Option<PooledClient>);
+
+impl Borrowed {
+    fn give_back(mut self) {
+        // Dropping the pool's object returns it to the pool.
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(PooledClient::take(conn));
+        }
     }
 }
 
@@ -192,21 +237,20 @@ struct Applied {
 }
 
 async fn run_batch(
-    conn: &mut Conn,
+    conn: &mut PooledClient,
     client_id: &str,
     batch: &WriteBatch,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
     scope: Option<&Scope>,
 ) -> Result<Applied, tokio_postgres::Error> {
-    conn.client.batch_execute("BEGIN").await?;
+    conn.batch_execute("BEGIN").await?;
     // The origin message is the transaction's first WAL record: its
     // position is a floor for the commit's.
     let floor: String = conn
-        .client
         .query_one(
             "SELECT pg_logical_emit_message(true, 'pgrelay.origin', $1::text)::text",
-            &[&client_id],
+            &[&pgrelay_protocol::origin_tag(client_id)],
         )
         .await?
         .get(0);
@@ -221,15 +265,14 @@ async fn run_batch(
         }
         // One round trip for both: tokio-postgres pipelines them in order.
         let (savepoint, recorded) = tokio::join!(
-            conn.client.batch_execute("SAVEPOINT client_tx"),
-            record_ids(&conn.client, client_id, tx)
+            conn.batch_execute("SAVEPOINT client_tx"),
+            record_ids(conn, client_id, tx)
         );
         savepoint?;
         let first_time = match recorded {
             Ok(first_time) => first_time,
             Err(e) if e.as_db_error().is_some() => {
-                conn.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                     .await?;
                 let reason = describe(&e);
                 results.push(TxResult::retry(&tx.id, reason));
@@ -239,35 +282,30 @@ async fn run_batch(
             Err(e) => return Err(e),
         };
         if !first_time {
-            conn.client
-                .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+            conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                 .await?;
             results.push(TxResult::applied(&tx.id, true));
             continue;
         }
         match apply_tx(conn, tx, schemas, versions, scope).await {
             Ok(()) => {
-                conn.client
-                    .batch_execute("RELEASE SAVEPOINT client_tx")
-                    .await?;
+                conn.batch_execute("RELEASE SAVEPOINT client_tx").await?;
                 results.push(TxResult::applied(&tx.id, false));
             }
             Err(Failure::Fault(e)) => {
-                let _ = conn.client.batch_execute("ROLLBACK").await;
+                let _ = conn.batch_execute("ROLLBACK").await;
                 return Err(e);
             }
             Err(Failure::Transient(reason)) => {
-                conn.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx; RELEASE SAVEPOINT client_tx")
                     .await?;
                 results.push(TxResult::retry(&tx.id, reason.clone()));
                 stopped = Some(format!("waiting for transaction {} to be retried", tx.id));
             }
             Err(Failure::Rejected { code, reason, keys }) => {
-                conn.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT client_tx")
+                conn.batch_execute("ROLLBACK TO SAVEPOINT client_tx")
                     .await?;
-                let mut rows = current_rows(&conn.client, schemas, keys).await?;
+                let mut rows = current_rows(conn, schemas, keys).await?;
                 if let Some(scope) = scope {
                     // Report only rows the client may read; for the others
                     // the server "has none", and the replica drops its copy.
@@ -281,9 +319,7 @@ async fn run_batch(
                         }
                     }
                 }
-                conn.client
-                    .batch_execute("RELEASE SAVEPOINT client_tx")
-                    .await?;
+                conn.batch_execute("RELEASE SAVEPOINT client_tx").await?;
                 tracing::debug!(client_id, tx = %tx.id, ?code, %reason, "client transaction rejected");
                 results.push(TxResult {
                     id: tx.id.clone(),
@@ -296,9 +332,8 @@ async fn run_batch(
             }
         }
     }
-    conn.client.batch_execute("COMMIT").await?;
+    conn.batch_execute("COMMIT").await?;
     let ceiling: String = conn
-        .client
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
@@ -328,7 +363,7 @@ async fn record_ids(
 }
 
 async fn apply_tx(
-    conn: &mut Conn,
+    conn: &mut PooledClient,
     tx: &ClientTransaction,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
@@ -386,40 +421,36 @@ async fn apply_tx(
     }
     // Prepare what this connection has not seen yet, then run the changes
     // pipelined: one round trip for the whole client transaction.
+    let mut statements: Vec<Statement> = Vec::with_capacity(planned.len());
     for (_, _, p) in &planned {
-        if !conn.prepared.contains_key(&p.sql) {
-            let statement = conn
-                .client
-                .prepare(&p.sql)
-                .await
-                .map_err(|e| classify(e, &keys))?;
-            conn.prepared.insert(p.sql.clone(), statement);
-        }
+        let statement = conn
+            .prepare_cached(&p.sql)
+            .await
+            .map_err(|e| classify(e, &keys, scope.is_some()))?;
+        statements.push(statement);
     }
-    let client = &conn.client;
-    let prepared = &conn.prepared;
-    let runs = planned.iter().map(|(_, _, p)| async move {
-        let params: Vec<&(dyn ToSql + Sync)> =
-            p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        if p.check_returned {
-            // Each returned row says whether the row as written is still
-            // one the client may write.
-            let rows = match prepared.get(&p.sql) {
-                Some(statement) => client.query(statement, &params).await,
-                None => client.query(p.sql.as_str(), &params).await,
-            }?;
-            let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
-            return Ok((rows.len() as u64, allowed));
-        }
-        match prepared.get(&p.sql) {
-            Some(statement) => client.execute(statement, &params).await,
-            None => client.execute(p.sql.as_str(), &params).await,
-        }
-        .map(|count| (count, true))
-    });
+    let client: &Client = conn;
+    let runs = planned
+        .iter()
+        .zip(&statements)
+        .map(|((_, _, p), statement)| async move {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+            if p.check_returned {
+                // Each returned row says whether the row as written is still
+                // one the client may write.
+                let rows = client.query(statement, &params).await?;
+                let allowed = rows.iter().all(|r| r.get::<_, bool>(0));
+                return Ok((rows.len() as u64, allowed));
+            }
+            client
+                .execute(statement, &params)
+                .await
+                .map(|count| (count, true))
+        });
     let counts = join_all(runs).await;
     for ((table, op, p), count) in planned.iter().zip(counts) {
-        let (count, allowed) = count.map_err(|e| classify(e, &keys))?;
+        let (count, allowed) = count.map_err(|e| classify(e, &keys, scope.is_some()))?;
         let shown = || p.keys.first().map(show_key).unwrap_or_default();
         if !allowed {
             return Err(Failure::Rejected {
@@ -443,21 +474,35 @@ async fn apply_tx(
                 Some(_) => Failure::Transient(describe(&e)),
                 None => Failure::Fault(e),
             })?;
-        let outside = current.as_ref().is_some_and(|row| {
-            scope
-                .and_then(|s| s.write(&table.name))
-                .is_some_and(|rule| !rule.eval(row))
-        });
-        if outside {
-            return Err(Failure::Rejected {
-                code: RejectCode::Forbidden,
-                reason: format!(
-                    "{} row {} is outside what your token may write",
-                    table.name,
-                    shown()
-                ),
-                keys,
-            });
+        if let Some(scope) = scope {
+            // Under a token's rules a row the token cannot read gets the
+            // same answer as a row that does not exist, so a refusal tells
+            // nothing of other tenants' rows.
+            let visible = current
+                .as_ref()
+                .filter(|row| scope.may_read(&table.name, row));
+            let Some(row) = visible else {
+                return Err(Failure::Rejected {
+                    code: RejectCode::Forbidden,
+                    reason: format!(
+                        "{} row {} is not there or not yours to write",
+                        table.name,
+                        shown()
+                    ),
+                    keys,
+                });
+            };
+            if scope.write(&table.name).is_some_and(|rule| !rule.eval(row)) {
+                return Err(Failure::Rejected {
+                    code: RejectCode::Forbidden,
+                    reason: format!(
+                        "{} row {} is outside what your token may write",
+                        table.name,
+                        shown()
+                    ),
+                    keys,
+                });
+            }
         }
         let reason = match (&current, op) {
             // Deleting a row that is already gone is done.
@@ -487,7 +532,9 @@ async fn apply_tx(
     Ok(())
 }
 
-fn classify(error: tokio_postgres::Error, keys: &[(String, Row)]) -> Failure {
+/// `scoped`: the writer's token sees only some rows, and PostgreSQL's
+/// detail (which may quote a conflicting row of another tenant) is left out.
+fn classify(error: tokio_postgres::Error, keys: &[(String, Row)], scoped: bool) -> Failure {
     let Some(db) = error.as_db_error() else {
         return Failure::Fault(error);
     };
@@ -514,7 +561,7 @@ fn classify(error: tokio_postgres::Error, keys: &[(String, Row)]) -> Failure {
         RejectCode::Database
     };
     let mut reason = db.message().to_owned();
-    if let Some(detail) = db.detail() {
+    if let Some(detail) = db.detail().filter(|_| !scoped) {
         reason.push_str(": ");
         reason.push_str(detail);
     }

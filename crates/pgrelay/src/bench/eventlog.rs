@@ -45,6 +45,12 @@ pub struct EventLogArgs {
     /// SQLite `synchronous` of the event log, as `serve --eventlog-sync`.
     #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     pub sync: String,
+    /// Distinct stores touched once each to measure memory per store (0: skip).
+    #[arg(long, default_value_t = 20_000)]
+    pub stores: usize,
+    /// Stores held in memory during that phase, as `serve --eventlog-max-stores`.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_stores: usize,
 }
 
 struct Phase {
@@ -73,13 +79,26 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
         idle_timeout: server.idle_timeout,
         ..EventLogConfig::default()
     };
-    let server =
-        crate::cmd::serve::start(crate::cmd::serve::ServeConfig { server, eventlog }).await?;
+    let server = crate::cmd::serve::start(crate::cmd::serve::ServeConfig {
+        server,
+        eventlog,
+        eventlog_auth: None,
+    })
+    .await?;
     let url = format!("ws://{}/livestore", server.local_addr());
 
     let single = phase(&url, "single", args.clients, 1, args.single_events).await?;
     let hundred = phase(&url, "hundred", args.clients, 100, args.events).await?;
     server.shutdown().await?;
+    let stores = if args.stores > 0 {
+        eprintln!("stores: touching {} stores once each", args.stores);
+        Some(
+            super::eventlog_stores::measure(args.stores, args.max_stores, args.sync == "full")
+                .await?,
+        )
+    } else {
+        None
+    };
 
     let mut report = Report::new(
         "eventlog",
@@ -131,6 +150,38 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
         if let Some(problem) = &p.problem {
             report.failure = Some(problem.clone());
         }
+    }
+    if let Some(cost) = &stores {
+        let per_store = cost.bytes_per_held_store();
+        report.line(
+            format!(
+                "memory per store held (RSS slope over the first {} stores)",
+                cost.max_stores.min(args.stores)
+            ),
+            format!("{} bytes", thousands(per_store)),
+        );
+        let base = cost.samples[0].1;
+        let end = cost.samples.last().map_or(base, |s| s.1);
+        report.line(
+            format!(
+                "RSS: before any store → after {} stores (--eventlog-max-stores {})",
+                args.stores, cost.max_stores
+            ),
+            format!("{} MiB → {} MiB", base / 1_048_576, end / 1_048_576),
+        );
+        if let Some(growth) = cost.growth_past_bound() {
+            report.line(
+                "RSS growth past the bound (idle stores evicted)",
+                format!("{:+.1} MiB", growth as f64 / 1_048_576.0),
+            );
+        }
+        results.insert(
+            "stores".into(),
+            json!({"touched": args.stores, "max_stores": cost.max_stores,
+                   "bytes_per_held_store": per_store,
+                   "growth_past_bound_bytes": cost.growth_past_bound(),
+                   "rss_samples": cost.samples}),
+        );
     }
     results.insert("clients".into(), json!(args.clients));
     results.insert("synchronous".into(), json!(args.sync));

@@ -5,6 +5,7 @@
 
 mod capture;
 mod eventlog;
+mod eventlog_stores;
 mod fanout;
 mod fleet;
 mod hydrate;

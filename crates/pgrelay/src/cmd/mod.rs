@@ -5,6 +5,7 @@ pub mod admin;
 pub mod client;
 pub mod demo;
 pub mod doctor;
+pub mod eventlog_host;
 pub mod serve;
 pub mod verify;
 pub mod web_demo;

@@ -6,11 +6,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use pgrelay_eventlog::{AdminToken, EventLog, EventLogConfig, EventLogStorage};
+use pgrelay_eventlog::{
+    AdminToken, EventLog, EventLogConfig, EventLogHost, EventLogStorage, OpenAccess, SharedToken,
+    StoreAccess,
+};
 use pgrelay_pg::TableFilter;
 use pgrelay_server::{parse_conflict, AuthConfig, JwtKey, Server, ServerConfig};
 use secrecy::SecretString;
 use tokio::sync::watch;
+
+use super::eventlog_host::{EventLogAuth, JwtStoreAccess, ServerLimits};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -43,6 +48,9 @@ pub struct ServeArgs {
     /// How long applied change ids are remembered to recognise resends.
     #[arg(long, env = "PGRELAY_APPLIED_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub applied_retention: Duration,
+    /// How long pgrelay.audit_log keeps an entry; older ones are deleted hourly.
+    #[arg(long, env = "PGRELAY_AUDIT_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
     /// Require a token from every client: `jwt`.
     #[arg(long, env = "PGRELAY_AUTH", value_parser = ["jwt"])]
     pub auth: Option<String>,
@@ -59,6 +67,10 @@ pub struct ServeArgs {
     /// Accept only tokens with this `aud`.
     #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// The token claim that owns client ids: an id first used with a token
+    /// belongs to its value of this claim; other values are refused it.
+    #[arg(long, env = "PGRELAY_CLIENT_ID_CLAIM", default_value = "sub")]
+    pub client_id_claim: String,
     /// Row rules per table (`rules.toml`); needs --auth.
     #[arg(long, env = "PGRELAY_RULES")]
     pub rules: Option<PathBuf>,
@@ -144,6 +156,28 @@ pub struct EventLogArgs {
     /// (`makeWsSync` with `syncPayload: { authToken }`).
     #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
     pub eventlog_auth_token: Option<SecretString>,
+    /// Who may use /livestore and /websocket: `jwt` (payload.authToken is a
+    /// token --auth jwt accepts, whose --eventlog-store-claim names the
+    /// store), `token` (--eventlog-auth-token) or `none` (anyone). Default:
+    /// `jwt` under --auth jwt, `token` with --eventlog-auth-token, else `none`.
+    #[arg(long, env = "PGRELAY_EVENTLOG_AUTH", value_parser = ["jwt", "token", "none"])]
+    pub eventlog_auth: Option<String>,
+    /// The JWT claim naming the stores a token may use: a store id or
+    /// pattern (`*` for any run of characters), or a list of them.
+    #[arg(
+        long,
+        env = "PGRELAY_EVENTLOG_STORE_CLAIM",
+        default_value = "livestore_stores"
+    )]
+    pub eventlog_store_claim: String,
+    /// Stores held in memory at most; past it the least recently used idle
+    /// ones are evicted and reloaded from storage on their next use.
+    #[arg(long, env = "PGRELAY_EVENTLOG_MAX_STORES", default_value_t = 10_000)]
+    pub eventlog_max_stores: usize,
+    /// Store ids clients may use, comma-separated patterns (`todos-*`);
+    /// others are refused before a store is created. Default: any.
+    #[arg(long, env = "PGRELAY_EVENTLOG_ALLOW_STORES", value_delimiter = ',')]
+    pub eventlog_allow_stores: Vec<String>,
 }
 
 impl ServeArgs {
@@ -178,6 +212,7 @@ impl ServeArgs {
         let mut config = AuthConfig::new(key);
         config.issuer = self.jwt_issuer.clone();
         config.audience = self.jwt_audience.clone();
+        config.owner_claim = self.client_id_claim.clone();
         if let Some(path) = &self.rules {
             config.rules = Some(
                 std::fs::read_to_string(path)
@@ -204,6 +239,7 @@ impl ServeArgs {
         config.status_interval = self.status_interval;
         config.conflicts = self.conflicts;
         config.applied_retention = self.applied_retention;
+        config.audit_retention = self.audit_retention;
         config.retain = self.retain;
         config.max_hydrations = self.max_hydrations;
         config.max_connections = self.max_connections;
@@ -228,6 +264,23 @@ impl ServeArgs {
             send_timeout: config.send_timeout,
             ..EventLogConfig::default()
         };
+        let eventlog_auth = match self.eventlog.eventlog_auth.as_deref() {
+            Some("jwt") => Some(EventLogAuth::Jwt {
+                claim: self.eventlog.eventlog_store_claim,
+            }),
+            Some("token") => Some(EventLogAuth::Token),
+            Some(_) => Some(EventLogAuth::None),
+            None if config.auth.is_some() => Some(EventLogAuth::Jwt {
+                claim: self.eventlog.eventlog_store_claim,
+            }),
+            None => None,
+        };
+        anyhow::ensure!(
+            self.eventlog.eventlog_max_stores > 0,
+            "configuration: --eventlog-max-stores must be at least 1"
+        );
+        eventlog.max_stores = self.eventlog.eventlog_max_stores;
+        eventlog.allow_stores = self.eventlog.eventlog_allow_stores;
         eventlog.auth_token = self.eventlog.eventlog_auth_token;
         eventlog.sqlite_sync_full = self.eventlog.eventlog_sync == "full";
         eventlog.storage = match self.eventlog.eventlog_store.as_str() {
@@ -242,6 +295,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             server: config,
             eventlog,
+            eventlog_auth,
         })
     }
 }
@@ -252,6 +306,38 @@ impl ServeArgs {
 pub struct ServeConfig {
     pub server: ServerConfig,
     pub eventlog: EventLogConfig,
+    /// `None`: `jwt` under `--auth jwt`, `token` with a shared token, else `none`.
+    pub eventlog_auth: Option<EventLogAuth>,
+}
+
+impl ServeConfig {
+    /// Who may use which store, checked against the rest of the config.
+    fn store_access(&self) -> anyhow::Result<std::sync::Arc<dyn StoreAccess>> {
+        let auth = match &self.eventlog_auth {
+            Some(auth) => auth.clone(),
+            None if self.server.auth.is_some() => EventLogAuth::Jwt {
+                claim: "livestore_stores".to_owned(),
+            },
+            None if self.eventlog.auth_token.is_some() => EventLogAuth::Token,
+            None => EventLogAuth::None,
+        };
+        Ok(match auth {
+            EventLogAuth::None => std::sync::Arc::new(OpenAccess),
+            EventLogAuth::Token => match &self.eventlog.auth_token {
+                Some(token) => std::sync::Arc::new(SharedToken(token.clone())),
+                None => anyhow::bail!(
+                    "configuration: --eventlog-auth token needs --eventlog-auth-token"
+                ),
+            },
+            EventLogAuth::Jwt { claim } => match &self.server.auth {
+                Some(auth) => std::sync::Arc::new(
+                    JwtStoreAccess::new(auth, claim)
+                        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?,
+                ),
+                None => anyhow::bail!("configuration: --eventlog-auth jwt needs --auth jwt"),
+            },
+        })
+    }
 }
 
 /// Starts the server with the LiveStore backend's routes mounted beside
@@ -263,9 +349,21 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
         .server
         .validate()
         .map_err(pgrelay_server::ServerError::Config)?;
+    let access = config.store_access()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let admin = AdminToken::new(config.server.admin_token.clone());
-    let eventlog = EventLog::open(config.eventlog, std::sync::Arc::new(admin), shutdown_rx).await?;
+    let server = &config.server;
+    let host = EventLogHost {
+        admin: std::sync::Arc::new(admin),
+        access,
+        admission: std::sync::Arc::new(ServerLimits::new(
+            server.connect_rate,
+            server.connect_burst,
+            server.message_rate,
+            server.message_burst,
+        )),
+    };
+    let eventlog = EventLog::open(config.eventlog, host, shutdown_rx).await?;
     Ok(Server::start_with(config.server, shutdown, eventlog.router()).await?)
 }
 
@@ -315,6 +413,56 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         serve: ServeArgs,
+    }
+
+    #[test]
+    fn eventlog_auth_follows_auth_jwt_unless_the_operator_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("jwt.key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+        let key = key.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["serve", "--auth", "jwt", "--jwt-secret-file", key];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+                .unwrap()
+                .serve
+                .into_config()
+                .unwrap()
+                .eventlog_auth
+        };
+        assert_eq!(
+            parse(&[]),
+            Some(EventLogAuth::Jwt {
+                claim: "livestore_stores".into()
+            })
+        );
+        assert_eq!(
+            parse(&["--eventlog-store-claim", "stores"]),
+            Some(EventLogAuth::Jwt {
+                claim: "stores".into()
+            })
+        );
+        assert_eq!(
+            parse(&["--eventlog-auth", "none"]),
+            Some(EventLogAuth::None)
+        );
+        let open = Cli::try_parse_from(["serve"])
+            .unwrap()
+            .serve
+            .into_config()
+            .unwrap();
+        assert!(open.store_access().is_ok());
+        assert_eq!(open.eventlog_auth, None);
+        let bad = Cli::try_parse_from(["serve", "--eventlog-auth", "jwt"])
+            .unwrap()
+            .serve
+            .into_config()
+            .unwrap();
+        assert!(
+            bad.store_access().is_err(),
+            "jwt without --auth jwt is refused"
+        );
     }
 
     #[test]

@@ -151,8 +151,17 @@ fn eventlog_bench_delivers_every_event_to_every_client() {
         "1000",
         "--single-events",
         "50",
+        "--stores",
+        "400",
+        "--max-stores",
+        "200",
     ]);
     let results = &report["results"];
+    assert_eq!(results["stores"]["touched"], 400);
+    assert_eq!(
+        results["stores"]["rss_samples"].as_array().unwrap().len(),
+        21
+    );
     assert_eq!(results["batch_100"]["complete"], true);
     assert_eq!(results["batch_1"]["complete"], true);
     assert!(results["batch_100"]["events_per_sec"].as_f64().unwrap() > 0.0);

@@ -53,6 +53,7 @@ async fn wait_count(world: &World, sql: &str, want: i64) {
 /// Each transaction's rows committed once, in one PostgreSQL transaction,
 /// as the client's write (its echo is recognised by origin).
 async fn check_once_and_atomic(world: &World, tx: u32, rows: i64, origin: &str) {
+    let origin = pgrelay_protocol::origin_tag(origin);
     let history = format!(
         "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.big' AND data->>'tx' = '{tx}'"
     );
@@ -499,13 +500,19 @@ async fn the_server_refuses_bad_multi_part_writes_and_serves_everyone_else() {
     wait_count(&world, "SELECT count(*) FROM big", 17).await;
     wait_count(
         &world,
-        "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.big' AND origin_client = 'parts'",
+        &format!(
+            "SELECT count(*) FROM pgrelay.change_history WHERE table_name = 'public.big' AND origin_client = '{}'",
+            pgrelay_protocol::origin_tag("parts")
+        ),
         15,
     )
     .await;
     assert_eq!(
         world
-            .count("SELECT count(DISTINCT lsn) FROM pgrelay.change_history WHERE table_name = 'public.big' AND origin_client = 'parts'")
+            .count(&format!(
+                "SELECT count(DISTINCT lsn) FROM pgrelay.change_history WHERE table_name = 'public.big' AND origin_client = '{}'",
+                pgrelay_protocol::origin_tag("parts")
+            ))
             .await,
         1
     );

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod abuse;
 mod auth;
 mod bad_input;
 #[cfg(feature = "bench")]
@@ -16,6 +17,7 @@ mod handover;
 mod hydrate;
 mod large_writes;
 mod livestore;
+mod migrations;
 mod operations;
 mod pipeline;
 mod protection;

@@ -42,7 +42,7 @@ async fn ready_fails_while_replication_stalls_and_metrics_show_it() {
         "pgrelay_sessions 1",
         "pgrelay_messages_sent_total",
         "pgrelay_bytes_sent_total",
-        "pgrelay_session_lag_bytes_bucket{le=\"0\"}",
+        "pgrelay_session_lag_bytes_bucket{le=\"0.0\"}",
         "pgrelay_write_batches_total{outcome=\"applied\"}",
         "pgrelay_rate_limited_total{limit=\"connect\"}",
     ] {

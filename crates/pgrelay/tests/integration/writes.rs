@@ -91,15 +91,16 @@ async fn a_local_write_ends_as_the_servers_version() {
     .expect("the write's answer");
     assert_eq!(applied, (executed.tx_id.clone(), 2));
     // One client transaction, one PostgreSQL transaction, tagged with its origin.
+    let tag = pgrelay_protocol::origin_tag("writer");
     let tagged = world
-        .count(
-            "SELECT count(DISTINCT lsn) FROM pgrelay.change_history WHERE origin_client = 'writer'",
-        )
+        .count(&format!(
+            "SELECT count(DISTINCT lsn) FROM pgrelay.change_history WHERE origin_client = '{tag}'"
+        ))
         .await;
     assert!(tagged <= 1);
     wait_count(
         &world,
-        "SELECT count(*) FROM pgrelay.change_history WHERE origin_client = 'writer'",
+        &format!("SELECT count(*) FROM pgrelay.change_history WHERE origin_client = '{tag}'"),
         2,
     )
     .await;

@@ -10,6 +10,9 @@ use serde::Deserialize;
 mod expr;
 mod parse;
 
+#[cfg(test)]
+mod agreement;
+
 use parse::parse;
 
 use expr::Expr;

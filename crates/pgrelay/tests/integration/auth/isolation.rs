@@ -341,7 +341,9 @@ async fn run_case(members: Vec<Member>, steps: Vec<Step>) {
         .unwrap();
     for row in &logged {
         let origin: String = row.get(0);
-        let index: usize = origin[1..].parse().unwrap();
+        let index: usize = (0..members.len())
+            .find(|i| pgrelay_protocol::origin_tag(&format!("c{i}")) == origin)
+            .unwrap_or_else(|| panic!("origin {origin} is no client's"));
         let own = tenant_name(members[index].tenant);
         for tenant in [row.get::<_, Option<String>>(2), row.get(3)]
             .into_iter()

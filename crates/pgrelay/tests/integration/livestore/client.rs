@@ -23,6 +23,7 @@ pub fn config() -> ServeConfig {
     ServeConfig {
         server,
         eventlog: EventLogConfig::default(),
+        eventlog_auth: None,
     }
 }
 
@@ -211,4 +212,14 @@ pub fn assert_complete(who: &str, seqs: &[i64], n: i64) {
         expected.as_slice(),
         "{who} saw a gap, a duplicate or disorder"
     );
+}
+
+/// The URL `makeHttpSync` posts to for `store`.
+pub fn http_url(addr: SocketAddr, store: &str, payload: Option<&str>) -> String {
+    let ws = sync_url(addr, "/websocket", store, payload);
+    format!(
+        "{}&transport=http",
+        ws.replacen("ws://", "http://", 1)
+            .replacen("/websocket", "/livestore", 1)
+    )
 }

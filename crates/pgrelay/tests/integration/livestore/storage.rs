@@ -64,7 +64,11 @@ async fn postgres_storage_admits_pushes_across_two_nodes() {
         storage: EventLogStorage::Postgres(world.url().into()),
         ..EventLogConfig::default()
     };
-    let cfg = ServeConfig { server, eventlog };
+    let cfg = ServeConfig {
+        server,
+        eventlog,
+        eventlog_auth: None,
+    };
     let node_a = start(cfg.clone()).await;
     let mut cfg_b = cfg.clone();
     cfg_b.server.slot = format!("{}_b", world.slot());

@@ -180,3 +180,52 @@ async fn v03_racing_pushes_and_a_late_pull_see_every_event_once() {
     assert_eq!(seen, (1..=120).collect::<Vec<_>>());
     server.shutdown().await.unwrap();
 }
+
+/// The 0.3 client pulls once per client, not again when its socket
+/// reconnects: a socket that never pulls still receives every batch
+/// accepted after it connected, and a pull on it answers the history up to
+/// then without repeating what the broadcast brings.
+#[tokio::test]
+async fn v03_sockets_receive_every_push_from_connect_without_pulling_again() {
+    let server = start(config()).await;
+    let addr = server.local_addr();
+    let store = store_id("v03-reconnect");
+    let mut writer = Sock::open(addr, "/websocket", &store).await;
+    writer
+        .send(json!({"_tag": "WSMessage.PushReq", "requestId": "p1", "batch": events(0, 2, "w")}))
+        .await;
+    assert_eq!(
+        until_answer(&mut writer, "p1", &mut Vec::new()).await["_tag"],
+        "WSMessage.PushAck"
+    );
+
+    // A reconnected client: its socket opens and it does not pull.
+    let mut reconnected = Sock::open(addr, "/websocket", &store).await;
+    let mut puller = Sock::open(addr, "/websocket", &store).await;
+    writer
+        .send(json!({"_tag": "WSMessage.PushReq", "requestId": "p2", "batch": events(2, 3, "w")}))
+        .await;
+    until_answer(&mut writer, "p2", &mut Vec::new()).await;
+    let frame = reconnected.recv().await;
+    assert_eq!(frame["_tag"], "WSMessage.PullRes");
+    assert_eq!(frame["requestId"]["context"], "push");
+    assert_eq!(res_seqs(&frame), vec![3, 4, 5]);
+
+    // A pull after the broadcast: history up to the head at connect only.
+    puller
+        .send(json!({"_tag": "WSMessage.PullReq", "requestId": "r", "cursor": 0}))
+        .await;
+    let mut pushed = Vec::new();
+    let mut pulled = Vec::new();
+    while pulled.len() + pushed.len() < 5 {
+        let frame = puller.recv().await;
+        match frame["requestId"]["context"].as_str() {
+            Some("pull") => pulled.extend(res_seqs(&frame)),
+            Some("push") => pushed.extend(res_seqs(&frame)),
+            _ => {}
+        }
+    }
+    assert_eq!(pulled, vec![1, 2]);
+    assert_eq!(pushed, vec![3, 4, 5]);
+    server.shutdown().await.unwrap();
+}

@@ -1,7 +1,9 @@
 //! A WebSocket relay between clients and the server that puts a client at
 //! a known point of a race: it can hold the server's snapshot chunks until
 //! released (the session is then hydrating, whatever else happens), and it
-//! can drop `schema` frames (a client that missed an announcement).
+//! can drop `schema` frames (a client that missed an announcement), and it
+//! can replace the first snapshot chunks with ones that lie about their
+//! size (a man in the middle aiming at the client's memory).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +25,24 @@ pub enum Meddle {
     HoldSnapshot,
     /// Drops every `schema` frame.
     DropSchema,
+    /// Replaces the first [`BOMBS`] snapshot chunks with 200 MiB of zeros
+    /// compressed into a few KiB, whose frame announces 1,000 bytes.
+    InflateChunks,
+}
+
+/// Chunks replaced under [`Meddle::InflateChunks`].
+pub const BOMBS: usize = 2;
+
+/// A chunk frame with `frame`'s header and a payload that lies.
+fn bomb(frame: &[u8]) -> Vec<u8> {
+    let mut payload = zstd::bulk::compress(&vec![0u8; 200 << 20], 3).unwrap();
+    // Magic (4 bytes), frame header descriptor (a 4-byte content size
+    // after a window descriptor byte for this size), then the size.
+    assert_eq!(payload[4] >> 6, 2);
+    payload[6..10].copy_from_slice(&1000u32.to_le_bytes());
+    let mut out = frame[..pgrelay_protocol::CHUNK_HEADER_BYTES].to_vec();
+    out.extend_from_slice(&payload);
+    out
 }
 
 pub struct Proxy {
@@ -68,8 +88,15 @@ impl Proxy {
                     };
                     let down = async move {
                         let mut released = released;
-                        while let Some(Ok(m)) = s_rx.next().await {
+                        let mut bombs = 0;
+                        while let Some(Ok(mut m)) = s_rx.next().await {
                             match (&m, meddle) {
+                                (Message::Binary(frame), Meddle::InflateChunks)
+                                    if bombs < BOMBS =>
+                                {
+                                    bombs += 1;
+                                    m = Message::Binary(bomb(frame).into());
+                                }
                                 (Message::Binary(_), Meddle::HoldSnapshot)
                                     if !*released.borrow() =>
                                 {

@@ -1,0 +1,58 @@
+//! A man in the middle (or a malicious server) cannot make a client
+//! allocate far more than arrives: a snapshot chunk that decompresses past
+//! the size its frame announces is refused, the table fetched again, and
+//! the client's peak memory stays bounded.
+
+use std::time::Duration;
+
+use crate::support::proxy::{Meddle, Proxy};
+use crate::support::{spawn_client, wait_for, World};
+
+/// Peak resident memory of a process, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_lies_about_its_size_is_refused_with_bounded_memory() {
+    let world = World::new().await;
+    world
+        .exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
+        .await;
+    let server = world.start_server().await;
+    let proxy = Proxy::start(server.local_addr(), Meddle::InflateChunks).await;
+    let path = world.replica_path("bombed");
+    let mut child = spawn_client(proxy.addr, &path, "bombed", false);
+    let pid = child.id();
+    wait_for(
+        "the replica hydrated after the lies",
+        Duration::from_secs(60),
+        || async {
+            let rows = rusqlite::Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+            (rows.ok() == Some(1000)).then_some(())
+        },
+    )
+    .await;
+    let peak = peak_rss_kib(pid);
+    eprintln!(
+        "client peak RSS after {} lying chunks of 200 MiB: {peak} KiB",
+        crate::support::proxy::BOMBS
+    );
+    assert!(
+        peak < 128 * 1024,
+        "the client's memory peaked at {peak} KiB for chunks of a few KiB"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}
