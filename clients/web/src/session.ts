@@ -52,6 +52,8 @@ export type SyncEvent =
 export interface SyncHost {
   token(): Promise<string | null>;
   emit(event: SyncEvent): void;
+  /** Says what a failed replica write means (a full disk, say) as a code and a message; undefined keeps it as is. */
+  explain?(error: Error): Promise<{ code: string; message: string } | undefined>;
 }
 
 /** A local write someone waits on until the replica holds the server's version. */
@@ -274,8 +276,18 @@ export class Sync {
   }
 
   /** Ends this connection after an error and plans the next one. */
-  private fail(generation: number, error: Error, kind: string): void {
+  private fail(generation: number, error: Error, kind: string, explained = false): void {
     if (generation !== this.generation) return;
+    if (kind === "replica" && !explained && !(error instanceof ResyncNeeded) && this.host.explain) {
+      // Stop taking frames now; report once we know what the failure means.
+      this.disconnect("error");
+      const next = this.generation;
+      void this.host.explain(error).then(
+        (why) => this.fail(next, why ? new Error(why.message) : error, why?.code ?? kind, true),
+        () => this.fail(next, error, kind, true),
+      );
+      return;
+    }
     if (error instanceof ResyncNeeded) {
       // Not an error: the next connection asks for these tables' snapshot.
       this.disconnect("resync");

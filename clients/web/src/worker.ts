@@ -257,7 +257,8 @@ async function persist(): Promise<void> {
     await idb.save(image);
   } catch (e) {
     dirty = true;
-    throw new StorageError("storage_write_failed", `saving the replica to IndexedDB failed: ${(e as Error).message}`);
+    const full = (e as Error).name === "QuotaExceededError";
+    throw new StorageError(full ? "storage_full" : "storage_write_failed", `saving the replica to IndexedDB failed: ${(e as Error).message}`);
   }
 }
 
@@ -299,11 +300,52 @@ async function open(options: OpenOptions): Promise<{ storage: Storage; clientId:
     outboxPollMs: options.outboxPollMs ?? 1_000,
   };
   if (options.tables) config.tables = options.tables;
-  sync = new Sync(replica, config, { token: requestToken, emit }, gated);
+  sync = new Sync(replica, config, { token: requestToken, emit, explain: explainStorageFailure }, gated);
   if (options.offline) sync.setOffline(true);
   await persist();
   sync.start();
   return { storage, clientId };
+}
+
+/**
+ * A replica write that failed with an I/O error while the origin has no
+ * room left is a full quota: say so. The pool VFS reports a short write as a
+ * bare I/O error, so a small probe file tells whether space is what is
+ * missing. SQLite rolled the transaction back; the next connection retries.
+ */
+async function explainStorageFailure(error: Error): Promise<{ code: string; message: string } | undefined> {
+  if (!/SQLITE_(IOERR|FULL)/.test(error.message) || storage !== "opfs") return undefined;
+  if (await hasRoom()) return undefined;
+  return {
+    code: "storage_full",
+    message: `the browser's storage quota for this site is used up: the replica kept its last complete transaction; syncing resumes when space is freed (${error.message})`,
+  };
+}
+
+/** Bytes the probe writes: a few SQLite pages, less than any transaction needs. */
+const PROBE_BYTES = 64 * 1024;
+
+/** Whether OPFS takes PROBE_BYTES more right now. */
+async function hasRoom(): Promise<boolean> {
+  const name = ".pgrelay-space-probe";
+  const root = await navigator.storage.getDirectory();
+  let handle: SyncHandle | null = null;
+  try {
+    const file = await root.getFileHandle(name, { create: true });
+    handle = await (file as unknown as { createSyncAccessHandle(): Promise<SyncHandle> }).createSyncAccessHandle();
+    return handle.write(new Uint8Array(PROBE_BYTES), { at: 0 }) === PROBE_BYTES;
+  } catch (e) {
+    if ((e as Error).name === "QuotaExceededError") return false;
+    throw e;
+  } finally {
+    handle?.close();
+    await root.removeEntry(name).catch(() => {});
+  }
+}
+
+interface SyncHandle {
+  write(data: Uint8Array, options: { at: number }): number;
+  close(): void;
 }
 
 function requestToken(): Promise<string | null> {

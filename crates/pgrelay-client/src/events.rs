@@ -67,6 +67,11 @@ pub enum Event {
         elapsed: std::time::Duration,
         refetched: Vec<String>,
     },
+    /// A synced table the replica cannot hold (column names that differ
+    /// only in case, or a SQLite name another synced table has) is kept out
+    /// with the reason; the other tables go on syncing. The web client
+    /// reports it as an `error` event with code `schema_unsupported`.
+    SchemaUnsupported { table: String, reason: String },
     /// The connection ended; the client reconnects after `retry_in`.
     Disconnected {
         error: String,

@@ -20,7 +20,8 @@ use tokio::sync::{broadcast, watch, Notify};
 pub use error::ClientError;
 pub use events::Event;
 pub use replica::{
-    Executed, OutboxEntry, OutboxReport, Replica, ReplicaState, ReplicaStatus, TableStatus,
+    Executed, OutboxEntry, OutboxReport, Replica, ReplicaState, ReplicaStatus, SchemaApplied,
+    TableStatus,
 };
 
 #[derive(Clone, Debug)]

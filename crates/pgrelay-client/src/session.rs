@@ -145,7 +145,7 @@ pub(crate) async fn connect_and_sync(
                             if let Some(log_id) = log_id {
                                 replica.set_meta("log_id", log_id).await?;
                             }
-                            resync_new_tables(replica, tables, &state.resync).await?;
+                            resync_new_tables(replica, events, tables, &state.resync).await?;
                             target = Some(head_lsn);
                             wal_target = wal_lsn;
                             *welcomed = true;
@@ -161,7 +161,7 @@ pub(crate) async fn connect_and_sync(
                             } else {
                                 &[]
                             };
-                            resync_new_tables(replica, tables, coming).await?
+                            resync_new_tables(replica, events, tables, coming).await?
                         }
                         ServerMessage::SnapshotBegin {
                             resume_lsn,
@@ -264,10 +264,16 @@ pub(crate) async fn connect_and_sync(
 /// tables this connection's snapshot brings (`coming`).
 async fn resync_new_tables(
     replica: &Replica,
+    events: &broadcast::Sender<Event>,
     tables: Vec<pgrelay_protocol::TableSchema>,
     coming: &[String],
 ) -> Result<(), ClientError> {
-    let mut needed = replica.apply_schema(tables).await?;
+    let applied = replica.apply_schema(tables).await?;
+    for (table, reason) in applied.refused {
+        tracing::warn!(%table, %reason, "table is not synced");
+        let _ = events.send(Event::SchemaUnsupported { table, reason });
+    }
+    let mut needed = applied.needed;
     needed.retain(|t| !coming.contains(t));
     if needed.is_empty() {
         return Ok(());

@@ -119,6 +119,9 @@ for (const scenario of suite.scenarios) {
               return status.tables?.some((t) => t.name === step.table && !t.skipped);
             }, WAIT);
             break;
+          case "wait_error":
+            await waitFor(where, () => page.evaluate(({ code, table }) => window.events.some((e) => e.name === "error" && e.code === code && e.message.includes(`table ${table} `)), step), WAIT);
+            break;
           case "expect_schema_dropped":
             assert.ok(proxy && proxy.dropped > 0, `${where}: no schema frame was dropped`);
             break;

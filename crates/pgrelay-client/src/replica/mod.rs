@@ -7,6 +7,7 @@
 mod apply;
 mod capture;
 mod captured;
+mod holdable;
 mod outbox;
 mod schema;
 mod snapshot;
@@ -25,12 +26,21 @@ use worker::Worker;
 pub use outbox::{OutboxEntry, OutboxReport};
 pub(crate) use outbox::{Outcome, Taken};
 
+/// What [`Replica::apply_schema`] did.
+#[derive(Debug, Default)]
+pub struct SchemaApplied {
+    /// Tables whose rows must come from a snapshot.
+    pub needed: Vec<String>,
+    /// Tables kept out of the replica, each with the reason.
+    pub refused: Vec<(String, String)>,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
 enum Command {
     State(Reply<ReplicaState>),
     SetClientId(String, Reply<()>),
-    ApplySchema(Vec<TableSchema>, Reply<Vec<String>>),
+    ApplySchema(Vec<TableSchema>, Reply<SchemaApplied>),
     ApplyTransactions(Vec<Transaction>, Reply<Applied>),
     Status(Reply<ReplicaStatus>),
     Execute(String, Reply<Executed>),
@@ -166,9 +176,13 @@ impl Replica {
     }
 
     /// Creates missing tables and adds missing columns. Returns the tables
-    /// whose rows must come from a snapshot: new to a replica that already
-    /// has a position, or with a column whose type changed.
-    pub async fn apply_schema(&self, tables: Vec<TableSchema>) -> Result<Vec<String>, ClientError> {
+    /// whose rows must come from a snapshot (new to a replica that already
+    /// has a position, or with a column whose type changed) and the tables
+    /// the replica cannot hold (kept out, with the reason).
+    pub async fn apply_schema(
+        &self,
+        tables: Vec<TableSchema>,
+    ) -> Result<SchemaApplied, ClientError> {
         self.call(|r| Command::ApplySchema(tables, r)).await
     }
 

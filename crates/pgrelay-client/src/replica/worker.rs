@@ -9,8 +9,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, outbox, schema, snapshot, Applied, Command, Executed, Outcome, ReplicaState,
-    ReplicaStatus, TableStatus, Taken,
+    apply, capture, holdable, outbox, schema, snapshot, Applied, Command, Executed, Outcome,
+    ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
 };
 use crate::ClientError;
 
@@ -164,13 +164,46 @@ impl Worker {
         })
     }
 
-    fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<Vec<String>, ClientError> {
+    fn apply_schema(&mut self, tables: &[TableSchema]) -> Result<SchemaApplied, ClientError> {
         let positioned = self.state()?.lsn.is_some();
         let mut needed = Vec::new();
+        let mut refused = Vec::new();
+        let mut all = self.tables.clone();
+        for table in tables {
+            all.insert(table.name.clone(), table.clone());
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for table in tables {
+        for incoming in tables {
+            let reason = match incoming.skipped {
+                Some(_) => None,
+                None => holdable::cannot_hold(incoming, all.values()),
+            };
+            let held;
+            let table = match reason {
+                None => incoming,
+                Some(reason) => {
+                    let skipped = format!("the replica cannot hold it: {reason}");
+                    refused.push((incoming.name.clone(), skipped.clone()));
+                    // Held before under another schema: its rows would go stale.
+                    if self
+                        .tables
+                        .get(&incoming.name)
+                        .is_some_and(|known| known.skipped.is_none())
+                    {
+                        tx.execute_batch(&format!(
+                            "DROP TABLE IF EXISTS {}",
+                            pgrelay_protocol::quote_ident(incoming.sqlite_name())
+                        ))?;
+                    }
+                    held = TableSchema {
+                        skipped: Some(skipped),
+                        ..incoming.clone()
+                    };
+                    &held
+                }
+            };
             let retyped = match self.tables.get(&table.name) {
                 None => table.skipped.is_none(),
                 Some(known) => {
@@ -191,7 +224,7 @@ impl Worker {
         }
         tx.commit()?;
         self.reload_tables()?;
-        Ok(needed)
+        Ok(SchemaApplied { needed, refused })
     }
 
     fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Applied, ClientError> {

@@ -70,6 +70,9 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                 } => {
                     tracing::debug!(%lsn, transactions, changes, lag_ms, "applied")
                 }
+                Event::SchemaUnsupported { table, reason } => {
+                    tracing::warn!(%table, %reason, "table not synced")
+                }
                 Event::Disconnected { error, retry_in } => {
                     tracing::warn!(%error, ?retry_in, "disconnected")
                 }

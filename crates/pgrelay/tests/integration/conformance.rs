@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use crate::support::proxy::{Meddle, Proxy};
 use crate::support::raw::http;
-use crate::support::{free_port, start_client, wait_for, RunningClient, ServerProcess, World};
+use crate::support::{
+    free_port, open_client, run_client, wait_for, RunningClient, ServerProcess, World,
+};
 
 const SCENARIOS: &str = include_str!("../../../../conformance/scenarios.json");
 const WAIT: Duration = Duration::from_secs(60);
@@ -74,6 +76,10 @@ enum Step {
     WaitServerTable {
         table: String,
     },
+    WaitError {
+        code: String,
+        table: String,
+    },
     ExpectSchemaDropped,
 }
 
@@ -90,6 +96,8 @@ struct Run {
     server: Option<ServerProcess>,
     proxy: Option<Proxy>,
     client: Option<RunningClient>,
+    /// Every `SchemaUnsupported` event of the scenario's clients: (code, table).
+    errors: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
 impl Run {
@@ -140,7 +148,24 @@ impl Run {
                 } else {
                     self.proxy.as_ref().map_or(self.addr(), |p| p.addr)
                 };
-                self.client = Some(start_client(target, &self.replica(), CLIENT_ID).await);
+                let client = open_client(target, &self.replica(), CLIENT_ID).await;
+                // Subscribed before the first connection: no event is missed.
+                let mut events = client.subscribe();
+                let errors = self.errors.clone();
+                tokio::spawn(async move {
+                    use tokio::sync::broadcast::error::RecvError;
+                    loop {
+                        match events.recv().await {
+                            Ok(pgrelay_client::Event::SchemaUnsupported { table, .. }) => errors
+                                .lock()
+                                .unwrap()
+                                .push(("schema_unsupported".to_owned(), table)),
+                            Ok(_) | Err(RecvError::Lagged(_)) => {}
+                            Err(RecvError::Closed) => break,
+                        }
+                    }
+                });
+                self.client = Some(run_client(client));
             }
             Step::Disconnect => {
                 if let Some(client) = self.client.take() {
@@ -252,6 +277,15 @@ impl Run {
                 })
                 .await;
             }
+            Step::WaitError { code, table } => {
+                let errors = self.errors.clone();
+                let want = (code.clone(), table.clone());
+                wait_for("the client to report the error", WAIT, || {
+                    let found = errors.lock().unwrap().contains(&want);
+                    async move { found.then_some(()) }
+                })
+                .await;
+            }
             Step::ExpectSchemaDropped => {
                 let dropped = self
                     .proxy
@@ -329,6 +363,7 @@ async fn run(name: &str) {
         server: None,
         proxy: None,
         client: None,
+        errors: Default::default(),
     };
     run.start_server();
     for (n, step) in scenario.steps.iter().enumerate() {
@@ -351,6 +386,7 @@ const NAMES: &[&str] = &[
     "idempotent_resend",
     "unknown_table_arriving",
     "transaction_atomicity",
+    "table_the_replica_cannot_hold",
 ];
 
 #[test]
@@ -378,5 +414,6 @@ scenarios!(
     server_restart_resume,
     idempotent_resend,
     unknown_table_arriving,
-    transaction_atomicity
+    transaction_atomicity,
+    table_the_replica_cannot_hold
 );

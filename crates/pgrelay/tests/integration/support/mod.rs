@@ -160,7 +160,7 @@ pub async fn start_client(server: SocketAddr, db: &Path, id: &str) -> RunningCli
     run_client(open_client(server, db, id).await)
 }
 
-async fn open_client(server: SocketAddr, db: &Path, id: &str) -> std::sync::Arc<SyncClient> {
+pub async fn open_client(server: SocketAddr, db: &Path, id: &str) -> std::sync::Arc<SyncClient> {
     let mut config = ClientConfig::new(format!("ws://{server}"), db);
     config.client_id = Some(id.to_owned());
     config.backoff_base = Duration::from_millis(50);
@@ -208,7 +208,7 @@ pub async fn start_counted_client(
     (run_client(client), tally)
 }
 
-fn run_client(client: std::sync::Arc<SyncClient>) -> RunningClient {
+pub fn run_client(client: std::sync::Arc<SyncClient>) -> RunningClient {
     let replica = client.replica().clone();
     let (stop, stopped) = watch::channel(false);
     let runner = std::sync::Arc::clone(&client);
