@@ -334,11 +334,15 @@ mod tests {
 
     /// `frame` with its 4-byte Frame_Content_Size field set to `size`.
     fn lie(frame: &mut [u8], size: u32) {
-        // Magic (4 bytes), frame header descriptor, window descriptor.
+        // Magic (4 bytes), then the frame header descriptor; the content
+        // size follows the window descriptor (absent in a single-segment
+        // frame) and the dictionary id (0, 1, 2 or 4 bytes).
         let descriptor = frame[4];
         assert_eq!(descriptor >> 6, 2, "a 4-byte content size field");
-        assert_eq!(descriptor & 0x20, 0, "a window descriptor byte");
-        frame[6..10].copy_from_slice(&size.to_le_bytes());
+        let window = usize::from(descriptor & 0x20 == 0);
+        let dictionary = [0, 1, 2, 4][usize::from(descriptor & 0x03)];
+        let at = 5 + window + dictionary;
+        frame[at..at + 4].copy_from_slice(&size.to_le_bytes());
     }
 
     #[test]
