@@ -67,6 +67,20 @@ pub enum Event {
         elapsed: std::time::Duration,
         refetched: Vec<String>,
     },
+    /// The replica was repaired instead of re-hydrated (the server could
+    /// not continue its position): only the ranges that differed were
+    /// replaced. `bytes` counts repair frames both ways; `refetch` lists
+    /// tables that still differed and are fetched with a snapshot.
+    Repaired {
+        tables: Vec<String>,
+        /// Rows removed from, and rows received into, replaced ranges.
+        rows_removed: u64,
+        rows_received: u64,
+        bytes: u64,
+        rounds: usize,
+        elapsed: std::time::Duration,
+        refetch: Vec<String>,
+    },
     /// A synced table the replica cannot hold (column names that differ
     /// only in case, or a SQLite name another synced table has) is kept out
     /// with the reason; the other tables go on syncing. The web client

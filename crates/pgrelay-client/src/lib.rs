@@ -4,6 +4,7 @@
 mod error;
 mod events;
 mod hydrate;
+mod repair;
 mod replica;
 mod session;
 pub mod value;
@@ -20,7 +21,7 @@ use tokio::sync::{broadcast, watch, Notify};
 pub use error::ClientError;
 pub use events::Event;
 pub use replica::{
-    Executed, OutboxEntry, OutboxReport, Replica, ReplicaState, ReplicaStatus, SchemaApplied,
+    digest_ranges, rows_in_range, Executed, KeyRange, OutboxEntry, OutboxReport, Replica, ReplicaState, ReplicaStatus, SchemaApplied,
     TableStatus,
 };
 
@@ -295,6 +296,11 @@ impl SyncClient {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let mut attempt = 0u32;
         let mut tokens_refused = 0u32;
+        // Set when the server said `gone` mid-session (a lost slot, or
+        // retention passing the position while reading the change log):
+        // the next connection keeps the position, so the server repairs the
+        // replica instead of sending it whole. Told `gone` again, it resets.
+        let mut repairing = false;
         loop {
             let mut welcomed = false;
             let result = session::connect_and_sync(
@@ -310,6 +316,26 @@ impl SyncClient {
                 // The server took us: the next failure starts a fresh backoff.
                 attempt = 0;
                 tokens_refused = 0;
+            }
+            let gone = matches!(
+                &result,
+                Err(ClientError::Refused {
+                    code: pgrelay_protocol::ErrorCode::Gone,
+                    ..
+                })
+            );
+            if gone && welcomed && !std::mem::replace(&mut repairing, true) {
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "the server no longer continues this replica's position; reconnecting to repair it");
+                    let _ = self.events.send(Event::Disconnected {
+                        error: format!("gone: {e}"),
+                        retry_in: Duration::ZERO,
+                    });
+                }
+                continue;
+            }
+            if welcomed && !gone {
+                repairing = false;
             }
             match result {
                 Ok(_) => return Ok(()),

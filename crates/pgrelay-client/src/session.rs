@@ -54,6 +54,7 @@ pub(crate) async fn connect_and_sync(
         log_id: state.log_id.clone(),
         resync: state.resync.clone(),
         tables: config.tables.clone(),
+        repair: true,
     };
     let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
     socket.send(Message::Text(hello.into())).await?;
@@ -71,6 +72,8 @@ pub(crate) async fn connect_and_sync(
     let mut poll = interval_at(Instant::now() + config.outbox_poll, config.outbox_poll);
     let mut caught_up = false;
     let mut hydration: Option<Hydration> = None;
+    // The welcome's change log, which a repair records once complete.
+    let mut welcome_log: Option<String> = None;
     // A replica without a position (or with tables to resync) is sent a
     // snapshot first; it is not caught up before that is in.
     let mut awaiting_snapshot = state.lsn.is_none() || !state.resync.is_empty();
@@ -143,6 +146,7 @@ pub(crate) async fn connect_and_sync(
                             ..
                         } => {
                             if let Some(log_id) = log_id {
+                                welcome_log = Some(log_id.clone());
                                 replica.set_meta("log_id", log_id).await?;
                             }
                             resync_new_tables(replica, events, tables, &state.resync).await?;
@@ -173,6 +177,29 @@ pub(crate) async fn connect_and_sync(
                                 Hydration::begin(replica, resume_lsn, full, tables, visibility)
                                     .await?,
                             );
+                        }
+                        ServerMessage::RepairBegin {
+                            resume_lsn,
+                            tables,
+                            visibility,
+                        } => {
+                            // The exchange holds the socket until the
+                            // replica is repaired.
+                            crate::repair::run(
+                                &mut socket,
+                                replica,
+                                events,
+                                crate::repair::Begin {
+                                    resume: resume_lsn,
+                                    tables,
+                                    visibility,
+                                    log_id: welcome_log.clone(),
+                                },
+                            )
+                            .await?;
+                            applied = resume_lsn;
+                            awaiting_snapshot = false;
+                            pusher.wake();
                         }
                         ServerMessage::SnapshotTable(digest) => {
                             let h = hydration.as_mut().ok_or_else(|| {

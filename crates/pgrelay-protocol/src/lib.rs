@@ -9,6 +9,7 @@ mod ident;
 mod lsn;
 mod message;
 mod origin;
+pub mod repair;
 mod schema;
 mod snapshot;
 mod write;

@@ -49,6 +49,11 @@ pub enum ClientMessage {
         /// changes, and refuses a name it does not sync.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tables: Option<Vec<String>>,
+        /// The client can repair its replica (`docs/repair.md`): where the
+        /// server would answer `gone`, it compares the replica with
+        /// PostgreSQL range by range instead.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        repair: bool,
     },
     /// A batch of client transactions to apply (after `hello`).
     Write(WriteBatch),
@@ -106,6 +111,16 @@ pub enum ServerMessage {
     SnapshotEnd {},
     /// The server is busy with other snapshots; this one starts later.
     SnapshotQueued { waiting: usize },
+    /// Instead of `gone`: the replica is compared with a consistent
+    /// snapshot range by range ([`crate::repair`]); binary repair frames
+    /// follow until the client's `done`. Then, as after a full snapshot,
+    /// transactions follow from `resume_lsn`, skipping those `visibility`
+    /// holds, for `tables`.
+    RepairBegin {
+        resume_lsn: Lsn,
+        tables: Vec<String>,
+        visibility: Visibility,
+    },
     /// A table's columns changed, or a table started syncing; sent before
     /// the first transaction that depends on it.
     Schema { tables: Vec<TableSchema> },
@@ -301,6 +316,7 @@ mod tests {
                 log_id: None,
                 resync: Vec::new(),
                 tables: None,
+                repair: false,
             }
         );
     }

@@ -10,6 +10,7 @@ mod hub;
 mod migrations;
 mod ops;
 mod registry;
+mod repair;
 mod replication;
 mod session;
 mod snapshot;

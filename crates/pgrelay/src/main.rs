@@ -101,6 +101,10 @@ struct VerifyArgs {
     /// Only these tables (comma-separated); default: every table in the replica.
     #[arg(long, env = "PGRELAY_TABLES", value_delimiter = ',')]
     tables: Option<Vec<String>>,
+    /// For a table that differs, also list the differing rows (by key)
+    /// under each differing key range.
+    #[arg(long)]
+    rows: bool,
 }
 
 fn main() -> ExitCode {
@@ -125,12 +129,21 @@ fn main() -> ExitCode {
             Command::Client(ClientCommand::Outbox(args)) => client::outbox(args).await,
             Command::Client(ClientCommand::Reset { db }) => client::reset(&db).await,
             Command::Verify(args) => {
-                let report = verify::verify(
+                let mut report = verify::verify(
                     args.database_url.expose_secret(),
                     &args.db,
                     args.tables.as_deref(),
                 )
                 .await?;
+                if !report.all_match() {
+                    verify::explain(
+                        args.database_url.expose_secret(),
+                        &args.db,
+                        &mut report,
+                        args.rows,
+                    )
+                    .await?;
+                }
                 print!("{}", report.render_table());
                 if report.all_match() {
                     Ok(())

@@ -9,12 +9,14 @@ mod capture;
 mod captured;
 mod holdable;
 mod outbox;
+mod repair;
 mod schema;
 mod snapshot;
 mod worker;
 
 use std::path::{Path, PathBuf};
 
+use pgrelay_protocol::repair::{CheckSpan, Key, RangeSum};
 use pgrelay_protocol::{Lsn, TableSchema, Transaction, Visibility, WriteResults};
 use rusqlite::Connection;
 use serde::Serialize;
@@ -24,6 +26,7 @@ use crate::ClientError;
 use worker::Worker;
 
 pub use outbox::{OutboxEntry, OutboxReport};
+pub use repair::{digest_ranges, rows_in_range, Range as KeyRange};
 pub(crate) use outbox::{Outcome, Taken};
 
 /// What [`Replica::apply_schema`] did.
@@ -56,6 +59,15 @@ enum Command {
     LoadSnapshot(String, Vec<u8>, Reply<u64>),
     ClearTable(String, Reply<()>),
     FinishSnapshot(SnapshotDone, Reply<()>),
+    Repair(RepairStep),
+}
+
+/// A step of a repair (see `repair.rs`), run in its own SQLite transaction.
+pub(crate) enum RepairStep {
+    Digest(String, Vec<repair::Range>, Reply<Option<(Vec<CheckSpan>, RangeSum)>>),
+    Remove(String, Vec<(Option<Key>, Option<Key>)>, Reply<RangeSum>),
+    Load(String, String, Reply<RangeSum>),
+    Finish(SnapshotDone, Vec<String>, Reply<()>),
 }
 
 /// What applying a batch of server transactions did.
@@ -297,5 +309,46 @@ impl Replica {
         results: WriteResults,
     ) -> Result<Vec<Outcome>, ClientError> {
         self.call(|r| Command::RecordResults(results, r)).await
+    }
+
+    /// Digests key ranges of a table for a repair (`None`: not held).
+    pub(crate) async fn repair_digest(
+        &self,
+        table: String,
+        ranges: Vec<repair::Range>,
+    ) -> Result<Option<(Vec<CheckSpan>, RangeSum)>, ClientError> {
+        self.call(|r| Command::Repair(RepairStep::Digest(table, ranges, r)))
+            .await
+    }
+
+    /// Removes the rows of ranges the server replaces.
+    pub(crate) async fn repair_remove(
+        &self,
+        table: String,
+        ranges: Vec<(Option<Key>, Option<Key>)>,
+    ) -> Result<RangeSum, ClientError> {
+        self.call(|r| Command::Repair(RepairStep::Remove(table, ranges, r)))
+            .await
+    }
+
+    /// Inserts rows the server sent for replaced ranges.
+    pub(crate) async fn repair_load(
+        &self,
+        table: String,
+        copy: String,
+    ) -> Result<RangeSum, ClientError> {
+        self.call(|r| Command::Repair(RepairStep::Load(table, copy, r)))
+            .await
+    }
+
+    /// Completes a repair like a full snapshot; `refetch` tables are
+    /// fetched again by the next connection.
+    pub(crate) async fn repair_finish(
+        &self,
+        done: SnapshotDone,
+        refetch: Vec<String>,
+    ) -> Result<(), ClientError> {
+        self.call(|r| Command::Repair(RepairStep::Finish(done, refetch, r)))
+            .await
     }
 }

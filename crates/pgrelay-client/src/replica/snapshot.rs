@@ -74,6 +74,12 @@ fn delete_meta(conn: &Connection, key: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Forgets which transactions earlier snapshots held (a repair starts the
+/// replica's position afresh).
+pub(crate) fn forget_filters(conn: &Connection) -> Result<(), ClientError> {
+    delete_meta(conn, FILTERS_KEY)
+}
+
 /// Forgets the replica's position: the next connection hydrates every
 /// table. Rows stay readable until the snapshot replaces them; the outbox
 /// is kept.

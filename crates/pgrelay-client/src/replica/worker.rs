@@ -9,7 +9,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, outbox, schema, snapshot, Applied, Command, Executed, Outcome,
+    apply, capture, holdable, outbox, repair, schema, snapshot, RepairStep, Applied, Command, Executed, Outcome,
     ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
 };
 use crate::ClientError;
@@ -104,6 +104,7 @@ impl Worker {
                         snapshot::quietly(conn, || snapshot::clear(conn, known, &table))
                     }));
                 }
+                Command::Repair(step) => self.repair(step),
                 Command::FinishSnapshot(done, reply) => {
                     let result = self.in_tx(|conn, known| {
                         snapshot::quietly(conn, || {
@@ -122,6 +123,42 @@ impl Worker {
                         Ok(())
                     }));
                 }
+            }
+        }
+    }
+
+    fn repair(&mut self, step: RepairStep) {
+        match step {
+            RepairStep::Digest(table, ranges, reply) => {
+                let _ = reply.send(repair::digest(&self.conn, &self.tables, &table, &ranges));
+            }
+            RepairStep::Remove(table, ranges, reply) => {
+                let _ = reply.send(self.in_tx(|conn, known| {
+                    snapshot::quietly(conn, || repair::remove(conn, known, &table, &ranges))
+                }));
+            }
+            RepairStep::Load(table, copy, reply) => {
+                let _ = reply.send(self.in_tx(|conn, known| {
+                    snapshot::quietly(conn, || repair::load(conn, known, &table, &copy))
+                }));
+            }
+            RepairStep::Finish(done, refetch, reply) => {
+                let result = self.in_tx(|conn, known| {
+                    snapshot::quietly(conn, || {
+                        repair::finish(
+                            conn,
+                            known,
+                            done.resume,
+                            &done.tables,
+                            &done.visibility,
+                            &refetch,
+                        )
+                    })
+                });
+                let _ = reply.send(result.and_then(|()| {
+                    self.filters = snapshot::filters(&self.conn)?;
+                    Ok(())
+                }));
             }
         }
     }

@@ -197,6 +197,26 @@ pub(crate) fn render(state: &AppState) -> String {
         "Client registry operations that failed.",
         get(&m.registry_errors),
     );
+    out.counter(
+        "hydrations",
+        "Full snapshots sent to replicas (new ones, or returning ones that cannot repair).",
+        get(&m.hydrations),
+    );
+    out.counter(
+        "repairs",
+        "Replicas repaired range by range instead of re-hydrated (docs/repair.md).",
+        get(&m.repairs),
+    );
+    out.counter(
+        "repair_rows",
+        "Rows sent to replicas by repairs.",
+        get(&m.repair_rows),
+    );
+    out.counter(
+        "repair_bytes",
+        "Bytes of repair frames, both ways.",
+        get(&m.repair_bytes),
+    );
     let mut text = String::with_capacity(4096);
     // Writing to a String cannot fail.
     let _ = encode(&mut text, &out.0);

@@ -29,6 +29,12 @@ pub(crate) struct Metrics {
     /// Shared with the accept loop, which refuses them.
     pub(crate) refused_connections: Arc<AtomicU64>,
     pub(crate) registry_errors: AtomicU64,
+    /// Full snapshots sent (hydrations), and repairs instead of them.
+    pub(crate) hydrations: AtomicU64,
+    pub(crate) repairs: AtomicU64,
+    /// Rows sent by repairs, and bytes of repair frames both ways.
+    pub(crate) repair_rows: AtomicU64,
+    pub(crate) repair_bytes: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {

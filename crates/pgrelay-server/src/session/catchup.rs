@@ -81,6 +81,17 @@ impl Session<'_> {
         self.caught_up(head, captured).await
     }
 
+    /// Whether retention removed transactions after `position` (the
+    /// client cannot catch up from the change log).
+    pub(super) async fn pruned_past(&mut self, position: Lsn) -> Result<bool, Refusal> {
+        let client = self.state.log_reader.client().await.map_err(internal)?;
+        match history::read_after(&client, position, 1).await {
+            Ok(_) => Ok(false),
+            Err(history::HistoryError::Pruned { .. }) => Ok(true),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
     /// Sends every logged transaction after the client's position.
     pub(super) async fn catch_up(&mut self) -> Result<(), Refusal> {
         loop {

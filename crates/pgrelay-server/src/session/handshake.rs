@@ -21,6 +21,8 @@ pub(crate) struct Hello {
     pub(crate) token: Option<String>,
     /// The tables the client syncs; `None` for all.
     pub(crate) tables: Option<Vec<String>>,
+    /// The client repairs its replica where it would be told `gone`.
+    pub(crate) repair: bool,
 }
 
 pub(super) async fn receive(
@@ -62,6 +64,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         log_id,
         resync,
         tables,
+        repair,
     } = message
     else {
         return Err(Refusal::new(
@@ -99,6 +102,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         resync,
         token,
         tables,
+        repair,
     })
 }
 

@@ -62,6 +62,9 @@ impl Session<'_> {
             });
         }
         tracing::info!(tables = tables.len(), full, resume = %resume, "hydrating");
+        if full {
+            crate::ops::metrics::add(&self.state.metrics.hydrations, 1);
+        }
         let begin = ServerMessage::SnapshotBegin {
             resume_lsn: resume,
             full,
@@ -102,7 +105,7 @@ impl Session<'_> {
 
     /// Waits for one of the server's hydration slots, telling the client
     /// it is queued meanwhile.
-    async fn wait_for_slot(&mut self) -> Result<OwnedSemaphorePermit, Refusal> {
+    pub(super) async fn wait_for_slot(&mut self) -> Result<OwnedSemaphorePermit, Refusal> {
         let slots = std::sync::Arc::clone(&self.state.hydrations);
         if let Ok(permit) = std::sync::Arc::clone(&slots).try_acquire_owned() {
             return Ok(permit);

@@ -41,26 +41,40 @@ impl Session<'_> {
             resync,
             token,
             tables: subscribed,
+            repair,
         } = hello;
         drop((token, subscribed));
         let head = self.state.hub.head();
         let ours = self.state.hub.log_id();
+        // Where the answer would be `gone`, a client that can repair (and
+        // has a replica to repair) is compared range by range instead.
+        let can_mend = repair && last_lsn.is_some();
+        let mut mend = false;
         if let Some(theirs) = log_id.as_ref().filter(|id| id.as_str() != &*ours) {
-            return Err(Refusal::new(
-                ErrorCode::Gone,
-                format!(
-                    "your replica follows change log {:?}, this server keeps {:?}; re-hydrate",
-                    theirs.chars().take(64).collect::<String>(),
-                    ours
-                ),
-            ));
+            if !can_mend {
+                return Err(Refusal::new(
+                    ErrorCode::Gone,
+                    format!(
+                        "your replica follows change log {:?}, this server keeps {:?}; re-hydrate",
+                        theirs.chars().take(64).collect::<String>(),
+                        ours
+                    ),
+                ));
+            }
+            mend = true;
         }
         let start = last_lsn.unwrap_or(Lsn::ZERO);
-        if start > head {
-            return Err(Refusal::new(
-                ErrorCode::Gone,
-                format!("your position {start} is ahead of this server's change log ({head}); start a fresh replica"),
-            ));
+        if !mend && start > head {
+            if !can_mend {
+                return Err(Refusal::new(
+                    ErrorCode::Gone,
+                    format!("your position {start} is ahead of this server's change log ({head}); start a fresh replica"),
+                ));
+            }
+            mend = true;
+        }
+        if !mend && can_mend {
+            mend = Box::pin(self.pruned_past(start)).await?;
         }
         drop(log_id);
         // What "caught up" is measured against: what PostgreSQL has
@@ -88,7 +102,10 @@ impl Session<'_> {
         // it is complete. Boxed: its state would otherwise sit in every
         // idle session's future.
         let full = last_lsn.is_none();
-        if full || !resync.is_empty() {
+        if mend {
+            let resume = Box::pin(self.repair()).await?;
+            self.live.restart_at(resume);
+        } else if full || !resync.is_empty() {
             let resume = Box::pin(self.hydrate(full, &resync)).await?;
             if full {
                 self.live.advance(resume);

@@ -26,6 +26,7 @@ mod handshake;
 mod hydrate;
 mod incoming;
 mod live;
+mod repair;
 pub(crate) mod subscription;
 pub(crate) mod table;
 #[cfg(test)]

@@ -77,6 +77,12 @@ impl LiveSession {
         self.sent.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
+    /// Sets the position, also back: a repaired replica resumes from its
+    /// snapshot's position, whatever position it came with.
+    pub(crate) fn restart_at(&self, lsn: Lsn) {
+        self.sent.store(lsn.0, Ordering::Relaxed);
+    }
+
     pub(crate) fn touch(&self) {
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
     }

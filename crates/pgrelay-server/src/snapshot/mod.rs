@@ -53,6 +53,11 @@ impl Snapshot {
         Ok(Snapshot { client, visibility })
     }
 
+    /// The snapshot's connection, inside its transaction.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// PostgreSQL's estimate of a table's rows, for progress reports.
     pub(crate) async fn estimate(&self, table: &TableSchema) -> u64 {
         let row = self
@@ -75,6 +80,27 @@ impl Snapshot {
         table: &TableSchema,
         scope: Option<&Scope>,
     ) -> Result<TableReader, SnapshotError> {
+        let stream = self.copy_rows(table, scope, None).await?;
+        Ok(TableReader {
+            table: table.name.clone(),
+            stream: Box::pin(stream),
+            checksum: Checksum::new(),
+            rows: 0,
+            bytes: 0,
+            buffer: Vec::with_capacity(CHUNK_BYTES + 64 * 1024),
+            done: false,
+        })
+    }
+
+    /// A table's rows (every column, in column order) as COPY text: with a
+    /// scope only the rows its read rule allows, with `condition` (SQL over
+    /// the table's columns) only those it holds for.
+    pub(crate) async fn copy_rows(
+        &self,
+        table: &TableSchema,
+        scope: Option<&Scope>,
+        condition: Option<&str>,
+    ) -> Result<tokio_postgres::CopyOutStream, SnapshotError> {
         let columns = table
             .columns
             .iter()
@@ -82,7 +108,7 @@ impl Snapshot {
             .collect::<Vec<_>>()
             .join(", ");
         let mut sql = format!(
-            "COPY (SELECT {columns} FROM ONLY {}",
+            "COPY (SELECT {columns} FROM ONLY {} WHERE true",
             qualified(&table.name)
         );
         if let Some((predicate, values)) = scope.and_then(|s| s.snapshot_filter(&table.name)) {
@@ -95,27 +121,23 @@ impl Snapshot {
                     "binding the read rule of {}",
                     table.name
                 )))?;
-            sql.push_str(" WHERE ");
+            sql.push_str(" AND (");
             sql.push_str(&predicate);
+            sql.push(')');
+        }
+        if let Some(condition) = condition {
+            sql.push_str(" AND (");
+            sql.push_str(condition);
+            sql.push(')');
         }
         sql.push_str(") TO STDOUT");
-        let stream = self
-            .client
+        self.client
             .copy_out(sql.as_str())
             .await
             .map_err(SnapshotError::sql(format!(
                 "reading a snapshot of {}",
                 table.name
-            )))?;
-        Ok(TableReader {
-            table: table.name.clone(),
-            stream: Box::pin(stream),
-            checksum: Checksum::new(),
-            rows: 0,
-            bytes: 0,
-            buffer: Vec::with_capacity(CHUNK_BYTES + 64 * 1024),
-            done: false,
-        })
+            )))
     }
 }
 

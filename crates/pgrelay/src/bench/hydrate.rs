@@ -173,16 +173,16 @@ async fn raw_copy(db: &tokio_postgres::Client) -> anyhow::Result<(f64, u64)> {
     Ok((started.elapsed().as_secs_f64(), bytes))
 }
 
-struct Export {
-    secs: f64,
-    rows: u64,
-    wire_bytes: u64,
-    raw_bytes: u64,
+pub(crate) struct Export {
+    pub(crate) secs: f64,
+    pub(crate) rows: u64,
+    pub(crate) wire_bytes: u64,
+    pub(crate) raw_bytes: u64,
     /// Every frame from `welcome` to `snapshot_end`, for the replay.
     frames: Vec<Message>,
 }
 
-async fn receive_only(addr: &str) -> anyhow::Result<Export> {
+pub(crate) async fn receive_only(addr: &str) -> anyhow::Result<Export> {
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync")).await?;
     let hello = ClientMessage::Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -192,6 +192,7 @@ async fn receive_only(addr: &str) -> anyhow::Result<Export> {
         log_id: None,
         resync: Vec::new(),
         tables: None,
+        repair: false,
     };
     let started = Instant::now();
     socket

@@ -173,6 +173,7 @@ async fn hold_connection(
         log_id: None,
         resync: Vec::new(),
         tables: None,
+        repair: false,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))

@@ -12,6 +12,7 @@ mod hydrate;
 mod idle;
 mod latency;
 mod plot;
+mod repair;
 mod report;
 mod writes;
 
@@ -37,6 +38,8 @@ pub enum BenchCommand {
     Writes(writes::WritesArgs),
     /// A fresh replica hydrated from a snapshot: export and apply rows/s, memory peaks.
     Hydrate(hydrate::HydrateArgs),
+    /// A replica away while 0.1 % of its rows changed: repaired range by range vs hydrated whole.
+    Repair(repair::RepairArgs),
     /// LiveStore event logs: events/s accepted on one store, push → receipt at many live clients.
     Eventlog(eventlog::EventLogArgs),
 }
@@ -64,6 +67,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
         BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),
         BenchCommand::Hydrate(args) => (args.common.clone(), hydrate::run(args).await?),
+        BenchCommand::Repair(args) => (args.common.clone(), repair::run(args).await?),
         BenchCommand::Eventlog(args) => (args.common.clone(), eventlog::run(args).await?),
     };
     print!("{}", report.render_table());

@@ -114,6 +114,24 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                         "snapshot loaded"
                     );
                 }
+                Event::Repaired {
+                    tables,
+                    rows_removed,
+                    rows_received,
+                    bytes,
+                    rounds,
+                    elapsed,
+                    refetch,
+                } => tracing::info!(
+                    ?tables,
+                    rows_removed,
+                    rows_received,
+                    kb = bytes as f64 / 1e3,
+                    rounds,
+                    ?elapsed,
+                    ?refetch,
+                    "replica repaired range by range"
+                ),
             }
         }
     });

@@ -1,7 +1,7 @@
 //! Snapshot hydration (promise 3): a new replica of busy tables ends equal
-//! to PostgreSQL; a damaged chunk is fetched again, never kept; a replica
-//! whose history was pruned re-hydrates and keeps its unsent writes; schema
-//! changes reach a connected client without a full resync.
+//! to PostgreSQL; a damaged chunk is fetched again, never kept; schema
+//! changes reach a connected client without a full resync. (A replica
+//! whose history was pruned is repaired: `repair::`.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use pgrelay_client::Event;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{replica_lsn, start_client, wait_for, World};
+use crate::support::{start_client, wait_for, World};
 
 /// A `Hydrated` event: full, tables, rows, tables fetched again.
 type Hydrated = (bool, Vec<String>, u64, Vec<String>);
@@ -217,101 +217,6 @@ async fn a_damaged_chunk_is_fetched_again_not_kept() {
     );
     assert_eq!(seen[0].2, 20_000);
     world.wait_equal(&path, Duration::from_secs(30)).await;
-    client.stop().await;
-    server.shutdown().await.unwrap();
-    world.db.drop_database().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_behind_retention_rehydrates_and_keeps_its_unsent_writes() {
-    let world = World::new().await;
-    world
-        .exec("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'first');")
-        .await;
-    let mut config = world.server_config();
-    config.retain = Duration::from_secs(1);
-    let server = pgrelay_server::Server::start(config).await.unwrap();
-    let path = world.replica_path("offline");
-    let client = start_client(server.local_addr(), &path, "offline").await;
-    world.wait_equal(&path, Duration::from_secs(30)).await;
-    let replica = client.replica.clone();
-    client.stop().await;
-    let position = replica_lsn(&path).expect("a position");
-
-    // Offline: local writes, while PostgreSQL moves on and the log is pruned
-    // past the replica's position.
-    replica
-        .execute("INSERT INTO notes VALUES (100, 'written offline'); UPDATE notes SET body = 'edited offline' WHERE id = 1;")
-        .await
-        .unwrap();
-    world
-        .exec("INSERT INTO notes SELECT g, 'server ' || g FROM generate_series(2, 50) g;")
-        .await;
-    wait_for(
-        "the log to be pruned past the replica",
-        Duration::from_secs(30),
-        || async {
-            let pruned: String = world
-                .sql
-                .query_one("SELECT pruned_through::text FROM pgrelay.log_state", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (pruned.parse::<pgrelay_protocol::Lsn>().unwrap() > position).then_some(())
-        },
-    )
-    .await;
-    drop(replica);
-
-    let client = start_client(server.local_addr(), &path, "offline").await;
-    let seen = hydrations(&client);
-    wait_for(
-        "the writes made offline to reach PostgreSQL",
-        Duration::from_secs(30),
-        || async {
-            (world
-                .count("SELECT count(*) FROM notes WHERE id = 100 OR body = 'edited offline'")
-                .await
-                == 2)
-                .then_some(())
-        },
-    )
-    .await;
-    world.wait_equal(&path, Duration::from_secs(30)).await;
-    assert!(
-        seen.lock().unwrap().iter().any(|h| h.0),
-        "the client did not re-hydrate"
-    );
-    assert_eq!(world.count("SELECT count(*) FROM notes").await, 51);
-    client.stop().await;
-    server.shutdown().await.unwrap();
-    world.db.drop_database().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_of_another_change_log_rehydrates() {
-    let world = World::new().await;
-    world
-        .exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);")
-        .await;
-    let server = world.start_server().await;
-    let path = world.replica_path("other-log");
-    let client = start_client(server.local_addr(), &path, "other-log").await;
-    world.wait_equal(&path, Duration::from_secs(30)).await;
-    client.stop().await;
-    server.shutdown().await.unwrap();
-    // The change log is replaced (as if pgrelay's schema were recreated).
-    world
-        .exec("UPDATE pgrelay.log_state SET log_id = 'another'; DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (3);")
-        .await;
-    let server = world.start_server().await;
-    let client = start_client(server.local_addr(), &path, "other-log").await;
-    let seen = hydrations(&client);
-    world.wait_equal(&path, Duration::from_secs(30)).await;
-    wait_for("a fresh snapshot", Duration::from_secs(10), || async {
-        seen.lock().unwrap().iter().any(|h| h.0).then_some(())
-    })
-    .await;
     client.stop().await;
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();

@@ -21,6 +21,7 @@ mod migrations;
 mod operations;
 mod pipeline;
 mod protection;
+mod repair;
 mod retention;
 mod sessions;
 mod shutdown;

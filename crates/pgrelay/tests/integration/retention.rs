@@ -1,7 +1,8 @@
 //! Retention on a quiet database: when `--retain` prunes the change log
 //! empty, its head stays where the log ended (it never moves backwards),
 //! so a new client hydrates once and a returning client behind retention
-//! is told `gone` once, before and after a server restart.
+//! is repaired (never told `gone`, never sent whole), before and after a
+//! server restart.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use pgrelay_server::Server;
 use crate::support::{free_port, replica_lsn, start_counted_client, wait_for, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_database_past_retention_hydrates_once_and_says_gone_once() {
+async fn a_quiet_database_past_retention_hydrates_once_and_repairs_a_returning_replica() {
     let world = World::new().await;
     world
         .exec(
@@ -103,9 +104,11 @@ async fn a_quiet_database_past_retention_hydrates_once_and_says_gone_once() {
         (1, 0),
         "{late_tally:?}"
     );
+    // Behind retention: repaired range by range, not told `gone` and
+    // not sent whole (promise 8).
     assert_eq!(
-        (back_tally.hydrations, back_tally.gone),
-        (1, 1),
+        (back_tally.hydrations, back_tally.gone, back_tally.repairs),
+        (0, 0, 1),
         "{back_tally:?}"
     );
     for client in [early, late, back] {

@@ -176,6 +176,8 @@ pub struct Tally {
     /// Times the server answered `gone`.
     pub gone: usize,
     pub caught_up: usize,
+    /// Repairs instead of full snapshots (`docs/repair.md`).
+    pub repairs: usize,
 }
 
 /// A client whose events are counted from before its first connection.
@@ -195,6 +197,7 @@ pub async fn start_counted_client(
             match event {
                 Event::Hydrated { full: true, .. } => tally.hydrations += 1,
                 Event::CaughtUp { .. } => tally.caught_up += 1,
+                Event::Repaired { .. } => tally.repairs += 1,
                 // Counted however the client took it (reset, or a retry).
                 Event::Disconnected { error, .. }
                     if error.starts_with("gone") || error.starts_with("server refused: Gone") =>

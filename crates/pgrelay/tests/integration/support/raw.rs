@@ -47,6 +47,7 @@ pub async fn send_hello(socket: &mut Socket, id: &str, tables: Option<Vec<&str>>
         log_id: None,
         resync: Vec::new(),
         tables: tables.map(|t| t.into_iter().map(str::to_owned).collect()),
+        repair: false,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello).unwrap().into()))

@@ -1,6 +1,11 @@
 //! `pgrelay verify`: per table, the row count and an order-independent
 //! checksum of the rows in PostgreSQL and in a replica, over one canonical
-//! encoding of values (`pgrelay_protocol::canonical`).
+//! encoding of values (`pgrelay_protocol::canonical`); for a table that
+//! differs, the key ranges (and rows) that differ (`ranges.rs`).
+
+mod ranges;
+
+pub use ranges::{locate, DifferingRange, RowDifference};
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +22,8 @@ pub struct TableCheck {
     pub pg_checksum: String,
     pub replica_rows: u64,
     pub replica_checksum: String,
+    /// Filled by [`explain`] for a table that differs.
+    pub ranges: Vec<DifferingRange>,
 }
 
 impl TableCheck {
@@ -57,6 +64,9 @@ impl VerifyReport {
                 &t.replica_checksum[..16.min(t.replica_checksum.len())],
                 if t.matches() { "OK" } else { "MISMATCH" }
             ));
+            for range in &t.ranges {
+                out.push_str(&range.describe());
+            }
         }
         out
     }
@@ -107,6 +117,7 @@ pub async fn verify(
                 pg_checksum: pg.checksum_hex(),
                 replica_rows: 0,
                 replica_checksum: "(not in replica)".to_owned(),
+                ranges: Vec::new(),
             });
             continue;
         };
@@ -121,9 +132,34 @@ pub async fn verify(
             pg_checksum: pg.checksum_hex(),
             replica_rows: local.rows,
             replica_checksum: local.checksum_hex(),
+            ranges: Vec::new(),
         });
     }
     Ok(VerifyReport { tables: checks })
+}
+
+/// Names the differing key ranges (with `rows`, the differing rows) of
+/// every table of `report` that does not match.
+pub async fn explain(
+    database_url: &str,
+    replica: &Path,
+    report: &mut VerifyReport,
+    rows: bool,
+) -> anyhow::Result<()> {
+    let path = replica.to_owned();
+    let schemas = tokio::task::spawn_blocking(move || read_schemas(&path)).await??;
+    let info = pgrelay_pg::ConnInfo::parse(database_url)?;
+    let db = pgrelay_pg::connect(&info).await?;
+    for check in report.tables.iter_mut().filter(|t| !t.matches()) {
+        let Some(schema) = schemas
+            .iter()
+            .find(|s| s.name == check.table && s.skipped.is_none())
+        else {
+            continue;
+        };
+        check.ranges = locate(&db, replica, schema, rows).await?;
+    }
+    Ok(())
 }
 
 fn read_schemas(path: &Path) -> anyhow::Result<Vec<TableSchema>> {

@@ -1,0 +1,159 @@
+//! One `check`: the server's digests of the client's ranges, and the rows
+//! of the ranges it replaces.
+
+use futures_util::StreamExt;
+use pgrelay_protocol::canonical::canonical_pg_text;
+use pgrelay_protocol::copy_text;
+use pgrelay_protocol::repair::{
+    key_kinds, pg_ranges_condition, row_hash, CheckSpan, DiffPart, Key, KeyKind, KeyValue, RangeSum, Tally,
+};
+use pgrelay_protocol::TableSchema;
+
+use crate::auth::Scope;
+use crate::snapshot::{Snapshot, SnapshotError};
+
+/// Ranges read by one COPY, at most (an `OR` of their conditions).
+const RANGES_PER_QUERY: usize = 64;
+
+/// Ranges of one `check`, at most.
+const MAX_PARTS: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RepairError {
+    #[error("{0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The client's check is not well formed; the session ends.
+    #[error("bad repair check: {0}")]
+    BadCheck(String),
+}
+
+/// The parts of `spans` whose rows differ from the client's, and, when
+/// the check covers the whole key space, the table's full digest.
+pub(crate) async fn answer(
+    snapshot: &Snapshot,
+    scope: Option<&Scope>,
+    table: &TableSchema,
+    spans: &[CheckSpan],
+) -> Result<(Vec<DiffPart>, Option<RangeSum>), RepairError> {
+    let kinds = validate(table, spans)?;
+    let mut tally = Tally::new(spans);
+    let key_at: Vec<usize> = table
+        .primary_key
+        .iter()
+        .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
+        .collect();
+    let ranges: Vec<(Option<Key>, Option<Key>)> =
+        spans.iter().map(|s| (s.lo.clone(), s.hi.clone())).collect();
+    for batch in ranges.chunks(RANGES_PER_QUERY) {
+        let condition = kinds
+            .as_deref()
+            .map(|kinds| pg_ranges_condition(table, kinds, batch));
+        let stream = snapshot
+            .copy_rows(table, scope, condition.as_deref())
+            .await?;
+        let mut stream = Box::pin(stream);
+        let mut canonical: Vec<Option<String>> = Vec::with_capacity(table.columns.len());
+        while let Some(data) = stream.next().await {
+            let data = data.map_err(SnapshotError::sql(format!("repairing {}", table.name)))?;
+            copy_text::for_each_row(
+                &data,
+                |values| {
+                    canonical.clear();
+                    for (column, value) in table.columns.iter().zip(values) {
+                        canonical.push(canonical_pg_text(column.kind, value.as_deref()));
+                    }
+                    let hash = row_hash(&canonical);
+                    match &kinds {
+                        None => tally.add_whole(0, hash),
+                        Some(kinds) => {
+                            let key: Option<Key> = key_at
+                                .iter()
+                                .zip(kinds)
+                                .map(|(&i, &kind)| {
+                                    KeyValue::from_canonical(kind, canonical[i].as_deref())
+                                })
+                                .collect();
+                            if let Some(key) = key {
+                                tally.add(&key, hash);
+                            }
+                        }
+                    }
+                    Ok(())
+                },
+                |message| RepairError::BadCheck(format!("COPY row of {}: {message}", table.name)),
+            )?;
+        }
+    }
+    let full_span = spans.len() == 1 && spans[0].lo.is_none() && spans[0].hi.is_none();
+    Ok((tally.diff(), full_span.then(|| tally.total())))
+}
+
+/// The rows of the given ranges, as COPY text in streams of at most
+/// [`RANGES_PER_QUERY`] ranges each; `None` ranges mean the whole table.
+pub(crate) async fn replaced_rows(
+    snapshot: &Snapshot,
+    scope: Option<&Scope>,
+    table: &TableSchema,
+    ranges: &[(Option<Key>, Option<Key>)],
+) -> Result<Vec<tokio_postgres::CopyOutStream>, RepairError> {
+    let kinds = key_kinds(table);
+    let mut streams = Vec::new();
+    for batch in ranges.chunks(RANGES_PER_QUERY) {
+        let condition = kinds
+            .as_deref()
+            .map(|kinds| pg_ranges_condition(table, kinds, batch));
+        streams.push(
+            snapshot
+                .copy_rows(table, scope, condition.as_deref())
+                .await?,
+        );
+    }
+    Ok(streams)
+}
+
+/// Checks a client's spans against the table; returns its key kinds
+/// (`None`: compared whole).
+fn validate(table: &TableSchema, spans: &[CheckSpan]) -> Result<Option<Vec<KeyKind>>, RepairError> {
+    let bad = |m: &str| Err(RepairError::BadCheck(format!("{}: {m}", table.name)));
+    if spans.is_empty() {
+        return bad("no spans");
+    }
+    if spans.iter().map(CheckSpan::parts).sum::<usize>() > MAX_PARTS {
+        return bad("too many ranges");
+    }
+    if !spans.iter().all(CheckSpan::is_valid) {
+        return bad("a span is not well formed");
+    }
+    let kinds = key_kinds(table);
+    let Some(kinds) = kinds else {
+        let span = &spans[0];
+        if spans.len() != 1 || span.parts() != 1 || span.lo.is_some() || span.hi.is_some() {
+            return bad("a table without a comparable key is checked whole, in one range");
+        }
+        return Ok(None);
+    };
+    for span in spans {
+        for key in span.lo.iter().chain(&span.hi).chain(&span.bounds) {
+            let fits = key.len() == kinds.len()
+                && key.iter().zip(&kinds).all(|(v, k)| match (v, k) {
+                    (KeyValue::Int(_), KeyKind::Integer) => true,
+                    (KeyValue::Text(t), KeyKind::Text) => !t.contains('\0'),
+                    (KeyValue::Text(t), KeyKind::Uuid) => {
+                        t.len() == 36 && t.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+                    }
+                    _ => false,
+                });
+            if !fits {
+                return bad("a bound does not match the table's key");
+            }
+        }
+    }
+    // Ascending and disjoint: each span starts at or after the previous end.
+    for pair in spans.windows(2) {
+        match (&pair[0].hi, &pair[1].lo) {
+            (Some(hi), Some(lo)) if hi <= lo => {}
+            _ => return bad("spans overlap or are out of order"),
+        }
+    }
+    Ok(Some(kinds))
+}

@@ -1,0 +1,187 @@
+//! Repair instead of `gone`: a client that can repair and whose position
+//! the change log cannot serve (behind retention, another log, a lost
+//! slot) is compared with a consistent snapshot range by range and sent
+//! only the rows that differ; then the stream resumes from the snapshot's
+//! position with the same hand-over as hydration.
+
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use futures_util::StreamExt;
+use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RepairMessage};
+use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
+
+use super::{write, Refusal, Session};
+use crate::hub::Frame;
+use crate::ops::metrics::add;
+use crate::repair::{answer, replaced_rows, RepairError};
+use crate::snapshot::Snapshot;
+
+/// How long the client may take between two repair frames (it digests
+/// its own ranges meanwhile).
+const CLIENT_TURN: Duration = Duration::from_secs(120);
+
+/// Largest repair message a client may send, decompressed.
+const MAX_CHECK_BYTES: usize = 16 << 20;
+
+/// COPY text per `rows` message, about.
+const ROWS_BYTES: usize = 256 * 1024;
+
+impl Session<'_> {
+    /// Repairs every table the client syncs; returns the change-log
+    /// position from which transactions follow.
+    pub(super) async fn repair(&mut self) -> Result<Lsn, Refusal> {
+        let _permit = self.wait_for_slot().await?;
+        let schemas = self.announce_schemas().await?;
+        let tables: Vec<TableSchema> = self
+            .visible(schemas.values())
+            .into_iter()
+            .filter(|t| t.skipped.is_none())
+            .collect();
+        drop(schemas);
+        // As for hydration: read before the snapshot, so the client's
+        // visibility filter drops what the snapshot holds.
+        let resume = self.state.hub.head();
+        let snapshot = Snapshot::open(&self.state.database)
+            .await
+            .map_err(super::internal)?;
+        snapshot
+            .client()
+            .batch_execute("SET LOCAL standard_conforming_strings = on")
+            .await
+            .map_err(|e| super::internal(crate::snapshot::SnapshotError::sql("repair")(e)))?;
+        add(&self.state.metrics.repairs, 1);
+        tracing::info!(tables = tables.len(), resume = %resume, "repairing a replica instead of re-hydrating it");
+        let begin = ServerMessage::RepairBegin {
+            resume_lsn: resume,
+            tables: tables.iter().map(|t| t.name.clone()).collect(),
+            visibility: snapshot.visibility.clone(),
+        };
+        self.send(Frame::encode(&begin, Lsn::ZERO)).await?;
+        loop {
+            match self.next_repair_message().await? {
+                RepairMessage::Check { table, spans } => {
+                    let schema = tables.iter().find(|t| t.name == table).ok_or_else(|| {
+                        Refusal::new(ErrorCode::UnknownTable, "repair check of a table not being repaired")
+                    })?;
+                    self.answer_check(&snapshot, schema, &spans).await?;
+                }
+                RepairMessage::Done { refetch } => {
+                    if !refetch.is_empty() {
+                        tracing::warn!(?refetch, "tables did not match after repair; the client fetches them");
+                    }
+                    return Ok(resume);
+                }
+                _ => {
+                    return Err(Refusal::new(
+                        ErrorCode::MalformedFrame,
+                        "only check and done are expected from a client during repair",
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn answer_check(
+        &mut self,
+        snapshot: &Snapshot,
+        table: &TableSchema,
+        spans: &[CheckSpan],
+    ) -> Result<(), Refusal> {
+        let scope = self.scope.clone();
+        let (parts, total) = answer(snapshot, scope.as_deref(), table, spans)
+            .await
+            .map_err(refusal)?;
+        let ranges: Vec<_> = parts
+            .iter()
+            .filter(|p| p.replace)
+            .map(|p| spans[p.span as usize].part_range(p.part as usize))
+            .collect();
+        self.send_repair(&RepairMessage::Diff {
+            table: table.name.clone(),
+            parts,
+            total: total.map(|t| (t.rows, t.hex())),
+        })
+        .await?;
+        let streams = replaced_rows(snapshot, scope.as_deref(), table, &ranges)
+            .await
+            .map_err(refusal)?;
+        let mut copy: Vec<u8> = Vec::with_capacity(ROWS_BYTES + 4096);
+        for stream in streams {
+            let mut stream = Box::pin(stream);
+            while let Some(data) = stream.next().await {
+                let data = data.map_err(|e| {
+                    refusal(RepairError::Snapshot(crate::snapshot::SnapshotError::sql(
+                        "reading rows to repair",
+                    )(e)))
+                })?;
+                copy.extend_from_slice(&data);
+                if copy.len() >= ROWS_BYTES {
+                    self.send_rows(table, &mut copy).await?;
+                }
+            }
+        }
+        if !copy.is_empty() {
+            self.send_rows(table, &mut copy).await?;
+        }
+        self.send_repair(&RepairMessage::RowsEnd {
+            table: table.name.clone(),
+        })
+        .await
+    }
+
+    async fn send_rows(&mut self, table: &TableSchema, copy: &mut Vec<u8>) -> Result<(), Refusal> {
+        add(&self.state.metrics.repair_rows, bytecount(copy));
+        let text = String::from_utf8(std::mem::take(copy))
+            .map_err(|_| Refusal::new(ErrorCode::Internal, "rows to repair are not UTF-8"))?;
+        self.send_repair(&RepairMessage::Rows {
+            table: table.name.clone(),
+            copy: text,
+        })
+        .await
+    }
+
+    async fn send_repair(&mut self, message: &RepairMessage) -> Result<(), Refusal> {
+        let frame = encode_repair(message).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        add(&self.state.metrics.repair_bytes, frame.len() as u64);
+        self.send_message(Message::Binary(frame.into())).await
+    }
+
+    /// The client's next repair frame, answering writes that come first.
+    async fn next_repair_message(&mut self) -> Result<RepairMessage, Refusal> {
+        let deadline = tokio::time::Instant::now() + CLIENT_TURN;
+        loop {
+            let incoming = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .map_err(|_| Refusal::new(ErrorCode::TooSlow, "no repair frame in time"))?;
+            let bytes = match incoming {
+                None | Some(Ok(Message::Close(_))) => {
+                    return Err(Refusal::new(ErrorCode::Internal, "client left mid-repair"))
+                }
+                Some(Err(e)) => return Err(super::handshake::read_error(e)),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Text(text))) => {
+                    let parsed = write::parse(text.as_bytes());
+                    self.handle(parsed).await?;
+                    continue;
+                }
+                Some(Ok(Message::Binary(bytes))) => bytes,
+            };
+            add(&self.state.metrics.repair_bytes, bytes.len() as u64);
+            return decode_repair(&bytes, MAX_CHECK_BYTES)
+                .map_err(|e| Refusal::new(ErrorCode::MalformedFrame, e.to_string()));
+        }
+    }
+}
+
+/// Rows in COPY text (one per line).
+fn bytecount(copy: &[u8]) -> u64 {
+    copy.iter().filter(|b| **b == b'\n').count() as u64
+}
+
+fn refusal(e: RepairError) -> Refusal {
+    match e {
+        RepairError::BadCheck(message) => Refusal::new(ErrorCode::MalformedFrame, message),
+        RepairError::Snapshot(e) => super::internal(e),
+    }
+}
