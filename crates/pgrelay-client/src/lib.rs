@@ -21,8 +21,8 @@ use tokio::sync::{broadcast, watch, Notify};
 pub use error::ClientError;
 pub use events::Event;
 pub use replica::{
-    digest_ranges, rows_in_range, Executed, KeyRange, OutboxEntry, OutboxReport, Replica, ReplicaState, ReplicaStatus, SchemaApplied,
-    TableStatus,
+    digest_ranges, rows_in_range, Executed, KeyRange, OutboxEntry, OutboxReport, Replica,
+    ReplicaState, ReplicaStatus, SchemaApplied, TableStatus,
 };
 
 #[derive(Clone, Debug)]

@@ -70,7 +70,14 @@ where
             refetch.push(table.clone());
         }
     }
-    send(socket, &RepairMessage::Done { refetch: refetch.clone() }, &mut moved).await?;
+    send(
+        socket,
+        &RepairMessage::Done {
+            refetch: refetch.clone(),
+        },
+        &mut moved,
+    )
+    .await?;
     replica
         .repair_finish(
             SnapshotDone {
@@ -86,7 +93,10 @@ where
         replica.set_meta("log_id", log_id).await?;
     }
     if !refetch.is_empty() {
-        tracing::warn!(?refetch, "tables still differ after repair; fetching them again");
+        tracing::warn!(
+            ?refetch,
+            "tables still differ after repair; fetching them again"
+        );
     }
     tracing::info!(
         removed = moved.rows_removed,
@@ -228,7 +238,11 @@ fn unexpected(message: &RepairMessage) -> ClientError {
     ClientError::Protocol(format!("unexpected repair message {kind}"))
 }
 
-async fn send<S>(socket: &mut S, message: &RepairMessage, moved: &mut Moved) -> Result<(), ClientError>
+async fn send<S>(
+    socket: &mut S,
+    message: &RepairMessage,
+    moved: &mut Moved,
+) -> Result<(), ClientError>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {

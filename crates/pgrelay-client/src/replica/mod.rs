@@ -26,8 +26,8 @@ use crate::ClientError;
 use worker::Worker;
 
 pub use outbox::{OutboxEntry, OutboxReport};
-pub use repair::{digest_ranges, rows_in_range, Range as KeyRange};
 pub(crate) use outbox::{Outcome, Taken};
+pub use repair::{digest_ranges, rows_in_range, Range as KeyRange};
 
 /// What [`Replica::apply_schema`] did.
 #[derive(Debug, Default)]
@@ -64,7 +64,11 @@ enum Command {
 
 /// A step of a repair (see `repair.rs`), run in its own SQLite transaction.
 pub(crate) enum RepairStep {
-    Digest(String, Vec<repair::Range>, Reply<Option<(Vec<CheckSpan>, RangeSum)>>),
+    Digest(
+        String,
+        Vec<repair::Range>,
+        Reply<Option<(Vec<CheckSpan>, RangeSum)>>,
+    ),
     Remove(String, Vec<(Option<Key>, Option<Key>)>, Reply<RangeSum>),
     Load(String, String, Reply<RangeSum>),
     Finish(SnapshotDone, Vec<String>, Reply<()>),

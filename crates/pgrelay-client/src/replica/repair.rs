@@ -30,15 +30,15 @@ fn table<'a>(
     tables
         .get(name)
         .filter(|t| t.skipped.is_none())
-        .ok_or_else(|| ClientError::Replica(format!("repair of a table the replica does not hold: {name}")))
+        .ok_or_else(|| {
+            ClientError::Replica(format!(
+                "repair of a table the replica does not hold: {name}"
+            ))
+        })
 }
 
 /// `WHERE` SQL and its parameters for the rows of `lo..hi`.
-fn condition(
-    table: &TableSchema,
-    lo: &Option<Key>,
-    hi: &Option<Key>,
-) -> (String, Vec<Value>) {
+fn condition(table: &TableSchema, lo: &Option<Key>, hi: &Option<Key>) -> (String, Vec<Value>) {
     let columns = table
         .primary_key
         .iter()

@@ -107,7 +107,10 @@ pub type Key = Vec<KeyValue>;
 pub fn split_points(count: u64, parts: usize) -> Vec<u64> {
     let parts = (parts.max(1) as u64).min(count.max(1));
     let size = count.div_ceil(parts).max(1);
-    (1..parts).map(|i| i * size).filter(|&i| i < count).collect()
+    (1..parts)
+        .map(|i| i * size)
+        .filter(|&i| i < count)
+        .collect()
 }
 
 /// PostgreSQL SQL that holds for rows in any of `ranges` of `table`, whose

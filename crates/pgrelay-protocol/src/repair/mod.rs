@@ -25,9 +25,7 @@
 mod key;
 mod wire;
 
-pub use key::{
-    display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue,
-};
+pub use key::{display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue};
 pub use wire::{decode_repair, encode_repair, RepairError, REPAIR_TAG};
 
 use serde::{Deserialize, Serialize};
@@ -165,7 +163,8 @@ impl CheckSpan {
 
     /// The part a key falls in, if it is inside the span.
     pub fn part_of(&self, key: &Key) -> Option<usize> {
-        if self.lo.as_ref().is_some_and(|lo| key < lo) || self.hi.as_ref().is_some_and(|hi| key >= hi)
+        if self.lo.as_ref().is_some_and(|lo| key < lo)
+            || self.hi.as_ref().is_some_and(|hi| key >= hi)
         {
             return None;
         }
@@ -203,7 +202,10 @@ pub struct DiffPart {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RepairMessage {
     /// Client: compare these ranges of a table.
-    Check { table: String, spans: Vec<CheckSpan> },
+    Check {
+        table: String,
+        spans: Vec<CheckSpan>,
+    },
     /// Server: the parts that differ. When the check was one span over the
     /// whole key space, `total` is the table's full digest (row count and
     /// 32 hex digits) as the server holds it.

@@ -31,9 +31,14 @@ fn repair(server: &Table, client: &mut Table) -> (u64, usize) {
         rounds += 1;
         let mut spans = Vec::new();
         for (lo, hi) in pending.drain(..) {
-            let rows: Vec<_> = client.iter().filter(|(k, _)| in_range(k, &lo, &hi)).collect();
+            let rows: Vec<_> = client
+                .iter()
+                .filter(|(k, _)| in_range(k, &lo, &hi))
+                .collect();
             let parts = if first {
-                (rows.len() as u64).div_ceil(FIRST_PART_ROWS).clamp(1, MAX_FIRST_PARTS) as usize
+                (rows.len() as u64)
+                    .div_ceil(FIRST_PART_ROWS)
+                    .clamp(1, MAX_FIRST_PARTS) as usize
             } else {
                 FANOUT
             };
@@ -79,7 +84,11 @@ fn repair(server: &Table, client: &mut Table) -> (u64, usize) {
             }
         }
     }
-    assert_eq!(Some(held), expected, "the full digest follows the replaced rows");
+    assert_eq!(
+        Some(held),
+        expected,
+        "the full digest follows the replaced rows"
+    );
     (moved, rounds)
 }
 

@@ -5,7 +5,8 @@ use futures_util::StreamExt;
 use pgrelay_protocol::canonical::canonical_pg_text;
 use pgrelay_protocol::copy_text;
 use pgrelay_protocol::repair::{
-    key_kinds, pg_ranges_condition, row_hash, CheckSpan, DiffPart, Key, KeyKind, KeyValue, RangeSum, Tally,
+    key_kinds, pg_ranges_condition, row_hash, CheckSpan, DiffPart, Key, KeyKind, KeyValue,
+    RangeSum, Tally,
 };
 use pgrelay_protocol::TableSchema;
 

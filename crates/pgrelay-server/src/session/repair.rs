@@ -62,13 +62,19 @@ impl Session<'_> {
             match self.next_repair_message().await? {
                 RepairMessage::Check { table, spans } => {
                     let schema = tables.iter().find(|t| t.name == table).ok_or_else(|| {
-                        Refusal::new(ErrorCode::UnknownTable, "repair check of a table not being repaired")
+                        Refusal::new(
+                            ErrorCode::UnknownTable,
+                            "repair check of a table not being repaired",
+                        )
                     })?;
                     self.answer_check(&snapshot, schema, &spans).await?;
                 }
                 RepairMessage::Done { refetch } => {
                     if !refetch.is_empty() {
-                        tracing::warn!(?refetch, "tables did not match after repair; the client fetches them");
+                        tracing::warn!(
+                            ?refetch,
+                            "tables did not match after repair; the client fetches them"
+                        );
                     }
                     return Ok(resume);
                 }
@@ -142,7 +148,8 @@ impl Session<'_> {
     }
 
     async fn send_repair(&mut self, message: &RepairMessage) -> Result<(), Refusal> {
-        let frame = encode_repair(message).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        let frame =
+            encode_repair(message).map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         add(&self.state.metrics.repair_bytes, frame.len() as u64);
         self.send_message(Message::Binary(frame.into())).await
     }

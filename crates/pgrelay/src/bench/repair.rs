@@ -53,8 +53,10 @@ pub(crate) async fn run(args: RepairArgs) -> anyhow::Result<Report> {
     eprintln!("loading {} rows ...", args.rows);
     load(&db, args.rows, 10_000).await?;
     // Gaps, filled while the replica is away: inserts spread over the keys.
-    db.batch_execute(&format!("DELETE FROM {TABLE} WHERE id % {EVERY} = 0; VACUUM ANALYZE {TABLE}"))
-        .await?;
+    db.batch_execute(&format!(
+        "DELETE FROM {TABLE} WHERE id % {EVERY} = 0; VACUUM ANALYZE {TABLE}"
+    ))
+    .await?;
     let dir = tempfile::tempdir()?;
     let base = dir.path().join("base.sqlite");
 
@@ -91,7 +93,11 @@ pub(crate) async fn run(args: RepairArgs) -> anyhow::Result<Report> {
         repairs.push(sync(&addr, &away, "bench-away").await?);
         let report = crate::cmd::verify::verify(env.url(), &away, None).await?;
         if !report.all_match() {
-            failures.push(format!("run {}: the repaired replica differs:\n{}", run + 1, report.render_table()));
+            failures.push(format!(
+                "run {}: the repaired replica differs:\n{}",
+                run + 1,
+                report.render_table()
+            ));
         }
         let _ = std::fs::remove_file(&fresh);
     }
@@ -136,7 +142,10 @@ pub(crate) async fn run(args: RepairArgs) -> anyhow::Result<Report> {
     );
     report.line(
         "repair: start → caught up (min/median/max)",
-        format!("{r_min:.2} / {r_med:.2} / {r_max:.2} s = {:.1} % of the hydration", time_ratio * 100.0),
+        format!(
+            "{r_min:.2} / {r_med:.2} / {r_max:.2} s = {:.1} % of the hydration",
+            time_ratio * 100.0
+        ),
     );
     if let Some(r) = repairs.first() {
         report.line(
@@ -146,13 +155,31 @@ pub(crate) async fn run(args: RepairArgs) -> anyhow::Result<Report> {
     }
     report.set("rows", json!(args.rows));
     report.set("hydration_wire_bytes", json!(wire.wire_bytes));
-    report.set("hydration_secs", json!(hydrations.iter().map(|s| s.secs).collect::<Vec<_>>()));
-    report.set("repair_secs", json!(repairs.iter().map(|s| s.secs).collect::<Vec<_>>()));
-    report.set("repair_bytes", json!(repairs.iter().map(|s| s.repair_bytes).collect::<Vec<_>>()));
-    report.set("repair_rows_received", json!(repairs.iter().map(|s| s.rows_received).collect::<Vec<_>>()));
+    report.set(
+        "hydration_secs",
+        json!(hydrations.iter().map(|s| s.secs).collect::<Vec<_>>()),
+    );
+    report.set(
+        "repair_secs",
+        json!(repairs.iter().map(|s| s.secs).collect::<Vec<_>>()),
+    );
+    report.set(
+        "repair_bytes",
+        json!(repairs.iter().map(|s| s.repair_bytes).collect::<Vec<_>>()),
+    );
+    report.set(
+        "repair_rows_received",
+        json!(repairs.iter().map(|s| s.rows_received).collect::<Vec<_>>()),
+    );
     report.set("machine", machine(&db).await);
-    report.target("repair bytes ≤ 3 % of a full hydration's", byte_ratio <= 0.03);
-    report.target("repair time ≤ 20 % of a full hydration's", time_ratio <= 0.20);
+    report.target(
+        "repair bytes ≤ 3 % of a full hydration's",
+        byte_ratio <= 0.03,
+    );
+    report.target(
+        "repair time ≤ 20 % of a full hydration's",
+        time_ratio <= 0.20,
+    );
     if repairs.iter().any(|r| r.repair_bytes == 0) {
         failures.push("a replica was not repaired (hydrated whole instead)".to_owned());
     }

@@ -4,8 +4,8 @@
 //! unsent local writes survive. (A lost slot: `slot_loss::`.)
 
 mod log_reset;
-mod verify;
 mod retention;
+mod verify;
 
 use std::sync::{Arc, Mutex};
 

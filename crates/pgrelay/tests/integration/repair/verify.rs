@@ -22,14 +22,22 @@ async fn verify_points_at_a_damaged_range() {
 
     // Damage the replica behind pgrelay's back.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("DELETE FROM t WHERE id = 4000; UPDATE t SET v = 'damaged' WHERE id = 7000;")
-        .unwrap();
+    conn.execute_batch(
+        "DELETE FROM t WHERE id = 4000; UPDATE t SET v = 'damaged' WHERE id = 7000;",
+    )
+    .unwrap();
     drop(conn);
 
     let mut report = verify(world.url(), &path, None).await.unwrap();
     assert!(!report.all_match());
-    explain(world.url(), &path, &mut report, true).await.unwrap();
-    let check = report.tables.iter().find(|t| t.table == "public.t").unwrap();
+    explain(world.url(), &path, &mut report, true)
+        .await
+        .unwrap();
+    let check = report
+        .tables
+        .iter()
+        .find(|t| t.table == "public.t")
+        .unwrap();
     let inside = |id: i64| {
         let key = vec![KeyValue::Int(id)];
         check.ranges.iter().any(|r| {
@@ -41,10 +49,19 @@ async fn verify_points_at_a_damaged_range() {
     let blamed: u64 = check.ranges.iter().map(|r| r.pg_rows).sum();
     assert!(blamed <= 20, "{:?}", check.ranges);
     let rows: Vec<&RowDifference> = check.ranges.iter().flat_map(|r| &r.rows).collect();
-    assert!(rows.contains(&&RowDifference::MissingInReplica(vec![KeyValue::Int(4000)])), "{rows:?}");
-    assert!(rows.contains(&&RowDifference::Differs(vec![KeyValue::Int(7000)])), "{rows:?}");
+    assert!(
+        rows.contains(&&RowDifference::MissingInReplica(vec![KeyValue::Int(4000)])),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&&RowDifference::Differs(vec![KeyValue::Int(7000)])),
+        "{rows:?}"
+    );
     assert_eq!(rows.len(), 2, "{rows:?}");
     let text = report.render_table();
-    assert!(text.contains("row (4000): missing in the replica"), "{text}");
+    assert!(
+        text.contains("row (4000): missing in the replica"),
+        "{text}"
+    );
     world.db.drop_database().await.unwrap();
 }
