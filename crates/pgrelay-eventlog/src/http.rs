@@ -3,10 +3,9 @@
 //! request passes [`super::admission`] first.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, Extensions, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +15,6 @@ use super::admin::AdminCheck;
 use super::admission::{admit, text, SyncParams, Version};
 use super::conn::{self, Conn};
 use super::rpc::Rpc;
-use super::store::StoreHandle;
 use super::wsmessage::WsMessage;
 use super::EventLog;
 

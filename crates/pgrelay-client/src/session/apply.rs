@@ -30,7 +30,7 @@ pub(super) async fn flush(
     let reached = applied.lsn;
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     let _ = events.send(Event::Applied {
         lsn: reached,

@@ -166,14 +166,16 @@ fn report(
 ) {
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     for outcome in outcomes {
         let event = match outcome.status {
             pgrelay_protocol::WriteStatus::Applied => Event::WriteApplied {
                 tx_id: outcome.tx_id,
                 changes: outcome.changes,
-                latency: Duration::from_micros((now_us - outcome.created_us).max(0) as u64),
+                latency: Duration::from_micros(
+                    u64::try_from(now_us - outcome.created_us).unwrap_or(0),
+                ),
                 lsn_floor: bounds.0,
                 lsn: bounds.1,
             },

@@ -236,7 +236,7 @@ pub fn layout(batch_id: Option<&str>, tx: &EncodedTransaction) -> Result<Layout,
     while next < tx.changes.len() {
         // Measured with `"last":false`, the longer of the two; the final
         // part's frame is one byte shorter.
-        let head = part_head(batch_id, &tx.id, parts.len() as u32, false).len() + CLOSE.len();
+        let head = part_head(batch_id, &tx.id, part_number(parts.len()), false).len() + CLOSE.len();
         let mut len = head;
         let mut count = 0;
         for change in &tx.changes[next..] {
@@ -288,7 +288,7 @@ pub fn encode_alone(
     for (n, (&take, &size)) in layout.parts.iter().zip(&layout.sizes).enumerate() {
         let last = n + 1 == count;
         let mut out = String::with_capacity(size);
-        out.push_str(&part_head(batch_id, &tx.id, n as u32, last));
+        out.push_str(&part_head(batch_id, &tx.id, part_number(n), last));
         let part: Vec<&String> = changes.by_ref().take(take).collect();
         for (i, change) in part.iter().enumerate() {
             if i > 0 {
@@ -300,6 +300,12 @@ pub fn encode_alone(
         frames.push(out);
     }
     Ok(frames)
+}
+
+/// A part's number: parts are at least a kilobyte and a transaction at
+/// most `MAX_TRANSACTION_BYTES`, so it always fits.
+fn part_number(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn part_head(batch_id: Option<&str>, tx_id: &str, part: u32, last: bool) -> String {

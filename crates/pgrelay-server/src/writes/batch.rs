@@ -143,5 +143,5 @@ async fn record_ids(
             &[&client_id, &ids, &tx.id],
         )
         .await?;
-    Ok(inserted as usize == ids.len())
+    Ok(usize::try_from(inserted).is_ok_and(|n| n == ids.len()))
 }
