@@ -101,7 +101,8 @@ impl RangeSum {
     /// The 64 bits a range's digest travels as (a mismatch the short form
     /// misses is still caught by the table's full digest at the end).
     pub fn short(&self) -> u64 {
-        self.sum as u64
+        let low: [u8; 8] = self.sum.to_le_bytes()[..8].try_into().unwrap_or_default();
+        u64::from_le_bytes(low)
     }
 
     pub fn hex(&self) -> String {
@@ -294,8 +295,8 @@ impl<'a> Tally<'a> {
                     continue;
                 }
                 parts.push(DiffPart {
-                    span: s as u32,
-                    part: p as u32,
+                    span: u32::try_from(s).unwrap_or(u32::MAX),
+                    part: u32::try_from(p).unwrap_or(u32::MAX),
                     rows: sum.rows,
                     replace: replaced(span.whole, client_rows, sum.rows),
                 });

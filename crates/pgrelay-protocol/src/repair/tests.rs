@@ -1,3 +1,9 @@
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "small test sizes"
+)]
+
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
