@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, watch, Notify};
 pub use error::ClientError;
 pub use events::Event;
 pub use replica::{
-    digest_ranges, rows_in_range, Executed, KeyRange, OutboxEntry, OutboxReport, Replica,
+    digest_ranges, rows_in_range, Executed, KeyRange, KeyedRow, OutboxEntry, OutboxReport, Replica,
     ReplicaState, ReplicaStatus, SchemaApplied, TableStatus,
 };
 

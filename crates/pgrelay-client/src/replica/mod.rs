@@ -27,7 +27,7 @@ use worker::Worker;
 
 pub use outbox::{OutboxEntry, OutboxReport};
 pub(crate) use outbox::{Outcome, Taken};
-pub use repair::{digest_ranges, rows_in_range, Range as KeyRange};
+pub use repair::{digest_ranges, rows_in_range, KeyedRow, Range as KeyRange};
 
 /// What [`Replica::apply_schema`] did.
 #[derive(Debug, Default)]

@@ -19,6 +19,9 @@ use super::snapshot;
 use crate::value::pg_text_from_sqlite;
 use crate::ClientError;
 
+/// A row's key and canonical values.
+pub type KeyedRow = (Key, Vec<Option<String>>);
+
 /// A range of keys to digest: bounds, and the replica's row count in it
 /// when known (from the previous round).
 pub type Range = (Option<Key>, Option<Key>, Option<u64>);
@@ -185,7 +188,7 @@ pub fn rows_in_range(
     table: &TableSchema,
     lo: &Option<Key>,
     hi: &Option<Key>,
-) -> Result<Vec<(Key, Vec<Option<String>>)>, ClientError> {
+) -> Result<Vec<KeyedRow>, ClientError> {
     let kinds = key_kinds(table);
     let mut out = Vec::new();
     scan(conn, table, kinds.as_deref(), lo, hi, |key, _, values| {

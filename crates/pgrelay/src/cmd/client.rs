@@ -126,7 +126,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                     ?tables,
                     rows_removed,
                     rows_received,
-                    kb = bytes as f64 / 1e3,
+                    bytes,
                     rounds,
                     ?elapsed,
                     ?refetch,
