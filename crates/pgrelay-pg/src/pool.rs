@@ -42,7 +42,7 @@ impl Pool {
     pub fn new(info: &ConnInfo, max_size: usize) -> Result<Pool, PgError> {
         let manager = Manager::from_connect(
             info.config().clone(),
-            Opener,
+            Opener(info.tls().connector.clone()),
             ManagerConfig {
                 // A borrowed connection is checked for being open, with no
                 // round trip: the hot path (writes) borrows per batch.
@@ -103,12 +103,12 @@ type Opening<'a> = std::pin::Pin<
     >,
 >;
 
-/// Opens the pool's connections through [`open`].
-struct Opener;
+/// Opens the pool's connections through [`open`], with the URL's TLS.
+struct Opener(crate::tls::Connector);
 
 impl deadpool_postgres::Connect for Opener {
     fn connect(&self, pg_config: &tokio_postgres::Config) -> Opening<'_> {
         let config = pg_config.clone();
-        Box::pin(async move { open(&config).await })
+        Box::pin(async move { open(&config, &self.0).await })
     }
 }

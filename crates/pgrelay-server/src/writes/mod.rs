@@ -3,12 +3,15 @@
 //! tag (a transactional logical message the replication stream turns into
 //! the transaction's `origin`; a one-way tag, so other clients never learn
 //! the id), and idempotent per change id: the ids are
-//! recorded in `pgrelay.applied_changes` in the same transaction, so a
-//! batch resent after a lost answer applies nothing twice.
+//! recorded in `pgrelay.applied_changes` in the same transaction (per
+//! token subject and client id), so a batch resent after a lost answer
+//! applies nothing twice.
 
+mod applied;
 mod error;
 pub(crate) mod statement;
 
+pub(crate) use applied::Author;
 pub use error::WriteError;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +32,7 @@ use tokio_postgres::{Client, Statement};
 use crate::auth::Scope;
 use crate::ServerError;
 pub(crate) use statement::quote_table;
+use applied::record_ids;
 use statement::{plan, select_current, Planned};
 
 /// Batches applied at the same time at most (each holds a connection).
@@ -88,17 +92,18 @@ impl Writer {
         self.assemblies.try_acquire().ok()
     }
 
-    /// Applies a checked batch for `client_id`. Never fails as a whole: a
+    /// Applies a checked batch for `author`. Never fails as a whole: a
     /// fault on the server answers `retry` for what did not commit.
     pub(crate) async fn apply(
         &self,
-        client_id: &str,
+        author: Author<'_>,
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> WriteResults {
+        let client_id = author.client_id;
         let (results, lsn_floor, lsn) = match self
-            .apply_in_transaction(client_id, batch, schemas, scope)
+            .apply_in_transaction(author, batch, schemas, scope)
             .await
         {
             Ok(applied) => (applied.results, applied.floor, applied.ceiling),
@@ -122,11 +127,12 @@ impl Writer {
 
     async fn apply_in_transaction(
         &self,
-        client_id: &str,
+        author: Author<'_>,
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> Result<Applied, ServerError> {
+        let client_id = author.client_id;
         let share = self.share(client_id);
         let _own = share.acquire().await.map_err(|_| WriteError::Closed)?;
         let _permit = self
@@ -136,7 +142,7 @@ impl Writer {
             .map_err(|_| WriteError::Closed)?;
         let mut borrowed = Borrowed(Some(self.pool.get().await?));
         let outcome = match borrowed.0.as_mut() {
-            Some(conn) => run_batch(conn, client_id, batch, schemas, &self.versions, scope).await,
+            Some(conn) => run_batch(conn, author, batch, schemas, &self.versions, scope).await,
             None => return Err(WriteError::Closed.into()),
         };
         match outcome {
@@ -238,12 +244,13 @@ struct Applied {
 
 async fn run_batch(
     conn: &mut PooledClient,
-    client_id: &str,
+    author: Author<'_>,
     batch: &WriteBatch,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
     scope: Option<&Scope>,
 ) -> Result<Applied, tokio_postgres::Error> {
+    let client_id = author.client_id;
     conn.batch_execute("BEGIN").await?;
     // The origin message is the transaction's first WAL record: its
     // position is a floor for the commit's.
@@ -266,7 +273,7 @@ async fn run_batch(
         // One round trip for both: tokio-postgres pipelines them in order.
         let (savepoint, recorded) = tokio::join!(
             conn.batch_execute("SAVEPOINT client_tx"),
-            record_ids(conn, client_id, tx)
+            record_ids(conn, author, tx)
         );
         savepoint?;
         let first_time = match recorded {
@@ -342,24 +349,6 @@ async fn run_batch(
         floor: floor.parse().ok(),
         ceiling: ceiling.parse().ok(),
     })
-}
-
-/// Records the transaction's change ids; false when they were recorded
-/// before (the transaction was applied by an earlier send).
-async fn record_ids(
-    client: &Client,
-    client_id: &str,
-    tx: &ClientTransaction,
-) -> Result<bool, tokio_postgres::Error> {
-    let ids: Vec<&str> = tx.changes.iter().map(|c| c.id.as_str()).collect();
-    let inserted = client
-        .execute(
-            "INSERT INTO pgrelay.applied_changes (client_id, change_id, tx_id) \
-             SELECT $1::text, unnest($2::text[]), $3::text ON CONFLICT DO NOTHING",
-            &[&client_id, &ids, &tx.id],
-        )
-        .await?;
-    Ok(inserted as usize == ids.len())
 }
 
 async fn apply_tx(

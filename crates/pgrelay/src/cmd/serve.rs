@@ -130,6 +130,8 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
+    #[command(flatten)]
     pub eventlog: EventLogArgs,
 }
 
@@ -259,6 +261,7 @@ impl ServeArgs {
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
         config.auth = auth;
+        config.tls = self.tls.files();
         let mut eventlog = EventLogConfig {
             idle_timeout: config.idle_timeout,
             send_timeout: config.send_timeout,
