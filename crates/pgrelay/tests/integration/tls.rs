@@ -133,10 +133,7 @@ async fn pgrelay_reaches_postgres_over_tls_with_verify_full() {
         .await;
     let secure_url = with_params(
         world.url(),
-        &format!(
-            "sslmode=verify-full&sslrootcert={}",
-            ca.ca_file.display()
-        ),
+        &format!("sslmode=verify-full&sslrootcert={}", ca.ca_file.display()),
     );
     let mut config = world.server_config();
     config.database_url = Some(secure_url.clone().into());
@@ -147,10 +144,8 @@ async fn pgrelay_reaches_postgres_over_tls_with_verify_full() {
     world.wait_equal(&path, WAIT).await;
     // Every connection the server made is encrypted, the replication
     // connection (a walsender) too.
-    let (encrypted, plain): (i64, i64) = wait_for(
-        "the server's connections in pg_stat_ssl",
-        WAIT,
-        || async {
+    let (encrypted, plain): (i64, i64) =
+        wait_for("the server's connections in pg_stat_ssl", WAIT, || async {
             let row = world
                 .sql
                 .query_one(
@@ -163,9 +158,8 @@ async fn pgrelay_reaches_postgres_over_tls_with_verify_full() {
                 .unwrap();
             let counts = (row.get::<_, i64>(0), row.get::<_, i64>(1));
             (counts.0 >= 2).then_some(counts)
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(plain, 0, "{encrypted} encrypted, {plain} plain");
     let walsender_encrypted = world
         .count(
@@ -183,7 +177,10 @@ async fn pgrelay_reaches_postgres_over_tls_with_verify_full() {
     let other = TestCa::new(dir.path(), "other");
     let wrong = with_params(
         world.url(),
-        &format!("sslmode=verify-full&sslrootcert={}", other.ca_file.display()),
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            other.ca_file.display()
+        ),
     );
     let error = pgrelay_pg::connect(&pgrelay_pg::ConnInfo::parse(&wrong).unwrap())
         .await
@@ -202,13 +199,11 @@ async fn pgrelay_reaches_postgres_over_tls_with_verify_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_require_against_a_server_without_tls_fails_clearly() {
     let world = World::new().await;
-    let ssl: String = world
-        .sql
-        .query_one("SHOW ssl", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(ssl, "off", "the shared test server is expected to run without TLS");
+    let ssl: String = world.sql.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    assert_eq!(
+        ssl, "off",
+        "the shared test server is expected to run without TLS"
+    );
     let mut config = world.server_config();
     config.database_url = Some(with_params(world.url(), "sslmode=require").into());
     let error = match pgrelay_server::Server::start(config).await {

@@ -107,11 +107,11 @@ async fn one_client_id_holds_at_most_one_hydration_slot() {
         let (holding_tx, holding) = tokio::sync::oneshot::channel();
         let closed_tx = closed_tx.clone();
         hostages.spawn(async move {
-            let (mut socket, _) =
-                tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync"))
-                    .await
-                    .unwrap();
-            let hello = serde_json::json!({"type": "hello", "protocol_version": 1, "client_id": "greedy"});
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync"))
+                .await
+                .unwrap();
+            let hello =
+                serde_json::json!({"type": "hello", "protocol_version": 1, "client_id": "greedy"});
             socket
                 .send(Message::Text(hello.to_string().into()))
                 .await
@@ -152,17 +152,24 @@ async fn one_client_id_holds_at_most_one_hydration_slot() {
     let started = Instant::now();
     let path = world.replica_path("other");
     let other = start_client(addr, &path, "other").await;
-    wait_for("the other replica hydrated", Duration::from_secs(60), || async {
-        let rows = rusqlite::Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
-        (rows.ok() == Some(200)).then_some(())
-    })
+    wait_for(
+        "the other replica hydrated",
+        Duration::from_secs(60),
+        || async {
+            let rows = rusqlite::Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+            (rows.ok() == Some(200)).then_some(())
+        },
+    )
     .await;
     let waited = started.elapsed();
-    assert!(waited < Duration::from_secs(8), "the other waited {waited:?}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "the other waited {waited:?}"
+    );
     other.stop().await;
     hostages.abort_all();
     server.shutdown().await.unwrap();
