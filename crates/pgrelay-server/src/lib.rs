@@ -30,7 +30,7 @@ pub use api::tls::TlsFiles;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::{
-    ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
+    AuthError, ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
 };
 pub use ops::doctor;
 
