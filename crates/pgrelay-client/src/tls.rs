@@ -25,7 +25,9 @@ pub(crate) fn connector(config: &ClientConfig) -> Result<Option<Connector>, Clie
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
     if let Some(path) = &config.ca_file {
-        let added = roots.add_parsable_certificates(read_pem(path).map_err(fail)?).0;
+        let added = roots
+            .add_parsable_certificates(read_pem(path).map_err(fail)?)
+            .0;
         if added == 0 {
             return Err(fail(format!(
                 "--ca-file {}: no usable certificate in it",

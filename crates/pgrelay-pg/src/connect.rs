@@ -96,6 +96,20 @@ impl ConnInfo {
     fn target(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.database)
     }
+
+    /// A failed connection attempt. tokio-postgres prints a TLS or I/O
+    /// failure without its cause ("error performing TLS handshake"), so
+    /// the cause ("server does not support TLS", the certificate's fault)
+    /// goes into the context.
+    pub(crate) fn connect_failed(&self, source: tokio_postgres::Error) -> PgError {
+        let context = match std::error::Error::source(&source) {
+            Some(cause) if source.code().is_none() => {
+                format!("connecting to {} ({cause})", self.target())
+            }
+            _ => format!("connecting to {}", self.target()),
+        };
+        PgError::Sql { context, source }
+    }
 }
 
 /// The stream under a connection: TCP or a Unix socket, with TLS or not.
@@ -119,7 +133,7 @@ pub(crate) fn options_string() -> String {
 pub async fn connect(info: &ConnInfo) -> Result<tokio_postgres::Client, PgError> {
     let (client, _driver) = open(&info.config, &info.tls.connector)
         .await
-        .map_err(PgError::sql(format!("connecting to {}", info.target())))?;
+        .map_err(|e| info.connect_failed(e))?;
     Ok(client)
 }
 
@@ -131,7 +145,7 @@ pub async fn connect_undriven(
     info.config
         .connect(info.tls.connector.clone())
         .await
-        .map_err(PgError::sql(format!("connecting to {}", info.target())))
+        .map_err(|e| info.connect_failed(e))
 }
 
 /// The one place an ordinary connection is opened, for [`connect`] and for

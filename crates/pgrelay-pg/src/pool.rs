@@ -69,13 +69,7 @@ impl Pool {
     /// `max_size` are borrowed.
     pub async fn get(&self) -> Result<PooledClient, PgError> {
         self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(source) => PgError::Sql {
-                context: format!(
-                    "connecting to {}:{}/{}",
-                    self.info.host, self.info.port, self.info.database
-                ),
-                source,
-            },
+            deadpool_postgres::PoolError::Backend(source) => self.info.connect_failed(source),
             other => PgError::Pool(format!(
                 "connecting to {}:{}/{}: {other}",
                 self.info.host, self.info.port, self.info.database

@@ -4,8 +4,8 @@
 
 use std::sync::Mutex;
 
-use tokio::sync::{mpsc, watch};
 use pgrelay_pg::ConnInfo;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
 use super::{new_backend_id, Appended, StoreMeta};

@@ -22,8 +22,12 @@ pub struct TlsFiles {
 /// what is wrong with it.
 pub(crate) fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     let chain = certificates(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("--tls-key {}: no private key read: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        format!(
+            "--tls-key {}: no private key read: {e}",
+            files.key.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
