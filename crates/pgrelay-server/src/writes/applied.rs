@@ -31,5 +31,5 @@ pub(super) async fn record_ids(
             &[&subject, &author.client_id, &ids, &tx.id],
         )
         .await?;
-    Ok(inserted as usize == ids.len())
+    Ok(u64::try_from(ids.len()).is_ok_and(|n| n == inserted))
 }

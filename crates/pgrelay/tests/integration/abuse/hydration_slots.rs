@@ -140,19 +140,7 @@ async fn one_client_id_holds_at_most_one_hydration_slot() {
     let started = Instant::now();
     let path = world.replica_path("other");
     let other = start_client(addr, &path, "other").await;
-    wait_for(
-        "the other replica hydrated",
-        Duration::from_secs(60),
-        || async {
-            let rows = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
-            (rows.ok() == Some(200)).then_some(())
-        },
-    )
-    .await;
+    wait_replica_rows(&path, "t", 200, Duration::from_secs(60)).await;
     let waited = started.elapsed();
     assert!(
         waited < Duration::from_secs(8),
