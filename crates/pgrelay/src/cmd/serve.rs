@@ -54,8 +54,7 @@ pub struct ServeArgs {
     /// Require a token from every client: `jwt`.
     #[arg(long, env = "PGRELAY_AUTH", value_parser = ["jwt"])]
     pub auth: Option<String>,
-    /// HS256: a file holding the shared secret (at least 32 bytes; a
-    /// trailing newline is ignored).
+    /// HS256: a file holding the shared secret (at least 32 bytes; a trailing newline is ignored).
     #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// RS256 or ES256: the PEM public key tokens are signed for.
