@@ -1,10 +1,11 @@
-//! Receiving a snapshot: chunks are decompressed (zstd), checked (XXH3-128
-//! over the uncompressed COPY bytes) and loaded one by one. After each
+//! Receiving a snapshot: chunks are decompressed (zstd, into no more than
+//! the size each announces: see inflate.ts), checked (XXH3-128 over the
+//! uncompressed COPY bytes) and loaded one by one. After each
 //! table the row count and checksum are compared with the server's; a
 //! table that does not match is emptied and asked for again, never kept.
 
-import { decompress } from "fzstd";
 import { createXXHash128, type IHasher } from "hash-wasm";
+import { inflateChunk } from "./inflate.js";
 import type { Visibility } from "./protocol.js";
 import { parseChunk, ProtocolError } from "./protocol.js";
 import type { Replica } from "./replica/index.js";
@@ -75,9 +76,11 @@ export class Hydration {
     table.nextSeq++;
     let raw: Uint8Array;
     try {
-      raw = decompress(chunk.payload);
+      raw = inflateChunk(chunk.payload);
     } catch (e) {
-      table.damaged = `chunk ${chunk.seq} does not decompress: ${(e as Error).message}`;
+      // A chunk that lies about its size is not loaded: the table is
+      // emptied and fetched again, and the server gives up after a few.
+      table.damaged = `chunk ${chunk.seq} ${(e as Error).message}`;
       return;
     }
     table.hasher.update(raw);

@@ -12,6 +12,10 @@ pub enum ClientError {
     ReplicaClosed,
     #[error("connecting to {url}: {message}")]
     Connect { url: String, message: String },
+    /// `wss://` failed: the server's certificate is not trusted, or the
+    /// CA file cannot be read.
+    #[error("TLS to {url}: {message}")]
+    Tls { url: String, message: String },
     #[error("WebSocket: {0}")]
     Socket(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("server refused: {code:?}: {message}")]
@@ -77,6 +81,7 @@ impl ClientError {
             ClientError::Sqlite(_)
             | ClientError::Replica(_)
             | ClientError::ReplicaClosed
+            | ClientError::Tls { .. }
             | ClientError::WriteRejected { .. }
             | ClientError::WriteTimeout { .. }
             | ClientError::TooLarge(_) => false,

@@ -7,6 +7,7 @@ mod hydrate;
 mod repair;
 mod replica;
 mod session;
+mod tls;
 pub mod value;
 
 use std::path::PathBuf;
@@ -27,8 +28,12 @@ pub use replica::{
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `ws://host:port` (the path `/api/sync` is added when missing).
+    /// `ws://host:port` or `wss://host:port` (the path `/api/sync` is
+    /// added when missing).
     pub server: String,
+    /// For `wss://`: a PEM file of certificate authorities trusted besides
+    /// the platform's roots (a server whose certificate a private CA signed).
+    pub ca_file: Option<PathBuf>,
     pub db: PathBuf,
     /// Stored in the replica on first use; generated when not given.
     pub client_id: Option<String>,
@@ -60,6 +65,7 @@ impl ClientConfig {
     pub fn new(server: impl Into<String>, db: impl Into<PathBuf>) -> ClientConfig {
         ClientConfig {
             server: server.into(),
+            ca_file: None,
             db: db.into(),
             client_id: None,
             token: None,

@@ -35,6 +35,10 @@ pub enum PgError {
     /// to accept one) or is closed.
     #[error("connection pool: {0}")]
     Pool(String),
+    /// The URL's TLS settings cannot be used (a root certificate file
+    /// missing or empty).
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
     #[error("replication stream: {0}")]
     Stream(#[from] pgwire_replication::PgWireError),
     #[error("replication stream: {0}")]
@@ -54,6 +58,7 @@ impl PgError {
             PgError::Sql { source, .. } => sql_error_is_retryable(source),
             PgError::Stream(_) | PgError::Pool(_) => true,
             PgError::BadUrl(_)
+            | PgError::Tls(_)
             | PgError::WalLevel { .. }
             | PgError::BadSlot { .. }
             | PgError::SlotOfOtherDatabase { .. } => false,

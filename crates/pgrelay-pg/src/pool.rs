@@ -42,7 +42,7 @@ impl Pool {
     pub fn new(info: &ConnInfo, max_size: usize) -> Result<Pool, PgError> {
         let manager = Manager::from_connect(
             info.config().clone(),
-            Opener,
+            Opener(info.tls().connector.clone()),
             ManagerConfig {
                 // A borrowed connection is checked for being open, with no
                 // round trip: the hot path (writes) borrows per batch.
@@ -69,13 +69,7 @@ impl Pool {
     /// `max_size` are borrowed.
     pub async fn get(&self) -> Result<PooledClient, PgError> {
         self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(source) => PgError::Sql {
-                context: format!(
-                    "connecting to {}:{}/{}",
-                    self.info.host, self.info.port, self.info.database
-                ),
-                source,
-            },
+            deadpool_postgres::PoolError::Backend(source) => self.info.connect_failed(source),
             other => PgError::Pool(format!(
                 "connecting to {}:{}/{}: {other}",
                 self.info.host, self.info.port, self.info.database
@@ -103,12 +97,12 @@ type Opening<'a> = std::pin::Pin<
     >,
 >;
 
-/// Opens the pool's connections through [`open`].
-struct Opener;
+/// Opens the pool's connections through [`open`], with the URL's TLS.
+struct Opener(crate::tls::Connector);
 
 impl deadpool_postgres::Connect for Opener {
     fn connect(&self, pg_config: &tokio_postgres::Config) -> Opening<'_> {
         let config = pg_config.clone();
-        Box::pin(async move { open(&config).await })
+        Box::pin(async move { open(&config, &self.0).await })
     }
 }

@@ -45,6 +45,7 @@ pub async fn open_stream(
         opts.publication.clone(),
     )
     .with_port(info.port)
+    .with_tls(info.tls().replication(&info.host))
     .with_start_lsn(WireLsn::ZERO)
     .with_ack_lsn(WireLsn(opts.durable.0))
     .with_status_interval(opts.status_interval)

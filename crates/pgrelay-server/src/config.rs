@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// On shutdown, how long sessions get to close before the server stops
     /// waiting for them.
     pub shutdown_grace: Duration,
+    /// `--tls-cert`/`--tls-key`: serve HTTPS and `wss://` directly;
+    /// `None` serves plain HTTP (behind a TLS-terminating proxy, or local).
+    pub tls: Option<crate::TlsFiles>,
 }
 
 impl ServerConfig {
@@ -122,6 +125,7 @@ impl ServerConfig {
             stall_after: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 

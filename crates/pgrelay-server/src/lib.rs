@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use api::ratelimit::{IpLimiter, TokenBucket};
+pub use api::tls::TlsFiles;
 pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::{
@@ -85,6 +86,13 @@ impl Server {
         routes: axum::Router,
     ) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
+        // Read before anything starts, so a bad file fails the start.
+        let tls = config
+            .tls
+            .as_ref()
+            .map(api::tls::acceptor)
+            .transpose()
+            .map_err(ServerError::Config)?;
         let shutdown_rx = shutdown.subscribe();
         let mut tasks = JoinSet::new();
         let listener =
@@ -137,6 +145,7 @@ impl Server {
                 Arc::clone(&s.metrics.refused_connections)
             }),
             prelogin: Default::default(),
+            tls,
         };
         tasks.spawn(serve::run(listener, app, limits, shutdown_rx));
         Ok(Server {

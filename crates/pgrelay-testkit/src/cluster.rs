@@ -113,6 +113,34 @@ impl PrivateCluster {
         PrivateCluster::start_configured(&dir, settings)
     }
 
+    /// Starts a cluster that also accepts TLS (`ssl = on`) with the given
+    /// certificate and key (PEM), for tests of `sslmode`.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Result<PrivateCluster, TestkitError> {
+        let dir = std::env::temp_dir().join(format!(
+            "pgrelay-pg-tls-{}-{:x}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).map_err(io("creating the cluster directory"))?;
+        let cert = dir.join("server.crt");
+        let key = dir.join("server.key");
+        std::fs::write(&cert, cert_pem).map_err(io("writing the server certificate"))?;
+        std::fs::write(&key, key_pem).map_err(io("writing the server key"))?;
+        // PostgreSQL refuses a key others may read; the directory is
+        // handed to the server's user before it starts.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("restricting the server key"))?;
+        }
+        let settings = format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        );
+        PrivateCluster::start_configured(&dir, &settings)
+    }
+
     /// Starts a cluster whose files live in `dir` (created; must not hold a cluster).
     pub fn start_in(dir: &Path) -> Result<PrivateCluster, TestkitError> {
         PrivateCluster::start_configured(dir, "")

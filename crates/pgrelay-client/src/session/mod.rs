@@ -39,15 +39,17 @@ pub(crate) async fn connect_and_sync(
 ) -> Result<Ending, ClientError> {
     let url = config.sync_url();
     let token = config.current_token().await?;
-    let (mut socket, _) =
-        // `true`: TCP_NODELAY, so a small frame (a write batch, a ping) is
-        // not held back waiting for the ACK of the previous one.
-        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(socket_config()), true)
-            .await
-            .map_err(|e| ClientError::Connect {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
+    let connector = crate::tls::connector(config)?;
+    let (mut socket, _) = tokio_tungstenite::connect_async_tls_with_config(
+        url.as_str(),
+        Some(socket_config()),
+        // TCP_NODELAY, so a small frame (a write batch, a ping) is not held
+        // back waiting for the ACK of the previous one.
+        true,
+        connector,
+    )
+    .await
+    .map_err(|e| crate::tls::connect_error(config, e))?;
     let state = replica.state().await?;
     let client_id = state.client_id.clone().unwrap_or_default();
     let hello = ClientMessage::Hello {

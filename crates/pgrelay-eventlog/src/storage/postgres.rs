@@ -4,8 +4,9 @@
 
 use std::sync::Mutex;
 
+use pgrelay_pg::ConnInfo;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 use super::{new_backend_id, Appended, StoreMeta};
 use crate::error::EventLogError;
@@ -48,22 +49,18 @@ WHERE EXISTS (SELECT 1 FROM moved) AND EXISTS (SELECT 1 FROM notified)
 ";
 
 pub(crate) struct PostgresStorage {
-    /// Parsed once from the URL, which is not kept (it may hold a password).
-    config: Config,
+    /// Parsed once from the URL (with its `sslmode`), which is not kept
+    /// (it may hold a password).
+    info: ConnInfo,
     /// Reconnected when PostgreSQL closed it; held only to clone the handle.
     client: Mutex<Option<std::sync::Arc<Client>>>,
 }
 
 impl PostgresStorage {
     pub(crate) async fn open(url: &str) -> Result<PostgresStorage, EventLogError> {
-        let mut config: Config = url
-            .parse()
-            .map_err(|e| EventLogError::Storage(format!("invalid database URL: {e}")))?;
-        if config.get_application_name().is_none() {
-            config.application_name("pgrelay");
-        }
+        let info = ConnInfo::parse(url).map_err(|e| EventLogError::Storage(e.to_string()))?;
         let storage = PostgresStorage {
-            config,
+            info,
             client: Mutex::new(None),
         };
         let client = storage.client().await?;
@@ -75,23 +72,8 @@ impl PostgresStorage {
         Ok(storage)
     }
 
-    /// Where the logs live, for error messages (no password).
-    fn target(&self) -> String {
-        let host = match self.config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            #[cfg(unix)]
-            Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
-            None => "127.0.0.1".to_owned(),
-        };
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        let user = self.config.get_user().unwrap_or("postgres");
-        let database = self.config.get_dbname().unwrap_or(user);
-        format!("{host}:{port}/{database}")
-    }
-
-    /// The shared connection, opened again when PostgreSQL closed it. The
-    /// event logs hold only text and integers, so unlike the row sync's
-    /// connections these need no pinned session settings.
+    /// The shared connection, opened again when PostgreSQL closed it, the
+    /// way (and with the TLS) every pgrelay connection is opened.
     async fn client(&self) -> Result<std::sync::Arc<Client>, EventLogError> {
         let current = self
             .client
@@ -101,12 +83,9 @@ impl PostgresStorage {
         if let Some(client) = current.filter(|c| !c.is_closed()) {
             return Ok(client);
         }
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
-            EventLogError::Storage(format!(
-                "PostgreSQL error while connecting to {}: {e}",
-                self.target()
-            ))
-        })?;
+        let (client, connection) = pgrelay_pg::connect_undriven(&self.info)
+            .await
+            .map_err(|e| EventLogError::Storage(e.to_string()))?;
         // Drives the connection; ends when the client is dropped.
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -145,11 +124,9 @@ impl PostgresStorage {
         stores: &mpsc::Sender<Option<String>>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), EventLogError> {
-        let (client, mut connection) = self
-            .config
-            .connect(NoTls)
+        let (client, mut connection) = pgrelay_pg::connect_undriven(&self.info)
             .await
-            .map_err(EventLogError::postgres("connecting to listen"))?;
+            .map_err(|e| EventLogError::Storage(format!("listening for appends: {e}")))?;
         let (tx, mut notifications) = mpsc::channel(1024);
         // Drives the connection; ends with it.
         let driver = tokio::spawn(async move {

@@ -6,6 +6,7 @@
 pub(crate) mod prelogin;
 pub(crate) mod ratelimit;
 pub(crate) mod serve;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -354,7 +355,15 @@ async fn apply_changes(state: &AppState, headers: &HeaderMap, body: Bytes) -> Re
     let schemas = state.hub.schemas();
     let results = state
         .writer
-        .apply(&client_id, &batch, &schemas, scope)
+        .apply(
+            crate::writes::Author {
+                client_id: &client_id,
+                subject: principal.as_ref().and_then(|p| p.owner.as_deref()),
+            },
+            &batch,
+            &schemas,
+            scope,
+        )
         .await;
     let subject = principal.as_ref().and_then(|p| p.subject.as_deref());
     session::audit_rejections(&state.audit, &client_id, subject, &results);

@@ -6,6 +6,8 @@
 //! answered 503 and closed; one that sends no request head for
 //! `--http-idle-timeout` (new, or kept alive between requests) is closed.
 //! What a connection sends is metered (`prelogin`) until it is trusted.
+//! With `--tls-cert`, each connection's TLS handshake runs on its own task
+//! (under the same timeout as a request head), over the metered socket.
 
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
@@ -22,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use super::prelogin::{Budget, Gate, Metered};
 use crate::ops::metrics::add;
@@ -59,6 +62,8 @@ pub(crate) struct Limits {
     pub(crate) refused: Arc<AtomicU64>,
     /// Bytes sent by connections not yet trusted, all together.
     pub(crate) prelogin: Arc<Budget>,
+    /// `--tls-cert`: every connection speaks TLS.
+    pub(crate) tls: Option<TlsAcceptor>,
 }
 
 /// Serves `app` on `listener` until shutdown, then lets the connections
@@ -113,7 +118,13 @@ pub(crate) async fn run(
                     tower_service::Service::call(&mut app, request)
                 });
                 let tcp = Metered::new(tcp, gate);
-                connections.spawn(serve(tcp, service, limits.idle_timeout, shutdown.clone()));
+                connections.spawn(serve_tls(
+                    tcp,
+                    limits.tls.clone(),
+                    service,
+                    limits.idle_timeout,
+                    shutdown.clone(),
+                ));
             }
             Err(_) => {
                 add(&limits.refused, 1);
@@ -127,8 +138,9 @@ pub(crate) async fn run(
                 });
                 let idle = limits.idle_timeout;
                 let stop = shutdown.clone();
+                let tls = limits.tls.clone();
                 connections.spawn(async move {
-                    serve(tcp, service, idle, stop).await;
+                    serve_tls(tcp, tls, service, idle, stop).await;
                     drop(refusal);
                 });
             }
@@ -138,6 +150,42 @@ pub(crate) async fn run(
     // Idle connections close at once; those answering a request finish it.
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Serves one connection, over TLS when an acceptor is given: its
+/// handshake must finish within `idle_timeout`, as a request head must.
+async fn serve_tls<S, T>(
+    tcp: T,
+    tls: Option<TlsAcceptor>,
+    service: S,
+    idle_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(acceptor) = tls else {
+        return serve(tcp, service, idle_timeout, shutdown).await;
+    };
+    let handshake = tokio::time::timeout(idle_timeout, acceptor.accept(tcp));
+    let stream = tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|stop| *stop) => return,
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                // A client that does not trust the certificate ends here.
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake not finished in time; closed");
+                return;
+            }
+        },
+    };
+    serve(stream, service, idle_timeout, shutdown).await
 }
 
 /// Serves one connection until it closes, is upgraded, or the server

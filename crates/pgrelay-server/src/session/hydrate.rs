@@ -34,8 +34,20 @@ const QUEUED_NOTICE: Duration = Duration::from_secs(10);
 impl Session<'_> {
     /// Sends a snapshot of every table the client syncs (`full`) or of
     /// those it asks to `resync`; returns the change-log position from
-    /// which transactions follow it.
+    /// which transactions follow it. A client holds one hydration slot at
+    /// most: its new connection replaces this session, which then gives up
+    /// its slot (or its place in the queue) at once rather than when its
+    /// snapshot's deadline passes.
     pub(super) async fn hydrate(&mut self, full: bool, resync: &[String]) -> Result<Lsn, Refusal> {
+        let live = std::sync::Arc::clone(&self.live);
+        tokio::select! {
+            biased;
+            signal = live.closing() => Err(super::closed_by(signal)),
+            done = self.hydrate_in_slot(full, resync) => done,
+        }
+    }
+
+    async fn hydrate_in_slot(&mut self, full: bool, resync: &[String]) -> Result<Lsn, Refusal> {
         let _permit = self.wait_for_slot().await?;
         // Tables and columns as they are now, not at the welcome: the
         // client hears of what changed while it waited before the

@@ -96,7 +96,15 @@ impl Session<'_> {
         let results = self
             .state
             .writer
-            .apply(&self.client_id, &batch, &schemas, self.scope.as_deref())
+            .apply(
+                crate::writes::Author {
+                    client_id: &self.client_id,
+                    subject: self.principal.as_ref().and_then(|p| p.owner.as_deref()),
+                },
+                &batch,
+                &schemas,
+                self.scope.as_deref(),
+            )
             .await;
         self.state.metrics.record_results(&results);
         let subject = self.principal.as_ref().and_then(|p| p.subject.as_deref());

@@ -152,14 +152,7 @@ impl Session<'_> {
                 _ = shutdown.changed() => return Ok(Ending::Shutdown),
                 signal = live.signalled() => match signal {
                     Signal::Nudge => Box::pin(self.catch_up()).await?,
-                    Signal::Disconnect => return Err(Refusal::new(
-                        ErrorCode::Disconnected,
-                        "disconnected by an operator",
-                    )),
-                    Signal::Replaced => return Err(Refusal::new(
-                        ErrorCode::Replaced,
-                        "another connection with this client id took over; this one will not be served again",
-                    )),
+                    Signal::Disconnect | Signal::Replaced => return Err(super::closed_by(signal)),
                     Signal::None => {}
                 },
                 _ = async {

@@ -52,7 +52,7 @@ use crate::registry;
 use crate::state::AppState;
 use handshake::Hello;
 use subscription::Subscription;
-use table::LiveSession;
+use table::{LiveSession, Signal};
 
 /// Why a session ended early; sent to the client before closing.
 #[derive(Debug)]
@@ -303,6 +303,18 @@ struct Session<'a> {
     /// A transaction arriving in `write_part` frames; boxed, as most
     /// sessions never have one.
     parts: Option<Box<write::Parts<'a>>>,
+}
+
+/// Why a session told to close (by an operator, or by its client's new
+/// connection) closes.
+fn closed_by(signal: Signal) -> Refusal {
+    if signal == Signal::Disconnect {
+        return Refusal::new(ErrorCode::Disconnected, "disconnected by an operator");
+    }
+    Refusal::new(
+        ErrorCode::Replaced,
+        "another connection with this client id took over; this one will not be served again",
+    )
 }
 
 fn internal(e: impl Into<crate::ServerError>) -> Refusal {

@@ -97,6 +97,19 @@ impl LiveSession {
         self.wake.wake();
     }
 
+    /// Waits until the session is told to close (`Disconnect` or
+    /// `Replaced`), leaving a nudge for the live loop. Only the session's
+    /// own task may wait, and not while it waits on [`Self::signalled`].
+    pub(crate) fn closing(&self) -> impl Future<Output = Signal> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.wake.register(cx.waker());
+            match Signal::from_u8(self.signal.load(Ordering::Acquire)) {
+                signal @ (Signal::Disconnect | Signal::Replaced) => Poll::Ready(signal),
+                Signal::None | Signal::Nudge => Poll::Pending,
+            }
+        })
+    }
+
     /// Waits for a signal and takes it (a nudge is cleared, a close stays).
     /// Only the session's own task may wait.
     pub(crate) fn signalled(&self) -> impl Future<Output = Signal> + '_ {
@@ -244,5 +257,16 @@ mod tests {
         s.signal(Signal::Nudge);
         assert_eq!(s.signalled().await, Signal::Disconnect);
         assert_eq!(s.signalled().await, Signal::Disconnect);
+    }
+
+    #[tokio::test]
+    async fn closing_waits_past_a_nudge_and_leaves_it() {
+        let table = SessionTable::default();
+        let first = table.open("c", Lsn::ZERO);
+        first.signal(Signal::Nudge);
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), first.closing());
+        assert!(waiting.await.is_err(), "a nudge is no close");
+        let _second = table.open("c", Lsn::ZERO);
+        assert_eq!(first.closing().await, Signal::Replaced);
     }
 }

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use pgrelay_pg::PooledClient;
-use pgrelay_protocol::{ClientTransaction, Lsn, TableSchema, TxResult, WriteBatch, WriteStatus};
-use tokio_postgres::Client;
+use pgrelay_protocol::{Lsn, TableSchema, TxResult, WriteBatch, WriteStatus};
 
+use super::applied::{record_ids, Author};
 use super::current::current_rows;
 use super::error::describe;
 use super::transaction::{apply_tx, Failure};
@@ -22,12 +22,13 @@ pub(super) struct Applied {
 
 pub(super) async fn run_batch(
     conn: &mut PooledClient,
-    client_id: &str,
+    author: Author<'_>,
     batch: &WriteBatch,
     schemas: &BTreeMap<String, TableSchema>,
     versions: &BTreeMap<String, String>,
     scope: Option<&Scope>,
 ) -> Result<Applied, tokio_postgres::Error> {
+    let client_id = author.client_id;
     conn.batch_execute("BEGIN").await?;
     // The origin message is the transaction's first WAL record: its
     // position is a floor for the commit's.
@@ -50,7 +51,7 @@ pub(super) async fn run_batch(
         // One round trip for both: tokio-postgres pipelines them in order.
         let (savepoint, recorded) = tokio::join!(
             conn.batch_execute("SAVEPOINT client_tx"),
-            record_ids(conn, client_id, tx)
+            record_ids(conn, author, tx)
         );
         savepoint?;
         let first_time = match recorded {
@@ -126,22 +127,4 @@ pub(super) async fn run_batch(
         floor: floor.parse().ok(),
         ceiling: ceiling.parse().ok(),
     })
-}
-
-/// Records the transaction's change ids; false when they were recorded
-/// before (the transaction was applied by an earlier send).
-async fn record_ids(
-    client: &Client,
-    client_id: &str,
-    tx: &ClientTransaction,
-) -> Result<bool, tokio_postgres::Error> {
-    let ids: Vec<&str> = tx.changes.iter().map(|c| c.id.as_str()).collect();
-    let inserted = client
-        .execute(
-            "INSERT INTO pgrelay.applied_changes (client_id, change_id, tx_id) \
-             SELECT $1::text, unnest($2::text[]), $3::text ON CONFLICT DO NOTHING",
-            &[&client_id, &ids, &tx.id],
-        )
-        .await?;
-    Ok(usize::try_from(inserted).is_ok_and(|n| n == ids.len()))
 }

@@ -3,15 +3,18 @@
 //! tag (a transactional logical message the replication stream turns into
 //! the transaction's `origin`; a one-way tag, so other clients never learn
 //! the id), and idempotent per change id: the ids are
-//! recorded in `pgrelay.applied_changes` in the same transaction, so a
-//! batch resent after a lost answer applies nothing twice.
+//! recorded in `pgrelay.applied_changes` in the same transaction (per
+//! token subject and client id), so a batch resent after a lost answer
+//! applies nothing twice.
 
+mod applied;
 mod batch;
 mod current;
 mod error;
 pub(crate) mod statement;
 mod transaction;
 
+pub(crate) use applied::Author;
 pub use error::WriteError;
 
 use std::collections::{BTreeMap, HashMap};
@@ -71,17 +74,18 @@ impl Writer {
         self.assemblies.try_acquire().ok()
     }
 
-    /// Applies a checked batch for `client_id`. Never fails as a whole: a
+    /// Applies a checked batch for `author`. Never fails as a whole: a
     /// fault on the server answers `retry` for what did not commit.
     pub(crate) async fn apply(
         &self,
-        client_id: &str,
+        author: Author<'_>,
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> WriteResults {
+        let client_id = author.client_id;
         let (results, lsn_floor, lsn) = match self
-            .apply_in_transaction(client_id, batch, schemas, scope)
+            .apply_in_transaction(author, batch, schemas, scope)
             .await
         {
             Ok(applied) => (applied.results, applied.floor, applied.ceiling),
@@ -105,11 +109,12 @@ impl Writer {
 
     async fn apply_in_transaction(
         &self,
-        client_id: &str,
+        author: Author<'_>,
         batch: &WriteBatch,
         schemas: &BTreeMap<String, TableSchema>,
         scope: Option<&Scope>,
     ) -> Result<Applied, WriteError> {
+        let client_id = author.client_id;
         let share = self.share(client_id);
         let _own = share.acquire().await.map_err(|_| WriteError::Closed)?;
         let _permit = self
@@ -119,7 +124,7 @@ impl Writer {
             .map_err(|_| WriteError::Closed)?;
         let mut borrowed = Borrowed(Some(self.pool.get().await?));
         let outcome = match borrowed.0.as_mut() {
-            Some(conn) => run_batch(conn, client_id, batch, schemas, &self.versions, scope).await,
+            Some(conn) => run_batch(conn, author, batch, schemas, &self.versions, scope).await,
             None => return Err(WriteError::Closed),
         };
         match outcome {

@@ -159,8 +159,7 @@ async fn write_at_rate(
     let mut senders = Vec::new();
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..WRITER_CONNECTIONS {
-        let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let db = pgrelay_pg::connect(&pgrelay_pg::ConnInfo::parse(url)?).await?;
         let statement = db
             .prepare("INSERT INTO public.bench_events (payload) VALUES ($1)")
             .await?;

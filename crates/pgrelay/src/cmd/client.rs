@@ -9,9 +9,14 @@ use secrecy::SecretString;
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
-    /// Server address, e.g. ws://127.0.0.1:7171
+    /// Server address, e.g. ws://127.0.0.1:7171, or wss://sync.example.com
+    /// for TLS.
     #[arg(long, env = "PGRELAY_SERVER", default_value = "ws://127.0.0.1:7171")]
     pub server: String,
+    /// For wss://: a PEM file of certificate authorities to trust besides
+    /// the system's (the CA that signed a self-run server's certificate).
+    #[arg(long, env = "PGRELAY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// The replica's SQLite file (created when missing).
     #[arg(long, env = "PGRELAY_DB")]
     pub db: PathBuf,
@@ -41,6 +46,7 @@ pub struct SyncArgs {
 
 pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(args.server, args.db);
+    config.ca_file = args.ca_file;
     config.client_id = args.client_id;
     config.token = args.token;
     config.tables = args.tables.filter(|t| !t.is_empty());

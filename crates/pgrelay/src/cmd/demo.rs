@@ -62,10 +62,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .await;
     }
-    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    let db = pgrelay_pg::connect(&pgrelay_pg::ConnInfo::parse(&url)?)
         .await
         .context("connecting to PostgreSQL")?;
-    tokio::spawn(conn);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS {TABLE};
          CREATE TABLE {TABLE} (

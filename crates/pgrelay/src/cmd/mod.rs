@@ -7,5 +7,6 @@ pub mod demo;
 pub mod doctor;
 pub mod eventlog_host;
 pub mod serve;
+pub mod tls;
 pub mod verify;
 pub mod web_demo;

@@ -54,8 +54,7 @@ pub struct ServeArgs {
     /// Require a token from every client: `jwt`.
     #[arg(long, env = "PGRELAY_AUTH", value_parser = ["jwt"])]
     pub auth: Option<String>,
-    /// HS256: a file holding the shared secret (at least 32 bytes; a
-    /// trailing newline is ignored).
+    /// HS256: a file holding the shared secret (at least 32 bytes; a trailing newline is ignored).
     #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// RS256 or ES256: the PEM public key tokens are signed for.
@@ -129,6 +128,8 @@ pub struct ServeArgs {
     /// On SIGTERM or Ctrl-C, how long open sessions get to close.
     #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     #[command(flatten)]
     pub eventlog: EventLogArgs,
 }
@@ -259,6 +260,7 @@ impl ServeArgs {
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
         config.auth = auth;
+        config.tls = self.tls.files();
         let mut eventlog = EventLogConfig {
             idle_timeout: config.idle_timeout,
             send_timeout: config.send_timeout,

@@ -45,10 +45,9 @@ pub async fn run(demo: WebDemo) -> anyhow::Result<()> {
             );
         }
     }
-    let (db, conn) = tokio_postgres::connect(&demo.url, tokio_postgres::NoTls)
+    let db = pgrelay_pg::connect(&pgrelay_pg::ConnInfo::parse(&demo.url)?)
         .await
         .context("connecting to PostgreSQL")?;
-    tokio::spawn(conn);
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS {TABLE};
          CREATE TABLE {TABLE} (id bigint PRIMARY KEY, title text NOT NULL,

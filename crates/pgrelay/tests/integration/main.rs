@@ -37,5 +37,6 @@ mod sessions;
 mod shutdown;
 mod slot;
 mod slot_loss;
+mod tls;
 mod types;
 mod writes;

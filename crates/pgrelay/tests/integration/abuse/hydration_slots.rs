@@ -76,3 +76,78 @@ async fn four_non_confirming_hydrations_do_not_block_a_fifth_for_long() {
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }
+
+/// A hostage that opens one snapshot after another under one client id:
+/// each new connection replaces the last, which gives its slot up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_id_holds_at_most_one_hydration_slot() {
+    let world = World::new().await;
+    world
+        .exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g")
+        .await;
+    let mut config = world.server_config();
+    config.max_hydrations = 2;
+    let server = pgrelay_server::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut hostages = tokio::task::JoinSet::new();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..3 {
+        let (holding_tx, holding) = tokio::sync::oneshot::channel();
+        let closed_tx = closed_tx.clone();
+        hostages.spawn(async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/api/sync"))
+                .await
+                .unwrap();
+            let hello =
+                serde_json::json!({"type": "hello", "protocol_version": 1, "client_id": "greedy"});
+            socket
+                .send(Message::Text(hello.to_string().into()))
+                .await
+                .unwrap();
+            let mut holding = Some(holding_tx);
+            let mut texts = Vec::new();
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Text(text) = &message {
+                    if text.contains("\"snapshot_end\"") {
+                        if let Some(tx) = holding.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    texts.push(text.to_string());
+                }
+            }
+            let _ = closed_tx.send(texts);
+        });
+        // Each takes its snapshot before the next connects.
+        tokio::time::timeout(Duration::from_secs(30), holding)
+            .await
+            .expect("the hostage's snapshot")
+            .unwrap();
+    }
+    // The two replaced connections were closed, and said why.
+    for _ in 0..2 {
+        let texts = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+            .await
+            .expect("a replaced connection closed at once")
+            .unwrap();
+        assert!(
+            texts.iter().any(|t| t.contains("\"replaced\"")),
+            "{texts:?}"
+        );
+    }
+    // One slot is held (by the newest); the other is free at once, well
+    // before any snapshot's deadline (10 s at least) passes.
+    let started = Instant::now();
+    let path = world.replica_path("other");
+    let other = start_client(addr, &path, "other").await;
+    wait_replica_rows(&path, "t", 200, Duration::from_secs(60)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "the other waited {waited:?}"
+    );
+    other.stop().await;
+    hostages.abort_all();
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}

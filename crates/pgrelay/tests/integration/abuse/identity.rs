@@ -147,3 +147,47 @@ async fn a_change_id_poisoned_by_another_subject_does_not_suppress_the_owners_wr
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_id_recorded_by_another_subject_before_the_owner_connects_does_not_suppress_its_write(
+) {
+    let world = World::new().await;
+    world.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let server = auth_server(&world).await;
+    let addr = server.local_addr();
+    // A token without the owner claim owns nothing, so it may write under a
+    // client id no one has claimed yet, such as one Carol's app will use.
+    let ownerless = token(json!({"role": "writer"}));
+    let poison = one_change(
+        "carol-laptop",
+        "c1",
+        json!({"table": "public.t", "op": "insert", "new": {"id": "666"}}),
+    );
+    let (status, answer) = post_changes(addr, Some(&ownerless), &poison).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM pgrelay.applied_changes WHERE change_id = 'c1-c1'")
+            .await,
+        1
+    );
+    // Carol's first write under her id uses the same change id: it is hers
+    // to apply, not a duplicate of the other subject's.
+    let carol = token(json!({"sub": "carol"}));
+    let real = one_change(
+        "carol-laptop",
+        "c1",
+        json!({"table": "public.t", "op": "insert", "new": {"id": "1"}}),
+    );
+    let (status, answer) = post_changes(addr, Some(&carol), &real).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"applied\""), "{answer}");
+    assert!(!answer.contains("\"duplicate\":true"), "{answer}");
+    assert_eq!(world.count("SELECT count(*) FROM t WHERE id = 1").await, 1);
+    // Sent again, it is Carol's own duplicate.
+    let (status, answer) = post_changes(addr, Some(&carol), &real).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"duplicate\":true"), "{answer}");
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}

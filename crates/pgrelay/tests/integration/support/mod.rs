@@ -5,6 +5,7 @@
 
 pub mod proxy;
 pub mod raw;
+pub mod tls;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
