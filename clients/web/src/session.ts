@@ -6,6 +6,7 @@
 //! `session.rs` and `SyncClient::run`.
 
 import { backoff } from "./backoff.js";
+import { MigrationQueue, type MigrationEvent } from "./migrations.js";
 import { Hydration, type HydrationProgress } from "./hydrate.js";
 import type { ServerMessage, Transaction, WriteResults } from "./protocol.js";
 import { decodeFrame, MAX_WRITE_TRANSACTIONS, parseLsn, PROTOCOL_VERSION, ProtocolError, RefusedError } from "./protocol.js";
@@ -47,7 +48,8 @@ export type SyncEvent =
   | { type: "changed"; tables: string[]; commitTimesUs: number[]; appliedAtMs: number }
   | { type: "rejected"; txId: string; code: string | null; reason: string }
   | { type: "error"; code: string; message: string }
-  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[] };
+  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[] }
+  | MigrationEvent;
 
 export interface SyncHost {
   token(): Promise<string | null>;
@@ -65,7 +67,7 @@ interface Waiter {
 }
 
 /** Codes after which reconnecting cannot help. */
-const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
+const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "upgrade_required", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
 
 export class Sync {
   private socket: WebSocket | null = null;
@@ -106,6 +108,7 @@ export class Sync {
   private echoes: bigint[] = [];
 
   private readonly waiters = new Map<string, Waiter>();
+  private readonly migrations: MigrationQueue;
   readonly status: SyncStatus = {
     connection: "stopped",
     hydrating: null,
@@ -125,6 +128,7 @@ export class Sync {
     private readonly exclusive: <T>(work: () => T | Promise<T>) => Promise<T>,
   ) {
     this.status.lsn = replica.state().lsn;
+    this.migrations = new MigrationQueue(replica, exclusive, (m) => this.send(m), (e) => host.emit(e));
     this.refreshOutbox();
   }
 
@@ -210,6 +214,7 @@ export class Sync {
       if (state.logId) hello.log_id = state.logId;
       if (state.resync.length > 0) hello.resync = state.resync;
       if (this.config.tables) hello.tables = this.config.tables;
+      hello.schema_version = state.schemaVersion;
       this.awaitingSnapshot = state.lsn === null || state.resync.length > 0;
       this.resyncAsked = state.resync;
       socket.send(JSON.stringify(hello));
@@ -237,6 +242,7 @@ export class Sync {
 
   private resetConnection(): void {
     this.queue = [];
+    this.migrations.stop();
     this.welcomed = false;
     this.target = null;
     this.walTarget = null;
@@ -503,6 +509,9 @@ export class Sync {
         return;
       case "write_refused":
         this.refused(message.batch_id ?? null, message.code, message.message);
+        return;
+      case "migrations":
+        this.migrations.receive(message.migrations);
         return;
       case "pong":
         return;

@@ -4,6 +4,7 @@
 mod error;
 mod events;
 mod hydrate;
+mod migrations;
 mod replica;
 mod session;
 pub mod value;

@@ -54,6 +54,7 @@ pub(crate) async fn connect_and_sync(
         log_id: state.log_id.clone(),
         resync: state.resync.clone(),
         tables: config.tables.clone(),
+        schema_version: Some(state.schema_version),
     };
     let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
     socket.send(Message::Text(hello.into())).await?;
@@ -71,6 +72,7 @@ pub(crate) async fn connect_and_sync(
     let mut poll = interval_at(Instant::now() + config.outbox_poll, config.outbox_poll);
     let mut caught_up = false;
     let mut hydration: Option<Hydration> = None;
+    let mut migrations = crate::migrations::Migrations::default();
     // A replica without a position (or with tables to resync) is sent a
     // snapshot first; it is not caught up before that is in.
     let mut awaiting_snapshot = state.lsn.is_none() || !state.resync.is_empty();
@@ -101,6 +103,12 @@ pub(crate) async fn connect_and_sync(
             _ = poll.tick() => {
                 // Picks up writes made by other processes and retries due.
                 pusher.wake();
+                continue;
+            }
+            _ = migrations.due() => {
+                for report in migrations.run(replica, events).await? {
+                    socket.send(Message::Text(report.into())).await?;
+                }
                 continue;
             }
             message = socket.next() => message,
@@ -214,7 +222,7 @@ pub(crate) async fn connect_and_sync(
                             target = Some(lsn);
                             wal_sent = wal_sent.max(wal_lsn);
                         }
-                        ServerMessage::Error { code, message } => {
+                        ServerMessage::Error { code, message, .. } => {
                             return Err(ClientError::Refused { code, message })
                         }
                         ServerMessage::WriteResult(results) => {
@@ -229,6 +237,9 @@ pub(crate) async fn connect_and_sync(
                                 .refused(replica, events, batch_id, code, message)
                                 .await?
                         }
+                        ServerMessage::Migrations {
+                            migrations: list, ..
+                        } => migrations.receive(list),
                         ServerMessage::Tx(_) | ServerMessage::Pong => {}
                     }
                 }
@@ -308,6 +319,15 @@ fn decode(message: Message) -> Result<Option<ServerMessage>, ClientError> {
                 // the `error` frame before it have been lost.
                 return Err(ClientError::Refused {
                     code: ErrorCode::TokenExpired,
+                    message: f.reason.to_string(),
+                });
+            }
+            if let Some(f) = frame
+                .as_ref()
+                .filter(|f| u16::from(f.code) == CloseCode::UPGRADE_REQUIRED.0)
+            {
+                return Err(ClientError::Refused {
+                    code: ErrorCode::UpgradeRequired,
                     message: f.reason.to_string(),
                 });
             }

@@ -11,6 +11,7 @@ mod migrations;
 mod ops;
 mod registry;
 mod replication;
+pub mod schema_migrations;
 mod session;
 mod snapshot;
 mod startup;
@@ -31,6 +32,7 @@ pub use config::{parse_conflict, ServerConfig};
 pub use error::{
     ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
 };
+pub use migrations::migrate as migrate_own_schema;
 pub use ops::doctor;
 
 use api::serve;

@@ -50,6 +50,9 @@ impl Worker {
                 Command::ApplyTransactions(txs, reply) => {
                     let _ = reply.send(self.apply_transactions(&txs));
                 }
+                Command::RunMigration(migration, reply) => {
+                    let _ = reply.send(super::migrations::run(&mut self.conn, &migration));
+                }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
@@ -161,6 +164,7 @@ impl Worker {
             lsn,
             log_id,
             resync: pending.tables,
+            schema_version: super::migrations::schema_version(&self.conn)?,
         })
     }
 
@@ -217,10 +221,10 @@ impl Worker {
                             }))
                 }
             };
-            if retyped && positioned {
+            let rebuilt = schema::apply_table(&tx, table)?;
+            if (retyped || rebuilt) && positioned {
                 needed.push(table.name.clone());
             }
-            schema::apply_table(&tx, table)?;
         }
         tx.commit()?;
         self.reload_tables()?;

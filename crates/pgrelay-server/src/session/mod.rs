@@ -26,6 +26,7 @@ mod handshake;
 mod hydrate;
 mod incoming;
 mod live;
+mod migrations;
 pub(crate) mod subscription;
 pub(crate) mod table;
 #[cfg(test)]
@@ -58,6 +59,8 @@ use table::LiveSession;
 pub(crate) struct Refusal {
     pub(crate) code: ErrorCode,
     pub(crate) message: String,
+    /// With `upgrade_required`: the versions on both sides.
+    pub(crate) upgrade: Option<Box<pgrelay_protocol::UpgradeRequired>>,
 }
 
 impl Refusal {
@@ -65,6 +68,19 @@ impl Refusal {
         Refusal {
             code,
             message: message.into(),
+            upgrade: None,
+        }
+    }
+
+    /// `upgrade_required`, with both sides' versions.
+    pub(crate) fn upgrade(upgrade: pgrelay_protocol::UpgradeRequired) -> Refusal {
+        Refusal {
+            code: ErrorCode::UpgradeRequired,
+            message: format!(
+                "upgrade required: this client's {} version is {}, this server serves {}..={}",
+                upgrade.what, upgrade.client, upgrade.server_min, upgrade.server_max
+            ),
+            upgrade: Some(Box::new(upgrade)),
         }
     }
 }
@@ -136,6 +152,7 @@ pub(crate) async fn run(
             scope,
             principal,
             parts: None,
+            schema: None,
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -257,6 +274,7 @@ pub(crate) async fn refuse(socket: &mut dyn Socket, refusal: Refusal) {
         &ServerMessage::Error {
             code: refusal.code,
             message: refusal.message.clone(),
+            upgrade: refusal.upgrade.map(|u| *u),
         },
         Lsn::ZERO,
     );
@@ -302,6 +320,10 @@ struct Session<'a> {
     /// A transaction arriving in `write_part` frames; boxed, as most
     /// sessions never have one.
     parts: Option<Box<write::Parts<'a>>>,
+    /// The client schema version the replica reaches once it has run the
+    /// migrations sent; `None` for a client that does not run client
+    /// migrations (no `schema_version` in its hello).
+    schema: Option<i64>,
 }
 
 fn internal(e: impl Into<crate::ServerError>) -> Refusal {

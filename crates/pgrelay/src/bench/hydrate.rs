@@ -192,6 +192,7 @@ async fn receive_only(addr: &str) -> anyhow::Result<Export> {
         log_id: None,
         resync: Vec::new(),
         tables: None,
+        schema_version: None,
     };
     let started = Instant::now();
     socket
@@ -225,7 +226,7 @@ async fn receive_only(addr: &str) -> anyhow::Result<Export> {
                     let _ = socket.close(None).await;
                     return Ok(export);
                 }
-                ServerMessage::Error { code, message } => {
+                ServerMessage::Error { code, message, .. } => {
                     anyhow::bail!("the server refused: {code:?}: {message}")
                 }
                 _ => {}

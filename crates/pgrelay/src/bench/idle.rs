@@ -173,6 +173,7 @@ async fn hold_connection(
         log_id: None,
         resync: Vec::new(),
         tables: None,
+        schema_version: None,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))
@@ -185,7 +186,7 @@ async fn hold_connection(
         if let Message::Text(text) = message {
             match serde_json::from_str::<ServerMessage>(&text)? {
                 ServerMessage::CaughtUp { .. } => break,
-                ServerMessage::Error { code, message } => {
+                ServerMessage::Error { code, message, .. } => {
                     anyhow::bail!("refused: {code:?} {message}")
                 }
                 _ => {}

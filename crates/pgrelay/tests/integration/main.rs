@@ -22,6 +22,7 @@ mod operations;
 mod pipeline;
 mod protection;
 mod retention;
+mod schema_migrations;
 mod sessions;
 mod shutdown;
 mod slot;
