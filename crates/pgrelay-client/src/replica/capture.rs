@@ -73,7 +73,10 @@ pub(crate) fn create_triggers(conn: &Connection, table: &TableSchema) -> Result<
 /// Drops the table's capture triggers (before its columns change).
 pub(crate) fn drop_triggers(conn: &Connection, table: &TableSchema) -> Result<(), ClientError> {
     for op in ["insert", "update", "delete"] {
-        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", trigger_name(table, op)))?;
+        conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            trigger_name(table, op)
+        ))?;
     }
     Ok(())
 }

@@ -97,7 +97,11 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         super::super::capture::ensure_tables(&conn).unwrap();
         ensure_table(&conn).unwrap();
-        let up = migration(5, Direction::Up, "CREATE TABLE notes (id INTEGER PRIMARY KEY)");
+        let up = migration(
+            5,
+            Direction::Up,
+            "CREATE TABLE notes (id INTEGER PRIMARY KEY)",
+        );
         assert_eq!(run(&mut conn, &up).unwrap(), Ok(()));
         assert_eq!(schema_version(&conn).unwrap(), 5);
         assert_eq!(run(&mut conn, &up).unwrap(), Ok(()), "twice is once");

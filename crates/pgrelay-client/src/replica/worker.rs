@@ -180,6 +180,19 @@ impl Worker {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for incoming in tables {
+            // Synced before, not now (dropped or renamed in PostgreSQL):
+            // its rows would go stale.
+            if incoming.skipped.is_some()
+                && self
+                    .tables
+                    .get(&incoming.name)
+                    .is_some_and(|known| known.skipped.is_none())
+            {
+                tx.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS {}",
+                    pgrelay_protocol::quote_ident(incoming.sqlite_name())
+                ))?;
+            }
             let reason = match incoming.skipped {
                 Some(_) => None,
                 None => holdable::cannot_hold(incoming, all.values()),

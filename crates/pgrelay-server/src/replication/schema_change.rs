@@ -110,7 +110,9 @@ pub(crate) async fn backfilled_columns(
         let holds: bool = db
             .query_one(&sql, &[])
             .await
-            .map_err(ServerError::sql(format!("looking for values in {table}.{name}")))?
+            .map_err(ServerError::sql(format!(
+                "looking for values in {table}.{name}"
+            )))?
             .get(0);
         if holds {
             filled.push(name);

@@ -131,7 +131,10 @@ pub fn create(
     let folder = dir.join(format!("{timestamp}_{name}"));
     std::fs::create_dir_all(&folder).map_err(|e| MigrateError::io(&folder, e))?;
     let mut files = vec![
-        ("up.sql", "-- PostgreSQL: runs in one transaction with its record.\n"),
+        (
+            "up.sql",
+            "-- PostgreSQL: runs in one transaction with its record.\n",
+        ),
         ("down.sql", "-- PostgreSQL: undoes up.sql.\n"),
     ];
     if client {

@@ -93,7 +93,9 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                     error,
                     attempt,
                     retry_in,
-                } => tracing::warn!(version, %error, attempt, ?retry_in, "client migration failed; retrying"),
+                } => {
+                    tracing::warn!(version, %error, attempt, ?retry_in, "client migration failed; retrying")
+                }
                 Event::WriteRetry { tx_id, reason } => {
                     tracing::info!(%tx_id, %reason, "local write will be retried")
                 }

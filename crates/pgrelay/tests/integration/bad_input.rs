@@ -29,7 +29,8 @@ async fn refused(
         while let Some(message) = socket.next().await {
             match message {
                 Ok(Message::Text(text)) => {
-                    if let Ok(ServerMessage::Error { code, message, .. }) = serde_json::from_str(&text)
+                    if let Ok(ServerMessage::Error { code, message, .. }) =
+                        serde_json::from_str(&text)
                     {
                         error = Some((code, message));
                     }

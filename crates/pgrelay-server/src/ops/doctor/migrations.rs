@@ -75,7 +75,10 @@ pub(super) async fn check(db: &Client, dir: &Path, report: &mut Report) -> Resul
             Finding::new(
                 "migrations",
                 Severity::Warning,
-                format!("applied migrations with no folder in {dir_arg}: {}", missing.join(", ")),
+                format!(
+                    "applied migrations with no folder in {dir_arg}: {}",
+                    missing.join(", ")
+                ),
             )
             .fix("restore their folders (needed to roll them back)"),
         );

@@ -150,7 +150,14 @@ fn path_segment(id: &str) -> anyhow::Result<&str> {
 fn render_table(rows: &[ClientRow]) -> String {
     let mut out = format!(
         "{:<32}  {:<9}  {:<24}  {:<14}  {:>12}  {:>10}  {:>14}  {}\n",
-        "client", "connected", "node", "lsn", "lag bytes", "last seen", "schema", "failed migrations"
+        "client",
+        "connected",
+        "node",
+        "lsn",
+        "lag bytes",
+        "last seen",
+        "schema",
+        "failed migrations"
     );
     for r in rows {
         let failed: Vec<String> = r

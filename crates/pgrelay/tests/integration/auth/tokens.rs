@@ -156,7 +156,9 @@ async fn bad_tokens_are_refused_and_nothing_is_sent() {
             "{what}: the server sent more than its refusal: {seen:?}"
         );
         match &seen[0] {
-            ServerMessage::Error { code: got, message, .. } => {
+            ServerMessage::Error {
+                code: got, message, ..
+            } => {
                 assert_eq!(got, code, "{what}: {message}");
                 assert!(
                     message.contains(reason),

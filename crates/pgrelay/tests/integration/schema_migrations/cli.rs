@@ -30,7 +30,10 @@ async fn up_down_and_status_follow_the_folder_and_a_changed_migration_is_refused
         FIRST,
         "todos",
         &[
-            ("up.sql", "CREATE TABLE todos (id int PRIMARY KEY, title text);"),
+            (
+                "up.sql",
+                "CREATE TABLE todos (id int PRIMARY KEY, title text);",
+            ),
             ("down.sql", "DROP TABLE todos;"),
         ],
     );
@@ -93,7 +96,10 @@ async fn up_down_and_status_follow_the_folder_and_a_changed_migration_is_refused
         20261203120200,
         "broken",
         &[
-            ("up.sql", "CREATE TABLE half (x int); SELECT * FROM no_such_table;"),
+            (
+                "up.sql",
+                "CREATE TABLE half (x int); SELECT * FROM no_such_table;",
+            ),
             ("down.sql", "DROP TABLE half;"),
         ],
     );
@@ -117,7 +123,10 @@ async fn up_down_and_status_follow_the_folder_and_a_changed_migration_is_refused
     )
     .unwrap();
     let out = migrate(&url, &dir, &["status", "--json"]).await;
-    assert!(!out.status.success(), "status exits 1 on a changed migration");
+    assert!(
+        !out.status.success(),
+        "status exits 1 on a changed migration"
+    );
     assert_eq!(
         states(&String::from_utf8_lossy(&out.stdout))[0],
         (FIRST, "changed".into())
@@ -127,7 +136,9 @@ async fn up_down_and_status_follow_the_folder_and_a_changed_migration_is_refused
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains(&format!("migration {FIRST} (todos) was changed after it was applied")),
+            stderr.contains(&format!(
+                "migration {FIRST} (todos) was changed after it was applied"
+            )),
             "{args:?}: {stderr}"
         );
     }
@@ -191,7 +202,12 @@ async fn runs_at_once_apply_each_migration_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_eq!(world.count("SELECT count(*) FROM pgrelay.app_migrations").await, 5);
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM pgrelay.app_migrations")
+            .await,
+        5
+    );
     assert_eq!(
         world
             .count("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'step%'")

@@ -28,9 +28,11 @@ fn replica_objects(db: &Path) -> (Vec<String>, i64) {
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     let version = conn
-        .query_row("SELECT coalesce(max(version), 0) FROM _pgrelay_migrations", [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT coalesce(max(version), 0) FROM _pgrelay_migrations",
+            [],
+            |r| r.get(0),
+        )
         .unwrap_or(0);
     (names, version)
 }
@@ -62,7 +64,12 @@ async fn report(addr: SocketAddr, client: &str, version: i64) -> Option<Value> {
         .cloned()
 }
 
-async fn wait_report(addr: SocketAddr, client: &str, version: i64, check: impl Fn(&Value) -> bool) -> Value {
+async fn wait_report(
+    addr: SocketAddr,
+    client: &str,
+    version: i64,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     wait_for(
         &format!("{client}'s report on {version}"),
         Duration::from_secs(30),
@@ -109,11 +116,15 @@ async fn a_client_migration_reaches_connected_and_offline_replicas_and_a_rollbac
     migrate_ok(world.url(), &dir, &["up"]).await;
 
     // Live, to the connected replica.
-    wait_replica(&online_db, "the index and local table in the online replica", |names, v| {
-        names.iter().any(|n| n == "todos_title")
-            && names.iter().any(|n| n == "local_drafts")
-            && v == VERSION
-    })
+    wait_replica(
+        &online_db,
+        "the index and local table in the online replica",
+        |names, v| {
+            names.iter().any(|n| n == "todos_title")
+                && names.iter().any(|n| n == "local_drafts")
+                && v == VERSION
+        },
+    )
     .await;
     let applied = wait_report(addr, "online", VERSION, |r| r["state"] == "applied").await;
     assert_eq!(applied["attempts"], 1);
@@ -128,15 +139,25 @@ async fn a_client_migration_reaches_connected_and_offline_replicas_and_a_rollbac
     // On connect, to the replica that was offline.
     assert_eq!(replica_objects(&offline_db).1, 0);
     let offline = start_client(addr, &offline_db, "offline").await;
-    wait_replica(&offline_db, "the migration in the offline replica", |names, v| {
-        names.iter().any(|n| n == "todos_title") && v == VERSION
-    })
+    wait_replica(
+        &offline_db,
+        "the migration in the offline replica",
+        |names, v| names.iter().any(|n| n == "todos_title") && v == VERSION,
+    )
     .await;
     wait_report(addr, "offline", VERSION, |r| r["state"] == "applied").await;
 
     // Per client in `admin clients`.
     let out = tokio::process::Command::new(BIN)
-        .args(["admin", "clients", "--json", "--server", &format!("http://{addr}"), "--admin-token", TOKEN])
+        .args([
+            "admin",
+            "clients",
+            "--json",
+            "--server",
+            &format!("http://{addr}"),
+            "--admin-token",
+            TOKEN,
+        ])
         .output()
         .await
         .unwrap();
@@ -150,7 +171,10 @@ async fn a_client_migration_reaches_connected_and_offline_replicas_and_a_rollbac
     migrate_ok(world.url(), &dir, &["down"]).await;
     for db in [&online_db, &offline_db] {
         wait_replica(db, "the rollback in the replica", |names, v| {
-            !names.iter().any(|n| n == "todos_title" || n == "local_drafts") && v == 0
+            !names
+                .iter()
+                .any(|n| n == "todos_title" || n == "local_drafts")
+                && v == 0
         })
         .await;
     }
@@ -182,7 +206,10 @@ async fn a_failing_client_migration_is_reported_and_retried_until_it_applies() {
             ("up.sql", "SELECT 1;"),
             ("down.sql", "SELECT 1;"),
             // `notes` is not in the replica (yet): this fails.
-            ("client_up.sql", "CREATE TABLE half (x); CREATE INDEX notes_body ON notes (body);"),
+            (
+                "client_up.sql",
+                "CREATE TABLE half (x); CREATE INDEX notes_body ON notes (body);",
+            ),
         ],
     );
     migrate_ok(world.url(), &dir, &["up"]).await;
@@ -195,7 +222,10 @@ async fn a_failing_client_migration_is_reported_and_retried_until_it_applies() {
         "{failed}"
     );
     let (names, version) = replica_objects(&db);
-    assert!(!names.iter().any(|n| n == "half"), "a failed migration leaves nothing");
+    assert!(
+        !names.iter().any(|n| n == "half"),
+        "a failed migration leaves nothing"
+    );
     assert_eq!(version, 0);
     // Visible in `admin clients` too.
     let (_, body) = http(addr, Some(TOKEN), "GET", "/api/admin/clients").await;
@@ -206,7 +236,8 @@ async fn a_failing_client_migration_is_reported_and_retried_until_it_applies() {
     // Cure the cause in the replica: the next retry applies it.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch("CREATE TABLE notes (body TEXT)").unwrap();
+    conn.execute_batch("CREATE TABLE notes (body TEXT)")
+        .unwrap();
     drop(conn);
     let applied = wait_report(addr, "failing", VERSION, |r| r["state"] == "applied").await;
     assert!(applied["attempts"].as_i64().unwrap() >= 3, "{applied}");

@@ -3,8 +3,8 @@
 //! reported, retried and rolled back; `upgrade_required`.
 
 mod cli;
-mod schema_changes;
 mod clients;
+mod schema_changes;
 mod upgrade;
 
 use std::path::{Path, PathBuf};

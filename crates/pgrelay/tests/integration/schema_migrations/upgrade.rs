@@ -53,12 +53,18 @@ async fn a_client_outside_the_servers_window_is_told_upgrade_required_with_both_
         (0, None, "protocol", 0, 1),
         (1, Some(20991231000000_i64), "schema", 20991231000000, 0),
     ] {
-        let mut hello = serde_json::json!({"type": "hello", "protocol_version": protocol, "client_id": "old"});
+        let mut hello =
+            serde_json::json!({"type": "hello", "protocol_version": protocol, "client_id": "old"});
         if let Some(schema) = schema {
             hello["schema_version"] = schema.into();
         }
         let (error, close) = refused(addr, hello).await;
-        let ServerMessage::Error { code, message, upgrade } = error else {
+        let ServerMessage::Error {
+            code,
+            message,
+            upgrade,
+        } = error
+        else {
             unreachable!()
         };
         assert_eq!(code, ErrorCode::UpgradeRequired, "{message}");
