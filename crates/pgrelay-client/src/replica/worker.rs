@@ -322,7 +322,7 @@ impl Worker {
         tx.commit()?;
         Ok(Executed {
             tx_id,
-            captured: captured as usize,
+            captured: outbox::count(captured)?,
             bytes,
             frames,
         })

@@ -8,8 +8,11 @@ mod error;
 pub(crate) mod lag;
 mod schema_change;
 mod slot;
+mod source;
 pub(crate) mod status;
 pub(crate) mod table_watch;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 pub use error::ReplicationError;
@@ -19,7 +22,7 @@ pub(crate) use slot::{prepare as prepare_slot, SlotLoss};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgrelay_pg::{ConnInfo, ReplicationStream, StreamEvent, StreamOptions};
+use pgrelay_pg::{ConnInfo, StreamEvent, StreamOptions};
 use pgrelay_protocol::Lsn;
 use tokio::sync::watch;
 
@@ -27,6 +30,7 @@ use crate::history;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
+use source::{Catalog, EventSource};
 use writer::{Batch, Writer};
 
 /// Changes gathered before the change log is written even if more are
@@ -125,8 +129,8 @@ impl Replication {
     /// slot what the writer reports durable. Returns on shutdown.
     async fn stream(
         &self,
-        db: &tokio_postgres::Client,
-        stream: &mut ReplicationStream,
+        db: &impl Catalog,
+        stream: &mut impl EventSource,
         writer: &mut Writer,
         logged: Lsn,
         shutdown: &mut watch::Receiver<bool>,
@@ -193,8 +197,8 @@ impl Replication {
         &self,
         event: StreamEvent,
         batch: &mut Batch,
-        db: &tokio_postgres::Client,
-        stream: &ReplicationStream,
+        db: &impl Catalog,
+        stream: &impl EventSource,
         writer: &Writer,
         logged: Lsn,
     ) -> Result<(), ServerError> {
@@ -211,9 +215,7 @@ impl Replication {
                 }
             }
             StreamEvent::Relation(relation) => {
-                if let Some(frame) =
-                    schema_change::apply(db, &self.hub, &relation, batch.next_lsn()).await?
-                {
+                if let Some(frame) = db.relation(&self.hub, &relation, batch.next_lsn()).await? {
                     batch.frames.push(frame);
                 }
             }
@@ -242,5 +244,5 @@ impl Replication {
 pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

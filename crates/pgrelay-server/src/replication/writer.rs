@@ -3,6 +3,7 @@
 //! decoding and the log's inserts run side by side. Batches are committed,
 //! published and reported durable strictly in order.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -10,12 +11,31 @@ use pgrelay_protocol::{Lsn, Transaction};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::history::{self, LoggedTx};
+use crate::history::{self, HistoryError, LoggedTx};
 use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::replication::ReplicationError;
 use crate::ServerError;
+
+/// The change log as the writer sees it: whole transactions appended
+/// atomically. PostgreSQL's in production ([`history::append`]); an
+/// in-memory one in the replication loop's unit tests.
+pub(crate) trait ChangeLog: Send + 'static {
+    fn append(
+        &mut self,
+        txs: &[LoggedTx<'_>],
+    ) -> impl Future<Output = Result<(), HistoryError>> + Send;
+}
+
+impl ChangeLog for tokio_postgres::Client {
+    fn append(
+        &mut self,
+        txs: &[LoggedTx<'_>],
+    ) -> impl Future<Output = Result<(), HistoryError>> + Send {
+        history::append(self, txs)
+    }
+}
 
 /// Committed transactions waiting to be written to the change log together.
 #[derive(Default)]
@@ -75,7 +95,7 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn start(
-        db: tokio_postgres::Client,
+        db: impl ChangeLog,
         hub: Arc<Hub>,
         status: Arc<ReplicationStatus>,
         start: Lsn,
@@ -160,7 +180,7 @@ impl Writer {
 }
 
 async fn commit_loop(
-    db: tokio_postgres::Client,
+    mut db: impl ChangeLog,
     mut batches: mpsc::Receiver<Batch>,
     in_flight: Arc<AtomicUsize>,
     durable: watch::Sender<Lsn>,
@@ -181,7 +201,7 @@ async fn commit_loop(
                     schema_versions: versions,
                 })
                 .collect();
-            history::append(&db, &entries).await?;
+            db.append(&entries).await?;
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;
