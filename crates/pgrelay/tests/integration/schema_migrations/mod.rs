@@ -13,7 +13,7 @@ use std::process::Output;
 use crate::support::BIN;
 
 /// Writes `dir/<version>_<name>/` with the given files.
-pub fn write_migration(dir: &Path, version: i64, name: &str, files: &[(&str, &str)]) -> PathBuf {
+pub(super) fn write_migration(dir: &Path, version: i64, name: &str, files: &[(&str, &str)]) -> PathBuf {
     let folder = dir.join(format!("{version}_{name}"));
     std::fs::create_dir_all(&folder).unwrap();
     for (file, text) in files {
@@ -23,7 +23,7 @@ pub fn write_migration(dir: &Path, version: i64, name: &str, files: &[(&str, &st
 }
 
 /// Runs `pgrelay migrate <args> --database-url URL --dir DIR`.
-pub async fn migrate(url: &str, dir: &Path, args: &[&str]) -> Output {
+pub(super) async fn migrate(url: &str, dir: &Path, args: &[&str]) -> Output {
     tokio::process::Command::new(BIN)
         .arg("migrate")
         .args(args)
@@ -35,7 +35,7 @@ pub async fn migrate(url: &str, dir: &Path, args: &[&str]) -> Output {
 }
 
 /// Like [`migrate`], and fails the test unless it succeeded; its stdout.
-pub async fn migrate_ok(url: &str, dir: &Path, args: &[&str]) -> String {
+pub(super) async fn migrate_ok(url: &str, dir: &Path, args: &[&str]) -> String {
     let out = migrate(url, dir, args).await;
     assert!(
         out.status.success(),
