@@ -96,6 +96,22 @@ export interface WriteResults {
   results: TxResult[];
 }
 
+/** SQL a replica runs (or undoes) to follow the application's schema. */
+export interface ClientMigration {
+  version: number;
+  name: string;
+  direction: "up" | "down";
+  sql: string;
+}
+
+/** With `upgrade_required`: the client's version and the window the server serves. */
+export interface UpgradeRequired {
+  what: "protocol" | "schema";
+  client: number;
+  server_min: number;
+  server_max: number;
+}
+
 export type ServerMessage =
   | { type: "welcome"; protocol_version: number; client_id: string; head_lsn: string; tables: TableSchema[]; log_id?: string; wal_lsn?: string; origin?: string }
   | { type: "schema"; tables: TableSchema[] }
@@ -103,7 +119,8 @@ export type ServerMessage =
   | { type: "caught_up"; lsn: string; wal_lsn?: string }
   | ({ type: "write_result" } & WriteResults)
   | { type: "write_refused"; batch_id?: string; code: string; message: string }
-  | { type: "error"; code: string; message: string }
+  | { type: "error"; code: string; message: string; upgrade?: UpgradeRequired }
+  | { type: "migrations"; schema_version: number; migrations: ClientMigration[] }
   | { type: "snapshot_queued"; waiting: number }
   | {
       type: "snapshot_begin";

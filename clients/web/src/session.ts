@@ -8,6 +8,7 @@
 import { backoff } from "./backoff.js";
 import { CatchUp } from "./catch-up.js";
 import { Hydration } from "./hydrate.js";
+import { MigrationQueue } from "./migrations.js";
 import type { ServerMessage, TableSchema, Transaction } from "./protocol.js";
 import { decodeFrame, parseLsn, PROTOCOL_VERSION, ProtocolError, RefusedError, sqliteName } from "./protocol.js";
 import { Pusher } from "./push.js";
@@ -26,7 +27,7 @@ const SNAPSHOT_BATCH_BYTES = 16 << 20;
 
 
 /** Codes after which reconnecting cannot help. */
-const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
+const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "upgrade_required", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
 
 export class Sync {
   private socket: WebSocket | null = null;
@@ -62,6 +63,8 @@ export class Sync {
     retryInMs: null,
   };
 
+  private readonly migrations: MigrationQueue;
+
   constructor(
     private readonly replica: Replica,
     private readonly config: SyncConfig,
@@ -74,6 +77,7 @@ export class Sync {
       outboxChanged: () => this.refreshOutbox(),
     });
     this.status.lsn = replica.state().lsn;
+    this.migrations = new MigrationQueue(replica, exclusive, (m) => this.send(m), (e) => host.emit(e));
     this.refreshOutbox();
   }
 
@@ -157,6 +161,7 @@ export class Sync {
       if (state.logId) hello.log_id = state.logId;
       if (state.resync.length > 0) hello.resync = state.resync;
       if (this.config.tables) hello.tables = this.config.tables;
+      hello.schema_version = state.schemaVersion;
       this.awaitingSnapshot = state.lsn === null || state.resync.length > 0;
       this.resyncAsked = state.resync;
       socket.send(JSON.stringify(hello));
@@ -184,6 +189,7 @@ export class Sync {
 
   private resetConnection(): void {
     this.queue = [];
+    this.migrations.stop();
     this.welcomed = false;
     this.catchUp.reset();
     this.hydration = null;
@@ -435,6 +441,9 @@ export class Sync {
         if (resync.length > 0) this.resync(resync);
         return;
       }
+      case "migrations":
+        this.migrations.receive(message.migrations);
+        return;
       case "pong":
         return;
       default:

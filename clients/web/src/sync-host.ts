@@ -2,6 +2,7 @@
 //! configuration, the host's hooks (token, events), the status and events.
 
 import type { HydrationProgress } from "./hydrate.js";
+import type { MigrationEvent } from "./migrations.js";
 
 export interface SyncConfig {
   url: string;
@@ -34,7 +35,8 @@ export type SyncEvent =
   | { type: "changed"; tables: string[]; commitTimesUs: number[]; appliedAtMs: number }
   | { type: "rejected"; txId: string; code: string | null; reason: string }
   | { type: "error"; code: string; message: string }
-  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[] };
+  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[] }
+  | MigrationEvent;
 
 export interface SyncHost {
   token(): Promise<string | null>;

@@ -86,6 +86,19 @@ pub enum Event {
     /// with the reason; the other tables go on syncing. The web client
     /// reports it as an `error` event with code `schema_unsupported`.
     SchemaUnsupported { table: String, reason: String },
+    /// A client migration ran in the replica (`up`) or was undone (`down`).
+    MigrationApplied {
+        version: i64,
+        direction: pgrelay_protocol::Direction,
+    },
+    /// A client migration failed and was rolled back; it is tried again
+    /// after `retry_in` (the server sees each attempt).
+    MigrationFailed {
+        version: i64,
+        error: String,
+        attempt: u32,
+        retry_in: std::time::Duration,
+    },
     /// The connection ended; the client reconnects after `retry_in`.
     Disconnected {
         error: String,

@@ -5,6 +5,7 @@ mod error;
 mod events;
 mod hydrate;
 mod repair;
+mod migrations;
 mod replica;
 mod session;
 mod tls;

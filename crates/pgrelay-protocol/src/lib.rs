@@ -8,6 +8,7 @@ mod frames;
 mod ident;
 mod lsn;
 mod message;
+mod migration;
 mod origin;
 pub mod repair;
 mod schema;
@@ -24,6 +25,7 @@ pub use message::{
     Change, ClientMessage, CloseCode, ErrorCode, Op, Row, ServerMessage, Transaction,
     MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION,
 };
+pub use migration::{ClientMigration, Direction, UpgradeRequired, MIN_PROTOCOL_VERSION};
 pub use origin::origin_tag;
 pub use schema::{sqlite_table_name, Column, TableSchema, ValueKind};
 pub use snapshot::{

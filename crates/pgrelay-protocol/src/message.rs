@@ -5,13 +5,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{ClientMigration, Direction, UpgradeRequired};
 use crate::{
     BatchRefusal, Lsn, SnapshotTable, TableDigest, TableSchema, Visibility, WriteBatch, WritePart,
     WriteResults,
 };
 
-/// The protocol version this build speaks. A server refuses a `hello` with
-/// any other version with [`ErrorCode::UnsupportedVersion`].
+/// The protocol version this build speaks. A server answers a `hello` with
+/// a version outside `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` with
+/// [`ErrorCode::UpgradeRequired`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The largest frame a server accepts from a client. Larger frames are
@@ -54,6 +56,11 @@ pub enum ClientMessage {
         /// PostgreSQL range by range instead.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         repair: bool,
+        /// The newest client migration the replica has applied (0 for
+        /// none). Present only from clients that apply client migrations:
+        /// only they are sent `migrations`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schema_version: Option<i64>,
     },
     /// A batch of client transactions to apply (after `hello`).
     Write(WriteBatch),
@@ -65,6 +72,14 @@ pub enum ClientMessage {
     /// A liveness check for clients that cannot send WebSocket pings
     /// (browsers); answered with `pong`.
     Ping,
+    /// How running a client migration went: `error` is absent when it was
+    /// applied (or undone, for `down`).
+    MigrationResult {
+        version: i64,
+        direction: Direction,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,7 +154,22 @@ pub enum ServerMessage {
     },
     /// Something went wrong; when the server closes afterwards, the close
     /// frame carries the matching [`CloseCode`].
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+        /// With `upgrade_required`: the client's version and the window the
+        /// server serves.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upgrade: Option<UpgradeRequired>,
+    },
+    /// Client migrations the replica lacks (or must undo), in the order to
+    /// run them; sent after the welcome and whenever migrations change,
+    /// only to clients whose `hello` carried a `schema_version`.
+    Migrations {
+        /// The schema version the replica reaches once all are run.
+        schema_version: i64,
+        migrations: Vec<ClientMigration>,
+    },
     /// The outcome of each client transaction of a `write`.
     WriteResult(WriteResults),
     /// A `write` was refused whole, before anything was applied; the
@@ -221,8 +251,13 @@ pub enum ErrorCode {
     MalformedFrame,
     /// A well-formed JSON object whose `type` this server does not know.
     UnknownMessage,
-    /// `hello` asked for a protocol version this server does not speak.
+    /// `hello` asked for a protocol version this server does not speak
+    /// (servers now answer [`ErrorCode::UpgradeRequired`]).
     UnsupportedVersion,
+    /// The client's protocol version, or its replica's schema version, is
+    /// outside what this server serves; the `error` carries both. The
+    /// client must be upgraded (or the server), not retried as it is.
+    UpgradeRequired,
     /// The frame is larger than the server accepts.
     FrameTooLarge,
     /// The first frame was not `hello`, or a second `hello` came.
@@ -270,13 +305,15 @@ impl ErrorCode {
             ErrorCode::Replaced => CloseCode::REPLACED,
             ErrorCode::RateLimited => CloseCode::RATE_LIMITED,
             ErrorCode::Disconnected => CloseCode::DISCONNECTED,
+            ErrorCode::UpgradeRequired => CloseCode::UPGRADE_REQUIRED,
         }
     }
 }
 
 /// WebSocket close codes pgrelay uses (RFC 6455 section 7.4, plus codes in
 /// the application range that echo HTTP statuses: 4401 token expired, 4409
-/// replaced by another connection, 4410 gone, 4429 rate limited; 4000
+/// replaced by another connection, 4410 gone, 4426 upgrade required, 4429
+/// rate limited; 4000
 /// disconnected by an operator).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseCode(pub u16);
@@ -293,6 +330,7 @@ impl CloseCode {
     pub const REPLACED: CloseCode = CloseCode(4409);
     pub const TOKEN_EXPIRED: CloseCode = CloseCode(4401);
     pub const GONE: CloseCode = CloseCode(4410);
+    pub const UPGRADE_REQUIRED: CloseCode = CloseCode(4426);
     pub const RATE_LIMITED: CloseCode = CloseCode(4429);
 }
 
@@ -317,6 +355,7 @@ mod tests {
                 resync: Vec::new(),
                 tables: None,
                 repair: false,
+                schema_version: None,
             }
         );
     }

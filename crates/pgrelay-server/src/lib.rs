@@ -12,6 +12,7 @@ mod ops;
 mod registry;
 mod repair;
 mod replication;
+pub mod schema_migrations;
 mod session;
 mod snapshot;
 mod startup;
@@ -33,6 +34,7 @@ pub use config::{parse_conflict, ServerConfig};
 pub use error::{
     AuthError, ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
 };
+pub use migrations::migrate as migrate_own_schema;
 pub use ops::doctor;
 
 use api::serve;

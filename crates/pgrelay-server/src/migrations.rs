@@ -38,11 +38,15 @@ const MIGRATIONS: [(&str, &str); 4] = [
         "V4__applied_changes_owner",
         include_str!("../migrations/V4__applied_changes_owner.sql"),
     ),
+    (
+        "V5__app_migrations",
+        include_str!("../migrations/V5__app_migrations.sql"),
+    ),
 ];
 
 /// Brings schema `pgrelay` to the newest version; returns the versions it
 /// applied (none when another server, or an earlier start, did).
-pub(crate) async fn migrate(client: &mut Client) -> Result<Vec<i32>, ServerError> {
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, ServerError> {
     client
         .query_one("SELECT pg_advisory_lock($1)", &[&LOCK])
         .await
@@ -137,8 +141,8 @@ mod tests {
             .unwrap()
             .get(0);
 
-        assert_eq!(migrate(&mut client).await.unwrap(), vec![1, 2, 3]);
-        assert_eq!(versions(&client).await, vec![1, 2, 3]);
+        assert_eq!(migrate(&mut client).await.unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(versions(&client).await, vec![1, 2, 3, 4]);
         let row = client
             .query_one(
                 "SELECT (SELECT log_id FROM pgrelay.log_state),
@@ -176,9 +180,9 @@ mod tests {
             applied.extend(done.unwrap().unwrap());
         }
         applied.sort_unstable();
-        assert_eq!(applied, vec![1, 2, 3]);
+        assert_eq!(applied, vec![1, 2, 3, 4]);
         let client = db.connect().await.unwrap();
-        assert_eq!(versions(&client).await, vec![1, 2, 3]);
+        assert_eq!(versions(&client).await, vec![1, 2, 3, 4]);
         let log_ids: i64 = client
             .query_one("SELECT count(*) FROM pgrelay.log_state", &[])
             .await

@@ -80,6 +80,7 @@ pub(crate) async fn start_row_sync(
         None => None,
     };
     let (log_id, pruned_through) = history::log_state(&db).await?;
+    let catalog = crate::schema_migrations::catalog::Catalog::load(&db).await?;
     drop(db);
     let versions = version_columns(&config.conflicts, &tables)?;
     tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
@@ -146,7 +147,14 @@ pub(crate) async fn start_row_sync(
         config.audit_retention,
         shutdown_rx.clone(),
     )));
+    let (client_catalog, _) = watch::channel(Arc::new(catalog));
+    tasks.spawn(crate::schema_migrations::catalog::follow(
+        info.clone(),
+        client_catalog.clone(),
+        shutdown_rx.clone(),
+    ));
     let state = Arc::new(AppState {
+        client_catalog,
         auth,
         audit,
         owners: auth::owners::Owners::new(info.clone()),

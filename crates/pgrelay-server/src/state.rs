@@ -19,6 +19,9 @@ use crate::writes::Writer;
 use crate::ServerConfig;
 
 pub(crate) struct AppState {
+    /// The client migrations replicas are brought to (`pgrelay migrate`).
+    pub(crate) client_catalog:
+        tokio::sync::watch::Sender<Arc<crate::schema_migrations::catalog::Catalog>>,
     pub(crate) config: ServerConfig,
     pub(crate) hub: Arc<Hub>,
     pub(crate) log_reader: LogReader,

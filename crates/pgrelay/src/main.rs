@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(feature = "bench")]
 use pgrelay::bench;
-use pgrelay::cmd::{admin, client, demo, doctor, serve, verify};
+use pgrelay::cmd::{admin, client, demo, doctor, migrate, serve, verify};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Check PostgreSQL for what would break syncing (same flags as serve); exits 1 on errors.
     Doctor(doctor::DoctorArgs),
+    /// The application's schema migrations (PostgreSQL and replicas): new, up, down, status.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCommand),
     /// Measure capture, delivery latency, fan-out and idle memory.
     #[cfg(feature = "bench")]
     #[command(subcommand)]
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => demo::run(args).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::Migrate(command) => migrate::run(command).await,
             #[cfg(feature = "bench")]
             Command::Bench(command) => bench::run(command).await,
             Command::Admin(command) => admin::run(command).await,

@@ -16,6 +16,8 @@ import { Conn, quote, type Params, type ResultRow } from "./conn.js";
 import * as outbox from "./outbox.js";
 import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
 import * as snapshot from "./snapshot.js";
+import { ensureMigrationsTable, runMigration, schemaVersion } from "./migrations.js";
+import type { ClientMigration } from "../protocol.js";
 
 export { Conn, ReplicaError };
 export type { Params, ResultRow };
@@ -27,6 +29,8 @@ export interface ReplicaState {
   lsn: string | null;
   logId: string | null;
   resync: string[];
+  /** The newest client migration the replica ran (0 for none). */
+  schemaVersion: number;
 }
 
 export interface Applied {
@@ -56,6 +60,7 @@ export class Replica {
     conn.tx(() => {
       ensureMeta(conn);
       ensureCaptureTables(conn);
+      ensureMigrationsTable(conn);
     });
     this.tables = loadTables(conn);
     this.filters = snapshot.loadFilters(conn);
@@ -69,7 +74,13 @@ export class Replica {
       lsn: p?.full ? null : lsn,
       logId: readMeta(this.conn, "log_id"),
       resync: p?.tables ?? [],
+      schemaVersion: schemaVersion(this.conn),
     };
+  }
+
+  /** Runs a client migration with its version; the error message when it failed. */
+  runMigration(migration: ClientMigration): string | null {
+    return runMigration(this.conn, migration);
   }
 
   setMeta(key: string, value: string): void {

@@ -70,6 +70,17 @@ pub(crate) fn create_triggers(conn: &Connection, table: &TableSchema) -> Result<
     Ok(())
 }
 
+/// Drops the table's capture triggers (before its columns change).
+pub(crate) fn drop_triggers(conn: &Connection, table: &TableSchema) -> Result<(), ClientError> {
+    for op in ["insert", "update", "delete"] {
+        conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            trigger_name(table, op)
+        ))?;
+    }
+    Ok(())
+}
+
 fn trigger_name(table: &TableSchema, op: &str) -> String {
     quote(&format!("_pgrelay_capture_{}_{op}", table.sqlite_name()))
 }

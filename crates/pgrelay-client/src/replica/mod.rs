@@ -8,6 +8,7 @@ mod apply;
 mod capture;
 mod captured;
 mod holdable;
+mod migrations;
 mod outbox;
 mod repair;
 mod schema;
@@ -59,6 +60,7 @@ enum Command {
     LoadSnapshot(String, Vec<u8>, Reply<u64>),
     ClearTable(String, Reply<()>),
     FinishSnapshot(SnapshotDone, Reply<()>),
+    RunMigration(pgrelay_protocol::ClientMigration, Reply<Result<(), String>>),
     Repair(RepairStep),
 }
 
@@ -117,6 +119,8 @@ pub struct ReplicaState {
     pub log_id: Option<String>,
     /// Tables waiting for a fresh snapshot.
     pub resync: Vec<String>,
+    /// The newest client migration the replica ran (0 for none).
+    pub schema_version: i64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,6 +162,7 @@ impl Replica {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::ensure_meta(&conn)?;
         capture::ensure_tables(&conn)?;
+        migrations::ensure_table(&conn)?;
         let worker = Worker::open(conn)?;
         let (commands, rx) = mpsc::channel(16);
         std::thread::Builder::new()
@@ -212,6 +217,16 @@ impl Replica {
 
     pub(crate) async fn apply(&self, txs: Vec<Transaction>) -> Result<Applied, ClientError> {
         self.call(|r| Command::ApplyTransactions(txs, r)).await
+    }
+
+    /// Runs a client migration in one SQLite transaction with its version;
+    /// `Ok(Err(message))` when the migration itself failed (nothing of it
+    /// is left).
+    pub async fn run_migration(
+        &self,
+        migration: pgrelay_protocol::ClientMigration,
+    ) -> Result<Result<(), String>, ClientError> {
+        self.call(|r| Command::RunMigration(migration, r)).await
     }
 
     pub async fn status(&self) -> Result<ReplicaStatus, ClientError> {

@@ -48,24 +48,34 @@ pub(crate) fn load_tables(conn: &Connection) -> Result<Vec<TableSchema>, ClientE
     Ok(tables)
 }
 
-/// Creates a synced table that does not exist yet and adds columns the
-/// server added; records the schema. Runs inside the caller's transaction.
-pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), ClientError> {
+/// Creates a synced table that does not exist yet, adds columns the
+/// server added and drops those it dropped; records the schema. Runs
+/// inside the caller's transaction. `true` when the table had to be
+/// rebuilt empty (a column that stores values differently, or a dropped
+/// column SQLite cannot drop in place): its rows must come again.
+pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<bool, ClientError> {
     let json = serde_json::to_string(table).map_err(|e| ClientError::Replica(e.to_string()))?;
     conn.execute(
         "INSERT INTO _pgrelay_tables (name, schema) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET schema = excluded.schema",
         params![table.name, json],
     )?;
     if table.skipped.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     let name = table.sqlite_name();
     let mut existing = existing_columns(conn, name)?;
-    let retyped = table.columns.iter().any(|c| {
+    let mut retyped = table.columns.iter().any(|c| {
         existing
             .iter()
             .any(|(n, t)| *n == c.name && !t.eq_ignore_ascii_case(c.kind.sqlite_type()))
     });
+    // A new primary key: SQLite cannot change one in place.
+    if !existing.is_empty() && existing_key(conn, name)? != table.primary_key {
+        retyped = true;
+    }
+    if !retyped && !existing.is_empty() {
+        retyped = !drop_columns(conn, table, &mut existing)?;
+    }
     if retyped {
         // A column now stores values differently: the table is rebuilt and
         // its rows come again from a snapshot.
@@ -105,7 +115,51 @@ pub(crate) fn apply_table(conn: &Connection, table: &TableSchema) -> Result<(), 
     }
     // Local writes to the table go to the outbox, with its current columns.
     super::capture::create_triggers(conn, table)?;
-    Ok(())
+    Ok(retyped)
+}
+
+/// Drops the replica's columns the server no longer has (a DROP COLUMN,
+/// or the old name of a renamed column). `false` when SQLite cannot drop
+/// one in place (part of the key, or used by an index a client migration
+/// made): the table is then rebuilt.
+fn drop_columns(
+    conn: &Connection,
+    table: &TableSchema,
+    existing: &mut Vec<(String, String)>,
+) -> Result<bool, ClientError> {
+    let gone: Vec<String> = existing
+        .iter()
+        .filter(|(n, _)| table.column(n).is_none())
+        .map(|(n, _)| n.clone())
+        .collect();
+    if gone.is_empty() {
+        return Ok(true);
+    }
+    // The capture triggers name every column; they are made again after.
+    super::capture::drop_triggers(conn, table)?;
+    for column in &gone {
+        let sql = format!(
+            "ALTER TABLE {} DROP COLUMN {}",
+            quote(table.sqlite_name()),
+            quote(column)
+        );
+        if let Err(e) = conn.execute_batch(&sql) {
+            tracing::info!(table = %table.name, %column, error = %e, "column cannot be dropped in place; rebuilding the table");
+            return Ok(false);
+        }
+    }
+    existing.retain(|(n, _)| !gone.contains(n));
+    Ok(true)
+}
+
+/// The table's primary key columns, in key order.
+fn existing_key(conn: &Connection, table: &str) -> Result<Vec<String>, ClientError> {
+    let mut stmt =
+        conn.prepare("SELECT name FROM pragma_table_info(?1) WHERE pk > 0 ORDER BY pk")?;
+    let key = stmt
+        .query_map([table], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(key)
 }
 
 /// The table's columns and their declared types (empty: no such table).

@@ -50,6 +50,9 @@ impl Worker {
                 Command::ApplyTransactions(txs, reply) => {
                     let _ = reply.send(self.apply_transactions(&txs));
                 }
+                Command::RunMigration(migration, reply) => {
+                    let _ = reply.send(super::migrations::run(&mut self.conn, &migration));
+                }
                 Command::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
@@ -198,6 +201,7 @@ impl Worker {
             lsn,
             log_id,
             resync: pending.tables,
+            schema_version: super::migrations::schema_version(&self.conn)?,
         })
     }
 
@@ -213,6 +217,19 @@ impl Worker {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for incoming in tables {
+            // Synced before, not now (dropped or renamed in PostgreSQL):
+            // its rows would go stale.
+            if incoming.skipped.is_some()
+                && self
+                    .tables
+                    .get(&incoming.name)
+                    .is_some_and(|known| known.skipped.is_none())
+            {
+                tx.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS {}",
+                    pgrelay_protocol::quote_ident(incoming.sqlite_name())
+                ))?;
+            }
             let reason = match incoming.skipped {
                 Some(_) => None,
                 None => holdable::cannot_hold(incoming, all.values()),
@@ -254,10 +271,10 @@ impl Worker {
                             }))
                 }
             };
-            if retyped && positioned {
+            let rebuilt = schema::apply_table(&tx, table)?;
+            if (retyped || rebuilt) && positioned {
                 needed.push(table.name.clone());
             }
-            schema::apply_table(&tx, table)?;
         }
         tx.commit()?;
         self.reload_tables()?;

@@ -34,6 +34,15 @@ pub(super) fn decode(message: Message) -> Result<Option<ServerMessage>, ClientEr
                     message: f.reason.to_string(),
                 });
             }
+            if let Some(f) = frame
+                .as_ref()
+                .filter(|f| u16::from(f.code) == CloseCode::UPGRADE_REQUIRED.0)
+            {
+                return Err(ClientError::Refused {
+                    code: ErrorCode::UpgradeRequired,
+                    message: f.reason.to_string(),
+                });
+            }
             let reason = frame
                 .as_ref()
                 .map(|f| format!("{} {}", f.code, f.reason))

@@ -61,6 +61,7 @@ pub(crate) async fn connect_and_sync(
         resync: state.resync.clone(),
         tables: config.tables.clone(),
         repair: true,
+        schema_version: Some(state.schema_version),
     };
     let hello = serde_json::to_string(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
     socket.send(Message::Text(hello.into())).await?;
@@ -80,6 +81,7 @@ pub(crate) async fn connect_and_sync(
     let mut hydration: Option<Hydration> = None;
     // The welcome's change log, which a repair records once complete.
     let mut welcome_log: Option<String> = None;
+    let mut migrations = crate::migrations::Migrations::default();
     // A replica without a position (or with tables to resync) is sent a
     // snapshot first; it is not caught up before that is in.
     let mut awaiting_snapshot = state.lsn.is_none() || !state.resync.is_empty();
@@ -110,6 +112,12 @@ pub(crate) async fn connect_and_sync(
             _ = poll.tick() => {
                 // Picks up writes made by other processes and retries due.
                 pusher.wake();
+                continue;
+            }
+            _ = migrations.due() => {
+                for report in migrations.run(replica, events).await? {
+                    socket.send(Message::Text(report.into())).await?;
+                }
                 continue;
             }
             message = socket.next() => message,
@@ -247,7 +255,7 @@ pub(crate) async fn connect_and_sync(
                             target = Some(lsn);
                             wal_sent = wal_sent.max(wal_lsn);
                         }
-                        ServerMessage::Error { code, message } => {
+                        ServerMessage::Error { code, message, .. } => {
                             return Err(ClientError::Refused { code, message })
                         }
                         ServerMessage::WriteResult(results) => {
@@ -262,6 +270,9 @@ pub(crate) async fn connect_and_sync(
                                 .refused(replica, events, batch_id, code, message)
                                 .await?
                         }
+                        ServerMessage::Migrations {
+                            migrations: list, ..
+                        } => migrations.receive(list),
                         ServerMessage::Tx(_) | ServerMessage::Pong => {}
                     }
                 }

@@ -59,7 +59,8 @@ pub(crate) fn router(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> R
             state: Arc::clone(&state),
             shutdown,
         })
-        .merge(crate::ops::admin::router(state))
+        .merge(crate::ops::admin::router(Arc::clone(&state)))
+        .merge(crate::ops::migrations::router(state))
 }
 
 /// A refusal before the WebSocket upgrade, as JSON.

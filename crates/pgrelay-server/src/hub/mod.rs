@@ -251,6 +251,7 @@ impl Hub {
                 code: pgrelay_protocol::ErrorCode::Gone,
                 message: "the replication slot was lost; the server keeps a new change log"
                     .to_owned(),
+                upgrade: None,
             },
             Lsn::ZERO,
         );

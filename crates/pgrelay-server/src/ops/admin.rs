@@ -125,6 +125,9 @@ struct ClientRow {
     lag_bytes: u64,
     last_seen_ms: u64,
     last_seen_seconds_ago: f64,
+    /// Its client migrations (`pgrelay migrate`).
+    #[serde(flatten)]
+    schema: super::migrations::ClientSchema,
 }
 
 /// `GET /api/admin/clients`: the registry, with this node's live sessions
@@ -149,6 +152,7 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respons
     }
     let head = state.hub.head();
     let now = now_ms();
+    let mut schemas = super::migrations::by_client(&state).await;
     let rows: Vec<ClientRow> = rows
         .into_values()
         .map(|r| ClientRow {
@@ -161,6 +165,7 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             .as_secs_f64(),
             last_seen_ms: r.last_activity_ms,
             connected_at_ms: r.connected_at_ms,
+            schema: schemas.remove(&r.client_id).unwrap_or_default(),
             node: r.node,
             client_id: r.client_id,
         })

@@ -63,8 +63,10 @@ pub(crate) async fn apply(
 }
 
 /// Columns new since `before` that PostgreSQL filled in for existing rows:
-/// those with a default (stored, or a rewrite) or NOT NULL. A column
-/// added without either is NULL in every existing row, as in the replica.
+/// those with a default (stored, or a rewrite) or NOT NULL, and any other
+/// that already holds a value (a renamed column: its old name is dropped
+/// in the replica and the table fetched again). A column added without
+/// either is NULL in every existing row, as in the replica.
 pub(crate) async fn backfilled_columns(
     db: &tokio_postgres::Client,
     table: &str,
@@ -82,9 +84,39 @@ pub(crate) async fn backfilled_columns(
         )
         .await
         .map_err(ServerError::sql(format!("reading the columns of {table}")))?;
-    Ok(rows
+    let mut filled: Vec<String> = rows
         .iter()
         .map(|r| r.get::<_, String>(0))
         .filter(|name| before.iter().all(|c| c.name != *name))
-        .collect())
+        .collect();
+    let others = db
+        .query(
+            "SELECT attname::text FROM pg_attribute
+              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+            &[&table],
+        )
+        .await
+        .map_err(ServerError::sql(format!("reading the columns of {table}")))?;
+    for name in others.iter().map(|r| r.get::<_, String>(0)) {
+        if before.iter().any(|c| c.name == name) || filled.contains(&name) {
+            continue;
+        }
+        // Stops at the first value: a column just added has none.
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS NOT NULL)",
+            crate::writes::quote_table(table),
+            pgrelay_protocol::quote_ident(&name)
+        );
+        let holds: bool = db
+            .query_one(&sql, &[])
+            .await
+            .map_err(ServerError::sql(format!(
+                "looking for values in {table}.{name}"
+            )))?
+            .get(0);
+        if holds {
+            filled.push(name);
+        }
+    }
+    Ok(filled)
 }

@@ -52,13 +52,19 @@ async fn check(
 ) -> Result<(), ServerError> {
     let known = hub.schemas();
     let found = pgrelay_pg::discover_tables(db, &config.tables).await?;
+    let found_names: std::collections::HashSet<String> =
+        found.iter().map(|t| t.name.clone()).collect();
     let mut new = Vec::new();
     for mut table in found {
         match known.get(&table.name) {
             None => new.push(table),
             // A table that gained a key (or REPLICA IDENTITY FULL).
             Some(k) if k.skipped.is_some() && table.skipped.is_none() => new.push(table),
-            Some(k) if table.skipped.is_none() && !same_columns(&k.columns, &table.columns) => {
+            Some(k)
+                if table.skipped.is_none()
+                    && (!same_columns(&k.columns, &table.columns)
+                        || k.primary_key != table.primary_key) =>
+            {
                 table.backfilled =
                     crate::replication::backfilled_columns(db, &table.name, Some(&k.columns))
                         .await?;
@@ -70,6 +76,7 @@ async fn check(
             Some(_) => {}
         }
     }
+    gone(db, &known, &found_names, hub).await?;
     if new.is_empty() {
         return Ok(());
     }
@@ -96,4 +103,29 @@ fn same_columns(a: &[pgrelay_protocol::Column], b: &[pgrelay_protocol::Column]) 
         && a.iter()
             .zip(b)
             .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.pg_type == y.pg_type)
+}
+
+/// Synced tables PostgreSQL no longer has (dropped, renamed, moved to
+/// another schema) are announced as not synced: replicas drop them, in
+/// order with the changes around. A renamed table is found again under
+/// its new name, as a new table fetched alone.
+async fn gone(
+    db: &tokio_postgres::Client,
+    known: &std::collections::BTreeMap<String, pgrelay_protocol::TableSchema>,
+    found: &std::collections::HashSet<String>,
+    hub: &Hub,
+) -> Result<(), ServerError> {
+    for table in known.values() {
+        if table.skipped.is_some() || found.contains(&table.name) {
+            continue;
+        }
+        let mut dropped = table.clone();
+        dropped.skipped =
+            Some("the table no longer exists in PostgreSQL (dropped or renamed)".to_owned());
+        history::record_schema(db, &mut dropped).await?;
+        tracing::info!(table = %dropped.name, "table dropped");
+        let frame = hub.set_schema(dropped, hub.head());
+        hub.publish(vec![frame]);
+    }
+    Ok(())
 }

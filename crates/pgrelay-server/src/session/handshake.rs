@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
-use pgrelay_protocol::{ClientMessage, ErrorCode, Lsn, MAX_CLIENT_FRAME_BYTES, PROTOCOL_VERSION};
+use pgrelay_protocol::{
+    ClientMessage, ErrorCode, Lsn, UpgradeRequired, MAX_CLIENT_FRAME_BYTES, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
 
 use super::Refusal;
 use crate::ServerConfig;
@@ -23,6 +26,9 @@ pub(crate) struct Hello {
     pub(crate) tables: Option<Vec<String>>,
     /// The client repairs its replica where it would be told `gone`.
     pub(crate) repair: bool,
+    /// The replica's client schema version, from clients that run client
+    /// migrations.
+    pub(crate) schema_version: Option<i64>,
 }
 
 pub(super) async fn receive(
@@ -65,6 +71,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         resync,
         tables,
         repair,
+        schema_version,
     } = message
     else {
         return Err(Refusal::new(
@@ -72,11 +79,13 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
             "the first frame must be hello",
         ));
     };
-    if protocol_version != PROTOCOL_VERSION {
-        return Err(Refusal::new(
-            ErrorCode::UnsupportedVersion,
-            format!("protocol version {protocol_version} is not supported; this server speaks version {PROTOCOL_VERSION}"),
-        ));
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol_version) {
+        return Err(Refusal::upgrade(UpgradeRequired {
+            what: "protocol".to_owned(),
+            client: i64::from(protocol_version),
+            server_min: i64::from(MIN_PROTOCOL_VERSION),
+            server_max: i64::from(PROTOCOL_VERSION),
+        }));
     }
     let id_ok = !client_id.is_empty()
         && client_id.len() <= 128
@@ -103,6 +112,7 @@ fn parse_hello(bytes: &[u8]) -> Result<Hello, Refusal> {
         token,
         tables,
         repair,
+        schema_version,
     })
 }
 
@@ -124,7 +134,9 @@ fn check_size(bytes: &[u8]) -> Result<(), Refusal> {
 pub(super) fn classify(bytes: &[u8], error: serde_json::Error) -> Refusal {
     match serde_json::from_slice::<serde_json::Value>(bytes) {
         Ok(serde_json::Value::Object(map)) => match map.get("type").and_then(|t| t.as_str()) {
-            Some(kind) if !["hello", "write", "snapshot_done"].contains(&kind) => {
+            Some(kind)
+                if !["hello", "write", "snapshot_done", "migration_result"].contains(&kind) =>
+            {
                 let kind: String = kind.chars().take(64).collect();
                 Refusal::new(
                     ErrorCode::UnknownMessage,
@@ -178,7 +190,7 @@ mod tests {
         assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::UnknownMessage);
         assert_eq!(
             code(br#"{"type":"hello","protocol_version":99,"client_id":"a"}"#),
-            ErrorCode::UnsupportedVersion
+            ErrorCode::UpgradeRequired
         );
         assert_eq!(
             code(br#"{"type":"hello","protocol_version":1,"client_id":""}"#),

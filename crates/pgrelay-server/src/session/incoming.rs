@@ -66,6 +66,13 @@ impl Session<'_> {
                 self.send(Frame::encode(&ServerMessage::Pong, Lsn::ZERO))
                     .await?;
             }
+            write::Incoming::MigrationResult {
+                version,
+                direction,
+                error,
+            } => {
+                Box::pin(self.migration_result(version, direction, error)).await?;
+            }
             // A late verdict on a snapshot already settled: nothing to do.
             write::Incoming::SnapshotDone(_) => {}
             write::Incoming::Fatal(refusal) => return Err(refusal),

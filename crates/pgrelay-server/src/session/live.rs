@@ -42,6 +42,7 @@ impl Session<'_> {
             token,
             tables: subscribed,
             repair,
+            schema_version,
         } = hello;
         drop((token, subscribed));
         let head = self.state.hub.head();
@@ -77,6 +78,12 @@ impl Session<'_> {
             mend = Box::pin(self.pruned_past(start)).await?;
         }
         drop(log_id);
+        // A replica whose client schema is newer than anything this server
+        // stored is refused before it is welcomed.
+        let owed = match schema_version {
+            Some(version) => Some(self.owed(version)?),
+            None => None,
+        };
         // What "caught up" is measured against: what PostgreSQL has
         // committed now, not what the change log has captured so far.
         let wal = Box::pin(current_wal(self.state)).await?;
@@ -96,6 +103,10 @@ impl Session<'_> {
         drop((schemas, ours));
         self.send(Frame::encode(&welcome, head)).await?;
         drop(welcome);
+        // Its tables exist in the replica now: indexes on them can be made.
+        if let Some(owed) = owed {
+            Box::pin(self.send_owed(owed)).await?;
+        }
         // A new replica (no position) gets every table it syncs; a known
         // one only the tables it asks to resync. A client that asked for a
         // snapshot always gets one (perhaps of no table), so it knows when
@@ -142,6 +153,11 @@ impl Session<'_> {
         let live = Arc::clone(&self.live);
         // Only a session with a token has a deadline; boxed, so sessions
         // without one carry no timer.
+        // Only clients that run client migrations follow the catalog.
+        let mut catalog = self
+            .schema
+            .is_some()
+            .then(|| self.state.client_catalog.subscribe());
         let mut expiry = self
             .principal
             .is_some()
@@ -170,6 +186,16 @@ impl Session<'_> {
                     owed = None;
                     Box::pin(self.caught_up_with_wal(&mut frames)).await?;
                 }
+                _ = async {
+                    match catalog.as_mut() {
+                        Some(catalog) => {
+                            if catalog.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => Box::pin(self.catalog_changed()).await?,
                 incoming = self.socket.next() => {
                     last_heard = Instant::now();
                     if !Box::pin(self.incoming(incoming)).await? {

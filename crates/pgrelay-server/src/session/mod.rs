@@ -27,6 +27,7 @@ mod hydrate;
 mod incoming;
 mod live;
 mod repair;
+mod migrations;
 pub(crate) mod subscription;
 pub(crate) mod table;
 #[cfg(test)]
@@ -59,6 +60,8 @@ use table::{LiveSession, Signal};
 pub(crate) struct Refusal {
     pub(crate) code: ErrorCode,
     pub(crate) message: String,
+    /// With `upgrade_required`: the versions on both sides.
+    pub(crate) upgrade: Option<Box<pgrelay_protocol::UpgradeRequired>>,
 }
 
 impl Refusal {
@@ -66,6 +69,19 @@ impl Refusal {
         Refusal {
             code,
             message: message.into(),
+            upgrade: None,
+        }
+    }
+
+    /// `upgrade_required`, with both sides' versions.
+    pub(crate) fn upgrade(upgrade: pgrelay_protocol::UpgradeRequired) -> Refusal {
+        Refusal {
+            code: ErrorCode::UpgradeRequired,
+            message: format!(
+                "upgrade required: this client's {} version is {}, this server serves {}..={}",
+                upgrade.what, upgrade.client, upgrade.server_min, upgrade.server_max
+            ),
+            upgrade: Some(Box::new(upgrade)),
         }
     }
 }
@@ -137,6 +153,7 @@ pub(crate) async fn run(
             scope,
             principal,
             parts: None,
+            schema: None,
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -258,6 +275,7 @@ pub(crate) async fn refuse(socket: &mut dyn Socket, refusal: Refusal) {
         &ServerMessage::Error {
             code: refusal.code,
             message: refusal.message.clone(),
+            upgrade: refusal.upgrade.map(|u| *u),
         },
         Lsn::ZERO,
     );
@@ -303,6 +321,10 @@ struct Session<'a> {
     /// A transaction arriving in `write_part` frames; boxed, as most
     /// sessions never have one.
     parts: Option<Box<write::Parts<'a>>>,
+    /// The client schema version the replica reaches once it has run the
+    /// migrations sent; `None` for a client that does not run client
+    /// migrations (no `schema_version` in its hello).
+    schema: Option<i64>,
 }
 
 /// Why a session told to close (by an operator, or by its client's new

@@ -95,6 +95,7 @@ fn state(config: ServerConfig) -> AppState {
     let pool = pgrelay_pg::Pool::new(&info, 2).unwrap();
     let (audit, _writer) = Audit::start(pool.clone(), shutdown);
     AppState {
+        client_catalog: tokio::sync::watch::channel(Default::default()).0,
         hub: Arc::new(Hub::new(16, Lsn::ZERO, Vec::new(), false, "log")),
         log_reader: LogReader::new(pool.clone()),
         replication: Arc::new(ReplicationStatus::new()),
@@ -146,6 +147,7 @@ async fn serve(
         scope: None,
         principal,
         parts: None,
+        schema: None,
     };
     let owed: Option<Pin<Box<std::future::Ready<()>>>> = None;
     session.serve(frames, owed, shutdown).await

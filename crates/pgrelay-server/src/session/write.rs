@@ -27,6 +27,12 @@ pub(super) enum Incoming {
         code: BatchRefusal,
         message: String,
     },
+    /// The client's report on a client migration.
+    MigrationResult {
+        version: i64,
+        direction: pgrelay_protocol::Direction,
+        error: Option<String>,
+    },
     /// Refuse and close.
     Fatal(Refusal),
 }
@@ -54,6 +60,15 @@ pub(super) fn parse(bytes: &[u8]) -> Incoming {
         Ok(ClientMessage::WritePart(part)) => Incoming::WritePart(part, bytes.len()),
         Ok(ClientMessage::SnapshotDone { refetch }) => Incoming::SnapshotDone(refetch),
         Ok(ClientMessage::Ping) => Incoming::Ping,
+        Ok(ClientMessage::MigrationResult {
+            version,
+            direction,
+            error,
+        }) => Incoming::MigrationResult {
+            version,
+            direction,
+            error,
+        },
         Ok(ClientMessage::Hello { .. }) => Incoming::Fatal(Refusal::new(
             ErrorCode::HandshakeRequired,
             "hello was already received",
@@ -205,6 +220,7 @@ mod tests {
             Incoming::Write(_)
             | Incoming::WritePart(..)
             | Incoming::SnapshotDone(_)
+            | Incoming::MigrationResult { .. }
             | Incoming::Ping => {
                 panic!("accepted {text}")
             }

@@ -193,6 +193,7 @@ pub(crate) async fn receive_only(addr: &str) -> anyhow::Result<Export> {
         resync: Vec::new(),
         tables: None,
         repair: false,
+        schema_version: None,
     };
     let started = Instant::now();
     socket
@@ -226,7 +227,7 @@ pub(crate) async fn receive_only(addr: &str) -> anyhow::Result<Export> {
                     let _ = socket.close(None).await;
                     return Ok(export);
                 }
-                ServerMessage::Error { code, message } => {
+                ServerMessage::Error { code, message, .. } => {
                     anyhow::bail!("the server refused: {code:?}: {message}")
                 }
                 _ => {}

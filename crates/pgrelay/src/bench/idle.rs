@@ -174,6 +174,7 @@ async fn hold_connection(
         resync: Vec::new(),
         tables: None,
         repair: false,
+        schema_version: None,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello)?.into()))
@@ -186,7 +187,7 @@ async fn hold_connection(
         if let Message::Text(text) = message {
             match serde_json::from_str::<ServerMessage>(&text)? {
                 ServerMessage::CaughtUp { .. } => break,
-                ServerMessage::Error { code, message } => {
+                ServerMessage::Error { code, message, .. } => {
                     anyhow::bail!("refused: {code:?} {message}")
                 }
                 _ => {}

@@ -91,6 +91,17 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                 Event::WriteRejected { tx_id, reason } => {
                     tracing::warn!(%tx_id, %reason, "local write rejected")
                 }
+                Event::MigrationApplied { version, direction } => {
+                    tracing::info!(version, ?direction, "client migration ran")
+                }
+                Event::MigrationFailed {
+                    version,
+                    error,
+                    attempt,
+                    retry_in,
+                } => {
+                    tracing::warn!(version, %error, attempt, ?retry_in, "client migration failed; retrying")
+                }
                 Event::WriteRetry { tx_id, reason } => {
                     tracing::info!(%tx_id, %reason, "local write will be retried")
                 }

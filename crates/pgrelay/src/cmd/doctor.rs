@@ -12,6 +12,10 @@ pub struct DoctorArgs {
     /// Print the findings as one JSON object (`{"findings": [...]}`).
     #[arg(long)]
     json: bool,
+    /// Also check the application's migrations folder: pending migrations
+    /// (warning), applied ones whose files changed (error).
+    #[arg(long)]
+    migrations: Option<std::path::PathBuf>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -21,7 +25,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     if config.database_url.is_none() {
         anyhow::bail!("pgrelay doctor needs --database-url (or PGRELAY_DATABASE_URL)");
     }
-    let report = doctor::diagnose(&config).await?;
+    let report = doctor::diagnose_with_migrations(&config, args.migrations.as_deref()).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

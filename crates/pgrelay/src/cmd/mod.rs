@@ -6,6 +6,7 @@ pub mod client;
 pub mod demo;
 pub mod doctor;
 pub mod eventlog_host;
+pub mod migrate;
 pub mod serve;
 pub mod tls;
 pub mod verify;

@@ -29,7 +29,8 @@ async fn refused(
         while let Some(message) = socket.next().await {
             match message {
                 Ok(Message::Text(text)) => {
-                    if let Ok(ServerMessage::Error { code, message }) = serde_json::from_str(&text)
+                    if let Ok(ServerMessage::Error { code, message, .. }) =
+                        serde_json::from_str(&text)
                     {
                         error = Some((code, message));
                     }
@@ -85,7 +86,7 @@ async fn bad_frames_close_only_their_connection() {
             ErrorCode::UnknownMessage,
             1002,
         ),
-        (vec![hello(99)], ErrorCode::UnsupportedVersion, 1002),
+        (vec![hello(99)], ErrorCode::UpgradeRequired, 4426),
         (
             vec![hello(1), Message::Text(r#"{"type":"launch"}"#.into())],
             ErrorCode::UnknownMessage,

@@ -182,6 +182,7 @@ async fn a_column_and_a_table_added_while_a_client_waits_for_its_snapshot_reach_
         resync: Vec::new(),
         tables: Some(vec!["other".to_owned()]),
         repair: false,
+        schema_version: None,
     };
     holder
         .send(Message::Text(serde_json::to_string(&hello).unwrap().into()))

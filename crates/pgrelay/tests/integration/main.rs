@@ -33,6 +33,7 @@ mod pipeline;
 mod protection;
 mod repair;
 mod retention;
+mod schema_migrations;
 mod sessions;
 mod shutdown;
 mod slot;

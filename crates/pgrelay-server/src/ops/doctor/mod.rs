@@ -10,6 +10,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+mod migrations;
 mod slots;
 
 use slots::{capacity, slots};
@@ -38,7 +39,7 @@ pub enum Severity {
 pub struct Finding {
     /// Which check (stable, for scripts): `version`, `wal_level`, `slots`,
     /// `wal_senders`, `slot`, `publication`, `identity`, `rule_identity`,
-    /// `connections`, `change_log`.
+    /// `connections`, `change_log`, `migrations`.
     pub check: &'static str,
     pub severity: Severity,
     pub message: String,
@@ -86,6 +87,21 @@ impl Report {
     pub(super) fn push(&mut self, finding: Finding) {
         self.findings.push(finding);
     }
+}
+
+/// [`diagnose`], and with `migrations` the application's migrations
+/// folder against what was applied.
+pub async fn diagnose_with_migrations(
+    config: &ServerConfig,
+    migrations: Option<&std::path::Path>,
+) -> Result<Report, ServerError> {
+    let mut report = diagnose(config).await?;
+    if let (Some(dir), Some(url)) = (migrations, config.database_url.as_ref()) {
+        let info = ConnInfo::parse(url.expose_secret())?;
+        let db = pgrelay_pg::connect(&info).await?;
+        migrations::check(&db, dir, &mut report).await?;
+    }
+    Ok(report)
 }
 
 /// Connects to the configured database and runs every check.

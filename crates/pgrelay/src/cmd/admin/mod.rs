@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
-    /// List registered clients: id, connected, node, LSN, lag, last seen.
+    /// List registered clients: id, connected, node, LSN, lag, last seen,
+    /// client schema version and failed client migrations.
     Clients {
         #[command(flatten)]
         server: AdminServer,
@@ -40,6 +41,11 @@ pub enum AdminCommand {
         server: AdminServer,
         client_id: String,
     },
+    /// Client migrations: the versions handed out and each client's report (JSON).
+    Migrations {
+        #[command(flatten)]
+        server: AdminServer,
+    },
     /// LiveStore stores: info, reset.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -62,6 +68,18 @@ struct ClientRow {
     lsn: String,
     lag_bytes: u64,
     last_seen_seconds_ago: f64,
+    /// Its client migrations (older servers send none).
+    #[serde(default)]
+    schema_version: i64,
+    #[serde(default)]
+    failed_migrations: Vec<FailedMigration>,
+}
+
+#[derive(Deserialize)]
+struct FailedMigration {
+    version: i64,
+    attempts: i64,
+    error: String,
 }
 
 pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
@@ -92,6 +110,14 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             answer(request(&server, "DELETE", &path).await?)
         }
         AdminCommand::Store(command) => store::store(command).await,
+        AdminCommand::Migrations { server } => {
+            let (status, body) = request(&server, "GET", "/api/admin/migrations").await?;
+            if status != 200 {
+                bail!("the server answered {status}: {body}");
+            }
+            println!("{body}");
+            Ok(())
+        }
         AdminCommand::Notify { server, client_id } => {
             let path = format!("/api/admin/clients/{}/notify", path_segment(&client_id)?);
             answer(request(&server, "POST", &path).await?)
@@ -123,18 +149,32 @@ fn path_segment(id: &str) -> anyhow::Result<&str> {
 
 fn render_table(rows: &[ClientRow]) -> String {
     let mut out = format!(
-        "{:<32}  {:<9}  {:<24}  {:<14}  {:>12}  {:>10}\n",
-        "client", "connected", "node", "lsn", "lag bytes", "last seen"
+        "{:<32}  {:<9}  {:<24}  {:<14}  {:>12}  {:>10}  {:>14}  {}\n",
+        "client",
+        "connected",
+        "node",
+        "lsn",
+        "lag bytes",
+        "last seen",
+        "schema",
+        "failed migrations"
     );
     for r in rows {
+        let failed: Vec<String> = r
+            .failed_migrations
+            .iter()
+            .map(|f| format!("{} ({} attempts: {})", f.version, f.attempts, f.error))
+            .collect();
         out.push_str(&format!(
-            "{:<32}  {:<9}  {:<24}  {:<14}  {:>12}  {:>10}\n",
+            "{:<32}  {:<9}  {:<24}  {:<14}  {:>12}  {:>10}  {:>14}  {}\n",
             r.client_id,
             if r.connected { "yes" } else { "no" },
             r.node,
             r.lsn,
             r.lag_bytes,
-            format!("{:.0}s ago", r.last_seen_seconds_ago)
+            format!("{:.0}s ago", r.last_seen_seconds_ago),
+            r.schema_version,
+            failed.join("; ")
         ));
     }
     out.push_str(&format!("{} clients\n", rows.len()));

@@ -151,7 +151,9 @@ async fn bad_tokens_are_refused_and_nothing_is_sent() {
             "{what}: the server sent more than its refusal: {seen:?}"
         );
         match &seen[0] {
-            ServerMessage::Error { code: got, message } => {
+            ServerMessage::Error {
+                code: got, message, ..
+            } => {
                 assert_eq!(got, code, "{what}: {message}");
                 assert!(
                     message.contains(reason),
@@ -256,7 +258,7 @@ async fn public_keys_pin_their_algorithm() {
             let (seen, closed) = exchange(server.local_addr(), Some(&bad)).await;
             assert_eq!(seen.len(), 1, "{public}: {seen:?}");
             assert!(
-                matches!(&seen[0], ServerMessage::Error { code: ErrorCode::Unauthorized, message } if message.contains("is not accepted")),
+                matches!(&seen[0], ServerMessage::Error { code: ErrorCode::Unauthorized, message, .. } if message.contains("is not accepted")),
                 "{public}: {seen:?}"
             );
             assert_eq!(closed, 1008);

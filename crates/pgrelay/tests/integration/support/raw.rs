@@ -48,6 +48,7 @@ pub async fn send_hello(socket: &mut Socket, id: &str, tables: Option<Vec<&str>>
         resync: Vec::new(),
         tables: tables.map(|t| t.into_iter().map(str::to_owned).collect()),
         repair: false,
+        schema_version: None,
     };
     socket
         .send(Message::Text(serde_json::to_string(&hello).unwrap().into()))
@@ -64,7 +65,7 @@ pub async fn read_to_caught_up(socket: &mut Socket) -> Vec<pgrelay_protocol::Tra
                 match serde_json::from_str::<ServerMessage>(&text) {
                     Ok(ServerMessage::Tx(tx)) => txs.push(tx),
                     Ok(ServerMessage::CaughtUp { .. }) => return,
-                    Ok(ServerMessage::Error { code, message }) => {
+                    Ok(ServerMessage::Error { code, message, .. }) => {
                         panic!("refused during the handshake: {code:?} {message}")
                     }
                     _ => {}
@@ -87,7 +88,7 @@ pub async fn read_to_end(socket: &mut Socket, timeout: Duration) -> Ended {
             match message {
                 Ok(Message::Text(text)) => match serde_json::from_str::<ServerMessage>(&text) {
                     Ok(ServerMessage::Tx(tx)) => ended.txs.push(tx),
-                    Ok(ServerMessage::Error { code, message }) => {
+                    Ok(ServerMessage::Error { code, message, .. }) => {
                         ended.error = Some((code, message))
                     }
                     _ => {}
