@@ -26,7 +26,9 @@ pub use replica::{
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `ws://host:port` (the path `/api/sync` is added when missing).
+    /// `ws://host:port` (the path `/api/sync` is added when missing); or
+    /// several such URLs separated by commas, nodes of one deployment,
+    /// tried in turn whenever a connection fails or ends.
     pub server: String,
     pub db: PathBuf,
     /// Stored in the replica on first use; generated when not given.
@@ -81,8 +83,23 @@ impl ClientConfig {
         }
     }
 
-    pub(crate) fn sync_url(&self) -> String {
-        let trimmed = self.server.trim_end_matches('/');
+    /// The servers to try, in turn.
+    pub fn servers(&self) -> Vec<&str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// The sync URL of the server for connection attempt `turn`.
+    pub(crate) fn sync_url(&self, turn: usize) -> String {
+        let servers = self.servers();
+        let server = servers
+            .get(turn % servers.len().max(1))
+            .copied()
+            .unwrap_or_default();
+        let trimmed = server.trim_end_matches('/');
         let after_scheme = trimmed.split_once("://").map_or(trimmed, |(_, rest)| rest);
         if after_scheme.contains('/') {
             trimmed.to_owned()
@@ -295,10 +312,14 @@ impl SyncClient {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let mut attempt = 0u32;
         let mut tokens_refused = 0u32;
+        // Which of the servers the next connection goes to: the next one
+        // after each failure, so a dead node is left for a live one.
+        let mut turn = 0usize;
         loop {
             let mut welcomed = false;
             let result = session::connect_and_sync(
                 &self.config,
+                turn,
                 &self.replica,
                 &self.events,
                 &mut shutdown,
@@ -340,6 +361,7 @@ impl SyncClient {
                     attempt = 1;
                 }
                 Err(e) => {
+                    turn = turn.wrapping_add(1);
                     let delay = session::backoff(
                         attempt,
                         self.config.backoff_base,
@@ -373,5 +395,14 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("client-token-secret-5"), "{printed}");
         assert!(printed.contains("ws://127.0.0.1:7171"), "{printed}");
+    }
+
+    #[test]
+    fn several_servers_are_tried_in_turn() {
+        let config = ClientConfig::new("ws://a:1, ws://b:2/api/sync,", "replica.sqlite");
+        assert_eq!(config.servers(), vec!["ws://a:1", "ws://b:2/api/sync"]);
+        assert_eq!(config.sync_url(0), "ws://a:1/api/sync");
+        assert_eq!(config.sync_url(1), "ws://b:2/api/sync");
+        assert_eq!(config.sync_url(2), "ws://a:1/api/sync");
     }
 }

@@ -27,13 +27,14 @@ pub(crate) enum Ending {
 
 pub(crate) async fn connect_and_sync(
     config: &ClientConfig,
+    turn: usize,
     replica: &Replica,
     events: &broadcast::Sender<Event>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     welcomed: &mut bool,
     writes: &Notify,
 ) -> Result<Ending, ClientError> {
-    let url = config.sync_url();
+    let url = config.sync_url(turn);
     let token = config.current_token().await?;
     let (mut socket, _) =
         // `true`: TCP_NODELAY, so a small frame (a write batch, a ping) is

@@ -85,6 +85,16 @@ pub struct ServerConfig {
     /// On shutdown, how long sessions get to close before the server stops
     /// waiting for them.
     pub shutdown_grace: Duration,
+    /// How often a node that does not capture tries for the capture lock
+    /// (and a capturer renews its term).
+    pub capture_retry: Duration,
+    /// A capturer that has not renewed its term for this long is taken
+    /// over (its lock session ended); a capturer that cannot renew within
+    /// it stands down.
+    pub capture_lease: Duration,
+    /// How often a following node reads the change log even without a
+    /// notification (a safety net; notifications wake it at once).
+    pub follow_poll: Duration,
 }
 
 impl ServerConfig {
@@ -122,6 +132,9 @@ impl ServerConfig {
             stall_after: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            capture_retry: Duration::from_secs(1),
+            capture_lease: Duration::from_secs(3),
+            follow_poll: Duration::from_secs(5),
         }
     }
 
@@ -151,6 +164,12 @@ impl ServerConfig {
             return Err(format!(
                 "--slot {:?}: a slot name is 1-58 characters of lower-case letters, digits and '_'",
                 self.slot
+            ));
+        }
+        if self.capture_retry.is_zero() || self.capture_lease <= self.capture_retry {
+            return Err(format!(
+                "--capture-lease ({:?}) must be longer than --capture-retry ({:?}), which must not be zero",
+                self.capture_lease, self.capture_retry
             ));
         }
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {

@@ -21,7 +21,7 @@ const LOCK: i64 = 0x7067_7265_6c61_7931;
 /// The migrations, oldest first. V1 and V2 are the schema the server kept
 /// as `IF NOT EXISTS` statements before, so they also bring a database
 /// made by an older server up to date.
-const MIGRATIONS: [(&str, &str); 3] = [
+const MIGRATIONS: [(&str, &str); 4] = [
     (
         "V1__change_log",
         include_str!("../migrations/V1__change_log.sql"),
@@ -33,6 +33,10 @@ const MIGRATIONS: [(&str, &str); 3] = [
     (
         "V3__client_owners",
         include_str!("../migrations/V3__client_owners.sql"),
+    ),
+    (
+        "V4__capture_term",
+        include_str!("../migrations/V4__capture_term.sql"),
     ),
 ];
 
@@ -133,8 +137,8 @@ mod tests {
             .unwrap()
             .get(0);
 
-        assert_eq!(migrate(&mut client).await.unwrap(), vec![1, 2, 3]);
-        assert_eq!(versions(&client).await, vec![1, 2, 3]);
+        assert_eq!(migrate(&mut client).await.unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(versions(&client).await, vec![1, 2, 3, 4]);
         let row = client
             .query_one(
                 "SELECT (SELECT log_id FROM pgrelay.log_state),
@@ -172,9 +176,9 @@ mod tests {
             applied.extend(done.unwrap().unwrap());
         }
         applied.sort_unstable();
-        assert_eq!(applied, vec![1, 2, 3]);
+        assert_eq!(applied, vec![1, 2, 3, 4]);
         let client = db.connect().await.unwrap();
-        assert_eq!(versions(&client).await, vec![1, 2, 3]);
+        assert_eq!(versions(&client).await, vec![1, 2, 3, 4]);
         let log_ids: i64 = client
             .query_one("SELECT count(*) FROM pgrelay.log_state", &[])
             .await

@@ -10,7 +10,7 @@ use pgrelay_protocol::{Lsn, Transaction};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::history::{self, LoggedTx};
+use crate::history::{self, Fence, LoggedTx};
 use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
@@ -79,6 +79,7 @@ impl Writer {
         hub: Arc<Hub>,
         status: Arc<ReplicationStatus>,
         start: Lsn,
+        fence: Fence,
     ) -> Writer {
         // One batch committing and one queued: the loop accumulates the
         // next while both are busy, so memory stays bounded by the batch cap.
@@ -87,6 +88,7 @@ impl Writer {
         let (durable_tx, durable) = watch::channel(start);
         let task = tokio::spawn(commit_loop(
             db,
+            fence,
             rx,
             Arc::clone(&in_flight),
             durable_tx,
@@ -160,7 +162,8 @@ impl Writer {
 }
 
 async fn commit_loop(
-    db: tokio_postgres::Client,
+    mut db: tokio_postgres::Client,
+    fence: Fence,
     mut batches: mpsc::Receiver<Batch>,
     in_flight: Arc<AtomicUsize>,
     durable: watch::Sender<Lsn>,
@@ -181,7 +184,7 @@ async fn commit_loop(
                     schema_versions: versions,
                 })
                 .collect();
-            history::append(&db, &entries).await?;
+            history::append(&mut db, &fence, batch.end_lsn, &entries).await?;
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;

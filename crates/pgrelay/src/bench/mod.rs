@@ -6,6 +6,7 @@
 mod capture;
 mod eventlog;
 mod eventlog_stores;
+mod failover;
 mod fanout;
 mod fleet;
 mod hydrate;
@@ -39,6 +40,8 @@ pub enum BenchCommand {
     Hydrate(hydrate::HydrateArgs),
     /// LiveStore event logs: events/s accepted on one store, push → receipt at many live clients.
     Eventlog(eventlog::EventLogArgs),
+    /// Several nodes on one slot: time to a new capturing node after SIGKILL of the capturer.
+    Failover(failover::FailoverArgs),
 }
 
 /// Options every bench takes.
@@ -65,6 +68,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),
         BenchCommand::Hydrate(args) => (args.common.clone(), hydrate::run(args).await?),
         BenchCommand::Eventlog(args) => (args.common.clone(), eventlog::run(args).await?),
+        BenchCommand::Failover(args) => (args.common.clone(), failover::run(args).await?),
     };
     print!("{}", report.render_table());
     if let Some(path) = &common.json {

@@ -9,9 +9,10 @@ use secrecy::SecretString;
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
-    /// Server address, e.g. ws://127.0.0.1:7171
-    #[arg(long, env = "PGRELAY_SERVER", default_value = "ws://127.0.0.1:7171")]
-    pub server: String,
+    /// Server address, e.g. ws://127.0.0.1:7171; repeat it (or separate by
+    /// commas) for several nodes, tried in turn when a connection fails.
+    #[arg(long, env = "PGRELAY_SERVER", default_value = "ws://127.0.0.1:7171", value_delimiter = ',')]
+    pub server: Vec<String>,
     /// The replica's SQLite file (created when missing).
     #[arg(long, env = "PGRELAY_DB")]
     pub db: PathBuf,
@@ -40,7 +41,7 @@ pub struct SyncArgs {
 }
 
 pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
-    let mut config = ClientConfig::new(args.server, args.db);
+    let mut config = ClientConfig::new(args.server.join(","), args.db);
     config.client_id = args.client_id;
     config.token = args.token;
     config.tables = args.tables.filter(|t| !t.is_empty());

@@ -130,6 +130,8 @@ pub struct ServeArgs {
     #[arg(long, env = "PGRELAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     #[command(flatten)]
+    pub capture: super::capture::CaptureArgs,
+    #[command(flatten)]
     pub eventlog: EventLogArgs,
 }
 
@@ -258,6 +260,7 @@ impl ServeArgs {
         config.stall_after = self.stall_after;
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
+        self.capture.apply(&mut config);
         config.auth = auth;
         let mut eventlog = EventLogConfig {
             idle_timeout: config.idle_timeout,

@@ -5,6 +5,7 @@
 
 pub mod proxy;
 pub mod raw;
+pub mod tcp_proxy;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
