@@ -3,66 +3,27 @@
 //! batches (each batch atomically with its LSN), the outbox pushed in
 //! order with one batch in flight, a heartbeat, and reconnects with
 //! exponential backoff and full jitter. Mirrors the Rust client's
-//! `session.rs` and `SyncClient::run`.
+//! `session/` and `SyncClient::run`; the outbox is `push.ts`.
 
 import { backoff } from "./backoff.js";
-import { Hydration, type HydrationProgress } from "./hydrate.js";
-import type { ServerMessage, Transaction, WriteResults } from "./protocol.js";
-import { decodeFrame, MAX_WRITE_TRANSACTIONS, parseLsn, PROTOCOL_VERSION, ProtocolError, RefusedError } from "./protocol.js";
-import type { Outcome, Replica } from "./replica/index.js";
+import { CatchUp } from "./catch-up.js";
+import { Hydration } from "./hydrate.js";
+import type { ServerMessage, TableSchema, Transaction } from "./protocol.js";
+import { decodeFrame, parseLsn, PROTOCOL_VERSION, ProtocolError, RefusedError, sqliteName } from "./protocol.js";
+import { Pusher } from "./push.js";
+import { applySchema, ResyncNeeded } from "./resync.js";
+import type { Replica } from "./replica/index.js";
+import { syncUrl, type SyncConfig, type SyncHost, type SyncStatus } from "./sync-host.js";
+
+export type { ConnectionState, SyncConfig, SyncEvent, SyncHost, SyncStatus } from "./sync-host.js";
+export { syncUrl } from "./sync-host.js";
+export { WriteRejectedError } from "./push.js";
 
 /** Changes applied in one SQLite transaction at most, when many wait. */
 const MAX_APPLY_CHANGES = 10_000;
 /** Compressed snapshot bytes loaded in one SQLite transaction at most. */
 const SNAPSHOT_BATCH_BYTES = 16 << 20;
 
-export interface SyncConfig {
-  url: string;
-  tables?: string[];
-  pingIntervalMs: number;
-  idleTimeoutMs: number;
-  backoffBaseMs: number;
-  backoffCapMs: number;
-  outboxPollMs: number;
-}
-
-export type ConnectionState = "connecting" | "connected" | "disconnected" | "offline" | "stopped" | "failed";
-
-export interface SyncStatus {
-  connection: ConnectionState;
-  /** Hydration in progress, or null. */
-  hydrating: HydrationProgress | null;
-  /** The replica holds everything the server had when this connection began. */
-  caughtUp: boolean;
-  lsn: string | null;
-  /** Local writes the server has not answered yet. */
-  outbox: number;
-  rejected: number;
-  lastError: { code: string; message: string } | null;
-  retryInMs: number | null;
-}
-
-export type SyncEvent =
-  | { type: "status"; status: SyncStatus }
-  | { type: "changed"; tables: string[]; commitTimesUs: number[]; appliedAtMs: number }
-  | { type: "rejected"; txId: string; code: string | null; reason: string }
-  | { type: "error"; code: string; message: string }
-  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[] };
-
-export interface SyncHost {
-  token(): Promise<string | null>;
-  emit(event: SyncEvent): void;
-  /** Says what a failed replica write means (a full disk, say) as a code and a message; undefined keeps it as is. */
-  explain?(error: Error): Promise<{ code: string; message: string } | undefined>;
-}
-
-/** A local write someone waits on until the replica holds the server's version. */
-interface Waiter {
-  resolve(): void;
-  reject(error: Error): void;
-  /** Set once the server applied it: the WAL bounds of its commit. */
-  bounds?: { floor: bigint | null; ceiling: bigint | null };
-}
 
 /** Codes after which reconnecting cannot help. */
 const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
@@ -84,28 +45,12 @@ export class Sync {
   private welcomed = false;
   /** This client's tag in transactions' `origin` (the welcome says it). */
   private origin: string | null = null;
-  private target: bigint | null = null;
-  /**
-   * PostgreSQL's WAL position at the welcome, and how far the server says
-   * its capture has sent us (`caught_up.wal_lsn`): caught up means holding
-   * everything PostgreSQL had committed when this connection began.
-   */
-  private walTarget: bigint | null = null;
-  private walSent: bigint | null = null;
+  private readonly catchUp = new CatchUp();
   /** The tables this connection's `hello` asked to resync (its snapshot brings them). */
   private resyncAsked: string[] = [];
   private awaitingSnapshot = false;
   private hydration: Hydration | null = null;
-  /** The batch awaiting its answer. */
-  private inFlight: { batchId: string | null; txIds: string[] } | null = null;
-  private pushWanted = false;
-  private notBefore = 0;
-  private pushAttempt = 0;
-  private oneAtATime = false;
-  /** Own transactions applied on this connection (LSNs), for read-your-writes. */
-  private echoes: bigint[] = [];
-
-  private readonly waiters = new Map<string, Waiter>();
+  private readonly pusher: Pusher;
   readonly status: SyncStatus = {
     connection: "stopped",
     hydrating: null,
@@ -124,6 +69,10 @@ export class Sync {
     /** Runs replica work exclusively (an application transaction may hold the database). */
     private readonly exclusive: <T>(work: () => T | Promise<T>) => Promise<T>,
   ) {
+    this.pusher = new Pusher(replica, config, host, {
+      position: () => this.status.lsn,
+      outboxChanged: () => this.refreshOutbox(),
+    });
     this.status.lsn = replica.state().lsn;
     this.refreshOutbox();
   }
@@ -132,7 +81,7 @@ export class Sync {
     if (!this.stopped) return;
     this.stopped = false;
     this.pollTimer = setInterval(() => {
-      this.pushWanted = true;
+      this.pusher.want();
       this.pump();
     }, this.config.outboxPollMs);
     this.connect();
@@ -161,16 +110,14 @@ export class Sync {
 
   /** A local write was made: push it when connected. */
   wrote(): void {
-    this.pushWanted = true;
+    this.pusher.want();
     this.refreshOutbox();
     this.pump();
   }
 
   /** Resolves once the server applied the transaction and the replica holds it. */
   waitForServer(txId: string): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.waiters.set(txId, { resolve, reject });
-    });
+    return this.pusher.waitFor(txId);
   }
 
   private connect(): void {
@@ -238,14 +185,9 @@ export class Sync {
   private resetConnection(): void {
     this.queue = [];
     this.welcomed = false;
-    this.target = null;
-    this.walTarget = null;
-    this.walSent = null;
+    this.catchUp.reset();
     this.hydration = null;
-    this.inFlight = null;
-    this.pushWanted = true;
-    this.oneAtATime = false;
-    this.echoes = [];
+    this.pusher.reset();
     this.setStatus({ caughtUp: false, hydrating: null });
   }
 
@@ -303,8 +245,7 @@ export class Sync {
     const lastError = { code, message: error.message };
     this.host.emit({ type: "error", code, message: error.message });
     if (error instanceof RefusedError && FATAL.has(error.code)) {
-      for (const [, w] of this.waiters) w.reject(error);
-      this.waiters.clear();
+      this.pusher.rejectAll(error);
       this.setStatus({ connection: "failed", lastError, retryInMs: null });
       return;
     }
@@ -401,13 +342,8 @@ export class Sync {
     }
     this.flush(batch);
     const lsn = this.status.lsn === null ? 0n : parseLsn(this.status.lsn);
-    // Not while a snapshot is still arriving; a server that names no WAL
-    // position (an older one) means its change log's head at the welcome.
-    const walReached = this.walTarget === null || (this.walSent !== null && this.walSent >= this.walTarget);
-    if (!this.awaitingSnapshot && this.target !== null && lsn >= this.target && walReached) {
-      this.target = null;
-      this.setStatus({ caughtUp: true });
-    }
+    // Not while a snapshot is still arriving.
+    if (!this.awaitingSnapshot && this.catchUp.reached(lsn)) this.setStatus({ caughtUp: true });
   }
 
   private flush(batch: Transaction[]): void {
@@ -415,21 +351,19 @@ export class Sync {
     // Servers before the origin tag sent the client id itself.
     const own = this.origin ?? this.replica.state().clientId;
     const applied = this.replica.applyTransactions(batch, own);
-    for (const e of applied.echoes) this.echoes.push(parseLsn(e.lsn));
-    if (this.echoes.length > 1000) this.echoes.splice(0, this.echoes.length - 1000);
+    this.pusher.echoed(applied.echoes.map((e) => e.lsn));
     this.status.lsn = applied.lsn;
     if (applied.tables.length > 0) {
       this.host.emit({ type: "changed", tables: applied.tables, commitTimesUs: batch.map((t) => t.commit_time_us), appliedAtMs: Date.now() });
     }
-    this.settleWaiters();
+    this.pusher.settle();
     this.setStatus({});
     if (applied.unknown.length > 0) {
       // Committed, and recorded for a snapshot: the next connection
       // fetches those tables (a server that announced them would have
       // sent their schema first).
       console.warn(`pgrelay: changes for tables this replica does not know (${applied.unknown.join(", ")}); reconnecting to fetch them`);
-      this.attempt = 0;
-      throw new ResyncNeeded(applied.unknown);
+      this.resync(applied.unknown);
     }
   }
 
@@ -439,11 +373,10 @@ export class Sync {
         if (message.log_id) this.replica.setMeta("log_id", message.log_id);
         this.origin = message.origin ?? null;
         this.resyncNewTables(message.tables, this.resyncAsked);
-        this.target = parseLsn(message.head_lsn);
-        this.walTarget = message.wal_lsn ? parseLsn(message.wal_lsn) : null;
+        this.catchUp.welcome(message.head_lsn, message.wal_lsn);
         this.welcomed = true;
         this.attempt = 0;
-        this.pushWanted = true;
+        this.pusher.want();
         this.setStatus({ connection: "connected", lastError: null });
         return;
       }
@@ -453,7 +386,7 @@ export class Sync {
         return;
       case "snapshot_begin":
         this.hydration = await Hydration.begin(this.replica, message.resume_lsn, message.full, message.tables, message.visibility);
-        this.host.emit({ type: "changed", tables: this.hydration.tableNames().map(sqliteTable), commitTimesUs: [], appliedAtMs: Date.now() });
+        this.host.emit({ type: "changed", tables: this.hydration.tableNames().map(sqliteName), commitTimesUs: [], appliedAtMs: Date.now() });
         this.setStatus({ hydrating: this.hydration.progress() });
         return;
       case "snapshot_table":
@@ -470,9 +403,9 @@ export class Sync {
           if (h.full) this.status.lsn = h.resume;
           this.hydration = null;
           this.awaitingSnapshot = false;
-          this.pushWanted = true;
+          this.pusher.want();
           this.host.emit({ type: "hydrated", rows: h.rowsDone, bytes: h.bytesDone, elapsedMs: Date.now() - h.started, refetched: h.refetched });
-          this.host.emit({ type: "changed", tables: h.tableNames().map(sqliteTable), commitTimesUs: [], appliedAtMs: Date.now() });
+          this.host.emit({ type: "changed", tables: h.tableNames().map(sqliteName), commitTimesUs: [], appliedAtMs: Date.now() });
           this.setStatus({ hydrating: null });
         }
         return;
@@ -487,23 +420,21 @@ export class Sync {
           // the position moves on without them, in a transaction of its own.
           const applied = this.replica.applyTransactions([{ lsn: message.lsn, xid: 0, commit_time_us: 0, changes: [] }], null);
           this.status.lsn = applied.lsn;
-          this.settleWaiters();
+          this.pusher.settle();
         }
-        this.target = lsn;
-        if (message.wal_lsn) {
-          const wal = parseLsn(message.wal_lsn);
-          if (this.walSent === null || wal > this.walSent) this.walSent = wal;
-        }
+        this.catchUp.caughtUp(lsn, message.wal_lsn);
         return;
       }
       case "error":
         throw new RefusedError(message.code, message.message);
       case "write_result":
-        this.answered(message);
+        this.pusher.answered(message);
         return;
-      case "write_refused":
-        this.refused(message.batch_id ?? null, message.code, message.message);
+      case "write_refused": {
+        const resync = this.pusher.refused(message.batch_id ?? null, message.code, message.message);
+        if (resync.length > 0) this.resync(resync);
         return;
+      }
       case "pong":
         return;
       default:
@@ -513,24 +444,18 @@ export class Sync {
   }
 
   /**
-   * Applies table schemas; a table this replica did not have before (or
-   * whose column types changed) needs its rows from a snapshot, so the
-   * connection ends and the next one asks for it, unless it is among the
-   * tables this connection's snapshot brings (`coming`).
+   * Applies table schemas; tables that need a snapshot end the connection,
+   * and the next one asks for them.
    */
-  private resyncNewTables(tables: import("./protocol.js").TableSchema[], coming: string[]): void {
-    const applied = this.replica.applySchema(tables);
-    for (const r of applied.refused) {
-      const message = `table ${r.table} is not synced: ${r.reason}`;
-      console.warn(`pgrelay: ${message}`);
-      this.host.emit({ type: "error", code: "schema_unsupported", message });
-    }
-    const needed = applied.needed.filter((t) => !coming.includes(t));
-    if (needed.length === 0) return;
-    this.replica.requestResync(needed);
-    // Reconnect at once to fetch them.
+  private resyncNewTables(tables: TableSchema[], coming: string[]): void {
+    const needed = applySchema(this.replica, this.host, tables, coming);
+    if (needed.length > 0) this.resync(needed);
+  }
+
+  /** Ends this connection to fetch `tables` by snapshot, reconnecting at once. */
+  private resync(tables: string[]): never {
     this.attempt = 0;
-    throw new ResyncNeeded(needed);
+    throw new ResyncNeeded(tables);
   }
 
   private send(message: unknown): void {
@@ -543,108 +468,15 @@ export class Sync {
 
   /** Sends the next outbox batch when one is due. */
   private pump(): void {
-    if (!this.welcomed || this.hydration || this.awaitingSnapshot || this.inFlight !== null) return;
-    if (!this.pushWanted || Date.now() < this.notBefore) return;
+    if (!this.welcomed || this.hydration || this.awaitingSnapshot || !this.pusher.due()) return;
     if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return;
     const generation = this.generation;
     void this.exclusive(() => {
-      if (generation !== this.generation || this.inFlight !== null) return;
-      this.pushWanted = false;
-      const taken = this.replica.takeBatch(this.oneAtATime ? 1 : MAX_WRITE_TRANSACTIONS);
-      if (taken.setAside.length > 0) {
-        this.report(taken.setAside);
-        // What followed it may be sent now.
-        this.pushWanted = true;
-      }
-      if (taken.resync.length > 0) {
-        // The next connection fetches the set-aside write's tables again.
-        this.attempt = 0;
-        throw new ResyncNeeded(taken.resync);
-      }
-      if (taken.frames.length === 0) return;
-      this.inFlight = { batchId: taken.batchId, txIds: taken.txIds };
-      // A large transaction goes as several `write_part` frames in a row;
-      // the server answers once, after the last.
+      if (generation !== this.generation) return;
+      const taken = this.pusher.take();
+      if (taken.resync.length > 0) this.resync(taken.resync);
       for (const frame of taken.frames) this.sendText(frame);
     }).catch((e: unknown) => this.fail(generation, e as Error, "replica"));
-  }
-
-  private answered(results: WriteResults): void {
-    const outcomes = this.replica.recordResults(results);
-    const ceiling = results.lsn ? parseLsn(results.lsn) : null;
-    const floor = results.lsn_floor ? parseLsn(results.lsn_floor) : null;
-    for (const o of outcomes) {
-      const w = this.waiters.get(o.txId);
-      if (w && o.status === "applied") w.bounds = { floor, ceiling };
-    }
-    this.report(outcomes);
-    this.inFlight = null;
-    this.oneAtATime = false;
-    if (outcomes.some((o) => o.status === "retry")) {
-      this.notBefore = Date.now() + backoff(this.pushAttempt, this.config.backoffBaseMs, this.config.backoffCapMs);
-      this.pushAttempt++;
-    } else {
-      this.pushAttempt = 0;
-    }
-    this.pushWanted = true;
-    this.settleWaiters();
-    this.refreshOutbox();
-  }
-
-  private refused(batchId: string | null, code: string, message: string): void {
-    const sent = this.inFlight;
-    if (sent === null) return;
-    if (batchId !== null && sent.batchId !== batchId) return;
-    this.inFlight = null;
-    this.pushWanted = true;
-    if (this.oneAtATime && sent.txIds.length === 1) {
-      // A single transaction the server will never take: set it aside so
-      // it does not block every write after it, and fetch the server's
-      // rows again for the tables it wrote.
-      this.oneAtATime = false;
-      const [outcome, resync] = this.replica.setAside(sent.txIds[0]!, `${code}: ${message}`);
-      this.report([outcome]);
-      this.refreshOutbox();
-      if (resync.length > 0) {
-        this.attempt = 0;
-        throw new ResyncNeeded(resync);
-      }
-      return;
-    }
-    this.oneAtATime = true;
-    this.refreshOutbox();
-  }
-
-  private report(outcomes: Outcome[]): void {
-    for (const o of outcomes) {
-      if (o.status === "rejected") {
-        this.host.emit({ type: "rejected", txId: o.txId, code: o.code ?? null, reason: o.reason ?? "rejected" });
-        this.waiters.get(o.txId)?.reject(new WriteRejectedError(o.txId, o.code ?? null, o.reason ?? "rejected"));
-        this.waiters.delete(o.txId);
-      }
-    }
-    if (outcomes.some((o) => o.status === "rejected")) {
-      // The rolled-back rows changed: watchers of every synced table look again.
-      this.host.emit({ type: "changed", tables: this.replica.schema().map((t) => sqliteTable(t.name)), commitTimesUs: [], appliedAtMs: Date.now() });
-    }
-  }
-
-  /** Resolves waiters whose write the replica now holds. */
-  private settleWaiters(): void {
-    if (this.waiters.size === 0) return;
-    const position = this.status.lsn === null ? 0n : parseLsn(this.status.lsn);
-    for (const [txId, w] of this.waiters) {
-      if (!w.bounds) continue;
-      const { floor, ceiling } = w.bounds;
-      const held =
-        ceiling === null ||
-        position >= ceiling ||
-        this.echoes.some((e) => (floor === null || e > floor) && e <= ceiling);
-      if (held) {
-        w.resolve();
-        this.waiters.delete(txId);
-      }
-    }
   }
 
   private refreshOutbox(): void {
@@ -656,34 +488,4 @@ export class Sync {
     Object.assign(this.status, change);
     this.host.emit({ type: "status", status: { ...this.status } });
   }
-}
-
-/** Tables need a snapshot: the connection ends and the next one asks for them. */
-class ResyncNeeded extends Error {
-  override name = "ResyncNeeded";
-  constructor(readonly tables: string[]) {
-    super(`tables ${tables.join(", ")} need a snapshot; reconnecting for it`);
-  }
-}
-
-export class WriteRejectedError extends Error {
-  override name = "WriteRejectedError";
-  constructor(
-    readonly txId: string,
-    readonly code: string | null,
-    readonly reason: string,
-  ) {
-    super(`write ${txId} rejected by the server: ${reason}`);
-  }
-}
-
-function sqliteTable(name: string): string {
-  return name.startsWith("public.") ? name.slice(7) : name;
-}
-
-/** `ws://host:port` gets the path `/api/sync` when it has none. */
-export function syncUrl(url: string): string {
-  const trimmed = url.replace(/\/+$/, "");
-  const afterScheme = trimmed.includes("://") ? trimmed.slice(trimmed.indexOf("://") + 3) : trimmed;
-  return afterScheme.includes("/") ? trimmed : `${trimmed}/api/sync`;
 }

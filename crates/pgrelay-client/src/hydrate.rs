@@ -319,7 +319,8 @@ impl Hydration {
 /// this client accepts.
 fn announced_size(payload: &[u8]) -> Result<usize, String> {
     match zstd::zstd_safe::get_frame_content_size(payload) {
-        Ok(Some(size)) if size <= MAX_CHUNK_BYTES as u64 => Ok(size as usize),
+        Ok(Some(size)) if size <= MAX_CHUNK_BYTES as u64 => usize::try_from(size)
+            .map_err(|_| format!("a chunk of {size} bytes does not fit in memory")),
         Ok(Some(size)) => Err(format!(
             "announces {size} bytes, over the {MAX_CHUNK_BYTES}-byte limit"
         )),

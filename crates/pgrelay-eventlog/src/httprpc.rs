@@ -18,7 +18,7 @@ use futures_util::stream;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::http::{admit, text, SyncParams, Version};
+use super::admission::{admit, text, SyncParams, Version};
 use super::pull::{Pull, PullStep};
 use super::rpc::{
     done_frame, empty_frame, id_of, page_frame, push, start_pull, success, unknown_error,

@@ -9,6 +9,7 @@
 
 mod access;
 mod admin;
+mod admission;
 mod conn;
 mod error;
 mod event;

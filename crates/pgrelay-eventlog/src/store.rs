@@ -345,7 +345,7 @@ impl StoreTask {
         }
         let last_seq = events.last().map(|e| e.seq).unwrap_or(parent);
         self.meta.head = last_seq;
-        self.meta.events += events.len() as i64;
+        self.meta.events += i64::try_from(events.len()).unwrap_or(i64::MAX);
         let pages = paginate(
             events
                 .iter()
@@ -385,7 +385,7 @@ impl StoreTask {
             };
             let last_seq = events.last().map(|e| e.seq).unwrap_or(stored.head);
             self.meta.head = last_seq;
-            self.meta.events += events.len() as i64;
+            self.meta.events += i64::try_from(events.len()).unwrap_or(i64::MAX);
             let pages = paginate(
                 events
                     .iter()

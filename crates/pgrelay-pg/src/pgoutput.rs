@@ -274,7 +274,9 @@ pub fn decode(data: &[u8]) -> Result<RowMessage, DecodeError> {
                 let flags = r.u8("column flags")?;
                 let name = r.cstr("column name")?;
                 let type_oid = r.u32("column type")?;
-                let type_modifier = r.u32("column type modifier")? as i32;
+                // PostgreSQL sends the int32 `atttypmod` (-1: none) as four bytes.
+                let type_modifier =
+                    i32::from_be_bytes(r.u32("column type modifier")?.to_be_bytes());
                 columns.push(RelationColumn {
                     name,
                     type_oid,
@@ -371,14 +373,14 @@ pub fn decode(data: &[u8]) -> Result<RowMessage, DecodeError> {
         },
         b'B' => RowMessage::Begin {
             final_lsn: r.u64("final lsn")?,
-            commit_time_us_pg: r.u64("commit time")? as i64,
+            commit_time_us_pg: i64::from_be_bytes(r.u64("commit time")?.to_be_bytes()),
             xid: r.u32("xid")?,
         },
         b'C' => RowMessage::Commit {
             flags: r.u8("commit flags")?,
             commit_lsn: r.u64("commit lsn")?,
             end_lsn: r.u64("end lsn")?,
-            commit_time_us_pg: r.u64("commit time")? as i64,
+            commit_time_us_pg: i64::from_be_bytes(r.u64("commit time")?.to_be_bytes()),
         },
         b'M' => {
             let transactional = r.u8("message flags")? & 1 == 1;

@@ -81,7 +81,8 @@ fn decode_field(field: &[u8]) -> Result<Option<Cow<'_, str>>, String> {
                     i += 1;
                     digits += 1;
                 }
-                out.push(value as u8);
+                // Two hex digits: at most 0xFF.
+                out.push(u8::try_from(value).unwrap_or(u8::MAX));
             }
             other => out.push(other),
         }

@@ -1,9 +1,10 @@
-//! Errors of the server: each part has its own enum ([`HistoryError`],
+//! Errors of the server: each part has its own enum ([`AuthError`], [`HistoryError`],
 //! [`ReplicationError`], [`SnapshotError`], [`WriteError`]; a session's
 //! refusal is [`crate::session::Refusal`]), and [`ServerError`], what the
 //! binary sees, is built from them. Whether trying again can cure an error
 //! is decided here, from its [`ErrorKind`], and nowhere else.
 
+pub use crate::auth::AuthError;
 pub use crate::history::HistoryError;
 pub use crate::replication::ReplicationError;
 pub use crate::snapshot::SnapshotError;
@@ -48,6 +49,8 @@ pub enum ServerError {
         source: tokio_postgres::Error,
     },
     #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
     History(#[from] HistoryError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
@@ -81,6 +84,7 @@ impl ServerError {
         match self {
             ServerError::Pg(e) => ErrorKind::of_pg(e),
             ServerError::Sql { source, .. } => ErrorKind::of_sql(source),
+            ServerError::Auth(e) => e.kind(),
             ServerError::History(e) => e.kind(),
             ServerError::Replication(e) => e.kind(),
             ServerError::Snapshot(e) => e.kind(),

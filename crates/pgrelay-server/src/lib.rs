@@ -29,7 +29,7 @@ pub use api::ratelimit::{IpLimiter, TokenBucket};
 pub use auth::{Action as AuditAction, Audit, AuthConfig, ClaimsVerifier, JwtKey, Scope};
 pub use config::{parse_conflict, ServerConfig};
 pub use error::{
-    ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
+    AuthError, ErrorKind, HistoryError, ReplicationError, ServerError, SnapshotError, WriteError,
 };
 pub use ops::doctor;
 

@@ -144,11 +144,11 @@ pub(crate) async fn start_row_sync(
         Arc::clone(&hub),
         shutdown_rx.clone(),
     ));
-    tasks.spawn(retention::prune_log(
+    tasks.spawn(part(retention::prune_log(
         pool.clone(),
         config.retain,
         shutdown_rx.clone(),
-    ));
+    )));
     let lag = Arc::new(lag::LagMonitor::new(config.stall_after));
     tasks.spawn(Arc::clone(&lag).run(pool.clone(), config.clone(), shutdown_rx.clone()));
     tasks.spawn(registry::refresh_live(
@@ -160,12 +160,12 @@ pub(crate) async fn start_row_sync(
         shutdown_rx.clone(),
     ));
     let (audit, audit_writer) = auth::Audit::start(pool.clone(), shutdown_rx.clone());
-    tasks.spawn(audit_writer);
-    tasks.spawn(auth::audit::prune(
+    tasks.spawn(part(audit_writer));
+    tasks.spawn(part(auth::audit::prune(
         pool.clone(),
         config.audit_retention,
         shutdown_rx.clone(),
-    ));
+    )));
     let state = Arc::new(AppState {
         auth,
         audit,
@@ -245,6 +245,13 @@ async fn full_identity(db: &tokio_postgres::Client, tables: &[String]) -> Result
 }
 
 /// Forgets applied change ids older than the retention, now and hourly.
+/// A part's task, its error seen as the server's.
+async fn part<E: Into<ServerError>>(
+    task: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), ServerError> {
+    task.await.map_err(Into::into)
+}
+
 async fn prune_applied(
     writer: Arc<writes::Writer>,
     retention: std::time::Duration,

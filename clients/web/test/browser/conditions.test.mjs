@@ -4,32 +4,15 @@
 // server is down when the page connects. The OPFS test serves a copy of
 // dist/ from a second origin: with the worker's script routed through
 // Playwright, the worker's WebSocket did not connect in our runs.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { cp, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, freshDatabase, here, launchBrowser, openPage, packageRoot, startPages, startServer, waitFor } from "./harness.mjs";
+import { browser, countTodos as count, db, freePort, freshDatabase, here, openPage, packageRoot, pages, server, startPages, startServer, useWorld, waitFor } from "./harness.mjs";
 
-let db, server, pages, browser;
-
-before(async () => {
-  db = await freshDatabase();
-  await db.sql(`CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL, done boolean NOT NULL DEFAULT false);
-                INSERT INTO todos (id, title) SELECT g, 'server ' || g FROM generate_series(1, 50) g;`);
-  server = await startServer(db.url, ["--tables", "public.todos"]);
-  pages = await startPages();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-  await server?.kill();
-  await db?.drop();
-});
-
-const count = (page, where = "true") => page.evaluate(async (w) => (await window.db.query(`SELECT count(*) AS n FROM todos WHERE ${w}`))[0].n, where);
+useWorld(`CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL, done boolean NOT NULL DEFAULT false);
+                INSERT INTO todos (id, title) SELECT g, 'server ' || g FROM generate_series(1, 50) g;`, ["--tables", "public.todos"]);
 
 const integrity = async (page) => Object.values((await page.evaluate(async () => (await window.db.query("PRAGMA integrity_check"))[0])))[0];
 

@@ -7,6 +7,7 @@ import { readFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { createServer as createNet } from "node:net";
+import { after, before } from "node:test";
 import { dirname, extname, join, normalize } from "node:path";
 import { fileURLToPath } from "node:url";
 import pg from "pg";
@@ -164,3 +165,34 @@ export async function openPage(context, origin, path = "/app.html") {
   await page.waitForFunction(() => window.pgrelay !== undefined);
   return page;
 }
+
+/** What `useWorld` set up for this test file (each file runs in its own process). */
+export let db, server, pages, browser;
+
+/**
+ * The set-up most browser test files share: a fresh database prepared by
+ * `prepare` (SQL text, or a function given the database), a `pgrelay serve`
+ * on it with `serverArgs`, the test pages and Chromium, all stopped after
+ * the file's tests. The tests read them as `db`, `server`, `pages` and
+ * `browser`, imported from here.
+ */
+export function useWorld(prepare, serverArgs = []) {
+  before(async () => {
+    db = await freshDatabase();
+    if (typeof prepare === "function") await prepare(db);
+    else await db.sql(prepare);
+    server = await startServer(db.url, serverArgs);
+    pages = await startPages();
+    browser = await launchBrowser();
+  });
+  after(async () => {
+    await browser?.close();
+    await pages?.close();
+    await server?.kill();
+    await db?.drop();
+  });
+}
+
+/** How many rows of `todos` the page's replica holds `where`. */
+export const countTodos = (page, where = "true") =>
+  page.evaluate(async (w) => (await window.db.query(`SELECT count(*) AS n FROM todos WHERE ${w}`))[0].n, where);

@@ -4,30 +4,15 @@
 // rolled back; "caught up" means holding what PostgreSQL had committed
 // when the page connected; a change for a table the page never heard of
 // makes it fetch that table instead of failing.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { freshDatabase, launchBrowser, openPage, startPages, startServer, waitFor } from "./harness.mjs";
+import { browser, db, openPage, pages, server, useWorld, waitFor } from "./harness.mjs";
 import { meddlingProxy } from "./proxy.mjs";
 
-let db, server, pages, browser;
-
-before(async () => {
-  db = await freshDatabase();
-  await db.sql(`
+useWorld(`
     CREATE TABLE docs (id bigint PRIMARY KEY, body text NOT NULL);
     CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL);
     INSERT INTO t SELECT g, 0 FROM generate_series(1, 10001) g;`);
-  server = await startServer(db.url);
-  pages = await startPages();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-  await server?.kill();
-  await db?.drop();
-});
 
 const count = (page, sql) => page.evaluate(async (q) => Number((await window.db.query(q))[0].n), sql);
 

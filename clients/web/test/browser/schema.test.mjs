@@ -3,15 +3,11 @@
 // as SQLite's names ignore case).
 // The page reports each clearly, keeps them out, and syncs the rest; the
 // replica is not left half-written.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { freshDatabase, launchBrowser, openPage, startPages, startServer, waitFor } from "./harness.mjs";
+import { browser, db, openPage, pages, server, useWorld, waitFor } from "./harness.mjs";
 
-let db, server, pages, browser;
-
-before(async () => {
-  db = await freshDatabase();
-  await db.sql(`
+useWorld(`
     CREATE TABLE fine (id bigint PRIMARY KEY, v text);
     INSERT INTO fine SELECT g, 'v' || g FROM generate_series(1, 100) g;
     CREATE TABLE people (id bigint PRIMARY KEY, "Name" text, name text);
@@ -19,17 +15,6 @@ before(async () => {
     CREATE TABLE items (id bigint PRIMARY KEY);
     CREATE TABLE "Items" (id bigint PRIMARY KEY);
     INSERT INTO items VALUES (1); INSERT INTO "Items" VALUES (2);`);
-  server = await startServer(db.url);
-  pages = await startPages();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-  await server?.kill();
-  await db?.drop();
-});
 
 test("a schema the replica cannot hold is reported and kept out; the other tables sync", async () => {
   const context = await browser.newContext();

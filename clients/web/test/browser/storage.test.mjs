@@ -3,30 +3,13 @@
 // a wrong URL gives a status with a clear error while the
 // page keeps retrying; a tab killed inside a transaction leaves the
 // replica and the outbox whole.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { freePort, freshDatabase, launchBrowser, openPage, startPages, startServer, waitFor } from "./harness.mjs";
+import { browser, countTodos as count, db, freePort, openPage, pages, server, useWorld, waitFor } from "./harness.mjs";
 
-let db, server, pages, browser;
-
-before(async () => {
-  db = await freshDatabase();
-  await db.sql(`CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL, done boolean NOT NULL DEFAULT false);
-                INSERT INTO todos (id, title) SELECT g, 'server ' || g FROM generate_series(1, 50) g;`);
-  server = await startServer(db.url, ["--tables", "public.todos"]);
-  pages = await startPages();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-  await server?.kill();
-  await db?.drop();
-});
-
-const count = (page, where = "true") => page.evaluate(async (w) => (await window.db.query(`SELECT count(*) AS n FROM todos WHERE ${w}`))[0].n, where);
+useWorld(`CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL, done boolean NOT NULL DEFAULT false);
+                INSERT INTO todos (id, title) SELECT g, 'server ' || g FROM generate_series(1, 50) g;`, ["--tables", "public.todos"]);
 
 test("IndexedDB storage: the replica and unsent writes survive a reload, then reach PostgreSQL once", async () => {
   const context = await browser.newContext();

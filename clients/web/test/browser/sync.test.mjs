@@ -1,26 +1,14 @@
 // Two pages hydrate a large table, then follow a writer; both end equal
 // to PostgreSQL, checked with SQL on both sides.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { freshDatabase, launchBrowser, openPage, startPages, startServer, waitFor } from "./harness.mjs";
+import { browser, db, openPage, pages, server, useWorld, waitFor } from "./harness.mjs";
 
 const ROWS = Number(process.env.HYDRATE_ROWS ?? 100_000);
-let db, server, pages, browser;
 
-before(async () => {
-  db = await freshDatabase();
-  await db.sql(`CREATE TABLE items (id bigint PRIMARY KEY, title text NOT NULL, n integer, done boolean, price numeric(12,2), big bigint)`);
-  await db.sql(`INSERT INTO items SELECT g, 'item ' || g || E' tab\\there', g % 1000, g % 2 = 0, g / 100.0, 9007199254740993 + g FROM generate_series(1, $1) g`, [ROWS]);
-  server = await startServer(db.url);
-  pages = await startPages();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-  await server?.kill();
-  await db?.drop();
+useWorld(async (database) => {
+  await database.sql(`CREATE TABLE items (id bigint PRIMARY KEY, title text NOT NULL, n integer, done boolean, price numeric(12,2), big bigint)`);
+  await database.sql(`INSERT INTO items SELECT g, 'item ' || g || E' tab\\there', g % 1000, g % 2 = 0, g / 100.0, 9007199254740993 + g FROM generate_series(1, $1) g`, [ROWS]);
 });
 
 /** PostgreSQL's rows in the form the replica gives them back. */

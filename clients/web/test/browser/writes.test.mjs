@@ -1,31 +1,16 @@
 // Local writes: offline with a reload in between (exactly once, in
 // order), rejection rolled back and reported, and two tabs sharing one
 // replica with a hand-over when the holder closes.
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
-import { freshDatabase, launchBrowser, openPage, startPages, startServer, waitFor } from "./harness.mjs";
+import { browser, db, openPage, pages, server, useWorld, waitFor } from "./harness.mjs";
 
-let db, server, pages, browser;
-
-before(async () => {
-  db = await freshDatabase();
-  await db.sql(`
+useWorld(`
     CREATE TABLE todos (id bigint PRIMARY KEY, title text NOT NULL CHECK (length(title) < 40), done boolean NOT NULL DEFAULT false);
     CREATE TABLE applications (seq bigserial PRIMARY KEY, todo_id bigint NOT NULL);
     CREATE FUNCTION count_application() RETURNS trigger LANGUAGE plpgsql AS $$
       BEGIN INSERT INTO applications (todo_id) VALUES (NEW.id); RETURN NEW; END $$;
-    CREATE TRIGGER count_application AFTER INSERT ON todos FOR EACH ROW EXECUTE FUNCTION count_application();`);
-  server = await startServer(db.url, ["--tables", "public.todos"]);
-  pages = await startPages();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await pages?.close();
-  await server?.kill();
-  await db?.drop();
-});
+    CREATE TRIGGER count_application AFTER INSERT ON todos FOR EACH ROW EXECUTE FUNCTION count_application();`, ["--tables", "public.todos"]);
 
 test("offline writes survive a reload and reach PostgreSQL exactly once, in order", async () => {
   const context = await browser.newContext();

@@ -188,7 +188,12 @@ fn count_tx(conn: &Connection, tx_id: &str) -> Result<usize, ClientError> {
     let n: i64 = conn
         .prepare_cached("SELECT count(*) FROM _pgrelay_outbox WHERE tx_id = ?1")?
         .query_row([tx_id], |r| r.get(0))?;
-    Ok(n as usize)
+    Ok(count(n)?)
+}
+
+/// A count SQLite returned, as a size; a negative one is an error.
+pub(super) fn count(n: i64) -> Result<usize, rusqlite::Error> {
+    usize::try_from(n).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, n))
 }
 
 fn set_aside_taken(
@@ -245,7 +250,7 @@ pub(crate) fn set_aside(
         Outcome {
             tx_id: tx_id.to_owned(),
             status: WriteStatus::Rejected,
-            changes: changes as usize,
+            changes: count(changes)?,
             reason: Some(reason.to_owned()),
             created_us: created_us.unwrap_or(0),
         },
@@ -305,7 +310,7 @@ pub(crate) fn record_results(
         outcomes.push(Outcome {
             tx_id: result.id.clone(),
             status: result.status,
-            changes: changes as usize,
+            changes: count(changes)?,
             reason: error.or_else(|| result.reason.clone()),
             created_us: created_us.unwrap_or(0),
         });
@@ -380,22 +385,25 @@ pub(crate) fn report(
          FROM _pgrelay_outbox WHERE ?1 IS NULL OR status = ?1 ORDER BY seq DESC LIMIT ?2",
     )?;
     let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
-    let entries = stmt.query_map(params![status, limit as i64], |r| {
-        Ok(OutboxEntry {
-            seq: r.get(0)?,
-            tx_id: r.get(1)?,
-            change_id: r.get(2)?,
-            table: r.get(3)?,
-            op: r.get(4)?,
-            status: r.get(5)?,
-            error: r.get(6)?,
-            retries: r.get(7)?,
-            created_us: r.get(8)?,
-            updated_us: r.get(9)?,
-            new: json(r.get(10)?),
-            old: json(r.get(11)?),
-        })
-    })?;
+    let entries = stmt.query_map(
+        params![status, i64::try_from(limit).unwrap_or(i64::MAX)],
+        |r| {
+            Ok(OutboxEntry {
+                seq: r.get(0)?,
+                tx_id: r.get(1)?,
+                change_id: r.get(2)?,
+                table: r.get(3)?,
+                op: r.get(4)?,
+                status: r.get(5)?,
+                error: r.get(6)?,
+                retries: r.get(7)?,
+                created_us: r.get(8)?,
+                updated_us: r.get(9)?,
+                new: json(r.get(10)?),
+                old: json(r.get(11)?),
+            })
+        },
+    )?;
     report.entries = entries.collect::<Result<Vec<_>, _>>()?;
     report.entries.reverse();
     Ok(report)

@@ -305,7 +305,7 @@ impl Worker {
         tx.commit()?;
         Ok(Executed {
             tx_id,
-            captured: captured as usize,
+            captured: outbox::count(captured)?,
             bytes,
             frames,
         })

@@ -223,7 +223,7 @@ impl PostgresStorage {
                     &store,
                     &parent,
                     &last,
-                    &(events.len() as i64),
+                    &i64::try_from(events.len()).unwrap_or(i64::MAX),
                     &created_at,
                     &seqs,
                     &parents,
@@ -235,7 +235,7 @@ impl PostgresStorage {
                 "appending {} events to store {store}",
                 events.len()
             )))?;
-        if inserted as usize == events.len() {
+        if usize::try_from(inserted).is_ok_and(|n| n == events.len()) {
             return Ok(Appended::Written);
         }
         Ok(Appended::HeadMoved {
@@ -255,7 +255,12 @@ impl PostgresStorage {
             .query(
                 "SELECT seq_num, event, created_at FROM pgrelay.eventlog_events
                  WHERE store_id = $1 AND seq_num > $2 AND seq_num <= $3 ORDER BY seq_num LIMIT $4",
-                &[&store, &after, &upto, &(limit as i64)],
+                &[
+                    &store,
+                    &after,
+                    &upto,
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
             )
             .await
             .map_err(EventLogError::postgres(format!(

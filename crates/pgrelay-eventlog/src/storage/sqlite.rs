@@ -138,7 +138,7 @@ impl SqliteStorage {
             let last = events.last().map(|e| e.seq).unwrap_or(head);
             tx.execute(
                 "UPDATE eventlog_stores SET head = ?2, events = events + ?3 WHERE store_id = ?1",
-                params![store, last, events.len() as i64],
+                params![store, last, i64::try_from(events.len()).unwrap_or(i64::MAX)],
             )
             .map_err(EventLogError::sqlite(context()))?;
             tx.commit().map_err(EventLogError::sqlite(context()))?;
@@ -164,7 +164,7 @@ impl SqliteStorage {
                 )
                 .map_err(EventLogError::sqlite(context()))?;
             let rows = select
-                .query_map(params![store, after, upto, limit as i64], |row| {
+                .query_map(params![store, after, upto, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
                     Ok(StoredEvent {
                         seq: row.get(0)?,
                         json: row.get(1)?,

@@ -1,3 +1,12 @@
+// The encoder below writes fields of the widths pgoutput uses, from small
+// test values.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test values are small and written at pgoutput's field widths"
+)]
+
 use proptest::prelude::*;
 
 use super::*;

@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::{Op, Row};
+use crate::{BatchRefusal, Op, Row};
 
 fn change(n: usize, body: usize) -> ClientChange {
     let mut row = Row::new();

@@ -17,6 +17,10 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "a token count kept as f32 to keep the bucket small; bursts past 2^24 lose only fractions"
+    )]
     pub fn full(burst: u32, now: Instant) -> TokenBucket {
         TokenBucket {
             tokens: burst as f32,
@@ -25,6 +29,10 @@ impl TokenBucket {
     }
 
     /// Takes one token; `false` when there is none. A rate of 0 never limits.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most `burst` (a u32), held as f32 like every token count"
+    )]
     pub fn take(&mut self, rate: f64, burst: u32, now: Instant) -> bool {
         if rate <= 0.0 {
             return true;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use pgrelay_pg::Pool;
 use tokio::sync::{mpsc, watch};
 
-use crate::ServerError;
+use super::AuthError;
 
 /// Entries waiting for the table at most; past that they only go to the
 /// log target (the table is best effort, the trace is not).
@@ -60,7 +60,7 @@ impl Audit {
         shutdown: watch::Receiver<bool>,
     ) -> (
         Audit,
-        impl std::future::Future<Output = Result<(), ServerError>>,
+        impl std::future::Future<Output = Result<(), AuthError>>,
     ) {
         let (queue, entries) = mpsc::channel(QUEUE);
         (Audit { queue }, write_loop(pool, entries, shutdown))
@@ -100,7 +100,7 @@ async fn write_loop(
     pool: Pool,
     mut entries: mpsc::Receiver<Entry>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ServerError> {
+) -> Result<(), AuthError> {
     let mut stopping = false;
     loop {
         let mut batch = Vec::new();
@@ -140,7 +140,7 @@ async fn write_loop(
     }
 }
 
-async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), ServerError> {
+async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), AuthError> {
     let client = pool.get().await?;
     let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
     let action: Vec<&str> = batch.iter().map(|e| e.action.as_str()).collect();
@@ -154,7 +154,7 @@ async fn write(pool: &Pool, batch: &[Entry]) -> Result<(), ServerError> {
             &[&at, &action, &client_id, &subject, &detail],
         )
         .await
-        .map_err(ServerError::sql("writing pgrelay.audit_log"))?;
+        .map_err(AuthError::sql("writing pgrelay.audit_log"))?;
     Ok(())
 }
 
@@ -164,7 +164,7 @@ pub(crate) async fn prune(
     pool: Pool,
     retention: Duration,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ServerError> {
+) -> Result<(), AuthError> {
     let period = Duration::from_secs(3600).min(retention);
     loop {
         match prune_once(&pool, retention).await {
@@ -185,7 +185,7 @@ pub(crate) async fn prune(
     }
 }
 
-async fn prune_once(pool: &Pool, retention: Duration) -> Result<u64, ServerError> {
+async fn prune_once(pool: &Pool, retention: Duration) -> Result<u64, AuthError> {
     let client = pool.get().await?;
     client
         .execute(
@@ -193,5 +193,5 @@ async fn prune_once(pool: &Pool, retention: Duration) -> Result<u64, ServerError
             &[&retention.as_secs_f64()],
         )
         .await
-        .map_err(ServerError::sql("pruning pgrelay.audit_log"))
+        .map_err(AuthError::sql("pruning pgrelay.audit_log"))
 }

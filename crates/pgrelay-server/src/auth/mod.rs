@@ -3,6 +3,7 @@
 //! and the audit trail.
 
 pub(crate) mod audit;
+mod error;
 pub(crate) mod owners;
 mod rules;
 mod scope;
@@ -14,6 +15,7 @@ use std::time::SystemTime;
 use pgrelay_protocol::TableSchema;
 
 pub use audit::{Action, Audit};
+pub use error::AuthError;
 pub use scope::Scope;
 pub(crate) use scope::SNAPSHOT_SETTINGS_SQL;
 pub use token::{AuthConfig, ClaimsVerifier, JwtKey};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use pgrelay_pg::ConnInfo;
 
-use crate::ServerError;
+use super::AuthError;
 
 /// Ids known to this node, by owner; claims never move, so a cached one
 /// stays true.
@@ -42,7 +42,7 @@ impl Owners {
         &self,
         client_id: &str,
         subject: Option<&str>,
-    ) -> Result<Claim, ServerError> {
+    ) -> Result<Claim, AuthError> {
         let cached = self
             .known
             .lock()
@@ -65,7 +65,7 @@ impl Owners {
         &self,
         client_id: &str,
         subject: Option<&str>,
-    ) -> Result<Option<String>, ServerError> {
+    ) -> Result<Option<String>, AuthError> {
         let db = self.connection().await?;
         let row = db
             .query_opt(
@@ -86,7 +86,7 @@ impl Owners {
             Err(e) => {
                 // A lost connection is made again next time.
                 *self.db.lock().await = None;
-                return Err(ServerError::sql("recording a client id's owner")(e));
+                return Err(AuthError::sql("recording a client id's owner")(e));
             }
         };
         let owner: Option<String> = row.map(|r| r.get(0));
@@ -99,7 +99,7 @@ impl Owners {
         Ok(owner)
     }
 
-    async fn connection(&self) -> Result<Arc<tokio_postgres::Client>, ServerError> {
+    async fn connection(&self) -> Result<Arc<tokio_postgres::Client>, AuthError> {
         let mut db = self.db.lock().await;
         if let Some(client) = db.as_ref().filter(|c| !c.is_closed()) {
             return Ok(Arc::clone(client));

@@ -170,7 +170,7 @@ impl TokenVerifier {
         // `exp` is a NumericDate: seconds, possibly with a fraction.
         let exp = claims
             .get("exp")
-            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)));
+            .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(whole_seconds)));
         // A signed `exp` may be any number: one past what a clock can hold
         // (2^63 seconds and up) is refused, not added with overflow.
         let expires = UNIX_EPOCH
@@ -215,6 +215,17 @@ fn header_alg(token: &str) -> Option<String> {
         .ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     value.get("alg")?.as_str().map(str::to_owned)
+}
+
+/// A fractional NumericDate's whole seconds: negative is 0, and past
+/// `u64::MAX` (or NaN) saturates, which the caller refuses as out of range.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "float to integer `as` saturates, which is what a date out of range needs"
+)]
+fn whole_seconds(seconds: f64) -> u64 {
+    seconds.max(0.0) as u64
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use pgrelay_protocol::Lsn;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
-use crate::ServerError;
+use super::HistoryError;
 
 /// What pgrelay's own tables say about the log's feed, seen from `slot`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub(crate) struct Feed {
     pub(crate) head: Lsn,
 }
 
-pub(crate) async fn feed(db: &Client, slot: &str) -> Result<Feed, ServerError> {
+pub(crate) async fn feed(db: &Client, slot: &str) -> Result<Feed, HistoryError> {
     let row = db
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pgrelay.log_slots WHERE slot_name = $1),
@@ -39,7 +39,7 @@ pub(crate) async fn feed(db: &Client, slot: &str) -> Result<Feed, ServerError> {
             &[&slot],
         )
         .await
-        .map_err(ServerError::sql("reading which slots feed the change log"))?;
+        .map_err(HistoryError::sql("reading which slots feed the change log"))?;
     let lsn = |v: Option<PgLsn>| v.map(|l| Lsn(u64::from(l)));
     Ok(Feed {
         recorded: row.get(0),
@@ -51,13 +51,13 @@ pub(crate) async fn feed(db: &Client, slot: &str) -> Result<Feed, ServerError> {
 }
 
 /// Records `slot` as feeding the log.
-pub(crate) async fn record_slot(db: &Client, slot: &str) -> Result<(), ServerError> {
+pub(crate) async fn record_slot(db: &Client, slot: &str) -> Result<(), HistoryError> {
     db.execute(
         "INSERT INTO pgrelay.log_slots (slot_name) VALUES ($1) ON CONFLICT DO NOTHING",
         &[&slot],
     )
     .await
-    .map_err(ServerError::sql(
+    .map_err(HistoryError::sql(
         "recording the slot that feeds the change log",
     ))?;
     Ok(())
@@ -68,7 +68,7 @@ pub(crate) async fn record_slot(db: &Client, slot: &str) -> Result<(), ServerErr
 /// of any slot created from now on. Durable, so a restart half-way still
 /// starts the new epoch rather than streaming on from the new slot as if
 /// nothing was lost. An epoch already due keeps its position.
-pub(crate) async fn mark_due(db: &Client) -> Result<Lsn, ServerError> {
+pub(crate) async fn mark_due(db: &Client) -> Result<Lsn, HistoryError> {
     let row = db
         .query_one(
             "UPDATE pgrelay.log_state SET new_epoch_from = coalesce(new_epoch_from, pg_current_wal_lsn())
@@ -76,7 +76,7 @@ pub(crate) async fn mark_due(db: &Client) -> Result<Lsn, ServerError> {
             &[],
         )
         .await
-        .map_err(ServerError::sql("recording that a new change log is due"))?;
+        .map_err(HistoryError::sql("recording that a new change log is due"))?;
     Ok(Lsn(u64::from(row.get::<_, PgLsn>(0))))
 }
 
@@ -84,22 +84,22 @@ pub(crate) async fn mark_due(db: &Client) -> Result<Lsn, ServerError> {
 /// the log gets a new id (so every replica of the old one is answered
 /// `gone`), counts as pruned through `floor`, and has `slot` as its only
 /// feed. Returns the new log id.
-pub(crate) async fn start(db: &mut Client, slot: &str, floor: Lsn) -> Result<String, ServerError> {
+pub(crate) async fn start(db: &mut Client, slot: &str, floor: Lsn) -> Result<String, HistoryError> {
     let tx = db
         .transaction()
         .await
-        .map_err(ServerError::sql("starting a new change log"))?;
+        .map_err(HistoryError::sql("starting a new change log"))?;
     // TRUNCATE before touching log_state: retention locks log_state's row
     // after reading the log, so the other order could deadlock with it.
     tx.batch_execute("TRUNCATE pgrelay.change_history; DELETE FROM pgrelay.log_slots;")
         .await
-        .map_err(ServerError::sql("emptying the lost change log"))?;
+        .map_err(HistoryError::sql("emptying the lost change log"))?;
     tx.execute(
         "INSERT INTO pgrelay.log_slots (slot_name) VALUES ($1)",
         &[&slot],
     )
     .await
-    .map_err(ServerError::sql(
+    .map_err(HistoryError::sql(
         "recording the slot that feeds the new change log",
     ))?;
     let row = tx
@@ -111,10 +111,10 @@ pub(crate) async fn start(db: &mut Client, slot: &str, floor: Lsn) -> Result<Str
             &[&PgLsn::from(floor.0)],
         )
         .await
-        .map_err(ServerError::sql("starting a new change log"))?;
+        .map_err(HistoryError::sql("starting a new change log"))?;
     let log_id: String = row.get(0);
     tx.commit()
         .await
-        .map_err(ServerError::sql("committing the new change log"))?;
+        .map_err(HistoryError::sql("committing the new change log"))?;
     Ok(log_id)
 }

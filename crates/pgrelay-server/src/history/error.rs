@@ -7,6 +7,8 @@ use crate::error::ErrorKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
+    #[error(transparent)]
+    Pg(#[from] pgrelay_pg::PgError),
     #[error("PostgreSQL error while {context}: {source}")]
     Sql {
         context: String,
@@ -35,6 +37,7 @@ impl HistoryError {
 
     pub(crate) fn kind(&self) -> ErrorKind {
         match self {
+            HistoryError::Pg(e) => ErrorKind::of_pg(e),
             HistoryError::Sql { source, .. } => ErrorKind::of_sql(source),
             HistoryError::CorruptLog(_)
             | HistoryError::Pruned { .. }

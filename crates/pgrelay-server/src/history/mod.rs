@@ -238,9 +238,11 @@ pub(crate) async fn append(
                 .map_err(|_| HistoryError::TooLarge("transaction with over 2^31 changes"))?;
             let version = logged
                 .schema_versions
-                .get(ordinal as usize)
+                .get(usize::try_from(ordinal).unwrap_or(usize::MAX))
                 .copied()
-                .unwrap_or(1) as i32;
+                .unwrap_or(1);
+            let version = i32::try_from(version)
+                .map_err(|_| HistoryError::TooLarge("schema version over 2^31"))?;
             let data = change.new.as_ref().map(|r| JsonText(r.get()));
             let old = change.old.as_ref().map(|r| JsonText(r.get()));
             writer
@@ -307,7 +309,7 @@ pub(crate) async fn read_after(
         .into_iter()
         .filter(|r| r.get::<_, Option<PgLsn>>(1).is_some())
         .collect();
-    let full_page = rows.len() as i64 == limit;
+    let full_page = i64::try_from(rows.len()).is_ok_and(|n| n == limit);
     let mut txs = group(rows, 1)?;
     if full_page {
         // The page may have cut the last transaction short: read its rest.
@@ -364,9 +366,8 @@ fn group(rows: Vec<tokio_postgres::Row>, at: usize) -> Result<Vec<Transaction>, 
 }
 
 fn system_time(unix_us: i64) -> SystemTime {
-    if unix_us >= 0 {
-        UNIX_EPOCH + Duration::from_micros(unix_us as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_micros(unix_us.unsigned_abs())
+    match u64::try_from(unix_us) {
+        Ok(after) => UNIX_EPOCH + Duration::from_micros(after),
+        Err(_) => UNIX_EPOCH - Duration::from_micros(unix_us.unsigned_abs()),
     }
 }

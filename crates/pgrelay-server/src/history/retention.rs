@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use pgrelay_pg::Pool;
 use tokio::sync::watch;
 
-use crate::{history, ServerError};
+use crate::history::{self, HistoryError};
 
 /// Changes removed per statement, so pruning never holds long locks or
 /// builds one huge transaction.
@@ -18,7 +18,7 @@ pub(crate) async fn prune_log(
     pool: Pool,
     retain: Duration,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ServerError> {
+) -> Result<(), HistoryError> {
     let period = (retain / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
     loop {
         if let Err(e) = prune_once(&pool, retain, &shutdown).await {
@@ -37,7 +37,7 @@ async fn prune_once(
     pool: &Pool,
     retain: Duration,
     shutdown: &watch::Receiver<bool>,
-) -> Result<(), ServerError> {
+) -> Result<(), HistoryError> {
     let cutoff = SystemTime::now()
         .checked_sub(retain)
         .unwrap_or(SystemTime::UNIX_EPOCH);

@@ -156,7 +156,10 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             connected: r.node != state.node || state.sessions.get(&r.client_id).is_some(),
             lag_bytes: head.0.saturating_sub(r.last_lsn.0),
             lsn: r.last_lsn.to_string(),
-            last_seen_seconds_ago: now.saturating_sub(r.last_activity_ms) as f64 / 1000.0,
+            last_seen_seconds_ago: std::time::Duration::from_millis(
+                now.saturating_sub(r.last_activity_ms),
+            )
+            .as_secs_f64(),
             last_seen_ms: r.last_activity_ms,
             connected_at_ms: r.connected_at_ms,
             node: r.node,

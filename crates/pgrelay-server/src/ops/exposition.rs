@@ -56,6 +56,13 @@ impl Out {
     }
 }
 
+/// A count or a lag in bytes as a Prometheus value (a float): exact below
+/// 2^53, and a lag that large is off the scale anyway.
+#[allow(clippy::cast_precision_loss, reason = "Prometheus values are f64")]
+fn float(n: u64) -> f64 {
+    n as f64
+}
+
 pub(crate) fn render(state: &AppState) -> String {
     let m = &state.metrics;
     let lag = state.lag.report();
@@ -174,9 +181,9 @@ pub(crate) fn render(state: &AppState) -> String {
 
     let head = state.hub.head();
     // Bounds below 2^53 are exact as floats.
-    let lags = Histogram::new(LAG_BUCKETS.iter().map(|b| *b as f64));
+    let lags = Histogram::new(LAG_BUCKETS.iter().map(|b| float(*b)));
     for session in &sessions {
-        lags.observe(head.0.saturating_sub(session.sent().0) as f64);
+        lags.observe(float(head.0.saturating_sub(session.sent().0)));
     }
     out.0.register(
         "session_lag_bytes",

@@ -12,8 +12,11 @@ mod follower;
 pub(crate) mod lag;
 mod schema_change;
 mod slot;
+mod source;
 pub(crate) mod status;
 pub(crate) mod table_watch;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 pub use error::ReplicationError;
@@ -23,7 +26,7 @@ pub(crate) use slot::{prepare as prepare_slot, SlotLoss};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgrelay_pg::{ConnInfo, ReplicationStream, StreamEvent, StreamOptions};
+use pgrelay_pg::{ConnInfo, StreamEvent, StreamOptions};
 use pgrelay_protocol::Lsn;
 use tokio::sync::watch;
 
@@ -33,7 +36,8 @@ use crate::replication::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
 use election::{Election, Term};
 use follower::Follower;
-use writer::{Batch, Writer};
+use source::{Catalog, EventSource};
+use writer::{Batch, FencedLog, Writer};
 
 /// Changes gathered before the change log is written even if more are
 /// waiting; bounds memory and keeps latency low under load.
@@ -190,12 +194,15 @@ impl Replication {
         // hub has published (above).
         self.hub.set_captured(slot.confirmed);
         let log_db = pgrelay_pg::connect(&info).await?;
+        let log = FencedLog {
+            db: log_db,
+            fence: fence.clone(),
+        };
         let mut writer = Writer::start(
-            log_db,
+            log,
             Arc::clone(&self.hub),
             Arc::clone(&self.status),
             slot.confirmed,
-            fence.clone(),
         );
         let result = self
             .stream(&db, &mut stream, &mut writer, logged, lost, shutdown)
@@ -227,8 +234,8 @@ impl Replication {
     /// slot what the writer reports durable. Returns on shutdown.
     async fn stream(
         &self,
-        db: &tokio_postgres::Client,
-        stream: &mut ReplicationStream,
+        db: &impl Catalog,
+        stream: &mut impl EventSource,
         writer: &mut Writer,
         logged: Lsn,
         lost: &mut Lost,
@@ -301,8 +308,8 @@ impl Replication {
         &self,
         event: StreamEvent,
         batch: &mut Batch,
-        db: &tokio_postgres::Client,
-        stream: &ReplicationStream,
+        db: &impl Catalog,
+        stream: &impl EventSource,
         writer: &Writer,
         logged: Lsn,
     ) -> Result<(), ServerError> {
@@ -319,9 +326,7 @@ impl Replication {
                 }
             }
             StreamEvent::Relation(relation) => {
-                if let Some(frame) =
-                    schema_change::apply(db, &self.hub, &relation, batch.next_lsn()).await?
-                {
+                if let Some(frame) = db.relation(&self.hub, &relation, batch.next_lsn()).await? {
                     batch.frames.push(frame);
                 }
             }
@@ -385,5 +390,5 @@ async fn renew(
 pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }

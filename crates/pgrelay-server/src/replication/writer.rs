@@ -3,6 +3,7 @@
 //! decoding and the log's inserts run side by side. Batches are committed,
 //! published and reported durable strictly in order.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -10,12 +11,41 @@ use pgrelay_protocol::{Lsn, Transaction};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::history::{self, Fence, LoggedTx};
+use crate::history::{self, Fence, HistoryError, LoggedTx};
 use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::replication::ReplicationError;
 use crate::ServerError;
+
+/// The change log as the writer sees it: whole transactions appended
+/// atomically. PostgreSQL's in production ([`history::append`]); an
+/// in-memory one in the replication loop's unit tests.
+pub(crate) trait ChangeLog: Send + 'static {
+    fn append(
+        &mut self,
+        txs: &[LoggedTx<'_>],
+    ) -> impl Future<Output = Result<(), HistoryError>> + Send;
+}
+
+/// The change log in PostgreSQL, appended to under this node's capture
+/// term (see [`history::append`]).
+pub(crate) struct FencedLog {
+    pub(crate) db: tokio_postgres::Client,
+    pub(crate) fence: Fence,
+}
+
+impl ChangeLog for FencedLog {
+    fn append(
+        &mut self,
+        txs: &[LoggedTx<'_>],
+    ) -> impl Future<Output = Result<(), HistoryError>> + Send {
+        // What followers may count as captured: through the last
+        // transaction appended (renewals carry positions past it).
+        let end = txs.last().map_or(Lsn::ZERO, |t| t.tx.lsn);
+        history::append(&mut self.db, &self.fence, end, txs)
+    }
+}
 
 /// Committed transactions waiting to be written to the change log together.
 #[derive(Default)]
@@ -75,11 +105,10 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn start(
-        db: tokio_postgres::Client,
+        db: impl ChangeLog,
         hub: Arc<Hub>,
         status: Arc<ReplicationStatus>,
         start: Lsn,
-        fence: Fence,
     ) -> Writer {
         // One batch committing and one queued: the loop accumulates the
         // next while both are busy, so memory stays bounded by the batch cap.
@@ -88,7 +117,6 @@ impl Writer {
         let (durable_tx, durable) = watch::channel(start);
         let task = tokio::spawn(commit_loop(
             db,
-            fence,
             rx,
             Arc::clone(&in_flight),
             durable_tx,
@@ -162,8 +190,7 @@ impl Writer {
 }
 
 async fn commit_loop(
-    mut db: tokio_postgres::Client,
-    fence: Fence,
+    mut db: impl ChangeLog,
     mut batches: mpsc::Receiver<Batch>,
     in_flight: Arc<AtomicUsize>,
     durable: watch::Sender<Lsn>,
@@ -184,7 +211,7 @@ async fn commit_loop(
                     schema_versions: versions,
                 })
                 .collect();
-            history::append(&mut db, &fence, batch.end_lsn, &entries).await?;
+            db.append(&entries).await?;
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;

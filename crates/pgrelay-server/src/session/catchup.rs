@@ -101,7 +101,11 @@ impl Session<'_> {
             if txs.is_empty() {
                 return Ok(());
             }
-            let short = txs.iter().map(|t| t.changes.len() as i64).sum::<i64>() < CATCH_UP_PAGE;
+            let short = txs
+                .iter()
+                .map(|t| i64::try_from(t.changes.len()).unwrap_or(i64::MAX))
+                .sum::<i64>()
+                < CATCH_UP_PAGE;
             for tx in txs {
                 let lsn = tx.lsn;
                 // What the client's token may see, then what it subscribes to.

@@ -160,7 +160,8 @@ pub(crate) async fn run(args: CaptureArgs) -> anyhow::Result<Report> {
         ),
     );
     report.target("capture ≥ 0.8× pg_recvlogical", ratio >= 0.8);
-    if total != args.rows as i64 || logged != args.rows as i64 {
+    let want = i64::try_from(args.rows).unwrap_or(i64::MAX);
+    if total != want || logged != want {
         report.failure = Some(format!(
             "the change log holds {total} changes ({logged} distinct) for {} rows written",
             args.rows

@@ -250,7 +250,12 @@ async fn phase(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        readers.spawn(read_all(ws, events as i64, Arc::clone(&sent_at), start));
+        readers.spawn(read_all(
+            ws,
+            i64::try_from(events).unwrap_or(i64::MAX),
+            Arc::clone(&sent_at),
+            start,
+        ));
     }
 
     let mut writer = open(url, &store).await?;
@@ -261,7 +266,7 @@ async fn phase(
         request += 1;
         let frame = push_frame(&store, &backend, request, head, batch);
         let last = head + batch;
-        sent_at[last].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        sent_at[last].store(nanos_since(start), Ordering::Relaxed);
         writer.send(Message::Text(frame.into())).await?;
         let answer = next_text(&mut writer).await?;
         anyhow::ensure!(
@@ -362,10 +367,18 @@ async fn read_all(
             first == next,
             "a client expected event {next} and received {first}..{end}"
         );
-        let now = start.elapsed().as_nanos() as u64;
-        let sent = sent_at[end as usize].load(Ordering::Relaxed);
-        samples.push((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32);
+        let now = nanos_since(start);
+        let Some(sent) = usize::try_from(end).ok().and_then(|i| sent_at.get(i)) else {
+            continue;
+        };
+        let sent = sent.load(Ordering::Relaxed);
+        samples.push(u32::try_from(now.saturating_sub(sent) / 1000).unwrap_or(u32::MAX));
         next = end + 1;
     }
     Ok(samples)
+}
+
+/// Nanoseconds since `start` (saturating: a bench does not run 584 years).
+fn nanos_since(start: std::time::Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

@@ -47,7 +47,10 @@ impl StoreCost {
     pub(crate) fn growth_past_bound(&self) -> Option<i64> {
         let at_bound = self.samples.iter().rfind(|(n, _)| *n <= self.max_stores)?;
         let last = self.samples.last()?;
-        (last.0 > at_bound.0).then(|| last.1 as i64 - at_bound.1 as i64)
+        (last.0 > at_bound.0).then(|| {
+            i64::try_from(last.1).unwrap_or(i64::MAX)
+                - i64::try_from(at_bound.1).unwrap_or(i64::MAX)
+        })
     }
 }
 

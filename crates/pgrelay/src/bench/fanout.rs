@@ -92,7 +92,7 @@ async fn leaks(dir: std::path::PathBuf, clients: usize, tenants: u64) -> anyhow:
             )?;
             let other: i64 = conn.query_row(
                 "SELECT count(*) FROM bench_items WHERE tenant IS NOT ?1",
-                [i as i64 % tenants as i64],
+                [i64::try_from(i as u64 % tenants).unwrap_or(0)],
                 |r| r.get(0),
             )?;
             if other > 0 {
@@ -181,7 +181,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     let counts = fleet.row_counts(TABLE).await?;
     let positions = fleet.positions().await?;
     for (i, (count, lsn)) in counts.iter().zip(&positions).enumerate() {
-        if *count != wanted[i] as i64 {
+        if u64::try_from(*count).ok() != Some(wanted[i]) {
             eprintln!("  client {i}: {count} rows, replica at {lsn:?}, head {head}");
         }
     }
@@ -194,7 +194,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     let short = counts
         .iter()
         .zip(&wanted)
-        .filter(|(&c, &w)| c != w as i64)
+        .filter(|(&c, &w)| u64::try_from(c).ok() != Some(w))
         .count();
     let leaking = match args.tenants {
         0 => 0,

@@ -205,7 +205,7 @@ pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    let rank = super::report::index((p / 100.0) * (sorted.len() - 1) as f64);
     sorted[rank.min(sorted.len() - 1)]
 }
 

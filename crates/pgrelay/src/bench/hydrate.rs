@@ -332,5 +332,5 @@ async fn sync_client(server: &str, db: &std::path::Path) -> anyhow::Result<Synce
 fn replica_rows(db: &std::path::Path) -> anyhow::Result<u64> {
     let conn = rusqlite::Connection::open(db)?;
     let n: i64 = conn.query_row("SELECT count(*) FROM bench_items", [], |r| r.get(0))?;
-    Ok(n as u64)
+    Ok(u64::try_from(n)?)
 }

@@ -67,7 +67,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         .iter()
         .copied()
         .enumerate()
-        .filter(|&(_, c)| c != written as i64)
+        .filter(|&(_, c)| u64::try_from(c).ok() != Some(written))
         .collect();
     let ms = |us: u32| f64::from(us) / 1000.0;
     let (p50, p95, p99, max) = (
@@ -96,7 +96,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         format!(
             "{} of {} ({} events skipped by the bench's own watcher)",
             thousands(latencies.len() as f64),
-            thousands((written as usize * clients) as f64),
+            thousands((written * clients as u64) as f64),
             missed_events
         ),
     );
@@ -176,13 +176,13 @@ async fn write_at_rate(
         });
     }
     let started = Instant::now();
-    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let total = super::report::whole(rate as f64 * duration.as_secs_f64());
     let period = 1.0 / rate as f64;
     let mut next_progress = started + Duration::from_secs(5);
     for i in 0..total {
         let due = started + Duration::from_secs_f64(i as f64 * period);
         tokio::time::sleep_until(due.into()).await;
-        let sender = &senders[(i as usize) % senders.len()];
+        let sender = &senders[usize::try_from(i % senders.len() as u64).unwrap_or(0)];
         if sender.send(i).await.is_err() {
             break;
         }
@@ -231,7 +231,7 @@ pub(crate) fn cdf(sorted: &[u32]) -> Vec<(f64, f64)> {
     (0..=steps)
         .map(|s| {
             let q = s as f64 / steps as f64;
-            let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+            let idx = super::report::index((sorted.len() - 1) as f64 * q);
             (f64::from(sorted[idx]) / 1000.0, q)
         })
         .collect()

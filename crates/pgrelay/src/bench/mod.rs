@@ -3,6 +3,13 @@
 //! one run on a fresh database, printing a table, and optionally writing
 //! JSON and an SVG figure.
 
+// Figures are floats for statistics and display: counts past 2^53 would
+// lose units, which no run comes near.
+#![allow(
+    clippy::cast_precision_loss,
+    reason = "statistics and display of measured figures"
+)]
+
 mod capture;
 mod eventlog;
 mod eventlog_stores;

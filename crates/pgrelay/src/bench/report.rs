@@ -111,7 +111,27 @@ impl Report {
     }
 }
 
+/// A measured figure rounded to a whole number: float-to-integer `as`
+/// saturates, and figures are non-negative and far below the limit.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "saturating rounding of a measured figure"
+)]
+pub(crate) fn whole(value: f64) -> u64 {
+    value.round() as u64
+}
+
+/// A rank into sorted samples, rounded (see [`whole`]).
+pub(crate) fn index(value: f64) -> usize {
+    usize::try_from(whole(value)).unwrap_or(usize::MAX)
+}
+
 /// `1234567.8` → `1,234,568`.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "saturating rounding of a figure for display"
+)]
 pub(crate) fn thousands(value: f64) -> String {
     let rounded = value.round() as i128;
     let digits = rounded.unsigned_abs().to_string();

@@ -84,7 +84,7 @@ pub(crate) async fn run(args: WritesArgs) -> anyhow::Result<Report> {
     let throughput_secs = started.elapsed().as_secs_f64();
 
     // Latency: single-row writes at a steady rate.
-    let total = (args.rate as f64 * args.duration.as_secs_f64()).round() as u64;
+    let total = super::report::whole(args.rate as f64 * args.duration.as_secs_f64());
     eprintln!(
         "  latency: {total} single-row writes at {} per second ...",
         args.rate
@@ -172,7 +172,10 @@ pub(crate) async fn run(args: WritesArgs) -> anyhow::Result<Report> {
         "≥ 5,000 client changes/s applied (batched)",
         rate >= 5_000.0,
     );
-    if in_pg != expected as i64 || rejected + single_rejected > 0 || single_applied != total {
+    if u64::try_from(in_pg).ok() != Some(expected)
+        || rejected + single_rejected > 0
+        || single_applied != total
+    {
         report.failure = Some(format!(
             "PostgreSQL holds {in_pg} of {expected} rows; {} writes rejected",
             rejected + single_rejected

@@ -109,7 +109,7 @@ pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                         full,
                         ?tables,
                         rows,
-                        mb = bytes as f64 / 1e6,
+                        mb = megabytes(bytes),
                         ?elapsed,
                         ?refetched,
                         "snapshot loaded"
@@ -151,7 +151,7 @@ impl HydrationProgress {
         bar.set_position(rows);
         bar.set_message(format!(
             "{:.1} MB  tables {done}/{tables}",
-            bytes as f64 / 1e6
+            megabytes(bytes)
         ));
     }
 
@@ -254,4 +254,13 @@ pub async fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Bytes as megabytes, for progress shown to one decimal.
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "shown to one decimal: the lost precision is never seen"
+)]
+fn megabytes(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
 }

@@ -2,6 +2,16 @@
 //! (PGRELAY_TEST_DATABASE_URL, or a private cluster the testkit starts),
 //! real SQLite replicas and real WebSockets.
 
+// Test sizes and counts are small and known; casting them keeps the
+// tests readable.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss,
+    reason = "test sizes and counts are small and known"
+)]
+
 mod support;
 
 mod abuse;

@@ -406,6 +406,10 @@ async fn change_log(db: &Client, retain: Duration, report: &mut Report) -> Resul
     Ok(())
 }
 
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "shown rounded to one decimal: the lost precision is never seen"
+)]
 pub(super) fn human_bytes(bytes: i64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{start_client, wait_for, World};
+use crate::support::{start_client, wait_replica_rows, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_non_confirming_hydrations_do_not_block_a_fifth_for_long() {
@@ -57,19 +57,7 @@ async fn four_non_confirming_hydrations_do_not_block_a_fifth_for_long() {
     let started = Instant::now();
     let path = world.replica_path("fifth");
     let fifth = start_client(addr, &path, "fifth").await;
-    wait_for(
-        "the fifth replica hydrated",
-        Duration::from_secs(60),
-        || async {
-            let rows = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
-            (rows.ok() == Some(500)).then_some(())
-        },
-    )
-    .await;
+    wait_replica_rows(&path, "t", 500, Duration::from_secs(60)).await;
     let waited = started.elapsed();
     eprintln!("the fifth replica hydrated after {waited:?}");
     assert!(

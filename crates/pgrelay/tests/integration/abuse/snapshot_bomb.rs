@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::support::proxy::{Meddle, Proxy};
-use crate::support::{spawn_client, wait_for, World};
+use crate::support::{spawn_client, wait_replica_rows, World};
 
 /// Peak resident memory of a process, KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -29,19 +29,7 @@ async fn a_chunk_that_lies_about_its_size_is_refused_with_bounded_memory() {
     let path = world.replica_path("bombed");
     let mut child = spawn_client(proxy.addr, &path, "bombed", false);
     let pid = child.id();
-    wait_for(
-        "the replica hydrated after the lies",
-        Duration::from_secs(60),
-        || async {
-            let rows = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
-            (rows.ok() == Some(1000)).then_some(())
-        },
-    )
-    .await;
+    wait_replica_rows(&path, "t", 1000, Duration::from_secs(60)).await;
     let peak = peak_rss_kib(pid);
     eprintln!(
         "client peak RSS after {} lying chunks of 200 MiB: {peak} KiB",

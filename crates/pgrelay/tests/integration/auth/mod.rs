@@ -2,7 +2,9 @@
 //! tests — signing tokens, servers with rules, clients with a token
 //! provider, raw sockets that record everything the server sends.
 
+mod expiry;
 mod isolation;
+mod token_files;
 mod tokens;
 mod writes;
 

@@ -9,7 +9,7 @@ use pgrelay::cmd::eventlog_host::EventLogAuth;
 use pgrelay_server::{AuthConfig, JwtKey};
 use serde_json::{json, Value};
 
-use super::client::{config, http_url, start, sync_url};
+use super::client::{config, http_url, start, sync_url, upgrade};
 
 const SECRET: &[u8] = b"livestore-jwt-secret-for-tests-0123456789";
 
@@ -28,21 +28,6 @@ fn exp() -> u64 {
         .unwrap()
         .as_secs()
         + 3600
-}
-
-async fn upgrade(url: &str) -> (u16, String) {
-    match tokio_tungstenite::connect_async(url).await {
-        Ok(_) => (101, String::new()),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (response.status().as_u16(), body)
-        }
-        Err(e) => panic!("connecting to {url}: {e}"),
-    }
 }
 
 fn payload(token: &str) -> String {

@@ -170,6 +170,22 @@ impl Sock {
     }
 }
 
+/// The status of an upgrade attempt, and the refusal's body.
+pub async fn upgrade(url: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => (101, String::new()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (response.status().as_u16(), body)
+        }
+        Err(e) => panic!("connecting to {url}: {e}"),
+    }
+}
+
 pub fn sync_url(addr: SocketAddr, path: &str, store: &str, payload: Option<&str>) -> String {
     let mut url = format!("ws://{addr}{path}?storeId={store}");
     if let Some(payload) = payload {

@@ -6,23 +6,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::client::{config, events, start, store_id, sync_url, Sock};
-
-/// The status of an upgrade attempt, and the refusal's body.
-async fn upgrade(url: &str) -> (u16, String) {
-    match tokio_tungstenite::connect_async(url).await {
-        Ok(_) => (101, String::new()),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (response.status().as_u16(), body)
-        }
-        Err(e) => panic!("connecting to {url}: {e}"),
-    }
-}
+use super::client::{config, events, start, store_id, sync_url, upgrade, Sock};
 
 #[tokio::test]
 async fn event_log_sockets_count_under_max_connections() {

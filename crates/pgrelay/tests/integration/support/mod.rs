@@ -331,3 +331,23 @@ pub fn replica_lsn(db: &Path) -> Option<pgrelay_protocol::Lsn> {
         .ok()?;
     text.parse().ok()
 }
+
+/// A count read straight from a replica's SQLite file (works while another
+/// process writes it); `None` while the file or the table is not there.
+pub fn replica_count(db: &Path, sql: &str) -> Option<i64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row(sql, [], |r| r.get::<_, i64>(0)).ok()
+}
+
+/// Waits until the replica's `table` holds `rows` rows.
+pub async fn wait_replica_rows(db: &Path, table: &str, rows: i64, timeout: Duration) {
+    let sql = format!("SELECT count(*) FROM {table}");
+    wait_for(
+        &format!("{rows} rows in the replica's {table}"),
+        timeout,
+        || async { (replica_count(db, &sql) == Some(rows)).then_some(()) },
+    )
+    .await;
+}
