@@ -164,8 +164,7 @@ impl Server {
     /// Whether this node captures the slot (rather than following the
     /// change log another node writes).
     pub fn capturing(&self) -> bool {
-        self.state.is_some()
-            && self.status.role().0 == replication::status::Role::Capturing
+        self.state.is_some() && self.status.role().0 == replication::status::Role::Capturing
     }
 
     /// Times this node found its capture term over and stood down.

@@ -133,8 +133,10 @@ impl Election {
                     .map_err(ServerError::sql("ending a silent capturer's session"))?;
             }
         }
-        self.status
-            .set_holder(holder.map(|h| h.name), crate::replication::status::Role::Following);
+        self.status.set_holder(
+            holder.map(|h| h.name),
+            crate::replication::status::Role::Following,
+        );
         self.lock = Some(lock);
         Ok(None)
     }
@@ -219,7 +221,11 @@ pub(crate) async fn end_capture_sessions(db: &Client, slot: &str) -> Result<u64,
             .and_then(|r| r.get(0));
         let Some(pid) = active else { break };
         if walsenders == 0 {
-            tracing::info!(slot, pid, "the slot is still streamed by an earlier capturer; ending its walsender");
+            tracing::info!(
+                slot,
+                pid,
+                "the slot is still streamed by an earlier capturer; ending its walsender"
+            );
         }
         walsenders += 1;
         db.execute("SELECT pg_terminate_backend($1)", &[&pid])

@@ -69,7 +69,8 @@ impl Follower<'_> {
             .map_err(ServerError::sql("listening for change-log appends"))?;
         self.read(&db).await?;
         self.status.set_connected(self.status.counters().2);
-        self.status.set_holder(self.status.role().1, Role::Following);
+        self.status
+            .set_holder(self.status.role().1, Role::Following);
         let mut attempt = tokio::time::interval(election.retry);
         attempt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut poll = tokio::time::interval(self.poll);
@@ -197,9 +198,7 @@ impl Follower<'_> {
 /// A connection whose notifications on [`NOTIFY_CHANNEL`] arrive on the
 /// returned channel (with the log head they carry, when they carry one);
 /// the channel closes when the connection does.
-async fn listen(
-    info: &ConnInfo,
-) -> Result<(Client, mpsc::Receiver<Option<Lsn>>), ServerError> {
+async fn listen(info: &ConnInfo) -> Result<(Client, mpsc::Receiver<Option<Lsn>>), ServerError> {
     let config = info.with_application_name("pgrelay-follower");
     let (client, mut connection) = config
         .config()

@@ -71,7 +71,10 @@ impl Replication {
     /// Runs until shutdown: follows the change log while another node
     /// captures, captures while this node holds the slot; returns the error
     /// that no retry can cure.
-    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    pub(crate) async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
         let mut won = self.term.take();
         loop {
             let term = match won.take() {
@@ -102,7 +105,11 @@ impl Replication {
     }
 
     /// Captures for as long as `term` lasts, renewing it meanwhile.
-    async fn capture(&self, term: Term, shutdown: &mut watch::Receiver<bool>) -> Result<(), ServerError> {
+    async fn capture(
+        &self,
+        term: Term,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
         let term = Arc::new(term);
         let (lost_tx, lost) = watch::channel(None);
         let renewal = tokio::spawn(renew(

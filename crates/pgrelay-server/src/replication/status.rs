@@ -42,7 +42,6 @@ pub(crate) enum Role {
     Following,
 }
 
-
 #[derive(Serialize)]
 pub(crate) struct StatusReport {
     pub(crate) connected: bool,

@@ -89,7 +89,8 @@ pub(crate) async fn run(args: FailoverArgs) -> anyhow::Result<Report> {
         // A client of the capturing node that knows every node.
         let mut urls: Vec<String> = nodes.iter().map(|n| format!("ws://{}", n.addr)).collect();
         urls.rotate_left(first);
-        let mut config = ClientConfig::new(urls.join(","), dir.path().join(format!("c{kill}.sqlite")));
+        let mut config =
+            ClientConfig::new(urls.join(","), dir.path().join(format!("c{kill}.sqlite")));
         config.backoff_base = Duration::from_millis(20);
         config.backoff_cap = Duration::from_millis(200);
         let client = Arc::new(SyncClient::open(config).await?);
@@ -151,23 +152,37 @@ pub(crate) async fn run(args: FailoverArgs) -> anyhow::Result<Report> {
 
     let mut report = Report::new(
         "failover",
-        format!("failover: {} nodes, {} SIGKILLs of the capturing node", args.nodes, args.kills),
+        format!(
+            "failover: {} nodes, {} SIGKILLs of the capturing node",
+            args.nodes, args.kills
+        ),
     );
-    let stat = |v: &[f64], p: f64| {
+    let stat = |v: &[f64], percent: usize| {
         let mut sorted = v.to_vec();
         sorted.sort_by(f64::total_cmp);
-        let at = ((p / 100.0) * (sorted.len().saturating_sub(1)) as f64).round() as usize;
+        let at = sorted.len().saturating_sub(1) * percent / 100;
         sorted.get(at).copied().unwrap_or(0.0)
     };
     report.line(
         "capture taken over (p50 / max)",
-        format!("{:.0} ms / {:.0} ms", stat(&capture_ms, 50.0), stat(&capture_ms, 100.0)),
+        format!(
+            "{:.0} ms / {:.0} ms",
+            stat(&capture_ms, 50),
+            stat(&capture_ms, 100)
+        ),
     );
     report.line(
         "killed node's client receiving again (p50 / max)",
-        format!("{:.0} ms / {:.0} ms", stat(&client_ms, 50.0), stat(&client_ms, 100.0)),
+        format!(
+            "{:.0} ms / {:.0} ms",
+            stat(&client_ms, 50),
+            stat(&client_ms, 100)
+        ),
     );
-    report.line("rows written / logged / distinct", format!("{written} / {logged} / {distinct}"));
+    report.line(
+        "rows written / logged / distinct",
+        format!("{written} / {logged} / {distinct}"),
+    );
     report.target(
         "capture taken over within 5 s of every kill",
         capture_ms.iter().all(|ms| *ms <= 5000.0),

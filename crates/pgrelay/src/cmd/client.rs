@@ -11,7 +11,12 @@ use secrecy::SecretString;
 pub struct SyncArgs {
     /// Server address, e.g. ws://127.0.0.1:7171; repeat it (or separate by
     /// commas) for several nodes, tried in turn when a connection fails.
-    #[arg(long, env = "PGRELAY_SERVER", default_value = "ws://127.0.0.1:7171", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "PGRELAY_SERVER",
+        default_value = "ws://127.0.0.1:7171",
+        value_delimiter = ','
+    )]
     pub server: Vec<String>,
     /// The replica's SQLite file (created when missing).
     #[arg(long, env = "PGRELAY_DB")]

@@ -24,15 +24,19 @@ pub(crate) async fn role(addr: SocketAddr) -> Option<String> {
 
 /// The one node that captures, once exactly one does.
 async fn capturer(nodes: &[&ServerProcess]) -> usize {
-    wait_for("exactly one capturing node", Duration::from_secs(30), || async {
-        let mut capturing = Vec::new();
-        for (i, node) in nodes.iter().enumerate() {
-            if role(node.addr).await.as_deref() == Some("capturing") {
-                capturing.push(i);
+    wait_for(
+        "exactly one capturing node",
+        Duration::from_secs(30),
+        || async {
+            let mut capturing = Vec::new();
+            for (i, node) in nodes.iter().enumerate() {
+                if role(node.addr).await.as_deref() == Some("capturing") {
+                    capturing.push(i);
+                }
             }
-        }
-        (capturing.len() == 1).then(|| capturing[0])
-    })
+            (capturing.len() == 1).then(|| capturing[0])
+        },
+    )
     .await
 }
 
@@ -67,10 +71,17 @@ async fn the_capturer_killed_is_replaced_and_every_client_ends_equal() {
         ROWS,
         Duration::from_millis(5),
     ));
-    wait_for("part of the rows in the log", Duration::from_secs(60), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await >= ROWS / 4)
-            .then_some(())
-    })
+    wait_for(
+        "part of the rows in the log",
+        Duration::from_secs(60),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                >= ROWS / 4)
+                .then_some(())
+        },
+    )
     .await;
 
     nodes[first].kill9();
@@ -79,16 +90,27 @@ async fn the_capturer_killed_is_replaced_and_every_client_ends_equal() {
     let next = capturer(&survivors).await;
     let took = killed.elapsed();
     eprintln!("capture taken over by node {} after {took:?}", next + 1);
-    let logged = world.count("SELECT count(*) FROM pgrelay.change_history").await;
-    wait_for("the new capturer to append", Duration::from_secs(30), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await > logged)
-            .then_some(())
-    })
+    let logged = world
+        .count("SELECT count(*) FROM pgrelay.change_history")
+        .await;
+    wait_for(
+        "the new capturer to append",
+        Duration::from_secs(30),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                > logged)
+                .then_some(())
+        },
+    )
     .await;
 
     writer.await.unwrap();
     for client in &clients {
-        world.wait_equal(client.replica.path(), Duration::from_secs(60)).await;
+        world
+            .wait_equal(client.replica.path(), Duration::from_secs(60))
+            .await;
     }
     assert_log_exactly_once(&world, ROWS).await;
     for client in clients {

@@ -40,10 +40,17 @@ async fn a_frozen_capturer_is_fenced_off_and_nothing_is_logged_twice_or_lost() {
         ROWS,
         Duration::from_millis(10),
     ));
-    wait_for("part of the rows in the log", Duration::from_secs(60), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await >= ROWS / 4)
-            .then_some(())
-    })
+    wait_for(
+        "part of the rows in the log",
+        Duration::from_secs(60),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                >= ROWS / 4)
+                .then_some(())
+        },
+    )
     .await;
 
     proxy.freeze();
@@ -51,9 +58,14 @@ async fn a_frozen_capturer_is_fenced_off_and_nothing_is_logged_twice_or_lost() {
         b.capturing().then_some(())
     })
     .await;
-    let logged = world.count("SELECT count(*) FROM pgrelay.change_history").await;
+    let logged = world
+        .count("SELECT count(*) FROM pgrelay.change_history")
+        .await;
     wait_for("node B to append", Duration::from_secs(30), || async {
-        (world.count("SELECT count(*) FROM pgrelay.change_history").await > logged)
+        (world
+            .count("SELECT count(*) FROM pgrelay.change_history")
+            .await
+            > logged)
             .then_some(())
     })
     .await;
@@ -64,15 +76,22 @@ async fn a_frozen_capturer_is_fenced_off_and_nothing_is_logged_twice_or_lost() {
     .await;
     let term: i64 = world
         .sql
-        .query_one("SELECT term FROM pgrelay.capture WHERE slot = $1", &[&world.slot()])
+        .query_one(
+            "SELECT term FROM pgrelay.capture WHERE slot = $1",
+            &[&world.slot()],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(term >= 2, "the takeover started a new term ({term})");
 
     writer.await.unwrap();
-    world.wait_equal(&on_b.replica.path(), Duration::from_secs(60)).await;
-    world.wait_equal(&on_a.replica.path(), Duration::from_secs(60)).await;
+    world
+        .wait_equal(on_b.replica.path(), Duration::from_secs(60))
+        .await;
+    world
+        .wait_equal(on_a.replica.path(), Duration::from_secs(60))
+        .await;
     assert_log_exactly_once(&world, ROWS).await;
     assert!(b.capturing() && !a.capturing(), "one capturer at the end");
 

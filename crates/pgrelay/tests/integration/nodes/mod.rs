@@ -40,7 +40,8 @@ pub(crate) async fn assert_log_exactly_once(world: &World, rows: i64) {
         )
         .await
         .unwrap();
-    let got: (i64, i64, Option<i64>, Option<i64>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    let got: (i64, i64, Option<i64>, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!(
         got,
         (rows, rows, Some(1), Some(rows)),
