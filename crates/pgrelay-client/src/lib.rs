@@ -30,7 +30,9 @@ pub use replica::{
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// `ws://host:port` or `wss://host:port` (the path `/api/sync` is
-    /// added when missing).
+    /// added when missing); or several such URLs separated by commas,
+    /// nodes of one deployment, tried in turn whenever a connection fails
+    /// or ends.
     pub server: String,
     /// For `wss://`: a PEM file of certificate authorities trusted besides
     /// the platform's roots (a server whose certificate a private CA signed).
@@ -89,8 +91,23 @@ impl ClientConfig {
         }
     }
 
-    pub(crate) fn sync_url(&self) -> String {
-        let trimmed = self.server.trim_end_matches('/');
+    /// The servers to try, in turn.
+    pub fn servers(&self) -> Vec<&str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// The sync URL of the server for connection attempt `turn`.
+    pub(crate) fn sync_url(&self, turn: usize) -> String {
+        let servers = self.servers();
+        let server = servers
+            .get(turn % servers.len().max(1))
+            .copied()
+            .unwrap_or_default();
+        let trimmed = server.trim_end_matches('/');
         let after_scheme = trimmed.split_once("://").map_or(trimmed, |(_, rest)| rest);
         if after_scheme.contains('/') {
             trimmed.to_owned()
@@ -308,10 +325,14 @@ impl SyncClient {
         // the next connection keeps the position, so the server repairs the
         // replica instead of sending it whole. Told `gone` again, it resets.
         let mut repairing = false;
+        // Which of the servers the next connection goes to: the next one
+        // after each failure, so a dead node is left for a live one.
+        let mut turn = 0usize;
         loop {
             let mut welcomed = false;
             let result = session::connect_and_sync(
                 &self.config,
+                turn,
                 &self.replica,
                 &self.events,
                 &mut shutdown,
@@ -373,6 +394,7 @@ impl SyncClient {
                     attempt = 1;
                 }
                 Err(e) => {
+                    turn = turn.wrapping_add(1);
                     let delay = session::backoff(
                         attempt,
                         self.config.backoff_base,
@@ -406,5 +428,14 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("client-token-secret-5"), "{printed}");
         assert!(printed.contains("ws://127.0.0.1:7171"), "{printed}");
+    }
+
+    #[test]
+    fn several_servers_are_tried_in_turn() {
+        let config = ClientConfig::new("ws://a:1, ws://b:2/api/sync,", "replica.sqlite");
+        assert_eq!(config.servers(), vec!["ws://a:1", "ws://b:2/api/sync"]);
+        assert_eq!(config.sync_url(0), "ws://a:1/api/sync");
+        assert_eq!(config.sync_url(1), "ws://b:2/api/sync");
+        assert_eq!(config.sync_url(2), "ws://a:1/api/sync");
     }
 }

@@ -80,6 +80,14 @@ impl ConnInfo {
         })
     }
 
+    /// The same database under another `application_name`, so its
+    /// sessions can be told apart in `pg_stat_activity`.
+    pub fn with_application_name(&self, name: &str) -> ConnInfo {
+        let mut info = self.clone();
+        info.config.application_name(name);
+        info
+    }
+
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
     }

@@ -88,6 +88,16 @@ pub struct ServerConfig {
     /// `--tls-cert`/`--tls-key`: serve HTTPS and `wss://` directly;
     /// `None` serves plain HTTP (behind a TLS-terminating proxy, or local).
     pub tls: Option<crate::TlsFiles>,
+    /// How often a node that does not capture tries for the capture lock
+    /// (and a capturer renews its term).
+    pub capture_retry: Duration,
+    /// A capturer that has not renewed its term for this long is taken
+    /// over (its lock session ended); a capturer that cannot renew within
+    /// it stands down.
+    pub capture_lease: Duration,
+    /// How often a following node reads the change log even without a
+    /// notification (a safety net; notifications wake it at once).
+    pub follow_poll: Duration,
 }
 
 impl ServerConfig {
@@ -126,6 +136,9 @@ impl ServerConfig {
             monitor_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             tls: None,
+            capture_retry: Duration::from_secs(1),
+            capture_lease: Duration::from_secs(3),
+            follow_poll: Duration::from_secs(5),
         }
     }
 
@@ -155,6 +168,12 @@ impl ServerConfig {
             return Err(format!(
                 "--slot {:?}: a slot name is 1-58 characters of lower-case letters, digits and '_'",
                 self.slot
+            ));
+        }
+        if self.capture_retry.is_zero() || self.capture_lease <= self.capture_retry {
+            return Err(format!(
+                "--capture-lease ({:?}) must be longer than --capture-retry ({:?}), which must not be zero",
+                self.capture_lease, self.capture_retry
             ));
         }
         if self.ping_interval.is_zero() || self.idle_timeout <= self.ping_interval {

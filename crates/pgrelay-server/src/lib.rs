@@ -173,6 +173,17 @@ impl Server {
         }
     }
 
+    /// Whether this node captures the slot (rather than following the
+    /// change log another node writes).
+    pub fn capturing(&self) -> bool {
+        self.state.is_some() && self.status.role().0 == replication::status::Role::Capturing
+    }
+
+    /// Times this node found its capture term over and stood down.
+    pub fn stand_downs(&self) -> u64 {
+        self.status.stand_downs()
+    }
+
     /// Distinct scopes (sets of claim values the rules read) of connected
     /// tokens; 0 without `--auth`.
     pub fn scopes(&self) -> usize {

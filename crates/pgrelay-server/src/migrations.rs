@@ -42,6 +42,10 @@ const MIGRATIONS: [(&str, &str); 4] = [
         "V5__app_migrations",
         include_str!("../migrations/V5__app_migrations.sql"),
     ),
+    (
+        "V6__capture_term",
+        include_str!("../migrations/V6__capture_term.sql"),
+    ),
 ];
 
 /// Brings schema `pgrelay` to the newest version; returns the versions it

@@ -14,6 +14,7 @@ use crate::api::ratelimit;
 use crate::history::{reader, retention};
 use crate::hub::Hub;
 use crate::ops::metrics;
+use crate::replication::election::Election;
 use crate::replication::status::ReplicationStatus;
 use crate::replication::{self, lag, table_watch, Replication};
 use crate::state::AppState;
@@ -54,6 +55,19 @@ pub(crate) async fn start_row_sync(
         Err(e) => tracing::warn!(error = %e, "start-up checks could not run"),
     }
     migrations::migrate(&mut db).await?;
+    let node = config
+        .node
+        .clone()
+        .unwrap_or_else(|| registry::default_node(addr.port()));
+    let instance = format!("{node}#{:08x}", rand::random::<u32>());
+    let status = Arc::new(ReplicationStatus::new());
+    // Several nodes may serve one slot: the one that wins the election
+    // captures, the others follow the change log it writes.
+    let mut election = Election::new(&info, &config, instance.clone(), Arc::clone(&status));
+    let term = election.attempt().await?;
+    if term.is_none() {
+        election.check_agreement(&db).await?;
+    }
     let mut tables = pgrelay_pg::discover_tables(&db, &config.tables).await?;
     history::version_schemas(&db, &mut tables).await?;
     for table in tables.iter().filter(|t| t.skipped.is_some()) {
@@ -68,8 +82,17 @@ pub(crate) async fn start_row_sync(
     // The slot is ready before start returns, so every change committed
     // from here on is captured; a slot lost while pgrelay was stopped
     // starts a new change-log epoch here.
-    let status = Arc::new(ReplicationStatus::new());
-    let slot = replication::prepare_slot(&mut db, &config.slot, &status).await?;
+    let created = match &term {
+        Some(_) => {
+            replication::prepare_slot(&mut db, &config.slot, &status)
+                .await?
+                .created
+        }
+        None => {
+            tracing::info!(slot = %config.slot, capturer = status.role().1.as_deref().unwrap_or("?"), "another node captures this slot; following its change log");
+            false
+        }
+    };
     let head = history::head(&db).await?;
     let auth = match &config.auth {
         Some(auth_config) => {
@@ -83,13 +106,8 @@ pub(crate) async fn start_row_sync(
     let catalog = crate::schema_migrations::catalog::Catalog::load(&db).await?;
     drop(db);
     let versions = version_columns(&config.conflicts, &tables)?;
-    tracing::info!(tables = synced.len(), slot = %config.slot, created = slot.created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
+    tracing::info!(tables = synced.len(), slot = %config.slot, created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
 
-    let node = config
-        .node
-        .clone()
-        .unwrap_or_else(|| registry::default_node(addr.port()));
-    let instance = format!("{node}#{:08x}", rand::random::<u32>());
     let registry = registry::open(&config, sessions, &node, &instance)
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let filtering = config.auth.as_ref().is_some_and(|a| a.rules.is_some());
@@ -106,6 +124,8 @@ pub(crate) async fn start_row_sync(
         config: config.clone(),
         hub: Arc::clone(&hub),
         status: Arc::clone(&status),
+        election,
+        term,
     };
     tasks.spawn(replication.run(shutdown_rx.clone()));
 

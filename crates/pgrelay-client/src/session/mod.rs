@@ -31,13 +31,14 @@ pub(crate) enum Ending {
 
 pub(crate) async fn connect_and_sync(
     config: &ClientConfig,
+    turn: usize,
     replica: &Replica,
     events: &broadcast::Sender<Event>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     welcomed: &mut bool,
     writes: &Notify,
 ) -> Result<Ending, ClientError> {
-    let url = config.sync_url();
+    let url = config.sync_url(turn);
     let token = config.current_token().await?;
     let connector = crate::tls::connector(config)?;
     let (mut socket, _) = tokio_tungstenite::connect_async_tls_with_config(

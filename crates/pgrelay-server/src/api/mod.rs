@@ -162,6 +162,9 @@ struct Readiness {
     reasons: Vec<String>,
     replication: crate::replication::status::StatusReport,
     lag: crate::replication::lag::LagReport,
+    /// WAL bytes between the change log's newest transaction and the
+    /// newest this node published (a following node's lag).
+    log_lag_bytes: u64,
 }
 
 /// Readiness: replication connected and hearing from PostgreSQL, not
@@ -222,6 +225,11 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
         reasons,
         replication,
         lag,
+        log_lag_bytes: state
+            .replication
+            .log_head()
+            .0
+            .saturating_sub(state.hub.head().0),
     };
     (code, Json(body)).into_response()
 }

@@ -21,6 +21,10 @@ pub enum HistoryError {
     Pruned { position: Lsn, pruned_through: Lsn },
     #[error("too large: {0}")]
     TooLarge(&'static str),
+    /// Another node took over the capture of this slot (a newer term): this
+    /// node's append was refused and it must stand down.
+    #[error("capture term {term} of slot {slot:?} is over: another node captures it now")]
+    Fenced { slot: String, term: i64 },
 }
 
 impl HistoryError {
@@ -37,7 +41,8 @@ impl HistoryError {
             HistoryError::Sql { source, .. } => ErrorKind::of_sql(source),
             HistoryError::CorruptLog(_)
             | HistoryError::Pruned { .. }
-            | HistoryError::TooLarge(_) => ErrorKind::Definite,
+            | HistoryError::TooLarge(_)
+            | HistoryError::Fenced { .. } => ErrorKind::Definite,
         }
     }
 }

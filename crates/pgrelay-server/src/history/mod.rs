@@ -157,12 +157,56 @@ pub(crate) struct LoggedTx<'a> {
     pub(crate) schema_versions: &'a [u32],
 }
 
-/// Appends whole transactions to the log atomically: one COPY statement,
-/// which in autocommit is its own transaction (two round trips, no
-/// BEGIN/COMMIT). Callers pass only transactions newer than the log's head,
-/// so a replay after a crash inserts nothing twice (and the primary key
-/// would refuse it).
-pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), HistoryError> {
+/// The channel on which every append is announced, in the append's own
+/// commit: nodes that do not capture listen on it and read the new rows.
+pub(crate) const NOTIFY_CHANNEL: &str = "pgrelay_change_log";
+
+/// Who appends: the slot and the capture term this node holds.
+#[derive(Clone, Debug)]
+pub(crate) struct Fence {
+    pub(crate) slot: String,
+    pub(crate) term: i64,
+}
+
+/// Appends whole transactions to the log atomically, in one transaction
+/// that first checks (and row-locks until commit) that `fence`'s term is
+/// still the slot's: a capturer whose term is over appends nothing. The
+/// same transaction records how far the log is captured (`end`) and
+/// notifies followers at commit. Callers pass only transactions newer than
+/// the log's head, so a replay after a crash inserts nothing twice (and the
+/// primary key would refuse it).
+pub(crate) async fn append(
+    client: &mut Client,
+    fence: &Fence,
+    end: Lsn,
+    txs: &[LoggedTx<'_>],
+) -> Result<(), HistoryError> {
+    let client = client
+        .transaction()
+        .await
+        .map_err(HistoryError::sql("starting a change-log append"))?;
+    let head = txs.last().map_or(end, |t| t.tx.lsn);
+    let ours = client
+        .query_opt(
+            "WITH fenced AS (UPDATE pgrelay.capture SET captured = greatest(captured, $3)
+                              WHERE slot = $1 AND term = $2 RETURNING 1)
+             SELECT pg_notify($4, $5) FROM fenced",
+            &[
+                &fence.slot,
+                &fence.term,
+                &PgLsn::from(end.0),
+                &NOTIFY_CHANNEL,
+                &head.to_string(),
+            ],
+        )
+        .await
+        .map_err(HistoryError::sql("checking the capture term"))?;
+    if ours.is_none() {
+        return Err(HistoryError::Fenced {
+            slot: fence.slot.clone(),
+            term: fence.term,
+        });
+    }
     let sink = client
         .copy_in(
             "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
@@ -221,6 +265,10 @@ pub(crate) async fn append(client: &Client, txs: &[LoggedTx<'_>]) -> Result<(), 
     }
     writer
         .finish()
+        .await
+        .map_err(HistoryError::sql("writing to the change log"))?;
+    client
+        .commit()
         .await
         .map_err(HistoryError::sql("committing to the change log"))?;
     Ok(())

@@ -22,6 +22,7 @@ use crate::state::AppState;
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/admin/clients", get(list))
+        .route("/api/admin/node", get(node))
         .route("/api/admin/clients/{id}", delete(forget))
         .route("/api/admin/clients/{id}/disconnect", post(disconnect))
         .route("/api/admin/clients/{id}/notify", post(notify))
@@ -171,6 +172,28 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respons
         })
         .collect();
     Json(rows).into_response()
+}
+
+/// `GET /api/admin/node`: this node's role (capturing or following), who
+/// holds the slot, the capture term and how far this node is behind the
+/// change log.
+async fn node(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    let report = state.replication.report();
+    Json(serde_json::json!({
+        "node": state.node,
+        "instance": state.instance,
+        "role": report.role,
+        "capturer": report.capturer,
+        "term": report.term,
+        "stand_downs": report.stand_downs,
+        "head_lsn": state.hub.head().to_string(),
+        "log_lag_bytes": state.replication.log_head().0.saturating_sub(state.hub.head().0),
+        "sessions": state.sessions.len(),
+    }))
+    .into_response()
 }
 
 /// `POST /api/admin/clients/{id}/disconnect`: closes the client's session

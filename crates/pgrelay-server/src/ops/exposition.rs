@@ -89,6 +89,31 @@ pub(crate) fn render(state: &AppState) -> String {
         "1 while WAL moves on and the confirmed position does not.",
         i64::from(lag.stalled),
     );
+    let report = state.replication.report();
+    out.gauge(
+        "capturing",
+        "1 while this node captures the slot (writes the change log); 0 while it follows.",
+        i64::from(report.role == crate::replication::status::Role::Capturing),
+    );
+    out.gauge(
+        "capture_term",
+        "The capture term this node last held or saw.",
+        report.term,
+    );
+    out.counter(
+        "capture_stand_downs",
+        "Times this node found its capture term over (another node took over) and stood down.",
+        report.stand_downs,
+    );
+    out.gauge(
+        "follow_lag_bytes",
+        "WAL bytes between the change log's newest transaction and the newest this node published.",
+        state
+            .replication
+            .log_head()
+            .0
+            .saturating_sub(state.hub.head().0),
+    );
     let (missing, invalidated) = state.replication.slot_losses();
     out.counters(
         "slot_lost",

@@ -2,9 +2,13 @@
 //! the hub. The slot's confirmed position only moves past what the change
 //! log has committed (promise 2); on any connection failure it reconnects
 //! with backoff and resumes from the slot; a slot lost meanwhile starts a
-//! new change-log epoch (see [`slot`]).
+//! new change-log epoch (see [`slot`]). With several nodes on one slot,
+//! only the node that wins the [`election`] captures; the others follow
+//! the change log ([`follower`]) until they win it.
 
+pub(crate) mod election;
 mod error;
+mod follower;
 pub(crate) mod lag;
 mod schema_change;
 mod slot;
@@ -26,12 +30,14 @@ use pgrelay_pg::{ConnInfo, StreamEvent, StreamOptions};
 use pgrelay_protocol::Lsn;
 use tokio::sync::watch;
 
-use crate::history;
+use crate::history::{self, Fence, HistoryError};
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::{ServerConfig, ServerError};
+use election::{Election, Term};
+use follower::Follower;
 use source::{Catalog, EventSource};
-use writer::{Batch, Writer};
+use writer::{Batch, FencedLog, Writer};
 
 /// Changes gathered before the change log is written even if more are
 /// waiting; bounds memory and keeps latency low under load.
@@ -42,16 +48,108 @@ pub(crate) struct Replication {
     pub(crate) config: ServerConfig,
     pub(crate) hub: Arc<Hub>,
     pub(crate) status: Arc<ReplicationStatus>,
+    pub(crate) election: Election,
+    /// The term this node won at start, if it did.
+    pub(crate) term: Option<Term>,
 }
 
+/// Whether `e` means this node no longer captures (rather than a failure
+/// a reconnect cures).
+fn stands_down(e: &ServerError) -> bool {
+    match e {
+        ServerError::Replication(r) => r.stands_down(),
+        ServerError::History(HistoryError::Fenced { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Why the renewal of a term stopped: the term is over, or the lease
+/// could not be renewed in time.
+type Lost = watch::Receiver<Option<ReplicationError>>;
+
 impl Replication {
-    /// Runs until shutdown, reconnecting after failures that a retry can
-    /// cure; returns the error that it cannot.
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    /// Runs until shutdown: follows the change log while another node
+    /// captures, captures while this node holds the slot; returns the error
+    /// that no retry can cure.
+    pub(crate) async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
+        let mut won = self.term.take();
+        loop {
+            let term = match won.take() {
+                Some(term) => term,
+                None => {
+                    let follower = Follower {
+                        info: &self.info,
+                        slot: &self.config.slot,
+                        hub: &self.hub,
+                        status: &self.status,
+                        poll: self.config.follow_poll,
+                    };
+                    match follower.run(&mut self.election, &mut shutdown).await? {
+                        Some(term) => term,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            match self.capture(term, &mut shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(e) if stands_down(&e) => {
+                    tracing::warn!(error = %e, slot = %self.config.slot, "this node no longer captures; following the change log");
+                    self.status.stood_down();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Captures for as long as `term` lasts, renewing it meanwhile.
+    async fn capture(
+        &self,
+        term: Term,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
+        let term = Arc::new(term);
+        let (lost_tx, lost) = watch::channel(None);
+        let renewal = tokio::spawn(renew(
+            Arc::clone(&term),
+            Arc::clone(&self.status),
+            self.config.capture_retry,
+            self.config.capture_lease,
+            lost_tx,
+        ));
+        let result = self.capture_until_lost(&term.fence, lost, shutdown).await;
+        renewal.abort();
+        let _ = renewal.await;
+        if result.is_ok() {
+            // Followers learn the final position before the lock goes.
+            let (_, _, confirmed) = self.status.counters();
+            if let Err(e) = term.renew(confirmed, true).await {
+                tracing::debug!(error = %e, "recording the final captured position failed");
+            }
+        }
+        // Dropping the lock's connection releases the lock.
+        drop(term);
+        result
+    }
+
+    /// Streams from the slot, reconnecting after failures a retry can cure.
+    async fn capture_until_lost(
+        &self,
+        fence: &Fence,
+        mut lost: Lost,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.run_once(&mut shutdown).await {
+            let why = lost.borrow_and_update().clone();
+            if let Some(e) = why {
+                return Err(e.into());
+            }
+            match self.run_once(fence, &mut lost, shutdown).await {
                 Ok(()) => return Ok(()),
+                Err(e) if stands_down(&e) => return Err(e),
                 Err(e) if !e.is_retryable() => {
                     tracing::error!(error = %e, "replication stopped");
                     self.status.set_error(e.to_string());
@@ -65,14 +163,24 @@ impl Replication {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
+                _ = lost.changed() => {}
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ServerError> {
-        let mut db = pgrelay_pg::connect(&self.info).await?;
+    async fn run_once(
+        &self,
+        fence: &Fence,
+        lost: &mut Lost,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ServerError> {
+        // Named, so that the next capturer can end what is left of them.
+        let info = self
+            .info
+            .with_application_name(&election::capture_application(&self.config.slot));
+        let mut db = pgrelay_pg::connect(&info).await?;
         let slot = slot::prepare(&mut db, &self.config.slot, &self.status).await?;
         if let Some(epoch) = &slot.epoch {
             // Live sessions are told `gone`; new ones get the new log.
@@ -92,15 +200,19 @@ impl Replication {
         // The slot never passes the change log, and what the log holds the
         // hub has published (above).
         self.hub.set_captured(slot.confirmed);
-        let log_db = pgrelay_pg::connect(&self.info).await?;
+        let log_db = pgrelay_pg::connect(&info).await?;
+        let log = FencedLog {
+            db: log_db,
+            fence: fence.clone(),
+        };
         let mut writer = Writer::start(
-            log_db,
+            log,
             Arc::clone(&self.hub),
             Arc::clone(&self.status),
             slot.confirmed,
         );
         let result = self
-            .stream(&db, &mut stream, &mut writer, logged, shutdown)
+            .stream(&db, &mut stream, &mut writer, logged, lost, shutdown)
             .await;
         match result {
             Ok(()) => {
@@ -133,6 +245,7 @@ impl Replication {
         stream: &mut impl EventSource,
         writer: &mut Writer,
         logged: Lsn,
+        lost: &mut Lost,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ServerError> {
         let mut batch = Batch::default();
@@ -140,6 +253,11 @@ impl Replication {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
+                _ = lost.changed() => {
+                    // Stands down without confirming anything more.
+                    let why = lost.borrow_and_update().clone();
+                    return Err(why.unwrap_or(ReplicationError::TermOver).into());
+                }
                 changed = writer.durable.changed() => {
                     if changed.is_err() {
                         return Err(writer.failure().await);
@@ -237,6 +355,41 @@ impl Replication {
             }
         }
         Ok(())
+    }
+}
+
+/// Renews `term` every `every`; reports on `lost` when the term is over or
+/// a renewal did not succeed within the lease (less one period, so this
+/// node stops before another may take over).
+async fn renew(
+    term: Arc<Term>,
+    status: Arc<ReplicationStatus>,
+    every: Duration,
+    lease: Duration,
+    lost: watch::Sender<Option<ReplicationError>>,
+) {
+    let deadline = lease.saturating_sub(every).max(every);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut told = Lsn::ZERO;
+    loop {
+        tick.tick().await;
+        let (_, _, confirmed) = status.counters();
+        let outcome = tokio::time::timeout(deadline, term.renew(confirmed, confirmed > told)).await;
+        let why = match outcome {
+            Ok(Ok(true)) => {
+                told = told.max(confirmed);
+                continue;
+            }
+            Ok(Ok(false)) => ReplicationError::TermOver,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "renewing the capture term failed");
+                ReplicationError::LeaseLost(lease)
+            }
+            Err(_) => ReplicationError::LeaseLost(lease),
+        };
+        let _ = lost.send(Some(why));
+        return;
     }
 }
 

@@ -23,6 +23,23 @@ pub(crate) struct ReplicationStatus {
     /// Why a new change-log epoch is under way; cleared once replication
     /// streams from the new slot.
     new_epoch: Mutex<Option<String>>,
+    /// Whether this node captures or follows, and who captures.
+    role: Mutex<(Role, Option<String>)>,
+    term: AtomicU64,
+    /// Stale-capturer refusals and stand-downs since start.
+    stand_downs: AtomicU64,
+    /// Newest commit LSN in the change log, as last read by this node.
+    log_head: AtomicU64,
+}
+
+/// What this node does with the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    /// Holds the slot and writes the change log.
+    Capturing,
+    /// Reads the change log another node writes.
+    Following,
 }
 
 #[derive(Serialize)]
@@ -36,6 +53,14 @@ pub(crate) struct StatusReport {
     /// Slots found lost (dropped or invalidated) since start.
     pub(crate) slot_losses: u64,
     pub(crate) last_slot_loss: Option<String>,
+    /// `capturing` or `following`.
+    pub(crate) role: Role,
+    /// The node that holds the slot (this one when capturing).
+    pub(crate) capturer: Option<String>,
+    /// The capture term this node last held or saw.
+    pub(crate) term: u64,
+    /// Times this node stood down as a stale capturer.
+    pub(crate) stand_downs: u64,
 }
 
 impl ReplicationStatus {
@@ -51,7 +76,49 @@ impl ReplicationStatus {
             slots_invalidated: AtomicU64::new(0),
             last_slot_loss: Mutex::new(None),
             new_epoch: Mutex::new(None),
+            role: Mutex::new((Role::Following, None)),
+            term: AtomicU64::new(0),
+            stand_downs: AtomicU64::new(0),
+            log_head: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn set_holder(&self, holder: Option<String>, role: Role) {
+        if let Ok(mut r) = self.role.lock() {
+            *r = (role, holder);
+        }
+    }
+
+    pub(crate) fn role(&self) -> (Role, Option<String>) {
+        self.role
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or((Role::Following, None))
+    }
+
+    pub(crate) fn set_term(&self, term: i64) {
+        self.term
+            .store(u64::try_from(term).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub(crate) fn stood_down(&self) {
+        self.stand_downs.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut r) = self.role.lock() {
+            *r = (Role::Following, None);
+        }
+    }
+
+    pub(crate) fn stand_downs(&self) -> u64 {
+        self.stand_downs.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_log_head(&self, lsn: Lsn) {
+        self.log_head.fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    /// The change log's newest commit LSN, as this node last read it.
+    pub(crate) fn log_head(&self) -> Lsn {
+        Lsn(self.log_head.load(Ordering::Relaxed))
     }
 
     /// Streaming (again); a new epoch, if one was under way, is established.
@@ -159,6 +226,10 @@ impl ReplicationStatus {
             slot_losses: self.slots_missing.load(Ordering::Relaxed)
                 + self.slots_invalidated.load(Ordering::Relaxed),
             last_slot_loss: self.last_slot_loss.lock().ok().and_then(|e| e.clone()),
+            role: self.role().0,
+            capturer: self.role().1,
+            term: self.term.load(Ordering::Relaxed),
+            stand_downs: self.stand_downs(),
         }
     }
 }

@@ -86,11 +86,16 @@ struct Harness {
 fn start(logged: Lsn) -> Harness {
     let url = "postgres://nobody@127.0.0.1:1/nothing";
     let hub = Arc::new(Hub::new(64, logged, Vec::new(), false, "log"));
+    let info = ConnInfo::parse(url).unwrap();
+    let config = ServerConfig::new(url);
+    let status = Arc::new(ReplicationStatus::new());
     let replication = Replication {
-        info: ConnInfo::parse(url).unwrap(),
-        config: ServerConfig::new(url),
+        election: super::Election::new(&info, &config, "test".into(), Arc::clone(&status)),
+        term: None,
+        info,
+        config,
         hub: Arc::clone(&hub),
-        status: Arc::new(ReplicationStatus::new()),
+        status,
     };
     let frames = hub.subscribe();
     let (events, events_rx) = mpsc::unbounded_channel();
@@ -114,8 +119,17 @@ fn start(logged: Lsn) -> Harness {
             Arc::clone(&replication.status),
             logged,
         );
+        // The term is never lost here: its sender lives as long as the loop.
+        let (_term, mut lost) = watch::channel(None);
         replication
-            .stream(&Unchanged, &mut stream, &mut writer, logged, &mut shutdown)
+            .stream(
+                &Unchanged,
+                &mut stream,
+                &mut writer,
+                logged,
+                &mut lost,
+                &mut shutdown,
+            )
             .await
     });
     Harness {

@@ -11,7 +11,7 @@ use pgrelay_protocol::{Lsn, Transaction};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::history::{self, HistoryError, LoggedTx};
+use crate::history::{self, Fence, HistoryError, LoggedTx};
 use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
@@ -28,12 +28,22 @@ pub(crate) trait ChangeLog: Send + 'static {
     ) -> impl Future<Output = Result<(), HistoryError>> + Send;
 }
 
-impl ChangeLog for tokio_postgres::Client {
+/// The change log in PostgreSQL, appended to under this node's capture
+/// term (see [`history::append`]).
+pub(crate) struct FencedLog {
+    pub(crate) db: tokio_postgres::Client,
+    pub(crate) fence: Fence,
+}
+
+impl ChangeLog for FencedLog {
     fn append(
         &mut self,
         txs: &[LoggedTx<'_>],
     ) -> impl Future<Output = Result<(), HistoryError>> + Send {
-        history::append(self, txs)
+        // What followers may count as captured: through the last
+        // transaction appended (renewals carry positions past it).
+        let end = txs.last().map_or(Lsn::ZERO, |t| t.tx.lsn);
+        history::append(&mut self.db, &self.fence, end, txs)
     }
 }
 

@@ -13,6 +13,7 @@
 mod capture;
 mod eventlog;
 mod eventlog_stores;
+mod failover;
 mod fanout;
 mod fleet;
 mod hydrate;
@@ -49,6 +50,8 @@ pub enum BenchCommand {
     Repair(repair::RepairArgs),
     /// LiveStore event logs: events/s accepted on one store, push → receipt at many live clients.
     Eventlog(eventlog::EventLogArgs),
+    /// Several nodes on one slot: time to a new capturing node after SIGKILL of the capturer.
+    Failover(failover::FailoverArgs),
 }
 
 /// Options every bench takes.
@@ -76,6 +79,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Hydrate(args) => (args.common.clone(), hydrate::run(args).await?),
         BenchCommand::Repair(args) => (args.common.clone(), repair::run(args).await?),
         BenchCommand::Eventlog(args) => (args.common.clone(), eventlog::run(args).await?),
+        BenchCommand::Failover(args) => (args.common.clone(), failover::run(args).await?),
     };
     print!("{}", report.render_table());
     if let Some(path) = &common.json {

@@ -10,9 +10,15 @@ use secrecy::SecretString;
 #[derive(Args, Debug)]
 pub struct SyncArgs {
     /// Server address, e.g. ws://127.0.0.1:7171, or wss://sync.example.com
-    /// for TLS.
-    #[arg(long, env = "PGRELAY_SERVER", default_value = "ws://127.0.0.1:7171")]
-    pub server: String,
+    /// for TLS; repeat it (or separate by commas) for several nodes, tried
+    /// in turn when a connection fails.
+    #[arg(
+        long,
+        env = "PGRELAY_SERVER",
+        default_value = "ws://127.0.0.1:7171",
+        value_delimiter = ','
+    )]
+    pub server: Vec<String>,
     /// For wss://: a PEM file of certificate authorities to trust besides
     /// the system's (the CA that signed a self-run server's certificate).
     #[arg(long, env = "PGRELAY_CA_FILE")]
@@ -45,7 +51,7 @@ pub struct SyncArgs {
 }
 
 pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
-    let mut config = ClientConfig::new(args.server, args.db);
+    let mut config = ClientConfig::new(args.server.join(","), args.db);
     config.ca_file = args.ca_file;
     config.client_id = args.client_id;
     config.token = args.token;

@@ -2,6 +2,7 @@
 //! `crate::bench`, behind the `bench` feature).
 
 pub mod admin;
+pub mod capture;
 pub mod client;
 pub mod demo;
 pub mod doctor;

@@ -130,6 +130,7 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
     #[command(flatten)]
     pub tls: super::tls::TlsArgs,
+    pub capture: super::capture::CaptureArgs,
     #[command(flatten)]
     pub eventlog: EventLogArgs,
 }
@@ -259,6 +260,7 @@ impl ServeArgs {
         config.stall_after = self.stall_after;
         config.monitor_interval = self.monitor_interval;
         config.shutdown_grace = self.shutdown_grace;
+        self.capture.apply(&mut config);
         config.auth = auth;
         config.tls = self.tls.files();
         let mut eventlog = EventLogConfig {

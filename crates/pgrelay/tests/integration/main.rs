@@ -28,6 +28,7 @@ mod hydrate;
 mod large_writes;
 mod livestore;
 mod migrations;
+mod nodes;
 mod operations;
 mod pipeline;
 mod protection;

@@ -45,7 +45,7 @@ async fn a_server_upgrades_a_schema_made_before_migrations_and_keeps_its_log() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), log_id, "the same change log");
-    assert_eq!(row.get::<_, Vec<i32>>(1), vec![1, 2, 3, 4, 5]);
+    assert_eq!(row.get::<_, Vec<i32>>(1), vec![1, 2, 3, 4, 5, 6]);
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }

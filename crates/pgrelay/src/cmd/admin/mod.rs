@@ -1,4 +1,4 @@
-//! `pgrelay admin clients|disconnect|forget|notify|store`: the server's admin API
+//! `pgrelay admin clients|node|disconnect|forget|notify|store`: the server's admin API
 //! from the command line, one HTTP request per command (`reqwest`, with
 //! rustls for an `https://` proxy in front of the server).
 
@@ -21,6 +21,12 @@ pub enum AdminCommand {
         /// Print the JSON the server answered instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// This node's role (capturing or following), who holds the slot, the
+    /// capture term and its lag behind the change log (JSON).
+    Node {
+        #[command(flatten)]
+        server: AdminServer,
     },
     /// Close a client's session (it may reconnect).
     Disconnect {
@@ -98,6 +104,7 @@ pub async fn run(command: AdminCommand) -> anyhow::Result<()> {
             print!("{}", render_table(&rows));
             Ok(())
         }
+        AdminCommand::Node { server } => answer(request(&server, "GET", "/api/admin/node").await?),
         AdminCommand::Disconnect { server, client_id } => {
             let path = format!(
                 "/api/admin/clients/{}/disconnect",

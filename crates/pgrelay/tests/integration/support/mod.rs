@@ -6,6 +6,7 @@
 pub mod proxy;
 pub mod raw;
 pub mod tls;
+pub mod tcp_proxy;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,229 @@
+//! A node that does not capture follows the change log another node
+//! writes: woken by the `NOTIFY` each append sends in its own commit, it
+//! reads the new transactions and publishes them into its own hub, so its
+//! sessions work as on the capturing node. A slow poll is the safety net
+//! for a notification lost with a connection. Between reads it tries for
+//! the capture lock, and returns the term when it wins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pgrelay_pg::ConnInfo;
+use pgrelay_protocol::{Lsn, TableSchema};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::types::{Json, PgLsn};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use crate::history::{self, HistoryError, NOTIFY_CHANNEL};
+use crate::hub::{Frame, Hub};
+use crate::replication::election::{Election, Term};
+use crate::replication::status::{ReplicationStatus, Role};
+use crate::ServerError;
+
+/// Changes read from the log at a time.
+const PAGE: i64 = 10_000;
+
+pub(crate) struct Follower<'a> {
+    pub(crate) info: &'a ConnInfo,
+    pub(crate) slot: &'a str,
+    pub(crate) hub: &'a Hub,
+    pub(crate) status: &'a ReplicationStatus,
+    pub(crate) poll: Duration,
+}
+
+impl Follower<'_> {
+    /// Follows until this node wins the capture lock (`Some`) or shutdown
+    /// (`None`). Connection failures are retried; they leave the node not
+    /// ready meanwhile.
+    pub(crate) async fn run(
+        &self,
+        election: &mut Election,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Term>, ServerError> {
+        loop {
+            match self.listen_and_read(election, shutdown).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "following the change log failed; retrying");
+                    self.status.set_disconnected(e.to_string());
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(None),
+                _ = tokio::time::sleep(election.retry) => {}
+            }
+        }
+    }
+
+    async fn listen_and_read(
+        &self,
+        election: &mut Election,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Term>, ServerError> {
+        let (db, mut wakes) = listen(self.info).await?;
+        db.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+            .await
+            .map_err(ServerError::sql("listening for change-log appends"))?;
+        self.read(&db).await?;
+        self.status.set_connected(self.status.counters().2);
+        self.status
+            .set_holder(self.status.role().1, Role::Following);
+        let mut attempt = tokio::time::interval(election.retry);
+        attempt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(self.poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(None),
+                wake = wakes.recv() => {
+                    let Some(mut head) = wake else {
+                        return Err(crate::ReplicationError::FollowEnded.into());
+                    };
+                    // Several notifications may be waiting: one read serves all.
+                    while let Ok(next) = wakes.try_recv() {
+                        head = head.max(next);
+                    }
+                    if let Some(head) = head {
+                        self.status.set_log_head(head);
+                    }
+                    self.read(&db).await?;
+                }
+                _ = poll.tick() => self.read(&db).await?,
+                _ = attempt.tick() => {
+                    match election.attempt().await {
+                        Ok(Some(term)) => return Ok(Some(term)),
+                        Ok(None) => {}
+                        // PostgreSQL may be restarting: the next tick tries again.
+                        Err(e) => tracing::warn!(error = %e, "trying for the capture lock failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes what the log holds beyond the hub's head, then tells
+    /// sessions how far the capture has got. The captured position is read
+    /// first: the appends it covers committed before, so the rows read
+    /// after it hold them.
+    pub(crate) async fn read(&self, db: &Client) -> Result<(), ServerError> {
+        let row = db
+            .query_one(
+                "SELECT s.log_id, s.pruned_through, c.captured
+                   FROM pgrelay.log_state s LEFT JOIN pgrelay.capture c ON c.slot = $1
+                  WHERE s.id = 1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(ServerError::sql("reading the change log's state"))?;
+        let log_id: String = row.get(0);
+        let pruned = Lsn(u64::from(row.get::<_, PgLsn>(1)));
+        let captured = row.get::<_, Option<PgLsn>>(2).map(|l| Lsn(u64::from(l)));
+        if *self.hub.log_id() != *log_id {
+            tracing::warn!(%log_id, from = %pruned, "the capturing node started a new change log; sessions hydrate again");
+            self.hub.new_epoch(&log_id, pruned);
+        }
+        let mut schemas_checked = false;
+        loop {
+            let txs = match history::read_after(db, self.hub.head(), PAGE).await {
+                Ok(txs) => txs,
+                Err(HistoryError::Pruned { pruned_through, .. }) => {
+                    tracing::error!(head = %self.hub.head(), %pruned_through, "this node fell behind the change log's retention; sessions hydrate again");
+                    self.hub.new_epoch(&log_id, pruned_through);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(last) = txs.last() else { break };
+            self.status.set_log_head(last.lsn);
+            let mut frames = Vec::with_capacity(txs.len() + 1);
+            if !schemas_checked {
+                schemas_checked = true;
+                frames.extend(self.schema_changes(db, &txs).await?);
+            }
+            let (changes, count) = (
+                txs.iter().map(|t| t.changes.len() as u64).sum::<u64>(),
+                txs.len() as u64,
+            );
+            frames.extend(txs.into_iter().map(Frame::transaction));
+            frames.sort_by_key(|f| (f.lsn, f.is_tx));
+            self.hub.publish(frames);
+            self.status.add_captured(changes, count);
+        }
+        if let Some(captured) = captured {
+            self.status.set_confirmed(captured);
+            self.hub.set_captured(captured);
+        }
+        self.status.touch();
+        Ok(())
+    }
+
+    /// Schemas the capturing node recorded that this hub does not have yet,
+    /// announced before the first transaction read that touches them.
+    async fn schema_changes(
+        &self,
+        db: &Client,
+        txs: &[pgrelay_protocol::Transaction],
+    ) -> Result<Vec<Frame>, ServerError> {
+        let rows = db
+            .query("SELECT schema FROM pgrelay.table_schemas", &[])
+            .await
+            .map_err(ServerError::sql("reading stored table schemas"))?;
+        let known = self.hub.schemas();
+        let mut frames = Vec::new();
+        for row in rows {
+            let Json(table): Json<TableSchema> = row.get(0);
+            let Some(current) = known.get(&table.name) else {
+                // Not a table this node syncs (yet): the table watch adds it.
+                continue;
+            };
+            if current.version >= table.version {
+                continue;
+            }
+            let before = txs
+                .iter()
+                .find(|t| t.changes.iter().any(|c| c.table == table.name))
+                .or(txs.first())
+                .map_or(self.hub.head(), |t| t.lsn);
+            tracing::info!(table = %table.name, version = table.version, "table schema changed (read from the change log's schemas)");
+            frames.push(self.hub.set_schema(table, before));
+        }
+        Ok(frames)
+    }
+}
+
+/// A connection whose notifications on [`NOTIFY_CHANNEL`] arrive on the
+/// returned channel (with the log head they carry, when they carry one);
+/// the channel closes when the connection does.
+async fn listen(info: &ConnInfo) -> Result<(Client, mpsc::Receiver<Option<Lsn>>), ServerError> {
+    let config = info.with_application_name("pgrelay-follower");
+    let (client, mut connection) = config
+        .config()
+        .connect(NoTls)
+        .await
+        .map_err(ServerError::sql("connecting to follow the change log"))?;
+    // Bounded: a follower that is busy reading coalesces the wake-ups.
+    let (tx, rx) = mpsc::channel(64);
+    let wake = Arc::new(tx);
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let head = n.payload().parse::<Lsn>().ok();
+                    // Full: a read is due anyway.
+                    let _ = wake.try_send(head);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "the follower's connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}

@@ -1,0 +1,50 @@
+//! Several nodes on one slot: one captures, the others follow the change
+//! log; a stale capturer is fenced off; a dead one is taken over.
+
+mod failover;
+mod fencing;
+
+use std::time::Duration;
+
+use crate::support::World;
+
+/// Inserts `rows` rows into `accounts`, one transaction each, from a
+/// connection of its own (PostgreSQL directly, never through a node).
+pub(crate) async fn write_accounts(url: String, rows: i64, pause: Duration) {
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for id in 1..=rows {
+        db.execute(
+            "INSERT INTO accounts (id, balance) VALUES ($1, 100)",
+            &[&id],
+        )
+        .await
+        .unwrap();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// The change log holds each of the `rows` inserts exactly once: no gap,
+/// no duplicate.
+pub(crate) async fn assert_log_exactly_once(world: &World, rows: i64) {
+    let row = world
+        .sql
+        .query_one(
+            "SELECT count(*), count(DISTINCT data->>'id'), min((data->>'id')::int8), max((data->>'id')::int8)
+               FROM pgrelay.change_history WHERE table_name = 'public.accounts' AND operation = 'insert'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: (i64, i64, Option<i64>, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        got,
+        (rows, rows, Some(1), Some(rows)),
+        "the change log must hold each insert exactly once (count, distinct, min, max)"
+    );
+}
