@@ -4,8 +4,8 @@
 mod error;
 mod events;
 mod hydrate;
-mod repair;
 mod migrations;
+mod repair;
 mod replica;
 mod session;
 mod tls;

@@ -268,7 +268,7 @@ where
             }
             Message::Text(text) => {
                 // An error frame ends the repair with the server's reason.
-                if let Ok(pgrelay_protocol::ServerMessage::Error { code, message }) =
+                if let Ok(pgrelay_protocol::ServerMessage::Error { code, message, .. }) =
                     serde_json::from_str(&text)
                 {
                     return Err(ClientError::Refused { code, message });

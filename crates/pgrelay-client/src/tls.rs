@@ -12,13 +12,17 @@ use tokio_tungstenite::Connector;
 
 use crate::{ClientConfig, ClientError};
 
-/// The connector for `config.server`: rustls for `wss://`, none for `ws://`.
-pub(crate) fn connector(config: &ClientConfig) -> Result<Option<Connector>, ClientError> {
-    if !config.sync_url().starts_with("wss://") {
+/// The connector for `url` (one of `config.server`'s URLs): rustls for
+/// `wss://`, none for `ws://`.
+pub(crate) fn connector(
+    config: &ClientConfig,
+    url: &str,
+) -> Result<Option<Connector>, ClientError> {
+    if !url.starts_with("wss://") {
         return Ok(None);
     }
     let fail = |message: String| ClientError::Tls {
-        url: config.sync_url(),
+        url: url.to_owned(),
         message,
     };
     let mut roots = rustls::RootCertStore::empty();
@@ -58,8 +62,8 @@ fn read_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// A failed connection attempt, with TLS failures told apart: a server
 /// certificate that is not trusted will not become trusted by retrying.
-pub(crate) fn connect_error(config: &ClientConfig, error: tungstenite::Error) -> ClientError {
-    let url = config.sync_url();
+pub(crate) fn connect_error(url: &str, error: tungstenite::Error) -> ClientError {
+    let url = url.to_owned();
     let tls = match &error {
         tungstenite::Error::Tls(e) => Some(e.to_string()),
         tungstenite::Error::Io(e) => e

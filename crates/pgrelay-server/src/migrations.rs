@@ -21,7 +21,7 @@ const LOCK: i64 = 0x7067_7265_6c61_7931;
 /// The migrations, oldest first. V1 and V2 are the schema the server kept
 /// as `IF NOT EXISTS` statements before, so they also bring a database
 /// made by an older server up to date.
-const MIGRATIONS: [(&str, &str); 4] = [
+const MIGRATIONS: [(&str, &str); 6] = [
     (
         "V1__change_log",
         include_str!("../migrations/V1__change_log.sql"),

@@ -40,7 +40,7 @@ pub(crate) async fn connect_and_sync(
 ) -> Result<Ending, ClientError> {
     let url = config.sync_url(turn);
     let token = config.current_token().await?;
-    let connector = crate::tls::connector(config)?;
+    let connector = crate::tls::connector(config, &url)?;
     let (mut socket, _) = tokio_tungstenite::connect_async_tls_with_config(
         url.as_str(),
         Some(socket_config()),
@@ -50,7 +50,7 @@ pub(crate) async fn connect_and_sync(
         connector,
     )
     .await
-    .map_err(|e| crate::tls::connect_error(config, e))?;
+    .map_err(|e| crate::tls::connect_error(&url, e))?;
     let state = replica.state().await?;
     let client_id = state.client_id.clone().unwrap_or_default();
     let hello = ClientMessage::Hello {

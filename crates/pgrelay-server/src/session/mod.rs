@@ -26,8 +26,8 @@ mod handshake;
 mod hydrate;
 mod incoming;
 mod live;
-mod repair;
 mod migrations;
+mod repair;
 pub(crate) mod subscription;
 pub(crate) mod table;
 #[cfg(test)]

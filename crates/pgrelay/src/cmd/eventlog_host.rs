@@ -1,15 +1,20 @@
 //! What `pgrelay serve` decides for the LiveStore backend: who may use
 //! which store (the server's JWT check, one shared token, or anyone) and
 //! the server's connection and message rates, built from the row sync's
-//! own token verifier and rate limiter so both endpoints behave alike.
+//! own token verifier and rate limiter so both endpoints behave alike;
+//! and its flags (`EventLogArgs`).
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Instant;
+
+use clap::Args;
 
 use pgrelay_eventlog::{
     payload_token, store_matches, AccessRefusal, Admission, FrameBudget, StoreAccess,
 };
 use pgrelay_server::{AuthConfig, ClaimsVerifier, IpLimiter, TokenBucket};
+use secrecy::SecretString;
 use serde_json::Value;
 
 /// Who may use the event-log endpoints (`--eventlog-auth`).
@@ -139,4 +144,51 @@ impl FrameBudget for Frames {
             ))
         }
     }
+}
+
+/// The LiveStore event-log backend (`/livestore`, `/websocket`).
+#[derive(Args, Debug)]
+pub struct EventLogArgs {
+    /// Where LiveStore event logs live: `sqlite` (the --eventlog-db file) or
+    /// `postgres` (the --database-url database, schema pgrelay).
+    #[arg(long, env = "PGRELAY_EVENTLOG_STORE", default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    pub eventlog_store: String,
+    /// The SQLite file of the event logs.
+    #[arg(
+        long,
+        env = "PGRELAY_EVENTLOG_DB",
+        default_value = "./pgrelay-events.sqlite"
+    )]
+    pub eventlog_db: PathBuf,
+    /// SQLite `synchronous` for event logs: `full` syncs each acknowledged
+    /// push to disk (survives power loss); `normal` survives a crash of
+    /// pgrelay but not of the machine, and is much faster on slow disks.
+    #[arg(long, env = "PGRELAY_EVENTLOG_SYNC", default_value = "full", value_parser = ["full", "normal"])]
+    pub eventlog_sync: String,
+    /// Require LiveStore clients to send this token as `payload.authToken`
+    /// (`makeWsSync` with `syncPayload: { authToken }`).
+    #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
+    pub eventlog_auth_token: Option<SecretString>,
+    /// Who may use /livestore and /websocket: `jwt` (payload.authToken is a
+    /// token --auth jwt accepts, whose --eventlog-store-claim names the
+    /// store), `token` (--eventlog-auth-token) or `none` (anyone). Default:
+    /// `jwt` under --auth jwt, `token` with --eventlog-auth-token, else `none`.
+    #[arg(long, env = "PGRELAY_EVENTLOG_AUTH", value_parser = ["jwt", "token", "none"])]
+    pub eventlog_auth: Option<String>,
+    /// The JWT claim naming the stores a token may use: a store id or
+    /// pattern (`*` for any run of characters), or a list of them.
+    #[arg(
+        long,
+        env = "PGRELAY_EVENTLOG_STORE_CLAIM",
+        default_value = "livestore_stores"
+    )]
+    pub eventlog_store_claim: String,
+    /// Stores held in memory at most; past it the least recently used idle
+    /// ones are evicted and reloaded from storage on their next use.
+    #[arg(long, env = "PGRELAY_EVENTLOG_MAX_STORES", default_value_t = 10_000)]
+    pub eventlog_max_stores: usize,
+    /// Store ids clients may use, comma-separated patterns (`todos-*`);
+    /// others are refused before a store is created. Default: any.
+    #[arg(long, env = "PGRELAY_EVENTLOG_ALLOW_STORES", value_delimiter = ',')]
+    pub eventlog_allow_stores: Vec<String>,
 }

@@ -15,7 +15,7 @@ use pgrelay_server::{parse_conflict, AuthConfig, JwtKey, Server, ServerConfig};
 use secrecy::SecretString;
 use tokio::sync::watch;
 
-use super::eventlog_host::{EventLogAuth, JwtStoreAccess, ServerLimits};
+use super::eventlog_host::{EventLogArgs, EventLogAuth, JwtStoreAccess, ServerLimits};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -130,56 +130,10 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
     #[command(flatten)]
     pub tls: super::tls::TlsArgs,
+    #[command(flatten)]
     pub capture: super::capture::CaptureArgs,
     #[command(flatten)]
     pub eventlog: EventLogArgs,
-}
-
-/// The LiveStore event-log backend (`/livestore`, `/websocket`).
-#[derive(Args, Debug)]
-pub struct EventLogArgs {
-    /// Where LiveStore event logs live: `sqlite` (the --eventlog-db file) or
-    /// `postgres` (the --database-url database, schema pgrelay).
-    #[arg(long, env = "PGRELAY_EVENTLOG_STORE", default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
-    pub eventlog_store: String,
-    /// The SQLite file of the event logs.
-    #[arg(
-        long,
-        env = "PGRELAY_EVENTLOG_DB",
-        default_value = "./pgrelay-events.sqlite"
-    )]
-    pub eventlog_db: PathBuf,
-    /// SQLite `synchronous` for event logs: `full` syncs each acknowledged
-    /// push to disk (survives power loss); `normal` survives a crash of
-    /// pgrelay but not of the machine, and is much faster on slow disks.
-    #[arg(long, env = "PGRELAY_EVENTLOG_SYNC", default_value = "full", value_parser = ["full", "normal"])]
-    pub eventlog_sync: String,
-    /// Require LiveStore clients to send this token as `payload.authToken`
-    /// (`makeWsSync` with `syncPayload: { authToken }`).
-    #[arg(long, env = "PGRELAY_EVENTLOG_AUTH_TOKEN", hide_env_values = true)]
-    pub eventlog_auth_token: Option<SecretString>,
-    /// Who may use /livestore and /websocket: `jwt` (payload.authToken is a
-    /// token --auth jwt accepts, whose --eventlog-store-claim names the
-    /// store), `token` (--eventlog-auth-token) or `none` (anyone). Default:
-    /// `jwt` under --auth jwt, `token` with --eventlog-auth-token, else `none`.
-    #[arg(long, env = "PGRELAY_EVENTLOG_AUTH", value_parser = ["jwt", "token", "none"])]
-    pub eventlog_auth: Option<String>,
-    /// The JWT claim naming the stores a token may use: a store id or
-    /// pattern (`*` for any run of characters), or a list of them.
-    #[arg(
-        long,
-        env = "PGRELAY_EVENTLOG_STORE_CLAIM",
-        default_value = "livestore_stores"
-    )]
-    pub eventlog_store_claim: String,
-    /// Stores held in memory at most; past it the least recently used idle
-    /// ones are evicted and reloaded from storage on their next use.
-    #[arg(long, env = "PGRELAY_EVENTLOG_MAX_STORES", default_value_t = 10_000)]
-    pub eventlog_max_stores: usize,
-    /// Store ids clients may use, comma-separated patterns (`todos-*`);
-    /// others are refused before a store is created. Default: any.
-    #[arg(long, env = "PGRELAY_EVENTLOG_ALLOW_STORES", value_delimiter = ',')]
-    pub eventlog_allow_stores: Vec<String>,
 }
 
 impl ServeArgs {

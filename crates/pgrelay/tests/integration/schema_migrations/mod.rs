@@ -13,7 +13,12 @@ use std::process::Output;
 use crate::support::BIN;
 
 /// Writes `dir/<version>_<name>/` with the given files.
-pub(super) fn write_migration(dir: &Path, version: i64, name: &str, files: &[(&str, &str)]) -> PathBuf {
+pub(super) fn write_migration(
+    dir: &Path,
+    version: i64,
+    name: &str,
+    files: &[(&str, &str)],
+) -> PathBuf {
     let folder = dir.join(format!("{version}_{name}"));
     std::fs::create_dir_all(&folder).unwrap();
     for (file, text) in files {

@@ -5,8 +5,8 @@
 
 pub mod proxy;
 pub mod raw;
-pub mod tls;
 pub mod tcp_proxy;
+pub mod tls;
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
