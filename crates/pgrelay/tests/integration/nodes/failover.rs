@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgrelay_client::{ClientConfig, SyncClient};
 
-use super::{assert_log_exactly_once, write_accounts};
+use super::{assert_log_exactly_once, wait_for_logged, write_accounts};
 use crate::support::{free_port, run_client, wait_for, ServerProcess, World};
 
 const ROWS: i64 = 600;
@@ -71,18 +71,7 @@ async fn the_capturer_killed_is_replaced_and_every_client_ends_equal() {
         ROWS,
         Duration::from_millis(5),
     ));
-    wait_for(
-        "part of the rows in the log",
-        Duration::from_secs(60),
-        || async {
-            (world
-                .count("SELECT count(*) FROM pgrelay.change_history")
-                .await
-                >= ROWS / 4)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_logged(&world, ROWS / 4).await;
 
     nodes[first].kill9();
     let killed = Instant::now();

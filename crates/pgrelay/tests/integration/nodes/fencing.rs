@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgrelay_server::Server;
 
-use super::{assert_log_exactly_once, write_accounts};
+use super::{assert_log_exactly_once, wait_for_logged, write_accounts};
 use crate::support::tcp_proxy::TcpProxy;
 use crate::support::{start_client, wait_for, World};
 
@@ -40,18 +40,7 @@ async fn a_frozen_capturer_is_fenced_off_and_nothing_is_logged_twice_or_lost() {
         ROWS,
         Duration::from_millis(10),
     ));
-    wait_for(
-        "part of the rows in the log",
-        Duration::from_secs(60),
-        || async {
-            (world
-                .count("SELECT count(*) FROM pgrelay.change_history")
-                .await
-                >= ROWS / 4)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_logged(&world, ROWS / 4).await;
 
     proxy.freeze();
     wait_for("node B to take over", Duration::from_secs(30), || async {

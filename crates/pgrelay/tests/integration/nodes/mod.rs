@@ -6,7 +6,7 @@ mod fencing;
 
 use std::time::Duration;
 
-use crate::support::World;
+use crate::support::{wait_for, World};
 
 /// Inserts `rows` rows into `accounts`, one transaction each, from a
 /// connection of its own (PostgreSQL directly, never through a node).
@@ -47,4 +47,20 @@ pub(crate) async fn assert_log_exactly_once(world: &World, rows: i64) {
         (rows, rows, Some(1), Some(rows)),
         "the change log must hold each insert exactly once (count, distinct, min, max)"
     );
+}
+
+/// Waits until the change log holds at least `rows` rows.
+pub(crate) async fn wait_for_logged(world: &World, rows: i64) {
+    wait_for(
+        "part of the rows in the log",
+        Duration::from_secs(60),
+        || async {
+            (world
+                .count("SELECT count(*) FROM pgrelay.change_history")
+                .await
+                >= rows)
+                .then_some(())
+        },
+    )
+    .await;
 }
