@@ -1,7 +1,7 @@
 //! The server refuses over-limit or out-of-order `write_part` frames
 //! without harming anyone else.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use pgrelay_protocol::{
     BatchRefusal, ClientChange, ClientMessage, Op, Row, ServerMessage, WritePart, WriteStatus,
     MAX_CLIENT_FRAME_BYTES, MAX_TRANSACTION_BYTES,
@@ -59,28 +59,7 @@ async fn send_parts(socket: &mut Socket, frames: Vec<String>) -> ServerMessage {
         assert!(frame.len() <= MAX_CLIENT_FRAME_BYTES);
         socket.send(Message::Text(frame.into())).await.unwrap();
     }
-    next_answer(socket).await
-}
-
-async fn next_answer(socket: &mut Socket) -> ServerMessage {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let message = socket.next().await.expect("connection open").unwrap();
-            if let Message::Text(text) = message {
-                let m = serde_json::from_str::<ServerMessage>(&text).unwrap();
-                if matches!(
-                    m,
-                    ServerMessage::WriteResult(_)
-                        | ServerMessage::WriteRefused { .. }
-                        | ServerMessage::Error { .. }
-                ) {
-                    return m;
-                }
-            }
-        }
-    })
-    .await
-    .expect("an answer")
+    crate::writes::next_answer(socket, WAIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

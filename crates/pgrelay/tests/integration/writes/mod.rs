@@ -61,7 +61,16 @@ where
     <S as futures_util::Sink<Message>>::Error: std::fmt::Debug,
 {
     socket.send(Message::Text(frame.into())).await.unwrap();
-    tokio::time::timeout(WAIT, async {
+    next_answer(socket, WAIT).await
+}
+
+/// The server's next answer to a write (a result, a refusal or an error),
+/// skipping the stream, within `wait`.
+pub(crate) async fn next_answer<S>(socket: &mut S, wait: Duration) -> ServerMessage
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    tokio::time::timeout(wait, async {
         loop {
             let message = socket.next().await.expect("connection open").unwrap();
             if let Message::Text(text) = message {
