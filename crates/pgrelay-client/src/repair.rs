@@ -27,6 +27,9 @@ struct Moved {
     rows_received: u64,
     bytes: u64,
     rounds: usize,
+    /// Text frames that arrived during the exchange (answers to writes
+    /// pushed before `repair_begin`, pongs): handled once it ends.
+    deferred: Vec<pgrelay_protocol::ServerMessage>,
 }
 
 /// Recorded as the replica's change log while a repair runs: it follows
@@ -44,13 +47,14 @@ pub(crate) struct Begin {
 }
 
 /// Runs a repair the server began with `repair_begin`; returns once the
-/// replica's position is the snapshot's (`resume`).
+/// replica's position is the snapshot's (`resume`), with the server's text
+/// messages that arrived meanwhile, for the caller to handle in order.
 pub(crate) async fn run<S>(
     socket: &mut S,
     replica: &Replica,
     events: &broadcast::Sender<Event>,
     begin: Begin,
-) -> Result<(), ClientError>
+) -> Result<Vec<pgrelay_protocol::ServerMessage>, ClientError>
 where
     S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Unpin,
 {
@@ -114,7 +118,7 @@ where
         elapsed: started.elapsed(),
         refetch,
     });
-    Ok(())
+    Ok(moved.deferred)
 }
 
 /// Repairs one table; returns whether it ends equal to the server's
@@ -267,15 +271,21 @@ where
                     .map_err(|e| ClientError::Protocol(e.to_string()));
             }
             Message::Text(text) => {
-                // An error frame ends the repair with the server's reason.
-                if let Ok(pgrelay_protocol::ServerMessage::Error { code, message, .. }) =
-                    serde_json::from_str(&text)
-                {
-                    return Err(ClientError::Refused { code, message });
+                moved.bytes += text.len() as u64;
+                match serde_json::from_str(&text) {
+                    // An error frame ends the repair with the server's reason.
+                    Ok(pgrelay_protocol::ServerMessage::Error { code, message, .. }) => {
+                        return Err(ClientError::Refused { code, message });
+                    }
+                    // The server answers writes the client pushed before
+                    // the repair began: kept for after it.
+                    Ok(other) => moved.deferred.push(other),
+                    Err(e) => {
+                        return Err(ClientError::Protocol(format!(
+                            "a malformed text frame arrived mid-repair: {e}"
+                        )))
+                    }
                 }
-                return Err(ClientError::Protocol(
-                    "a text frame arrived mid-repair".to_owned(),
-                ));
             }
             Message::Close(_) => {
                 return Err(ClientError::Protocol(

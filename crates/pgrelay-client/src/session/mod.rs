@@ -200,7 +200,7 @@ pub(crate) async fn connect_and_sync(
                         } => {
                             // The exchange holds the socket until the
                             // replica is repaired.
-                            crate::repair::run(
+                            let deferred = crate::repair::run(
                                 &mut socket,
                                 replica,
                                 events,
@@ -214,6 +214,32 @@ pub(crate) async fn connect_and_sync(
                             .await?;
                             applied = resume_lsn;
                             awaiting_snapshot = false;
+                            // Answers to writes pushed before the repair began.
+                            for message in deferred {
+                                match message {
+                                    ServerMessage::WriteResult(results) => {
+                                        pusher.answered(replica, events, results).await?;
+                                    }
+                                    ServerMessage::WriteRefused {
+                                        batch_id,
+                                        code,
+                                        message,
+                                    } => {
+                                        pusher
+                                            .refused(replica, events, batch_id, code, message)
+                                            .await?
+                                    }
+                                    ServerMessage::Migrations {
+                                        migrations: list, ..
+                                    } => migrations.receive(list),
+                                    ServerMessage::Pong => {}
+                                    _ => {
+                                        return Err(ClientError::Protocol(
+                                            "a sync message arrived mid-repair".to_owned(),
+                                        ))
+                                    }
+                                }
+                            }
                             pusher.wake();
                         }
                         ServerMessage::SnapshotTable(digest) => {

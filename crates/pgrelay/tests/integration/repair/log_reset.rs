@@ -45,3 +45,52 @@ async fn a_replica_of_another_change_log_is_repaired() {
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
 }
+
+/// Writes the client pushes as soon as it is welcomed reach the server
+/// while it repairs the replica: their answers arrive inside the repair
+/// and are handled after it (once they ended the connection, and every
+/// reconnection began the same repair again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_answered_during_a_repair_are_handled_after_it() {
+    use crate::support::{free_port, ServerProcess};
+    use crate::writes::{wait_count, wait_outbox_drained, WAIT};
+
+    let world = World::new().await;
+    world
+        .exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3000) g;")
+        .await;
+    let port = free_port();
+    let mut server = ServerProcess::spawn(world.url(), &world.slot(), port);
+    let path = world.replica_path("repair-writes");
+    let client = start_client(server.addr, &path, "repair-writes").await;
+    world.wait_equal(&path, WAIT).await;
+    server.kill9();
+    for n in 1..=200 {
+        client
+            .client
+            .execute(format!("INSERT INTO t VALUES ({}, 'local')", 10_000 + n))
+            .await
+            .unwrap();
+    }
+    // Another change log, and a row changed meanwhile: the next
+    // connection is repaired, with 200 writes waiting in the outbox.
+    world
+        .exec("UPDATE pgrelay.log_state SET log_id = 'another'; UPDATE t SET v = 'changed' WHERE id = 7;")
+        .await;
+    let seen = super::watch(&client);
+    let _server = ServerProcess::spawn(world.url(), &world.slot(), port);
+    wait_count(&world, "SELECT count(*) FROM t WHERE v = 'local'", 200).await;
+    wait_outbox_drained(&client.replica).await;
+    world.wait_equal(&path, WAIT).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.repairs.is_empty(), "repaired: {seen:?}");
+    assert!(seen.hydrations.is_empty(), "sent whole again: {seen:?}");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM pgrelay.applied_changes WHERE client_id = 'repair-writes'")
+            .await,
+        200,
+        "each write applied once"
+    );
+    client.stop().await;
+}
