@@ -40,7 +40,7 @@ pub async fn run_client(args: ChaosClientArgs) -> anyhow::Result<()> {
     config.backoff_base = Duration::from_millis(50);
     config.backoff_cap = Duration::from_millis(1000);
     config.outbox_poll = Duration::from_millis(500);
-    config.idle_timeout = Duration::from_secs(10);
+    config.idle_timeout = Duration::from_secs(20);
     config.ping_interval = Duration::from_secs(3);
     let client = Arc::new(SyncClient::open(config).await?);
     let (_stop, stopped) = tokio::sync::watch::channel(false);
@@ -104,7 +104,8 @@ impl Client {
         run_dir: &Path,
     ) -> anyhow::Result<Client> {
         let mut order = servers;
-        order.rotate_left(index % order.len().max(1));
+        let turn = index % order.len().max(1);
+        order.rotate_left(turn);
         let name = format!("c{}", index + 1);
         let mut client = Client {
             db: run_dir.join(format!("{name}.sqlite")),

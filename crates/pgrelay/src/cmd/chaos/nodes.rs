@@ -93,7 +93,8 @@ impl Node {
         if self.child.is_none() || self.stopped {
             return None;
         }
-        let ask = crate::cmd::admin::http(&format!("http://{}", self.addr), None, "GET", "/ready");
+        let base = format!("http://{}", self.addr);
+        let ask = crate::cmd::admin::http(&base, None, "GET", "/ready");
         let (_, body) = tokio::time::timeout(Duration::from_millis(1500), ask)
             .await
             .ok()?
@@ -122,10 +123,8 @@ pub(crate) async fn address(url: &str) -> anyhow::Result<SocketAddr> {
         _ => anyhow::bail!("--database-url: chaos needs a TCP host (it proxies the connections)"),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    tokio::net::lookup_host((host.as_str(), port))
-        .await?
-        .next()
-        .with_context(|| format!("resolving {host}"))
+    let found = tokio::net::lookup_host((host.as_str(), port)).await?.next();
+    found.with_context(|| format!("resolving {host}"))
 }
 
 /// Sends a signal with kill(1) (the crate forbids `unsafe`, so no libc).
