@@ -16,7 +16,15 @@ fn a_short_chaos_run_loses_doubles_and_tears_nothing() {
     let json = dir.path().join("chaos.json");
     // Its own PostgreSQL (no --database-url), so it may restart it.
     let output = Command::new(BIN)
-        .args(["chaos", "--duration", &duration, "--nodes", "3", "--clients", "3"])
+        .args([
+            "chaos",
+            "--duration",
+            &duration,
+            "--nodes",
+            "3",
+            "--clients",
+            "3",
+        ])
         .arg("--json")
         .arg(&json)
         .env_remove("PGRELAY_DATABASE_URL")

@@ -25,12 +25,7 @@ const TABLES: [(&str, &str); 2] = [
 ];
 
 async fn pg_rows(db: &tokio_postgres::Client, sql: &str) -> anyhow::Result<Vec<String>> {
-    let mut rows: Vec<String> = db
-        .query(sql, &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let mut rows: Vec<String> = db.query(sql, &[]).await?.iter().map(|r| r.get(0)).collect();
     rows.sort();
     Ok(rows)
 }
@@ -40,9 +35,7 @@ fn sqlite_rows(path: &Path, sql: &str) -> anyhow::Result<Vec<String>> {
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(2))?;
     // SQLite's `||` and casts give the same text for these columns.
-    let sql = sql
-        .replace("::text", "")
-        .replace("public.", "");
+    let sql = sql.replace("::text", "").replace("public.", "");
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = stmt
         .query_map([], |r| r.get::<_, String>(0))?
@@ -68,13 +61,23 @@ fn outbox_left(path: &Path) -> anyhow::Result<(i64, i64)> {
 pub(crate) async fn replicas_equal(db: &tokio_postgres::Client, clients: &[Client]) -> Verdict {
     let mut compared = 0usize;
     for (table, sql) in TABLES {
-        let expected = pg_rows(db, sql).await.map_err(|e| format!("{table}: {e:#}"))?;
+        let expected = pg_rows(db, sql)
+            .await
+            .map_err(|e| format!("{table}: {e:#}"))?;
         for client in clients {
             let got = sqlite_rows(&client.db, sql)
                 .map_err(|e| format!("{} {table}: {e:#}", client.name))?;
             if got != expected {
-                let missing: Vec<&String> = expected.iter().filter(|r| !got.contains(r)).take(3).collect();
-                let extra: Vec<&String> = got.iter().filter(|r| !expected.contains(r)).take(3).collect();
+                let missing: Vec<&String> = expected
+                    .iter()
+                    .filter(|r| !got.contains(r))
+                    .take(3)
+                    .collect();
+                let extra: Vec<&String> = got
+                    .iter()
+                    .filter(|r| !expected.contains(r))
+                    .take(3)
+                    .collect();
                 return Err(format!(
                     "{} {table}: {} rows, PostgreSQL {}; missing {missing:?}, extra {extra:?}",
                     client.name,
@@ -85,7 +88,10 @@ pub(crate) async fn replicas_equal(db: &tokio_postgres::Client, clients: &[Clien
             compared += got.len();
         }
     }
-    Ok(format!("{} replicas, {compared} rows compared", clients.len()))
+    Ok(format!(
+        "{} replicas, {compared} rows compared",
+        clients.len()
+    ))
 }
 
 /// Waits until every replica equals PostgreSQL and has pushed its outbox;
@@ -102,7 +108,9 @@ pub(crate) async fn settle(
             for client in clients {
                 match outbox_left(&client.db) {
                     Ok((0, _)) => {}
-                    Ok((n, _)) => last = Err(format!("{}: {n} writes not yet applied", client.name)),
+                    Ok((n, _)) => {
+                        last = Err(format!("{}: {n} writes not yet applied", client.name))
+                    }
                     Err(e) => last = Err(format!("{}: {e:#}", client.name)),
                 }
             }
@@ -121,7 +129,10 @@ pub(crate) async fn exactly_once(db: &tokio_postgres::Client, clients: &[Client]
     for client in clients {
         let local = sqlite_rows(
             &client.db,
-            &format!("SELECT CAST(coalesce(max(seq), 0) AS TEXT) FROM chaos_notes WHERE client = '{}'", client.name),
+            &format!(
+                "SELECT CAST(coalesce(max(seq), 0) AS TEXT) FROM chaos_notes WHERE client = '{}'",
+                client.name
+            ),
         )
         .map_err(|e| format!("{}: {e:#}", client.name))?;
         let local: i64 = local.first().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -132,7 +143,8 @@ pub(crate) async fn exactly_once(db: &tokio_postgres::Client, clients: &[Client]
                 client.name
             ));
         }
-        let (_, rejected) = outbox_left(&client.db).map_err(|e| format!("{}: {e:#}", client.name))?;
+        let (_, rejected) =
+            outbox_left(&client.db).map_err(|e| format!("{}: {e:#}", client.name))?;
         if rejected > 0 {
             return Err(format!("{}: {rejected} writes rejected", client.name));
         }
@@ -167,7 +179,9 @@ pub(crate) async fn exactly_once(db: &tokio_postgres::Client, clients: &[Client]
         .map_err(|e| e.to_string())?
         .get(0);
     if stray > 0 {
-        return Err(format!("{stray} applications counted more than once or without their note"));
+        return Err(format!(
+            "{stray} applications counted more than once or without their note"
+        ));
     }
     Ok(format!("{total} client writes, each applied once"))
 }
@@ -216,7 +230,9 @@ pub(crate) async fn change_log(db: &tokio_postgres::Client) -> Verdict {
             "{notes} notes: {logged} inserts logged ({distinct} distinct), {absent} not logged"
         ));
     }
-    Ok(format!("{transfers} transfers and {notes} notes, each logged once"))
+    Ok(format!(
+        "{transfers} transfers and {notes} notes, each logged once"
+    ))
 }
 
 /// The slot's confirmed position reaches the change log's last transaction.

@@ -98,7 +98,7 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub(crate) async fn start(
+    pub(crate) fn start(
         index: usize,
         servers: Vec<String>,
         run_dir: &Path,

@@ -222,7 +222,9 @@ pub(crate) async fn recover(world: &World, timeout: Duration) -> Option<Duration
         }
         let paths: Vec<_> = world.clients.iter().map(|c| c.db.clone()).collect();
         let reached = tokio::task::spawn_blocking(move || {
-            paths.iter().all(|p| newest_transfer(p).is_some_and(|t| t >= probe))
+            paths
+                .iter()
+                .all(|p| newest_transfer(p).is_some_and(|t| t >= probe))
         })
         .await
         .unwrap_or(false);

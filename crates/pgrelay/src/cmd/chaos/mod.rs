@@ -29,8 +29,8 @@ use anyhow::Context;
 use clap::Args;
 use pgrelay_testkit::{PrivateCluster, TestDatabase};
 
-pub use clients::{run_client, ChaosClientArgs};
 use clients::Client;
+pub use clients::{run_client, ChaosClientArgs};
 use faults::{Fault, Kind};
 use nodes::Node;
 use report::Report;
@@ -89,7 +89,10 @@ pub(crate) struct World {
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.nodes >= 1 && args.clients >= 1, "--nodes and --clients must be at least 1");
+    anyhow::ensure!(
+        args.nodes >= 1 && args.clients >= 1,
+        "--nodes and --clients must be at least 1"
+    );
     anyhow::ensure!(args.rate >= 1, "--rate must be at least 1");
     let seed = args.seed.unwrap_or_else(rng::fresh_seed);
     println!("pgrelay chaos: seed {seed} (replay with --seed {seed})");
@@ -108,8 +111,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         .context("creating the chaos database")?;
     let url = db.url().to_owned();
     let sql = workload::connect(&url).await?;
-    sql.batch_execute(workload::SCHEMA).await.context("creating the chaos tables")?;
-    let dir = tempfile::Builder::new().prefix("pgrelay-chaos-").tempdir()?;
+    sql.batch_execute(workload::SCHEMA)
+        .await
+        .context("creating the chaos tables")?;
+    let dir = tempfile::Builder::new()
+        .prefix("pgrelay-chaos-")
+        .tempdir()?;
     let pg = nodes::address(&url).await?;
 
     let mut world = World {
@@ -119,7 +126,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         committed: Arc::new(AtomicI64::new(0)),
     };
     for i in 0..args.nodes {
-        world.nodes.push(Node::start(i, &url, pg, dir.path()).await?);
+        world
+            .nodes
+            .push(Node::start(i, &url, pg, dir.path()).await?);
     }
     let servers: Vec<String> = world
         .nodes
@@ -127,7 +136,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         .map(|n| format!("ws://{}", n.clients.addr))
         .collect();
     for i in 0..args.clients {
-        world.clients.push(Client::start(i, servers.clone(), dir.path()).await?);
+        world
+            .clients
+            .push(Client::start(i, servers.clone(), dir.path())?);
     }
     println!(
         "{} nodes, {} clients, run directory {}",
@@ -159,7 +170,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let mut injected: Vec<Fault> = Vec::new();
     let mut failure: Option<String> = None;
     if ready.is_none() {
-        failure = Some("the system never came up (no capturing node, or a replica never synced)".to_owned());
+        failure = Some(
+            "the system never came up (no capturing node, or a replica never synced)".to_owned(),
+        );
     }
     while failure.is_none() && started.elapsed() < args.duration {
         let kind = Kind::choose(&mut rng, world.cluster.is_some());
@@ -180,7 +193,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             held.as_millis(),
             recovered.map_or("never".to_owned(), |d| format!("{} ms", d.as_millis()))
         );
-        injected.push(Fault { kind, target, at, held, recovered });
+        injected.push(Fault {
+            kind,
+            target,
+            at,
+            held,
+            recovered,
+        });
         let gap = args.max_gap.as_millis();
         tokio::time::sleep(rng.millis(0, u64::try_from(gap).unwrap_or(u64::MAX))).await;
     }
@@ -220,13 +239,20 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         faults: injected,
         checks: Vec::new(),
     };
-    report.checks.push(("the run", failure.map_or(Ok("every fault injected".to_owned()), Err)));
+    report.checks.push((
+        "the run",
+        failure.map_or(Ok("every fault injected".to_owned()), Err),
+    ));
     report.checks.push((
         "every fault recovered from",
         if unrecovered.is_empty() {
             Ok(format!("within {} s each", RECOVERY_DEADLINE.as_secs()))
         } else {
-            Err(format!("not within {} s: {}", RECOVERY_DEADLINE.as_secs(), unrecovered.join(", ")))
+            Err(format!(
+                "not within {} s: {}",
+                RECOVERY_DEADLINE.as_secs(),
+                unrecovered.join(", ")
+            ))
         },
     ));
     report.checks.push((
@@ -239,17 +265,34 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
                 samples.skipped
             ))
         } else {
-            Err(format!("{} of {} states: {}", samples.torn_count, samples.judged, samples.torn.join("; ")))
+            Err(format!(
+                "{} of {} states: {}",
+                samples.torn_count,
+                samples.judged,
+                samples.torn.join("; ")
+            ))
         },
     ));
     report.checks.push((
         "the replicas settled",
         settled.map(|d| format!("in {} ms", d.as_millis())),
     ));
-    report.checks.push(("every replica equals PostgreSQL row by row", checks::replicas_equal(&sql, &world.clients).await));
-    report.checks.push(("every client write applied exactly once", checks::exactly_once(&sql, &world.clients).await));
-    report.checks.push(("the change log has no gap and no duplicate", checks::change_log(&sql).await));
-    report.checks.push(("the slot is confirmed to the end", checks::slot_confirmed(&sql, Duration::from_secs(30)).await));
+    report.checks.push((
+        "every replica equals PostgreSQL row by row",
+        checks::replicas_equal(&sql, &world.clients).await,
+    ));
+    report.checks.push((
+        "every client write applied exactly once",
+        checks::exactly_once(&sql, &world.clients).await,
+    ));
+    report.checks.push((
+        "the change log has no gap and no duplicate",
+        checks::change_log(&sql).await,
+    ));
+    report.checks.push((
+        "the slot is confirmed to the end",
+        checks::slot_confirmed(&sql, Duration::from_secs(30)).await,
+    ));
 
     print!("{}", report.render());
     if let Some(path) = &args.json {

@@ -111,8 +111,13 @@ pub(crate) fn via(url: &str, addr: SocketAddr) -> anyhow::Result<String> {
         .split_once("://")
         .context("--database-url: give a postgres://user@host:port/db URL")?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let user = authority.rsplit_once('@').map(|(user, _)| format!("{user}@"));
-    Ok(format!("{scheme}://{}{addr}{path}", user.unwrap_or_default()))
+    let user = authority
+        .rsplit_once('@')
+        .map(|(user, _)| format!("{user}@"));
+    Ok(format!(
+        "{scheme}://{}{addr}{path}",
+        user.unwrap_or_default()
+    ))
 }
 
 /// Where `url`'s PostgreSQL listens.
@@ -174,7 +179,14 @@ async fn spawn_once(
     let mut child = tokio::process::Command::new(exe)
         .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
         .args(["--slot", "chaos", "--tables", &TABLES.join(",")])
-        .args(["--node", name, "--connect-rate", "0", "--status-interval", "200ms"])
+        .args([
+            "--node",
+            name,
+            "--connect-rate",
+            "0",
+            "--status-interval",
+            "200ms",
+        ])
         .current_dir(dir)
         .env("PGRELAY_LOG", "warn")
         .stdin(Stdio::null())

@@ -54,9 +54,14 @@ impl Report {
             by_kind.entry(fault.kind).or_default().push(fault);
         }
         for (kind, faults) in &by_kind {
-            let (held_p50, held_max) = spread(&mut faults.iter().map(|f| f.held).collect::<Vec<_>>());
-            let (rec_p50, rec_max) =
-                spread(&mut faults.iter().filter_map(|f| f.recovered).collect::<Vec<_>>());
+            let (held_p50, held_max) =
+                spread(&mut faults.iter().map(|f| f.held).collect::<Vec<_>>());
+            let (rec_p50, rec_max) = spread(
+                &mut faults
+                    .iter()
+                    .filter_map(|f| f.recovered)
+                    .collect::<Vec<_>>(),
+            );
             let lost = faults.iter().filter(|f| f.recovered.is_none()).count();
             out.push_str(&format!(
                 "{:<30} {:>6} {:>18} {:>24}{}\n",
@@ -64,11 +69,20 @@ impl Report {
                 faults.len(),
                 format!("{} / {}", ms(held_p50), ms(held_max)),
                 format!("{} / {}", ms(rec_p50), ms(rec_max)),
-                if lost > 0 { format!("  ({lost} never recovered)") } else { String::new() }
+                if lost > 0 {
+                    format!("  ({lost} never recovered)")
+                } else {
+                    String::new()
+                }
             ));
         }
-        let (all_p50, all_max) =
-            spread(&mut self.faults.iter().filter_map(|f| f.recovered).collect::<Vec<_>>());
+        let (all_p50, all_max) = spread(
+            &mut self
+                .faults
+                .iter()
+                .filter_map(|f| f.recovered)
+                .collect::<Vec<_>>(),
+        );
         out.push_str(&format!(
             "{:<30} {:>6} {:>18} {:>24}\n\nchecks\n",
             "all",

@@ -67,14 +67,18 @@ mod tests {
 
     #[test]
     fn one_seed_replays_the_same_choices() {
-        let a: Vec<u64> = (0..5).map({
-            let mut r = Rng::new(42);
-            move |_| r.below(1000)
-        }).collect();
-        let b: Vec<u64> = (0..5).map({
-            let mut r = Rng::new(42);
-            move |_| r.below(1000)
-        }).collect();
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(42);
+                move |_| r.below(1000)
+            })
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(42);
+                move |_| r.below(1000)
+            })
+            .collect();
         assert_eq!(a, b);
         assert!(a.iter().all(|x| *x < 1000));
     }

@@ -78,7 +78,10 @@ pub(crate) async fn write_transfers(
         // A commit whose answer was lost may have happened: go on after
         // whatever PostgreSQL holds.
         let Ok(row) = db
-            .query_one("SELECT coalesce(max(id), 0) FROM public.chaos_transfers", &[])
+            .query_one(
+                "SELECT coalesce(max(id), 0) FROM public.chaos_transfers",
+                &[],
+            )
             .await
         else {
             continue;
