@@ -174,7 +174,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             "the system never came up (no capturing node, or a replica never synced)".to_owned(),
         );
     }
-    while failure.is_none() && started.elapsed() < args.duration {
+    // Ctrl-C ends the faults early; the checks still run.
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&interrupted);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    while failure.is_none()
+        && started.elapsed() < args.duration
+        && !interrupted.load(std::sync::atomic::Ordering::SeqCst)
+    {
         let kind = Kind::choose(&mut rng, world.cluster.is_some());
         let at = started.elapsed();
         let (target, held) = match faults::inject(&mut world, kind, &mut rng).await {
@@ -200,6 +211,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             held,
             recovered,
         });
+        // A system that does not recover would only pile faults on the
+        // one that broke it: stop here and check what holds.
+        if recovered.is_none() {
+            break;
+        }
         let gap = args.max_gap.as_millis();
         tokio::time::sleep(rng.millis(0, u64::try_from(gap).unwrap_or(u64::MAX))).await;
     }
