@@ -222,6 +222,13 @@ impl PrivateCluster {
         self.pg_ctl(&["-w", "-t", "60", "start"])
     }
 
+    /// Stops PostgreSQL cleanly (`pg_ctl stop -m fast`: sessions ended,
+    /// a checkpoint) and starts it again on the same port.
+    pub fn restart_fast(&self) -> Result<(), TestkitError> {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"])?;
+        self.pg_ctl(&["-w", "-t", "60", "start"])
+    }
+
     /// A clean, fast shutdown.
     pub fn stop(&self) -> Result<(), TestkitError> {
         self.pg_ctl(&["-w", "-m", "fast", "stop"])

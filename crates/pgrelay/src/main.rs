@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(feature = "bench")]
 use pgrelay::bench;
-use pgrelay::cmd::{admin, client, demo, doctor, migrate, serve, verify};
+use pgrelay::cmd::{admin, chaos, client, demo, doctor, migrate, serve, verify};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,12 @@ enum Command {
     /// Administer a running server: its clients, LiveStore stores (needs its --admin-token).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Inject faults (nodes killed, paused, cut off; PostgreSQL restarted; clients
+    /// killed) under load, then check nothing was lost, doubled or torn.
+    Chaos(chaos::ChaosArgs),
+    /// One client of `pgrelay chaos` (run by it).
+    #[command(name = "chaos-client", hide = true)]
+    ChaosClient(chaos::ChaosClientArgs),
 }
 
 #[derive(Subcommand)]
@@ -160,6 +166,8 @@ fn main() -> ExitCode {
             #[cfg(feature = "bench")]
             Command::Bench(command) => bench::run(command).await,
             Command::Admin(command) => admin::run(command).await,
+            Command::Chaos(args) => chaos::run(args).await,
+            Command::ChaosClient(args) => chaos::run_client(args).await,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));

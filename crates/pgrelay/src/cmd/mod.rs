@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod doctor;

@@ -20,6 +20,7 @@ mod bad_input;
 #[cfg(feature = "bench")]
 mod bench;
 mod caught_up;
+mod chaos;
 mod conformance;
 mod crash;
 mod doctor;
