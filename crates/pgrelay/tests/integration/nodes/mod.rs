@@ -3,6 +3,7 @@
 //! for a client reach the node that serves it; a node that loses Redis or
 //! PostgreSQL says so and the others go on.
 
+mod agreement;
 mod failover;
 mod faults;
 mod fencing;
