@@ -183,6 +183,11 @@ impl Follower<'_> {
             frames.sort_by_key(|f| (f.lsn, f.is_tx));
             self.hub.publish(frames);
             self.status.add_captured(changes, count);
+            // A page short of the limit was the end of the log: no round
+            // trip to learn that again (a wake-up costs two reads, not three).
+            if i64::try_from(changes).is_ok_and(|n| n < PAGE) {
+                break;
+            }
         }
         if let Some(captured) = captured {
             self.status.set_confirmed(captured);
