@@ -119,8 +119,8 @@ impl SignalListener {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-                _ = tokio::time::sleep(backoff) => {}
+                () = stopped(&mut shutdown) => return Ok(()),
+                () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -144,7 +144,7 @@ impl SignalListener {
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                () = stopped(shutdown) => return Ok(()),
                 message = messages.next() => {
                     let Some(message) = message else {
                         return Err(RegistryError::Io("the subscription's connection closed".to_owned()));
@@ -193,4 +193,9 @@ impl SignalListener {
             }
         }
     }
+}
+
+/// Resolves once shutdown is asked for (holding no guard of the watch).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }

@@ -33,30 +33,9 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `count` clients of the server at `addr`, replicas in `dir`.
-    pub(crate) async fn start(
-        addr: std::net::SocketAddr,
-        count: usize,
-        dir: &Path,
-        record_latency: bool,
-    ) -> anyhow::Result<Fleet> {
-        Fleet::start_with_tokens(addr, count, dir, record_latency, &[]).await
-    }
-
-    /// As [`Fleet::start`], client `i` with token `tokens[i]` (none when
-    /// `tokens` is shorter).
-    pub(crate) async fn start_with_tokens(
-        addr: std::net::SocketAddr,
-        count: usize,
-        dir: &Path,
-        record_latency: bool,
-        tokens: &[String],
-    ) -> anyhow::Result<Fleet> {
-        Fleet::start_spread(&[addr], count, dir, record_latency, tokens).await
-    }
-
-    /// As [`Fleet::start_with_tokens`], client `i` connecting to node
-    /// `addrs[i % addrs.len()]`.
+    /// Starts `count` clients, client `i` connecting to node
+    /// `addrs[i % addrs.len()]` with token `tokens[i]` (none when `tokens`
+    /// is shorter), replicas in `dir`.
     pub(crate) async fn start_spread(
         addrs: &[std::net::SocketAddr],
         count: usize,
