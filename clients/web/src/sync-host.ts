@@ -63,7 +63,7 @@ export class ServerTurn {
   }
 
   get current(): string {
-    return this.urls[this.turn % this.urls.length];
+    return this.urls[this.turn % this.urls.length] ?? "";
   }
 
   /** A dead node is left for a live one. */
