@@ -218,7 +218,9 @@ async fn disconnect(
         );
     }
     match state.registry.get(&id).await {
-        Ok(Some(record)) if record.node != state.node || record.session_elsewhere(&state.instance) => {
+        Ok(Some(record))
+            if record.node != state.node || record.session_elsewhere(&state.instance) =>
+        {
             match state.registry.relay(&record, Relayed::Disconnect).await {
                 Ok(true) => relayed(
                     StatusCode::OK,
@@ -306,7 +308,10 @@ async fn notify(
                 Ok(true) => relayed(
                     StatusCode::ACCEPTED,
                     "notified",
-                    format!("{id}'s session on node {} reads the change log", record.node),
+                    format!(
+                        "{id}'s session on node {} reads the change log",
+                        record.node
+                    ),
                     record.node,
                 ),
                 Ok(false) => gone(&state, &id, &record).await,

@@ -49,10 +49,7 @@ impl RegistryHealth {
     }
 
     /// Records the outcome of one call to the backend.
-    pub(crate) fn record<T>(
-        &self,
-        result: Result<T, RegistryError>,
-    ) -> Result<T, RegistryError> {
+    pub(crate) fn record<T>(&self, result: Result<T, RegistryError>) -> Result<T, RegistryError> {
         match &result {
             Ok(_) => self.reached(),
             Err(e) => self.failed(e),

@@ -208,10 +208,13 @@ impl Registry for RedisRegistry {
                 call.arg(json(r)).arg(&r.session).arg(self.ttl());
                 pipe.add_command(call);
             }
-            let written: Vec<i64> = self.health.record(async {
-                let mut conn = self.conn().await?;
-                pipe.query_async(&mut conn).await.map_err(failed)
-            }.await)?;
+            let written: Vec<i64> = self.health.record(
+                async {
+                    let mut conn = self.conn().await?;
+                    pipe.query_async(&mut conn).await.map_err(failed)
+                }
+                .await,
+            )?;
             Ok(records
                 .iter()
                 .zip(written)

@@ -129,10 +129,13 @@ impl SignalListener {
     /// One subscription, until its connection fails (`Err`) or shutdown.
     async fn listen(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RegistryError> {
         let channel = channel(self.registry.prefix(), &self.instance);
-        let mut pubsub = tokio::time::timeout(IO_TIMEOUT, self.registry.client().get_async_pubsub())
-            .await
-            .map_err(|_| RegistryError::Io(format!("connecting timed out after {IO_TIMEOUT:?}")))?
-            .map_err(failed)?;
+        let mut pubsub =
+            tokio::time::timeout(IO_TIMEOUT, self.registry.client().get_async_pubsub())
+                .await
+                .map_err(|_| {
+                    RegistryError::Io(format!("connecting timed out after {IO_TIMEOUT:?}"))
+                })?
+                .map_err(failed)?;
         pubsub.subscribe(&channel).await.map_err(failed)?;
         let health = self.registry.health_handle();
         health.reached();

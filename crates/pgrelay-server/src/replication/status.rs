@@ -185,8 +185,7 @@ impl ReplicationStatus {
     /// another node when they know one) instead of waiting on a connection
     /// that may never answer.
     pub(crate) fn lost_database(&self) -> Option<String> {
-        if self.connected.load(Ordering::Relaxed) || !self.ever_connected.load(Ordering::Relaxed)
-        {
+        if self.connected.load(Ordering::Relaxed) || !self.ever_connected.load(Ordering::Relaxed) {
             return None;
         }
         Some(

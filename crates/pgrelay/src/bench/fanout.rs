@@ -136,9 +136,15 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     }
     anyhow::ensure!(servers[0].capturing(), "the first node does not capture");
     let server = &servers[0];
-    let addrs: Vec<_> = servers.iter().map(pgrelay_server::Server::local_addr).collect();
+    let addrs: Vec<_> = servers
+        .iter()
+        .map(pgrelay_server::Server::local_addr)
+        .collect();
     let dir = tempfile::tempdir()?;
-    eprintln!("  starting {} clients on {} node(s) ...", args.clients, args.nodes);
+    eprintln!(
+        "  starting {} clients on {} node(s) ...",
+        args.clients, args.nodes
+    );
     let fleet = Fleet::start_spread(&addrs, args.clients, dir.path(), false, &tokens).await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
     let scopes: usize = servers.iter().map(pgrelay_server::Server::scopes).sum();

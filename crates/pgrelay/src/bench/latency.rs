@@ -57,7 +57,10 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     let server = &servers[0];
     let addrs: Vec<_> = servers.iter().map(Server::local_addr).collect();
     let dir = tempfile::tempdir()?;
-    eprintln!("  starting {} clients on {} nodes ...", args.clients, args.nodes);
+    eprintln!(
+        "  starting {} clients on {} nodes ...",
+        args.clients, args.nodes
+    );
     let fleet = Fleet::start_spread(&addrs, args.clients, dir.path(), true, &[]).await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
 

@@ -24,7 +24,9 @@ fn refusal(started: Result<Server, ServerError>) -> String {
 async fn a_node_with_other_tables_or_rules_on_the_same_slot_is_refused() {
     let world = World::new().await;
     world
-        .exec("CREATE TABLE t (id int PRIMARY KEY, owner text); CREATE TABLE u (id int PRIMARY KEY)")
+        .exec(
+            "CREATE TABLE t (id int PRIMARY KEY, owner text); CREATE TABLE u (id int PRIMARY KEY)",
+        )
         .await;
     let mut first = world.server_config();
     first.tables = pgrelay_pg::TableFilter::Only(vec!["public.t".into()]);
@@ -38,7 +40,9 @@ async fn a_node_with_other_tables_or_rules_on_the_same_slot_is_refused() {
     assert!(error.contains(&world.slot()), "{error}");
 
     let mut other_rules = first.clone();
-    let mut auth = AuthConfig::new(JwtKey::Secret(b"agreement-secret-0123456789abcdef".to_vec()));
+    let mut auth = AuthConfig::new(JwtKey::Secret(
+        b"agreement-secret-0123456789abcdef".to_vec(),
+    ));
     auth.rules = Some(RULES.to_owned());
     other_rules.auth = Some(auth);
     let error = refusal(Server::start(other_rules).await);

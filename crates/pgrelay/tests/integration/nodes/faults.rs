@@ -40,28 +40,46 @@ async fn sessions_go_on_while_redis_is_down_and_the_failure_is_shown() {
     let b = Server::start(node("node-b")).await.unwrap();
     let on_a = start_client(a.local_addr(), &world.replica_path("on-a"), "on-a").await;
     let on_b = start_client(b.local_addr(), &world.replica_path("on-b"), "on-b").await;
-    world.exec("INSERT INTO t SELECT generate_series(1, 10)").await;
-    world.wait_equal(on_a.replica.path(), Duration::from_secs(30)).await;
-    world.wait_equal(on_b.replica.path(), Duration::from_secs(30)).await;
+    world
+        .exec("INSERT INTO t SELECT generate_series(1, 10)")
+        .await;
+    world
+        .wait_equal(on_a.replica.path(), Duration::from_secs(30))
+        .await;
+    world
+        .wait_equal(on_b.replica.path(), Duration::from_secs(30))
+        .await;
 
     redis.cut();
     // Both nodes notice (the registry's refresh, the signal subscription)
     // and say so, and stay ready.
     for addr in [a.local_addr(), b.local_addr()] {
-        wait_for("Redis shown unreachable", Duration::from_secs(30), || async {
-            let (status, body) = ready(addr).await;
-            (status == 200 && body["registry"]["reachable"] == json!(false)).then_some(())
-        })
+        wait_for(
+            "Redis shown unreachable",
+            Duration::from_secs(30),
+            || async {
+                let (status, body) = ready(addr).await;
+                (status == 200 && body["registry"]["reachable"] == json!(false)).then_some(())
+            },
+        )
         .await;
         assert!(metric(addr, "pgrelay_registry_errors_total").await > 0.0);
         assert_eq!(metric(addr, "pgrelay_registry_up").await, 0.0);
     }
     // Sessions go on: old ones receive, a new one connects and hydrates.
-    world.exec("INSERT INTO t SELECT generate_series(11, 20)").await;
-    world.wait_equal(on_a.replica.path(), Duration::from_secs(30)).await;
-    world.wait_equal(on_b.replica.path(), Duration::from_secs(30)).await;
+    world
+        .exec("INSERT INTO t SELECT generate_series(11, 20)")
+        .await;
+    world
+        .wait_equal(on_a.replica.path(), Duration::from_secs(30))
+        .await;
+    world
+        .wait_equal(on_b.replica.path(), Duration::from_secs(30))
+        .await;
     let late = start_client(b.local_addr(), &world.replica_path("late"), "late").await;
-    world.wait_equal(late.replica.path(), Duration::from_secs(30)).await;
+    world
+        .wait_equal(late.replica.path(), Duration::from_secs(30))
+        .await;
 
     redis.release();
     wait_for("Redis reachable again", Duration::from_secs(30), || async {
@@ -100,9 +118,15 @@ async fn a_node_cut_off_from_postgres_refuses_writes_and_is_not_ready_while_the_
     let on_a = start_client(a_addr, &world.replica_path("on-a"), "on-a").await;
     let on_b = start_client(b_addr, &world.replica_path("on-b"), "on-b").await;
     world.exec("INSERT INTO t VALUES (1)").await;
-    world.wait_equal(on_b.replica.path(), Duration::from_secs(30)).await;
+    world
+        .wait_equal(on_b.replica.path(), Duration::from_secs(30))
+        .await;
     let write = |id: &str, row: i32| {
-        one_change("writer", id, json!({"table": "public.t", "op": "insert", "new": {"id": row.to_string()}}))
+        one_change(
+            "writer",
+            id,
+            json!({"table": "public.t", "op": "insert", "new": {"id": row.to_string()}}),
+        )
     };
     let (status, body) = post_changes(b_addr, None, &write("w2", 2)).await;
     assert_eq!(status, 200, "{body}");
@@ -113,17 +137,25 @@ async fn a_node_cut_off_from_postgres_refuses_writes_and_is_not_ready_while_the_
         (status == 503).then(|| body["reasons"].to_string())
     })
     .await;
-    assert!(reasons.contains("PostgreSQL is unreachable from this node"), "{reasons}");
+    assert!(
+        reasons.contains("PostgreSQL is unreachable from this node"),
+        "{reasons}"
+    );
     let (status, body) = post_changes(b_addr, None, &write("w3", 3)).await;
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("cannot reach PostgreSQL") && body.contains("retry"), "{body}");
+    assert!(
+        body.contains("cannot reach PostgreSQL") && body.contains("retry"),
+        "{body}"
+    );
 
     // Node A goes on: it takes writes and its clients receive.
     let (status, body) = post_changes(a_addr, None, &write("w4", 4)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("applied"), "{body}");
     world.exec("INSERT INTO t VALUES (5)").await;
-    world.wait_equal(on_a.replica.path(), Duration::from_secs(30)).await;
+    world
+        .wait_equal(on_a.replica.path(), Duration::from_secs(30))
+        .await;
     wait_for("node A ready", Duration::from_secs(30), || async {
         (ready(a_addr).await.0 == 200).then_some(())
     })
@@ -137,8 +169,14 @@ async fn a_node_cut_off_from_postgres_refuses_writes_and_is_not_ready_while_the_
     .await;
     let (status, body) = post_changes(b_addr, None, &write("w6", 6)).await;
     assert_eq!(status, 200, "{body}");
-    world.wait_equal(on_b.replica.path(), Duration::from_secs(30)).await;
-    assert_eq!(world.count("SELECT count(*) FROM t").await, 5, "row 3 was never written");
+    world
+        .wait_equal(on_b.replica.path(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        world.count("SELECT count(*) FROM t").await,
+        5,
+        "row 3 was never written"
+    );
 
     on_a.stop().await;
     on_b.stop().await;
