@@ -13,8 +13,12 @@ export type { Params, ResultRow, SyncStatus, Storage };
 export { WriteRejectedError } from "./session.js";
 
 export interface ConnectOptions {
-  /** The server: `ws://host:port` (the path `/api/sync` is added when missing). */
-  url: string;
+  /**
+   * The server: `ws://host:port` (the path `/api/sync` is added when
+   * missing). Several nodes of one deployment: a list, tried in turn (the
+   * next one after each failure), so a dead node is left for a live one.
+   */
+  url: string | string[];
   /** A fixed token for a server running with `--auth`. */
   token?: string;
   /** Asked before every connection (so an expired token is replaced); wins over `token`. */
@@ -252,8 +256,9 @@ export class PgRelay {
 
 /** Opens (or creates) the local replica and starts syncing it. */
 export async function connect(options: ConnectOptions): Promise<PgRelay> {
-  if (!options || typeof options.url !== "string" || !/^wss?:\/\//.test(options.url)) {
-    throw new TypeError(`pgrelay: url must start with ws:// or wss:// (got ${JSON.stringify(options?.url)})`);
+  const urls = typeof options?.url === "string" ? [options.url] : options?.url;
+  if (!Array.isArray(urls) || urls.length === 0 || !urls.every((u) => typeof u === "string" && /^wss?:\/\//.test(u))) {
+    throw new TypeError(`pgrelay: url must be a ws:// or wss:// URL, or a non-empty list of them (got ${JSON.stringify(options?.url)})`);
   }
   const db = new PgRelay(options);
   await db.start();

@@ -9,7 +9,7 @@ export type Storage = "opfs" | "indexeddb" | "memory";
 
 export interface OpenOptions {
   name: string;
-  url: string;
+  url: string | string[];
   storage: Storage;
   tables?: string[];
   clientId?: string;

@@ -14,7 +14,7 @@ import { decodeFrame, parseLsn, PROTOCOL_VERSION, ProtocolError, RefusedError, s
 import { Pusher } from "./push.js";
 import { applySchema, ResyncNeeded } from "./resync.js";
 import type { Replica } from "./replica/index.js";
-import { syncUrl, type SyncConfig, type SyncHost, type SyncStatus } from "./sync-host.js";
+import { ServerTurn, syncUrl, type SyncConfig, type SyncHost, type SyncStatus } from "./sync-host.js";
 
 export type { ConnectionState, SyncConfig, SyncEvent, SyncHost, SyncStatus } from "./sync-host.js";
 export { syncUrl } from "./sync-host.js";
@@ -25,7 +25,6 @@ const MAX_APPLY_CHANGES = 10_000;
 /** Compressed snapshot bytes loaded in one SQLite transaction at most. */
 const SNAPSHOT_BATCH_BYTES = 16 << 20;
 
-
 /** Codes after which reconnecting cannot help. */
 const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "upgrade_required", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
 
@@ -33,6 +32,7 @@ export class Sync {
   private socket: WebSocket | null = null;
   private generation = 0;
   private attempt = 0;
+  private readonly server: ServerTurn;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private pingTimer: ReturnType<typeof setInterval> | null = null;
   private pollTimer: ReturnType<typeof setInterval> | null = null;
@@ -52,17 +52,7 @@ export class Sync {
   private awaitingSnapshot = false;
   private hydration: Hydration | null = null;
   private readonly pusher: Pusher;
-  readonly status: SyncStatus = {
-    connection: "stopped",
-    hydrating: null,
-    caughtUp: false,
-    lsn: null,
-    outbox: 0,
-    rejected: 0,
-    lastError: null,
-    retryInMs: null,
-  };
-
+  readonly status: SyncStatus = { connection: "stopped", hydrating: null, caughtUp: false, lsn: null, outbox: 0, rejected: 0, lastError: null, retryInMs: null };
   private readonly migrations: MigrationQueue;
 
   constructor(
@@ -77,6 +67,7 @@ export class Sync {
       outboxChanged: () => this.refreshOutbox(),
     });
     this.status.lsn = replica.state().lsn;
+    this.server = new ServerTurn(config.url);
     this.migrations = new MigrationQueue(replica, exclusive, (m) => this.send(m), (e) => host.emit(e));
     this.refreshOutbox();
   }
@@ -144,9 +135,9 @@ export class Sync {
     if (generation !== this.generation) return;
     let socket: WebSocket;
     try {
-      socket = new WebSocket(syncUrl(this.config.url));
+      socket = new WebSocket(syncUrl(this.server.current));
     } catch (e) {
-      this.fail(generation, new Error(`connecting to ${this.config.url}: ${(e as Error).message}`), "connect");
+      this.fail(generation, new Error(`connecting to ${this.server.current}: ${(e as Error).message}`), "connect");
       return;
     }
     socket.binaryType = "arraybuffer";
@@ -179,7 +170,7 @@ export class Sync {
       // Frames that arrived before the close are still applied first.
       this.scheduleDrain(generation, () => {
         const reason = event.reason ? `${event.code} ${event.reason}` : `${event.code}`;
-        this.fail(generation, new Error(this.welcomed ? `the server closed the connection (${reason})` : `connecting to ${this.config.url} failed (${reason})`), "closed");
+        this.fail(generation, new Error(this.welcomed ? `the server closed the connection (${reason})` : `connecting to ${this.server.current} failed (${reason})`), "closed");
       });
     };
     socket.onerror = () => {
@@ -266,6 +257,7 @@ export class Sync {
       return;
     }
     if (this.welcomed) this.attempt = 0;
+    this.server.next();
     const delay = backoff(this.attempt, this.config.backoffBaseMs, this.config.backoffCapMs);
     this.attempt++;
     this.setStatus({ connection: "disconnected", lastError, retryInMs: delay });

@@ -5,7 +5,8 @@ import type { HydrationProgress } from "./hydrate.js";
 import type { MigrationEvent } from "./migrations.js";
 
 export interface SyncConfig {
-  url: string;
+  /** One server, or several tried in turn: the next one after each failure. */
+  url: string | string[];
   tables?: string[];
   pingIntervalMs: number;
   idleTimeoutMs: number;
@@ -50,4 +51,23 @@ export function syncUrl(url: string): string {
   const trimmed = url.replace(/\/+$/, "");
   const afterScheme = trimmed.includes("://") ? trimmed.slice(trimmed.indexOf("://") + 3) : trimmed;
   return afterScheme.includes("/") ? trimmed : `${trimmed}/api/sync`;
+}
+
+/** The servers of a config, tried in turn: `next()` after a failure. */
+export class ServerTurn {
+  private readonly urls: string[];
+  private turn = 0;
+
+  constructor(url: string | string[]) {
+    this.urls = typeof url === "string" ? [url] : url.length > 0 ? url : [""];
+  }
+
+  get current(): string {
+    return this.urls[this.turn % this.urls.length] ?? "";
+  }
+
+  /** A dead node is left for a live one. */
+  next(): void {
+    this.turn = (this.turn + 1) % this.urls.length;
+  }
 }

@@ -108,8 +108,11 @@ pub(crate) async fn start_row_sync(
     let versions = version_columns(&config.conflicts, &tables)?;
     tracing::info!(tables = synced.len(), slot = %config.slot, created, head = %head, pruned_through = %pruned_through, log_id = %log_id, "pgrelay ready");
 
-    let registry = registry::open(&config, sessions, &node, &instance)
+    let (registry, signals) = registry::open(&config, sessions, &node, &instance)
         .map_err(|e| ServerError::Config(e.to_string()))?;
+    if let Some(listener) = signals {
+        tasks.spawn(listener.run(shutdown_rx.clone()));
+    }
     let filtering = config.auth.as_ref().is_some_and(|a| a.rules.is_some());
     let hub = Arc::new(Hub::new(
         config.live_buffer,

@@ -165,6 +165,9 @@ struct Readiness {
     /// WAL bytes between the change log's newest transaction and the
     /// newest this node published (a following node's lag).
     log_lag_bytes: u64,
+    /// The client registry's backend; its failures are shown here but do
+    /// not make the node unready (sessions go on without it).
+    registry: crate::registry::health::HealthReport,
 }
 
 /// Readiness: replication connected and hearing from PostgreSQL, not
@@ -182,7 +185,11 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
     if let Some(why) = state.replication.new_epoch() {
         reasons.push(why);
     }
-    if !replication.connected {
+    if let Some(why) = state.replication.lost_database() {
+        reasons.push(format!(
+            "PostgreSQL is unreachable from this node ({why}); writes are refused"
+        ));
+    } else if !replication.connected {
         let why = replication
             .last_error
             .as_deref()
@@ -230,6 +237,7 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
             .log_head()
             .0
             .saturating_sub(state.hub.head().0),
+        registry: state.registry.health(),
     };
     (code, Json(body)).into_response()
 }
@@ -361,6 +369,10 @@ async fn apply_changes(state: &AppState, headers: &HeaderMap, body: Bytes) -> Re
         .as_ref()
         .filter(|_| state.hub.filtering())
         .map(|p| p.scope.as_ref());
+    if let Some(why) = state.replication.lost_database() {
+        let results = crate::writes::Writer::unreachable(&batch, &why);
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(results)).into_response();
+    }
     let schemas = state.hub.schemas();
     let results = state
         .writer

@@ -1,7 +1,9 @@
 //! The admin API, behind `--admin-token` (`Authorization: Bearer ...`,
 //! compared in constant time): list the registered clients, disconnect
 //! one, forget one, and notify one (answered 410 Gone and removed from the
-//! registry when it has no live session: the seeds' "gone").
+//! registry when it has no live session: the seeds' "gone"). Any node
+//! answers for any client: a session on another node is reached through
+//! the shared registry ([`crate::registry::relay`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use axum::{Json, Router};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
-use crate::ops::metrics::add;
+use crate::registry::relay::Relayed;
 use crate::registry::{self, ClientRecord};
 use crate::session::table::{now_ms, Signal};
 use crate::state::AppState;
@@ -104,8 +106,8 @@ pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Res
     }
 }
 
-fn registry_failed(state: &AppState, e: registry::RegistryError) -> Response {
-    add(&state.metrics.registry_errors, 1);
+fn registry_failed(_state: &AppState, e: registry::RegistryError) -> Response {
+    // Counted by the registry's health (`pgrelay_registry_errors_total`).
     answer(
         StatusCode::SERVICE_UNAVAILABLE,
         "registry_unavailable",
@@ -192,6 +194,7 @@ async fn node(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respons
         "head_lsn": state.hub.head().to_string(),
         "log_lag_bytes": state.replication.log_head().0.saturating_sub(state.hub.head().0),
         "sessions": state.sessions.len(),
+        "registry": state.registry.health(),
     }))
     .into_response()
 }
@@ -214,7 +217,28 @@ async fn disconnect(
             format!("closing {id}'s session"),
         );
     }
-    elsewhere_or_missing(&state, &id).await
+    match state.registry.get(&id).await {
+        Ok(Some(record))
+            if record.node != state.node || record.session_elsewhere(&state.instance) =>
+        {
+            match state.registry.relay(&record, Relayed::Disconnect).await {
+                Ok(true) => relayed(
+                    StatusCode::OK,
+                    "disconnected",
+                    format!("closing {id}'s session on node {}", record.node),
+                    record.node,
+                ),
+                Ok(false) => gone(&state, &id, &record).await,
+                Err(e) => registry_failed(&state, e),
+            }
+        }
+        Ok(_) => answer(
+            StatusCode::NOT_FOUND,
+            "unknown_client",
+            format!("{id} has no live session"),
+        ),
+        Err(e) => registry_failed(&state, e),
+    }
 }
 
 /// `DELETE /api/admin/clients/{id}`: removes the client's registration and
@@ -230,6 +254,12 @@ async fn forget(
     let live = state.sessions.get(&id);
     if let Some(session) = &live {
         session.signal(Signal::Disconnect);
+    } else if let Ok(Some(record)) = state.registry.get(&id).await {
+        // Its session is on another node: closed there (if that node is
+        // gone, there is nothing to close).
+        if let Err(e) = state.registry.relay(&record, Relayed::Disconnect).await {
+            return registry_failed(&state, e);
+        }
     }
     match state.registry.forget(&id).await {
         Ok(found) if found || live.is_some() => {
@@ -268,48 +298,59 @@ async fn notify(
             format!("{id}'s session reads the change log"),
         );
     }
-    match state.registry.get(&id).await {
-        Ok(Some(record)) if record.node != state.node => misdirected(record),
-        Ok(_) => {
-            // Registered here without a session (a crash before it could
-            // unregister), or not at all.
-            if let Err(e) = state.registry.forget(&id).await {
-                return registry_failed(&state, e);
+    let record = match state.registry.get(&id).await {
+        Ok(record) => record,
+        Err(e) => return registry_failed(&state, e),
+    };
+    match record {
+        Some(record) if record.node != state.node || record.session_elsewhere(&state.instance) => {
+            match state.registry.relay(&record, Relayed::Nudge).await {
+                Ok(true) => relayed(
+                    StatusCode::ACCEPTED,
+                    "notified",
+                    format!(
+                        "{id}'s session on node {} reads the change log",
+                        record.node
+                    ),
+                    record.node,
+                ),
+                Ok(false) => gone(&state, &id, &record).await,
+                Err(e) => registry_failed(&state, e),
             }
-            tracing::info!(client_id = %id, "notified a client with no live session: gone, removed from the registry");
-            answer(
-                StatusCode::GONE,
-                "gone",
-                format!("{id} has no live session; removed from the registry"),
-            )
         }
-        Err(e) => registry_failed(&state, e),
+        // Registered here without a session (a crash before it could
+        // unregister), or not at all.
+        Some(record) => gone(&state, &id, &record).await,
+        None => gone_unregistered(&id),
     }
 }
 
-async fn elsewhere_or_missing(state: &AppState, id: &str) -> Response {
-    match state.registry.get(id).await {
-        Ok(Some(record)) if record.node != state.node => misdirected(record),
-        Ok(_) => answer(
-            StatusCode::NOT_FOUND,
-            "unknown_client",
-            format!("{id} has no session on this node"),
-        ),
-        Err(e) => registry_failed(state, e),
+/// The client's record names a session no node serves: it is removed
+/// from the registry and the answer is 410 Gone.
+async fn gone(state: &AppState, id: &str, record: &ClientRecord) -> Response {
+    if let Err(e) = state.registry.unregister(id, &record.session).await {
+        return registry_failed(state, e);
     }
+    tracing::info!(client_id = %id, node = %record.node, "a client with no live session: gone, removed from the registry");
+    gone_unregistered(id)
 }
 
-/// The client's session is on another node: ask that one.
-fn misdirected(record: ClientRecord) -> Response {
+fn gone_unregistered(id: &str) -> Response {
+    answer(
+        StatusCode::GONE,
+        "gone",
+        format!("{id} has no live session; removed from the registry"),
+    )
+}
+
+/// Done through the node that serves the client's session.
+fn relayed(status: StatusCode, code: &'static str, message: String, node: String) -> Response {
     (
-        StatusCode::MISDIRECTED_REQUEST,
+        status,
         Json(Answer {
-            code: "other_node",
-            message: format!(
-                "{} is connected to node {}; ask that node",
-                record.client_id, record.node
-            ),
-            node: Some(record.node),
+            code,
+            message,
+            node: Some(node),
         }),
     )
         .into_response()

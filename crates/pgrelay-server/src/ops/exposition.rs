@@ -224,10 +224,16 @@ pub(crate) fn render(state: &AppState) -> String {
         "Connections refused at --max-connections.",
         get(&m.refused_connections),
     );
+    let registry = state.registry.health();
     out.counter(
         "registry_errors",
-        "Client registry operations that failed.",
-        get(&m.registry_errors),
+        "Calls to the client registry (Redis) that failed; sessions go on without it.",
+        registry.failures,
+    );
+    out.gauge(
+        "registry_up",
+        "1 when the last call to the client registry went through.",
+        i64::from(registry.reachable),
     );
     out.counter(
         "hydrations",

@@ -28,7 +28,6 @@ pub(crate) struct Metrics {
     pub(crate) rate_limited_messages: AtomicU64,
     /// Shared with the accept loop, which refuses them.
     pub(crate) refused_connections: Arc<AtomicU64>,
-    pub(crate) registry_errors: AtomicU64,
     /// Full snapshots sent (hydrations), and repairs instead of them.
     pub(crate) hydrations: AtomicU64,
     pub(crate) repairs: AtomicU64,

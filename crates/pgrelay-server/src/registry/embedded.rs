@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{ready, BoxFuture, FutureExt};
 
+use super::health::{HealthReport, RegistryHealth};
+use super::relay::Relayed;
 use super::{record, session_key, ClientRecord, Registry, RegistryError};
 use crate::session::table::SessionTable;
 
@@ -142,5 +144,18 @@ impl Registry for EmbeddedRegistry {
         let mut records: Vec<ClientRecord> = records.into_values().collect();
         records.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         ready(Ok(records)).boxed()
+    }
+
+    /// One node: there is no other node to send to.
+    fn relay<'a>(
+        &'a self,
+        _record: &'a ClientRecord,
+        _signal: Relayed,
+    ) -> BoxFuture<'a, Result<bool, RegistryError>> {
+        ready(Ok(false)).boxed()
+    }
+
+    fn health(&self) -> HealthReport {
+        RegistryHealth::new("embedded").report()
     }
 }

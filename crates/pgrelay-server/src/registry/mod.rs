@@ -5,7 +5,9 @@
 //! after the TTL. Embedded (one node) or Redis (several nodes share it).
 
 mod embedded;
+pub(crate) mod health;
 mod redis;
+pub(crate) mod relay;
 #[cfg(test)]
 mod tests;
 
@@ -22,7 +24,9 @@ use crate::session::table::{LiveSession, SessionTable, Signal};
 use crate::ServerConfig;
 
 pub(crate) use embedded::EmbeddedRegistry;
+use health::HealthReport;
 pub(crate) use redis::RedisRegistry;
+use relay::{Relayed, SignalListener};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RegistryError {
@@ -49,6 +53,17 @@ pub(crate) struct ClientRecord {
     /// The client's position as the server last knew it.
     pub(crate) last_lsn: Lsn,
     pub(crate) last_activity_ms: u64,
+}
+
+impl ClientRecord {
+    /// Whether the record names a session of another run than `instance`
+    /// (a node restarted under the same name keeps its name, not its
+    /// sessions).
+    pub(crate) fn session_elsewhere(&self, instance: &str) -> bool {
+        self.session
+            .rsplit_once('/')
+            .is_none_or(|(run, _)| run != instance)
+    }
 }
 
 /// Where client records live. Every method is one round trip at most.
@@ -80,27 +95,46 @@ pub(crate) trait Registry: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<ClientRecord>, RegistryError>>;
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<ClientRecord>, RegistryError>>;
+
+    /// Sends `signal` to the session `record` names, on the node that
+    /// registered it. `Ok(false)`: no node receives it (that node is gone).
+    fn relay<'a>(
+        &'a self,
+        record: &'a ClientRecord,
+        signal: Relayed,
+    ) -> BoxFuture<'a, Result<bool, RegistryError>>;
+
+    fn health(&self) -> HealthReport;
 }
 
-/// The registry the configuration asks for.
+/// The registry the configuration asks for, and for a shared one, what
+/// receives the signals other nodes send to this node's sessions (a task
+/// to run).
 pub(crate) fn open(
     config: &ServerConfig,
     sessions: &Arc<SessionTable>,
     node: &str,
     instance: &str,
-) -> Result<Arc<dyn Registry>, RegistryError> {
+) -> Result<(Arc<dyn Registry>, Option<SignalListener>), RegistryError> {
     Ok(match &config.registry {
-        None => Arc::new(EmbeddedRegistry::new(
-            config.registry_ttl,
-            Arc::clone(sessions),
-            node.to_owned(),
-            instance.to_owned(),
-        )),
-        Some(url) => Arc::new(RedisRegistry::new(
-            url.expose_secret(),
-            &config.registry_prefix,
-            config.registry_ttl,
-        )?),
+        None => (
+            Arc::new(EmbeddedRegistry::new(
+                config.registry_ttl,
+                Arc::clone(sessions),
+                node.to_owned(),
+                instance.to_owned(),
+            )),
+            None,
+        ),
+        Some(url) => {
+            let redis = Arc::new(RedisRegistry::new(
+                url.expose_secret(),
+                &config.registry_prefix,
+                config.registry_ttl,
+            )?);
+            let listener = SignalListener::new(Arc::clone(&redis), instance, Arc::clone(sessions));
+            (redis, Some(listener))
+        }
     })
 }
 
@@ -152,7 +186,8 @@ pub(crate) async fn refresh_live(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "refreshing the client registry failed");
+                    // Counted and shown by the registry's health.
+                    tracing::warn!(error = %e, "refreshing the client registry failed; sessions go on");
                     break;
                 }
             }

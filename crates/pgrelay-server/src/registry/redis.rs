@@ -5,6 +5,7 @@
 //! the `redis` crate's connection manager (credentials from the URL,
 //! reconnects after a failure, TLS with the `redis-tls` feature).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
@@ -12,6 +13,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Value};
 use tokio::sync::OnceCell;
 
+use super::health::{HealthReport, RegistryHealth};
+use super::relay::{channel_of, message, Relayed};
 use super::{ttl_secs, ClientRecord, Registry, RegistryError};
 
 /// Writes the record unless another session holds the key; 0 if it does.
@@ -31,7 +34,7 @@ return 0"#;
 const LIST_BATCH: usize = 500;
 
 /// Connecting and each answer: a registry call never waits longer.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct RedisRegistry {
     client: redis::Client,
@@ -40,6 +43,7 @@ pub(crate) struct RedisRegistry {
     conn: OnceCell<ConnectionManager>,
     prefix: String,
     ttl: Duration,
+    health: Arc<RegistryHealth>,
 }
 
 impl RedisRegistry {
@@ -57,6 +61,7 @@ impl RedisRegistry {
             conn: OnceCell::new(),
             prefix: prefix.to_owned(),
             ttl,
+            health: Arc::new(RegistryHealth::new("redis")),
         })
     }
 
@@ -75,8 +80,24 @@ impl RedisRegistry {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RegistryError> {
+        self.health.record(self.query_once(cmd).await)
+    }
+
+    async fn query_once<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RegistryError> {
         let mut conn = self.conn().await?;
         cmd.query_async(&mut conn).await.map_err(failed)
+    }
+
+    pub(super) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn health_handle(&self) -> Arc<RegistryHealth> {
+        Arc::clone(&self.health)
     }
 
     fn key(&self, client_id: &str) -> String {
@@ -120,7 +141,7 @@ impl RedisRegistry {
 }
 
 /// Whether the connection failed (`Io`, worth retrying) or Redis refused.
-fn failed(e: redis::RedisError) -> RegistryError {
+pub(super) fn failed(e: redis::RedisError) -> RegistryError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         RegistryError::Io(e.to_string())
     } else {
@@ -187,8 +208,13 @@ impl Registry for RedisRegistry {
                 call.arg(json(r)).arg(&r.session).arg(self.ttl());
                 pipe.add_command(call);
             }
-            let mut conn = self.conn().await?;
-            let written: Vec<i64> = pipe.query_async(&mut conn).await.map_err(failed)?;
+            let written: Vec<i64> = self.health.record(
+                async {
+                    let mut conn = self.conn().await?;
+                    pipe.query_async(&mut conn).await.map_err(failed)
+                }
+                .await,
+            )?;
             Ok(records
                 .iter()
                 .zip(written)
@@ -237,6 +263,27 @@ impl Registry for RedisRegistry {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<ClientRecord>, RegistryError>> {
         self.list_all().boxed()
+    }
+
+    fn relay<'a>(
+        &'a self,
+        record: &'a ClientRecord,
+        signal: Relayed,
+    ) -> BoxFuture<'a, Result<bool, RegistryError>> {
+        async move {
+            let Some(channel) = channel_of(&self.prefix, record) else {
+                return Ok(false);
+            };
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(channel).arg(message(record, signal));
+            let receivers: i64 = self.query(&publish).await?;
+            Ok(receivers > 0)
+        }
+        .boxed()
+    }
+
+    fn health(&self) -> HealthReport {
+        self.health.report()
     }
 }
 

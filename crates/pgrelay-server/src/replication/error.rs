@@ -19,6 +19,10 @@ pub enum ReplicationError {
     LeaseLost(std::time::Duration),
     #[error("another node took over the capture of the slot; standing down")]
     TermOver,
+    /// PostgreSQL did not answer in time: unreachable from this node (a
+    /// network cut), or overloaded.
+    #[error("PostgreSQL did not answer {0} within {1:?}; unreachable from this node?")]
+    NoAnswer(&'static str, std::time::Duration),
 }
 
 impl ReplicationError {
@@ -39,7 +43,8 @@ impl ReplicationError {
             | ReplicationError::WriterPanicked(_)
             | ReplicationError::FollowEnded
             | ReplicationError::LeaseLost(_)
-            | ReplicationError::TermOver => ErrorKind::Transient,
+            | ReplicationError::TermOver
+            | ReplicationError::NoAnswer(..) => ErrorKind::Transient,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! reads the new transactions and publishes them into its own hub, so its
 //! sessions work as on the capturing node. A slow poll is the safety net
 //! for a notification lost with a connection. Between reads it tries for
-//! the capture lock, and returns the term when it wins.
+//! the capture lock, and returns the term when it wins. Every round trip
+//! to PostgreSQL has a deadline: a cut that closes nothing (a frozen
+//! network) shows as "not ready" within seconds, not when TCP gives up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +21,29 @@ use crate::history::{self, HistoryError, NOTIFY_CHANNEL};
 use crate::hub::{Frame, Hub};
 use crate::replication::election::{Election, Term};
 use crate::replication::status::{ReplicationStatus, Role};
-use crate::ServerError;
+use crate::{ReplicationError, ServerError};
 
 /// Changes read from the log at a time.
 const PAGE: i64 = 10_000;
+
+/// Waits for `step` at most `deadline`; past it, PostgreSQL counts as
+/// unreachable (a retryable error: the follower connects again).
+pub(crate) async fn within<T>(
+    deadline: Duration,
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, ServerError>>,
+) -> Result<T, ServerError> {
+    tokio::time::timeout(deadline, step)
+        .await
+        .map_err(|_| ReplicationError::NoAnswer(what, deadline))?
+}
+
+/// How long a follower waits for any one answer from PostgreSQL: twice
+/// the capture lease, and at least 5 s (a page of the log on a busy
+/// server takes a while).
+pub(crate) fn answer_deadline(lease: Duration) -> Duration {
+    (lease * 2).max(Duration::from_secs(5))
+}
 
 pub(crate) struct Follower<'a> {
     pub(crate) info: &'a ConnInfo,
@@ -63,11 +84,15 @@ impl Follower<'_> {
         election: &mut Election,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Term>, ServerError> {
-        let (db, mut wakes) = listen(self.info).await?;
-        db.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
-            .await
-            .map_err(ServerError::sql("listening for change-log appends"))?;
-        self.read(&db).await?;
+        let deadline = answer_deadline(election.lease);
+        let (db, mut wakes) = within(deadline, "to a new connection", listen(self.info)).await?;
+        within(deadline, "to LISTEN", async {
+            db.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+                .await
+                .map_err(ServerError::sql("listening for change-log appends"))
+        })
+        .await?;
+        within(deadline, "to a read of the change log", self.read(&db)).await?;
         self.status.set_connected(self.status.counters().2);
         self.status
             .set_holder(self.status.role().1, Role::Following);
@@ -90,13 +115,19 @@ impl Follower<'_> {
                     if let Some(head) = head {
                         self.status.set_log_head(head);
                     }
-                    self.read(&db).await?;
+                    within(deadline, "to a read of the change log", self.read(&db)).await?;
                 }
-                _ = poll.tick() => self.read(&db).await?,
+                _ = poll.tick() => {
+                    within(deadline, "to a read of the change log", self.read(&db)).await?;
+                }
                 _ = attempt.tick() => {
-                    match election.attempt().await {
+                    match within(deadline, "to the capture lock", election.attempt()).await {
                         Ok(Some(term)) => return Ok(Some(term)),
                         Ok(None) => {}
+                        // Not answering: unreachable from here, so not ready.
+                        Err(e @ ServerError::Replication(ReplicationError::NoAnswer(..))) => {
+                            return Err(e)
+                        }
                         // PostgreSQL may be restarting: the next tick tries again.
                         Err(e) => tracing::warn!(error = %e, "trying for the capture lock failed"),
                     }
@@ -152,6 +183,11 @@ impl Follower<'_> {
             frames.sort_by_key(|f| (f.lsn, f.is_tx));
             self.hub.publish(frames);
             self.status.add_captured(changes, count);
+            // A page short of the limit was the end of the log: no round
+            // trip to learn that again (a wake-up costs two reads, not three).
+            if i64::try_from(changes).is_ok_and(|n| n < PAGE) {
+                break;
+            }
         }
         if let Some(captured) = captured {
             self.status.set_confirmed(captured);

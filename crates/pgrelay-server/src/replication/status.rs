@@ -11,6 +11,9 @@ use crate::replication::SlotLoss;
 
 pub(crate) struct ReplicationStatus {
     connected: AtomicBool,
+    /// Connected at least once since start: a node that was and is no
+    /// longer has lost PostgreSQL (see [`Self::lost_database`]).
+    ever_connected: AtomicBool,
     confirmed: AtomicU64,
     captured_changes: AtomicU64,
     captured_txs: AtomicU64,
@@ -67,6 +70,7 @@ impl ReplicationStatus {
     pub(crate) fn new() -> ReplicationStatus {
         ReplicationStatus {
             connected: AtomicBool::new(false),
+            ever_connected: AtomicBool::new(false),
             confirmed: AtomicU64::new(0),
             captured_changes: AtomicU64::new(0),
             captured_txs: AtomicU64::new(0),
@@ -124,6 +128,7 @@ impl ReplicationStatus {
     /// Streaming (again); a new epoch, if one was under way, is established.
     pub(crate) fn set_connected(&self, confirmed: Lsn) {
         self.connected.store(true, Ordering::Relaxed);
+        self.ever_connected.store(true, Ordering::Relaxed);
         self.set_confirmed(confirmed);
         self.touch();
         if let Ok(mut e) = self.last_error.lock() {
@@ -172,6 +177,24 @@ impl ReplicationStatus {
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error);
         }
+    }
+
+    /// Why this node has lost PostgreSQL, while it has: it was connected
+    /// and its replication (capturing or following) now fails. Writes are
+    /// refused meanwhile, with this reason, so that clients retry (through
+    /// another node when they know one) instead of waiting on a connection
+    /// that may never answer.
+    pub(crate) fn lost_database(&self) -> Option<String> {
+        if self.connected.load(Ordering::Relaxed) || !self.ever_connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(
+            self.last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_else(|| "replication is not connected".to_owned()),
+        )
     }
 
     pub(crate) fn set_error(&self, error: String) {

@@ -100,19 +100,23 @@ impl Session<'_> {
             return self.send(Frame::encode(&refused, Lsn::ZERO)).await;
         }
         let schemas = self.state.hub.schemas();
-        let results = self
-            .state
-            .writer
-            .apply(
-                crate::writes::Author {
-                    client_id: &self.client_id,
-                    subject: self.principal.as_ref().and_then(|p| p.owner.as_deref()),
-                },
-                &batch,
-                &schemas,
-                self.scope.as_deref(),
-            )
-            .await;
+        let results = match self.state.replication.lost_database() {
+            Some(why) => crate::writes::Writer::unreachable(&batch, &why),
+            None => {
+                self.state
+                    .writer
+                    .apply(
+                        crate::writes::Author {
+                            client_id: &self.client_id,
+                            subject: self.principal.as_ref().and_then(|p| p.owner.as_deref()),
+                        },
+                        &batch,
+                        &schemas,
+                        self.scope.as_deref(),
+                    )
+                    .await
+            }
+        };
         self.state.metrics.record_results(&results);
         let subject = self.principal.as_ref().and_then(|p| p.subject.as_deref());
         audit_rejections(&self.state.audit, &self.client_id, subject, &results);

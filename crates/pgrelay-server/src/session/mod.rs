@@ -170,7 +170,6 @@ pub(crate) async fn run(
         state.sessions.close(&live);
         let key = registry::session_key(&state.instance, &live);
         if let Err(e) = state.registry.unregister(&live.client_id, &key).await {
-            add(&state.metrics.registry_errors, 1);
             tracing::warn!(error = %e, "unregistering the client failed; its record expires with the TTL");
         }
         state.sessions.finished();
@@ -185,7 +184,6 @@ pub(crate) async fn run(
 async fn register(state: &AppState, live: &LiveSession) {
     let record = registry::record(&state.node, &state.instance, live);
     if let Err(e) = state.registry.register(&record).await {
-        add(&state.metrics.registry_errors, 1);
         tracing::warn!(error = %e, "registering the client failed; it syncs unregistered");
     }
 }

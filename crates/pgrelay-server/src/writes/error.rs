@@ -17,6 +17,11 @@ pub enum WriteError {
     Closed,
     #[error("applying a write batch of {client_id}: {reason}")]
     Batch { client_id: String, reason: String },
+    /// Nothing came back in time: PostgreSQL may be unreachable from this
+    /// node. Whether the batch committed is unknown; its change ids make
+    /// the client's retry safe.
+    #[error("PostgreSQL did not answer within {0:?}; this node may have lost it")]
+    NoAnswer(std::time::Duration),
 }
 
 impl WriteError {
@@ -32,7 +37,7 @@ impl WriteError {
             WriteError::Pg(e) => ErrorKind::of_pg(e),
             WriteError::Sql { source, .. } => ErrorKind::of_sql(source),
             WriteError::Closed => ErrorKind::Definite,
-            WriteError::Batch { .. } => ErrorKind::Transient,
+            WriteError::Batch { .. } | WriteError::NoAnswer(_) => ErrorKind::Transient,
         }
     }
 }

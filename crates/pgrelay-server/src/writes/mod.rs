@@ -30,6 +30,11 @@ use batch::{run_batch, Applied};
 use error::describe;
 pub(crate) use statement::quote_table;
 
+/// How long a batch may wait for PostgreSQL (for a connection, then for
+/// its transaction) before it is answered `retry`: a node cut off from
+/// PostgreSQL answers its clients instead of holding them.
+const WRITE_DEADLINE: Duration = Duration::from_secs(20);
+
 /// Batches applied at the same time at most (each holds a connection).
 pub(crate) const MAX_CONCURRENT_BATCHES: usize = 8;
 
@@ -84,10 +89,13 @@ impl Writer {
         scope: Option<&Scope>,
     ) -> WriteResults {
         let client_id = author.client_id;
-        let (results, lsn_floor, lsn) = match self
-            .apply_in_transaction(author, batch, schemas, scope)
-            .await
-        {
+        let applied = tokio::time::timeout(
+            WRITE_DEADLINE,
+            self.apply_in_transaction(author, batch, schemas, scope),
+        )
+        .await
+        .unwrap_or(Err(WriteError::NoAnswer(WRITE_DEADLINE)));
+        let (results, lsn_floor, lsn) = match applied {
             Ok(applied) => (applied.results, applied.floor, applied.ceiling),
             Err(e) => {
                 tracing::warn!(client_id, error = %e, "applying a write batch failed; the client will retry");
@@ -104,6 +112,24 @@ impl Writer {
             lsn,
             lsn_floor,
             results,
+        }
+    }
+
+    /// The answer to a batch while this node has lost PostgreSQL (`why`):
+    /// nothing applied, every transaction `retry`, with the reason.
+    pub(crate) fn unreachable(batch: &WriteBatch, why: &str) -> WriteResults {
+        let reason = format!(
+            "this node cannot reach PostgreSQL ({why}); nothing was applied: retry, through another node if there is one"
+        );
+        WriteResults {
+            batch_id: batch.batch_id.clone(),
+            lsn: None,
+            lsn_floor: None,
+            results: batch
+                .transactions
+                .iter()
+                .map(|tx| TxResult::retry(&tx.id, reason.clone()))
+                .collect(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! `bench fanout`: rows written as fast as PostgreSQL takes them while many
 //! real clients apply them; measures aggregate row deliveries per second
-//! (rows × clients applied to replicas).
+//! (rows × clients applied to replicas). With `--nodes N`, N servers in
+//! this process serve one slot (one captures, the others follow its change
+//! log) and the clients are spread over them.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -34,6 +36,9 @@ pub struct FanoutArgs {
     /// gets every row.
     #[arg(long, default_value_t = 0)]
     pub tenants: u64,
+    /// Nodes serving the slot (in this process); clients spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
 }
 
 /// The rule of a tenant bench: each client reads its tenant's rows.
@@ -124,19 +129,25 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         0 => "bench_fanout",
         _ => "bench_fanout_tenants",
     };
-    let server = super::start_server_with_auth(env.url(), slot, TABLE, auth).await?;
+    anyhow::ensure!(args.nodes > 0, "--nodes must be positive");
+    let mut servers = Vec::with_capacity(args.nodes);
+    for _ in 0..args.nodes {
+        servers.push(super::start_server_with_auth(env.url(), slot, TABLE, auth.clone()).await?);
+    }
+    anyhow::ensure!(servers[0].capturing(), "the first node does not capture");
+    let server = &servers[0];
+    let addrs: Vec<_> = servers
+        .iter()
+        .map(pgrelay_server::Server::local_addr)
+        .collect();
     let dir = tempfile::tempdir()?;
-    eprintln!("  starting {} clients ...", args.clients);
-    let fleet = Fleet::start_with_tokens(
-        server.local_addr(),
-        args.clients,
-        dir.path(),
-        false,
-        &tokens,
-    )
-    .await?;
+    eprintln!(
+        "  starting {} clients on {} node(s) ...",
+        args.clients, args.nodes
+    );
+    let fleet = Fleet::start_spread(&addrs, args.clients, dir.path(), false, &tokens).await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
-    let scopes = server.scopes();
+    let scopes: usize = servers.iter().map(pgrelay_server::Server::scopes).sum();
     // What each client must end with.
     let wanted: Vec<u64> = (0..fleet.len() as u64)
         .map(|i| match args.tenants {
@@ -174,7 +185,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     };
     load(&db, args.rows, args.tx_size).await?;
     let write_secs = started.elapsed().as_secs_f64();
-    let captured = wait_captured(&server, args.rows).await?;
+    let captured = wait_captured(server, args.rows).await?;
     let head = server.capture_stats().head;
     fleet.wait_at(head, Duration::from_secs(3600)).await?;
     let secs = started.elapsed().as_secs_f64();
@@ -189,7 +200,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     finished.store(true, Ordering::Relaxed);
     let timeline = sampler.await.unwrap_or_default();
     fleet.stop().await?;
-    server.shutdown().await?;
+    for server in servers {
+        server.shutdown().await?;
+    }
 
     let short = counts
         .iter()
@@ -205,10 +218,11 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         "fanout",
         match args.tenants {
             0 => format!(
-                "fanout: {} rows (transactions of {}) to {} clients",
+                "fanout: {} rows (transactions of {}) to {} clients on {} node(s)",
                 thousands(args.rows as f64),
                 args.tx_size,
-                clients
+                clients,
+                args.nodes
             ),
             t => format!(
                 "fanout: {} rows (transactions of {}) to {} clients in {t} tenants (--auth, row rules)",
@@ -264,7 +278,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
     report.set(
         "results",
         json!({
-            "clients": clients, "rows": args.rows, "tx_size": args.tx_size,
+            "clients": clients, "nodes": args.nodes, "rows": args.rows, "tx_size": args.tx_size,
             "tenants": args.tenants, "scopes": scopes, "leaking_replicas": leaking,
             "seconds": secs, "write_seconds": write_secs,
             "deliveries": expected, "deliveries_per_sec": rate, "complete": short == 0,

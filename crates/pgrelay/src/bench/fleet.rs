@@ -23,7 +23,8 @@ pub(crate) struct Fleet {
     members: Vec<Member>,
     stop: watch::Sender<bool>,
     runs: JoinSet<Result<(), pgrelay_client::ClientError>>,
-    watchers: JoinSet<Vec<u32>>,
+    /// Each client's latencies, with the index of the node it connects to.
+    watchers: JoinSet<(usize, Vec<u32>)>,
     /// Changes applied to replicas, summed over clients.
     pub(crate) applied_changes: Arc<AtomicU64>,
     /// Applied events a watcher missed because it fell behind (its latency
@@ -32,25 +33,17 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `count` clients of the server at `addr`, replicas in `dir`.
-    pub(crate) async fn start(
-        addr: std::net::SocketAddr,
-        count: usize,
-        dir: &Path,
-        record_latency: bool,
-    ) -> anyhow::Result<Fleet> {
-        Fleet::start_with_tokens(addr, count, dir, record_latency, &[]).await
-    }
-
-    /// As [`Fleet::start`], client `i` with token `tokens[i]` (none when
-    /// `tokens` is shorter).
-    pub(crate) async fn start_with_tokens(
-        addr: std::net::SocketAddr,
+    /// Starts `count` clients, client `i` connecting to node
+    /// `addrs[i % addrs.len()]` with token `tokens[i]` (none when `tokens`
+    /// is shorter), replicas in `dir`.
+    pub(crate) async fn start_spread(
+        addrs: &[std::net::SocketAddr],
         count: usize,
         dir: &Path,
         record_latency: bool,
         tokens: &[String],
     ) -> anyhow::Result<Fleet> {
+        anyhow::ensure!(!addrs.is_empty(), "a fleet needs a server");
         let (stop, stopped) = watch::channel(false);
         let mut fleet = Fleet {
             members: Vec::with_capacity(count),
@@ -61,8 +54,9 @@ impl Fleet {
             missed_events: Arc::new(AtomicU64::new(0)),
         };
         for i in 0..count {
+            let node = i % addrs.len();
             let mut config = ClientConfig::new(
-                format!("ws://{addr}"),
+                format!("ws://{}", addrs[node]),
                 dir.join(format!("replica-{i}.sqlite")),
             );
             config.client_id = Some(format!("bench-{i}"));
@@ -108,7 +102,7 @@ impl Fleet {
                         Err(RecvError::Lagged(n)) => {
                             missed.fetch_add(n, Ordering::Relaxed);
                         }
-                        Err(RecvError::Closed) => return latencies,
+                        Err(RecvError::Closed) => return (node, latencies),
                     }
                 }
             });
@@ -186,17 +180,27 @@ impl Fleet {
     }
 
     /// Stops every client; returns all recorded latencies in microseconds.
-    pub(crate) async fn stop(mut self) -> anyhow::Result<Vec<u32>> {
+    pub(crate) async fn stop(self) -> anyhow::Result<Vec<u32>> {
+        Ok(self.stop_per_node().await?.into_iter().flatten().collect())
+    }
+
+    /// Stops every client; returns the recorded latencies of the clients of
+    /// each node (by its index in the addresses the fleet started with).
+    pub(crate) async fn stop_per_node(mut self) -> anyhow::Result<Vec<Vec<u32>>> {
         let _ = self.stop.send(true);
         while let Some(joined) = self.runs.join_next().await {
             joined??;
         }
         drop(self.members);
-        let mut all = Vec::new();
+        let mut per_node: Vec<Vec<u32>> = Vec::new();
         while let Some(joined) = self.watchers.join_next().await {
-            all.extend(joined?);
+            let (node, latencies) = joined?;
+            if per_node.len() <= node {
+                per_node.resize_with(node + 1, Vec::new);
+            }
+            per_node[node].extend(latencies);
         }
-        Ok(all)
+        Ok(per_node)
     }
 }
 

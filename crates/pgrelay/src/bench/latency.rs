@@ -1,7 +1,11 @@
 //! `bench latency`: a writer commits single-row transactions at a fixed
 //! rate while many real clients apply them; measures PostgreSQL commit →
 //! client SQLite commit per transaction per client, and checks that every
-//! client received every transaction.
+//! client received every transaction. With `--nodes N`, N servers in this
+//! process serve one slot: the first captures, the others follow its
+//! change log, and the clients are spread over them; the latency of the
+//! clients of following nodes is reported beside that of the capturing
+//! node's clients.
 
 use std::time::{Duration, Instant};
 
@@ -34,24 +38,36 @@ pub struct LatencyArgs {
     /// How long the writer writes.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Nodes serving the slot (in this process); clients spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
 }
 
 pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        args.clients > 0 && args.rate > 0,
-        "--clients and --rate must be positive"
+        args.clients > 0 && args.rate > 0 && args.nodes > 0,
+        "--clients, --rate and --nodes must be positive"
     );
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
-    let server = super::start_server(env.url(), "bench_latency", TABLE).await?;
+    let mut servers = Vec::with_capacity(args.nodes);
+    for _ in 0..args.nodes {
+        servers.push(super::start_server(env.url(), "bench_latency", TABLE).await?);
+    }
+    anyhow::ensure!(servers[0].capturing(), "the first node does not capture");
+    let server = &servers[0];
+    let addrs: Vec<_> = servers.iter().map(Server::local_addr).collect();
     let dir = tempfile::tempdir()?;
-    eprintln!("  starting {} clients ...", args.clients);
-    let fleet = Fleet::start(server.local_addr(), args.clients, dir.path(), true).await?;
+    eprintln!(
+        "  starting {} clients on {} nodes ...",
+        args.clients, args.nodes
+    );
+    let fleet = Fleet::start_spread(&addrs, args.clients, dir.path(), true, &[]).await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
 
     eprintln!("  writing {} tx/s for {:?} ...", args.rate, args.duration);
     let written = write_at_rate(env.url(), args.rate, args.duration, &fleet).await?;
 
-    let captured = wait_captured(&server, written).await?;
+    let captured = wait_captured(server, written).await?;
     let head = server.capture_stats().head;
     fleet.wait_at(head, Duration::from_secs(600)).await?;
     let counts = fleet.row_counts(TABLE).await?;
@@ -59,9 +75,16 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         .missed_events
         .load(std::sync::atomic::Ordering::Relaxed);
     let clients = fleet.len();
-    let mut latencies = fleet.stop().await?;
-    server.shutdown().await?;
+    let per_node = fleet.stop_per_node().await?;
+    for server in servers {
+        server.shutdown().await?;
+    }
+    let mut latencies: Vec<u32> = per_node.iter().flatten().copied().collect();
     latencies.sort_unstable();
+    let mut capturing = per_node.first().cloned().unwrap_or_default();
+    capturing.sort_unstable();
+    let mut following: Vec<u32> = per_node.iter().skip(1).flatten().copied().collect();
+    following.sort_unstable();
 
     let short: Vec<(usize, i64)> = counts
         .iter()
@@ -79,8 +102,8 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     let mut report = Report::new(
         "latency",
         format!(
-            "latency: {} clients, {} tx/s for {:?} (PostgreSQL commit → client SQLite commit)",
-            args.clients, args.rate, args.duration
+            "latency: {} clients on {} node(s), {} tx/s for {:?} (PostgreSQL commit → client SQLite commit)",
+            args.clients, args.nodes, args.rate, args.duration
         ),
     );
     report.line("transactions written", thousands(written as f64));
@@ -112,6 +135,24 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
             format!("NO: {} clients short", short.len())
         },
     );
+    let roles = (!following.is_empty()).then(|| {
+        let at = |v: &[u32], p| ms(percentile(v, p));
+        let (c50, c99) = (at(&capturing, 50.0), at(&capturing, 99.0));
+        let (f50, f99) = (at(&following, 50.0), at(&following, 99.0));
+        (c50, c99, f50, f99)
+    });
+    if let Some((c50, c99, f50, f99)) = roles {
+        report.line(
+            "clients of the capturing node (p50 / p99)",
+            format!("{c50:.2} ms / {c99:.2} ms"),
+        );
+        report.line(
+            "clients of following nodes (p50 / p99)",
+            format!("{f50:.2} ms / {f99:.2} ms"),
+        );
+        report.line("following node's extra p50", format!("{:.2} ms", f50 - c50));
+        report.target("extra p50 on a following node ≤ 5 ms", f50 - c50 <= 5.0);
+    }
     report.target("p50 ≤ 5 ms", p50 <= 5.0);
     report.target("p99 ≤ 30 ms", p99 <= 30.0);
     if !short.is_empty() || captured != written {
@@ -125,7 +166,10 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     report.set(
         "results",
         json!({
-            "clients": clients, "rate": args.rate, "duration_seconds": args.duration.as_secs_f64(),
+            "clients": clients, "nodes": args.nodes, "rate": args.rate, "duration_seconds": args.duration.as_secs_f64(),
+            "by_role_ms": roles.map(|(c50, c99, f50, f99)| json!({
+                "capturing_p50": c50, "capturing_p99": c99, "following_p50": f50, "following_p99": f99,
+            })),
             "written": written, "samples": latencies.len(), "missed_events": missed_events,
             "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max,
             "complete": short.is_empty(),

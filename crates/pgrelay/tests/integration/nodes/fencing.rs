@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use pgrelay_server::Server;
 
-use super::{assert_log_exactly_once, wait_for_logged, write_accounts};
-use crate::support::tcp_proxy::TcpProxy;
+use super::{assert_log_exactly_once, proxy_to_postgres, wait_for_logged, write_accounts};
 use crate::support::{start_client, wait_for, World};
 
 const ROWS: i64 = 400;
@@ -89,23 +88,4 @@ async fn a_frozen_capturer_is_fenced_off_and_nothing_is_logged_twice_or_lost() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
-}
-
-/// A proxy to the PostgreSQL of `url`, and `url` through it.
-async fn proxy_to_postgres(url: &str) -> (TcpProxy, String) {
-    let config: tokio_postgres::Config = url.parse().expect("the test database's URL");
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        other => panic!("the fencing test needs PostgreSQL over TCP, not {other:?}"),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let upstream = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .expect("resolving PostgreSQL's host")
-        .next()
-        .expect("an address for PostgreSQL");
-    let proxy = TcpProxy::start(upstream).await;
-    let through = url.replacen(&format!("{host}:{port}"), &proxy.addr.to_string(), 1);
-    assert_ne!(through, url, "the URL names {host}:{port}");
-    (proxy, through)
 }
