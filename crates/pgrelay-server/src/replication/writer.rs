@@ -16,6 +16,7 @@ use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::replication::ReplicationError;
+use crate::stages::{self, Stage};
 use crate::ServerError;
 
 /// The change log as the writer sees it: whole transactions appended
@@ -212,6 +213,7 @@ async fn commit_loop(
                 })
                 .collect();
             db.append(&entries).await?;
+            record_all(&txs, Stage::Logged);
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;
@@ -224,6 +226,7 @@ async fn commit_loop(
             tracing::trace!(lsn = %last.lsn, since_commit_us = super::now_us() - last.commit_time_us, "transaction published");
         }
         hub.publish(frames);
+        record_all(&txs, Stage::Published);
         // Counted once published, so "captured" implies sessions can see it.
         status.add_captured(batch.changes as u64, txs.len() as u64);
         in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -232,4 +235,13 @@ async fn commit_loop(
         durable.send_modify(|lsn| *lsn = (*lsn).max(batch.end_lsn));
     }
     Ok(())
+}
+
+/// Records `stage` for every transaction of a batch (when tracing stages).
+fn record_all(txs: &[(EncodedTx, Vec<u32>, Arc<Transaction>)], stage: Stage) {
+    if stages::on() {
+        for (tx, _, _) in txs {
+            stages::record(stage, tx.commit_time_us);
+        }
+    }
 }

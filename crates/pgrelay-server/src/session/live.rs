@@ -319,7 +319,15 @@ impl Session<'_> {
         if frame.is_tx {
             self.live.advance(frame.lsn);
         }
-        self.send_message(Message::Text(frame.text)).await
+        let traced = match &frame.content {
+            crate::hub::Content::Tx(tx) if crate::stages::on() => Some(tx.commit_time_us),
+            _ => None,
+        };
+        self.send_message(Message::Text(frame.text)).await?;
+        if let Some(commit_time_us) = traced {
+            crate::stages::record(crate::stages::Stage::Sent, commit_time_us);
+        }
+        Ok(())
     }
 
     pub(super) async fn send_message(&mut self, message: Message) -> Result<(), Refusal> {

@@ -34,6 +34,12 @@ pub struct FanoutArgs {
     /// gets every row.
     #[arg(long, default_value_t = 0)]
     pub tenants: u64,
+    /// Light clients in separate processes (see `bench latency --light`).
+    #[arg(long)]
+    pub light: bool,
+    /// With --light: reader processes the clients are spread over.
+    #[arg(long, default_value_t = 2)]
+    pub processes: usize,
 }
 
 /// The rule of a tenant bench: each client reads its tenant's rows.
@@ -113,6 +119,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         args.tenants == 0 || args.tx_size >= args.tenants,
         "--tx-size must be at least --tenants, so every transaction reaches every tenant"
     );
+    if args.light {
+        return super::light::fanout(args).await;
+    }
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
     let (auth, tokens) = if args.tenants > 0 {
         let (auth, tokens) = tenant_setup(&db, args.tenants, args.clients).await?;
