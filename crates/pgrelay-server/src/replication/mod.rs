@@ -204,6 +204,7 @@ impl Replication {
         let log = FencedLog {
             db: log_db,
             fence: fence.clone(),
+            statements: None,
         };
         let mut writer = Writer::start(
             log,

@@ -34,17 +34,22 @@ pub(crate) trait ChangeLog: Send + 'static {
 pub(crate) struct FencedLog {
     pub(crate) db: tokio_postgres::Client,
     pub(crate) fence: Fence,
+    /// Prepared at the first append.
+    pub(crate) statements: Option<history::AppendStatements>,
 }
 
 impl ChangeLog for FencedLog {
-    fn append(
-        &mut self,
-        txs: &[LoggedTx<'_>],
-    ) -> impl Future<Output = Result<(), HistoryError>> + Send {
+    async fn append(&mut self, txs: &[LoggedTx<'_>]) -> Result<(), HistoryError> {
         // What followers may count as captured: through the last
         // transaction appended (renewals carry positions past it).
         let end = txs.last().map_or(Lsn::ZERO, |t| t.tx.lsn);
-        history::append(&mut self.db, &self.fence, end, txs)
+        if self.statements.is_none() {
+            self.statements = Some(history::AppendStatements::prepare(&self.db).await?);
+        }
+        match &self.statements {
+            Some(statements) => history::append(&self.db, statements, &self.fence, end, txs).await,
+            None => Ok(()),
+        }
     }
 }
 

@@ -44,7 +44,12 @@ async fn measure(
         slot,
         table,
         &[
-            "--connect-rate", "0", "--message-rate", "0", "--max-connections", "1000000",
+            "--connect-rate",
+            "0",
+            "--message-rate",
+            "0",
+            "--max-connections",
+            "1000000",
         ],
     )
     .await?;
@@ -58,7 +63,9 @@ async fn measure(
     let started = Instant::now();
     let (txs, changes) = write.await?;
     let write_secs = started.elapsed().as_secs_f64();
-    let totals = readers.finish(txs, changes, Duration::from_secs(600)).await?;
+    let totals = readers
+        .finish(txs, changes, Duration::from_secs(600))
+        .await?;
     let secs = started.elapsed().as_secs_f64();
     let server_cpu = cpu_seconds(&pid.to_string()).unwrap_or(0.0) - cpu0;
     let server_syscalls = super::syscalls(pid).unwrap_or(0).saturating_sub(sys0);
@@ -86,8 +93,11 @@ fn costs(report: &mut Report, m: &Measured) -> serde_json::Value {
         ),
     );
     report.line(
-        "server system calls",
-        format!("{:.2} per delivered frame", m.server_syscalls as f64 / frames),
+        "server read/write system calls (/proc io; send/recv not counted)",
+        format!(
+            "{:.2} per delivered frame",
+            m.server_syscalls as f64 / frames
+        ),
     );
     let bytes = m.totals.bytes as f64 / m.totals.frames.max(1) as f64;
     report.line("bytes per frame", format!("{bytes:.0} (WebSocket payload)"));
@@ -114,11 +124,18 @@ pub(crate) async fn latency(args: LatencyArgs) -> anyhow::Result<Report> {
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
     let (rate, duration) = (args.rate, args.duration);
     let url = env.url().to_owned();
-    let m = measure(&env, "bench_light", TABLE, args.clients, args.processes, async move {
-        eprintln!("  writing {rate} tx/s for {duration:?} ...");
-        let written = write_at_rate(&url, rate, duration, || 0).await?;
-        Ok((written, written))
-    })
+    let m = measure(
+        &env,
+        "bench_light",
+        TABLE,
+        args.clients,
+        args.processes,
+        async move {
+            eprintln!("  writing {rate} tx/s for {duration:?} ...");
+            let written = write_at_rate(&url, rate, duration, || 0).await?;
+            Ok((written, written))
+        },
+    )
     .await?;
     let (totals, secs, write_secs) = (&m.totals, m.secs, m.write_secs);
     let written = m.written.0;
@@ -188,7 +205,10 @@ pub(crate) async fn latency(args: LatencyArgs) -> anyhow::Result<Report> {
         }),
     );
     report.figure = Some(Figure {
-        title: format!("commit → frame received, {} light clients at {} tx/s", args.clients, args.rate),
+        title: format!(
+            "commit → frame received, {} light clients at {} tx/s",
+            args.clients, args.rate
+        ),
         x_label: "ms from PostgreSQL commit to frame received".into(),
         y_label: "fraction of deliveries".into(),
         series: vec![Series {
@@ -208,16 +228,26 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<Report> {
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
     let (rows, tx_size) = (args.rows, args.tx_size);
     let writer = env.connect().await?;
-    let m = measure(&env, "bench_light_fanout", FANOUT_TABLE, args.clients, args.processes, async move {
-        eprintln!("  writing {rows} rows ...");
-        load(&writer, rows, tx_size).await?;
-        Ok((rows.div_ceil(tx_size), rows))
-    })
+    let m = measure(
+        &env,
+        "bench_light_fanout",
+        FANOUT_TABLE,
+        args.clients,
+        args.processes,
+        async move {
+            eprintln!("  writing {rows} rows ...");
+            load(&writer, rows, tx_size).await?;
+            Ok((rows.div_ceil(tx_size), rows))
+        },
+    )
     .await?;
     let clients = args.clients as u64;
     let expected = m.written.1 * clients;
     let t = &m.totals;
-    let complete = t.short == 0 && t.out_of_order == 0 && t.changes == expected && t.txs == m.written.0 * clients;
+    let complete = t.short == 0
+        && t.out_of_order == 0
+        && t.changes == expected
+        && t.txs == m.written.0 * clients;
     let rate = t.changes as f64 / m.secs;
     let mut report = Report::new(
         "fanout",
@@ -230,14 +260,24 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<Report> {
         ),
     );
     report.line("row deliveries", thousands(expected as f64));
-    report.line("first write → last frame received", format!("{:.2} s", m.secs));
+    report.line(
+        "first write → last frame received",
+        format!("{:.2} s", m.secs),
+    );
     report.line("of which writing", format!("{:.2} s", m.write_secs));
     report.line("row deliveries/s", thousands(rate));
     report.line("frame deliveries/s", thousands(t.txs as f64 / m.secs));
     let cost = costs(&mut report, &m);
     report.line(
         "every client has every row",
-        if complete { "yes".to_owned() } else { format!("NO: {} connections short, {} of {expected} rows", t.short, t.changes) },
+        if complete {
+            "yes".to_owned()
+        } else {
+            format!(
+                "NO: {} connections short, {} of {expected} rows",
+                t.short, t.changes
+            )
+        },
     );
     report.target("fan-out ≥ 500,000 row deliveries/s", rate >= 500_000.0);
     if !complete {

@@ -12,7 +12,6 @@
 //! `--samples`, prints one JSON line of counts and exits.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -202,9 +201,11 @@ fn now_us() -> i64 {
 
 /// The bench's side: reader processes, started and told what to expect.
 pub(crate) struct Readers {
-    children: Vec<(tokio::process::Child, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>)>,
+    children: Vec<(
+        tokio::process::Child,
+        tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    )>,
     dir: tempfile::TempDir,
-    pub(crate) connections: usize,
 }
 
 /// What the readers received, summed.
@@ -226,7 +227,11 @@ pub(crate) struct Totals {
 impl Readers {
     /// Starts `processes` readers with `connections` WebSockets in all,
     /// and waits until every one is caught up.
-    pub(crate) async fn start(addr: &str, connections: usize, processes: usize) -> anyhow::Result<Readers> {
+    pub(crate) async fn start(
+        addr: &str,
+        connections: usize,
+        processes: usize,
+    ) -> anyhow::Result<Readers> {
         let exe = std::env::current_exe()?;
         let dir = tempfile::tempdir()?;
         let processes = processes.clamp(1, connections.max(1));
@@ -235,7 +240,12 @@ impl Readers {
             let share = connections / processes + usize::from(p < connections % processes);
             let mut child = tokio::process::Command::new(&exe)
                 .args(["bench", "reader", "--url", &format!("ws://{addr}/api/sync")])
-                .args(["--connections", &share.to_string(), "--prefix", &format!("light{p}")])
+                .args([
+                    "--connections",
+                    &share.to_string(),
+                    "--prefix",
+                    &format!("light{p}"),
+                ])
                 .arg("--samples")
                 .arg(dir.path().join(format!("samples-{p}")))
                 .env("PGRELAY_LOG", "warn")
@@ -251,18 +261,28 @@ impl Readers {
             let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
                 .await
                 .context("waiting for a reader to be ready")??;
-            anyhow::ensure!(line.as_deref() == Some("ready"), "a reader failed to connect");
+            anyhow::ensure!(
+                line.as_deref() == Some("ready"),
+                "a reader failed to connect"
+            );
         }
-        Ok(Readers { children, dir, connections })
+        Ok(Readers { children, dir })
     }
 
     /// Tells every reader what to expect and collects what they received.
-    pub(crate) async fn finish(mut self, txs: u64, changes: u64, timeout: Duration) -> anyhow::Result<Totals> {
+    pub(crate) async fn finish(
+        mut self,
+        txs: u64,
+        changes: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Totals> {
         use tokio::io::AsyncWriteExt;
         let mut totals = Totals::default();
         for (child, _) in &mut self.children {
             let stdin = child.stdin.as_mut().context("no stdin")?;
-            stdin.write_all(format!("expect {txs} {changes}\n").as_bytes()).await?;
+            stdin
+                .write_all(format!("expect {txs} {changes}\n").as_bytes())
+                .await?;
             stdin.flush().await?;
         }
         for (p, (child, lines)) in self.children.iter_mut().enumerate() {
@@ -280,7 +300,10 @@ impl Readers {
             totals.out_of_order += n("out_of_order");
             totals.cpu_seconds += v["cpu_seconds"].as_f64().unwrap_or(0.0);
             let raw = std::fs::read(self.dir.path().join(format!("samples-{p}")))?;
-            totals.samples.extend(raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            totals.samples.extend(
+                raw.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
             let _ = child.wait().await;
         }
         totals.samples.sort_unstable();

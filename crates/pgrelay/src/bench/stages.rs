@@ -13,7 +13,12 @@ use super::report::Report;
 
 /// The stages in order, server then client.
 const NAMES: [&str; 6] = [
-    "decoded", "logged", "published", "sent", "received", "applied",
+    "decoded",
+    "logged",
+    "published",
+    "sent",
+    "received",
+    "applied",
 ];
 
 /// Each stage's time since commit for one delivery, in µs; `None` where
@@ -93,11 +98,20 @@ pub(crate) fn add(report: &mut Report, records: &[StageTime], deliveries: &[Deli
         "slowest 1 %: mean ms per step",
         steps
             .iter()
-            .map(|s| format!("→{} {:.2}", s["to"].as_str().unwrap_or(""), s["tail_mean_ms"].as_f64().unwrap_or(0.0)))
+            .map(|s| {
+                format!(
+                    "→{} {:.2}",
+                    s["to"].as_str().unwrap_or(""),
+                    s["tail_mean_ms"].as_f64().unwrap_or(0.0)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", "),
     );
-    report.set("stages", json!({"since_commit": stages, "slowest_1pc_steps": steps}));
+    report.set(
+        "stages",
+        json!({"since_commit": stages, "slowest_1pc_steps": steps}),
+    );
 }
 
 fn stage_index(stage: Stage) -> usize {
