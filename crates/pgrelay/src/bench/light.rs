@@ -295,6 +295,15 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<Report> {
             "complete": complete, "costs": cost,
         }),
     );
+    report.figure = Some(Figure {
+        title: format!("commit → frame received, {} light clients", args.clients),
+        x_label: "ms from PostgreSQL commit to frame received".into(),
+        y_label: "fraction of frame deliveries".into(),
+        series: vec![Series {
+            name: "frames".into(),
+            points: cdf(&t.samples),
+        }],
+    });
     drop(db);
     env.close().await?;
     Ok(report)
