@@ -77,7 +77,7 @@ pub(crate) fn add(report: &mut Report, records: &[StageTime], deliveries: &[Deli
     let tail = &order[order.len() - order.len().div_ceil(100).min(order.len())..];
     let mut steps = Vec::new();
     let mut previous = "commit";
-    for i in 0..NAMES.len() {
+    for (i, name) in NAMES.iter().enumerate() {
         let spent: Vec<i64> = tail
             .iter()
             .filter_map(|&k| {
@@ -91,8 +91,8 @@ pub(crate) fn add(report: &mut Report, records: &[StageTime], deliveries: &[Deli
         } else {
             spent.iter().sum::<i64>() as f64 / spent.len() as f64 / 1000.0
         };
-        steps.push(json!({"from": previous, "to": NAMES[i], "tail_mean_ms": mean}));
-        previous = NAMES[i];
+        steps.push(json!({"from": previous, "to": name, "tail_mean_ms": mean}));
+        previous = *name;
     }
     report.line(
         "slowest 1 %: mean ms per step",
