@@ -19,6 +19,9 @@ pub enum Event {
         /// PostgreSQL commit time of each applied transaction (µs since
         /// the Unix epoch), in order.
         commit_times_us: Vec<i64>,
+        /// When each transaction's frame was read from the socket (µs
+        /// since the Unix epoch), in the same order.
+        received_at_us: Vec<i64>,
         /// When the SQLite transaction holding them committed (µs since the
         /// Unix epoch).
         applied_at_us: i64,

@@ -15,6 +15,7 @@ mod replication;
 pub mod schema_migrations;
 mod session;
 mod snapshot;
+pub mod stages;
 mod startup;
 mod state;
 mod writes;

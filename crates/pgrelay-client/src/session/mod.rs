@@ -9,7 +9,7 @@ mod push;
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use pgrelay_protocol::{ClientMessage, Lsn, ServerMessage, Transaction, PROTOCOL_VERSION};
+use pgrelay_protocol::{ClientMessage, Lsn, ServerMessage, PROTOCOL_VERSION};
 use tokio::sync::{broadcast, Notify};
 use tokio::time::{interval_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -136,7 +136,7 @@ pub(crate) async fn connect_and_sync(
                 "the server closed the connection".to_owned(),
             ));
         };
-        let mut batch: Vec<Transaction> = Vec::new();
+        let mut batch = apply::Batch::default();
         let mut next = Some(message?);
         // Gather the transactions already received, to commit them together.
         while let Some(message) = next.take() {
@@ -148,8 +148,9 @@ pub(crate) async fn connect_and_sync(
                 };
                 continue;
             }
+            let received_us = apply::now_us();
             match decode(message)? {
-                Some(ServerMessage::Tx(tx)) => batch.push(tx),
+                Some(ServerMessage::Tx(tx)) => batch.push(tx, received_us),
                 Some(other) => {
                     applied = flush(replica, events, &mut batch, applied).await?;
                     match other {
@@ -305,7 +306,7 @@ pub(crate) async fn connect_and_sync(
                 }
                 None => {}
             }
-            if batch.iter().map(|t| t.changes.len()).sum::<usize>() >= MAX_APPLY_CHANGES {
+            if batch.changes() >= MAX_APPLY_CHANGES {
                 break;
             }
             next = match socket.next().now_or_never() {

@@ -168,6 +168,32 @@ pub(crate) struct Fence {
     pub(crate) term: i64,
 }
 
+/// The append's two statements, prepared once per connection (a round
+/// trip each saved on every append).
+pub(crate) struct AppendStatements {
+    fence: tokio_postgres::Statement,
+    copy: tokio_postgres::Statement,
+}
+
+impl AppendStatements {
+    pub(crate) async fn prepare(client: &Client) -> Result<AppendStatements, HistoryError> {
+        let (fence, copy) = futures_util::future::try_join(
+            client.prepare(
+                "WITH fenced AS (UPDATE pgrelay.capture SET captured = greatest(captured, $3)
+                                  WHERE slot = $1 AND term = $2 RETURNING 1)
+                 SELECT pg_notify($4, $5) FROM fenced",
+            ),
+            client.prepare(
+                "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
+                 transaction_id, commit_time, origin_client, schema_version) FROM STDIN BINARY",
+            ),
+        )
+        .await
+        .map_err(HistoryError::sql("preparing the change-log append"))?;
+        Ok(AppendStatements { fence, copy })
+    }
+}
+
 /// Appends whole transactions to the log atomically, in one transaction
 /// that first checks (and row-locks until commit) that `fence`'s term is
 /// still the slot's: a capturer whose term is over appends nothing. The
@@ -176,21 +202,34 @@ pub(crate) struct Fence {
 /// the log's head, so a replay after a crash inserts nothing twice (and the
 /// primary key would refuse it).
 pub(crate) async fn append(
-    client: &mut Client,
+    client: &Client,
+    statements: &AppendStatements,
     fence: &Fence,
     end: Lsn,
     txs: &[LoggedTx<'_>],
 ) -> Result<(), HistoryError> {
-    let client = client
-        .transaction()
-        .await
-        .map_err(HistoryError::sql("starting a change-log append"))?;
+    let result = append_in_tx(client, statements, fence, end, txs).await;
+    if result.is_err() {
+        // Whatever was appended goes; the writer drops the connection anyway.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
+
+async fn append_in_tx(
+    client: &Client,
+    statements: &AppendStatements,
+    fence: &Fence,
+    end: Lsn,
+    txs: &[LoggedTx<'_>],
+) -> Result<(), HistoryError> {
     let head = txs.last().map_or(end, |t| t.tx.lsn);
-    let ours = client
-        .query_opt(
-            "WITH fenced AS (UPDATE pgrelay.capture SET captured = greatest(captured, $3)
-                              WHERE slot = $1 AND term = $2 RETURNING 1)
-             SELECT pg_notify($4, $5) FROM fenced",
+    // BEGIN and the term check go out together: one round trip (requests
+    // polled together are pipelined, in order, on the connection).
+    let (_, ours) = futures_util::future::try_join(
+        client.batch_execute("BEGIN"),
+        client.query_opt(
+            &statements.fence,
             &[
                 &fence.slot,
                 &fence.term,
@@ -198,9 +237,10 @@ pub(crate) async fn append(
                 &NOTIFY_CHANNEL,
                 &head.to_string(),
             ],
-        )
-        .await
-        .map_err(HistoryError::sql("checking the capture term"))?;
+        ),
+    )
+    .await
+    .map_err(HistoryError::sql("checking the capture term"))?;
     if ours.is_none() {
         return Err(HistoryError::Fenced {
             slot: fence.slot.clone(),
@@ -208,10 +248,7 @@ pub(crate) async fn append(
         });
     }
     let sink = client
-        .copy_in(
-            "COPY pgrelay.change_history (lsn, ordinal, table_name, operation, data, old_data, \
-             transaction_id, commit_time, origin_client, schema_version) FROM STDIN BINARY",
-        )
+        .copy_in(&statements.copy)
         .await
         .map_err(HistoryError::sql("starting COPY into the change log"))?;
     let types = [
@@ -268,7 +305,7 @@ pub(crate) async fn append(
         .await
         .map_err(HistoryError::sql("writing to the change log"))?;
     client
-        .commit()
+        .batch_execute("COMMIT")
         .await
         .map_err(HistoryError::sql("committing to the change log"))?;
     Ok(())

@@ -204,6 +204,7 @@ impl Replication {
         let log = FencedLog {
             db: log_db,
             fence: fence.clone(),
+            statements: None,
         };
         let mut writer = Writer::start(
             log,
@@ -339,6 +340,7 @@ impl Replication {
             }
             StreamEvent::Committed { tx, end_lsn } => {
                 tracing::trace!(lsn = %tx.lsn, since_commit_us = now_us() - tx.commit_time_us, "transaction received");
+                crate::stages::record(crate::stages::Stage::Decoded, tx.commit_time_us);
                 if tx.lsn <= logged || tx.changes.is_empty() {
                     tracing::trace!(lsn = %tx.lsn, %logged, "transaction already logged or empty");
                     // Already in the log (a replay after a crash) or nothing to

@@ -16,6 +16,7 @@ use crate::hub::encoded::EncodedTx;
 use crate::hub::{Frame, Hub};
 use crate::replication::status::ReplicationStatus;
 use crate::replication::ReplicationError;
+use crate::stages::{self, Stage};
 use crate::ServerError;
 
 /// The change log as the writer sees it: whole transactions appended
@@ -33,17 +34,22 @@ pub(crate) trait ChangeLog: Send + 'static {
 pub(crate) struct FencedLog {
     pub(crate) db: tokio_postgres::Client,
     pub(crate) fence: Fence,
+    /// Prepared at the first append.
+    pub(crate) statements: Option<history::AppendStatements>,
 }
 
 impl ChangeLog for FencedLog {
-    fn append(
-        &mut self,
-        txs: &[LoggedTx<'_>],
-    ) -> impl Future<Output = Result<(), HistoryError>> + Send {
+    async fn append(&mut self, txs: &[LoggedTx<'_>]) -> Result<(), HistoryError> {
         // What followers may count as captured: through the last
         // transaction appended (renewals carry positions past it).
         let end = txs.last().map_or(Lsn::ZERO, |t| t.tx.lsn);
-        history::append(&mut self.db, &self.fence, end, txs)
+        if self.statements.is_none() {
+            self.statements = Some(history::AppendStatements::prepare(&self.db).await?);
+        }
+        match &self.statements {
+            Some(statements) => history::append(&self.db, statements, &self.fence, end, txs).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -212,6 +218,7 @@ async fn commit_loop(
                 })
                 .collect();
             db.append(&entries).await?;
+            record_all(&txs, Stage::Logged);
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;
@@ -224,6 +231,7 @@ async fn commit_loop(
             tracing::trace!(lsn = %last.lsn, since_commit_us = super::now_us() - last.commit_time_us, "transaction published");
         }
         hub.publish(frames);
+        record_all(&txs, Stage::Published);
         // Counted once published, so "captured" implies sessions can see it.
         status.add_captured(batch.changes as u64, txs.len() as u64);
         in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -232,4 +240,13 @@ async fn commit_loop(
         durable.send_modify(|lsn| *lsn = (*lsn).max(batch.end_lsn));
     }
     Ok(())
+}
+
+/// Records `stage` for every transaction of a batch (when tracing stages).
+fn record_all(txs: &[(EncodedTx, Vec<u32>, Arc<Transaction>)], stage: Stage) {
+    if stages::on() {
+        for (tx, _, _) in txs {
+            stages::record(stage, tx.commit_time_us);
+        }
+    }
 }

@@ -12,7 +12,7 @@ use axum::extract::ws::Message;
 use futures_util::{SinkExt, StreamExt};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema, PROTOCOL_VERSION};
 use tokio::sync::broadcast;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::watch;
 use tokio::time::{interval_at, Instant};
 use tokio_postgres::types::PgLsn;
@@ -25,6 +25,9 @@ use crate::auth::Action;
 use crate::hub::Frame;
 use crate::ops::metrics::add;
 use crate::state::AppState;
+
+/// Frames written to a session's socket with one flush at most.
+const MAX_CORKED: usize = 64;
 
 impl Session<'_> {
     pub(super) async fn stream(
@@ -203,7 +206,14 @@ impl Session<'_> {
                     }
                 }
                 frame = frames.recv() => match frame {
-                    Ok(frame) => self.forward(frame).await?,
+                    Ok(frame) => {
+                        if let Some(skipped) = self.forward_waiting(frame, &mut frames).await? {
+                            tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
+                            add(&self.state.metrics.catch_ups, 1);
+                            frames = frames.resubscribe();
+                            Box::pin(self.catch_up()).await?;
+                        }
+                    }
                     Err(RecvError::Lagged(skipped)) => {
                         tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
                         add(&self.state.metrics.catch_ups, 1);
@@ -309,6 +319,49 @@ impl Session<'_> {
         self.send(frame).await
     }
 
+    /// Forwards `frame` and the frames already waiting behind it (up to
+    /// [`MAX_CORKED`]) with one flush: one write to the socket for all of
+    /// them when the session is behind, the same single write as before
+    /// when it is not. Returns how many frames the session lagged by, if it
+    /// fell out of the live buffer meanwhile (then it reads the change log).
+    async fn forward_waiting(
+        &mut self,
+        frame: Frame,
+        frames: &mut broadcast::Receiver<Frame>,
+    ) -> Result<Option<u64>, Refusal> {
+        self.corked = true;
+        let mut result = self.forward(frame).await.map(|()| None);
+        for _ in 1..MAX_CORKED {
+            if !matches!(result, Ok(None)) {
+                break;
+            }
+            result = match frames.try_recv() {
+                Ok(next) => self.forward(next).await.map(|()| None),
+                Err(TryRecvError::Lagged(skipped)) => Ok(Some(skipped)),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            };
+        }
+        self.corked = false;
+        let lagged = result?;
+        self.flush().await?;
+        Ok(lagged)
+    }
+
+    /// Writes out what the socket buffered.
+    async fn flush(&mut self) -> Result<(), Refusal> {
+        match tokio::time::timeout(self.state.config.send_timeout, self.socket.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("send failed: {e}"),
+            )),
+            Err(_) => Err(Refusal::new(
+                ErrorCode::TooSlow,
+                "the client did not read its messages in time",
+            )),
+        }
+    }
+
     /// A transaction this client does not subscribe to: its position counts
     /// as passed.
     pub(super) fn skipped(&mut self, lsn: Lsn) {
@@ -319,7 +372,15 @@ impl Session<'_> {
         if frame.is_tx {
             self.live.advance(frame.lsn);
         }
-        self.send_message(Message::Text(frame.text)).await
+        let traced = match &frame.content {
+            crate::hub::Content::Tx(tx) if crate::stages::on() => Some(tx.commit_time_us),
+            _ => None,
+        };
+        self.send_message(Message::Text(frame.text)).await?;
+        if let Some(commit_time_us) = traced {
+            crate::stages::record(crate::stages::Stage::Sent, commit_time_us);
+        }
+        Ok(())
     }
 
     pub(super) async fn send_message(&mut self, message: Message) -> Result<(), Refusal> {
@@ -328,8 +389,12 @@ impl Session<'_> {
             Message::Binary(bytes) => bytes.len(),
             _ => 0,
         };
-        match tokio::time::timeout(self.state.config.send_timeout, self.socket.send(message)).await
-        {
+        let sent = if self.corked {
+            tokio::time::timeout(self.state.config.send_timeout, self.socket.feed(message)).await
+        } else {
+            tokio::time::timeout(self.state.config.send_timeout, self.socket.send(message)).await
+        };
+        match sent {
             Ok(Ok(())) => {
                 add(&self.state.metrics.messages_sent, 1);
                 add(&self.state.metrics.bytes_sent, bytes as u64);

@@ -154,6 +154,7 @@ pub(crate) async fn run(
             principal,
             parts: None,
             schema: None,
+            corked: false,
         };
         match session.stream(hello, &mut shutdown).await {
             Ok(Ending::ClientClosed) => tracing::debug!("client closed the connection"),
@@ -323,6 +324,9 @@ struct Session<'a> {
     /// migrations sent; `None` for a client that does not run client
     /// migrations (no `schema_version` in its hello).
     schema: Option<i64>,
+    /// Frames go into the socket's buffer without a flush each, while the
+    /// live loop writes out what is waiting (see `forward_waiting`).
+    corked: bool,
 }
 
 /// Why a session told to close (by an operator, or by its client's new

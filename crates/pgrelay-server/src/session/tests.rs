@@ -30,6 +30,8 @@ struct Duplex {
     to_client: mpsc::UnboundedSender<Message>,
     /// A client that stopped reading: nothing sent completes.
     stalled: bool,
+    /// Times the session flushed the socket.
+    flushes: usize,
 }
 
 impl Stream for Duplex {
@@ -57,6 +59,7 @@ impl Sink<Message> for Duplex {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), axum::Error>> {
+        self.get_mut().flushes += 1;
         Poll::Ready(Ok(()))
     }
 
@@ -77,6 +80,7 @@ fn connection(stalled: bool) -> (Duplex, Client) {
         from_client,
         to_client,
         stalled,
+        flushes: 0,
     };
     let client = Client {
         send: to_server,
@@ -148,6 +152,7 @@ async fn serve(
         principal,
         parts: None,
         schema: None,
+        corked: false,
     };
     let owed: Option<Pin<Box<std::future::Ready<()>>>> = None;
     session.serve(frames, owed, shutdown).await
@@ -286,4 +291,43 @@ async fn shutdown_ends_the_session_going_away() {
     };
     assert_eq!(close.code, 1001);
     stopper.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn frames_waiting_for_a_session_go_out_in_order_with_one_flush() {
+    let state = state(config());
+    let (mut socket, mut client) = connection(false);
+    let (stop, mut shutdown) = watch::channel(false);
+    let hub = Arc::clone(&state.hub);
+    let reader = async move {
+        tokio::task::yield_now().await;
+        // Ten transactions published at once: all wait for the session.
+        hub.publish(
+            (1..=10)
+                .map(|lsn| Frame::transaction(transaction(lsn)))
+                .collect(),
+        );
+        let mut lsns = Vec::new();
+        while lsns.len() < 10 {
+            match client.received.recv().await {
+                Some(Message::Text(text)) => {
+                    if let Ok(ServerMessage::Tx(tx)) = serde_json::from_str(&text) {
+                        lsns.push(tx.lsn.0);
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        let _ = stop.send(true);
+        lsns
+    };
+    let (result, lsns) = tokio::join!(serve(&state, &mut socket, None, &mut shutdown), reader);
+    assert!(matches!(result, Ok(Ending::Shutdown)), "{result:?}");
+    assert_eq!(lsns, (1..=10).collect::<Vec<u64>>());
+    assert!(
+        socket.flushes <= 2,
+        "{} flushes for 10 waiting frames",
+        socket.flushes
+    );
 }

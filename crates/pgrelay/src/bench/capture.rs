@@ -297,7 +297,7 @@ async fn run_pgrelay(
 }
 
 /// User + system CPU seconds of a process, from /proc (`self` or a pid).
-fn cpu_seconds(pid: &str) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields, in clock ticks (USER_HZ, 100 on Linux).

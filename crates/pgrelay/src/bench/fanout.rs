@@ -39,6 +39,12 @@ pub struct FanoutArgs {
     /// Nodes serving the slot (in this process); clients spread over them.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// Light clients in separate processes (see `bench latency --light`).
+    #[arg(long)]
+    pub light: bool,
+    /// With --light: reader processes the clients are spread over.
+    #[arg(long, default_value_t = 2)]
+    pub processes: usize,
 }
 
 /// The rule of a tenant bench: each client reads its tenant's rows.
@@ -118,6 +124,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         args.tenants == 0 || args.tx_size >= args.tenants,
         "--tx-size must be at least --tenants, so every transaction reaches every tenant"
     );
+    if args.light {
+        return super::light::fanout(args).await;
+    }
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
     let (auth, tokens) = if args.tenants > 0 {
         let (auth, tokens) = tenant_setup(&db, args.tenants, args.clients).await?;

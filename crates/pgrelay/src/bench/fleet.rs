@@ -13,6 +13,23 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// One transaction applied by one client: its PostgreSQL commit time,
+/// when the client read its frame and when its SQLite transaction
+/// committed (µs since the Unix epoch).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Delivery {
+    pub(crate) commit_us: i64,
+    pub(crate) received_us: i64,
+    pub(crate) applied_us: i64,
+}
+
+impl Delivery {
+    /// Commit → applied, in µs.
+    pub(crate) fn latency_us(&self) -> u32 {
+        u32::try_from((self.applied_us - self.commit_us).max(0)).unwrap_or(u32::MAX)
+    }
+}
+
 struct Member {
     replica: Replica,
     lsn: Arc<AtomicU64>,
@@ -23,8 +40,8 @@ pub(crate) struct Fleet {
     members: Vec<Member>,
     stop: watch::Sender<bool>,
     runs: JoinSet<Result<(), pgrelay_client::ClientError>>,
-    /// Each client's latencies, with the index of the node it connects to.
-    watchers: JoinSet<(usize, Vec<u32>)>,
+    /// Each client's deliveries, with the index of the node it connects to.
+    watchers: JoinSet<(usize, Vec<Delivery>)>,
     /// Changes applied to replicas, summed over clients.
     pub(crate) applied_changes: Arc<AtomicU64>,
     /// Applied events a watcher missed because it fell behind (its latency
@@ -83,15 +100,20 @@ impl Fleet {
                             lsn: reached,
                             changes,
                             commit_times_us,
+                            received_at_us,
                             applied_at_us,
                             ..
                         }) => {
                             lsn.store(reached.0, Ordering::Relaxed);
                             applied.fetch_add(changes as u64, Ordering::Relaxed);
                             if record_latency {
-                                latencies.extend(commit_times_us.iter().map(|c| {
-                                    u32::try_from((applied_at_us - c).max(0)).unwrap_or(u32::MAX)
-                                }));
+                                latencies.extend(commit_times_us.iter().zip(&received_at_us).map(
+                                    |(&commit_us, &received_us)| Delivery {
+                                        commit_us,
+                                        received_us,
+                                        applied_us: applied_at_us,
+                                    },
+                                ));
                             }
                         }
                         Ok(Event::CaughtUp { lsn: reached }) => {
@@ -179,20 +201,20 @@ impl Fleet {
         Ok(out)
     }
 
-    /// Stops every client; returns all recorded latencies in microseconds.
-    pub(crate) async fn stop(self) -> anyhow::Result<Vec<u32>> {
+    /// Stops every client; returns every recorded delivery.
+    pub(crate) async fn stop(self) -> anyhow::Result<Vec<Delivery>> {
         Ok(self.stop_per_node().await?.into_iter().flatten().collect())
     }
 
-    /// Stops every client; returns the recorded latencies of the clients of
-    /// each node (by its index in the addresses the fleet started with).
-    pub(crate) async fn stop_per_node(mut self) -> anyhow::Result<Vec<Vec<u32>>> {
+    /// Stops every client; returns the recorded deliveries of the clients
+    /// of each node (by its index in the addresses the fleet started with).
+    pub(crate) async fn stop_per_node(mut self) -> anyhow::Result<Vec<Vec<Delivery>>> {
         let _ = self.stop.send(true);
         while let Some(joined) = self.runs.join_next().await {
             joined??;
         }
         drop(self.members);
-        let mut per_node: Vec<Vec<u32>> = Vec::new();
+        let mut per_node: Vec<Vec<Delivery>> = Vec::new();
         while let Some(joined) = self.watchers.join_next().await {
             let (node, latencies) = joined?;
             if per_node.len() <= node {

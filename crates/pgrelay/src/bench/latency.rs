@@ -18,9 +18,9 @@ use super::fleet::{percentile, Fleet};
 use super::report::{thousands, Figure, Report, Series};
 use super::{machine, BenchDb, CommonArgs};
 
-const EVENTS_DDL: &str =
+pub(crate) const EVENTS_DDL: &str =
     "CREATE TABLE public.bench_events (id bigserial PRIMARY KEY, payload text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
-const TABLE: &str = "public.bench_events";
+pub(crate) const TABLE: &str = "public.bench_events";
 /// Connections the writer spreads its transactions over, so one commit's
 /// fsync does not hold up the next.
 const WRITER_CONNECTIONS: usize = 8;
@@ -41,6 +41,15 @@ pub struct LatencyArgs {
     /// Nodes serving the slot (in this process); clients spread over them.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// Light clients: WebSocket readers in separate processes that parse
+    /// every frame and apply nothing (commit → frame received), with the
+    /// server as its own process; reports the server's CPU, system calls
+    /// and bytes per delivered frame.
+    #[arg(long)]
+    pub light: bool,
+    /// With --light: reader processes the clients are spread over.
+    #[arg(long, default_value_t = 2)]
+    pub processes: usize,
 }
 
 pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
@@ -48,7 +57,12 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         args.clients > 0 && args.rate > 0 && args.nodes > 0,
         "--clients, --rate and --nodes must be positive"
     );
+    if args.light {
+        return super::light::latency(args).await;
+    }
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
+    // Stage timestamps of the in-process servers, for the breakdown.
+    pgrelay_server::stages::enable();
     let mut servers = Vec::with_capacity(args.nodes);
     for _ in 0..args.nodes {
         servers.push(super::start_server(env.url(), "bench_latency", TABLE).await?);
@@ -65,7 +79,11 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     fleet.wait_connected(Duration::from_secs(300)).await?;
 
     eprintln!("  writing {} tx/s for {:?} ...", args.rate, args.duration);
-    let written = write_at_rate(env.url(), args.rate, args.duration, &fleet).await?;
+    let applied = std::sync::Arc::clone(&fleet.applied_changes);
+    let written = write_at_rate(env.url(), args.rate, args.duration, move || {
+        applied.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await?;
 
     let captured = wait_captured(server, written).await?;
     let head = server.capture_stats().head;
@@ -79,11 +97,21 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     for server in servers {
         server.shutdown().await?;
     }
-    let mut latencies: Vec<u32> = per_node.iter().flatten().copied().collect();
+    let records = pgrelay_server::stages::take();
+    let deliveries: Vec<_> = per_node.iter().flatten().copied().collect();
+    let mut latencies: Vec<u32> = deliveries.iter().map(|d| d.latency_us()).collect();
     latencies.sort_unstable();
-    let mut capturing = per_node.first().cloned().unwrap_or_default();
+    let mut capturing: Vec<u32> = per_node
+        .first()
+        .map(|d| d.iter().map(|d| d.latency_us()).collect())
+        .unwrap_or_default();
     capturing.sort_unstable();
-    let mut following: Vec<u32> = per_node.iter().skip(1).flatten().copied().collect();
+    let mut following: Vec<u32> = per_node
+        .iter()
+        .skip(1)
+        .flatten()
+        .map(|d| d.latency_us())
+        .collect();
     following.sort_unstable();
 
     let short: Vec<(usize, i64)> = counts
@@ -127,6 +155,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
     report.line("p95", format!("{p95:.2} ms"));
     report.line("p99", format!("{p99:.2} ms"));
     report.line("max", format!("{max:.2} ms"));
+    super::stages::add(&mut report, &records, &deliveries);
     report.line(
         "every client has every transaction",
         if short.is_empty() {
@@ -194,11 +223,11 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
 
 /// Commits `rate` single-row transactions per second for `duration`;
 /// returns how many committed.
-async fn write_at_rate(
+pub(crate) async fn write_at_rate(
     url: &str,
     rate: u64,
     duration: Duration,
-    fleet: &Fleet,
+    applied: impl Fn() -> u64,
 ) -> anyhow::Result<u64> {
     let mut senders = Vec::new();
     let mut writers = tokio::task::JoinSet::new();
@@ -234,9 +263,7 @@ async fn write_at_rate(
                 "  {:>4.0}s: {} tx written, {} deliveries applied",
                 started.elapsed().as_secs_f64(),
                 i,
-                fleet
-                    .applied_changes
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                applied()
             );
             next_progress += Duration::from_secs(5);
         }

@@ -19,9 +19,12 @@ mod fleet;
 mod hydrate;
 mod idle;
 mod latency;
+mod light;
 mod plot;
+mod reader;
 mod repair;
 mod report;
+mod stages;
 mod writes;
 
 use std::path::PathBuf;
@@ -52,6 +55,9 @@ pub enum BenchCommand {
     Eventlog(eventlog::EventLogArgs),
     /// Several nodes on one slot: time to a new capturing node after SIGKILL of the capturer.
     Failover(failover::FailoverArgs),
+    /// Light clients for `--light` runs (started by the bench itself).
+    #[command(hide = true)]
+    Reader(reader::ReaderArgs),
 }
 
 /// Options every bench takes.
@@ -71,6 +77,7 @@ pub struct CommonArgs {
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     let (common, report) = match command {
+        BenchCommand::Reader(args) => return reader::run(args).await,
         BenchCommand::Capture(args) => (args.common.clone(), capture::run(args).await?),
         BenchCommand::Latency(args) => (args.common.clone(), latency::run(args).await?),
         BenchCommand::Fanout(args) => (args.common.clone(), fanout::run(args).await?),
@@ -243,4 +250,14 @@ pub(crate) async fn machine(db: &tokio_postgres::Client) -> serde_json::Value {
         "postgres": pg,
         "pgrelay": env!("CARGO_PKG_VERSION"),
     })
+}
+
+/// Read and write system calls a process made so far (`/proc/PID/io`).
+pub(crate) fn syscalls(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some(field("syscr:")? + field("syscw:")?)
 }

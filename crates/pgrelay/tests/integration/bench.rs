@@ -67,6 +67,65 @@ fn latency_bench_delivers_every_transaction_to_every_client() {
         results["samples"], 500,
         "one latency sample per transaction per client"
     );
+    // Every stage, server and client, is timed for every delivery.
+    let stages = report["stages"]["since_commit"].as_array().unwrap();
+    let names: Vec<&str> = stages
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "decoded",
+            "logged",
+            "published",
+            "sent",
+            "received",
+            "applied"
+        ]
+    );
+    for stage in stages {
+        assert_eq!(stage["samples"], 500, "{stage}");
+    }
+}
+
+#[test]
+fn light_latency_bench_delivers_every_transaction_to_every_reader() {
+    let report = run_bench(&[
+        "latency",
+        "--light",
+        "--clients",
+        "6",
+        "--processes",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["complete"], true);
+    assert_eq!(results["written"], 100);
+    assert_eq!(results["costs"]["frames"], 600);
+    assert!(results["costs"]["bytes_per_frame"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn light_fanout_bench_delivers_every_row_to_every_reader() {
+    let report = run_bench(&[
+        "fanout",
+        "--light",
+        "--clients",
+        "3",
+        "--rows",
+        "2000",
+        "--tx-size",
+        "100",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["complete"], true);
+    assert_eq!(results["deliveries"], 6000);
+    assert_eq!(results["costs"]["frames"], 60);
 }
 
 #[test]
