@@ -51,6 +51,7 @@ pub(crate) async fn apply(
                 pg_type: pgrelay_pg::format_type(db, col.type_oid, col.type_modifier).await?,
                 type_oid: col.type_oid,
                 kind: ValueKind::from_type_oid(col.type_oid),
+                attnum: None,
             },
         };
         columns.push(column);
