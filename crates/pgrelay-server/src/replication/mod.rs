@@ -15,6 +15,7 @@ mod slot;
 mod source;
 pub(crate) mod status;
 pub(crate) mod table_watch;
+pub(crate) mod unpublished;
 #[cfg(test)]
 mod tests;
 mod writer;

@@ -4,6 +4,8 @@
 
 mod cli;
 mod clients;
+mod defaults;
+mod publication;
 mod schema_changes;
 mod upgrade;
 

@@ -13,9 +13,9 @@ use pgrelay_client::Event;
 use crate::support::{open_client, run_client, wait_for, RunningClient, World};
 
 /// The snapshots a client loaded: (full, tables, bytes).
-type Loads = Arc<Mutex<Vec<(bool, Vec<String>, u64)>>>;
+pub(super) type Loads = Arc<Mutex<Vec<(bool, Vec<String>, u64)>>>;
 
-async fn start_watched(
+pub(super) async fn start_watched(
     world: &World,
     addr: std::net::SocketAddr,
     name: &str,
@@ -40,7 +40,7 @@ async fn start_watched(
     (run_client(client), loads)
 }
 
-fn columns(db: &Path, table: &str) -> Vec<(String, i64)> {
+pub(super) fn columns(db: &Path, table: &str) -> Vec<(String, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     let mut stmt = conn
@@ -54,7 +54,7 @@ fn columns(db: &Path, table: &str) -> Vec<(String, i64)> {
     columns
 }
 
-async fn wait_columns(db: &Path, table: &str, want: &[(&str, i64)]) {
+pub(super) async fn wait_columns(db: &Path, table: &str, want: &[(&str, i64)]) {
     let want: Vec<(String, i64)> = want.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect();
     wait_for(
         &format!("{table} with columns {want:?} in {}", db.display()),
@@ -65,7 +65,7 @@ async fn wait_columns(db: &Path, table: &str, want: &[(&str, i64)]) {
 }
 
 /// The partial snapshots loaded since `from`: their tables, and bytes.
-fn refetched(loads: &Loads, from: usize) -> (Vec<String>, u64) {
+pub(super) fn refetched(loads: &Loads, from: usize) -> (Vec<String>, u64) {
     let loads = loads.lock().unwrap();
     let mut tables = Vec::new();
     let mut bytes = 0;
