@@ -2,6 +2,7 @@
 //! and status; client parts reaching connected and offline replicas,
 //! reported, retried and rolled back; `upgrade_required`.
 
+mod bytes;
 mod cli;
 mod clients;
 mod defaults;
