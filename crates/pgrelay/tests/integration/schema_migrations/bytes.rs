@@ -3,8 +3,7 @@
 //! database. Each change is made on a fresh database of two tables (the
 //! changed one, 1,000 rows, and an untouched one, 2,000 rows); only the
 //! changed table may come again. Prints the table BENCHMARKS.md shows
-//! (`cargo test --release -p pgrelay --test integration -- --nocapture
-//! schema_change_bytes`).
+//! (`cargo test --workspace --release -- --nocapture schema_change_bytes`).
 
 use std::time::Duration;
 
