@@ -77,7 +77,8 @@ test("dropped, renamed and re-keyed columns and tables reach live and offline pa
   await db.sql("ALTER TABLE keyed DROP CONSTRAINT keyed_pkey, ADD PRIMARY KEY (org, id)");
   await db.sql("ALTER TABLE old_name RENAME TO new_name");
   await db.sql("DROP TABLE doomed");
-  await db.sql("UPDATE todos SET label = 'changed' WHERE id = 1; UPDATE keyed SET v = 'changed' WHERE id = 1");
+  await db.sql("UPDATE todos SET label = 'changed' WHERE id = 1");
+  await db.sql("UPDATE keyed SET v = 'changed' WHERE id = 1");
   await waitFor("the live page reshaped", () => reshaped(live), 60_000, 200);
   await waitFor("the live page's rows", async () => (await sameRows(live, "todos", "id, label")) && (await sameRows(live, "keyed", "org, id, v")) && (await sameRows(live, "new_name", "id, v")), 30_000, 200);
   const liveFetched = await refetched(live, liveBefore);

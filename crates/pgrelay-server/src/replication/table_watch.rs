@@ -49,7 +49,9 @@ async fn check(
 ) -> Result<(), ServerError> {
     let known = hub.schemas();
     let publication = config.publication();
-    let members = unpublished::members(db, &publication).await?;
+    let Some(members) = unpublished::members(db, &publication).await? else {
+        return Ok(());
+    };
     unpublished::announce_left(db, &known, &members, &publication, hub).await?;
     if !matches!(config.tables, TableFilter::AllPublic) {
         // An explicit list names every table up front: only a listed table

@@ -25,11 +25,20 @@ pub(crate) fn left(table: &TableSchema) -> bool {
         .is_some_and(|why| why.starts_with(LEFT))
 }
 
-/// The tables the publication holds, as `schema.table`.
+/// The tables the publication holds, as `schema.table`; `None` while it
+/// does not exist (being made again), when nothing is to be concluded.
 pub(crate) async fn members(
     db: &tokio_postgres::Client,
     publication: &str,
-) -> Result<HashSet<String>, ServerError> {
+) -> Result<Option<HashSet<String>>, ServerError> {
+    let exists = db
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(ServerError::sql("looking up the publication"))?
+        .is_some();
+    if !exists {
+        return Ok(None);
+    }
     let rows = db
         .query(
             "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
@@ -37,7 +46,7 @@ pub(crate) async fn members(
         )
         .await
         .map_err(ServerError::sql("listing the publication's tables"))?;
-    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    Ok(Some(rows.iter().map(|r| r.get::<_, String>(0)).collect()))
 }
 
 /// Announces each synced table missing from the publication as not synced
