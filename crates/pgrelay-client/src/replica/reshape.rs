@@ -174,11 +174,7 @@ mod tests {
     fn a_rename_is_told_from_a_drop_by_the_column_number() {
         let known = HashMap::from([(
             "public.todos".to_owned(),
-            table(
-                "public.todos",
-                7,
-                &[("id", 1), ("title", 2), ("note", 3)],
-            ),
+            table("public.todos", 7, &[("id", 1), ("title", 2), ("note", 3)]),
         )]);
         let now = table("public.tasks", 7, &[("id", 1), ("label", 2), ("extra", 4)]);
         let reshape = compare(&known, &now);
@@ -196,11 +192,7 @@ mod tests {
         };
         let mut new = json!({"id": 2, "title": "edit", "note": "n"});
         let mut old = json!({"id": 2, "title": "t", "note": "n"});
-        reshape_rows(
-            &reshape,
-            new.as_object_mut(),
-            old.as_object_mut(),
-        );
+        reshape_rows(&reshape, new.as_object_mut(), old.as_object_mut());
         assert_eq!(new, json!({"id": 2, "label": "edit"}));
         assert_eq!(old, json!({"id": 2, "label": "t"}));
         // A write that set the dropped column keeps it (the server refuses it).

@@ -9,8 +9,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, outbox, repair, reshape, schema, snapshot, Applied, Command, Executed,
-    Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
+    apply, capture, holdable, outbox, repair, reshape, schema, snapshot, Applied, Command,
+    Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
 };
 use crate::ClientError;
 

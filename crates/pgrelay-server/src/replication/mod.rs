@@ -15,9 +15,9 @@ mod slot;
 mod source;
 pub(crate) mod status;
 pub(crate) mod table_watch;
-pub(crate) mod unpublished;
 #[cfg(test)]
 mod tests;
+pub(crate) mod unpublished;
 mod writer;
 
 pub use error::ReplicationError;

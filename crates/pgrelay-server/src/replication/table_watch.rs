@@ -87,8 +87,7 @@ async fn check(
                         || k.primary_key != table.primary_key) =>
             {
                 table.backfilled =
-                    crate::replication::backfilled_columns(db, &table.name, Some(k))
-                        .await?;
+                    crate::replication::backfilled_columns(db, &table.name, Some(k)).await?;
                 history::record_schema(db, &mut table).await?;
                 tracing::info!(table = %table.name, version = table.version, "table columns changed");
                 let frame = hub.set_schema(table, hub.head());

@@ -32,7 +32,10 @@ pub(crate) async fn members(
     publication: &str,
 ) -> Result<Option<HashSet<String>>, ServerError> {
     let exists = db
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await
         .map_err(ServerError::sql("looking up the publication"))?
         .is_some();

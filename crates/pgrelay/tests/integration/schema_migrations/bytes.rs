@@ -114,9 +114,7 @@ async fn measure(change: &Change) -> (u64, u64, u64) {
     let full: u64 = live_loads.lock().unwrap().iter().map(|l| l.2).sum();
     late.stop().await;
     let from = live_loads.lock().unwrap().len();
-    world
-        .exec(&change.sql.replace("{pub}", &publication))
-        .await;
+    world.exec(&change.sql.replace("{pub}", &publication)).await;
     let live_bytes = settle(&world, "live", &live_loads, from, change).await;
     let (late, late_loads) = start_watched(&world, addr, "late").await;
     let late_bytes = settle(&world, "late", &late_loads, 0, change).await;
@@ -135,7 +133,11 @@ async fn schema_change_bytes() {
     ];
     for change in CHANGES {
         let (live, late, full) = measure(change).await;
-        assert!(live * 2 < full && late * 2 < full, "{}: {live}, {late} of {full}", change.what);
+        assert!(
+            live * 2 < full && late * 2 < full,
+            "{}: {live}, {late} of {full}",
+            change.what
+        );
         lines.push(format!(
             "| `{}` | {live} B | {late} B | {full} B |",
             change.what

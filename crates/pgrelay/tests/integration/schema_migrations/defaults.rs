@@ -59,7 +59,13 @@ async fn a_new_columns_default_reaches_live_and_late_replicas_refetching_only_th
     wait_columns(
         &live_db,
         "todos",
-        &[("id", 1), ("title", 0), ("prio", 0), ("tag", 0), ("plain", 0)],
+        &[
+            ("id", 1),
+            ("title", 0),
+            ("prio", 0),
+            ("tag", 0),
+            ("plain", 0),
+        ],
     )
     .await;
     world.wait_equal(&live_db, Duration::from_secs(30)).await;
@@ -69,7 +75,13 @@ async fn a_new_columns_default_reaches_live_and_late_replicas_refetching_only_th
     wait_columns(
         &late_db,
         "todos",
-        &[("id", 1), ("title", 0), ("prio", 0), ("tag", 0), ("plain", 0)],
+        &[
+            ("id", 1),
+            ("title", 0),
+            ("prio", 0),
+            ("tag", 0),
+            ("plain", 0),
+        ],
     )
     .await;
     world.wait_equal(&late_db, Duration::from_secs(30)).await;

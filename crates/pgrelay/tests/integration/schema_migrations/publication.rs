@@ -37,7 +37,9 @@ async fn leaves_and_comes_back(explicit: bool) {
     late.stop().await;
 
     world
-        .exec(&format!("ALTER PUBLICATION {publication} DROP TABLE leaving"))
+        .exec(&format!(
+            "ALTER PUBLICATION {publication} DROP TABLE leaving"
+        ))
         .await;
     wait_columns(&live_db, "leaving", &[]).await;
     // It stays out (the watch does not put it back), and the rest syncs.
@@ -59,10 +61,14 @@ async fn leaves_and_comes_back(explicit: bool) {
     // Put back: fetched alone.
     let before = live_loads.lock().unwrap().len();
     world
-        .exec(&format!("ALTER PUBLICATION {publication} ADD TABLE leaving"))
+        .exec(&format!(
+            "ALTER PUBLICATION {publication} ADD TABLE leaving"
+        ))
         .await;
     wait_columns(&live_db, "leaving", &[("id", 1), ("v", 0)]).await;
-    world.exec("UPDATE leaving SET v = 'back' WHERE id = 1").await;
+    world
+        .exec("UPDATE leaving SET v = 'back' WHERE id = 1")
+        .await;
     world.wait_equal(&live_db, Duration::from_secs(30)).await;
     let (tables, _) = refetched(&live_loads, before);
     assert_eq!(tables, vec!["public.leaving".to_owned()]);

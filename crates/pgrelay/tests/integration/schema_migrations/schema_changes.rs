@@ -156,7 +156,11 @@ async fn dropped_and_renamed_columns_reach_live_and_late_replicas_refetching_onl
             .await,
         1
     );
-    let rejected = report.entries.iter().find(|e| e.status == "rejected").unwrap();
+    let rejected = report
+        .entries
+        .iter()
+        .find(|e| e.status == "rejected")
+        .unwrap();
     let reason = rejected.error.clone().unwrap_or_default();
     assert!(reason.contains("note"), "{reason}");
     world.wait_equal(&late_db, Duration::from_secs(30)).await;
@@ -251,7 +255,11 @@ async fn a_new_key_and_renamed_and_dropped_tables_reach_live_and_late_replicas()
             .await,
         1
     );
-    let rejected = report.entries.iter().find(|e| e.status == "rejected").unwrap();
+    let rejected = report
+        .entries
+        .iter()
+        .find(|e| e.status == "rejected")
+        .unwrap();
     assert_eq!(rejected.table, "public.doomed");
     let reason = rejected.error.clone().unwrap_or_default();
     assert!(reason.contains("no longer exists"), "{reason}");
