@@ -29,7 +29,8 @@ const CHANGES: &[Change] = &[
         what: "RENAME COLUMN",
         sql: "ALTER TABLE todos RENAME COLUMN title TO label",
         table: "todos",
-        columns: &[("id", 1), ("label", 0), ("note", 0)],
+        // The old name is dropped, the new one added last.
+        columns: &[("id", 1), ("note", 0), ("label", 0)],
     },
     Change {
         what: "ADD COLUMN ... NOT NULL DEFAULT",
