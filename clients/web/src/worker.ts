@@ -35,6 +35,8 @@ function post(message: WorkerMessage): void {
 }
 
 function emit(event: SyncEvent): void {
+  // While the IndexedDB image cannot be saved, the status says so.
+  if (event.type === "status" && unsaved && !event.status.lastError) event = { type: "status", status: { ...event.status, lastError: unsaved } };
   post({ kind: "event", event });
 }
 
@@ -302,18 +304,46 @@ async function persist(): Promise<void> {
   } catch (e) {
     dirty = true;
     const full = (e as Error).name === "QuotaExceededError";
-    throw new StorageError(full ? "storage_full" : "storage_write_failed", `saving the replica to IndexedDB failed: ${(e as Error).message}`);
+    throw new StorageError(
+      full ? "storage_full" : "storage_write_failed",
+      full
+        ? `the browser's storage quota for this site is used up: the replica could not be saved to IndexedDB (the saved copy keeps its last complete transaction; syncing goes on in memory and saving resumes when space is freed): ${(e as Error).message}`
+        : `saving the replica to IndexedDB failed: ${(e as Error).message}`,
+    );
   }
 }
 
-/** Replica work one at a time; with IndexedDB, what it committed is saved before the gate opens. */
+/**
+ * Replica work one at a time; with IndexedDB, what it committed is saved
+ * before the gate opens. When saving fails (the quota is used up), the work
+ * still counts: it committed in the replica (a local write is queued for
+ * the server), syncing goes on in memory, the saved image keeps its last
+ * complete state, and an error event and the status's `lastError` say so
+ * until a save succeeds again.
+ */
 function gated<T>(work: () => T | Promise<T>): Promise<T> {
   return gate.run(async () => {
     const value = await work();
-    await persist();
+    try {
+      await persist();
+      if (unsaved) {
+        unsaved = null;
+        if (sync) emit({ type: "status", status: { ...sync.status } });
+      }
+    } catch (e) {
+      if (!(e instanceof StorageError)) throw e;
+      if (!unsaved) {
+        unsaved = { code: e.code, message: e.message };
+        emit({ type: "error", code: e.code, message: e.message });
+        if (sync) emit({ type: "status", status: { ...sync.status } });
+      }
+    }
     return value;
   });
 }
+
+/** Why the IndexedDB image is behind the replica, while it is. */
+let unsaved: { code: string; message: string } | null = null;
 
 class StorageError extends Error {
   override name = "StorageError";
@@ -359,6 +389,8 @@ async function open(options: OpenOptions): Promise<{ storage: Storage; clientId:
  * missing. SQLite rolled the transaction back; the next connection retries.
  */
 async function explainStorageFailure(error: Error): Promise<{ code: string; message: string } | undefined> {
+  // Saving the IndexedDB image failed: the error already says why.
+  if (error instanceof StorageError) return { code: error.code, message: error.message };
   if (!/SQLITE_(IOERR|FULL)/.test(error.message) || storage !== "opfs") return undefined;
   if (await hasRoom()) return undefined;
   return {
