@@ -54,7 +54,8 @@ interface EventMap {
   status: SyncStatus;
   rejected: Rejection;
   error: { code: string; message: string };
-  hydrated: { rows: number; bytes: number; elapsedMs: number; refetched: string[] };
+  /** A snapshot loaded: whole (`full`) or of `tables` alone (a schema change, a new table). */
+  hydrated: { rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] };
   changed: { tables: string[]; commitTimesUs: number[]; appliedAtMs: number };
 }
 
@@ -248,7 +249,7 @@ export class PgRelay {
         this.emit("error", { code: event.code, message: event.message });
         return;
       case "hydrated":
-        this.emit("hydrated", { rows: event.rows, bytes: event.bytes, elapsedMs: event.elapsedMs, refetched: event.refetched });
+        this.emit("hydrated", { rows: event.rows, bytes: event.bytes, elapsedMs: event.elapsedMs, refetched: event.refetched, full: event.full, tables: event.tables });
         return;
     }
   }

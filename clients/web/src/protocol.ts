@@ -17,6 +17,8 @@ export interface Column {
   pg_type: string;
   type_oid: number;
   kind: ValueKind;
+  /** PostgreSQL's number for the column (kept across RENAME COLUMN). */
+  attnum?: number;
 }
 
 export interface TableSchema {
@@ -26,6 +28,8 @@ export interface TableSchema {
   version: number;
   skipped?: string;
   backfilled?: string[];
+  /** The table's OID in PostgreSQL (kept across RENAME TABLE). */
+  oid?: number;
 }
 
 export type Op = "insert" | "update" | "delete" | "truncate";

@@ -36,7 +36,7 @@ export type SyncEvent =
   | { type: "changed"; tables: string[]; commitTimesUs: number[]; appliedAtMs: number }
   | { type: "rejected"; txId: string; code: string | null; reason: string }
   | { type: "error"; code: string; message: string }
-  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[] }
+  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] }
   | MigrationEvent;
 
 export interface SyncHost {

@@ -45,7 +45,7 @@ ORDER BY 2";
 
 const COLUMNS_SQL: &str = "
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid,
-       CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END::oid
+       CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END::oid, a.attnum
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 ORDER BY a.attnum";
@@ -108,6 +108,7 @@ async fn read_table(
                 pg_type: r.get(1),
                 type_oid: r.get(2),
                 kind: ValueKind::from_type_oid(base_oid),
+                attnum: Some(r.get(4)),
             }
         })
         .collect();
@@ -139,6 +140,7 @@ async fn read_table(
         version: 1,
         skipped,
         backfilled: Vec::new(),
+        oid: Some(oid),
     })
 }
 

@@ -61,6 +61,11 @@ pub struct Column {
     pub pg_type: String,
     pub type_oid: u32,
     pub kind: ValueKind,
+    /// PostgreSQL's number for the column in its table (`attnum`), which a
+    /// RENAME COLUMN keeps: a replica tells a renamed column from a dropped
+    /// one and a new one by it. `None` from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attnum: Option<i16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +87,10 @@ pub struct TableSchema {
     /// since PostgreSQL does not stream those values.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backfilled: Vec<String>,
+    /// The table's OID in PostgreSQL, which a RENAME TABLE keeps: a replica
+    /// finds a renamed table's old name by it. `None` from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oid: Option<u32>,
 }
 
 impl TableSchema {

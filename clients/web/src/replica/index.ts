@@ -14,6 +14,7 @@ import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId
 const BULK_CHANGES = 200;
 import { Conn, quote, type Params, type ResultRow } from "./conn.js";
 import * as outbox from "./outbox.js";
+import { mapOutbox } from "./reshape.js";
 import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
 import * as snapshot from "./snapshot.js";
 import { ensureMigrationsTable, runMigration, schemaVersion } from "./migrations.js";
@@ -105,6 +106,13 @@ export class Replica {
     this.conn.tx(() => {
       for (const incoming of tables) {
         const known = this.tables.get(incoming.name);
+        // Local writes made against a renamed table or column follow it.
+        mapOutbox(this.conn, this.tables, incoming);
+        // Synced before, not now (dropped, renamed, out of the
+        // publication): its rows would go stale.
+        if (incoming.skipped && known && !known.skipped) {
+          this.conn.execBatch(`DROP TABLE IF EXISTS ${quote(sqliteName(incoming.name))}`);
+        }
         const reason = incoming.skipped ? null : cannotHold(incoming, all.values());
         const table = reason === null ? incoming : { ...incoming, skipped: `the replica cannot hold it: ${reason}` };
         if (reason !== null) {
@@ -118,8 +126,8 @@ export class Replica {
             (!!known.skipped ||
               (table.backfilled ?? []).some((c) => !known.columns.some((k) => k.name === c)) ||
               table.columns.some((c) => known.columns.some((k) => k.name === c.name && (k.type_oid !== c.type_oid || k.pg_type !== c.pg_type))));
-        if (retyped && positioned) needed.push(table.name);
-        applyTable(this.conn, table);
+        const rebuilt = applyTable(this.conn, table);
+        if ((retyped || rebuilt) && positioned) needed.push(table.name);
       }
     });
     this.tables = loadTables(this.conn);

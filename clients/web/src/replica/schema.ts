@@ -3,7 +3,7 @@
 
 import type { TableSchema, ValueKind } from "../protocol.js";
 import { sqliteName } from "../protocol.js";
-import { createTriggers } from "./capture.js";
+import { createTriggers, dropTriggers } from "./capture.js";
 import { Conn, quote } from "./conn.js";
 
 const META_SQL = `
@@ -54,24 +54,45 @@ export function loadTables(conn: Conn): Map<string, TableSchema> {
 }
 
 /**
- * Creates a synced table that does not exist yet and adds columns the
- * server added; a column whose storage changed rebuilds the table (its
- * rows come again from a snapshot). Runs inside the caller's transaction.
+ * Creates a synced table that does not exist yet, adds columns the server
+ * added and drops those it dropped (or renamed); a column whose storage
+ * changed, a new primary key, or a column SQLite cannot drop in place
+ * rebuilds the table empty. Runs inside the caller's transaction. Returns
+ * whether it was rebuilt (its rows must come again from a snapshot).
  */
-export function applyTable(conn: Conn, table: TableSchema): void {
+export function applyTable(conn: Conn, table: TableSchema): boolean {
   conn.run(
     "INSERT INTO _pgrelay_tables (name, schema) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET schema = excluded.schema",
     [table.name, JSON.stringify(table)],
   );
-  if (table.skipped) return;
+  if (table.skipped) return false;
   const name = sqliteName(table.name);
   let existing = conn
-    .query("SELECT name, type FROM pragma_table_info(?1)", [name])
-    .map((r) => ({ name: String(r.name), type: String(r.type) }));
-  const retyped = table.columns.some((c) =>
+    .query("SELECT name, type, pk FROM pragma_table_info(?1)", [name])
+    .map((r) => ({ name: String(r.name), type: String(r.type), pk: Number(r.pk) }));
+  let rebuilt = table.columns.some((c) =>
     existing.some((e) => e.name === c.name && e.type.toUpperCase() !== sqliteType(c.kind)),
   );
-  if (retyped) {
+  // A new primary key: SQLite cannot change one in place.
+  const key = existing.filter((e) => e.pk > 0).sort((a, b) => a.pk - b.pk).map((e) => e.name);
+  if (existing.length > 0 && key.join("\u0000") !== table.primary_key.join("\u0000")) rebuilt = true;
+  if (!rebuilt && existing.length > 0) {
+    // Dropped columns (or the old names of renamed ones) go in place; the
+    // capture triggers name every column and are made again below.
+    const gone = existing.filter((e) => !table.columns.some((c) => c.name === e.name));
+    if (gone.length > 0) dropTriggers(conn, table);
+    for (const column of gone) {
+      try {
+        conn.execBatch(`ALTER TABLE ${quote(name)} DROP COLUMN ${quote(column.name)}`);
+      } catch {
+        // Part of an index a client migration made: rebuilt instead.
+        rebuilt = true;
+        break;
+      }
+    }
+    if (!rebuilt) existing = existing.filter((e) => !gone.includes(e));
+  }
+  if (rebuilt) {
     conn.execBatch(`DROP TABLE ${quote(name)}`);
     existing = [];
   }
@@ -87,4 +108,5 @@ export function applyTable(conn: Conn, table: TableSchema): void {
   }
   createTriggers(conn, table);
   conn.forget();
+  return rebuilt;
 }

@@ -171,12 +171,14 @@ mod tests {
                     } else {
                         ValueKind::Text
                     },
+                    attnum: None,
                 })
                 .collect(),
             primary_key: vec!["c0".into()],
             version: 1,
             skipped: None,
             backfilled: Vec::new(),
+            oid: None,
         }
     }
 

@@ -11,6 +11,7 @@ mod holdable;
 mod migrations;
 mod outbox;
 mod repair;
+mod reshape;
 mod schema;
 mod snapshot;
 mod worker;

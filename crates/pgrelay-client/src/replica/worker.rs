@@ -9,8 +9,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, outbox, repair, schema, snapshot, Applied, Command, Executed,
-    Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
+    apply, capture, holdable, outbox, repair, reshape, schema, snapshot, Applied, Command,
+    Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
 };
 use crate::ClientError;
 
@@ -217,6 +217,8 @@ impl Worker {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for incoming in tables {
+            // Local writes made against a renamed table or column follow it.
+            reshape::map_outbox(&tx, &self.tables, incoming)?;
             // Synced before, not now (dropped or renamed in PostgreSQL):
             // its rows would go stale.
             if incoming.skipped.is_some()

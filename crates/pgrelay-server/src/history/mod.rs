@@ -125,6 +125,14 @@ pub(crate) async fn record_schema(
         Some(row) => {
             let version: i32 = row.get(0);
             let Json(old): Json<TableSchema> = row.get(1);
+            // Columns PostgreSQL filled in without streaming stay listed
+            // (a restart rediscovers the table without them), so a replica
+            // that lacks one still fetches the table again.
+            for column in old.backfilled {
+                if table.column(&column).is_some() && !table.backfilled.contains(&column) {
+                    table.backfilled.push(column);
+                }
+            }
             let same = old.columns == table.columns
                 && old.primary_key == table.primary_key
                 && old.skipped == table.skipped;

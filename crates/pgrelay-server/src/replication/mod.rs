@@ -17,6 +17,7 @@ pub(crate) mod status;
 pub(crate) mod table_watch;
 #[cfg(test)]
 mod tests;
+pub(crate) mod unpublished;
 mod writer;
 
 pub use error::ReplicationError;

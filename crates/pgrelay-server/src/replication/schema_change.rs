@@ -51,12 +51,13 @@ pub(crate) async fn apply(
                 pg_type: pgrelay_pg::format_type(db, col.type_oid, col.type_modifier).await?,
                 type_oid: col.type_oid,
                 kind: ValueKind::from_type_oid(col.type_oid),
+                attnum: None,
             },
         };
         columns.push(column);
     }
     table.columns = columns;
-    table.backfilled = backfilled_columns(db, &name, current.map(|t| &t.columns[..])).await?;
+    table.backfilled = backfilled_columns(db, &name, current).await?;
     history::record_schema(db, &mut table).await?;
     tracing::info!(table = %name, version = table.version, "table schema changed");
     Ok(Some(hub.set_schema(table, before)))
@@ -66,15 +67,20 @@ pub(crate) async fn apply(
 /// those with a default (stored, or a rewrite) or NOT NULL, and any other
 /// that already holds a value (a renamed column: its old name is dropped
 /// in the replica and the table fetched again). A column added without
-/// either is NULL in every existing row, as in the replica.
+/// either is NULL in every existing row, as in the replica. The list
+/// keeps those of earlier versions still there, so a replica that comes
+/// back after several changes still sees every column it lacks whose
+/// values PostgreSQL filled in without streaming them.
 pub(crate) async fn backfilled_columns(
     db: &tokio_postgres::Client,
     table: &str,
-    before: Option<&[Column]>,
+    before: Option<&pgrelay_protocol::TableSchema>,
 ) -> Result<Vec<String>, ServerError> {
     let Some(before) = before else {
         return Ok(Vec::new());
     };
+    let earlier = &before.backfilled;
+    let before = &before.columns[..];
     let rows = db
         .query(
             "SELECT attname::text FROM pg_attribute
@@ -87,7 +93,7 @@ pub(crate) async fn backfilled_columns(
     let mut filled: Vec<String> = rows
         .iter()
         .map(|r| r.get::<_, String>(0))
-        .filter(|name| before.iter().all(|c| c.name != *name))
+        .filter(|name| before.iter().all(|c| c.name != *name) || earlier.contains(name))
         .collect();
     let others = db
         .query(
@@ -98,7 +104,13 @@ pub(crate) async fn backfilled_columns(
         .await
         .map_err(ServerError::sql(format!("reading the columns of {table}")))?;
     for name in others.iter().map(|r| r.get::<_, String>(0)) {
-        if before.iter().any(|c| c.name == name) || filled.contains(&name) {
+        if filled.contains(&name) {
+            continue;
+        }
+        if before.iter().any(|c| c.name == name) {
+            if earlier.contains(&name) {
+                filled.push(name);
+            }
             continue;
         }
         // Stops at the first value: a column just added has none.

@@ -5,7 +5,8 @@
 //! key (or REPLICA IDENTITY FULL) is added to the publication and announced
 //! to sessions; clients then fetch its existing rows with a snapshot of
 //! that table alone. PostgreSQL does not decode DDL, so the catalog is
-//! polled.
+//! polled. A synced table that leaves the publication (under either
+//! filter) is announced as no longer synced (see [`unpublished`]).
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use pgrelay_pg::{Pool, TableFilter};
 use tokio::sync::watch;
 
 use crate::hub::Hub;
+use crate::replication::unpublished;
 use crate::{history, ServerConfig, ServerError};
 
 pub(crate) async fn run(
@@ -21,11 +23,6 @@ pub(crate) async fn run(
     hub: Arc<Hub>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
-    if !matches!(config.tables, TableFilter::AllPublic) {
-        // An explicit list names every table up front.
-        let _ = shutdown.wait_for(|stop| *stop).await;
-        return Ok(());
-    }
     loop {
         tokio::select! {
             biased;
@@ -51,6 +48,23 @@ async fn check(
     hub: &Hub,
 ) -> Result<(), ServerError> {
     let known = hub.schemas();
+    let publication = config.publication();
+    let Some(members) = unpublished::members(db, &publication).await? else {
+        return Ok(());
+    };
+    unpublished::announce_left(db, &known, &members, &publication, hub).await?;
+    if !matches!(config.tables, TableFilter::AllPublic) {
+        // An explicit list names every table up front: only a listed table
+        // put back into the publication comes again.
+        for mut table in unpublished::returned(db, &known, &members).await? {
+            history::record_schema(db, &mut table).await?;
+            tracing::info!(table = %table.name, "table back in the publication");
+            let frame = hub.set_schema(table, hub.head());
+            hub.publish(vec![frame]);
+        }
+        return Ok(());
+    }
+    let known = hub.schemas();
     let found = pgrelay_pg::discover_tables(db, &config.tables).await?;
     let found_names: std::collections::HashSet<String> =
         found.iter().map(|t| t.name.clone()).collect();
@@ -58,6 +72,13 @@ async fn check(
     for mut table in found {
         match known.get(&table.name) {
             None => new.push(table),
+            // Out of the publication by someone's choice: back only when
+            // put back into it.
+            Some(k) if unpublished::left(k) => {
+                if members.contains(&table.name) && table.skipped.is_none() {
+                    new.push(table);
+                }
+            }
             // A table that gained a key (or REPLICA IDENTITY FULL).
             Some(k) if k.skipped.is_some() && table.skipped.is_none() => new.push(table),
             Some(k)
@@ -66,8 +87,7 @@ async fn check(
                         || k.primary_key != table.primary_key) =>
             {
                 table.backfilled =
-                    crate::replication::backfilled_columns(db, &table.name, Some(&k.columns))
-                        .await?;
+                    crate::replication::backfilled_columns(db, &table.name, Some(k)).await?;
                 history::record_schema(db, &mut table).await?;
                 tracing::info!(table = %table.name, version = table.version, "table columns changed");
                 let frame = hub.set_schema(table, hub.head());

@@ -41,7 +41,14 @@ pub(crate) fn plan(
     version: Option<&str>,
     change: &ClientChange,
 ) -> Result<Option<Planned>, Invalid> {
-    if table.skipped.is_some() || table.primary_key.is_empty() {
+    if let Some(why) = &table.skipped {
+        // A dropped or renamed table says so, rather than "no key".
+        return Err(invalid(
+            RejectCode::UnknownTable,
+            format!("{} cannot be written through pgrelay: {why}", table.name),
+        ));
+    }
+    if table.primary_key.is_empty() {
         return Err(invalid(
             RejectCode::UnknownTable,
             format!(
@@ -279,6 +286,7 @@ mod tests {
             pg_type: pg_type.into(),
             type_oid: 0,
             kind: ValueKind::Text,
+            attnum: None,
         };
         TableSchema {
             name: "public.todos".into(),
@@ -291,6 +299,7 @@ mod tests {
             version: 1,
             skipped: None,
             backfilled: Vec::new(),
+            oid: None,
         }
     }
 

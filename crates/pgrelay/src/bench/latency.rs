@@ -58,7 +58,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         "--clients, --rate and --nodes must be positive"
     );
     if args.light {
-        return super::light::latency(args).await;
+        return Box::pin(super::light::latency(args)).await;
     }
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
     // Stage timestamps of the in-process servers, for the breakdown.

@@ -124,7 +124,7 @@ pub(crate) async fn latency(args: LatencyArgs) -> anyhow::Result<Report> {
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
     let (rate, duration) = (args.rate, args.duration);
     let url = env.url().to_owned();
-    let m = measure(
+    let m = Box::pin(measure(
         &env,
         "bench_light",
         TABLE,
@@ -135,7 +135,7 @@ pub(crate) async fn latency(args: LatencyArgs) -> anyhow::Result<Report> {
             let written = write_at_rate(&url, rate, duration, || 0).await?;
             Ok((written, written))
         },
-    )
+    ))
     .await?;
     let (totals, secs, write_secs) = (&m.totals, m.secs, m.write_secs);
     let written = m.written.0;

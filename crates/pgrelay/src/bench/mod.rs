@@ -79,7 +79,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     let (common, report) = match command {
         BenchCommand::Reader(args) => return reader::run(args).await,
         BenchCommand::Capture(args) => (args.common.clone(), capture::run(args).await?),
-        BenchCommand::Latency(args) => (args.common.clone(), latency::run(args).await?),
+        BenchCommand::Latency(args) => (args.common.clone(), Box::pin(latency::run(args)).await?),
         BenchCommand::Fanout(args) => (args.common.clone(), fanout::run(args).await?),
         BenchCommand::Idle(args) => (args.common.clone(), idle::run(args).await?),
         BenchCommand::Writes(args) => (args.common.clone(), writes::run(args).await?),

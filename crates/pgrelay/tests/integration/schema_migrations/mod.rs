@@ -2,8 +2,11 @@
 //! and status; client parts reaching connected and offline replicas,
 //! reported, retried and rolled back; `upgrade_required`.
 
+mod bytes;
 mod cli;
 mod clients;
+mod defaults;
+mod publication;
 mod schema_changes;
 mod upgrade;
 

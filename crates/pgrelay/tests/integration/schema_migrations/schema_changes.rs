@@ -13,9 +13,9 @@ use pgrelay_client::Event;
 use crate::support::{open_client, run_client, wait_for, RunningClient, World};
 
 /// The snapshots a client loaded: (full, tables, bytes).
-type Loads = Arc<Mutex<Vec<(bool, Vec<String>, u64)>>>;
+pub(super) type Loads = Arc<Mutex<Vec<(bool, Vec<String>, u64)>>>;
 
-async fn start_watched(
+pub(super) async fn start_watched(
     world: &World,
     addr: std::net::SocketAddr,
     name: &str,
@@ -40,7 +40,7 @@ async fn start_watched(
     (run_client(client), loads)
 }
 
-fn columns(db: &Path, table: &str) -> Vec<(String, i64)> {
+pub(super) fn columns(db: &Path, table: &str) -> Vec<(String, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     let mut stmt = conn
@@ -54,7 +54,7 @@ fn columns(db: &Path, table: &str) -> Vec<(String, i64)> {
     columns
 }
 
-async fn wait_columns(db: &Path, table: &str, want: &[(&str, i64)]) {
+pub(super) async fn wait_columns(db: &Path, table: &str, want: &[(&str, i64)]) {
     let want: Vec<(String, i64)> = want.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect();
     wait_for(
         &format!("{table} with columns {want:?} in {}", db.display()),
@@ -65,7 +65,7 @@ async fn wait_columns(db: &Path, table: &str, want: &[(&str, i64)]) {
 }
 
 /// The partial snapshots loaded since `from`: their tables, and bytes.
-fn refetched(loads: &Loads, from: usize) -> (Vec<String>, u64) {
+pub(super) fn refetched(loads: &Loads, from: usize) -> (Vec<String>, u64) {
     let loads = loads.lock().unwrap();
     let mut tables = Vec::new();
     let mut bytes = 0;
@@ -98,11 +98,14 @@ async fn dropped_and_renamed_columns_reach_live_and_late_replicas_refetching_onl
     let whole: u64 = live_loads.lock().unwrap().iter().map(|l| l.2).sum();
     late.stop().await;
     // Offline, the late replica edits a row through the column that will
-    // be renamed: the outbox holds it in the old shape.
+    // be renamed, and another through the one that will be dropped: the
+    // outbox holds both in the old shape.
     {
         let conn = rusqlite::Connection::open(&late_db).unwrap();
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
         conn.execute_batch("UPDATE todos SET title = 'offline edit' WHERE id = 2")
+            .unwrap();
+        conn.execute_batch("UPDATE todos SET note = 'offline note' WHERE id = 3")
             .unwrap();
     }
 
@@ -135,9 +138,10 @@ async fn dropped_and_renamed_columns_reach_live_and_late_replicas_refetching_onl
     world.wait_equal(&late_db, Duration::from_secs(30)).await;
     let (tables, _) = refetched(&late_loads2, 0);
     assert_eq!(tables, vec!["public.todos".to_owned()]);
-    // Its write in the old shape is refused with the reason, not lost.
+    // Its write through the renamed column lands under the new name; the
+    // one through the dropped column is refused with the reason, not lost.
     let report = wait_for(
-        "the old-shape write answered",
+        "the old-shape writes answered",
         Duration::from_secs(30),
         || async {
             let report = late.replica.outbox(None, 10).await.unwrap();
@@ -145,15 +149,21 @@ async fn dropped_and_renamed_columns_reach_live_and_late_replicas_refetching_onl
         },
     )
     .await;
-    assert_eq!(report.rejected, 1, "{report:?}");
-    let reason = report.entries[0].error.clone().unwrap_or_default();
-    assert!(reason.contains("title"), "{reason}");
+    assert_eq!((report.applied, report.rejected), (1, 1), "{report:?}");
     assert_eq!(
         world
-            .count("SELECT count(*) FROM todos WHERE label = 'offline edit'")
+            .count("SELECT count(*) FROM todos WHERE id = 2 AND label = 'offline edit'")
             .await,
-        0
+        1
     );
+    let rejected = report
+        .entries
+        .iter()
+        .find(|e| e.status == "rejected")
+        .unwrap();
+    let reason = rejected.error.clone().unwrap_or_default();
+    assert!(reason.contains("note"), "{reason}");
+    world.wait_equal(&late_db, Duration::from_secs(30)).await;
     drop(late_loads);
     live.stop().await;
     late.stop().await;
@@ -184,6 +194,15 @@ async fn a_new_key_and_renamed_and_dropped_tables_reach_live_and_late_replicas()
     world.wait_equal(&live_db, Duration::from_secs(60)).await;
     world.wait_equal(&late_db, Duration::from_secs(60)).await;
     late.stop().await;
+    // Offline, the late replica writes to the table that will be renamed
+    // and to the one that will be dropped.
+    {
+        let conn = rusqlite::Connection::open(&late_db).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute_batch("UPDATE old_name SET v = 'offline edit' WHERE id = 3")
+            .unwrap();
+        conn.execute_batch("INSERT INTO doomed VALUES (2)").unwrap();
+    }
     let before = live_loads.lock().unwrap().len();
 
     // A new primary key: the table is rebuilt with it and fetched alone.
@@ -218,6 +237,33 @@ async fn a_new_key_and_renamed_and_dropped_tables_reach_live_and_late_replicas()
     world.wait_equal(&late_db, Duration::from_secs(30)).await;
     let (tables, _) = refetched(&late_loads, 0);
     assert!(!tables.contains(&"public.big".to_owned()), "{tables:?}");
+    // The write to the renamed table lands under its new name; the one to
+    // the dropped table is refused with the reason.
+    let report = wait_for(
+        "the offline writes answered",
+        Duration::from_secs(30),
+        || async {
+            let report = late.replica.outbox(None, 10).await.unwrap();
+            (report.unsent() == 0).then_some(report)
+        },
+    )
+    .await;
+    assert_eq!((report.applied, report.rejected), (1, 1), "{report:?}");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM new_name WHERE id = 3 AND v = 'offline edit'")
+            .await,
+        1
+    );
+    let rejected = report
+        .entries
+        .iter()
+        .find(|e| e.status == "rejected")
+        .unwrap();
+    assert_eq!(rejected.table, "public.doomed");
+    let reason = rejected.error.clone().unwrap_or_default();
+    assert!(reason.contains("no longer exists"), "{reason}");
+    world.wait_equal(&late_db, Duration::from_secs(30)).await;
     live.stop().await;
     late.stop().await;
     server.shutdown().await.unwrap();
