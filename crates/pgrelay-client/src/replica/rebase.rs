@@ -135,7 +135,12 @@ pub(crate) fn reapply(
     }
     let mut reapplied = 0;
     for entry in captured::in_flight(conn)? {
-        if !touched.contains(&entry.table) {
+        // Tables without a key cannot be written through pgrelay (and a
+        // keyless insert put back would add the row again).
+        let keyed = tables
+            .get(&entry.table)
+            .is_some_and(|t| !t.primary_key.is_empty());
+        if !keyed || !touched.contains(&entry.table) {
             continue;
         }
         let Some(op) = Op::parse(&entry.op) else {
