@@ -170,12 +170,16 @@ try {
         if (ONLY.includes("latency")) {
           await page.evaluate(() => {
             window.seen = new Map();
+            window.appliedAt = [];
+            window.db.on("changed", (c) => {
+              if (c.tables.includes("lat")) for (const _ of c.commitTimesUs) window.appliedAt.push(c.appliedAtMs);
+            });
             window.db.watch("SELECT id FROM lat ORDER BY id DESC LIMIT 50", [], (rows) => {
               const at = performance.timeOrigin + performance.now();
               for (const r of rows) if (!window.seen.has(Number(r.id))) window.seen.set(Number(r.id), at);
             });
           });
-          const p50s = [], p99s = [], maxes = [];
+          const p50s = [], p99s = [], maxes = [], appliedP50s = [], appliedP99s = [];
           for (let run = 0; run < RUNS; run++) {
             const committed = new Map();
             const first = next;
@@ -191,10 +195,23 @@ try {
             const last = next - 1;
             await waitFor("the last row in the page", () => page.evaluate((id) => window.seen.has(id), last), 30_000, 20);
             const seen = new Map(await page.evaluate(() => [...window.seen]));
-            const lat = [];
+            const appliedAt = await page.evaluate(() => window.appliedAt.splice(0));
+            const lat = [], toApplied = [], toWatch = [];
             for (let id = first; id <= last; id++) {
               if (!seen.has(id)) throw new Error(`row ${id} never reached the watch callback`);
               lat.push(seen.get(id) - committed.get(id));
+              const applied = appliedAt[id - first];
+              if (applied !== undefined) {
+                toApplied.push(applied - committed.get(id));
+                toWatch.push(seen.get(id) - applied);
+              }
+            }
+            toApplied.sort((a, b) => a - b);
+            toWatch.sort((a, b) => a - b);
+            if (toApplied.length === lat.length) {
+              appliedP50s.push(percentile(toApplied, 50));
+              appliedP99s.push(percentile(toApplied, 99));
+              console.error(`    stages: commit -> applied in the worker p50 ${percentile(toApplied, 50).toFixed(1)} / p99 ${percentile(toApplied, 99).toFixed(1)} ms; applied -> watch callback p50 ${percentile(toWatch, 50).toFixed(1)} / p99 ${percentile(toWatch, 99).toFixed(1)} ms`);
             }
             lat.sort((a, b) => a - b);
             p50s.push(percentile(lat, 50));
@@ -202,7 +219,7 @@ try {
             maxes.push(lat[lat.length - 1]);
             console.error(`  latency run ${run + 1}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms, max ${lat[lat.length - 1].toFixed(1)} ms`);
           }
-          results.latency = { tx: LATENCY_TX, rate_per_sec: 100, p50_ms: spread(p50s), p99_ms: spread(p99s), max_ms: spread(maxes) };
+          results.latency = { tx: LATENCY_TX, rate_per_sec: 100, p50_ms: spread(p50s), p99_ms: spread(p99s), max_ms: spread(maxes), commit_to_applied_p50_ms: spread(appliedP50s), commit_to_applied_p99_ms: spread(appliedP99s) };
           const a = spread(p50s), b = spread(p99s);
           console.log(`commit -> watch at 100 tx/s (${LATENCY_TX} tx per run): p50 ${a.min.toFixed(1)} / ${a.median.toFixed(1)} / ${a.max.toFixed(1)} ms, p99 ${b.min.toFixed(1)} / ${b.median.toFixed(1)} / ${b.max.toFixed(1)} ms (min / median / max of ${RUNS})`);
         }

@@ -1,5 +1,6 @@
 // Bad conditions the browser can put a replica in: the storage quota runs
-// out (Chromium's quota lowered through the DevTools protocol), OPFS is
+// out on OPFS and on IndexedDB (Chromium's quota lowered through the
+// DevTools protocol), OPFS is
 // missing (the worker's OPFS entry point removed before it starts), and the
 // server is down when the page connects. The OPFS test serves a copy of
 // dist/ from a second origin: with the worker's script routed through
@@ -47,6 +48,43 @@ test("storage quota used up: a storage_full error, the replica stays whole, sync
   assert.equal(await integrity(page), "ok");
   await db.sql("DELETE FROM todos WHERE id > 10000");
   await waitFor("the delete", async () => (await count(page)) === 50);
+  await context.close();
+});
+
+test("IndexedDB quota used up: a storage_full error, the saved replica stays whole, saving resumes when space is back", async () => {
+  const context = await browser.newContext();
+  const page = await openPage(context, pages.origin);
+  const cdp = await context.newCDPSession(page);
+  await page.evaluate((url) => window.open_({ url, name: "idb-quota", storage: "indexeddb", backoffBaseMs: 100, backoffCapMs: 500 }), server.url);
+  assert.equal(await page.evaluate(() => window.db.storage), "indexeddb");
+  await waitFor("caught up", () => page.evaluate(() => window.db.status.caughtUp));
+  assert.equal(await count(page), 50);
+
+  // The quota drops to almost nothing; the server sends ~10 MB the image cannot hold.
+  await cdp.send("Storage.overrideQuotaForOrigin", { origin: pages.origin, quotaSize: 1 });
+  await db.sql(`INSERT INTO todos (id, title) SELECT g, repeat('x', 1000) FROM generate_series(10001, 20000) g`);
+  const status = await waitFor("a storage_full error", async () => {
+    const s = await page.evaluate(() => window.db.status);
+    return s.lastError?.code === "storage_full" ? s : null;
+  });
+  assert.match(status.lastError.message, /IndexedDB/);
+  assert.ok(await page.evaluate(() => window.events.some((e) => e.name === "error" && e.code === "storage_full")), "an error event too");
+  assert.equal(status.connection, "connected", "syncing goes on in memory");
+  // A local write while the quota is used up: made (not an error), and it reaches PostgreSQL.
+  await page.evaluate(() => window.db.execute("INSERT INTO todos (id, title) VALUES (30001, 'while full')"));
+  await waitFor("the local write in PostgreSQL", async () => (await db.sql("SELECT count(*)::int AS n FROM todos WHERE id = 30001")).rows[0].n === 1, 60_000);
+
+  // Space is back: the image is saved with everything.
+  await cdp.send("Storage.overrideQuotaForOrigin", { origin: pages.origin });
+  await waitFor("the big transaction applied", async () => (await count(page)) === 10_051, 60_000);
+  await page.evaluate(() => window.db.execute("INSERT INTO todos (id, title) VALUES (30002, 'after')", [], { waitForServer: true }));
+  await waitFor("the storage error cleared", () => page.evaluate(() => window.db.status.lastError === null));
+  await page.close();
+  const again = await openPage(context, pages.origin);
+  await again.evaluate((url) => window.open_({ url, name: "idb-quota", storage: "indexeddb", offline: true }), server.url);
+  assert.equal(await count(again), 10_052, "the saved image holds every row, the local writes included");
+  assert.equal((await db.sql("SELECT count(*)::int AS n FROM todos WHERE id IN (30001, 30002)")).rows[0].n, 2);
+  await db.sql("DELETE FROM todos WHERE id > 10000");
   await context.close();
 });
 
