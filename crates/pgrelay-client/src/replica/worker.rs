@@ -289,8 +289,8 @@ impl Worker {
         let mut reached = current;
         let mut unknown: Vec<String> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
-        let own_origin = schema::read_meta(&tx, "client_id")?
-            .map(|id| pgrelay_protocol::origin_tag(&id));
+        let own_origin =
+            schema::read_meta(&tx, "client_id")?.map(|id| pgrelay_protocol::origin_tag(&id));
         capture::set_applying(&tx, true)?;
         for server_tx in txs {
             // A transaction at or below the stored position is already here.

@@ -9,9 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use pgrelay_protocol::canonical::canonical_pg_text;
-use pgrelay_protocol::repair::{
-    key_kinds, row_hash, Key, KeyValue, RangeSum, Tally,
-};
+use pgrelay_protocol::repair::{key_kinds, row_hash, Key, KeyValue, RangeSum, Tally};
 use pgrelay_protocol::{Column, TableSchema, ValueKind};
 use proptest::prelude::*;
 use rusqlite::Connection;
@@ -175,7 +173,17 @@ fn repair(conn: &Connection, tables: &HashMap<String, TableSchema>, server: &Row
 
 fn text_value() -> impl Strategy<Value = String> {
     proptest::collection::vec(
-        prop_oneof![Just('a'), Just('B'), Just('z'), Just('ä'), Just('€'), Just(' '), Just('\t'), Just('\\'), Just('0')],
+        prop_oneof![
+            Just('a'),
+            Just('B'),
+            Just('z'),
+            Just('ä'),
+            Just('€'),
+            Just(' '),
+            Just('\t'),
+            Just('\\'),
+            Just('0')
+        ],
         0..4,
     )
     .prop_map(|cs| cs.into_iter().collect())
