@@ -267,7 +267,7 @@ proptest! {
             server.iter().map(|r| canonical(&table, r)).collect();
         held.sort();
         want.sort();
-        prop_assert_eq!(held, want);
+        prop_assert_eq!(&held, &want);
         let sum = want.iter().fold(RangeSum::default(), |mut s, r| {
             s.add(row_hash(r));
             s
