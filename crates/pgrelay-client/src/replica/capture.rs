@@ -45,7 +45,7 @@ const PAIRS_PER_CALL: usize = 40;
 
 pub(crate) fn ensure_tables(conn: &Connection) -> Result<(), ClientError> {
     conn.execute_batch(CAPTURE_SQL)?;
-    Ok(())
+    super::rebase::ensure_table(conn)
 }
 
 /// Sets whether the replica is applying the server's changes (the

@@ -47,6 +47,21 @@ pub(crate) fn unconfirmed(
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
+/// Local writes in flight (see `rebase`), oldest first: unanswered ones
+/// whose echo has not arrived, and applied ones awaiting their echo.
+pub(crate) fn in_flight(conn: &Connection) -> Result<Vec<Captured>, ClientError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS}, seq FROM _pgrelay_outbox o WHERE status IN ('pending', 'sent') \
+           AND NOT EXISTS (SELECT 1 FROM _pgrelay_landing l WHERE l.tx_id = o.tx_id AND l.echoed = 1) \
+         UNION ALL \
+         SELECT {COLUMNS}, seq FROM _pgrelay_outbox WHERE status = 'applied' \
+           AND tx_id IN (SELECT tx_id FROM _pgrelay_landing WHERE echoed = 0) \
+         ORDER BY seq"
+    ))?;
+    let rows = stmt.query_map([], from_row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Every captured change of the client transaction `tx_id`, in order.
 pub(crate) fn of_transaction(conn: &Connection, tx_id: &str) -> Result<Vec<Captured>, ClientError> {
     let mut stmt = conn.prepare_cached(&format!(

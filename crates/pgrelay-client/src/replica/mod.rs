@@ -10,6 +10,7 @@ mod captured;
 mod holdable;
 mod migrations;
 mod outbox;
+mod rebase;
 mod repair;
 mod reshape;
 mod schema;

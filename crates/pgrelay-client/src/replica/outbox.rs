@@ -284,6 +284,7 @@ pub(crate) fn record_results(
     results: &WriteResults,
 ) -> Result<Vec<Outcome>, ClientError> {
     let mut outcomes = Vec::with_capacity(results.results.len());
+    let position = super::schema::read_meta(conn, "lsn")?.and_then(|l| l.parse().ok());
     for result in &results.results {
         let (changes, created_us): (i64, Option<i64>) = conn
             .prepare_cached(
@@ -304,6 +305,7 @@ pub(crate) fn record_results(
              WHERE tx_id = ?1 AND status IN ('pending', 'sent')"
         ))?
         .execute(params![result.id, status, error, bump])?;
+        super::rebase::answered(conn, results, &result.id, result.status, position)?;
         if result.status == WriteStatus::Rejected {
             roll_back(conn, tables, result)?;
         }

@@ -265,3 +265,6 @@ pub(crate) fn finish(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

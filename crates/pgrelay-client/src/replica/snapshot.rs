@@ -213,17 +213,22 @@ pub(crate) fn finish(
     });
     write_json(conn, FILTERS_KEY, &filters)?;
     delete_meta(conn, PENDING_KEY)?;
+    if full {
+        // Answered writes the snapshot holds are in flight no more.
+        super::rebase::passed(conn, resume)?;
+    }
     replay_outbox(conn, tables, names)
 }
 
-/// Re-applies local writes the server has not confirmed to the freshly
-/// loaded tables, oldest first, so the application keeps seeing them.
+/// Re-applies local writes in flight (not answered, or answered but not
+/// yet held by the replica: see `rebase`) to the freshly loaded tables,
+/// oldest first, so the application keeps seeing them.
 fn replay_outbox(
     conn: &Connection,
     tables: &HashMap<String, TableSchema>,
     names: &[String],
 ) -> Result<(), ClientError> {
-    for entry in captured::unconfirmed(conn, None)? {
+    for entry in captured::in_flight(conn)? {
         if !names.contains(&entry.table) {
             continue;
         }

@@ -2,14 +2,14 @@
 //! the async [`Replica`](super::Replica) handle sends, one at a time, each
 //! in its own SQLite transaction where it writes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use pgrelay_protocol::{Lsn, TableSchema, Transaction, WriteResults};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, outbox, repair, reshape, schema, snapshot, Applied, Command,
+    apply, capture, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied, Command,
     Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
 };
 use crate::ClientError;
@@ -290,6 +290,9 @@ impl Worker {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut reached = current;
         let mut unknown: Vec<String> = Vec::new();
+        let mut touched: HashSet<String> = HashSet::new();
+        let own_origin =
+            schema::read_meta(&tx, "client_id")?.map(|id| pgrelay_protocol::origin_tag(&id));
         capture::set_applying(&tx, true)?;
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
@@ -312,9 +315,19 @@ impl Worker {
                 apply::apply_change(&tx, &self.tables, change).map_err(|e| {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
+                if !touched.contains(&change.table) {
+                    touched.insert(change.table.clone());
+                }
+            }
+            if own_origin.is_some() && server_tx.origin == own_origin {
+                rebase::echoed(&tx, server_tx.lsn)?;
             }
             reached = server_tx.lsn;
         }
+        // Local writes still in flight go back on top, in this transaction:
+        // no reader sees another writer's older row replace them.
+        rebase::passed(&tx, reached)?;
+        rebase::reapply(&tx, &self.tables, &touched)?;
         if reached > current {
             schema::write_meta(&tx, "lsn", &reached.to_string())?;
             snapshot::expire(&tx, &mut self.filters, reached)?;

@@ -89,27 +89,35 @@ pub(crate) async fn answer(
     Ok((tally.diff(), full_span.then(|| tally.total())))
 }
 
-/// The rows of the given ranges, as COPY text in streams of at most
-/// [`RANGES_PER_QUERY`] ranges each; `None` ranges mean the whole table.
+/// Ranges whose rows [`replaced_rows`] reads with one COPY.
+pub(crate) fn replaced_batches(
+    ranges: &[(Option<Key>, Option<Key>)],
+) -> std::slice::Chunks<'_, (Option<Key>, Option<Key>)> {
+    ranges.chunks(RANGES_PER_QUERY)
+}
+
+/// The rows of one batch of ranges (see [`replaced_batches`]), as COPY
+/// text; `None` ranges mean the whole table.
+///
+/// One COPY at a time: the caller reads this stream to its end before it
+/// opens the next. A second COPY started on the snapshot's connection
+/// while the first one's rows are still unread waits for its answer
+/// behind those rows, and the connection stops reading them once its
+/// one-message channel is full: both wait forever (the stall `bench
+/// repair` hit at 200,000 rows, where more than one batch of ranges was
+/// replaced at once).
 pub(crate) async fn replaced_rows(
     snapshot: &Snapshot,
     scope: Option<&Scope>,
     table: &TableSchema,
-    ranges: &[(Option<Key>, Option<Key>)],
-) -> Result<Vec<tokio_postgres::CopyOutStream>, RepairError> {
-    let kinds = key_kinds(table);
-    let mut streams = Vec::new();
-    for batch in ranges.chunks(RANGES_PER_QUERY) {
-        let condition = kinds
-            .as_deref()
-            .map(|kinds| pg_ranges_condition(table, kinds, batch));
-        streams.push(
-            snapshot
-                .copy_rows(table, scope, condition.as_deref())
-                .await?,
-        );
-    }
-    Ok(streams)
+    batch: &[(Option<Key>, Option<Key>)],
+) -> Result<tokio_postgres::CopyOutStream, RepairError> {
+    let condition = key_kinds(table)
+        .as_deref()
+        .map(|kinds| pg_ranges_condition(table, kinds, batch));
+    Ok(snapshot
+        .copy_rows(table, scope, condition.as_deref())
+        .await?)
 }
 
 /// Checks a client's spans against the table; returns its key kinds

@@ -14,7 +14,7 @@ use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
 use super::{write, Refusal, Session};
 use crate::hub::Frame;
 use crate::ops::metrics::add;
-use crate::repair::{answer, replaced_rows, RepairError};
+use crate::repair::{answer, replaced_batches, replaced_rows, RepairError};
 use crate::snapshot::Snapshot;
 
 /// How long the client may take between two repair frames (it digests
@@ -109,11 +109,13 @@ impl Session<'_> {
             total: total.map(|t| (t.rows, t.hex())),
         })
         .await?;
-        let streams = replaced_rows(snapshot, scope.as_deref(), table, &ranges)
-            .await
-            .map_err(refusal)?;
         let mut copy: Vec<u8> = Vec::with_capacity(ROWS_BYTES + 4096);
-        for stream in streams {
+        for batch in replaced_batches(&ranges) {
+            // Read to its end before the next COPY opens (see
+            // `replaced_rows`).
+            let stream = replaced_rows(snapshot, scope.as_deref(), table, batch)
+                .await
+                .map_err(refusal)?;
             let mut stream = Box::pin(stream);
             while let Some(data) = stream.next().await {
                 let data = data.map_err(|e| {

@@ -6,6 +6,7 @@
 
 mod conflicts;
 mod exactly_once;
+mod rebase;
 mod refusals;
 mod round_trip;
 
