@@ -252,9 +252,13 @@ async fn forget(
         return refused;
     }
     let live = state.sessions.get(&id);
+    // Registered when this call began: the other node may remove the
+    // record itself as it closes the session, before `forget` below.
+    let mut registered = false;
     if let Some(session) = &live {
         session.signal(Signal::Disconnect);
     } else if let Ok(Some(record)) = state.registry.get(&id).await {
+        registered = true;
         // Its session is on another node: closed there (if that node is
         // gone, there is nothing to close).
         if let Err(e) = state.registry.relay(&record, Relayed::Disconnect).await {
@@ -262,7 +266,7 @@ async fn forget(
         }
     }
     match state.registry.forget(&id).await {
-        Ok(found) if found || live.is_some() => {
+        Ok(found) if found || registered || live.is_some() => {
             tracing::info!(client_id = %id, "client forgotten");
             answer(
                 StatusCode::OK,

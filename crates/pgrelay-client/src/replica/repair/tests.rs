@@ -33,6 +33,7 @@ fn column(name: &str, kind: ValueKind, oid: u32) -> Column {
         .to_owned(),
         type_oid: oid,
         kind,
+        attnum: None,
     }
 }
 
@@ -61,6 +62,7 @@ fn table(shape: u8) -> TableSchema {
         version: 1,
         skipped: None,
         backfilled: Vec::new(),
+        oid: None,
     }
 }
 

@@ -34,6 +34,17 @@ async fn gone_from_redis(key: &str) {
     .await;
 }
 
+/// Waits until the registry holds the client's record (a node writes it
+/// after the welcome, not before).
+async fn in_redis(key: &str) {
+    wait_for(
+        &format!("{key} registered"),
+        Duration::from_secs(20),
+        || async { redis(&["EXISTS", key]).await.contains(":1").then_some(()) },
+    )
+    .await;
+}
+
 /// The instance (this run) of the node at `addr`, from the admin API.
 async fn instance(addr: std::net::SocketAddr) -> String {
     let (_, body) = http(addr, Some(TOKEN), "GET", "/api/admin/node").await;
@@ -79,6 +90,7 @@ async fn notify_and_disconnect_reach_a_client_on_another_node() {
     let mut roamer = hello(a_addr, "roamer", None).await;
     read_to_caught_up(&mut roamer).await;
     let key = format!("{prefix}client:roamer");
+    in_redis(&key).await;
     let (status, body) = http(
         b_addr,
         Some(TOKEN),
@@ -114,6 +126,7 @@ async fn notify_and_disconnect_reach_a_client_on_another_node() {
     // Forgotten through node a while it is on node b: closed there too.
     let mut other = hello(b_addr, "wanderer", None).await;
     read_to_caught_up(&mut other).await;
+    in_redis(&format!("{prefix}client:wanderer")).await;
     let (status, body) = http(a_addr, Some(TOKEN), "DELETE", "/api/admin/clients/wanderer").await;
     assert_eq!(status, 200, "{body}");
     let ended = read_to_end(&mut other, Duration::from_secs(20)).await;
