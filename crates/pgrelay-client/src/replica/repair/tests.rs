@@ -193,9 +193,9 @@ fn text_value() -> impl Strategy<Value = String> {
 
 /// A row's non-key values from a seed: integers, floats, text and NULLs.
 fn values(seed: u32, text: &str) -> [Option<String>; 3] {
-    let n = (seed % 7 != 0).then(|| (i64::from(seed % 50) - 25).to_string());
-    let f = (seed % 5 != 0).then(|| format!("{}", f64::from(seed % 9) * 0.25 - 1.0));
-    let s = (seed % 3 != 0).then(|| format!("{text}{}", seed % 4));
+    let n = (!seed.is_multiple_of(7)).then(|| (i64::from(seed % 50) - 25).to_string());
+    let f = (!seed.is_multiple_of(5)).then(|| format!("{}", f64::from(seed % 9) * 0.25 - 1.0));
+    let s = (!seed.is_multiple_of(3)).then(|| format!("{text}{}", seed % 4));
     [n, f, s]
 }
 
