@@ -217,28 +217,19 @@ pub(crate) async fn connect_and_sync(
                             awaiting_snapshot = false;
                             // Answers to writes pushed before the repair began.
                             for message in deferred {
-                                match message {
-                                    ServerMessage::WriteResult(results) => {
-                                        pusher.answered(replica, events, results).await?;
-                                    }
-                                    ServerMessage::WriteRefused {
-                                        batch_id,
-                                        code,
-                                        message,
-                                    } => {
-                                        pusher
-                                            .refused(replica, events, batch_id, code, message)
-                                            .await?
-                                    }
-                                    ServerMessage::Migrations {
-                                        migrations: list, ..
-                                    } => migrations.receive(list),
-                                    ServerMessage::Pong => {}
-                                    _ => {
-                                        return Err(ClientError::Protocol(
-                                            "a sync message arrived mid-repair".to_owned(),
-                                        ))
-                                    }
+                                if side_message(
+                                    message,
+                                    &mut pusher,
+                                    replica,
+                                    events,
+                                    &mut migrations,
+                                )
+                                .await?
+                                .is_some()
+                                {
+                                    return Err(ClientError::Protocol(
+                                        "a sync message arrived mid-repair".to_owned(),
+                                    ));
                                 }
                             }
                             pusher.wake();
@@ -286,22 +277,14 @@ pub(crate) async fn connect_and_sync(
                         ServerMessage::Error { code, message, .. } => {
                             return Err(ClientError::Refused { code, message })
                         }
-                        ServerMessage::WriteResult(results) => {
-                            pusher.answered(replica, events, results).await?;
+                        side @ (ServerMessage::WriteResult(_)
+                        | ServerMessage::WriteRefused { .. }
+                        | ServerMessage::Migrations { .. }
+                        | ServerMessage::Pong) => {
+                            side_message(side, &mut pusher, replica, events, &mut migrations)
+                                .await?;
                         }
-                        ServerMessage::WriteRefused {
-                            batch_id,
-                            code,
-                            message,
-                        } => {
-                            pusher
-                                .refused(replica, events, batch_id, code, message)
-                                .await?
-                        }
-                        ServerMessage::Migrations {
-                            migrations: list, ..
-                        } => migrations.receive(list),
-                        ServerMessage::Tx(_) | ServerMessage::Pong => {}
+                        ServerMessage::Tx(_) => {}
                     }
                 }
                 None => {}
@@ -334,6 +317,36 @@ pub(crate) async fn connect_and_sync(
 /// whose column types changed) needs its rows from a snapshot, so the
 /// connection ends and the next one asks for it, unless it is among the
 /// tables this connection's snapshot brings (`coming`).
+/// Answers to pushed writes, client migrations and pongs: handled alike
+/// whenever they arrive, also after a repair held them back. Any other
+/// message is handed back unhandled.
+async fn side_message(
+    message: ServerMessage,
+    pusher: &mut Pusher,
+    replica: &Replica,
+    events: &broadcast::Sender<Event>,
+    migrations: &mut crate::migrations::Migrations,
+) -> Result<Option<ServerMessage>, ClientError> {
+    match message {
+        ServerMessage::WriteResult(results) => pusher.answered(replica, events, results).await?,
+        ServerMessage::WriteRefused {
+            batch_id,
+            code,
+            message,
+        } => {
+            pusher
+                .refused(replica, events, batch_id, code, message)
+                .await?
+        }
+        ServerMessage::Migrations {
+            migrations: list, ..
+        } => migrations.receive(list),
+        ServerMessage::Pong => {}
+        other => return Ok(Some(other)),
+    }
+    Ok(None)
+}
+
 async fn resync_new_tables(
     replica: &Replica,
     events: &broadcast::Sender<Event>,
