@@ -95,9 +95,17 @@ impl Session<'_> {
         spans: &[CheckSpan],
     ) -> Result<(), Refusal> {
         let scope = self.scope.clone();
+        let started = std::time::Instant::now();
         let (parts, total) = answer(snapshot, scope.as_deref(), table, spans)
             .await
             .map_err(refusal)?;
+        tracing::debug!(
+            table = %table.name,
+            spans = spans.len(),
+            differing = parts.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "repair check digested"
+        );
         let ranges: Vec<_> = parts
             .iter()
             .filter(|p| p.replace)

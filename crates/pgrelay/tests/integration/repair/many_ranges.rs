@@ -11,7 +11,6 @@ use crate::support::{start_client, wait_for, World};
 /// so the last round replaces about 400 ranges of up to 4 rows at once
 /// (several COPYs of 64 ranges, each well over what the connection buffers).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect, open in issue 17: this repair still stalls after the second replaced-rows COPY (docs/repair.md, Known problems); run with --ignored"]
 async fn a_repair_that_replaces_hundreds_of_ranges_at_once_completes() {
     let world = World::new().await;
     world
