@@ -103,7 +103,7 @@ impl Session<'_> {
             table = %table.name,
             spans = spans.len(),
             differing = parts.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed = ?started.elapsed(),
             "repair check digested"
         );
         let ranges: Vec<_> = parts
