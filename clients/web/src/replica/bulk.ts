@@ -169,7 +169,19 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
     else if (typeof v === "string") {
       // UTF-8 takes at most 3 bytes per UTF-16 unit.
       const { base, size } = scratchFor(sqlite3, v.length * 3 + 1);
-      const { written } = encoder.encodeInto(v, sqlite3.wasm.heap8u().subarray(base, base + size));
+      const heap = sqlite3.wasm.heap8u();
+      // ASCII (most values) is copied by hand: encodeInto and the view it
+      // needs cost more than the copy for short strings.
+      let written = 0;
+      const n = v.length;
+      if (n <= 256) {
+        for (; written < n; written++) {
+          const c = v.charCodeAt(written);
+          if (c > 0x7f) break;
+          heap[base + written] = c;
+        }
+      }
+      if (written < n) written = encoder.encodeInto(v, heap.subarray(base, base + size)).written;
       rc = x.sqlite3_bind_text!(p, idx, base, written, SQLITE_TRANSIENT);
     } else if (v instanceof Uint8Array) {
       const { base } = scratchFor(sqlite3, v.length + 1);

@@ -53,9 +53,19 @@ export interface Executed {
   duplicate: boolean;
 }
 
+/**
+ * How the storage journals while a snapshot loads and after (set by the
+ * worker for OPFS: see worker.ts). Called between transactions.
+ */
+export interface LoadJournal {
+  loading(): void;
+  loaded(): void;
+}
+
 export class Replica {
   private tables: Map<string, TableSchema>;
   private filters: snapshot.Filter[];
+  journal: LoadJournal | null = null;
 
   constructor(readonly conn: Conn) {
     conn.tx(() => {
@@ -148,7 +158,15 @@ export class Replica {
     // aside for the transaction (each would run for every row, as
     // expensive as the row itself) and put back before it commits.
     const bulk = txs.reduce((n, tx) => n + tx.changes.length, 0) >= BULK_CHANGES;
-    const quiet = bulk ? [...new Set(txs.flatMap((tx) => tx.changes.map((c) => c.table)))].flatMap((t) => this.tables.get(t) ?? []).filter((t) => !t.skipped) : [];
+    const quiet: TableSchema[] = [];
+    if (bulk) {
+      const names = new Set<string>();
+      for (const tx of txs) for (const c of tx.changes) names.add(c.table);
+      for (const name of names) {
+        const t = this.tables.get(name);
+        if (t && !t.skipped) quiet.push(t);
+      }
+    }
     this.conn.tx(() => {
       setApplying(this.conn, true);
       for (const t of quiet) dropTriggers(this.conn, t);
@@ -260,6 +278,7 @@ export class Replica {
 
   beginSnapshot(tables: string[], full: boolean): void {
     if (full) this.filters = [];
+    this.journal?.loading();
     this.quietly(() => snapshot.begin(this.conn, this.tables, tables, full));
   }
 
@@ -278,6 +297,7 @@ export class Replica {
 
   finishSnapshot(resume: string, full: boolean, tables: string[], visibility: Visibility): void {
     this.filters = this.quietly(() => snapshot.finish(this.conn, this.tables, resume, full, tables, visibility));
+    this.journal?.loaded();
   }
 
   /** Runs `work` in a transaction with local-write capture off. */

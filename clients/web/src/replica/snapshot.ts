@@ -91,14 +91,18 @@ export function load(conn: Conn, tables: Map<string, TableSchema>, name: string,
   const stmt = conn.cached(
     `INSERT OR REPLACE INTO ${quote(sqliteName(table.name))} (${columns.map((c) => quote(c.name)).join(", ")}) VALUES (${columns.map(() => "?").join(", ")})`,
   );
-  // Without the capture triggers while loading (restored before commit).
-  dropTriggers(conn, table);
+  // Without the capture triggers while loading, put back before the
+  // commit: dropping and creating them costs milliseconds, so once per
+  // transaction, not per chunk.
+  conn.once(
+    `triggers:${table.name}`,
+    () => dropTriggers(conn, table),
+    () => createTriggers(conn, table),
+  );
   try {
     return loadCopyChunk(conn.sqlite3, conn.db.pointer as unknown as number, stmt, columns.map((c) => c.kind), data);
   } catch (e) {
     throw new ReplicaError(`snapshot of ${name}: ${(e as Error).message}`);
-  } finally {
-    createTriggers(conn, table);
   }
 }
 
