@@ -19,6 +19,8 @@ const SQLITE_ROW = 100;
 const SQLITE_DONE = 101;
 /** SQLite copies the bytes (the chunk's buffer is freed after the chunk). */
 const SQLITE_TRANSIENT = -1;
+/** The chunk stays in WebAssembly memory until its rows are stepped and the bindings cleared. */
+const SQLITE_STATIC = 0;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
 export class BulkError extends Error {
@@ -26,17 +28,23 @@ export class BulkError extends Error {
 }
 
 /**
- * Inserts every row of a COPY text chunk with `stmt` (one `?` a column,
- * in order); returns the number of rows. Throws on a malformed row or a
- * value the column cannot hold, naming the row.
+ * The insert of one row (one `?` a column, in order), and of `rowsPerMany`
+ * rows at once (`many`, null for one): SQLite opens and positions the
+ * table's cursor once per statement, so most rows go in `rowsPerMany` at a
+ * time and the rest one by one.
  */
-export function loadCopyChunk(
-  sqlite3: Sqlite3Static,
-  dbPointer: number,
-  stmt: PreparedStatement,
-  kinds: readonly ValueKind[],
-  data: Uint8Array,
-): number {
+export interface ChunkInserts {
+  one: PreparedStatement;
+  many: PreparedStatement | null;
+  rowsPerMany: number;
+}
+
+/**
+ * Inserts every row of a COPY text chunk; returns the number of rows.
+ * Throws on a malformed row or a value the column cannot hold, naming the
+ * row.
+ */
+export function loadCopyChunk(sqlite3: Sqlite3Static, dbPointer: number, inserts: ChunkInserts, kinds: readonly ValueKind[], data: Uint8Array): number {
   if (data.length === 0) return 0;
   if (data[data.length - 1] !== NL) throw new BulkError("the last row does not end with a newline");
   // Rejects bad UTF-8 once for the whole chunk (SQLite would store it as is).
@@ -52,7 +60,13 @@ export function loadCopyChunk(
   const bindNull = x.sqlite3_bind_null!;
   const step = x.sqlite3_step!;
   const reset = x.sqlite3_reset!;
-  const p = stmt.pointer as unknown as number;
+  const pOne = inserts.one.pointer as unknown as number;
+  const pMany = inserts.many === null ? 0 : (inserts.many.pointer as unknown as number);
+  const perMany = inserts.many === null ? 1 : inserts.rowsPerMany;
+  // COPY text escapes the newlines inside values: one newline, one row.
+  let total = 0;
+  for (let at = data.indexOf(NL); at >= 0; at = data.indexOf(NL, at + 1)) total++;
+  const inMany = inserts.many === null ? 0 : total - (total % perMany);
   const base = wasm.alloc(data.length) as unknown as number;
   try {
     wasm.heap8u().set(data, base);
@@ -60,6 +74,9 @@ export function loadCopyChunk(
     let rows = 0;
     let pos = 0;
     while (pos < data.length) {
+      const many = rows < inMany;
+      const p = many ? pMany : pOne;
+      const offset = many ? (rows % perMany) * columns : 0;
       rows++;
       let col = 0;
       for (;;) {
@@ -74,7 +91,7 @@ export function loadCopyChunk(
         if (col >= columns) throw new BulkError(`row ${rows} has more than ${columns} values`);
         const kind = kinds[col]!;
         const len = end - pos;
-        const idx = col + 1;
+        const idx = offset + col + 1;
         if (escaped || kind === "bytes") {
           if (len === 2 && data[pos] === BACKSLASH && data[pos + 1] === 0x4e) {
             bindNull(p, idx);
@@ -83,36 +100,43 @@ export function loadCopyChunk(
             try {
               v = toSqlite(kind, decodeField(utf8.decode(data.subarray(pos, end)), rows));
             } catch (e) {
-              throw new BulkError(`row ${rows}, column ${idx}: ${(e as Error).message}`);
+              throw new BulkError(`row ${rows}, column ${col + 1}: ${(e as Error).message}`);
             }
-            stmt.bind(idx, v as never);
+            (many ? inserts.many! : inserts.one).bind(idx, v as never);
           }
         } else if (kind === "bool") {
-          if (len !== 1 || (data[pos] !== 0x74 && data[pos] !== 0x66)) throw new BulkError(`row ${rows}, column ${idx}: bool value is not t or f`);
+          if (len !== 1 || (data[pos] !== 0x74 && data[pos] !== 0x66)) throw new BulkError(`row ${rows}, column ${col + 1}: bool value is not t or f`);
           bindInt(p, idx, data[pos] === 0x74 ? 1 : 0);
         } else {
           // Text, numeric, json, float and integer go in as text; the
           // column's affinity (INTEGER, REAL) stores numbers as numbers,
           // exactly as converting them here would.
           if (kind === "integer" && !isInteger(data, pos, end)) {
-            throw new BulkError(`row ${rows}, column ${idx}: integer value is not a 64-bit integer`);
+            throw new BulkError(`row ${rows}, column ${col + 1}: integer value is not a 64-bit integer`);
           }
-          bindText(p, idx, base + pos, len, SQLITE_TRANSIENT);
+          bindText(p, idx, base + pos, len, SQLITE_STATIC);
         }
         col++;
         pos = end + 1;
         if (b === NL) break;
       }
       if (col !== columns) throw new BulkError(`row ${rows} has ${col} values for ${columns} columns`);
+      if (many && rows % perMany !== 0) continue;
       const rc = step(p);
       reset(p);
       if (rc !== SQLITE_DONE && rc !== SQLITE_ROW) {
-        throw new BulkError(`row ${rows}: ${sqlite3.capi.sqlite3_errmsg(dbPointer as never)}`);
+        const which = many ? `rows ${rows - perMany + 1}-${rows}` : `row ${rows}`;
+        throw new BulkError(`${which}: ${sqlite3.capi.sqlite3_errmsg(dbPointer as never)}`);
       }
     }
+    if (rows !== total) throw new BulkError(`${rows} rows parsed where ${total} lines are`);
     return rows;
   } finally {
-    x.sqlite3_clear_bindings!(p);
+    x.sqlite3_clear_bindings!(pOne);
+    if (pMany !== 0) {
+      x.sqlite3_reset!(pMany);
+      x.sqlite3_clear_bindings!(pMany);
+    }
     wasm.dealloc(base as never);
   }
 }

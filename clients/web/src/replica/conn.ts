@@ -23,6 +23,7 @@ export class Conn {
   /** Work set up once in the open transaction, and what undoes it before the commit. */
   private readonly setUp = new Set<string>();
   private atCommit: (() => void)[] = [];
+  private atEnd: (() => void)[] = [];
 
   constructor(
     readonly db: Database,
@@ -114,16 +115,16 @@ export class Conn {
 
   /**
    * In the open transaction: runs `now` the first time `key` is named, and
-   * `beforeCommit` just before that transaction commits (a rollback undoes
-   * `now` by itself). Snapshot loading sets capture triggers aside this
-   * way once per transaction instead of once per chunk.
+   * `undo` when the transaction ends: just before it commits (a rollback
+   * undoes `now` by itself), or, with `always`, after it committed or
+   * rolled back (for connection state a rollback does not touch).
    */
-  once(key: string, now: () => void, beforeCommit: () => void): void {
+  once(key: string, now: () => void, undo: () => void, always = false): void {
     if (this.depth === 0) throw new Error("Conn.once outside a transaction");
     if (this.setUp.has(key)) return;
     now();
     this.setUp.add(key);
-    this.atCommit.push(beforeCommit);
+    (always ? this.atEnd : this.atCommit).push(undo);
   }
 
   /** Runs `work` in one immediate transaction: all of it or none. */
@@ -147,6 +148,7 @@ export class Conn {
       this.depth--;
       this.setUp.clear();
       this.atCommit = [];
+      for (const undo of this.atEnd.splice(0)) undo();
     }
   }
 

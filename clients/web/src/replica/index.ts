@@ -8,7 +8,7 @@ import type { TableSchema, Transaction, Visibility, WriteResults } from "../prot
 import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
 import { cannotHold } from "./holdable.js";
 import { applyChange, ReplicaError } from "./apply.js";
-import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
+import { ensureCaptureTables, quietCapture, setApplying, setTxId } from "./capture.js";
 
 /** Changes in one applied batch from which capture triggers are set aside. */
 const BULK_CHANGES = 200;
@@ -155,8 +155,7 @@ export class Replica {
     let transactions = 0;
     let changes = 0;
     // Many changes: the capture triggers of the tables they touch are set
-    // aside for the transaction (each would run for every row, as
-    // expensive as the row itself) and put back before it commits.
+    // aside for the transaction (see quietCapture).
     const bulk = txs.reduce((n, tx) => n + tx.changes.length, 0) >= BULK_CHANGES;
     const quiet: TableSchema[] = [];
     if (bulk) {
@@ -169,7 +168,7 @@ export class Replica {
     }
     this.conn.tx(() => {
       setApplying(this.conn, true);
-      for (const t of quiet) dropTriggers(this.conn, t);
+      for (const t of quiet) quietCapture(this.conn, t);
       for (const tx of txs) {
         const lsn = parseLsn(tx.lsn);
         // At or below the stored position: already here.
@@ -201,7 +200,6 @@ export class Replica {
       }
       // In the same transaction as the position that passes them.
       if (unknown.length > 0) snapshot.requestResync(this.conn, unknown);
-      for (const t of quiet) createTriggers(this.conn, t);
       setApplying(this.conn, false);
     });
     return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes, unknown };
