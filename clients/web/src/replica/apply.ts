@@ -81,6 +81,24 @@ function insertSql(verb: string, name: string, cols: string[]): string {
 }
 
 function upsert(conn: Conn, table: TableSchema, plan: Plan, row: Row): void {
+  // Most rows carry every column: converted straight into the insert's values.
+  const columns = table.columns;
+  let whole = true;
+  for (let i = 0; i < columns.length; i++) {
+    if (!(columns[i]!.name in row)) {
+      whole = false;
+      break;
+    }
+  }
+  if (whole) {
+    const vals = new Array<SqliteValue>(columns.length);
+    for (let i = 0; i < columns.length; i++) {
+      const c = columns[i]!;
+      vals[i] = convert(table, c.name, c.kind, row[c.name]);
+    }
+    conn.run(plan.fullInsert, vals);
+    return;
+  }
   const [cols, vals] = values(table, row);
   let sql: string;
   if (cols.length === table.columns.length) {

@@ -17,9 +17,7 @@ const NL = 0x0a;
 const BACKSLASH = 0x5c;
 const SQLITE_ROW = 100;
 const SQLITE_DONE = 101;
-/** SQLite copies the bytes (the chunk's buffer is freed after the chunk). */
-const SQLITE_TRANSIENT = -1;
-/** The chunk stays in WebAssembly memory until its rows are stepped and the bindings cleared. */
+/** The bytes stay in WebAssembly memory until the statement is stepped and its bindings cleared: SQLite does not copy them. */
 const SQLITE_STATIC = 0;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
@@ -157,7 +155,7 @@ function isInteger(data: Uint8Array, start: number, end: number): boolean {
 }
 
 const encoder = new TextEncoder();
-/** Scratch memory in each SQLite instance's heap for values being bound (SQLite copies them). */
+/** Scratch memory in each SQLite instance's heap for the values of the statement being bound. */
 const scratches = new WeakMap<Sqlite3Static, { base: number; size: number }>();
 
 function scratchFor(sqlite3: Sqlite3Static, bytes: number): { base: number; size: number } {
@@ -174,11 +172,24 @@ function scratchFor(sqlite3: Sqlite3Static, bytes: number): { base: number; size
 /**
  * Binds `values` to `stmt`'s parameters 1..n through the raw exports (the
  * reason is the same as for loadCopyChunk: `oo1`'s bind costs several
- * microseconds a value). Strings and blobs are copied by SQLite.
+ * microseconds a value). Strings and blobs are written one after another
+ * into scratch memory and bound in place (SQLite does not copy them), so
+ * the caller steps the statement and clears its bindings before binding
+ * anything again (Conn.run does).
  */
 export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, values: readonly unknown[]): void {
   const x = sqlite3.wasm.exports as Record<string, (...args: unknown[]) => number>;
   const p = stmt.pointer as unknown as number;
+  // UTF-8 takes at most 3 bytes per UTF-16 unit.
+  let need = 0;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (typeof v === "string") need += v.length * 3;
+    else if (v instanceof Uint8Array) need += v.length;
+  }
+  const scratch = need > 0 ? scratchFor(sqlite3, need) : null;
+  const heap = scratch === null ? null : sqlite3.wasm.heap8u();
+  let at = scratch === null ? 0 : scratch.base;
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
     const idx = i + 1;
@@ -191,9 +202,6 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
     } else if (typeof v === "bigint") rc = x.sqlite3_bind_int64!(p, idx, v);
     else if (typeof v === "boolean") rc = x.sqlite3_bind_int!(p, idx, v ? 1 : 0);
     else if (typeof v === "string") {
-      // UTF-8 takes at most 3 bytes per UTF-16 unit.
-      const { base, size } = scratchFor(sqlite3, v.length * 3 + 1);
-      const heap = sqlite3.wasm.heap8u();
       // ASCII (most values) is copied by hand: encodeInto and the view it
       // needs cost more than the copy for short strings.
       let written = 0;
@@ -202,15 +210,16 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
         for (; written < n; written++) {
           const c = v.charCodeAt(written);
           if (c > 0x7f) break;
-          heap[base + written] = c;
+          heap![at + written] = c;
         }
       }
-      if (written < n) written = encoder.encodeInto(v, heap.subarray(base, base + size)).written;
-      rc = x.sqlite3_bind_text!(p, idx, base, written, SQLITE_TRANSIENT);
+      if (written < n) written = encoder.encodeInto(v, heap!.subarray(at, at + n * 3)).written;
+      rc = x.sqlite3_bind_text!(p, idx, at, written, SQLITE_STATIC);
+      at += written;
     } else if (v instanceof Uint8Array) {
-      const { base } = scratchFor(sqlite3, v.length + 1);
-      sqlite3.wasm.heap8u().set(v, base);
-      rc = x.sqlite3_bind_blob!(p, idx, base, v.length, SQLITE_TRANSIENT);
+      heap!.set(v, at);
+      rc = x.sqlite3_bind_blob!(p, idx, at, v.length, SQLITE_STATIC);
+      at += v.length;
     } else {
       // Anything else: oo1's rules (and its error for what cannot be bound).
       stmt.bind(idx, v as never);
