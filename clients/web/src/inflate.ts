@@ -128,7 +128,8 @@ export function prepareInflate(): Promise<boolean> {
     }
     try {
       await new Decoder().init();
-    } catch {
+    } catch (e) {
+      console.warn(`pgrelay: the zstd WebAssembly decoder cannot start (${(e as Error).message}); snapshots decompress with fzstd, more slowly`);
       return false;
     }
     zstd = instance === null ? null : ((instance as WebAssembly.Instance).exports as unknown as ZstdExports);

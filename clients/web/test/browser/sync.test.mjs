@@ -77,6 +77,8 @@ test("a tab killed mid-hydration leaves a whole replica that hydrates again from
   await crashed;
 
   page = await openPage(context, pages.origin);
+  const warnings = [];
+  page.on("console", (m) => m.type() === "warning" && warnings.push(m.text()));
   await page.evaluate((url) => window.open_({ url, name: "killed-hydrating" }), server.url);
   const check = await page.evaluate(async () => (await window.db.query("PRAGMA integrity_check"))[0]);
   assert.deepEqual(Object.values(check), ["ok"]);
@@ -88,6 +90,7 @@ test("a tab killed mid-hydration leaves a whole replica that hydrates again from
   assert.equal(hydrated[0].full, true);
   assert.equal(hydrated[0].rows, ROWS);
   assert.deepEqual(await replicaRows(page), await postgresRows());
+  assert.deepEqual(warnings.filter((w) => /zstd/.test(w)), [], "chunks decompressed by zstd in WebAssembly");
   // Back to the WAL once the snapshot committed.
   const mode = await page.evaluate(async () => Object.values((await window.db.query("PRAGMA journal_mode"))[0])[0]);
   assert.equal(mode, "wal");
