@@ -188,7 +188,7 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
     else if (v instanceof Uint8Array) need += v.length;
   }
   const scratch = need > 0 ? scratchFor(sqlite3, need) : null;
-  const heap = scratch === null ? null : sqlite3.wasm.heap8u();
+  let heap = scratch === null ? null : sqlite3.wasm.heap8u();
   let at = scratch === null ? 0 : scratch.base;
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
@@ -202,6 +202,8 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
     } else if (typeof v === "bigint") rc = x.sqlite3_bind_int64!(p, idx, v);
     else if (typeof v === "boolean") rc = x.sqlite3_bind_int!(p, idx, v ? 1 : 0);
     else if (typeof v === "string") {
+      // A view of memory that grew since (oo1's bind below allocates) is empty.
+      if (heap!.length === 0) heap = sqlite3.wasm.heap8u();
       // ASCII (most values) is copied by hand: encodeInto and the view it
       // needs cost more than the copy for short strings.
       let written = 0;
@@ -217,6 +219,7 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
       rc = x.sqlite3_bind_text!(p, idx, at, written, SQLITE_STATIC);
       at += written;
     } else if (v instanceof Uint8Array) {
+      if (heap!.length === 0) heap = sqlite3.wasm.heap8u();
       heap!.set(v, at);
       rc = x.sqlite3_bind_blob!(p, idx, at, v.length, SQLITE_STATIC);
       at += v.length;
