@@ -7,7 +7,9 @@
 //   apply    - a backlog of committed rows (written while the page was
 //              offline) applied after it reconnects, rows/s.
 //   latency  - PostgreSQL COMMIT returned in Node -> the page's `watch`
-//              callback holding the row, at a steady 100 tx/s.
+//              callback holding the row, at a steady 100 tx/s; reference:
+//              `pgrelay bench latency --clients 1 --rate 100` right after
+//              each run (the Rust client, its own in-process server).
 //   size     - the package's JavaScript, gzipped, without sqlite3.wasm.
 // Each measurement runs RUNS times (default 3); min / median / max printed
 // and written to bench/results.json.
@@ -61,6 +63,23 @@ async function rustSync(serverUrl, db) {
     child.on("exit", (code) => (code === 0 ? resolve() : reject(new Error(`pgrelay client sync exited ${code}`))));
   });
   return (performance.now() - started) / 1000;
+}
+
+/**
+ * The Rust client's commit -> SQLite commit latency at 100 tx/s on this
+ * machine now (`pgrelay bench latency`, its own server in process, the
+ * commit record's time as the start): a reference for the load, not the
+ * same path as the page's.
+ */
+async function rustLatency(seconds) {
+  const out = await new Promise((resolve, reject) => {
+    let text = "";
+    const child = spawn(PGRELAY_BIN, ["bench", "latency", "--database-url", process.env.PGRELAY_TEST_DATABASE_URL ?? "postgres://postgres@127.0.0.1:5433/postgres", "--clients", "1", "--rate", "100", "--duration", `${seconds}s`], { stdio: ["ignore", "pipe", "ignore"], env: { ...process.env, RUST_LOG: "warn" } });
+    child.stdout.on("data", (d) => (text += d));
+    child.on("exit", (code) => (code === 0 ? resolve(text) : reject(new Error(`pgrelay bench latency exited ${code}`))));
+  });
+  const ms = (name) => Number(new RegExp(`^\\s+${name}\\s+([0-9.]+) ms`, "m").exec(out)?.[1] ?? NaN);
+  return { p50: ms("p50"), p99: ms("p99") };
 }
 
 async function rustHydrate(serverUrl) {
@@ -153,14 +172,21 @@ try {
             const { rows } = await db.sql("SELECT count(*)::int AS n FROM public.bench_items");
             const t0 = performance.now();
             await page.evaluate(() => window.db.setOffline(false));
-            await waitFor("the backlog", () => page.evaluate(async (n) => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n === n, rows[0].n), 600_000, 20);
+            // Transactions apply whole and in order, so the backlog's last
+            // row present means all of it is (checked by the count after).
+            // A key lookup: polling count(*) every 20 ms took worker time.
+            const last = next + APPLY_ROWS - 1;
+            await waitFor("the backlog", () => page.evaluate(async (id) => (await window.db.query("SELECT 1 AS x FROM bench_items WHERE id = ?", [id])).length === 1, last), 600_000, 20);
             const secs = (performance.now() - t0) / 1000;
+            const held = await page.evaluate(async () => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n);
+            if (held !== rows[0].n) throw new Error(`the replica holds ${held} rows, PostgreSQL ${rows[0].n}`);
+            next += APPLY_ROWS;
             rates.push(APPLY_ROWS / secs);
             // The same backlog, from the same server, into the Rust client's replica.
             rust.push(APPLY_ROWS / (await rustSync(server.url, rustDb)));
             console.error(`  apply run ${i + 1}: browser ${fmt(APPLY_ROWS / secs)} rows/s, Rust client ${fmt(rust[i])} rows/s`);
             await db.sql("DELETE FROM public.bench_items");
-            await waitFor("the delete", () => page.evaluate(async () => (await window.db.query("SELECT count(*) AS n FROM bench_items"))[0].n === 0), 600_000, 50);
+            await waitFor("the delete", () => page.evaluate(async () => (await window.db.query("SELECT 1 AS x FROM bench_items LIMIT 1")).length === 0), 600_000, 50);
           }
           rmSync(rustDir, { recursive: true, force: true });
           results.apply = { rows: APPLY_ROWS, tx_rows: 1000, browser_rows_per_sec: spread(rates), rust_client_rows_per_sec: spread(rust) };
@@ -179,7 +205,7 @@ try {
               for (const r of rows) if (!window.seen.has(Number(r.id))) window.seen.set(Number(r.id), at);
             });
           });
-          const p50s = [], p99s = [], maxes = [], appliedP50s = [], appliedP99s = [];
+          const p50s = [], p99s = [], maxes = [], appliedP50s = [], appliedP99s = [], rustP50s = [], rustP99s = [];
           for (let run = 0; run < RUNS; run++) {
             const committed = new Map();
             const first = next;
@@ -217,11 +243,14 @@ try {
             p50s.push(percentile(lat, 50));
             p99s.push(percentile(lat, 99));
             maxes.push(lat[lat.length - 1]);
-            console.error(`  latency run ${run + 1}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms, max ${lat[lat.length - 1].toFixed(1)} ms`);
+            const rust = await rustLatency(LATENCY_TX / 100);
+            rustP50s.push(rust.p50);
+            rustP99s.push(rust.p99);
+            console.error(`  latency run ${run + 1}: p50 ${percentile(lat, 50).toFixed(1)} ms, p99 ${percentile(lat, 99).toFixed(1)} ms, max ${lat[lat.length - 1].toFixed(1)} ms; Rust client right after (pgrelay bench latency): p50 ${rust.p50.toFixed(1)} ms, p99 ${rust.p99.toFixed(1)} ms`);
           }
-          results.latency = { tx: LATENCY_TX, rate_per_sec: 100, p50_ms: spread(p50s), p99_ms: spread(p99s), max_ms: spread(maxes), commit_to_applied_p50_ms: spread(appliedP50s), commit_to_applied_p99_ms: spread(appliedP99s) };
-          const a = spread(p50s), b = spread(p99s);
-          console.log(`commit -> watch at 100 tx/s (${LATENCY_TX} tx per run): p50 ${a.min.toFixed(1)} / ${a.median.toFixed(1)} / ${a.max.toFixed(1)} ms, p99 ${b.min.toFixed(1)} / ${b.median.toFixed(1)} / ${b.max.toFixed(1)} ms (min / median / max of ${RUNS})`);
+          results.latency = { tx: LATENCY_TX, rate_per_sec: 100, p50_ms: spread(p50s), p99_ms: spread(p99s), max_ms: spread(maxes), commit_to_applied_p50_ms: spread(appliedP50s), commit_to_applied_p99_ms: spread(appliedP99s), rust_client_p50_ms: spread(rustP50s), rust_client_p99_ms: spread(rustP99s) };
+          const a = spread(p50s), b = spread(p99s), c = spread(rustP50s), d = spread(rustP99s);
+          console.log(`commit -> watch at 100 tx/s (${LATENCY_TX} tx per run): p50 ${a.min.toFixed(1)} / ${a.median.toFixed(1)} / ${a.max.toFixed(1)} ms, p99 ${b.min.toFixed(1)} / ${b.median.toFixed(1)} / ${b.max.toFixed(1)} ms; Rust client (pgrelay bench latency --clients 1 --rate 100) p50 ${c.min.toFixed(1)} / ${c.median.toFixed(1)} / ${c.max.toFixed(1)} ms, p99 ${d.min.toFixed(1)} / ${d.median.toFixed(1)} / ${d.max.toFixed(1)} ms (min / median / max of ${RUNS})`);
         }
         await closeProfile(context);
       } finally {

@@ -5,7 +5,7 @@
 //! table that does not match is emptied and asked for again, never kept.
 
 import { createXXHash128, type IHasher } from "hash-wasm";
-import { inflateChunk } from "./inflate.js";
+import { inflateChunk, prepareInflate } from "./inflate.js";
 import type { Visibility } from "./protocol.js";
 import { parseChunk, ProtocolError } from "./protocol.js";
 import type { Replica } from "./replica/index.js";
@@ -50,6 +50,7 @@ export class Hydration {
     tables: { table: string; estimated_rows: number }[],
     visibility: Visibility,
   ): Promise<Hydration> {
+    await prepareInflate();
     const states: TableState[] = [];
     for (const t of tables) {
       const hasher = await createXXHash128();

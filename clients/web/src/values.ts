@@ -13,6 +13,7 @@ export class ValueError extends Error {
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 const INTEGER = /^[+-]?\d+$/;
+const SMALL_INTEGER = /^-?\d{1,15}$/;
 const I64_MIN = -(1n << 63n);
 const I64_MAX = (1n << 63n) - 1n;
 
@@ -21,6 +22,8 @@ export function toSqlite(kind: ValueKind, text: string | null | undefined): Sqli
   if (text === null || text === undefined) return null;
   switch (kind) {
     case "integer": {
+      // Up to 15 digits is always a safe integer: no BigInt needed.
+      if (SMALL_INTEGER.test(text)) return Number(text) + 0;
       if (!INTEGER.test(text)) throw new ValueError(`integer value ${JSON.stringify(text.slice(0, 100))} is not a 64-bit integer`);
       const big = BigInt(text);
       if (big < I64_MIN || big > I64_MAX) throw new ValueError(`integer value ${text.slice(0, 100)} is out of 64-bit range`);

@@ -15,13 +15,14 @@ export function applyChange(conn: Conn, tables: Map<string, TableSchema>, change
   const table = tables.get(change.table);
   if (!table) throw new ReplicaError(`change for unknown table ${change.table}`);
   if (table.skipped) return;
-  const name = quote(sqliteName(table.name));
+  const plan = planFor(table);
+  const name = plan.name;
   switch (change.op) {
     case "truncate":
       conn.run(`DELETE FROM ${name}`);
       return;
     case "insert":
-      upsert(conn, table, name, required(change.new, table, "insert"));
+      upsert(conn, table, plan, required(change.new, table, "insert"));
       return;
     case "update": {
       const next = required(change.new, table, "update");
@@ -31,7 +32,7 @@ export function applyChange(conn: Conn, tables: Map<string, TableSchema>, change
       const [where, whereVals] = locate(table, target);
       const set = cols.map((c) => `${quote(c)} = ?`).join(", ");
       const changed = conn.run(`UPDATE ${name} SET ${set} WHERE ${where}`, [...vals, ...whereVals]);
-      if (changed === 0 && table.columns.every((c) => c.name in next)) upsert(conn, table, name, next);
+      if (changed === 0 && table.columns.every((c) => c.name in next)) upsert(conn, table, plan, next);
       return;
     }
     case "delete": {
@@ -49,19 +50,63 @@ function required(row: Row | undefined, table: TableSchema, op: string): Row {
   return row;
 }
 
-/** Statement text by table and column list: building it for every row costs more than running it. */
-const upserts = new WeakMap<TableSchema, Map<string, string>>();
+/**
+ * A table's statement text, built once: the quoted name, the insert of a
+ * whole row, and inserts by column list (building the text for every row
+ * costs more than running it).
+ */
+interface Plan {
+  name: string;
+  verb: string;
+  fullInsert: string;
+  byColumns: Map<string, string>;
+}
 
-function upsert(conn: Conn, table: TableSchema, name: string, row: Row): void {
-  const [cols, vals] = values(table, row);
-  let byColumns = upserts.get(table);
-  if (!byColumns) upserts.set(table, (byColumns = new Map()));
-  const key = cols.join("\u0000");
-  let sql = byColumns.get(key);
-  if (sql === undefined) {
+const plans = new WeakMap<TableSchema, Plan>();
+
+function planFor(table: TableSchema): Plan {
+  let plan = plans.get(table);
+  if (!plan) {
+    const name = quote(sqliteName(table.name));
     const verb = table.primary_key.length === 0 ? "INSERT" : "INSERT OR REPLACE";
-    sql = `${verb} INTO ${name} (${cols.map(quote).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`;
-    byColumns.set(key, sql);
+    const cols = table.columns.map((c) => c.name);
+    plan = { name, verb, fullInsert: insertSql(verb, name, cols), byColumns: new Map() };
+    plans.set(table, plan);
+  }
+  return plan;
+}
+
+function insertSql(verb: string, name: string, cols: string[]): string {
+  return `${verb} INTO ${name} (${cols.map(quote).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`;
+}
+
+function upsert(conn: Conn, table: TableSchema, plan: Plan, row: Row): void {
+  // Most rows carry every column: converted straight into the insert's values.
+  const columns = table.columns;
+  let whole = true;
+  for (let i = 0; i < columns.length; i++) {
+    if (!(columns[i]!.name in row)) {
+      whole = false;
+      break;
+    }
+  }
+  if (whole) {
+    const vals = new Array<SqliteValue>(columns.length);
+    for (let i = 0; i < columns.length; i++) {
+      const c = columns[i]!;
+      vals[i] = convert(table, c.name, c.kind, row[c.name]);
+    }
+    conn.run(plan.fullInsert, vals);
+    return;
+  }
+  const [cols, vals] = values(table, row);
+  let sql: string;
+  if (cols.length === table.columns.length) {
+    sql = plan.fullInsert;
+  } else {
+    const key = cols.join("\u0000");
+    sql = plan.byColumns.get(key) ?? insertSql(plan.verb, plan.name, cols);
+    plan.byColumns.set(key, sql);
   }
   conn.run(sql, vals);
 }

@@ -17,8 +17,8 @@ const NL = 0x0a;
 const BACKSLASH = 0x5c;
 const SQLITE_ROW = 100;
 const SQLITE_DONE = 101;
-/** SQLite copies the bytes (the chunk's buffer is freed after the chunk). */
-const SQLITE_TRANSIENT = -1;
+/** The bytes stay in WebAssembly memory until the statement is stepped and its bindings cleared: SQLite does not copy them. */
+const SQLITE_STATIC = 0;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
 export class BulkError extends Error {
@@ -26,17 +26,23 @@ export class BulkError extends Error {
 }
 
 /**
- * Inserts every row of a COPY text chunk with `stmt` (one `?` a column,
- * in order); returns the number of rows. Throws on a malformed row or a
- * value the column cannot hold, naming the row.
+ * The insert of one row (one `?` a column, in order), and of `rowsPerMany`
+ * rows at once (`many`, null for one): SQLite opens and positions the
+ * table's cursor once per statement, so most rows go in `rowsPerMany` at a
+ * time and the rest one by one.
  */
-export function loadCopyChunk(
-  sqlite3: Sqlite3Static,
-  dbPointer: number,
-  stmt: PreparedStatement,
-  kinds: readonly ValueKind[],
-  data: Uint8Array,
-): number {
+export interface ChunkInserts {
+  one: PreparedStatement;
+  many: PreparedStatement | null;
+  rowsPerMany: number;
+}
+
+/**
+ * Inserts every row of a COPY text chunk; returns the number of rows.
+ * Throws on a malformed row or a value the column cannot hold, naming the
+ * row.
+ */
+export function loadCopyChunk(sqlite3: Sqlite3Static, dbPointer: number, inserts: ChunkInserts, kinds: readonly ValueKind[], data: Uint8Array): number {
   if (data.length === 0) return 0;
   if (data[data.length - 1] !== NL) throw new BulkError("the last row does not end with a newline");
   // Rejects bad UTF-8 once for the whole chunk (SQLite would store it as is).
@@ -52,7 +58,13 @@ export function loadCopyChunk(
   const bindNull = x.sqlite3_bind_null!;
   const step = x.sqlite3_step!;
   const reset = x.sqlite3_reset!;
-  const p = stmt.pointer as unknown as number;
+  const pOne = inserts.one.pointer as unknown as number;
+  const pMany = inserts.many === null ? 0 : (inserts.many.pointer as unknown as number);
+  const perMany = inserts.many === null ? 1 : inserts.rowsPerMany;
+  // COPY text escapes the newlines inside values: one newline, one row.
+  let total = 0;
+  for (let at = data.indexOf(NL); at >= 0; at = data.indexOf(NL, at + 1)) total++;
+  const inMany = inserts.many === null ? 0 : total - (total % perMany);
   const base = wasm.alloc(data.length) as unknown as number;
   try {
     wasm.heap8u().set(data, base);
@@ -60,6 +72,9 @@ export function loadCopyChunk(
     let rows = 0;
     let pos = 0;
     while (pos < data.length) {
+      const many = rows < inMany;
+      const p = many ? pMany : pOne;
+      const offset = many ? (rows % perMany) * columns : 0;
       rows++;
       let col = 0;
       for (;;) {
@@ -74,7 +89,7 @@ export function loadCopyChunk(
         if (col >= columns) throw new BulkError(`row ${rows} has more than ${columns} values`);
         const kind = kinds[col]!;
         const len = end - pos;
-        const idx = col + 1;
+        const idx = offset + col + 1;
         if (escaped || kind === "bytes") {
           if (len === 2 && data[pos] === BACKSLASH && data[pos + 1] === 0x4e) {
             bindNull(p, idx);
@@ -83,36 +98,43 @@ export function loadCopyChunk(
             try {
               v = toSqlite(kind, decodeField(utf8.decode(data.subarray(pos, end)), rows));
             } catch (e) {
-              throw new BulkError(`row ${rows}, column ${idx}: ${(e as Error).message}`);
+              throw new BulkError(`row ${rows}, column ${col + 1}: ${(e as Error).message}`);
             }
-            stmt.bind(idx, v as never);
+            (many ? inserts.many! : inserts.one).bind(idx, v as never);
           }
         } else if (kind === "bool") {
-          if (len !== 1 || (data[pos] !== 0x74 && data[pos] !== 0x66)) throw new BulkError(`row ${rows}, column ${idx}: bool value is not t or f`);
+          if (len !== 1 || (data[pos] !== 0x74 && data[pos] !== 0x66)) throw new BulkError(`row ${rows}, column ${col + 1}: bool value is not t or f`);
           bindInt(p, idx, data[pos] === 0x74 ? 1 : 0);
         } else {
           // Text, numeric, json, float and integer go in as text; the
           // column's affinity (INTEGER, REAL) stores numbers as numbers,
           // exactly as converting them here would.
           if (kind === "integer" && !isInteger(data, pos, end)) {
-            throw new BulkError(`row ${rows}, column ${idx}: integer value is not a 64-bit integer`);
+            throw new BulkError(`row ${rows}, column ${col + 1}: integer value is not a 64-bit integer`);
           }
-          bindText(p, idx, base + pos, len, SQLITE_TRANSIENT);
+          bindText(p, idx, base + pos, len, SQLITE_STATIC);
         }
         col++;
         pos = end + 1;
         if (b === NL) break;
       }
       if (col !== columns) throw new BulkError(`row ${rows} has ${col} values for ${columns} columns`);
+      if (many && rows % perMany !== 0) continue;
       const rc = step(p);
       reset(p);
       if (rc !== SQLITE_DONE && rc !== SQLITE_ROW) {
-        throw new BulkError(`row ${rows}: ${sqlite3.capi.sqlite3_errmsg(dbPointer as never)}`);
+        const which = many ? `rows ${rows - perMany + 1}-${rows}` : `row ${rows}`;
+        throw new BulkError(`${which}: ${sqlite3.capi.sqlite3_errmsg(dbPointer as never)}`);
       }
     }
+    if (rows !== total) throw new BulkError(`${rows} rows parsed where ${total} lines are`);
     return rows;
   } finally {
-    x.sqlite3_clear_bindings!(p);
+    x.sqlite3_clear_bindings!(pOne);
+    if (pMany !== 0) {
+      x.sqlite3_reset!(pMany);
+      x.sqlite3_clear_bindings!(pMany);
+    }
     wasm.dealloc(base as never);
   }
 }
@@ -133,7 +155,7 @@ function isInteger(data: Uint8Array, start: number, end: number): boolean {
 }
 
 const encoder = new TextEncoder();
-/** Scratch memory in each SQLite instance's heap for values being bound (SQLite copies them). */
+/** Scratch memory in each SQLite instance's heap for the values of the statement being bound. */
 const scratches = new WeakMap<Sqlite3Static, { base: number; size: number }>();
 
 function scratchFor(sqlite3: Sqlite3Static, bytes: number): { base: number; size: number } {
@@ -150,11 +172,24 @@ function scratchFor(sqlite3: Sqlite3Static, bytes: number): { base: number; size
 /**
  * Binds `values` to `stmt`'s parameters 1..n through the raw exports (the
  * reason is the same as for loadCopyChunk: `oo1`'s bind costs several
- * microseconds a value). Strings and blobs are copied by SQLite.
+ * microseconds a value). Strings and blobs are written one after another
+ * into scratch memory and bound in place (SQLite does not copy them), so
+ * the caller steps the statement and clears its bindings before binding
+ * anything again (Conn.run does).
  */
 export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, values: readonly unknown[]): void {
   const x = sqlite3.wasm.exports as Record<string, (...args: unknown[]) => number>;
   const p = stmt.pointer as unknown as number;
+  // UTF-8 takes at most 3 bytes per UTF-16 unit.
+  let need = 0;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (typeof v === "string") need += v.length * 3;
+    else if (v instanceof Uint8Array) need += v.length;
+  }
+  const scratch = need > 0 ? scratchFor(sqlite3, need) : null;
+  let heap = scratch === null ? null : sqlite3.wasm.heap8u();
+  let at = scratch === null ? 0 : scratch.base;
   for (let i = 0; i < values.length; i++) {
     const v = values[i];
     const idx = i + 1;
@@ -167,14 +202,27 @@ export function bindValues(sqlite3: Sqlite3Static, stmt: PreparedStatement, valu
     } else if (typeof v === "bigint") rc = x.sqlite3_bind_int64!(p, idx, v);
     else if (typeof v === "boolean") rc = x.sqlite3_bind_int!(p, idx, v ? 1 : 0);
     else if (typeof v === "string") {
-      // UTF-8 takes at most 3 bytes per UTF-16 unit.
-      const { base, size } = scratchFor(sqlite3, v.length * 3 + 1);
-      const { written } = encoder.encodeInto(v, sqlite3.wasm.heap8u().subarray(base, base + size));
-      rc = x.sqlite3_bind_text!(p, idx, base, written, SQLITE_TRANSIENT);
+      // A view of memory that grew since (oo1's bind below allocates) is empty.
+      if (heap!.length === 0) heap = sqlite3.wasm.heap8u();
+      // ASCII (most values) is copied by hand: encodeInto and the view it
+      // needs cost more than the copy for short strings.
+      let written = 0;
+      const n = v.length;
+      if (n <= 256) {
+        for (; written < n; written++) {
+          const c = v.charCodeAt(written);
+          if (c > 0x7f) break;
+          heap![at + written] = c;
+        }
+      }
+      if (written < n) written = encoder.encodeInto(v, heap!.subarray(at, at + n * 3)).written;
+      rc = x.sqlite3_bind_text!(p, idx, at, written, SQLITE_STATIC);
+      at += written;
     } else if (v instanceof Uint8Array) {
-      const { base } = scratchFor(sqlite3, v.length + 1);
-      sqlite3.wasm.heap8u().set(v, base);
-      rc = x.sqlite3_bind_blob!(p, idx, base, v.length, SQLITE_TRANSIENT);
+      if (heap!.length === 0) heap = sqlite3.wasm.heap8u();
+      heap!.set(v, at);
+      rc = x.sqlite3_bind_blob!(p, idx, at, v.length, SQLITE_STATIC);
+      at += v.length;
     } else {
       // Anything else: oo1's rules (and its error for what cannot be bound).
       stmt.bind(idx, v as never);

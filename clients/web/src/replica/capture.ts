@@ -56,6 +56,42 @@ export function createTriggers(conn: Conn, table: TableSchema): void {
   conn.execBatch(triggersSql(table));
 }
 
+/** SQLITE_DBCONFIG_ENABLE_TRIGGER (sqlite3.h). */
+const ENABLE_TRIGGER = 1003;
+
+/**
+ * Keeps `table`'s capture triggers from firing until the open transaction
+ * ends. Even a capture trigger whose WHEN is false costs about as much per
+ * row as the insert itself, so bulk work (snapshot chunks, large applied
+ * batches) sets them aside. When the replica has no triggers but pgrelay's
+ * own, triggers are switched off for the connection (a flag, free; SQLite
+ * re-prepares statements after it changes) and on again when the
+ * transaction ends, committed or not. Otherwise the capture triggers are
+ * dropped and created again before the commit (milliseconds each time), so
+ * the application's own triggers still run.
+ */
+export function quietCapture(conn: Conn, table: TableSchema): void {
+  if (!conn.inTransaction()) throw new Error("capture triggers are set aside inside a transaction only");
+  const others = conn.value(
+    `SELECT 1 FROM (SELECT name FROM sqlite_schema WHERE type = 'trigger' UNION ALL SELECT name FROM sqlite_temp_schema WHERE type = 'trigger')
+     WHERE substr(name, 1, 17) <> '_pgrelay_capture_' LIMIT 1`,
+  );
+  if (others === undefined) {
+    conn.once("triggers-off", () => enableTriggers(conn, false), () => enableTriggers(conn, true), true);
+    return;
+  }
+  conn.once(
+    `triggers:${table.name}`,
+    () => dropTriggers(conn, table),
+    () => createTriggers(conn, table),
+  );
+}
+
+function enableTriggers(conn: Conn, on: boolean): void {
+  const rc = conn.sqlite3.capi.sqlite3_db_config(conn.db.pointer!, ENABLE_TRIGGER, on ? 1 : 0, 0);
+  if (rc !== 0) throw new Error(`cannot switch triggers ${on ? "on" : "off"}: SQLite error ${rc}`);
+}
+
 /**
  * Drops a table's capture triggers. Snapshot loading does this inside its
  * transaction and creates them again before committing: even a trigger

@@ -8,7 +8,7 @@ import type { TableSchema, Transaction, Visibility, WriteResults } from "../prot
 import { formatLsn, parseLsn, sqliteName } from "../protocol.js";
 import { cannotHold } from "./holdable.js";
 import { applyChange, ReplicaError } from "./apply.js";
-import { createTriggers, dropTriggers, ensureCaptureTables, setApplying, setTxId } from "./capture.js";
+import { ensureCaptureTables, quietCapture, setApplying, setTxId } from "./capture.js";
 
 /** Changes in one applied batch from which capture triggers are set aside. */
 const BULK_CHANGES = 200;
@@ -53,9 +53,19 @@ export interface Executed {
   duplicate: boolean;
 }
 
+/**
+ * How the storage journals while a snapshot loads and after (set by the
+ * worker for OPFS: see worker.ts). Called between transactions.
+ */
+export interface LoadJournal {
+  loading(): void;
+  loaded(): void;
+}
+
 export class Replica {
   private tables: Map<string, TableSchema>;
   private filters: snapshot.Filter[];
+  journal: LoadJournal | null = null;
 
   constructor(readonly conn: Conn) {
     conn.tx(() => {
@@ -145,13 +155,20 @@ export class Replica {
     let transactions = 0;
     let changes = 0;
     // Many changes: the capture triggers of the tables they touch are set
-    // aside for the transaction (each would run for every row, as
-    // expensive as the row itself) and put back before it commits.
+    // aside for the transaction (see quietCapture).
     const bulk = txs.reduce((n, tx) => n + tx.changes.length, 0) >= BULK_CHANGES;
-    const quiet = bulk ? [...new Set(txs.flatMap((tx) => tx.changes.map((c) => c.table)))].flatMap((t) => this.tables.get(t) ?? []).filter((t) => !t.skipped) : [];
+    const quiet: TableSchema[] = [];
+    if (bulk) {
+      const names = new Set<string>();
+      for (const tx of txs) for (const c of tx.changes) names.add(c.table);
+      for (const name of names) {
+        const t = this.tables.get(name);
+        if (t && !t.skipped) quiet.push(t);
+      }
+    }
     this.conn.tx(() => {
       setApplying(this.conn, true);
-      for (const t of quiet) dropTriggers(this.conn, t);
+      for (const t of quiet) quietCapture(this.conn, t);
       for (const tx of txs) {
         const lsn = parseLsn(tx.lsn);
         // At or below the stored position: already here.
@@ -183,7 +200,6 @@ export class Replica {
       }
       // In the same transaction as the position that passes them.
       if (unknown.length > 0) snapshot.requestResync(this.conn, unknown);
-      for (const t of quiet) createTriggers(this.conn, t);
       setApplying(this.conn, false);
     });
     return { lsn: formatLsn(reached), tables: [...changed], transactions, changes, echoes, unknown };
@@ -260,6 +276,7 @@ export class Replica {
 
   beginSnapshot(tables: string[], full: boolean): void {
     if (full) this.filters = [];
+    this.journal?.loading();
     this.quietly(() => snapshot.begin(this.conn, this.tables, tables, full));
   }
 
@@ -278,6 +295,7 @@ export class Replica {
 
   finishSnapshot(resume: string, full: boolean, tables: string[], visibility: Visibility): void {
     this.filters = this.quietly(() => snapshot.finish(this.conn, this.tables, resume, full, tables, visibility));
+    this.journal?.loaded();
   }
 
   /** Runs `work` in a transaction with local-write capture off. */

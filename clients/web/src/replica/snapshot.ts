@@ -8,7 +8,7 @@
 import type { Change, TableSchema, Transaction, Visibility } from "../protocol.js";
 import { parseLsn, sees, sqliteName } from "../protocol.js";
 import { loadCopyChunk } from "./bulk.js";
-import { createTriggers, dropTriggers } from "./capture.js";
+import { quietCapture } from "./capture.js";
 import { applyChange, ReplicaError } from "./apply.js";
 import { Conn, quote } from "./conn.js";
 import { rowFromJson, unconfirmed } from "./outbox.js";
@@ -25,6 +25,10 @@ export interface Filter {
 }
 
 const PENDING_KEY = "hydrate";
+/** Snapshot rows inserted by one statement (see ChunkInserts). */
+const ROWS_PER_STATEMENT = 32;
+/** SQLite's default SQLITE_MAX_VARIABLE_NUMBER. */
+const MAX_PARAMETERS = 32766;
 const FILTERS_KEY = "snapshot_filters";
 
 export function pending(conn: Conn): Pending | null {
@@ -88,17 +92,20 @@ export function load(conn: Conn, tables: Map<string, TableSchema>, name: string,
   // snapshot still checks out, and dropped.
   if (table.skipped) return data.reduce((n, b) => n + (b === 10 ? 1 : 0), 0);
   const columns = table.columns;
-  const stmt = conn.cached(
-    `INSERT OR REPLACE INTO ${quote(sqliteName(table.name))} (${columns.map((c) => quote(c.name)).join(", ")}) VALUES (${columns.map(() => "?").join(", ")})`,
-  );
-  // Without the capture triggers while loading (restored before commit).
-  dropTriggers(conn, table);
+  const insert = `INSERT OR REPLACE INTO ${quote(sqliteName(table.name))} (${columns.map((c) => quote(c.name)).join(", ")}) VALUES `;
+  const row = `(${columns.map(() => "?").join(", ")})`;
+  const rowsPerMany = Math.min(ROWS_PER_STATEMENT, Math.floor(MAX_PARAMETERS / columns.length));
+  const inserts = {
+    one: conn.cached(insert + row),
+    many: rowsPerMany > 1 ? conn.cached(insert + Array(rowsPerMany).fill(row).join(", ")) : null,
+    rowsPerMany,
+  };
+  // Without the capture triggers while loading (see quietCapture).
+  quietCapture(conn, table);
   try {
-    return loadCopyChunk(conn.sqlite3, conn.db.pointer as unknown as number, stmt, columns.map((c) => c.kind), data);
+    return loadCopyChunk(conn.sqlite3, conn.db.pointer as unknown as number, inserts, columns.map((c) => c.kind), data);
   } catch (e) {
     throw new ReplicaError(`snapshot of ${name}: ${(e as Error).message}`);
-  } finally {
-    createTriggers(conn, table);
   }
 }
 

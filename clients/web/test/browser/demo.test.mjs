@@ -40,7 +40,8 @@ test("pgrelay demo --web serves a page whose windows show each other's edits and
     const r = await fetch(origin + "/").catch(() => null);
     return r?.status === 200;
   });
-  assert.match(log, /open http:\/\/127\.0\.0\.1:\d+\/ in two browser windows/);
+  // The banner may come a moment after the page is served.
+  await waitFor("the demo's banner", () => /open http:\/\/127\.0\.0\.1:\d+\/ in two browser windows/.test(log));
 
   const page = await browser.newPage({ viewport: { width: 1180, height: 640 } });
   page.on("console", (m) => {

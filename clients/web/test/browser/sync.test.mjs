@@ -64,3 +64,35 @@ test("two pages hydrate and follow a writer; both equal PostgreSQL", async () =>
   assert.ok(head.length === 1);
   for (const c of contexts) await c.close();
 });
+
+test("a tab killed mid-hydration leaves a whole replica that hydrates again from the start", async () => {
+  const context = await browser.newContext();
+  let page = await openPage(context, pages.origin);
+  await page.evaluate((url) => window.open_({ url, name: "killed-hydrating" }), server.url);
+  // While loading, the file has a rollback journal (see worker.ts); killed
+  // inside a chunk transaction, the journal is hot.
+  await waitFor("rows loading", () => page.evaluate(() => (window.db.status.hydrating?.rows ?? 0) > 0), 60_000, 5);
+  const crashed = page.evaluate(() => null).catch(() => null);
+  await page.close({ runBeforeUnload: false });
+  await crashed;
+
+  page = await openPage(context, pages.origin);
+  const warnings = [];
+  page.on("console", (m) => m.type() === "warning" && warnings.push(m.text()));
+  await page.evaluate((url) => window.open_({ url, name: "killed-hydrating" }), server.url);
+  const check = await page.evaluate(async () => (await window.db.query("PRAGMA integrity_check"))[0]);
+  assert.deepEqual(Object.values(check), ["ok"]);
+  await waitFor("hydration", () => page.evaluate(() => window.db.status.caughtUp), 120_000, 200);
+  // The snapshot started over (the killed one was never marked done) and
+  // ended with every row, once.
+  const hydrated = await page.evaluate(() => window.events.filter((e) => e.name === "hydrated"));
+  assert.equal(hydrated.length, 1, "hydrated again after the kill");
+  assert.equal(hydrated[0].full, true);
+  assert.equal(hydrated[0].rows, ROWS);
+  assert.deepEqual(await replicaRows(page), await postgresRows());
+  assert.deepEqual(warnings.filter((w) => /zstd/.test(w)), [], "chunks decompressed by zstd in WebAssembly");
+  // Back to the WAL once the snapshot committed.
+  const mode = await page.evaluate(async () => Object.values((await window.db.query("PRAGMA journal_mode"))[0])[0]);
+  assert.equal(mode, "wal");
+  await context.close();
+});
