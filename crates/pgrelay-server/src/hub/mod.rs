@@ -116,6 +116,21 @@ impl Frame {
         }
     }
 
+    /// A transaction whose frame text another node encoded (`text`
+    /// encodes `tx`): the same bytes its sessions sent.
+    pub(crate) fn received(text: String, tx: Transaction) -> Frame {
+        Frame {
+            lsn: tx.lsn,
+            is_tx: true,
+            text: text.into(),
+            tables: distinct(tx.changes.iter().map(|c| &c.table)),
+            content: Content::Tx(Arc::new(tx)),
+            table: None,
+            ends_log: false,
+            filtered: None,
+        }
+    }
+
     pub(crate) fn transaction(tx: impl Into<Arc<Transaction>>) -> Frame {
         // Serialize the borrowed transaction without cloning it.
         #[derive(serde::Serialize)]
