@@ -40,6 +40,8 @@ test("pgrelay demo --web serves a page whose windows show each other's edits and
     const r = await fetch(origin + "/").catch(() => null);
     return r?.status === 200;
   });
+  // The page can answer before the line that says so is read from the pipe.
+  await waitFor("the demo's instructions", () => /open http:\/\/127\.0\.0\.1:\d+\/ in two browser windows/.test(log), 10_000).catch(() => {});
   assert.match(log, /open http:\/\/127\.0\.0\.1:\d+\/ in two browser windows/);
 
   const page = await browser.newPage({ viewport: { width: 1180, height: 640 } });
