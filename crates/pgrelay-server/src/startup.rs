@@ -72,6 +72,7 @@ pub(crate) async fn start_row_sync(
     if matches!(config.tables, pgrelay_pg::TableFilter::AllPublic) {
         replication::unpublished::keep_out(&db, &mut tables).await?;
     }
+    replication::unpublished::gone_while_stopped(&db, &mut tables).await?;
     history::version_schemas(&db, &mut tables).await?;
     for table in tables.iter().filter(|t| t.skipped.is_some()) {
         tracing::warn!(table = %table.name, reason = table.skipped.as_deref().unwrap_or(""), "table skipped");

@@ -135,3 +135,46 @@ pub(crate) async fn keep_out(
     }
     Ok(())
 }
+
+/// At start: tables an earlier server synced (their schemas are stored)
+/// that this one does not find, dropped or renamed while no server ran,
+/// or no longer listed. They are announced as not synced, so a replica
+/// that comes back drops them instead of keeping rows that went stale; a
+/// table announced so before keeps its reason.
+pub(crate) async fn gone_while_stopped(
+    db: &tokio_postgres::Client,
+    tables: &mut Vec<TableSchema>,
+) -> Result<(), ServerError> {
+    let rows = db
+        .query(
+            "SELECT schema FROM pgrelay.table_schemas ORDER BY name",
+            &[],
+        )
+        .await
+        .map_err(ServerError::sql("reading stored table schemas"))?;
+    for row in rows {
+        let tokio_postgres::types::Json(mut stored): tokio_postgres::types::Json<TableSchema> =
+            row.get(0);
+        if tables.iter().any(|t| t.name == stored.name) {
+            continue;
+        }
+        if stored.skipped.is_none() {
+            let exists: bool = db
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&crate::writes::quote_table(&stored.name)],
+                )
+                .await
+                .map_err(ServerError::sql(format!("looking up {}", stored.name)))?
+                .get(0);
+            stored.skipped = Some(if exists {
+                "not among the tables this server syncs (--tables)".to_owned()
+            } else {
+                "the table no longer exists in PostgreSQL (dropped or renamed)".to_owned()
+            });
+            tracing::warn!(table = %stored.name, reason = stored.skipped.as_deref().unwrap_or(""), "a table synced before is no longer synced");
+        }
+        tables.push(stored);
+    }
+    Ok(())
+}

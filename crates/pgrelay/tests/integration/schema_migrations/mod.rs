@@ -9,6 +9,7 @@ mod defaults;
 mod publication;
 mod schema_changes;
 mod upgrade;
+mod while_down;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
