@@ -17,7 +17,7 @@ before(async () => {
 });
 
 after(async () => {
-  if (demo && demo.exitCode === null) {
+  if (demo && demo.exitCode === null && demo.signalCode === null) {
     const exited = new Promise((r) => demo.once("exit", r));
     demo.kill("SIGTERM");
     await exited;

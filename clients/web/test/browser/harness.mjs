@@ -31,13 +31,30 @@ export async function freePort() {
   });
 }
 
-/** Polls `check` until it returns a truthy value or the deadline passes. */
+/** Settles like `promise`, or rejects once `ms` have passed (a call that never answers fails, it does not hang). */
+export async function within(ms, what, promise) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), Math.max(ms, 0));
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * Polls `check` until it returns a truthy value or the deadline passes. A
+ * check that never settles (a page call that never answers) counts against
+ * the same deadline.
+ */
 export async function waitFor(what, check, timeoutMs = 30_000, everyMs = 50) {
   const deadline = Date.now() + timeoutMs;
   let last;
   for (;;) {
     try {
-      last = await check();
+      last = await within(deadline - Date.now(), `checking ${what}`, Promise.resolve().then(check));
       if (last) return last;
     } catch (e) {
       last = e;
@@ -96,19 +113,25 @@ export async function startServer(databaseUrl, extraArgs = [], port) {
     child.on("error", (e) => (server.log += `cannot start ${PGRELAY_BIN}: ${e.message}`));
     server.process = child;
     children.add(child);
-    child.once("exit", () => children.delete(child));
+    // Remembered here: a process ended by a signal keeps `exitCode` null,
+    // and "exit" fires only once.
+    server.exited = new Promise((r) => child.once("exit", r));
+    child.once("exit", () => {
+      children.delete(child);
+      if (server.process === child) server.process = null;
+    });
     await waitFor("pgrelay serve to answer", async () => {
-      if (child.exitCode !== null) throw new Error(`pgrelay serve exited: ${server.log}`);
+      if (child.exitCode !== null || child.signalCode !== null) throw new Error(`pgrelay serve exited: ${server.log}`);
       const r = await fetch(`http://127.0.0.1:${port}/health`).catch(() => null);
       return r && r.status < 500;
     }, 30_000, 100);
   };
+  /** Sends `signal` and waits (at most 10 s) until the process is gone; at once when it already is. */
   server.kill = async (signal = "SIGKILL") => {
     const child = server.process;
-    if (!child || child.exitCode !== null) return;
-    const exited = new Promise((r) => child.once("exit", r));
+    if (!child) return;
     child.kill(signal);
-    await exited;
+    await within(10_000, `pgrelay serve on port ${port} to exit after ${signal}`, server.exited);
   };
   server.restart = async () => {
     await server.kill();

@@ -5,6 +5,7 @@
 
 pub(crate) mod epoch;
 mod error;
+pub(crate) mod notice;
 pub(crate) mod reader;
 pub(crate) mod retention;
 
@@ -163,10 +164,13 @@ pub(crate) async fn record_schema(
 pub(crate) struct LoggedTx<'a> {
     pub(crate) tx: &'a EncodedTx,
     pub(crate) schema_versions: &'a [u32],
+    /// The frame sessions get for it (the append's notice may carry it).
+    pub(crate) frame: &'a str,
 }
 
 /// The channel on which every append is announced, in the append's own
-/// commit: nodes that do not capture listen on it and read the new rows.
+/// commit: nodes that do not capture listen on it, and publish the new
+/// transactions from the notice ([`notice`]) or read them from the log.
 pub(crate) const NOTIFY_CHANNEL: &str = "pgrelay_change_log";
 
 /// Who appends: the slot and the capture term this node holds.
@@ -206,7 +210,8 @@ impl AppendStatements {
 /// that first checks (and row-locks until commit) that `fence`'s term is
 /// still the slot's: a capturer whose term is over appends nothing. The
 /// same transaction records how far the log is captured (`end`) and
-/// notifies followers at commit. Callers pass only transactions newer than
+/// notifies followers at commit with `notice` (see [`notice::appended`]).
+/// Callers pass only transactions newer than
 /// the log's head, so a replay after a crash inserts nothing twice (and the
 /// primary key would refuse it).
 pub(crate) async fn append(
@@ -214,9 +219,10 @@ pub(crate) async fn append(
     statements: &AppendStatements,
     fence: &Fence,
     end: Lsn,
+    notice: &str,
     txs: &[LoggedTx<'_>],
 ) -> Result<(), HistoryError> {
-    let result = append_in_tx(client, statements, fence, end, txs).await;
+    let result = append_in_tx(client, statements, fence, end, notice, txs).await;
     if result.is_err() {
         // Whatever was appended goes; the writer drops the connection anyway.
         let _ = client.batch_execute("ROLLBACK").await;
@@ -229,9 +235,9 @@ async fn append_in_tx(
     statements: &AppendStatements,
     fence: &Fence,
     end: Lsn,
+    notice: &str,
     txs: &[LoggedTx<'_>],
 ) -> Result<(), HistoryError> {
-    let head = txs.last().map_or(end, |t| t.tx.lsn);
     // BEGIN and the term check go out together: one round trip (requests
     // polled together are pipelined, in order, on the connection).
     let (_, ours) = futures_util::future::try_join(
@@ -243,7 +249,7 @@ async fn append_in_tx(
                 &fence.term,
                 &PgLsn::from(end.0),
                 &NOTIFY_CHANNEL,
-                &head.to_string(),
+                &notice,
             ],
         ),
     )

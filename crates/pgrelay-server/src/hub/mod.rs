@@ -103,7 +103,13 @@ impl Frame {
 
     /// A transaction whose rows are already encoded (`encoded` is `tx`).
     pub(crate) fn encoded(encoded: &crate::hub::encoded::EncodedTx, tx: Arc<Transaction>) -> Frame {
-        let text = serde_json::to_string(encoded).unwrap_or_default();
+        Frame::received(serde_json::to_string(encoded).unwrap_or_default(), tx)
+    }
+
+    /// A transaction already encoded as `text`, here or by the capturing
+    /// node (a follower sends the very bytes its sessions sent).
+    pub(crate) fn received(text: String, tx: impl Into<Arc<Transaction>>) -> Frame {
+        let tx = tx.into();
         Frame {
             lsn: tx.lsn,
             is_tx: true,

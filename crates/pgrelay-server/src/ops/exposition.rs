@@ -114,6 +114,13 @@ pub(crate) fn render(state: &AppState) -> String {
             .0
             .saturating_sub(state.hub.head().0),
     );
+    let (from_notice, from_log) = state.replication.followed();
+    out.counters(
+        "followed_transactions",
+        "Transactions this node published while following, by source (notice: carried in the append's NOTIFY; log: read from the change log).",
+        "source",
+        &[("notice", from_notice), ("log", from_log)],
+    );
     let (missing, invalidated) = state.replication.slot_losses();
     out.counters(
         "slot_lost",

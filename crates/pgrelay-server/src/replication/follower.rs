@@ -1,12 +1,19 @@
 //! A node that does not capture follows the change log another node
 //! writes: woken by the `NOTIFY` each append sends in its own commit, it
-//! reads the new transactions and publishes them into its own hub, so its
-//! sessions work as on the capturing node. A slow poll is the safety net
-//! for a notification lost with a connection. Between reads it tries for
-//! the capture lock, and returns the term when it wins. Every round trip
-//! to PostgreSQL has a deadline: a cut that closes nothing (a frozen
-//! network) shows as "not ready" within seconds, not when TCP gives up.
+//! publishes the new transactions into its own hub, so its sessions work
+//! as on the capturing node. A small append's notice carries its
+//! transactions: when it follows this hub's head exactly, they are
+//! published as they are, with no round trip to PostgreSQL; anything else
+//! (a big append, a notice that does not follow the head, a new schema, a
+//! notice dropped) makes the follower read the log after its head, so
+//! positions stay strictly ordered with no gap and no duplicate. A slow
+//! poll is the safety net for a notification lost with a connection.
+//! Between reads it tries for the capture lock, and returns the term when
+//! it wins. Every round trip to PostgreSQL has a deadline: a cut that
+//! closes nothing (a frozen network) shows as "not ready" within seconds,
+//! not when TCP gives up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::{Json, PgLsn};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
+use crate::history::notice::{self, Appended, Notice};
 use crate::history::{self, HistoryError, NOTIFY_CHANNEL};
 use crate::hub::{Frame, Hub};
 use crate::replication::election::{Election, Term};
@@ -85,7 +93,8 @@ impl Follower<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Term>, ServerError> {
         let deadline = answer_deadline(election.lease);
-        let (db, mut wakes) = within(deadline, "to a new connection", listen(self.info)).await?;
+        let (db, mut wakes, missed) =
+            within(deadline, "to a new connection", listen(self.info)).await?;
         within(deadline, "to LISTEN", async {
             db.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
                 .await
@@ -105,17 +114,21 @@ impl Follower<'_> {
                 biased;
                 _ = shutdown.changed() => return Ok(None),
                 wake = wakes.recv() => {
-                    let Some(mut head) = wake else {
+                    let Some(first) = wake else {
                         return Err(crate::ReplicationError::FollowEnded.into());
                     };
-                    // Several notifications may be waiting: one read serves all.
+                    // Several notifications may be waiting: taken in order,
+                    // and one read serves all that need one.
+                    let mut must_read = self.take(first);
                     while let Ok(next) = wakes.try_recv() {
-                        head = head.max(next);
+                        must_read |= self.take(next);
                     }
-                    if let Some(head) = head {
-                        self.status.set_log_head(head);
+                    // A notice dropped while the channel was full: its
+                    // transactions are in the log.
+                    must_read |= missed.swap(false, Ordering::AcqRel);
+                    if must_read {
+                        within(deadline, "to a read of the change log", self.read(&db)).await?;
                     }
-                    within(deadline, "to a read of the change log", self.read(&db)).await?;
                 }
                 _ = poll.tick() => {
                     within(deadline, "to a read of the change log", self.read(&db)).await?;
@@ -134,6 +147,65 @@ impl Follower<'_> {
                 }
             }
         }
+    }
+
+    /// Publishes the transactions a notice carries when they follow the
+    /// hub's head directly; `true` when the log must be read instead (a
+    /// read after a notice covers it: the notice came after its commit).
+    fn take(&self, notice: Notice) -> bool {
+        let appended = match notice {
+            Notice::Position(head) => {
+                if let Some(head) = head {
+                    self.status.set_log_head(head);
+                }
+                return true;
+            }
+            Notice::Appended(appended) => appended,
+        };
+        self.status.set_log_head(appended.head());
+        if *self.hub.log_id() != *appended.log {
+            return true;
+        }
+        let head = self.hub.head();
+        if appended.head() <= head {
+            // Already published (read with an earlier notice's read).
+            return false;
+        }
+        if appended.after != head || self.new_schema(&appended) {
+            return true;
+        }
+        let (changes, count) = (
+            appended
+                .txs
+                .iter()
+                .map(|(_, t)| t.changes.len() as u64)
+                .sum::<u64>(),
+            appended.txs.len() as u64,
+        );
+        let frames = appended
+            .txs
+            .into_iter()
+            .map(|(text, tx)| Frame::received(text, tx))
+            .collect();
+        self.hub.publish(frames);
+        self.status.add_captured(changes, count);
+        self.status.add_followed(true, count);
+        // The append recorded at least its last transaction as captured.
+        self.status.set_confirmed(appended.end);
+        self.hub.set_captured(appended.end);
+        self.status.touch();
+        false
+    }
+
+    /// Whether the append uses a schema newer than this hub's for a table
+    /// it syncs: the log read announces it before the transaction.
+    fn new_schema(&self, appended: &Appended) -> bool {
+        let known = self.hub.schemas();
+        appended.versions.iter().any(|(table, version)| {
+            known
+                .get(table)
+                .is_some_and(|schema| schema.version < *version)
+        })
     }
 
     /// Publishes what the log holds beyond the hub's head, then tells
@@ -183,6 +255,7 @@ impl Follower<'_> {
             frames.sort_by_key(|f| (f.lsn, f.is_tx));
             self.hub.publish(frames);
             self.status.add_captured(changes, count);
+            self.status.add_followed(false, count);
             // A page short of the limit was the end of the log: no round
             // trip to learn that again (a wake-up costs two reads, not three).
             if i64::try_from(changes).is_ok_and(|n| n < PAGE) {
@@ -232,26 +305,31 @@ impl Follower<'_> {
 }
 
 /// A connection whose notifications on [`NOTIFY_CHANNEL`] arrive on the
-/// returned channel (with the log head they carry, when they carry one);
-/// the channel closes when the connection does.
-async fn listen(info: &ConnInfo) -> Result<(Client, mpsc::Receiver<Option<Lsn>>), ServerError> {
+/// returned channel, read ([`notice::parse`]) and in order; the channel
+/// closes when the connection does. The flag is raised when a notice was
+/// dropped because the channel was full.
+async fn listen(
+    info: &ConnInfo,
+) -> Result<(Client, mpsc::Receiver<Notice>, Arc<AtomicBool>), ServerError> {
     let config = info.with_application_name("pgrelay-follower");
     let (client, mut connection) = config
         .config()
         .connect(NoTls)
         .await
         .map_err(ServerError::sql("connecting to follow the change log"))?;
-    // Bounded: a follower that is busy reading coalesces the wake-ups.
-    let (tx, rx) = mpsc::channel(64);
-    let wake = Arc::new(tx);
+    // Bounded: a follower busy reading falls back to one read for what it
+    // dropped.
+    let (tx, rx) = mpsc::channel(256);
+    let missed = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::clone(&missed);
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    let head = n.payload().parse::<Lsn>().ok();
-                    // Full: a read is due anyway.
-                    let _ = wake.try_send(head);
+                    if tx.try_send(notice::parse(n.payload())).is_err() {
+                        dropped.store(true, Ordering::Release);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -261,5 +339,5 @@ async fn listen(info: &ConnInfo) -> Result<(Client, mpsc::Receiver<Option<Lsn>>)
             }
         }
     });
-    Ok((client, rx))
+    Ok((client, rx, missed))
 }

@@ -202,10 +202,13 @@ impl Replication {
         // hub has published (above).
         self.hub.set_captured(slot.confirmed);
         let log_db = pgrelay_pg::connect(&info).await?;
+        let (log_id, _) = history::log_state(&db).await?;
         let log = FencedLog {
             db: log_db,
             fence: fence.clone(),
             statements: None,
+            log_id,
+            head: logged,
         };
         let mut writer = Writer::start(
             log,

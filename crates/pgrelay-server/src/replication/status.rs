@@ -33,6 +33,10 @@ pub(crate) struct ReplicationStatus {
     stand_downs: AtomicU64,
     /// Newest commit LSN in the change log, as last read by this node.
     log_head: AtomicU64,
+    /// Transactions this node published while following, from the
+    /// append's notice and read from the change log.
+    followed_from_notice: AtomicU64,
+    followed_from_log: AtomicU64,
 }
 
 /// What this node does with the slot.
@@ -84,7 +88,28 @@ impl ReplicationStatus {
             term: AtomicU64::new(0),
             stand_downs: AtomicU64::new(0),
             log_head: AtomicU64::new(0),
+            followed_from_notice: AtomicU64::new(0),
+            followed_from_log: AtomicU64::new(0),
         }
+    }
+
+    /// Counts transactions published while following, by where they came
+    /// from: the append's notice (`true`) or the change log.
+    pub(crate) fn add_followed(&self, from_notice: bool, txs: u64) {
+        let counter = if from_notice {
+            &self.followed_from_notice
+        } else {
+            &self.followed_from_log
+        };
+        counter.fetch_add(txs, Ordering::Relaxed);
+    }
+
+    /// Transactions published while following: from notices, from the log.
+    pub(crate) fn followed(&self) -> (u64, u64) {
+        (
+            self.followed_from_notice.load(Ordering::Relaxed),
+            self.followed_from_log.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn set_holder(&self, holder: Option<String>, role: Role) {

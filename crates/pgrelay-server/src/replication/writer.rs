@@ -36,6 +36,12 @@ pub(crate) struct FencedLog {
     pub(crate) fence: Fence,
     /// Prepared at the first append.
     pub(crate) statements: Option<history::AppendStatements>,
+    /// The change log's identity, for the append's notice.
+    pub(crate) log_id: String,
+    /// The log's head: what the next append follows. Read when this
+    /// connection started (under this term, so no one else appends), then
+    /// moved by each append.
+    pub(crate) head: Lsn,
 }
 
 impl ChangeLog for FencedLog {
@@ -46,10 +52,13 @@ impl ChangeLog for FencedLog {
         if self.statements.is_none() {
             self.statements = Some(history::AppendStatements::prepare(&self.db).await?);
         }
-        match &self.statements {
-            Some(statements) => history::append(&self.db, statements, &self.fence, end, txs).await,
-            None => Ok(()),
-        }
+        let Some(statements) = &self.statements else {
+            return Ok(());
+        };
+        let notice = history::notice::appended(&self.log_id, self.head, end, txs);
+        history::append(&self.db, statements, &self.fence, end, &notice, txs).await?;
+        self.head = self.head.max(end);
+        Ok(())
     }
 }
 
@@ -209,12 +218,20 @@ async fn commit_loop(
             .into_iter()
             .map(|(tx, versions)| (EncodedTx::new(&tx), versions, Arc::new(tx)))
             .collect();
+        // Encoded before the append, whose notice may carry them; published
+        // only once it committed.
+        let tx_frames: Vec<Frame> = txs
+            .iter()
+            .map(|(encoded, _, tx)| Frame::encoded(encoded, Arc::clone(tx)))
+            .collect();
         if !txs.is_empty() {
             let entries: Vec<LoggedTx<'_>> = txs
                 .iter()
-                .map(|(tx, versions, _)| LoggedTx {
+                .zip(&tx_frames)
+                .map(|((tx, versions, _), frame)| LoggedTx {
                     tx,
                     schema_versions: versions,
+                    frame: frame.text.as_str(),
                 })
                 .collect();
             db.append(&entries).await?;
@@ -222,10 +239,7 @@ async fn commit_loop(
             tracing::debug!(txs = txs.len(), changes = batch.changes, end = %batch.end_lsn, "change log committed");
         }
         let mut frames = batch.frames;
-        frames.extend(
-            txs.iter()
-                .map(|(encoded, _, tx)| Frame::encoded(encoded, Arc::clone(tx))),
-        );
+        frames.extend(tx_frames);
         frames.sort_by_key(|f| (f.lsn, f.is_tx));
         if let Some((last, _, _)) = txs.last() {
             tracing::trace!(lsn = %last.lsn, since_commit_us = super::now_us() - last.commit_time_us, "transaction published");

@@ -7,6 +7,7 @@ mod agreement;
 mod failover;
 mod faults;
 mod fencing;
+mod following;
 mod signals;
 
 use std::time::Duration;
