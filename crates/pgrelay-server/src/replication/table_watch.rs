@@ -140,8 +140,7 @@ async fn gone(
             continue;
         }
         let mut dropped = table.clone();
-        dropped.skipped =
-            Some("the table no longer exists in PostgreSQL (dropped or renamed)".to_owned());
+        dropped.skipped = Some(unpublished::DROPPED.to_owned());
         history::record_schema(db, &mut dropped).await?;
         tracing::info!(table = %dropped.name, "table dropped");
         let frame = hub.set_schema(dropped, hub.head());

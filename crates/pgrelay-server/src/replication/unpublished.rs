@@ -17,6 +17,21 @@ use crate::{history, ServerError};
 /// does not add such a table back to the publication by itself.
 pub(crate) const LEFT: &str = "left the publication";
 
+/// Why a synced table PostgreSQL no longer has is not synced.
+pub(crate) const DROPPED: &str = "the table no longer exists in PostgreSQL (dropped or renamed)";
+
+/// Whether PostgreSQL has a table of that name.
+async fn exists(db: &tokio_postgres::Client, name: &str) -> Result<bool, ServerError> {
+    Ok(db
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&crate::writes::quote_table(name)],
+        )
+        .await
+        .map_err(ServerError::sql(format!("looking up {name}")))?
+        .get(0))
+}
+
 /// Whether `table` is not synced because it left the publication.
 pub(crate) fn left(table: &TableSchema) -> bool {
     table
@@ -65,23 +80,15 @@ pub(crate) async fn announce_left(
         if table.skipped.is_some() || members.contains(&table.name) {
             continue;
         }
-        let exists: bool = db
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&crate::writes::quote_table(&table.name)],
-            )
-            .await
-            .map_err(ServerError::sql(format!("looking up {}", table.name)))?
-            .get(0);
         let mut gone = table.clone();
-        gone.skipped = Some(if exists {
+        gone.skipped = Some(if exists(db, &table.name).await? {
             format!(
                 "{LEFT} {publication} (ALTER PUBLICATION ... DROP TABLE); \
                  ALTER PUBLICATION {publication} ADD TABLE {} syncs it again",
                 table.name
             )
         } else {
-            "the table no longer exists in PostgreSQL (dropped or renamed)".to_owned()
+            DROPPED.to_owned()
         });
         history::record_schema(db, &mut gone).await?;
         tracing::info!(table = %gone.name, reason = gone.skipped.as_deref().unwrap_or(""), "table no longer synced");
@@ -159,18 +166,10 @@ pub(crate) async fn gone_while_stopped(
             continue;
         }
         if stored.skipped.is_none() {
-            let exists: bool = db
-                .query_one(
-                    "SELECT to_regclass($1) IS NOT NULL",
-                    &[&crate::writes::quote_table(&stored.name)],
-                )
-                .await
-                .map_err(ServerError::sql(format!("looking up {}", stored.name)))?
-                .get(0);
-            stored.skipped = Some(if exists {
+            stored.skipped = Some(if exists(db, &stored.name).await? {
                 "not among the tables this server syncs (--tables)".to_owned()
             } else {
-                "the table no longer exists in PostgreSQL (dropped or renamed)".to_owned()
+                DROPPED.to_owned()
             });
             tracing::warn!(table = %stored.name, reason = stored.skipped.as_deref().unwrap_or(""), "a table synced before is no longer synced");
         }

@@ -237,8 +237,18 @@ async fn a_new_key_and_renamed_and_dropped_tables_reach_live_and_late_replicas()
     world.wait_equal(&late_db, Duration::from_secs(30)).await;
     let (tables, _) = refetched(&late_loads, 0);
     assert!(!tables.contains(&"public.big".to_owned()), "{tables:?}");
-    // The write to the renamed table lands under its new name; the one to
-    // the dropped table is refused with the reason.
+    offline_writes_follow_the_rename(&world, &late).await;
+    world.wait_equal(&late_db, Duration::from_secs(30)).await;
+    live.stop().await;
+    late.stop().await;
+    server.shutdown().await.unwrap();
+    world.db.drop_database().await.unwrap();
+}
+
+/// The late replica's two offline writes: the one to `old_name` lands
+/// under its new name `new_name`; the one to the dropped `doomed` is
+/// refused with the reason.
+pub(super) async fn offline_writes_follow_the_rename(world: &World, late: &RunningClient) {
     let report = wait_for(
         "the offline writes answered",
         Duration::from_secs(30),
@@ -263,9 +273,4 @@ async fn a_new_key_and_renamed_and_dropped_tables_reach_live_and_late_replicas()
     assert_eq!(rejected.table, "public.doomed");
     let reason = rejected.error.clone().unwrap_or_default();
     assert!(reason.contains("no longer exists"), "{reason}");
-    world.wait_equal(&late_db, Duration::from_secs(30)).await;
-    live.stop().await;
-    late.stop().await;
-    server.shutdown().await.unwrap();
-    world.db.drop_database().await.unwrap();
 }

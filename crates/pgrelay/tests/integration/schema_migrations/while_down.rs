@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use super::schema_changes::{refetched, start_watched, wait_columns};
+use super::schema_changes::{
+    offline_writes_follow_the_rename, refetched, start_watched, wait_columns,
+};
 use crate::support::{wait_for, World};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,30 +71,7 @@ async fn tables_dropped_or_renamed_while_the_server_was_stopped_leave_a_late_rep
     world.wait_equal(&late_db, Duration::from_secs(30)).await;
     let (tables, _) = refetched(&late_loads, 0);
     assert!(!tables.contains(&"public.big".to_owned()), "{tables:?}");
-    let report = wait_for(
-        "the offline writes answered",
-        Duration::from_secs(30),
-        || async {
-            let report = late.replica.outbox(None, 10).await.unwrap();
-            (report.unsent() == 0).then_some(report)
-        },
-    )
-    .await;
-    assert_eq!((report.applied, report.rejected), (1, 1), "{report:?}");
-    assert_eq!(
-        world
-            .count("SELECT count(*) FROM new_name WHERE id = 3 AND v = 'offline edit'")
-            .await,
-        1
-    );
-    let rejected = report
-        .entries
-        .iter()
-        .find(|e| e.status == "rejected")
-        .unwrap();
-    assert_eq!(rejected.table, "public.doomed");
-    let reason = rejected.error.clone().unwrap_or_default();
-    assert!(reason.contains("no longer exists"), "{reason}");
+    offline_writes_follow_the_rename(&world, &late).await;
     world.wait_equal(&late_db, Duration::from_secs(30)).await;
     late.stop().await;
     server.shutdown().await.unwrap();
