@@ -23,6 +23,21 @@ async fn sigterm_closes_sessions_going_away_and_nothing_is_lost() {
     let client = start_client(addr, &path, "writer").await;
     let mut observer = hello(addr, "observer", None).await;
     read_to_caught_up(&mut observer).await;
+    // Local writes need the table in the replica: wait for its hydration.
+    wait_for(
+        "the writer's replica to hold t",
+        Duration::from_secs(30),
+        || async {
+            let conn = rusqlite::Connection::open(&path).ok()?;
+            conn.query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 't'",
+                [],
+                |_| Ok(()),
+            )
+            .ok()
+        },
+    )
+    .await;
 
     // Client writes through the outbox and PostgreSQL writes, both going
     // on across the shutdown and restart.
