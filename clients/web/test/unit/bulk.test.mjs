@@ -3,23 +3,10 @@
 // without silencing the application's own triggers.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import sqlite3InitModule from "@sqlite.org/sqlite-wasm";
-import { Conn, Replica } from "../../build/node/replica/index.js";
-
-const todos = {
-  name: "public.todos",
-  columns: [
-    { name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" },
-    { name: "title", pg_type: "text", type_oid: 25, kind: "text" },
-    { name: "done", pg_type: "boolean", type_oid: 16, kind: "bool" },
-  ],
-  primary_key: ["id"],
-  version: 1,
-};
+import { memoryReplica, todos } from "./fixture.mjs";
 
 async function replica() {
-  const sqlite3 = await sqlite3InitModule();
-  const r = new Replica(new Conn(new sqlite3.oo1.DB(":memory:", "c"), sqlite3));
+  const r = await memoryReplica();
   r.applySchema([todos]);
   r.applyTransactions([{ lsn: "0/1", xid: 1, commit_time_us: 0, changes: [] }], null);
   return r;

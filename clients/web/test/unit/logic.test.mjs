@@ -2,13 +2,12 @@
 // (the same WebAssembly build, in memory).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import sqlite3InitModule from "@sqlite.org/sqlite-wasm";
 import { backoff } from "../../build/node/backoff.js";
 import { forEachRow } from "../../build/node/copy-text.js";
 import { formatLsn, parseLsn, sees, parseChunk, decodeFrame } from "../../build/node/protocol.js";
-import { Conn, Replica } from "../../build/node/replica/index.js";
 import { toSqlite, pgText } from "../../build/node/values.js";
 import { tablesRead } from "../../build/node/watch.js";
+import { memoryReplica, todos } from "./fixture.mjs";
 
 test("LSNs compare as 64-bit numbers and print as PostgreSQL does", () => {
   assert.ok(parseLsn("16/B374D848") > parseLsn("9/FFFFFFFF"));
@@ -64,20 +63,8 @@ test("a watch knows which tables a query reads", () => {
   assert.deepEqual([...tablesRead("SELECT * FROM todos JOIN lists ON true", ["public.todos", "public.lists", "public.todo"])].sort(), ["lists", "todos"]);
 });
 
-const todos = {
-  name: "public.todos",
-  columns: [
-    { name: "id", pg_type: "bigint", type_oid: 20, kind: "integer" },
-    { name: "title", pg_type: "text", type_oid: 25, kind: "text" },
-    { name: "done", pg_type: "boolean", type_oid: 16, kind: "bool" },
-  ],
-  primary_key: ["id"],
-  version: 1,
-};
-
 async function replica() {
-  const sqlite3 = await sqlite3InitModule();
-  return new Replica(new Conn(new sqlite3.oo1.DB(":memory:", "c"), sqlite3));
+  return memoryReplica();
 }
 
 test("server transactions apply atomically with their LSN and are not applied twice", async () => {
