@@ -57,6 +57,12 @@ interface EventMap {
   /** A snapshot loaded: whole (`full`) or of `tables` alone (a schema change, a new table). */
   hydrated: { rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] };
   changed: { tables: string[]; commitTimesUs: number[]; appliedAtMs: number };
+  /**
+   * The replica was repaired instead of downloaded again (the server could
+   * not continue its position): rows removed and received, repair frames'
+   * bytes both ways; `refetch`: tables that still differed, fetched whole.
+   */
+  repaired: { tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; rounds: number; elapsedMs: number; refetch: string[] };
 }
 
 export interface Transaction {
@@ -67,6 +73,7 @@ export interface Transaction {
 const EMPTY_STATUS: SyncStatus = {
   connection: "connecting",
   hydrating: null,
+  repairing: null,
   caughtUp: false,
   lsn: null,
   outbox: 0,
@@ -251,6 +258,11 @@ export class PgRelay {
       case "hydrated":
         this.emit("hydrated", { rows: event.rows, bytes: event.bytes, elapsedMs: event.elapsedMs, refetched: event.refetched, full: event.full, tables: event.tables });
         return;
+      case "repaired": {
+        const { type: _, ...repaired } = event;
+        this.emit("repaired", repaired);
+        return;
+      }
     }
   }
 }
