@@ -1,9 +1,8 @@
 //! The sync engine: one WebSocket at a time to the server. Handshake and
-//! resume by LSN, snapshot hydration, server transactions applied in
-//! batches (each batch atomically with its LSN), the outbox pushed in
-//! order with one batch in flight, a heartbeat, and reconnects with
-//! exponential backoff and full jitter. Mirrors the Rust client's
-//! `session/` and `SyncClient::run`; the outbox is `push.ts`.
+//! resume by LSN, snapshot hydration or repair, server transactions
+//! applied in batches (each batch atomically with its LSN), the outbox
+//! pushed in order with one batch in flight, a heartbeat, and reconnects
+//! (backoff.ts). Mirrors the Rust client's `session/` and `SyncClient::run`.
 
 import { Retry } from "./backoff.js";
 import { CatchUp } from "./catch-up.js";
@@ -48,9 +47,8 @@ export class Sync {
   private resyncAsked: string[] = [];
   private awaitingSnapshot = false;
   private hydration: Hydration | null = null;
-  /** Set while a repair holds the connection (frames go to it, not to `process`). */
+  /** Set while a repair holds the connection (frames go to it, not to `process`); the welcome's log, which it records once complete. */
   private repairFeed: RepairFeed | null = null;
-  /** The welcome's change log, which a repair records once complete. */
   private welcomeLog: string | null = null;
   private readonly pusher: Pusher;
   readonly status: SyncStatus = { connection: "stopped", hydrating: null, repairing: null, caughtUp: false, lsn: null, outbox: 0, rejected: 0, lastError: null, retryInMs: null };
@@ -352,7 +350,9 @@ export class Sync {
   private async handle(message: ServerMessage): Promise<void> {
     switch (message.type) {
       case "welcome": {
-        if (message.log_id) this.replica.setMeta("log_id", message.log_id);
+        // A positioned replica of another log keeps its log id until repaired (a repair cut short is then taken up again).
+        const stored = this.status.lsn === null ? null : this.replica.state().logId;
+        if (message.log_id && (stored ?? message.log_id) === message.log_id) this.replica.setMeta("log_id", message.log_id);
         this.welcomeLog = message.log_id ?? null;
         this.origin = message.origin ?? null;
         this.resyncNewTables(message.tables, this.resyncAsked);
