@@ -36,6 +36,8 @@ export class Hydration {
   readonly refetched: string[] = [];
   rowsDone = 0;
   bytesDone = 0;
+  /** Compressed chunk bytes received (what crossed the network). */
+  wireBytes = 0;
   private tablesDone = 0;
   readonly started = Date.now();
 
@@ -86,6 +88,7 @@ export class Hydration {
   }
 
   chunk(replica: Replica, frame: Uint8Array): void {
+    this.wireBytes += frame.length;
     const chunk = parseChunk(frame);
     if (!chunk) throw new ProtocolError("a binary frame that is not a snapshot chunk");
     const table = this.tables[chunk.table];

@@ -55,7 +55,7 @@ interface EventMap {
   rejected: Rejection;
   error: { code: string; message: string };
   /** A snapshot loaded: whole (`full`) or of `tables` alone (a schema change, a new table). */
-  hydrated: { rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] };
+  hydrated: { rows: number; bytes: number; wireBytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] };
   changed: { tables: string[]; commitTimesUs: number[]; appliedAtMs: number };
   /**
    * The replica was repaired instead of downloaded again (the server could
@@ -256,7 +256,7 @@ export class PgRelay {
         this.emit("error", { code: event.code, message: event.message });
         return;
       case "hydrated":
-        this.emit("hydrated", { rows: event.rows, bytes: event.bytes, elapsedMs: event.elapsedMs, refetched: event.refetched, full: event.full, tables: event.tables });
+        this.emit("hydrated", { rows: event.rows, bytes: event.bytes, wireBytes: event.wireBytes, elapsedMs: event.elapsedMs, refetched: event.refetched, full: event.full, tables: event.tables });
         return;
       case "repaired": {
         const { type: _, ...repaired } = event;

@@ -387,7 +387,7 @@ export class Sync {
           this.hydration = null;
           this.awaitingSnapshot = false;
           this.pusher.want();
-          this.host.emit({ type: "hydrated", rows: h.rowsDone, bytes: h.bytesDone, elapsedMs: Date.now() - h.started, refetched: h.refetched, full: h.full, tables: h.tableNames() });
+          this.host.emit({ type: "hydrated", rows: h.rowsDone, bytes: h.bytesDone, wireBytes: h.wireBytes, elapsedMs: Date.now() - h.started, refetched: h.refetched, full: h.full, tables: h.tableNames() });
           this.host.emit({ type: "changed", tables: h.tableNames().map(sqliteName), commitTimesUs: [], appliedAtMs: Date.now() });
           this.setStatus({ hydrating: null });
         }

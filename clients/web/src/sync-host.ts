@@ -39,7 +39,7 @@ export type SyncEvent =
   | { type: "changed"; tables: string[]; commitTimesUs: number[]; appliedAtMs: number }
   | { type: "rejected"; txId: string; code: string | null; reason: string }
   | { type: "error"; code: string; message: string }
-  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] }
+  | { type: "hydrated"; rows: number; bytes: number; wireBytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] }
   | { type: "repaired"; tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; rounds: number; elapsedMs: number; refetch: string[] }
   | MigrationEvent;
 
