@@ -62,7 +62,7 @@ interface EventMap {
    * not continue its position): rows removed and received, repair frames'
    * bytes both ways; `refetch`: tables that still differed, fetched whole.
    */
-  repaired: { tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; rounds: number; elapsedMs: number; refetch: string[] };
+  repaired: { tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; bytesReceived: number; rounds: number; elapsedMs: number; refetch: string[] };
 }
 
 export interface Transaction {

@@ -40,7 +40,7 @@ export type SyncEvent =
   | { type: "rejected"; txId: string; code: string | null; reason: string }
   | { type: "error"; code: string; message: string }
   | { type: "hydrated"; rows: number; bytes: number; wireBytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] }
-  | { type: "repaired"; tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; rounds: number; elapsedMs: number; refetch: string[] }
+  | { type: "repaired"; tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; bytesReceived: number; rounds: number; elapsedMs: number; refetch: string[] }
   | MigrationEvent;
 
 export interface SyncHost {

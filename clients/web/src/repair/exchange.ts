@@ -40,8 +40,9 @@ export interface RepairProgress {
   rounds: number;
   rowsRemoved: number;
   rowsReceived: number;
-  /** Repair frames both ways. */
+  /** Repair frames both ways, and those received. */
   bytes: number;
+  bytesReceived: number;
 }
 
 export interface Repaired extends RepairProgress {
@@ -66,7 +67,7 @@ export async function repair(replica: Replica, link: RepairLink, begin: RepairBe
   await prepareInflate();
   const hasher = new RowHasher(await createXXHash128());
   await link.run(() => replica.setMeta("log_id", UNDER_REPAIR));
-  const moved: RepairProgress = { tables: begin.tables.length, tablesDone: 0, rounds: 0, rowsRemoved: 0, rowsReceived: 0, bytes: 0 };
+  const moved: RepairProgress = { tables: begin.tables.length, tablesDone: 0, rounds: 0, rowsRemoved: 0, rowsReceived: 0, bytes: 0, bytesReceived: 0 };
   const refetch: string[] = [];
   for (const table of begin.tables) {
     if (!(await repairTable(replica, link, hasher, table, moved))) refetch.push(table);
@@ -91,6 +92,7 @@ function send(link: RepairLink, json: string, moved: RepairProgress): void {
 async function receive(link: RepairLink, moved: RepairProgress): Promise<ServerRepair> {
   const { message, bytes } = await link.next();
   moved.bytes += bytes;
+  moved.bytesReceived += bytes;
   return message;
 }
 

@@ -35,8 +35,8 @@ export function startRepair(deps: RepairDeps, hooks: RepairHooks, begin: RepairB
   repair(deps.replica, link, begin).then(
     (done) => {
       if (!hooks.live()) return;
-      const { rowsRemoved, rowsReceived, bytes, rounds, elapsedMs, refetch } = done;
-      deps.host.emit({ type: "repaired", tables: begin.tables, rowsRemoved, rowsReceived, bytes, rounds, elapsedMs, refetch });
+      const { rowsRemoved, rowsReceived, bytes, bytesReceived, rounds, elapsedMs, refetch } = done;
+      deps.host.emit({ type: "repaired", tables: begin.tables, rowsRemoved, rowsReceived, bytes, bytesReceived, rounds, elapsedMs, refetch });
       deps.host.emit({ type: "changed", tables: begin.tables.map(sqliteName), commitTimesUs: [], appliedAtMs: Date.now() });
       hooks.done(feed.deferred);
     },
