@@ -12,7 +12,8 @@ use pgrelay_protocol::ValueKind;
 use serde_json::{json, Value};
 
 fn vectors_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../clients/web/test/unit/repair-vectors.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../clients/web/test/unit/repair-vectors.json")
 }
 
 fn kind(value: &Value) -> ValueKind {
