@@ -1,7 +1,8 @@
-//! Repair frames (tag byte 2, then one zstd frame of the message's JSON). Written by hand: the client's frames are zstd frames of raw (stored) blocks, because no small npm zstd encoder exists (the encoders are all of zstd in WebAssembly, about as large as the rest of the worker) and its `check` frames are a few hundred bytes per thousand rows; the server's frames decode with the snapshot's decoder (inflate.ts).
+//! Repair frames (tag byte 2, then one zstd frame of the message's JSON). The client's frames are written by hand, as zstd frames whose blocks are Huffman-coded literals (huffman.ts) or stored raw, because no small npm zstd encoder exists (the encoders are all of zstd in WebAssembly, about as large as the rest of the worker); the server's frames decode with the snapshot's decoder (inflate.ts).
 
 import { frameHeader, inflateChunk } from "../inflate.js";
 import { ProtocolError } from "../protocol.js";
+import { huffmanBlock } from "./huffman.js";
 import type { CheckSpan, Key } from "./digest.js";
 
 export const REPAIR_TAG = 2;
@@ -53,23 +54,27 @@ export function doneJson(refetch: string[]): string {
 /** A binary repair frame holding `json`. */
 export function encodeRepair(json: string): Uint8Array {
   const body = new TextEncoder().encode(json);
-  const blocks = Math.max(1, Math.ceil(body.length / MAX_BLOCK));
-  const frame = new Uint8Array(1 + 9 + blocks * 3 + body.length);
+  const count = Math.max(1, Math.ceil(body.length / MAX_BLOCK));
+  const blocks: { type: number; content: Uint8Array }[] = [];
+  for (let i = 0; i < count; i++) {
+    const chunk = body.subarray(i * MAX_BLOCK, (i + 1) * MAX_BLOCK);
+    const coded = huffmanBlock(chunk);
+    // Type 2: compressed; type 0: raw.
+    blocks.push(coded === null ? { type: 0, content: chunk } : { type: 2, content: coded });
+  }
+  const frame = new Uint8Array(1 + 9 + blocks.reduce((n, b) => n + 3 + b.content.length, 0));
   frame[0] = REPAIR_TAG;
   // Magic; a single-segment frame announcing its size in 4 bytes.
   frame.set([0x28, 0xb5, 0x2f, 0xfd, 0xa0], 1);
   new DataView(frame.buffer).setUint32(6, body.length, true);
   let at = 10;
-  for (let i = 0; i < blocks; i++) {
-    const chunk = body.subarray(i * MAX_BLOCK, (i + 1) * MAX_BLOCK);
-    // Block header: last flag, type 0 (raw), size.
-    const header = (chunk.length << 3) | (i === blocks - 1 ? 1 : 0);
-    frame[at] = header & 0xff;
-    frame[at + 1] = (header >>> 8) & 0xff;
-    frame[at + 2] = (header >>> 16) & 0xff;
-    frame.set(chunk, at + 3);
-    at += 3 + chunk.length;
-  }
+  blocks.forEach(({ type, content }, i) => {
+    // Block header: last flag, type, size.
+    const header = (content.length << 3) | (type << 1) | (i === count - 1 ? 1 : 0);
+    frame.set([header & 0xff, (header >>> 8) & 0xff, (header >>> 16) & 0xff], at);
+    frame.set(content, at + 3);
+    at += 3 + content.length;
+  });
   return frame;
 }
 

@@ -11,7 +11,8 @@ import { Decompress } from "fzstd";
 import { canonicalPgText, canonicalStoredReal } from "../../build/node/canonical.js";
 import { Cutter, RangeSum, RowHasher, splitPoints, keyKinds } from "../../build/node/repair/digest.js";
 import { encodeRepair, decodeRepair, spanJson, checkJson } from "../../build/node/repair/wire.js";
-import { inflateChunk, prepareInflate } from "../../build/node/inflate.js";
+import { inflateChunk, prepareInflate, useWasmInflate } from "../../build/node/inflate.js";
+import { createHash } from "node:crypto";
 import { Retry } from "../../build/node/backoff.js";
 import { memoryReplica } from "./fixture.mjs";
 
@@ -78,7 +79,7 @@ test("keys compared by range: integers, text, varchar and uuid; others whole", (
   assert.equal(keyKinds(table([col("a", "integer", 20)], [])), null);
 });
 
-test("the client's frames are zstd frames that zstd reads, also past one block", async () => {
+test("the client's frames are zstd frames that zstd reads: Huffman-coded or raw, also past one block", async () => {
   await prepareInflate();
   for (const json of [checkJson("public.t", []), JSON.stringify({ type: "done", refetch: ["x".repeat(300_000)] })]) {
     const frame = encodeRepair(json);
@@ -87,6 +88,21 @@ test("the client's frames are zstd frames that zstd reads, also past one block",
     const parts = [];
     new Decompress((d) => parts.push(d)).push(frame.subarray(1), true);
     assert.equal(Buffer.concat(parts).toString(), json);
+  }
+  // A first round's check of a large table: Huffman-coded, about half its JSON; text past ASCII goes raw.
+  const digests = Array.from({ length: 5000 }, (_, i) => createHash("sha256").update(String(i)).digest("hex").slice(0, 16)).join("");
+  const span = { lo: null, hi: null, bounds: Array.from({ length: 4999 }, (_, i) => [BigInt(i * 256 + 1)]), rows: Array(5000).fill(256), digests, whole: false };
+  const every = Array.from({ length: 96 }, (_, i) => String.fromCharCode(32 + i)).join("");
+  for (const json of [checkJson("public.t", [spanJson(span)]), JSON.stringify({ type: "done", refetch: [every.repeat(50)] }), JSON.stringify({ type: "done", refetch: ["ärger".repeat(100)] })]) {
+    const frame = encodeRepair(json);
+    if (json.startsWith('{"type":"check"')) assert.ok(frame.length < json.length * 0.6, `${frame.length} bytes for ${json.length} of JSON`);
+    assert.equal(new TextDecoder().decode(inflateChunk(frame.subarray(1))), json);
+    useWasmInflate(false);
+    try {
+      assert.equal(new TextDecoder().decode(inflateChunk(frame.subarray(1))), json);
+    } finally {
+      useWasmInflate(true);
+    }
   }
   // The server's frames decode the same way.
   const diff = JSON.stringify({ type: "diff", table: "public.t", parts: [{ span: 0, part: 1, rows: 3, replace: true }], total: [3, "ab"] });
