@@ -97,12 +97,16 @@ export class RowHasher {
     this.at = start + n;
   }
 
-  /** A value already UTF-8 (text read from SQLite's memory). */
-  utf8(bytes: Uint8Array): void {
-    this.room(9 + bytes.length);
-    this.length(bytes.length);
-    this.buffer.set(bytes, this.at + 9);
-    this.at += 9 + bytes.length;
+  /** A value already UTF-8: `n` bytes of `memory` from `from` (text in SQLite's memory). */
+  utf8(memory: Uint8Array, from: number, n: number): void {
+    this.room(9 + n);
+    this.length(n);
+    const b = this.buffer;
+    const to = this.at + 9;
+    // Short values by hand: a view to copy from costs more than the copy.
+    if (n <= 32) for (let i = 0; i < n; i++) b[to + i] = memory[from + i]!;
+    else b.set(memory.subarray(from, from + n), to);
+    this.at = to + n;
   }
 
   finish(): Uint8Array {

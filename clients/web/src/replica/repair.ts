@@ -83,9 +83,9 @@ function scan(conn: Conn, table: TableSchema, kinds: KeyKind[] | null, lo: Key |
     return sqlite3.wasm.heap8u().subarray(at, at + x.sqlite3_column_bytes(p, i));
   };
   /** Column `i`'s canonical value, from what SQLite stores (its own type, not the column's). */
-  const canonical = (i: number): string | null => {
+  const canonical = (i: number, type = x.sqlite3_column_type(p, i)): string | null => {
     const kind = columns[i]!.kind;
-    switch (x.sqlite3_column_type(p, i)) {
+    switch (type) {
       case INTEGER: {
         const d = x.sqlite3_column_double(p, i);
         if (Number.isSafeInteger(d)) return canonicalStoredInteger(kind, d);
@@ -117,12 +117,14 @@ function scan(conn: Conn, table: TableSchema, kinds: KeyKind[] | null, lo: Key |
       if (rc === SQLITE_DONE) break;
       if (rc !== SQLITE_ROW) sqlite3.oo1.DB.checkRc(conn.db, rc);
       for (let i = 0; i < columns.length; i++) {
-        if (textAsStored[i] && x.sqlite3_column_type(p, i) === TEXT) {
+        const type = x.sqlite3_column_type(p, i);
+        if (textAsStored[i] && type === TEXT) {
           // Hashed as stored: SQLite's UTF-8 bytes, no string made.
-          hasher.utf8(heap(i));
+          const at = x.sqlite3_column_blob(p, i);
+          hasher.utf8(sqlite3.wasm.heap8u(), at, x.sqlite3_column_bytes(p, i));
           continue;
         }
-        const value = canonical(i);
+        const value = canonical(i, type);
         if (value === null) hasher.null();
         else hasher.text(value);
       }
