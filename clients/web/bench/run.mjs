@@ -11,10 +11,16 @@
 //              `pgrelay bench latency --clients 1 --rate 100` right after
 //              each run (the Rust client, its own in-process server).
 //   size     - the package's JavaScript, gzipped, without sqlite3.wasm.
+//   repair   - (not in the default list) a replica back after 0.1 % of its
+//              BENCH_REPAIR_ROWS rows changed and the change log was reset,
+//              repaired range by range; reference: a full hydration of a
+//              fresh replica in the same run (`pgrelay bench repair`'s
+//              changes: one row in 3,000 inserted, one updated, one deleted).
 // Each measurement runs RUNS times (default 3); min / median / max printed
 // and written to bench/results.json.
 // Env: PGRELAY_TEST_DATABASE_URL, PGRELAY_BIN, BENCH_ROWS (1000000),
-// BENCH_APPLY_ROWS (200000), BENCH_LATENCY_TX (1000), RUNS (3), ONLY (comma list).
+// BENCH_APPLY_ROWS (200000), BENCH_LATENCY_TX (1000), BENCH_REPAIR_ROWS
+// (1000000), RUNS (3), ONLY (comma list).
 import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -27,6 +33,7 @@ const ROWS = Number(process.env.BENCH_ROWS ?? 1_000_000);
 const APPLY_ROWS = Number(process.env.BENCH_APPLY_ROWS ?? 200_000);
 const LATENCY_TX = Number(process.env.BENCH_LATENCY_TX ?? 1000);
 const RUNS = Number(process.env.RUNS ?? 3);
+const REPAIR_ROWS = Number(process.env.BENCH_REPAIR_ROWS ?? 1_000_000);
 const ONLY = (process.env.ONLY ?? "size,hydrate,apply,latency").split(",");
 
 // `pgrelay bench hydrate`'s table and rows (crates/pgrelay/src/bench/capture.rs).
@@ -253,6 +260,57 @@ try {
           console.log(`commit -> watch at 100 tx/s (${LATENCY_TX} tx per run): p50 ${a.min.toFixed(1)} / ${a.median.toFixed(1)} / ${a.max.toFixed(1)} ms, p99 ${b.min.toFixed(1)} / ${b.median.toFixed(1)} / ${b.max.toFixed(1)} ms; Rust client (pgrelay bench latency --clients 1 --rate 100) p50 ${c.min.toFixed(1)} / ${c.median.toFixed(1)} / ${c.max.toFixed(1)} ms, p99 ${d.min.toFixed(1)} / ${d.median.toFixed(1)} / ${d.max.toFixed(1)} ms (min / median / max of ${RUNS})`);
         }
         await closeProfile(context);
+      } finally {
+        await server.kill();
+      }
+    } finally {
+      await db.drop();
+    }
+  }
+  if (ONLY.includes("repair")) {
+    // Every EVERY keys one row is inserted (into a gap left at load), one
+    // updated, one deleted: 0.1 % of the rows. Each run uses gaps and
+    // deletions of its own, so runs repeat the same amount of change.
+    const EVERY = 3000;
+    const db = await freshDatabase();
+    try {
+      await db.sql(TABLE_DDL);
+      console.error(`loading ${fmt(REPAIR_ROWS)} rows ...`);
+      await load(db, REPAIR_ROWS);
+      await db.sql(`DELETE FROM public.bench_items WHERE id % ${EVERY} IN (${Array.from({ length: RUNS }, (_, r) => 10 * r).join(", ")})`);
+      await db.sql("VACUUM ANALYZE public.bench_items");
+      const server = await startServer(db.url, ["--tables", "public.bench_items"]);
+      try {
+        const runs = [];
+        for (let r = 0; r < RUNS; r++) {
+          const { context, page, secs } = await hydratePage(browser, pages.origin, server.url, `repair${r}`);
+          const hydrated = await page.evaluate(() => window.events.find((e) => e.name === "hydrated"));
+          await page.evaluate(() => window.db.setOffline(true));
+          await server.kill();
+          await db.sql(`INSERT INTO public.bench_items (id, n, name, price, tags, doc)
+              SELECT id - 1, n, name || ' (new)', price, tags, doc FROM public.bench_items WHERE id % ${EVERY} = ${10 * r + 1};
+            UPDATE public.bench_items SET n = n + 1, name = name || ' (edited)' WHERE id % ${EVERY} = 2;
+            DELETE FROM public.bench_items WHERE id % ${EVERY} = ${10 * r + 3};
+            UPDATE pgrelay.log_state SET log_id = 'bench-repair-' || md5(random()::text);`);
+          await server.start();
+          const t0 = performance.now();
+          await page.evaluate(() => window.db.setOffline(false));
+          const repaired = await waitFor("the repair", () => page.evaluate(() => window.events.find((e) => e.name === "repaired")), 900_000, 20);
+          await waitFor("caught up", () => page.evaluate(() => window.db.status.caughtUp), 900_000, 20);
+          const repairSecs = (performance.now() - t0) / 1000;
+          const [{ n, s }] = (await db.sql("SELECT count(*)::int AS n, sum(n)::int8::text AS s FROM public.bench_items")).rows;
+          const held = await page.evaluate(async () => (await window.db.query("SELECT count(*) AS n, sum(n) AS s FROM bench_items"))[0]);
+          if (held.n !== n || String(held.s) !== s) throw new Error(`the repaired replica holds ${held.n} rows (sum ${held.s}), PostgreSQL ${n} (sum ${s})`);
+          if (repaired.refetch.length > 0 || (await page.evaluate(() => window.events.filter((e) => e.name === "hydrated").length)) !== 1) throw new Error("the replica was fetched whole again");
+          runs.push({ hydrate_secs: secs, hydrate_wire_bytes: hydrated.wireBytes, repair_secs: repairSecs, repair_bytes: repaired.bytes, repair_bytes_received: repaired.bytesReceived, rows_received: repaired.rowsReceived, rounds: repaired.rounds });
+          console.error(`  repair run ${r + 1}: hydration ${secs.toFixed(2)} s, ${fmt(hydrated.wireBytes)} bytes; repair ${repairSecs.toFixed(2)} s, ${fmt(repaired.bytesReceived)} bytes received, ${fmt(repaired.bytes)} both ways, ${fmt(repaired.rowsReceived)} rows, ${repaired.rounds} rounds`);
+          await page.evaluate(() => window.db.close());
+          await closeProfile(context);
+        }
+        const pick = (k) => spread(runs.map((x) => x[k]));
+        const [hs, rs, rb, rr, hb] = [pick("hydrate_secs"), pick("repair_secs"), pick("repair_bytes"), pick("repair_bytes_received"), pick("hydrate_wire_bytes")];
+        results.repair = { rows: REPAIR_ROWS, changed: 3 * Math.floor(REPAIR_ROWS / EVERY), runs };
+        console.log(`repair ${fmt(REPAIR_ROWS)} rows after ${fmt(3 * Math.floor(REPAIR_ROWS / EVERY))} changed: ${rs.min.toFixed(2)} / ${rs.median.toFixed(2)} / ${rs.max.toFixed(2)} s (hydration ${hs.min.toFixed(2)} / ${hs.median.toFixed(2)} / ${hs.max.toFixed(2)} s: ${((100 * rs.median) / hs.median).toFixed(1)} % of its time); received ${fmt(rr.median)} bytes (${((100 * rr.median) / hb.median).toFixed(2)} % of the hydration's ${fmt(hb.median)}), ${fmt(rb.median)} both ways (${((100 * rb.median) / hb.median).toFixed(2)} %) (min / median / max of ${RUNS})`);
       } finally {
         await server.kill();
       }

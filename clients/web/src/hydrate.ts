@@ -10,6 +10,9 @@ import type { Visibility } from "./protocol.js";
 import { parseChunk, ProtocolError } from "./protocol.js";
 import type { Replica } from "./replica/index.js";
 
+/** Compressed snapshot bytes loaded in one SQLite transaction at most. */
+const SNAPSHOT_BATCH_BYTES = 16 << 20;
+
 export interface HydrationProgress {
   tables: number;
   tablesDone: number;
@@ -33,6 +36,8 @@ export class Hydration {
   readonly refetched: string[] = [];
   rowsDone = 0;
   bytesDone = 0;
+  /** Compressed chunk bytes received (what crossed the network). */
+  wireBytes = 0;
   private tablesDone = 0;
   readonly started = Date.now();
 
@@ -64,7 +69,26 @@ export class Hydration {
     return new Hydration(resume, full, visibility, states);
   }
 
+  /**
+   * Loads a chunk and the chunks queued right behind it in one SQLite
+   * transaction: a commit on OPFS costs tens of milliseconds, and an
+   * interrupted snapshot starts over anyway, so committing each chunk
+   * buys nothing.
+   */
+  chunks(replica: Replica, first: ArrayBuffer, queue: (string | ArrayBuffer)[]): void {
+    replica.snapshotBatch(() => {
+      this.chunk(replica, new Uint8Array(first));
+      let bytes = first.byteLength;
+      while (bytes < SNAPSHOT_BATCH_BYTES && typeof queue[0] === "object") {
+        const next = queue.shift() as ArrayBuffer;
+        bytes += next.byteLength;
+        this.chunk(replica, new Uint8Array(next));
+      }
+    });
+  }
+
   chunk(replica: Replica, frame: Uint8Array): void {
+    this.wireBytes += frame.length;
     const chunk = parseChunk(frame);
     if (!chunk) throw new ProtocolError("a binary frame that is not a snapshot chunk");
     const table = this.tables[chunk.table];

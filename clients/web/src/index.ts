@@ -55,8 +55,14 @@ interface EventMap {
   rejected: Rejection;
   error: { code: string; message: string };
   /** A snapshot loaded: whole (`full`) or of `tables` alone (a schema change, a new table). */
-  hydrated: { rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] };
+  hydrated: { rows: number; bytes: number; wireBytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] };
   changed: { tables: string[]; commitTimesUs: number[]; appliedAtMs: number };
+  /**
+   * The replica was repaired instead of downloaded again (the server could
+   * not continue its position): rows removed and received, repair frames'
+   * bytes both ways; `refetch`: tables that still differed, fetched whole.
+   */
+  repaired: { tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; bytesReceived: number; rounds: number; elapsedMs: number; refetch: string[] };
 }
 
 export interface Transaction {
@@ -67,6 +73,7 @@ export interface Transaction {
 const EMPTY_STATUS: SyncStatus = {
   connection: "connecting",
   hydrating: null,
+  repairing: null,
   caughtUp: false,
   lsn: null,
   outbox: 0,
@@ -249,8 +256,13 @@ export class PgRelay {
         this.emit("error", { code: event.code, message: event.message });
         return;
       case "hydrated":
-        this.emit("hydrated", { rows: event.rows, bytes: event.bytes, elapsedMs: event.elapsedMs, refetched: event.refetched, full: event.full, tables: event.tables });
+        this.emit("hydrated", { rows: event.rows, bytes: event.bytes, wireBytes: event.wireBytes, elapsedMs: event.elapsedMs, refetched: event.refetched, full: event.full, tables: event.tables });
         return;
+      case "repaired": {
+        const { type: _, ...repaired } = event;
+        this.emit("repaired", repaired);
+        return;
+      }
     }
   }
 }

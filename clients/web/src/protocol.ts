@@ -135,6 +135,7 @@ export type ServerMessage =
     }
   | { type: "snapshot_table"; table: string; rows: number; bytes: number; checksum: string }
   | { type: "snapshot_end" }
+  | { type: "repair_begin"; resume_lsn: string; tables: string[]; visibility: Visibility }
   | { type: "pong" };
 
 const LSN_PATTERN = /^([0-9A-Fa-f]{1,8})\/([0-9A-Fa-f]{1,8})$/;
@@ -211,6 +212,23 @@ export function decodeFrame(text: string): ServerMessage {
     parseLsn(m.lsn);
   }
   return m;
+}
+
+/** The client's `hello`: who it is, where its replica stands, and that it can repair (where the server would answer `gone`). */
+export function helloFrame(
+  state: { clientId: string | null; lsn: string | null; logId: string | null; resync: string[]; schemaVersion: number },
+  token: string | null,
+  tables: string[] | undefined,
+): string {
+  const hello: Record<string, unknown> = { type: "hello", protocol_version: PROTOCOL_VERSION, client_id: state.clientId ?? "" };
+  if (token) hello.token = token;
+  if (state.lsn) hello.last_lsn = state.lsn;
+  if (state.logId) hello.log_id = state.logId;
+  if (state.resync.length > 0) hello.resync = state.resync;
+  if (tables) hello.tables = tables;
+  hello.schema_version = state.schemaVersion;
+  hello.repair = true;
+  return JSON.stringify(hello);
 }
 
 /** The table's name in the replica: bare for `public`, `schema.table` otherwise. */

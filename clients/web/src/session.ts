@@ -1,17 +1,18 @@
 //! The sync engine: one WebSocket at a time to the server. Handshake and
-//! resume by LSN, snapshot hydration, server transactions applied in
-//! batches (each batch atomically with its LSN), the outbox pushed in
-//! order with one batch in flight, a heartbeat, and reconnects with
-//! exponential backoff and full jitter. Mirrors the Rust client's
-//! `session/` and `SyncClient::run`; the outbox is `push.ts`.
+//! resume by LSN, snapshot hydration or repair, server transactions
+//! applied in batches (each batch atomically with its LSN), the outbox
+//! pushed in order with one batch in flight, a heartbeat, and reconnects
+//! (backoff.ts). Mirrors the Rust client's `session/` and `SyncClient::run`.
 
-import { backoff } from "./backoff.js";
+import { Retry } from "./backoff.js";
 import { CatchUp } from "./catch-up.js";
 import { Hydration } from "./hydrate.js";
 import { MigrationQueue } from "./migrations.js";
-import type { ServerMessage, TableSchema, Transaction } from "./protocol.js";
-import { decodeFrame, parseLsn, PROTOCOL_VERSION, ProtocolError, RefusedError, sqliteName } from "./protocol.js";
+import type { ServerMessage, TableSchema, Transaction, Visibility } from "./protocol.js";
+import { decodeFrame, helloFrame, parseLsn, ProtocolError, RefusedError, sqliteName } from "./protocol.js";
 import { Pusher } from "./push.js";
+import type { RepairFeed } from "./repair/exchange.js";
+import { startRepair } from "./repair/start.js";
 import { applySchema, ResyncNeeded } from "./resync.js";
 import type { Replica } from "./replica/index.js";
 import { ServerTurn, syncUrl, type SyncConfig, type SyncHost, type SyncStatus } from "./sync-host.js";
@@ -22,16 +23,11 @@ export { WriteRejectedError } from "./push.js";
 
 /** Changes applied in one SQLite transaction at most, when many wait. */
 const MAX_APPLY_CHANGES = 10_000;
-/** Compressed snapshot bytes loaded in one SQLite transaction at most. */
-const SNAPSHOT_BATCH_BYTES = 16 << 20;
-
-/** Codes after which reconnecting cannot help. */
-const FATAL = new Set(["unauthorized", "unknown_table", "unsupported_version", "upgrade_required", "malformed_frame", "unknown_message", "handshake_required", "frame_too_large", "replaced"]);
 
 export class Sync {
   private socket: WebSocket | null = null;
   private generation = 0;
-  private attempt = 0;
+  private readonly retry = new Retry();
   private readonly server: ServerTurn;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private pingTimer: ReturnType<typeof setInterval> | null = null;
@@ -51,8 +47,11 @@ export class Sync {
   private resyncAsked: string[] = [];
   private awaitingSnapshot = false;
   private hydration: Hydration | null = null;
+  /** Set while a repair holds the connection (frames go to it, not to `process`); the welcome's log, which it records once complete. */
+  private repairFeed: RepairFeed | null = null;
+  private welcomeLog: string | null = null;
   private readonly pusher: Pusher;
-  readonly status: SyncStatus = { connection: "stopped", hydrating: null, caughtUp: false, lsn: null, outbox: 0, rejected: 0, lastError: null, retryInMs: null };
+  readonly status: SyncStatus = { connection: "stopped", hydrating: null, repairing: null, caughtUp: false, lsn: null, outbox: 0, rejected: 0, lastError: null, retryInMs: null };
   private readonly migrations: MigrationQueue;
 
   constructor(
@@ -98,7 +97,7 @@ export class Sync {
       this.disconnect("offline");
       this.setStatus({ connection: "offline", retryInMs: null });
     } else if (!this.stopped) {
-      this.attempt = 0;
+      this.retry.attempt = 0;
       this.connect();
     }
   }
@@ -146,16 +145,9 @@ export class Sync {
     socket.onopen = () => {
       if (generation !== this.generation) return;
       const state = this.replica.state();
-      const hello: Record<string, unknown> = { type: "hello", protocol_version: PROTOCOL_VERSION, client_id: state.clientId ?? "" };
-      if (token) hello.token = token;
-      if (state.lsn) hello.last_lsn = state.lsn;
-      if (state.logId) hello.log_id = state.logId;
-      if (state.resync.length > 0) hello.resync = state.resync;
-      if (this.config.tables) hello.tables = this.config.tables;
-      hello.schema_version = state.schemaVersion;
       this.awaitingSnapshot = state.lsn === null || state.resync.length > 0;
       this.resyncAsked = state.resync;
-      socket.send(JSON.stringify(hello));
+      socket.send(helloFrame(state, token, this.config.tables));
       this.lastHeard = Date.now();
       this.pingTimer = setInterval(() => this.heartbeat(generation), this.config.pingIntervalMs);
     };
@@ -163,7 +155,8 @@ export class Sync {
       if (generation !== this.generation) return;
       this.lastHeard = Date.now();
       this.queue.push(event.data as string | ArrayBuffer);
-      this.scheduleDrain(generation);
+      if (this.repairFeed) this.repairFeed.notify();
+      else this.scheduleDrain(generation);
     };
     socket.onclose = (event: CloseEvent) => {
       if (generation !== this.generation) return;
@@ -184,8 +177,9 @@ export class Sync {
     this.welcomed = false;
     this.catchUp.reset();
     this.hydration = null;
+    this.repairFeed = null;
     this.pusher.reset();
-    this.setStatus({ caughtUp: false, hydrating: null });
+    this.setStatus({ caughtUp: false, hydrating: null, repairing: null });
   }
 
   private heartbeat(generation: number): void {
@@ -199,6 +193,7 @@ export class Sync {
 
   private disconnect(reason: string): void {
     this.generation++;
+    this.repairFeed?.notify();
     if (this.pingTimer !== null) clearInterval(this.pingTimer);
     this.pingTimer = null;
     if (this.reconnectTimer !== null) clearTimeout(this.reconnectTimer);
@@ -231,7 +226,7 @@ export class Sync {
       // Not an error: the next connection asks for these tables' snapshot.
       this.disconnect("resync");
       if (this.stopped || this.offline) return;
-      this.attempt = 0;
+      this.retry.attempt = 0;
       this.setStatus({ connection: "disconnected", retryInMs: 0 });
       this.reconnectTimer = setTimeout(() => this.connect(), 0);
       return;
@@ -241,25 +236,24 @@ export class Sync {
     if (this.stopped || this.offline) return;
     const lastError = { code, message: error.message };
     this.host.emit({ type: "error", code, message: error.message });
-    if (error instanceof RefusedError && FATAL.has(error.code)) {
+    const next = this.retry.after(error instanceof RefusedError ? error.code : null, this.welcomed);
+    if (next === "failed") {
       this.pusher.rejectAll(error);
       this.setStatus({ connection: "failed", lastError, retryInMs: null });
       return;
     }
-    if (error instanceof RefusedError && error.code === "gone" && (this.welcomed || this.attempt === 0)) {
+    if (next === "rehydrate") {
       console.warn("pgrelay: the server no longer has this replica's history; re-hydrating (unsent local writes are kept)");
       void this.exclusive(() => this.replica.reset()).then(() => {
         this.status.lsn = null;
-        this.attempt = 1;
         this.connect();
       });
       this.setStatus({ connection: "disconnected", lastError, retryInMs: 0 });
       return;
     }
-    if (this.welcomed) this.attempt = 0;
-    this.server.next();
-    const delay = backoff(this.attempt, this.config.backoffBaseMs, this.config.backoffCapMs);
-    this.attempt++;
+    if (next === "repair") console.warn("pgrelay: the server no longer continues this replica's position; reconnecting to repair it");
+    else this.server.next();
+    const delay = next === "repair" ? 0 : this.retry.delay(this.config.backoffBaseMs, this.config.backoffCapMs);
     this.setStatus({ connection: "disconnected", lastError, retryInMs: delay });
     this.reconnectTimer = setTimeout(() => this.connect(), delay);
   }
@@ -281,7 +275,7 @@ export class Sync {
 
   private async drain(generation: number): Promise<void> {
     try {
-      while (this.queue.length > 0 && generation === this.generation) {
+      while (this.queue.length > 0 && generation === this.generation && !this.repairFeed) {
         await this.exclusive(() => this.process(generation));
       }
     } catch (e) {
@@ -290,7 +284,7 @@ export class Sync {
       this.draining = false;
       const after = this.afterDrain;
       this.afterDrain = [];
-      if (this.queue.length > 0 && generation === this.generation) this.scheduleDrain(generation);
+      if (this.queue.length > 0 && generation === this.generation && !this.repairFeed) this.scheduleDrain(generation);
       for (const f of after) f();
     }
     this.pump();
@@ -300,24 +294,12 @@ export class Sync {
   private async process(generation: number): Promise<void> {
     let batch: Transaction[] = [];
     let changes = 0;
-    while (this.queue.length > 0 && generation === this.generation) {
+    while (this.queue.length > 0 && generation === this.generation && !this.repairFeed) {
       const data = this.queue.shift()!;
       if (typeof data !== "string") {
-        const hydration = this.hydration;
-        if (!hydration) throw new ProtocolError("a binary frame outside a snapshot");
-        // The chunks that arrived together load in one SQLite transaction:
-        // a commit on OPFS costs tens of milliseconds, and an interrupted
-        // snapshot starts over anyway, so committing each chunk buys nothing.
-        this.replica.snapshotBatch(() => {
-          hydration.chunk(this.replica, new Uint8Array(data));
-          let bytes = data.byteLength;
-          while (bytes < SNAPSHOT_BATCH_BYTES && typeof this.queue[0] === "object" && generation === this.generation) {
-            const next = this.queue.shift() as ArrayBuffer;
-            bytes += next.byteLength;
-            hydration.chunk(this.replica, new Uint8Array(next));
-          }
-        });
-        this.setStatus({ hydrating: hydration.progress() });
+        if (!this.hydration) throw new ProtocolError("a binary frame outside a snapshot");
+        this.hydration.chunks(this.replica, data, this.queue);
+        this.setStatus({ hydrating: this.hydration.progress() });
         continue;
       }
       let message: ServerMessage;
@@ -368,12 +350,15 @@ export class Sync {
   private async handle(message: ServerMessage): Promise<void> {
     switch (message.type) {
       case "welcome": {
-        if (message.log_id) this.replica.setMeta("log_id", message.log_id);
+        // A positioned replica of another log keeps its log id until repaired (a repair cut short is then taken up again).
+        const stored = this.status.lsn === null ? null : this.replica.state().logId;
+        if (message.log_id && (stored ?? message.log_id) === message.log_id) this.replica.setMeta("log_id", message.log_id);
+        this.welcomeLog = message.log_id ?? null;
         this.origin = message.origin ?? null;
         this.resyncNewTables(message.tables, this.resyncAsked);
         this.catchUp.welcome(message.head_lsn, message.wal_lsn);
         this.welcomed = true;
-        this.attempt = 0;
+        this.retry.attempt = 0;
         this.pusher.want();
         this.setStatus({ connection: "connected", lastError: null });
         return;
@@ -402,13 +387,16 @@ export class Sync {
           this.hydration = null;
           this.awaitingSnapshot = false;
           this.pusher.want();
-          this.host.emit({ type: "hydrated", rows: h.rowsDone, bytes: h.bytesDone, elapsedMs: Date.now() - h.started, refetched: h.refetched, full: h.full, tables: h.tableNames() });
+          this.host.emit({ type: "hydrated", rows: h.rowsDone, bytes: h.bytesDone, wireBytes: h.wireBytes, elapsedMs: Date.now() - h.started, refetched: h.refetched, full: h.full, tables: h.tableNames() });
           this.host.emit({ type: "changed", tables: h.tableNames().map(sqliteName), commitTimesUs: [], appliedAtMs: Date.now() });
           this.setStatus({ hydrating: null });
         }
         return;
       }
       case "snapshot_queued":
+        return;
+      case "repair_begin":
+        this.repair(message.resume_lsn, message.tables, message.visibility);
         return;
       case "caught_up": {
         const lsn = parseLsn(message.lsn);
@@ -444,6 +432,26 @@ export class Sync {
     }
   }
 
+  /** Runs the repair the server began; the stream resumes from `resume` once it completes. */
+  private repair(resume: string, tables: string[], visibility: Visibility): void {
+    const generation = this.generation;
+    this.repairFeed = startRepair({ replica: this.replica, host: this.host, queue: this.queue, exclusive: this.exclusive }, {
+      live: () => generation === this.generation,
+      send: (frame) => this.socket?.readyState === WebSocket.OPEN && this.socket.send(frame),
+      progress: (p) => generation === this.generation && this.setStatus({ repairing: p }),
+      done: (deferred) => {
+        this.repairFeed = null;
+        this.status.lsn = resume;
+        this.awaitingSnapshot = false;
+        this.queue.unshift(...deferred);
+        this.setStatus({ repairing: null });
+        this.scheduleDrain(generation);
+        this.pusher.want();
+      },
+      failed: (e) => this.fail(generation, e, "replica"),
+    }, { resume, tables, visibility, logId: this.welcomeLog });
+  }
+
   /**
    * Applies table schemas; tables that need a snapshot end the connection,
    * and the next one asks for them.
@@ -455,7 +463,7 @@ export class Sync {
 
   /** Ends this connection to fetch `tables` by snapshot, reconnecting at once. */
   private resync(tables: string[]): never {
-    this.attempt = 0;
+    this.retry.attempt = 0;
     throw new ResyncNeeded(tables);
   }
 
@@ -469,7 +477,7 @@ export class Sync {
 
   /** Sends the next outbox batch when one is due. */
   private pump(): void {
-    if (!this.welcomed || this.hydration || this.awaitingSnapshot || !this.pusher.due()) return;
+    if (!this.welcomed || this.hydration || this.repairFeed || this.awaitingSnapshot || !this.pusher.due()) return;
     if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return;
     const generation = this.generation;
     void this.exclusive(() => {

@@ -3,6 +3,7 @@
 
 import type { HydrationProgress } from "./hydrate.js";
 import type { MigrationEvent } from "./migrations.js";
+import type { RepairProgress } from "./repair/exchange.js";
 
 export interface SyncConfig {
   /** One server, or several tried in turn: the next one after each failure. */
@@ -21,6 +22,8 @@ export interface SyncStatus {
   connection: ConnectionState;
   /** Hydration in progress, or null. */
   hydrating: HydrationProgress | null;
+  /** Repair in progress (the replica compared with PostgreSQL range by range), or null. */
+  repairing: RepairProgress | null;
   /** The replica holds everything the server had when this connection began. */
   caughtUp: boolean;
   lsn: string | null;
@@ -36,7 +39,8 @@ export type SyncEvent =
   | { type: "changed"; tables: string[]; commitTimesUs: number[]; appliedAtMs: number }
   | { type: "rejected"; txId: string; code: string | null; reason: string }
   | { type: "error"; code: string; message: string }
-  | { type: "hydrated"; rows: number; bytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] }
+  | { type: "hydrated"; rows: number; bytes: number; wireBytes: number; elapsedMs: number; refetched: string[]; full: boolean; tables: string[] }
+  | { type: "repaired"; tables: string[]; rowsRemoved: number; rowsReceived: number; bytes: number; bytesReceived: number; rounds: number; elapsedMs: number; refetch: string[] }
   | MigrationEvent;
 
 export interface SyncHost {

@@ -17,6 +17,8 @@ import * as outbox from "./outbox.js";
 import { mapOutbox } from "./reshape.js";
 import { applyTable, ensureMeta, loadTables, readMeta, writeMeta } from "./schema.js";
 import * as snapshot from "./snapshot.js";
+import * as repair from "./repair.js";
+import type { CheckSpan, Key, RangeSum, RowHasher } from "../repair/digest.js";
 import { ensureMigrationsTable, runMigration, schemaVersion } from "./migrations.js";
 import type { ClientMigration } from "../protocol.js";
 
@@ -296,6 +298,26 @@ export class Replica {
   finishSnapshot(resume: string, full: boolean, tables: string[], visibility: Visibility): void {
     this.filters = this.quietly(() => snapshot.finish(this.conn, this.tables, resume, full, tables, visibility));
     this.journal?.loaded();
+  }
+
+  /** Digests key ranges of a table for a repair (null: not held here). */
+  repairDigest(table: string, ranges: repair.KeyRange[], hasher: RowHasher, firstParts?: number): { spans: CheckSpan[]; sum: RangeSum } | null {
+    return repair.digest(this.conn, this.tables, table, ranges, hasher, firstParts);
+  }
+
+  /** Removes the ranges a repair replaces; returns what their rows summed to. */
+  repairRemove(table: string, ranges: { lo: Key | null; hi: Key | null }[], hasher: RowHasher): RangeSum {
+    return this.quietly(() => repair.remove(this.conn, this.tables, table, ranges, hasher));
+  }
+
+  /** Inserts rows a repair received (COPY text); returns what they sum to. */
+  repairLoad(table: string, copy: Uint8Array, hasher: RowHasher): RangeSum {
+    return this.quietly(() => repair.load(this.conn, this.tables, table, copy, hasher));
+  }
+
+  /** Completes a repair like a full snapshot; `refetch` tables are fetched again. */
+  repairFinish(resume: string, tables: string[], visibility: Visibility, refetch: string[]): void {
+    this.filters = this.quietly(() => repair.finish(this.conn, this.tables, resume, tables, visibility, refetch));
   }
 
   /** Runs `work` in a transaction with local-write capture off. */

@@ -122,6 +122,13 @@ for (const scenario of suite.scenarios) {
           case "wait_error":
             await waitFor(where, () => page.evaluate(({ code, table }) => window.events.some((e) => e.name === "error" && e.code === code && e.message.includes(`table ${table} `)), step), WAIT);
             break;
+          case "wait_repaired": {
+            const repaired = await waitFor(where, () => page.evaluate(() => window.events.find((e) => e.name === "repaired")), WAIT);
+            const full = await page.evaluate(() => window.events.filter((e) => e.name === "hydrated" && e.full).length);
+            assert.equal(full, 1, `${where}: the replica was downloaded whole again`);
+            assert.ok(repaired.rowsReceived <= step.max_rows_received && repaired.refetch.length === 0, `${where}: ${JSON.stringify(repaired)}`);
+            break;
+          }
           case "expect_schema_dropped":
             assert.ok(proxy && proxy.dropped > 0, `${where}: no schema frame was dropped`);
             break;

@@ -81,6 +81,9 @@ enum Step {
         table: String,
     },
     ExpectSchemaDropped,
+    WaitRepaired {
+        max_rows_received: u64,
+    },
 }
 
 fn suite() -> Suite {
@@ -98,6 +101,15 @@ struct Run {
     client: Option<RunningClient>,
     /// Every `SchemaUnsupported` event of the scenario's clients: (code, table).
     errors: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    /// Full snapshots and repairs the scenario's clients reported.
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+}
+
+#[derive(Default)]
+struct Seen {
+    full_hydrations: u32,
+    /// Rows received and tables fetched again, per repair.
+    repairs: Vec<(u64, Vec<String>)>,
 }
 
 impl Run {
@@ -152,6 +164,7 @@ impl Run {
                 // Subscribed before the first connection: no event is missed.
                 let mut events = client.subscribe();
                 let errors = self.errors.clone();
+                let seen = self.seen.clone();
                 tokio::spawn(async move {
                     use tokio::sync::broadcast::error::RecvError;
                     loop {
@@ -160,6 +173,14 @@ impl Run {
                                 .lock()
                                 .unwrap()
                                 .push(("schema_unsupported".to_owned(), table)),
+                            Ok(pgrelay_client::Event::Hydrated { full: true, .. }) => {
+                                seen.lock().unwrap().full_hydrations += 1;
+                            }
+                            Ok(pgrelay_client::Event::Repaired {
+                                rows_received,
+                                refetch,
+                                ..
+                            }) => seen.lock().unwrap().repairs.push((rows_received, refetch)),
                             Ok(_) | Err(RecvError::Lagged(_)) => {}
                             Err(RecvError::Closed) => break,
                         }
@@ -286,6 +307,24 @@ impl Run {
                 })
                 .await;
             }
+            Step::WaitRepaired { max_rows_received } => {
+                let seen = self.seen.clone();
+                wait_for("the client to report a repair", WAIT, || {
+                    let repaired = !seen.lock().unwrap().repairs.is_empty();
+                    async move { repaired.then_some(()) }
+                })
+                .await;
+                let seen = self.seen.lock().unwrap();
+                assert_eq!(
+                    seen.full_hydrations, 1,
+                    "{scenario} step {n}: the replica was downloaded whole again"
+                );
+                let (received, refetch) = &seen.repairs[0];
+                assert!(
+                    received <= max_rows_received && refetch.is_empty(),
+                    "{scenario} step {n}: the repair received {received} rows, fetched {refetch:?} again"
+                );
+            }
             Step::ExpectSchemaDropped => {
                 let dropped = self
                     .proxy
@@ -364,6 +403,7 @@ async fn run(name: &str) {
         proxy: None,
         client: None,
         errors: Default::default(),
+        seen: Default::default(),
     };
     run.start_server();
     for (n, step) in scenario.steps.iter().enumerate() {
@@ -387,6 +427,7 @@ const NAMES: &[&str] = &[
     "unknown_table_arriving",
     "transaction_atomicity",
     "table_the_replica_cannot_hold",
+    "change_log_reset_repairs",
 ];
 
 #[test]
@@ -415,5 +456,6 @@ scenarios!(
     idempotent_resend,
     unknown_table_arriving,
     transaction_atomicity,
-    table_the_replica_cannot_hold
+    table_the_replica_cannot_hold,
+    change_log_reset_repairs
 );
