@@ -163,7 +163,16 @@ pub(crate) async fn connect_and_sync(
                         } => {
                             if let Some(log_id) = log_id {
                                 welcome_log = Some(log_id.clone());
-                                replica.set_meta("log_id", log_id).await?;
+                                // A replica with a position in another log is
+                                // repaired next, and takes the new log's id
+                                // only once repaired: cut off before that, it
+                                // must still be told apart from one that
+                                // follows this log.
+                                let other_log = state.lsn.is_some()
+                                    && state.log_id.as_ref().is_some_and(|ours| *ours != log_id);
+                                if !other_log {
+                                    replica.set_meta("log_id", log_id).await?;
+                                }
                             }
                             resync_new_tables(replica, events, tables, &state.resync).await?;
                             target = Some(head_lsn);
