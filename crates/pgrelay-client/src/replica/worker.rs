@@ -9,7 +9,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied, Command,
+    apply, capture, digests, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied,
+    Command,
     Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
 };
 use crate::ClientError;
@@ -19,6 +20,8 @@ pub(super) struct Worker {
     tables: HashMap<String, TableSchema>,
     /// Transactions that snapshots already hold, skipped when they arrive.
     filters: Vec<snapshot::Filter>,
+    /// Digests for repairs are being made while the thread is idle.
+    digesting: bool,
 }
 
 impl Worker {
@@ -30,13 +33,27 @@ impl Worker {
             conn,
             tables: HashMap::new(),
             filters,
+            digesting: false,
         };
         worker.reload_tables()?;
         Ok(worker)
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(command) = rx.blocking_recv() {
+        loop {
+            let command = match rx.try_recv() {
+                Ok(command) => command,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                // Idle: digest a few thousand rows for the next repair.
+                Err(mpsc::error::TryRecvError::Empty) if self.digesting => {
+                    self.digest_step();
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                    Some(command) => command,
+                    None => break,
+                },
+            };
             match command {
                 Command::State(reply) => {
                     let _ = reply.send(self.state());
@@ -89,7 +106,11 @@ impl Worker {
                     let _ =
                         reply.send(self.in_tx(|conn, _| snapshot::request_resync(conn, &tables)));
                 }
+                Command::Digests(all, reply) => {
+                    let _ = reply.send(self.start_digests(all));
+                }
                 Command::BeginSnapshot(tables, full, reply) => {
+                    self.digesting = false;
                     if full {
                         self.filters.clear();
                     }
@@ -103,6 +124,7 @@ impl Worker {
                     }));
                 }
                 Command::ClearTable(table, reply) => {
+                    self.digesting = false;
                     let _ = reply.send(self.in_tx(|conn, known| {
                         snapshot::quietly(conn, || snapshot::clear(conn, known, &table))
                     }));
@@ -133,7 +155,9 @@ impl Worker {
     fn repair(&mut self, step: RepairStep) {
         match step {
             RepairStep::Digest(table, ranges, reply) => {
-                let _ = reply.send(repair::digest(&self.conn, &self.tables, &table, &ranges));
+                let _ = reply.send(
+                    self.in_tx(|conn, known| repair::digest(conn, known, &table, &ranges)),
+                );
             }
             RepairStep::Remove(table, ranges, reply) => {
                 let _ = reply.send(self.in_tx(|conn, known| {
@@ -162,6 +186,27 @@ impl Worker {
                     self.filters = snapshot::filters(&self.conn)?;
                     Ok(())
                 }));
+            }
+        }
+    }
+
+    /// Digests kept for repairs: made in the background from now on, or
+    /// (`all`) every one made before this returns.
+    fn start_digests(&mut self, all: bool) -> Result<(), ClientError> {
+        if all {
+            while self.in_tx(|conn, known| digests::build_step(conn, known))? {}
+        } else {
+            self.digesting = true;
+        }
+        Ok(())
+    }
+
+    fn digest_step(&mut self) {
+        match self.in_tx(|conn, known| digests::build_step(conn, known)) {
+            Ok(more) => self.digesting = more,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not digest the replica for repairs");
+                self.digesting = false;
             }
         }
     }

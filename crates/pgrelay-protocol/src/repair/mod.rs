@@ -22,9 +22,11 @@
 //! with another key, or none, is compared whole: one range, replaced whole
 //! when it differs.
 
+mod hasher;
 mod key;
 mod wire;
 
+pub use hasher::RowHasher;
 pub use key::{display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue};
 pub use wire::{decode_repair, encode_repair, RepairError, REPAIR_TAG};
 

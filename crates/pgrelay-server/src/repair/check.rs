@@ -2,11 +2,10 @@
 //! of the ranges it replaces.
 
 use futures_util::StreamExt;
-use pgrelay_protocol::canonical::canonical_pg_text;
 use pgrelay_protocol::copy_text;
 use pgrelay_protocol::repair::{
-    key_kinds, pg_ranges_condition, row_hash, CheckSpan, DiffPart, Key, KeyKind, KeyValue,
-    RangeSum, Tally,
+    key_kinds, pg_ranges_condition, CheckSpan, DiffPart, Key, KeyKind, KeyValue, RangeSum,
+    RowHasher, Tally,
 };
 use pgrelay_protocol::TableSchema;
 
@@ -43,6 +42,8 @@ pub(crate) async fn answer(
         .iter()
         .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
         .collect();
+    let value_kinds: Vec<_> = table.columns.iter().map(|c| c.kind).collect();
+    let mut hasher = RowHasher::default();
     let ranges: Vec<(Option<Key>, Option<Key>)> =
         spans.iter().map(|s| (s.lo.clone(), s.hi.clone())).collect();
     for batch in ranges.chunks(RANGES_PER_QUERY) {
@@ -53,25 +54,26 @@ pub(crate) async fn answer(
             .copy_rows(table, scope, condition.as_deref())
             .await?;
         let mut stream = Box::pin(stream);
-        let mut canonical: Vec<Option<String>> = Vec::with_capacity(table.columns.len());
         while let Some(data) = stream.next().await {
             let data = data.map_err(SnapshotError::sql(format!("repairing {}", table.name)))?;
             copy_text::for_each_row(
                 &data,
                 |values| {
-                    canonical.clear();
-                    for (column, value) in table.columns.iter().zip(values) {
-                        canonical.push(canonical_pg_text(column.kind, value.as_deref()));
-                    }
-                    let hash = row_hash(&canonical);
+                    let hash = hasher.hash(&value_kinds, values.iter().map(|v| v.as_deref()));
                     match &kinds {
                         None => tally.add_whole(0, hash),
                         Some(kinds) => {
+                            // A key column's value keys alike before and
+                            // after canonicalising (integers parse, text
+                            // is kept), so the raw text serves.
                             let key: Option<Key> = key_at
                                 .iter()
                                 .zip(kinds)
                                 .map(|(&i, &kind)| {
-                                    KeyValue::from_canonical(kind, canonical[i].as_deref())
+                                    KeyValue::from_canonical(
+                                        kind,
+                                        values.get(i).and_then(|v| v.as_deref()),
+                                    )
                                 })
                                 .collect();
                             if let Some(key) = key {

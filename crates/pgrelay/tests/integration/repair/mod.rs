@@ -3,6 +3,7 @@
 //! with PostgreSQL range by range and receives only what differs; its
 //! unsent local writes survive. (A lost slot: `slot_loss::`.)
 
+mod kept_digests;
 mod log_reset;
 mod many_ranges;
 mod retention;
