@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use pgrelay_protocol::canonical::canonical_pg_text;
 use pgrelay_protocol::repair::{
-    key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, FANOUT,
+    key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, RowHasher, FANOUT,
     FIRST_PART_ROWS, MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{copy_text, quote_ident as quote, Lsn, TableSchema, Visibility};
@@ -248,15 +248,12 @@ pub(crate) fn load(
     let table = table(tables, name)?;
     snapshot::load(conn, tables, name, copy.as_bytes())?;
     let mut added = RangeSum::default();
-    let mut values = Vec::with_capacity(table.columns.len());
+    let kinds: Vec<_> = table.columns.iter().map(|c| c.kind).collect();
+    let mut hasher = RowHasher::default();
     copy_text::for_each_row(
         copy.as_bytes(),
         |row| {
-            values.clear();
-            for (column, value) in table.columns.iter().zip(row) {
-                values.push(canonical_pg_text(column.kind, value.as_deref()));
-            }
-            added.add(row_hash(&values));
+            added.add(hasher.hash(&kinds, row.iter().map(|v| v.as_deref())));
             Ok(())
         },
         |message| ClientError::Replica(format!("repair rows of {name}: {message}")),

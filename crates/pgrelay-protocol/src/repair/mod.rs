@@ -282,6 +282,17 @@ impl<'a> Tally<'a> {
         }
     }
 
+    /// Adds the rows another tally of the same spans was given (rows read
+    /// in parts, over several connections).
+    pub fn merge(&mut self, other: &Tally<'_>) {
+        for (mine, theirs) in self.sums.iter_mut().zip(&other.sums) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                m.merge(*t);
+            }
+        }
+        self.total.merge(other.total);
+    }
+
     /// Every row added.
     pub fn total(&self) -> RangeSum {
         self.total
