@@ -41,7 +41,13 @@ const DIGESTS_SQL: &str = "CREATE TABLE IF NOT EXISTS _pgrelay_digests (
 )";
 
 /// Rows digested per background step (a few milliseconds).
-pub(crate) const STEP_ROWS: u64 = 32 * FIRST_PART_ROWS;
+const STEP_ROWS: usize = 8_192;
+
+/// Rows read per step: one more, to know where the rest begins.
+const STEP_READ: u64 = 8_193;
+
+/// Rows per bucket ([`FIRST_PART_ROWS`]).
+const BUCKET_ROWS: usize = 256;
 
 /// A bucket: keys from `lo` (none: no lower limit) up to the next
 /// bucket's `lo`; `sum` is `None` until its rows are digested.
@@ -182,17 +188,28 @@ fn stored(conn: &Connection, table: &TableSchema) -> Result<Option<Vec<Bucket>>,
         )?
         .query_row(
             [
-                table.sqlite_name(),
-                &trigger_name(table, "insert"),
-                &trigger_name(table, "update"),
-                &trigger_name(table, "delete"),
+                table.sqlite_name().to_owned(),
+                trigger_name(table, "insert"),
+                trigger_name(table, "update"),
+                trigger_name(table, "delete"),
             ],
             |r| r.get(0),
         )?;
     if triggers != 3 {
         return Ok(None);
     }
-    Ok(decode(&buckets).filter(|b| b.first().is_some_and(|b| b.lo.is_none())))
+    Ok(decode(&buckets).filter(|b| well_formed(b)))
+}
+
+/// The first bucket has no lower bound, every other one has one, in
+/// ascending order.
+fn well_formed(buckets: &[Bucket]) -> bool {
+    let Some((first, rest)) = buckets.split_first() else {
+        return false;
+    };
+    first.lo.is_none()
+        && rest.iter().all(|b| b.lo.is_some())
+        && rest.windows(2).all(|w| w[0].lo < w[1].lo)
 }
 
 /// Keys written since the digests were made; `None` if one does not read
@@ -325,7 +342,8 @@ pub(crate) fn first_round(
 /// The check span of digested buckets, neighbours merged so that there
 /// are at most [`MAX_FIRST_PARTS`] parts; and the sum of every row.
 fn span(buckets: &[Bucket]) -> (CheckSpan, RangeSum) {
-    let per_part = buckets.len().div_ceil(MAX_FIRST_PARTS as usize).max(1);
+    let max_parts = usize::try_from(MAX_FIRST_PARTS).unwrap_or(usize::MAX);
+    let per_part = buckets.len().div_ceil(max_parts).max(1);
     let mut span = CheckSpan {
         lo: None,
         hi: None,
@@ -381,12 +399,12 @@ pub(crate) fn build_step(
             Some(&kinds),
             &lo,
             &hi,
-            Some(STEP_ROWS + 1),
+            Some(STEP_READ),
             |key, hash, _| rows.push((key, hash)),
         )?;
-        let rest = (rows.len() as u64 > STEP_ROWS).then(|| rows.split_off(STEP_ROWS as usize));
+        let rest = (rows.len() > STEP_ROWS).then(|| rows.split_off(STEP_ROWS));
         let mut made: Vec<Bucket> = Vec::new();
-        for (n, chunk) in rows.chunks(FIRST_PART_ROWS as usize).enumerate() {
+        for (n, chunk) in rows.chunks(BUCKET_ROWS).enumerate() {
             let mut sum = RangeSum::default();
             for (_, hash) in chunk {
                 sum.add(*hash);

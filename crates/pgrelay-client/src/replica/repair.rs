@@ -178,10 +178,10 @@ pub fn digest_ranges(
     let kinds = key_kinds(table);
     let mut spans = Vec::with_capacity(ranges.len());
     let mut total = RangeSum::default();
-    for (lo, hi, count) in ranges {
-        let (parts, count) = match (count, &kinds) {
+    for (lo, hi, known) in ranges {
+        let (parts, count) = match (known, &kinds) {
             (_, None) => (1, 0),
-            (Some(count), Some(_)) => (FANOUT, *count),
+            (Some(known), Some(_)) => (FANOUT, *known),
             (None, Some(_)) => {
                 let count = count(conn, table, lo, hi)?;
                 let parts = count.div_ceil(FIRST_PART_ROWS).clamp(1, MAX_FIRST_PARTS);
