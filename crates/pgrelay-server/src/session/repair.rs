@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RepairMessage};
+use pgrelay_pg::ConnInfo;
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
 
 use super::{write, Refusal, Session};
@@ -71,7 +72,7 @@ impl Session<'_> {
                         )
                     })?;
                     if twin.is_none() && twin_split(schema, &spans).is_some() {
-                        twin = self.open_twin(&snapshot).await?;
+                        twin = open_twin(&self.state.database, &snapshot).await?;
                     }
                     self.answer_check(&snapshot, twin.as_ref(), schema, &spans)
                         .await?;
@@ -91,30 +92,6 @@ impl Session<'_> {
                         "only check and done are expected from a client during repair",
                     ))
                 }
-            }
-        }
-    }
-
-    /// A second connection into `snapshot`; `None` (one connection does
-    /// it all, more slowly) if it cannot be had. An export that fails is
-    /// an error: it leaves the snapshot's transaction aborted.
-    async fn open_twin(&self, snapshot: &Snapshot) -> Result<Option<Snapshot>, Refusal> {
-        let exported = snapshot.export().await.map_err(super::internal)?;
-        let joined = async {
-            let twin =
-                Snapshot::join(&self.state.database, &exported, snapshot.visibility.clone())
-                    .await?;
-            twin.client()
-                .batch_execute("SET LOCAL standard_conforming_strings = on")
-                .await
-                .map_err(crate::snapshot::SnapshotError::sql("repair"))?;
-            Ok::<_, crate::snapshot::SnapshotError>(twin)
-        };
-        match joined.await {
-            Ok(twin) => Ok(Some(twin)),
-            Err(e) => {
-                tracing::warn!(error = %e, "repair reads its first round over one connection");
-                Ok(None)
             }
         }
     }
@@ -219,6 +196,30 @@ impl Session<'_> {
             add(&self.state.metrics.repair_bytes, bytes.len() as u64);
             return decode_repair(&bytes, MAX_CHECK_BYTES)
                 .map_err(|e| Refusal::new(ErrorCode::MalformedFrame, e.to_string()));
+        }
+    }
+}
+
+/// A second connection into `snapshot`; `None` (one connection does
+/// it all, more slowly) if it cannot be had. An export that fails is
+/// an error: it leaves the snapshot's transaction aborted.
+async fn open_twin(database: &ConnInfo, snapshot: &Snapshot) -> Result<Option<Snapshot>, Refusal> {
+    let exported = snapshot.export().await.map_err(super::internal)?;
+    let joined = async {
+        let twin =
+            Snapshot::join(database, &exported, snapshot.visibility.clone())
+                .await?;
+        twin.client()
+            .batch_execute("SET LOCAL standard_conforming_strings = on")
+            .await
+            .map_err(crate::snapshot::SnapshotError::sql("repair"))?;
+        Ok::<_, crate::snapshot::SnapshotError>(twin)
+    };
+    match joined.await {
+        Ok(twin) => Ok(Some(twin)),
+        Err(e) => {
+            tracing::warn!(error = %e, "repair reads its first round over one connection");
+            Ok(None)
         }
     }
 }
