@@ -22,6 +22,8 @@ pub(super) struct Worker {
     filters: Vec<snapshot::Filter>,
     /// Digests for repairs are being made while the thread is idle.
     digesting: bool,
+    /// Their bucket bounds, while only transactions are applied.
+    held: digests::Held,
 }
 
 impl Worker {
@@ -34,6 +36,7 @@ impl Worker {
             tables: HashMap::new(),
             filters,
             digesting: false,
+            held: digests::Held::default(),
         };
         worker.reload_tables()?;
         Ok(worker)
@@ -54,6 +57,10 @@ impl Worker {
                     None => break,
                 },
             };
+            if !matches!(command, Command::ApplyTransactions(..)) {
+                // It may change the kept digests.
+                self.held.clear();
+            }
             match command {
                 Command::State(reply) => {
                     let _ = reply.send(self.state());
@@ -202,6 +209,7 @@ impl Worker {
     }
 
     fn digest_step(&mut self) {
+        self.held.clear();
         match self.in_tx(|conn, known| digests::build_step(conn, known)) {
             Ok(more) => self.digesting = more,
             Err(e) => {
@@ -339,6 +347,10 @@ impl Worker {
         let own_origin =
             schema::read_meta(&tx, "client_id")?.map(|id| pgrelay_protocol::origin_tag(&id));
         capture::set_applying(&tx, true)?;
+        // The digest triggers stay quiet for the server's rows: their keys
+        // are recorded below, one per digest bucket.
+        digests::quiet(&tx, true)?;
+        let mut written = digests::Written::default();
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
             if server_tx.lsn <= reached {
@@ -360,6 +372,9 @@ impl Worker {
                 apply::apply_change(&tx, &self.tables, change).map_err(|e| {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
+                if let Some(table) = self.tables.get(&change.table) {
+                    written.add(table, change);
+                }
                 if !touched.contains(&change.table) {
                     touched.insert(change.table.clone());
                 }
@@ -369,6 +384,8 @@ impl Worker {
             }
             reached = server_tx.lsn;
         }
+        digests::quiet(&tx, false)?;
+        written.record(&tx, &self.tables, &mut self.held)?;
         // Local writes still in flight go back on top, in this transaction:
         // no reader sees another writer's older row replace them.
         rebase::passed(&tx, reached)?;

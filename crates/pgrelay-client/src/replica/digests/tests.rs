@@ -261,3 +261,59 @@ proptest! {
         assert_true(&conn, &table, &span, total);
     }
 }
+
+#[test]
+fn server_rows_applied_quietly_are_recorded_one_per_bucket() {
+    use pgrelay_protocol::{Change, Op, Row};
+
+    use super::{quiet, Held, Written};
+
+    let conn = Connection::open_in_memory().unwrap();
+    let table = table(false);
+    let tables = open(&conn, &table);
+    fill(&conn, 3000);
+    build_all(&conn, &tables);
+    let mut held = Held::default();
+    // As the replica's thread applies a server transaction: triggers
+    // quiet, keys recorded from the changes.
+    quiet(&conn, true).unwrap();
+    let mut written = Written::default();
+    for a in (10..=10_000).step_by(10) {
+        conn.execute("UPDATE t SET v = 'server' WHERE a = ?1", [a])
+            .unwrap();
+        let row: Row = [
+            ("a".to_owned(), Some(a.to_string())),
+            ("v".to_owned(), Some("server".to_owned())),
+        ]
+        .into();
+        written.add(
+            &table,
+            &Change {
+                table: table.name.clone(),
+                op: Op::Update,
+                new: Some(row),
+                old: None,
+            },
+        );
+    }
+    conn.execute("DELETE FROM t WHERE a = 20000", []).unwrap();
+    written.add(
+        &table,
+        &Change {
+            table: table.name.clone(),
+            op: Op::Delete,
+            new: None,
+            old: Some([("a".to_owned(), Some("20000".to_owned()))].into()),
+        },
+    );
+    assert_eq!(touched_count(&conn), 0, "the triggers were quiet");
+    quiet(&conn, false).unwrap();
+    written.record(&conn, &tables, &mut held).unwrap();
+    // 1,000 rows in 4 buckets of 256, and one more bucket.
+    assert!(touched_count(&conn) <= 6, "{}", touched_count(&conn));
+    let (span, total) = first_round(&conn, &table).unwrap();
+    assert_true(&conn, &table, &span, total);
+    // Loud again: a local write is recorded by its trigger.
+    conn.execute("UPDATE t SET v = 'local' WHERE a = 30", []).unwrap();
+    assert_eq!(touched_count(&conn), 1);
+}
