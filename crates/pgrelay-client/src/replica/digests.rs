@@ -502,7 +502,10 @@ impl Written {
             self.lost.insert(table.name.clone());
             return;
         }
-        for row in [change.old.as_ref(), change.new.as_ref()].into_iter().flatten() {
+        for row in [change.old.as_ref(), change.new.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             let key: Option<Key> = table
                 .primary_key
                 .iter()

@@ -189,9 +189,15 @@ pub fn digest_ranges(
             }
         };
         let mut cutter = Cutter::new(lo.clone(), hi.clone(), count, parts);
-        scan(conn, table, kinds.as_deref(), lo, hi, None, |key, hash, _| {
-            cutter.add(&key, hash)
-        })?;
+        scan(
+            conn,
+            table,
+            kinds.as_deref(),
+            lo,
+            hi,
+            None,
+            |key, hash, _| cutter.add(&key, hash),
+        )?;
         let (span, sum) = cutter.finish(kinds.is_none());
         total.merge(sum);
         spans.push(span);
@@ -208,9 +214,15 @@ pub fn rows_in_range(
 ) -> Result<Vec<KeyedRow>, ClientError> {
     let kinds = key_kinds(table);
     let mut out = Vec::new();
-    scan(conn, table, kinds.as_deref(), lo, hi, None, |key, _, values| {
-        out.push((key, values.to_vec()))
-    })?;
+    scan(
+        conn,
+        table,
+        kinds.as_deref(),
+        lo,
+        hi,
+        None,
+        |key, _, values| out.push((key, values.to_vec())),
+    )?;
     Ok(out)
 }
 

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 
 use super::{
     apply, capture, digests, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied,
-    Command,
-    Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
+    Command, Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied,
+    TableStatus, Taken,
 };
 use crate::ClientError;
 
@@ -162,9 +162,8 @@ impl Worker {
     fn repair(&mut self, step: RepairStep) {
         match step {
             RepairStep::Digest(table, ranges, reply) => {
-                let _ = reply.send(
-                    self.in_tx(|conn, known| repair::digest(conn, known, &table, &ranges)),
-                );
+                let _ = reply
+                    .send(self.in_tx(|conn, known| repair::digest(conn, known, &table, &ranges)));
             }
             RepairStep::Remove(table, ranges, reply) => {
                 let _ = reply.send(self.in_tx(|conn, known| {
@@ -201,7 +200,7 @@ impl Worker {
     /// (`all`) every one made before this returns.
     fn start_digests(&mut self, all: bool) -> Result<(), ClientError> {
         if all {
-            while self.in_tx(|conn, known| digests::build_step(conn, known))? {}
+            while self.in_tx(digests::build_step)? {}
         } else {
             self.digesting = true;
         }
@@ -210,7 +209,7 @@ impl Worker {
 
     fn digest_step(&mut self) {
         self.held.clear();
-        match self.in_tx(|conn, known| digests::build_step(conn, known)) {
+        match self.in_tx(digests::build_step) {
             Ok(more) => self.digesting = more,
             Err(e) => {
                 tracing::warn!(error = %e, "could not digest the replica for repairs");

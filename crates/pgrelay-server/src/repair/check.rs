@@ -64,7 +64,14 @@ pub(crate) async fn answer(
             let second = pg_ranges_condition(table, kinds, &[(Some(middle), None)]);
             let mut other = Tally::new(spans);
             let (a, b) = tokio::join!(
-                digest_rows(snapshot, scope, table, Some(kinds), Some(&first), &mut tally),
+                digest_rows(
+                    snapshot,
+                    scope,
+                    table,
+                    Some(kinds),
+                    Some(&first),
+                    &mut tally
+                ),
                 digest_rows(twin, scope, table, Some(kinds), Some(&second), &mut other),
             );
             a?;

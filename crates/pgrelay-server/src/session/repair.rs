@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
-use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RepairMessage};
 use pgrelay_pg::ConnInfo;
+use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RepairMessage};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
 
 use super::{write, Refusal, Session};
@@ -206,9 +206,7 @@ impl Session<'_> {
 async fn open_twin(database: &ConnInfo, snapshot: &Snapshot) -> Result<Option<Snapshot>, Refusal> {
     let exported = snapshot.export().await.map_err(super::internal)?;
     let joined = async {
-        let twin =
-            Snapshot::join(database, &exported, snapshot.visibility.clone())
-                .await?;
+        let twin = Snapshot::join(database, &exported, snapshot.visibility.clone()).await?;
         twin.client()
             .batch_execute("SET LOCAL standard_conforming_strings = on")
             .await

@@ -76,15 +76,28 @@ fn assert_true(conn: &Connection, table: &TableSchema, span: &CheckSpan, total: 
             sum.add(hash)
         })
         .unwrap();
-        assert_eq!(span.rows[part], sum.rows, "rows of part {part} ({lo:?}..{hi:?})");
-        assert_eq!(span.digest(part), Some(sum.short()), "digest of part {part}");
+        assert_eq!(
+            span.rows[part], sum.rows,
+            "rows of part {part} ({lo:?}..{hi:?})"
+        );
+        assert_eq!(
+            span.digest(part),
+            Some(sum.short()),
+            "digest of part {part}"
+        );
         all.merge(sum);
     }
     assert_eq!(total, all, "the total");
     let mut every = RangeSum::default();
-    scan(conn, table, Some(&kinds), &None, &None, None, |_, hash, _| {
-        every.add(hash)
-    })
+    scan(
+        conn,
+        table,
+        Some(&kinds),
+        &None,
+        &None,
+        None,
+        |_, hash, _| every.add(hash),
+    )
     .unwrap();
     assert_eq!(total, every, "the parts cover every row");
 }
@@ -196,7 +209,8 @@ fn digests_that_cannot_be_trusted_are_made_again() {
     wider.columns.push(column("w", ValueKind::Text, 25));
     let tables: HashMap<String, TableSchema> = [(wider.name.clone(), wider.clone())].into();
     schema::apply_table(&conn, &wider).unwrap();
-    conn.execute_batch("UPDATE t SET w = 'x' WHERE a > 5000").unwrap();
+    conn.execute_batch("UPDATE t SET w = 'x' WHERE a > 5000")
+        .unwrap();
     assert!(stored(&conn, &wider).unwrap().is_none());
     build_all(&conn, &tables);
     let (span, total) = first_round(&conn, &wider).unwrap();
@@ -314,6 +328,7 @@ fn server_rows_applied_quietly_are_recorded_one_per_bucket() {
     let (span, total) = first_round(&conn, &table).unwrap();
     assert_true(&conn, &table, &span, total);
     // Loud again: a local write is recorded by its trigger.
-    conn.execute("UPDATE t SET v = 'local' WHERE a = 30", []).unwrap();
+    conn.execute("UPDATE t SET v = 'local' WHERE a = 30", [])
+        .unwrap();
     assert_eq!(touched_count(&conn), 1);
 }

@@ -11,8 +11,10 @@ use crate::writes::{wait_outbox_drained, WAIT};
 async fn kept_digests_stay_true_through_live_applies_and_local_writes() {
     let world = World::new().await;
     world
-        .exec("CREATE TABLE t (id int PRIMARY KEY, v text CHECK (v <> 'refused'));
-               INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 6000) g;")
+        .exec(
+            "CREATE TABLE t (id int PRIMARY KEY, v text CHECK (v <> 'refused'));
+               INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 6000) g;",
+        )
         .await;
     let server = world.start_server().await;
     let path = world.replica_path("kept");
@@ -22,13 +24,17 @@ async fn kept_digests_stay_true_through_live_applies_and_local_writes() {
 
     // Live, after the digests were made.
     world
-        .exec("UPDATE t SET v = 'live' WHERE id % 500 = 1;
+        .exec(
+            "UPDATE t SET v = 'live' WHERE id % 500 = 1;
                DELETE FROM t WHERE id BETWEEN 2000 AND 2010;
-               INSERT INTO t VALUES (7000, 'live new'), (0, 'first');")
+               INSERT INTO t VALUES (7000, 'live new'), (0, 'first');",
+        )
         .await;
     client
         .client
-        .execute("INSERT INTO t VALUES (8000, 'local'); UPDATE t SET v = 'local edit' WHERE id = 4321;")
+        .execute(
+            "INSERT INTO t VALUES (8000, 'local'); UPDATE t SET v = 'local edit' WHERE id = 4321;",
+        )
         .await
         .unwrap();
     client
@@ -45,9 +51,11 @@ async fn kept_digests_stay_true_through_live_applies_and_local_writes() {
 
     // Away: another change log, and rows change meanwhile.
     world
-        .exec("UPDATE pgrelay.log_state SET log_id = 'another';
+        .exec(
+            "UPDATE pgrelay.log_state SET log_id = 'another';
                UPDATE t SET v = 'away' WHERE id IN (10, 3000, 5999); DELETE FROM t WHERE id = 4000;
-               INSERT INTO t VALUES (9000, 'away new');")
+               INSERT INTO t VALUES (9000, 'away new');",
+        )
         .await;
     let server = world.start_server().await;
     let client = start_client(server.local_addr(), &path, "kept").await;
