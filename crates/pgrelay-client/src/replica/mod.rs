@@ -7,6 +7,7 @@
 mod apply;
 mod capture;
 mod captured;
+mod digests;
 mod holdable;
 mod migrations;
 mod outbox;
@@ -64,6 +65,9 @@ enum Command {
     FinishSnapshot(SnapshotDone, Reply<()>),
     RunMigration(pgrelay_protocol::ClientMigration, Reply<Result<(), String>>),
     Repair(RepairStep),
+    /// Make the digests kept for repairs: in the background, or (`true`)
+    /// all of them now.
+    Digests(bool, Reply<()>),
 }
 
 /// A step of a repair (see `repair.rs`), run in its own SQLite transaction.
@@ -330,6 +334,19 @@ impl Replica {
         results: WriteResults,
     ) -> Result<Vec<Outcome>, ClientError> {
         self.call(|r| Command::RecordResults(results, r)).await
+    }
+
+    /// Makes the range digests a repair's first round uses (normally made
+    /// in the background once the replica has caught up) and returns once
+    /// every synced table has them.
+    pub async fn build_digests(&self) -> Result<(), ClientError> {
+        self.call(|r| Command::Digests(true, r)).await
+    }
+
+    /// Starts making the range digests in the background, while the
+    /// replica has nothing else to do.
+    pub(crate) async fn start_digests(&self) -> Result<(), ClientError> {
+        self.call(|r| Command::Digests(false, r)).await
     }
 
     /// Digests key ranges of a table for a repair (`None`: not held).

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use pgrelay_protocol::canonical::canonical_pg_text;
 use pgrelay_protocol::repair::{
-    key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, FANOUT,
+    key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, RowHasher, FANOUT,
     FIRST_PART_ROWS, MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{copy_text, quote_ident as quote, Lsn, TableSchema, Visibility};
@@ -63,14 +63,32 @@ fn condition(table: &TableSchema, lo: &Option<Key>, hi: &Option<Key>) -> (String
     (sql.join(" AND "), params)
 }
 
-/// Reads the rows of `lo..hi` in key order, calling `row` with each key
-/// and hash.
-fn scan(
+/// The replica's row count in `lo..hi`.
+pub(super) fn count(
+    conn: &Connection,
+    table: &TableSchema,
+    lo: &Option<Key>,
+    hi: &Option<Key>,
+) -> Result<u64, ClientError> {
+    let (condition, params) = condition(table, lo, hi);
+    let count: i64 = conn
+        .prepare_cached(&format!(
+            "SELECT count(*) FROM {} WHERE {condition}",
+            quote(table.sqlite_name())
+        ))?
+        .query_row(rusqlite::params_from_iter(params), |r| r.get(0))?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Reads the rows of `lo..hi` in key order (at most `limit`), calling
+/// `row` with each key and hash.
+pub(super) fn scan(
     conn: &Connection,
     table: &TableSchema,
     kinds: Option<&[KeyKind]>,
     lo: &Option<Key>,
     hi: &Option<Key>,
+    limit: Option<u64>,
     mut row: impl FnMut(Key, u128, &[Option<String>]),
 ) -> Result<(), ClientError> {
     let columns = table
@@ -97,8 +115,9 @@ fn scan(
         .iter()
         .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
         .collect();
+    let limit = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {columns} FROM {} WHERE {condition}{order}",
+        "SELECT {columns} FROM {} WHERE {condition}{order}{limit}",
         quote(table.sqlite_name())
     ))?;
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
@@ -126,8 +145,9 @@ fn scan(
 }
 
 /// Digests `ranges` of a table: each cut into parts (the first round,
-/// with no count known, into parts of about [`FIRST_PART_ROWS`] rows;
-/// later ones into [`FANOUT`]). Returns the spans and the sum of every
+/// over the whole key space, from the kept digests (see `digests`);
+/// later ones into [`FANOUT`]). Runs in the caller's transaction (the
+/// first round stores the digests it refreshes). Returns the spans and the sum of every
 /// row in them; `None` for a table the replica does not hold (it cannot
 /// hold it, or it is new and comes with the next snapshot).
 pub(crate) fn digest(
@@ -139,6 +159,12 @@ pub(crate) fn digest(
     let Some(table) = tables.get(name).filter(|t| t.skipped.is_none()) else {
         return Ok(None);
     };
+    if let [(None, None, None)] = ranges {
+        if key_kinds(table).is_some() {
+            let (span, total) = super::digests::first_round(conn, table)?;
+            return Ok(Some((vec![span], total)));
+        }
+    }
     digest_ranges(conn, table, ranges).map(Some)
 }
 
@@ -152,29 +178,26 @@ pub fn digest_ranges(
     let kinds = key_kinds(table);
     let mut spans = Vec::with_capacity(ranges.len());
     let mut total = RangeSum::default();
-    for (lo, hi, count) in ranges {
-        let (parts, count) = match (count, &kinds) {
+    for (lo, hi, known) in ranges {
+        let (parts, count) = match (known, &kinds) {
             (_, None) => (1, 0),
-            (Some(count), Some(_)) => (FANOUT, *count),
+            (Some(known), Some(_)) => (FANOUT, *known),
             (None, Some(_)) => {
-                let (condition, params) = condition(table, lo, hi);
-                let count: i64 = conn.query_row(
-                    &format!(
-                        "SELECT count(*) FROM {} WHERE {condition}",
-                        quote(table.sqlite_name())
-                    ),
-                    rusqlite::params_from_iter(params),
-                    |r| r.get(0),
-                )?;
-                let count = u64::try_from(count).unwrap_or(0);
+                let count = count(conn, table, lo, hi)?;
                 let parts = count.div_ceil(FIRST_PART_ROWS).clamp(1, MAX_FIRST_PARTS);
                 (usize::try_from(parts).unwrap_or(1), count)
             }
         };
         let mut cutter = Cutter::new(lo.clone(), hi.clone(), count, parts);
-        scan(conn, table, kinds.as_deref(), lo, hi, |key, hash, _| {
-            cutter.add(&key, hash)
-        })?;
+        scan(
+            conn,
+            table,
+            kinds.as_deref(),
+            lo,
+            hi,
+            None,
+            |key, hash, _| cutter.add(&key, hash),
+        )?;
         let (span, sum) = cutter.finish(kinds.is_none());
         total.merge(sum);
         spans.push(span);
@@ -191,9 +214,15 @@ pub fn rows_in_range(
 ) -> Result<Vec<KeyedRow>, ClientError> {
     let kinds = key_kinds(table);
     let mut out = Vec::new();
-    scan(conn, table, kinds.as_deref(), lo, hi, |key, _, values| {
-        out.push((key, values.to_vec()))
-    })?;
+    scan(
+        conn,
+        table,
+        kinds.as_deref(),
+        lo,
+        hi,
+        None,
+        |key, _, values| out.push((key, values.to_vec())),
+    )?;
     Ok(out)
 }
 
@@ -208,7 +237,7 @@ pub(crate) fn remove(
     let kinds = key_kinds(table);
     let mut removed = RangeSum::default();
     for (lo, hi) in ranges {
-        scan(conn, table, kinds.as_deref(), lo, hi, |_, hash, _| {
+        scan(conn, table, kinds.as_deref(), lo, hi, None, |_, hash, _| {
             removed.add(hash)
         })?;
         let (condition, params) = condition(table, lo, hi);
@@ -231,15 +260,12 @@ pub(crate) fn load(
     let table = table(tables, name)?;
     snapshot::load(conn, tables, name, copy.as_bytes())?;
     let mut added = RangeSum::default();
-    let mut values = Vec::with_capacity(table.columns.len());
+    let kinds: Vec<_> = table.columns.iter().map(|c| c.kind).collect();
+    let mut hasher = RowHasher::default();
     copy_text::for_each_row(
         copy.as_bytes(),
         |row| {
-            values.clear();
-            for (column, value) in table.columns.iter().zip(row) {
-                values.push(canonical_pg_text(column.kind, value.as_deref()));
-            }
-            added.add(row_hash(&values));
+            added.add(hasher.hash(&kinds, row.iter().map(|v| v.as_deref())));
             Ok(())
         },
         |message| ClientError::Replica(format!("repair rows of {name}: {message}")),

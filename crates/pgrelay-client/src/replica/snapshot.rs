@@ -137,6 +137,9 @@ pub(crate) fn clear(
 ) -> Result<(), ClientError> {
     let table = known(tables, name)?;
     if table.skipped.is_none() {
+        // First: its digest triggers would record every row deleted here
+        // and loaded next.
+        super::digests::forget(conn, table)?;
         conn.prepare_cached(&format!("DELETE FROM {}", quote(table.sqlite_name())))?
             .execute([])?;
     }

@@ -9,8 +9,9 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied, Command,
-    Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
+    apply, capture, digests, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied,
+    Command, Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied,
+    TableStatus, Taken,
 };
 use crate::ClientError;
 
@@ -19,6 +20,10 @@ pub(super) struct Worker {
     tables: HashMap<String, TableSchema>,
     /// Transactions that snapshots already hold, skipped when they arrive.
     filters: Vec<snapshot::Filter>,
+    /// Digests for repairs are being made while the thread is idle.
+    digesting: bool,
+    /// Their bucket bounds, while only transactions are applied.
+    held: digests::Held,
 }
 
 impl Worker {
@@ -30,13 +35,32 @@ impl Worker {
             conn,
             tables: HashMap::new(),
             filters,
+            digesting: false,
+            held: digests::Held::default(),
         };
         worker.reload_tables()?;
         Ok(worker)
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(command) = rx.blocking_recv() {
+        loop {
+            let command = match rx.try_recv() {
+                Ok(command) => command,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                // Idle: digest a few thousand rows for the next repair.
+                Err(mpsc::error::TryRecvError::Empty) if self.digesting => {
+                    self.digest_step();
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                    Some(command) => command,
+                    None => break,
+                },
+            };
+            if !matches!(command, Command::ApplyTransactions(..)) {
+                // It may change the kept digests.
+                self.held.clear();
+            }
             match command {
                 Command::State(reply) => {
                     let _ = reply.send(self.state());
@@ -89,7 +113,11 @@ impl Worker {
                     let _ =
                         reply.send(self.in_tx(|conn, _| snapshot::request_resync(conn, &tables)));
                 }
+                Command::Digests(all, reply) => {
+                    let _ = reply.send(self.start_digests(all));
+                }
                 Command::BeginSnapshot(tables, full, reply) => {
+                    self.digesting = false;
                     if full {
                         self.filters.clear();
                     }
@@ -103,6 +131,7 @@ impl Worker {
                     }));
                 }
                 Command::ClearTable(table, reply) => {
+                    self.digesting = false;
                     let _ = reply.send(self.in_tx(|conn, known| {
                         snapshot::quietly(conn, || snapshot::clear(conn, known, &table))
                     }));
@@ -133,7 +162,8 @@ impl Worker {
     fn repair(&mut self, step: RepairStep) {
         match step {
             RepairStep::Digest(table, ranges, reply) => {
-                let _ = reply.send(repair::digest(&self.conn, &self.tables, &table, &ranges));
+                let _ = reply
+                    .send(self.in_tx(|conn, known| repair::digest(conn, known, &table, &ranges)));
             }
             RepairStep::Remove(table, ranges, reply) => {
                 let _ = reply.send(self.in_tx(|conn, known| {
@@ -162,6 +192,28 @@ impl Worker {
                     self.filters = snapshot::filters(&self.conn)?;
                     Ok(())
                 }));
+            }
+        }
+    }
+
+    /// Digests kept for repairs: made in the background from now on, or
+    /// (`all`) every one made before this returns.
+    fn start_digests(&mut self, all: bool) -> Result<(), ClientError> {
+        if all {
+            while self.in_tx(digests::build_step)? {}
+        } else {
+            self.digesting = true;
+        }
+        Ok(())
+    }
+
+    fn digest_step(&mut self) {
+        self.held.clear();
+        match self.in_tx(digests::build_step) {
+            Ok(more) => self.digesting = more,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not digest the replica for repairs");
+                self.digesting = false;
             }
         }
     }
@@ -294,6 +346,10 @@ impl Worker {
         let own_origin =
             schema::read_meta(&tx, "client_id")?.map(|id| pgrelay_protocol::origin_tag(&id));
         capture::set_applying(&tx, true)?;
+        // The digest triggers stay quiet for the server's rows: their keys
+        // are recorded below, one per digest bucket.
+        digests::quiet(&tx, true)?;
+        let mut written = digests::Written::default();
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
             if server_tx.lsn <= reached {
@@ -315,6 +371,9 @@ impl Worker {
                 apply::apply_change(&tx, &self.tables, change).map_err(|e| {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
+                if let Some(table) = self.tables.get(&change.table) {
+                    written.add(table, change);
+                }
                 if !touched.contains(&change.table) {
                     touched.insert(change.table.clone());
                 }
@@ -324,6 +383,8 @@ impl Worker {
             }
             reached = server_tx.lsn;
         }
+        digests::quiet(&tx, false)?;
+        written.record(&tx, &self.tables, &mut self.held)?;
         // Local writes still in flight go back on top, in this transaction:
         // no reader sees another writer's older row replace them.
         rebase::passed(&tx, reached)?;

@@ -314,6 +314,8 @@ pub(crate) async fn connect_and_sync(
             && target.is_some_and(|t| applied >= t)
             && wal_target.is_none_or(|w| wal_sent.is_some_and(|sent| sent >= w));
         if reached {
+            // Idle from here on: the replica digests itself for a repair.
+            replica.start_digests().await?;
             let _ = events.send(Event::CaughtUp { lsn: applied });
             caught_up = true;
             // Once caught up, report it only once per connection.

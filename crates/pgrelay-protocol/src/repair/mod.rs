@@ -22,9 +22,11 @@
 //! with another key, or none, is compared whole: one range, replaced whole
 //! when it differs.
 
+mod hasher;
 mod key;
 mod wire;
 
+pub use hasher::RowHasher;
 pub use key::{display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue};
 pub use wire::{decode_repair, encode_repair, RepairError, REPAIR_TAG};
 
@@ -278,6 +280,17 @@ impl<'a> Tally<'a> {
             sum.add(hash);
             self.total.add(hash);
         }
+    }
+
+    /// Adds the rows another tally of the same spans was given (rows read
+    /// in parts, over several connections).
+    pub fn merge(&mut self, other: &Tally<'_>) {
+        for (mine, theirs) in self.sums.iter_mut().zip(&other.sums) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                m.merge(*t);
+            }
+        }
+        self.total.merge(other.total);
     }
 
     /// Every row added.

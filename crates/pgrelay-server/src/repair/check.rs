@@ -2,11 +2,10 @@
 //! of the ranges it replaces.
 
 use futures_util::StreamExt;
-use pgrelay_protocol::canonical::canonical_pg_text;
 use pgrelay_protocol::copy_text;
 use pgrelay_protocol::repair::{
-    key_kinds, pg_ranges_condition, row_hash, CheckSpan, DiffPart, Key, KeyKind, KeyValue,
-    RangeSum, Tally,
+    key_kinds, pg_ranges_condition, CheckSpan, DiffPart, Key, KeyKind, KeyValue, RangeSum,
+    RowHasher, Tally,
 };
 use pgrelay_protocol::TableSchema;
 
@@ -28,65 +27,132 @@ pub(crate) enum RepairError {
     BadCheck(String),
 }
 
+/// First-round checks of at least this many ranges are read over two
+/// connections (see [`answer`]).
+const TWIN_PARTS: usize = 64;
+
+/// Whether a check is a first round worth reading over two connections:
+/// one span over the whole key space, with many parts. Returns the key
+/// where the second connection's half begins.
+pub(crate) fn twin_split(table: &TableSchema, spans: &[CheckSpan]) -> Option<Key> {
+    let [span] = spans else {
+        return None;
+    };
+    if span.lo.is_some() || span.hi.is_some() || span.parts() < TWIN_PARTS {
+        return None;
+    }
+    key_kinds(table)?;
+    span.bounds.get(span.bounds.len() / 2).cloned()
+}
+
 /// The parts of `spans` whose rows differ from the client's, and, when
-/// the check covers the whole key space, the table's full digest.
+/// the check covers the whole key space, the table's full digest. With a
+/// `twin` (a second connection into the same snapshot) a first round is
+/// read in two halves at once, one per connection.
 pub(crate) async fn answer(
     snapshot: &Snapshot,
+    twin: Option<&Snapshot>,
     scope: Option<&Scope>,
     table: &TableSchema,
     spans: &[CheckSpan],
 ) -> Result<(Vec<DiffPart>, Option<RangeSum>), RepairError> {
     let kinds = validate(table, spans)?;
     let mut tally = Tally::new(spans);
+    match (twin, kinds.as_deref(), twin_split(table, spans)) {
+        (Some(twin), Some(kinds), Some(middle)) => {
+            let first = pg_ranges_condition(table, kinds, &[(None, Some(middle.clone()))]);
+            let second = pg_ranges_condition(table, kinds, &[(Some(middle), None)]);
+            let mut other = Tally::new(spans);
+            let (a, b) = tokio::join!(
+                digest_rows(
+                    snapshot,
+                    scope,
+                    table,
+                    Some(kinds),
+                    Some(&first),
+                    &mut tally
+                ),
+                digest_rows(twin, scope, table, Some(kinds), Some(&second), &mut other),
+            );
+            a?;
+            b?;
+            tally.merge(&other);
+        }
+        _ => {
+            let ranges: Vec<(Option<Key>, Option<Key>)> =
+                spans.iter().map(|s| (s.lo.clone(), s.hi.clone())).collect();
+            for batch in ranges.chunks(RANGES_PER_QUERY) {
+                let condition = kinds
+                    .as_deref()
+                    .map(|kinds| pg_ranges_condition(table, kinds, batch));
+                digest_rows(
+                    snapshot,
+                    scope,
+                    table,
+                    kinds.as_deref(),
+                    condition.as_deref(),
+                    &mut tally,
+                )
+                .await?;
+            }
+        }
+    }
+    let full_span = spans.len() == 1 && spans[0].lo.is_none() && spans[0].hi.is_none();
+    Ok((tally.diff(), full_span.then(|| tally.total())))
+}
+
+/// Reads the rows `condition` holds for with COPY and adds each to the
+/// tally (keyed by `kinds`; none: the table is compared whole).
+async fn digest_rows(
+    snapshot: &Snapshot,
+    scope: Option<&Scope>,
+    table: &TableSchema,
+    kinds: Option<&[KeyKind]>,
+    condition: Option<&str>,
+    tally: &mut Tally<'_>,
+) -> Result<(), RepairError> {
     let key_at: Vec<usize> = table
         .primary_key
         .iter()
         .filter_map(|k| table.columns.iter().position(|c| &c.name == k))
         .collect();
-    let ranges: Vec<(Option<Key>, Option<Key>)> =
-        spans.iter().map(|s| (s.lo.clone(), s.hi.clone())).collect();
-    for batch in ranges.chunks(RANGES_PER_QUERY) {
-        let condition = kinds
-            .as_deref()
-            .map(|kinds| pg_ranges_condition(table, kinds, batch));
-        let stream = snapshot
-            .copy_rows(table, scope, condition.as_deref())
-            .await?;
-        let mut stream = Box::pin(stream);
-        let mut canonical: Vec<Option<String>> = Vec::with_capacity(table.columns.len());
-        while let Some(data) = stream.next().await {
-            let data = data.map_err(SnapshotError::sql(format!("repairing {}", table.name)))?;
-            copy_text::for_each_row(
-                &data,
-                |values| {
-                    canonical.clear();
-                    for (column, value) in table.columns.iter().zip(values) {
-                        canonical.push(canonical_pg_text(column.kind, value.as_deref()));
-                    }
-                    let hash = row_hash(&canonical);
-                    match &kinds {
-                        None => tally.add_whole(0, hash),
-                        Some(kinds) => {
-                            let key: Option<Key> = key_at
-                                .iter()
-                                .zip(kinds)
-                                .map(|(&i, &kind)| {
-                                    KeyValue::from_canonical(kind, canonical[i].as_deref())
-                                })
-                                .collect();
-                            if let Some(key) = key {
-                                tally.add(&key, hash);
-                            }
+    let value_kinds: Vec<_> = table.columns.iter().map(|c| c.kind).collect();
+    let mut hasher = RowHasher::default();
+    let stream = snapshot.copy_rows(table, scope, condition).await?;
+    let mut stream = Box::pin(stream);
+    while let Some(data) = stream.next().await {
+        let data = data.map_err(SnapshotError::sql(format!("repairing {}", table.name)))?;
+        copy_text::for_each_row(
+            &data,
+            |values| {
+                let hash = hasher.hash(&value_kinds, values.iter().map(|v| v.as_deref()));
+                match kinds {
+                    None => tally.add_whole(0, hash),
+                    Some(kinds) => {
+                        // A key column's value keys alike before and after
+                        // canonicalising (integers parse, text is kept),
+                        // so the raw text serves.
+                        let key: Option<Key> = key_at
+                            .iter()
+                            .zip(kinds)
+                            .map(|(&i, &kind)| {
+                                KeyValue::from_canonical(
+                                    kind,
+                                    values.get(i).and_then(|v| v.as_deref()),
+                                )
+                            })
+                            .collect();
+                        if let Some(key) = key {
+                            tally.add(&key, hash);
                         }
                     }
-                    Ok(())
-                },
-                |message| RepairError::BadCheck(format!("COPY row of {}: {message}", table.name)),
-            )?;
-        }
+                }
+                Ok(())
+            },
+            |message| RepairError::BadCheck(format!("COPY row of {}: {message}", table.name)),
+        )?;
     }
-    let full_span = spans.len() == 1 && spans[0].lo.is_none() && spans[0].hi.is_none();
-    Ok((tally.diff(), full_span.then(|| tally.total())))
+    Ok(())
 }
 
 /// Ranges whose rows [`replaced_rows`] reads with one COPY.

@@ -11,4 +11,4 @@
 
 mod check;
 
-pub(crate) use check::{answer, replaced_batches, replaced_rows, RepairError};
+pub(crate) use check::{answer, replaced_batches, replaced_rows, twin_split, RepairError};

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
+use pgrelay_pg::ConnInfo;
 use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RepairMessage};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
 
 use super::{write, Refusal, Session};
 use crate::hub::Frame;
 use crate::ops::metrics::add;
-use crate::repair::{answer, replaced_batches, replaced_rows, RepairError};
+use crate::repair::{answer, replaced_batches, replaced_rows, twin_split, RepairError};
 use crate::snapshot::Snapshot;
 
 /// How long the client may take between two repair frames (it digests
@@ -58,6 +59,9 @@ impl Session<'_> {
             visibility: snapshot.visibility.clone(),
         };
         self.send(Frame::encode(&begin, Lsn::ZERO)).await?;
+        // A second connection into the snapshot, opened for the first
+        // large check: first rounds read every row, in two halves at once.
+        let mut twin: Option<Snapshot> = None;
         loop {
             match self.next_repair_message().await? {
                 RepairMessage::Check { table, spans } => {
@@ -67,7 +71,11 @@ impl Session<'_> {
                             "repair check of a table not being repaired",
                         )
                     })?;
-                    self.answer_check(&snapshot, schema, &spans).await?;
+                    if twin.is_none() && twin_split(schema, &spans).is_some() {
+                        twin = open_twin(&self.state.database, &snapshot).await?;
+                    }
+                    self.answer_check(&snapshot, twin.as_ref(), schema, &spans)
+                        .await?;
                 }
                 RepairMessage::Done { refetch } => {
                     if !refetch.is_empty() {
@@ -91,12 +99,13 @@ impl Session<'_> {
     async fn answer_check(
         &mut self,
         snapshot: &Snapshot,
+        twin: Option<&Snapshot>,
         table: &TableSchema,
         spans: &[CheckSpan],
     ) -> Result<(), Refusal> {
         let scope = self.scope.clone();
         let started = std::time::Instant::now();
-        let (parts, total) = answer(snapshot, scope.as_deref(), table, spans)
+        let (parts, total) = answer(snapshot, twin, scope.as_deref(), table, spans)
             .await
             .map_err(refusal)?;
         tracing::debug!(
@@ -187,6 +196,28 @@ impl Session<'_> {
             add(&self.state.metrics.repair_bytes, bytes.len() as u64);
             return decode_repair(&bytes, MAX_CHECK_BYTES)
                 .map_err(|e| Refusal::new(ErrorCode::MalformedFrame, e.to_string()));
+        }
+    }
+}
+
+/// A second connection into `snapshot`; `None` (one connection does
+/// it all, more slowly) if it cannot be had. An export that fails is
+/// an error: it leaves the snapshot's transaction aborted.
+async fn open_twin(database: &ConnInfo, snapshot: &Snapshot) -> Result<Option<Snapshot>, Refusal> {
+    let exported = snapshot.export().await.map_err(super::internal)?;
+    let joined = async {
+        let twin = Snapshot::join(database, &exported, snapshot.visibility.clone()).await?;
+        twin.client()
+            .batch_execute("SET LOCAL standard_conforming_strings = on")
+            .await
+            .map_err(crate::snapshot::SnapshotError::sql("repair"))?;
+        Ok::<_, crate::snapshot::SnapshotError>(twin)
+    };
+    match joined.await {
+        Ok(twin) => Ok(Some(twin)),
+        Err(e) => {
+            tracing::warn!(error = %e, "repair reads its first round over one connection");
+            Ok(None)
         }
     }
 }

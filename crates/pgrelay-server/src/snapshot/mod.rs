@@ -53,6 +53,34 @@ impl Snapshot {
         Ok(Snapshot { client, visibility })
     }
 
+    /// Exports the snapshot, for [`Snapshot::join`].
+    pub(crate) async fn export(&self) -> Result<String, SnapshotError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(SnapshotError::sql("exporting a snapshot"))?;
+        Ok(row.get(0))
+    }
+
+    /// Another connection into an exported snapshot: it reads exactly the
+    /// rows the exporting one does, while that one's transaction is open.
+    pub(crate) async fn join(
+        info: &ConnInfo,
+        exported: &str,
+        visibility: Visibility,
+    ) -> Result<Snapshot, SnapshotError> {
+        let client = pgrelay_pg::connect(info).await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                exported.replace('\'', "''")
+            ))
+            .await
+            .map_err(SnapshotError::sql("joining a snapshot"))?;
+        Ok(Snapshot { client, visibility })
+    }
+
     /// The snapshot's connection, inside its transaction.
     pub(crate) fn client(&self) -> &Client {
         &self.client

@@ -4,6 +4,7 @@
 //! unsent local writes survive. (A lost slot: `slot_loss::`.)
 
 mod cut_short;
+mod kept_digests;
 mod log_reset;
 mod many_ranges;
 mod retention;
