@@ -19,7 +19,6 @@ use pgrelay_protocol::{copy_text, quote_ident as quote, TableSchema};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension};
 
-
 use super::schema::{read_meta, write_meta};
 use crate::value::to_sqlite_ref;
 use crate::ClientError;
@@ -64,11 +63,6 @@ pub(super) struct Load {
     rollback_journal: bool,
 }
 
-// EXPERIMENT knobs, removed before commit.
-fn knob(name: &str, default: i64) -> i64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 impl Load {
     /// A load of `name`'s rows, no transaction open yet.
     pub(super) fn new(name: &str) -> Load {
@@ -106,7 +100,7 @@ impl Load {
                 self.close(conn, false)?;
                 Err(e)
             }
-            Ok(rows) if self.bytes >= (knob("PGRELAY_EXP_TX_MB", 64) as usize) << 20 => self.close(conn, true).map(|()| rows),
+            Ok(rows) if self.bytes >= MAX_LOAD_BYTES => self.close(conn, true).map(|()| rows),
             Ok(rows) => Ok(rows),
         }
     }
@@ -120,7 +114,7 @@ impl Load {
             return Ok(());
         }
         let table = known(tables, &self.table)?;
-        if knob("PGRELAY_EXP_JOURNAL", 1) == 1 && replica_is_new(conn)? {
+        if replica_is_new(conn)? {
             self.rollback_journal = rollback_journal(conn);
         }
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -141,8 +135,11 @@ impl Load {
             super::capture::set_applying(conn, true)?;
             self.applying = true;
         }
-        conn.pragma_update(None, "cache_size", -knob("PGRELAY_EXP_CACHE", LOAD_CACHE_KIB))?;
-        if self.dropped.is_empty() && table.skipped.is_none() && is_empty(conn, table.sqlite_name())? {
+        conn.pragma_update(None, "cache_size", -LOAD_CACHE_KIB)?;
+        if self.dropped.is_empty()
+            && table.skipped.is_none()
+            && is_empty(conn, table.sqlite_name())?
+        {
             self.dropped = drop_indexes(conn, table.sqlite_name())?;
             self.dropped_here = !self.dropped.is_empty();
         }
@@ -233,9 +230,8 @@ fn replica_is_new(conn: &Connection) -> Result<bool, ClientError> {
 /// holds almost nothing. A process killed mid-load leaves a hot journal
 /// that SQLite rolls back when the replica is next opened.
 fn rollback_journal(conn: &Connection) -> bool {
-    match conn.pragma_update_and_check(None, "journal_mode", "TRUNCATE", |r| {
-        r.get::<_, String>(0)
-    }) {
+    match conn.pragma_update_and_check(None, "journal_mode", "TRUNCATE", |r| r.get::<_, String>(0))
+    {
         Ok(mode) => mode.eq_ignore_ascii_case("truncate"),
         Err(e) => {
             tracing::debug!(error = %e, "the replica stays in WAL mode for the snapshot load");
@@ -267,16 +263,20 @@ fn only_capture_triggers(conn: &Connection) -> Result<bool, ClientError> {
 
 fn is_empty(conn: &Connection, table: &str) -> Result<bool, ClientError> {
     Ok(conn
-        .query_row(&format!("SELECT 1 FROM {} LIMIT 1", quote(table)), [], |_| {
-            Ok(())
-        })
+        .query_row(
+            &format!("SELECT 1 FROM {} LIMIT 1", quote(table)),
+            [],
+            |_| Ok(()),
+        )
         .optional()?
         .is_none())
 }
 
 fn index_exists(conn: &Connection, name: &str) -> Result<bool, ClientError> {
     Ok(conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = ?1)")?
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = ?1)",
+        )?
         .query_row([name], |r| r.get(0))?)
 }
 
@@ -329,7 +329,10 @@ pub(super) fn restore(conn: &mut Connection) -> Result<(), ClientError> {
             tracing::warn!(index = %name, error = %e, "could not make the index again");
         }
     }
-    tx.execute("DELETE FROM _pgrelay_meta WHERE key = ?1", [DROPPED_INDEXES_KEY])?;
+    tx.execute(
+        "DELETE FROM _pgrelay_meta WHERE key = ?1",
+        [DROPPED_INDEXES_KEY],
+    )?;
     tx.commit()?;
     Ok(())
 }

@@ -9,8 +9,9 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, holdable, load, outbox, rebase, repair, reshape, schema, snapshot, Applied, Command,
-    Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied, TableStatus, Taken,
+    apply, capture, holdable, load, outbox, rebase, repair, reshape, schema, snapshot, Applied,
+    Command, Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied,
+    TableStatus, Taken,
 };
 use crate::ClientError;
 

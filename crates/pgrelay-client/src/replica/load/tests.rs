@@ -45,7 +45,14 @@ fn schema() -> TableSchema {
 }
 
 /// A row: id, text, bytes, float, bool, numeric (each may be NULL but id).
-type Row = (i64, Option<String>, Option<Vec<u8>>, Option<f64>, Option<bool>, Option<String>);
+type Row = (
+    i64,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<f64>,
+    Option<bool>,
+    Option<String>,
+);
 
 /// How PostgreSQL writes a value in COPY text.
 fn field(value: Option<&str>) -> String {
@@ -161,7 +168,11 @@ fn chunked(rows: &[Row], cuts: &[usize]) -> Vec<String> {
     let mut at = 0;
     let mut turn = 0;
     while at < rows.len() {
-        let size = cuts.get(turn % cuts.len().max(1)).copied().unwrap_or(1).max(1);
+        let size = cuts
+            .get(turn % cuts.len().max(1))
+            .copied()
+            .unwrap_or(1)
+            .max(1);
         let end = (at + size).min(rows.len());
         chunks.push(rows[at..end].iter().map(copy_line).collect());
         at = end;
@@ -297,8 +308,15 @@ fn a_tables_own_indexes_are_made_again_after_its_load() {
     });
     assert_eq!(indexes(&path), vec!["things_t", "things_t_id"]);
     assert_eq!(
-        scalar(&path, "SELECT count(*) FROM things INDEXED BY things_t WHERE t = 'row 5'"),
-        Value::Integer(rows.iter().filter(|r| r.1.as_deref() == Some("row 5")).count() as i64)
+        scalar(
+            &path,
+            "SELECT count(*) FROM things INDEXED BY things_t WHERE t = 'row 5'"
+        ),
+        Value::Integer(
+            rows.iter()
+                .filter(|r| r.1.as_deref() == Some("row 5"))
+                .count() as i64
+        )
     );
     assert_eq!(
         scalar(&path, "PRAGMA integrity_check"),
