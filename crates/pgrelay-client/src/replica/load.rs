@@ -117,7 +117,12 @@ impl Load {
         if replica_is_new(conn)? {
             self.rollback_journal = rollback_journal(conn);
         }
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            if std::mem::take(&mut self.rollback_journal) {
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+            }
+            return Err(e.into());
+        }
         self.open = true;
         self.bytes = 0;
         let prepared = self.prepare(conn, table);
@@ -206,14 +211,17 @@ impl Load {
         }
         self.dropped_here = false;
         self.applying = false;
-        let cache = conn.pragma_update(None, "cache_size", -2000);
+        let mut restored = conn.pragma_update(None, "cache_size", -2000);
         if std::mem::take(&mut self.triggers_off) {
-            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, true)?;
+            restored = restored.and(
+                conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, true)
+                    .map(|_| ()),
+            );
         }
         if std::mem::take(&mut self.rollback_journal) {
-            conn.pragma_update(None, "journal_mode", "WAL")?;
+            restored = restored.and(conn.pragma_update(None, "journal_mode", "WAL"));
         }
-        committed.and(cache.map_err(ClientError::from))
+        committed.and(restored.map_err(ClientError::from))
     }
 }
 
