@@ -382,7 +382,7 @@ pub(super) fn insert_rows(
                 stmt.raw_bind_parameter(first + i, value)?;
             }
             row += 1;
-            if row > grouped || row % per_statement == 0 {
+            if row > grouped || row.is_multiple_of(per_statement) {
                 stmt.raw_execute()?;
             }
             Ok(())

@@ -201,8 +201,8 @@ proptest! {
     ) {
         let rows: Vec<Row> = rows
             .into_iter()
-            .enumerate()
-            .map(|(i, (_, t, b, f, flag, n))| (i as i64 + 1, t, b, f, flag, n))
+            .zip(1i64..)
+            .map(|((_, t, b, f, flag, n), id)| (id, t, b, f, flag, n))
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("replica.sqlite");
@@ -223,8 +223,8 @@ fn multibyte_text_escapes_and_nulls_at_statement_edges() {
             (
                 i,
                 Some(format!("é中😀\\{i}\ttab\nline")),
-                (i % 2 == 0).then(|| vec![0, 255, i as u8]),
-                (i % 3 == 0).then_some(i as f64 / 7.0),
+                (i % 2 == 0).then(|| vec![0, 255, u8::try_from(i).unwrap()]),
+                (i % 3 == 0).then_some(f64::from(i32::try_from(i).unwrap()) / 7.0),
                 Some(i % 2 == 0),
                 None,
             )
@@ -287,7 +287,7 @@ fn a_tables_own_indexes_are_made_again_after_its_load() {
                 .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
                 .await
                 .unwrap();
-            load.await.unwrap().unwrap().0;
+            load.await.unwrap().unwrap();
         }
         // Another command commits the rows so far; the indexes stay
         // dropped until the table is done.
@@ -302,7 +302,7 @@ fn a_tables_own_indexes_are_made_again_after_its_load() {
                 .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
                 .await
                 .unwrap();
-            load.await.unwrap().unwrap().0;
+            load.await.unwrap().unwrap();
         }
         replica.end_load(TABLE.to_owned()).await.unwrap();
     });
@@ -313,9 +313,12 @@ fn a_tables_own_indexes_are_made_again_after_its_load() {
             "SELECT count(*) FROM things INDEXED BY things_t WHERE t = 'row 5'"
         ),
         Value::Integer(
-            rows.iter()
-                .filter(|r| r.1.as_deref() == Some("row 5"))
-                .count() as i64
+            i64::try_from(
+                rows.iter()
+                    .filter(|r| r.1.as_deref() == Some("row 5"))
+                    .count()
+            )
+            .unwrap()
         )
     );
     assert_eq!(
@@ -354,7 +357,7 @@ fn load_until_killed() {
                 .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
                 .await
                 .unwrap();
-            load.await.unwrap().unwrap().0;
+            load.await.unwrap().unwrap();
             if n == 0 {
                 // Committed so far, the index still dropped.
                 replica.status().await.unwrap();
