@@ -28,7 +28,11 @@ const MAX_CHUNK_BYTES: usize = 256 << 20;
 /// at most (one chunk larger than this is let through alone).
 const MAX_IN_FLIGHT_BYTES: usize = 32 << 20;
 
-type Pending = oneshot::Receiver<Result<u64, ClientError>>;
+type Pending = oneshot::Receiver<Result<(u64, Vec<u8>), ClientError>>;
+
+/// Emptied chunk buffers kept for the next chunks, at most (a fresh
+/// 256 KiB buffer costs page faults, a kernel zeroing every page).
+const SPARE_BUFFERS: usize = 4;
 
 struct TableState {
     name: String,
@@ -58,6 +62,9 @@ pub(crate) struct Hydration {
     tables_done: usize,
     /// Decompressed bytes in `loads` of every table.
     in_flight: usize,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    /// Buffers the replica's thread has finished with.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Hydration {
@@ -95,6 +102,9 @@ impl Hydration {
             bytes_done: 0,
             tables_done: 0,
             in_flight: 0,
+            decompressor: zstd::bulk::Decompressor::new()
+                .map_err(|e| ClientError::Replica(format!("starting zstd: {e}")))?,
+            spare: Vec::new(),
         })
     }
 
@@ -137,22 +147,20 @@ impl Hydration {
                 break;
             };
             self.in_flight -= bytes;
-            match load.await.map_err(|_| ClientError::ReplicaClosed)? {
-                Ok(rows) => {
-                    table.rows += rows;
-                    self.rows_done += rows;
-                }
-                Err(e) => table.damaged = Some(e.to_string()),
-            }
+            let done = load.await.map_err(|_| ClientError::ReplicaClosed)?;
+            absorb(done, table, &mut self.rows_done, &mut self.spare);
         }
         // The capacity is a hard bound: a frame that holds more than it
-        // announced fails here instead of growing the buffer.
-        let raw = match zstd::bulk::decompress(payload, announced) {
-            Ok(raw) if raw.len() == announced => raw,
-            Ok(raw) => {
+        // announced fails here instead of growing the buffer (a reused
+        // buffer may be larger, never larger than an earlier chunk).
+        let mut raw = self.spare.pop().unwrap_or_default();
+        raw.clear();
+        raw.reserve_exact(announced);
+        let raw = match self.decompressor.decompress_to_buffer(payload, &mut raw) {
+            Ok(size) if size == announced => raw,
+            Ok(size) => {
                 table.damaged = Some(format!(
-                    "chunk {seq} announced {announced} bytes and held {}",
-                    raw.len()
+                    "chunk {seq} announced {announced} bytes and held {size}"
                 ));
                 return Ok(());
             }
@@ -175,13 +183,7 @@ impl Hydration {
             if let Some((_, bytes)) = table.loads.pop_front() {
                 self.in_flight -= bytes;
             }
-            match done {
-                Ok(rows) => {
-                    table.rows += rows;
-                    self.rows_done += rows;
-                }
-                Err(e) => table.damaged = Some(e.to_string()),
-            }
+            absorb(done, table, &mut self.rows_done, &mut self.spare);
         }
         self.progress(events);
         Ok(())
@@ -202,13 +204,12 @@ impl Hydration {
         };
         while let Some((load, bytes)) = table.loads.pop_front() {
             self.in_flight -= bytes;
-            match load.await.map_err(|_| ClientError::ReplicaClosed)? {
-                Ok(n) => {
-                    table.rows += n;
-                    self.rows_done += n;
-                }
-                Err(e) => table.damaged = Some(e.to_string()),
-            }
+            let done = load.await.map_err(|_| ClientError::ReplicaClosed)?;
+            absorb(done, table, &mut self.rows_done, &mut self.spare);
+        }
+        // Its rows are committed now, or the table is fetched again.
+        if let Err(e) = replica.end_load(table.name.clone()).await {
+            table.damaged.get_or_insert(e.to_string());
         }
         let checksum = table.checksum.hex();
         let problem = table.damaged.take().or_else(|| {
@@ -312,6 +313,26 @@ impl Hydration {
             bytes: self.bytes_done,
             estimated_rows: self.tables.iter().map(|t| t.estimated_rows).sum(),
         });
+    }
+}
+
+/// A load the replica's thread finished: its rows counted (or the table
+/// marked damaged), its buffer kept for a next chunk.
+fn absorb(
+    done: Result<(u64, Vec<u8>), ClientError>,
+    table: &mut TableState,
+    rows_done: &mut u64,
+    spare: &mut Vec<Vec<u8>>,
+) {
+    match done {
+        Ok((rows, buffer)) => {
+            table.rows += rows;
+            *rows_done += rows;
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buffer);
+            }
+        }
+        Err(e) => table.damaged = Some(e.to_string()),
     }
 }
 

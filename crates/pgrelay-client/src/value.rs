@@ -2,7 +2,7 @@
 //! stores it, and back. The mapping is documented in docs/running.md (Type mapping).
 
 use pgrelay_protocol::ValueKind;
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{kind:?} value {text:?} cannot be stored: {reason}")]
@@ -44,6 +44,24 @@ pub fn to_sqlite(kind: ValueKind, text: Option<&str>) -> Result<Value, ValueErro
         }
         ValueKind::Numeric | ValueKind::Json | ValueKind::Text => Value::Text(text.to_owned()),
     })
+}
+
+/// [`to_sqlite`] without copying text: the value borrows `text` where
+/// SQLite stores it as text (SQLite copies it when bound).
+pub fn to_sqlite_ref(kind: ValueKind, text: Option<&str>) -> Result<ToSqlOutput<'_>, ValueError> {
+    let Some(text) = text else {
+        return Ok(ToSqlOutput::Owned(Value::Null));
+    };
+    match kind {
+        ValueKind::Numeric | ValueKind::Json | ValueKind::Text => {
+            Ok(ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())))
+        }
+        ValueKind::Float => match text.parse::<f64>() {
+            Ok(f) if f.is_finite() => Ok(ToSqlOutput::Owned(Value::Real(f))),
+            _ => Ok(ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes()))),
+        },
+        _ => to_sqlite(kind, Some(text)).map(ToSqlOutput::Owned),
+    }
 }
 
 /// PostgreSQL's text output for a value a replica stores, up to the

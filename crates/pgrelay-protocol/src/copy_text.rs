@@ -6,43 +6,68 @@
 use std::borrow::Cow;
 
 /// Calls `row` with each row's values in `data` (whole rows only).
-/// Returns the number of rows.
+/// Returns the number of rows. Values borrow from `data` unless they hold
+/// an escape.
 pub fn for_each_row<E>(
     data: &[u8],
     mut row: impl FnMut(&[Option<Cow<'_, str>>]) -> Result<(), E>,
     malformed: impl Fn(String) -> E,
 ) -> Result<u64, E> {
+    // Checked once for the whole chunk: escapes are ASCII, so a value is
+    // UTF-8 when its line is, except what octal or hex escapes make
+    // (checked where they are decoded).
+    let text = std::str::from_utf8(data).map_err(|e| {
+        let row = data[..e.valid_up_to()]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        malformed(format!("row {}: not UTF-8: {e}", row + 1))
+    })?;
     let mut values: Vec<Option<Cow<'_, str>>> = Vec::new();
     let mut count = 0u64;
-    let mut rest = data;
-    while !rest.is_empty() {
-        let end = rest
-            .iter()
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| malformed(format!("row {} does not end with a newline", count + 1)))?;
-        let line = &rest[..end];
-        rest = &rest[end + 1..];
-        values.clear();
-        for field in line.split(|b| *b == b'\t') {
-            values.push(
-                decode_field(field).map_err(|e| malformed(format!("row {}: {e}", count + 1)))?,
-            );
+    // One pass over the bytes: fields are short, so a search per field
+    // and per separator costs more than looking at every byte once.
+    let mut start = 0;
+    let mut escaped = false;
+    for (at, byte) in text.bytes().enumerate() {
+        match byte {
+            b'\\' => escaped = true,
+            b'\t' | b'\n' => {
+                // Tab and newline are ASCII: `start..at` is on char boundaries.
+                let field = text.get(start..at).unwrap_or_default();
+                values.push(
+                    decode_field(field, escaped)
+                        .map_err(|e| malformed(format!("row {}: {e}", count + 1)))?,
+                );
+                start = at + 1;
+                escaped = false;
+                if byte == b'\n' {
+                    row(&values)?;
+                    values.clear();
+                    count += 1;
+                }
+            }
+            _ => {}
         }
-        row(&values)?;
-        count += 1;
+    }
+    if start != text.len() {
+        return Err(malformed(format!(
+            "row {} does not end with a newline",
+            count + 1
+        )));
     }
     Ok(count)
 }
 
-fn decode_field(field: &[u8]) -> Result<Option<Cow<'_, str>>, String> {
-    if field == b"\\N" {
+/// A field's value; `escaped` when it holds a backslash.
+fn decode_field(field: &str, escaped: bool) -> Result<Option<Cow<'_, str>>, String> {
+    if !escaped {
+        return Ok(Some(Cow::Borrowed(field)));
+    }
+    if field == "\\N" {
         return Ok(None);
     }
-    if !field.contains(&b'\\') {
-        return std::str::from_utf8(field)
-            .map(|s| Some(Cow::Borrowed(s)))
-            .map_err(|e| format!("not UTF-8: {e}"));
-    }
+    let field = field.as_bytes();
     let mut out: Vec<u8> = Vec::with_capacity(field.len());
     let mut i = 0;
     while i < field.len() {

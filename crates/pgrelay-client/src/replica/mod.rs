@@ -9,6 +9,7 @@ mod capture;
 mod captured;
 mod digests;
 mod holdable;
+mod load;
 mod migrations;
 mod outbox;
 mod rebase;
@@ -60,7 +61,9 @@ enum Command {
     Reset(Reply<()>),
     RequestResync(Vec<String>, Reply<()>),
     BeginSnapshot(Vec<String>, bool, Reply<()>),
-    LoadSnapshot(String, Vec<u8>, Reply<u64>),
+    /// Rows inserted, and the buffer back for reuse.
+    LoadSnapshot(String, Vec<u8>, Reply<(u64, Vec<u8>)>),
+    EndLoad(String, Reply<()>),
     ClearTable(String, Reply<()>),
     FinishSnapshot(SnapshotDone, Reply<()>),
     RunMigration(pgrelay_protocol::ClientMigration, Reply<Result<(), String>>),
@@ -293,18 +296,25 @@ impl Replica {
     }
 
     /// Queues a chunk of snapshot rows for insertion and returns where
-    /// the row count will arrive, so the caller can go on receiving.
+    /// the row count (and the emptied buffer) will arrive, so the caller
+    /// can go on receiving.
     pub(crate) async fn send_load(
         &self,
         table: String,
         rows: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<u64, ClientError>>, ClientError> {
+    ) -> Result<oneshot::Receiver<Result<(u64, Vec<u8>), ClientError>>, ClientError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::LoadSnapshot(table, rows, tx))
             .await
             .map_err(|_| ClientError::ReplicaClosed)?;
         Ok(rx)
+    }
+
+    /// Every chunk of `table` was sent: its rows are committed (an error
+    /// means some were lost).
+    pub(crate) async fn end_load(&self, table: String) -> Result<(), ClientError> {
+        self.call(|r| Command::EndLoad(table, r)).await
     }
 
     pub(crate) async fn clear_table(&self, table: String) -> Result<(), ClientError> {

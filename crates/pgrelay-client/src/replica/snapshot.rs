@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 
-use pgrelay_protocol::copy_text;
 use pgrelay_protocol::{Change, Lsn, Op, TableSchema, Transaction, Visibility};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
@@ -16,7 +15,6 @@ use pgrelay_protocol::quote_ident as quote;
 
 use super::schema::{read_meta, write_meta};
 use super::{apply, capture, captured};
-use crate::value::to_sqlite;
 use crate::ClientError;
 
 /// A snapshot the replica still needs (persisted, so an interrupted
@@ -162,38 +160,7 @@ pub(crate) fn load(
     name: &str,
     data: &[u8],
 ) -> Result<u64, ClientError> {
-    let table = known(tables, name)?;
-    let columns = table
-        .columns
-        .iter()
-        .map(|c| quote(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let marks = vec!["?"; table.columns.len()].join(", ");
-    let mut stmt = conn.prepare_cached(&format!(
-        "INSERT OR REPLACE INTO {} ({columns}) VALUES ({marks})",
-        quote(table.sqlite_name())
-    ))?;
-    copy_text::for_each_row(
-        data,
-        |values| {
-            if values.len() != table.columns.len() {
-                return Err(ClientError::Replica(format!(
-                    "snapshot row of {name} has {} values for {} columns",
-                    values.len(),
-                    table.columns.len()
-                )));
-            }
-            for (i, (column, value)) in table.columns.iter().zip(values).enumerate() {
-                let value = to_sqlite(column.kind, value.as_deref())
-                    .map_err(|e| ClientError::Replica(format!("{name}.{}: {e}", column.name)))?;
-                stmt.raw_bind_parameter(i + 1, value)?;
-            }
-            stmt.raw_execute()?;
-            Ok(())
-        },
-        |message| ClientError::Replica(format!("snapshot of {name}: {message}")),
-    )
+    super::load::insert_rows(conn, known(tables, name)?, data)
 }
 
 /// The snapshot is complete and verified: records where the stream

@@ -9,7 +9,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use super::{
-    apply, capture, digests, holdable, outbox, rebase, repair, reshape, schema, snapshot, Applied,
+    apply, capture, digests, holdable, load, outbox, rebase, repair, reshape, schema, snapshot,
+    Applied,
     Command, Executed, Outcome, RepairStep, ReplicaState, ReplicaStatus, SchemaApplied,
     TableStatus, Taken,
 };
@@ -24,12 +25,18 @@ pub(super) struct Worker {
     digesting: bool,
     /// Their bucket bounds, while only transactions are applied.
     held: digests::Held,
+    /// A table's snapshot rows being loaded.
+    load: Option<load::Load>,
+    /// A table whose loaded rows were lost (a commit between its chunks
+    /// failed), with why: its load ends in this error.
+    lost: Option<(String, String)>,
 }
 
 impl Worker {
     /// Takes over the opened connection, with the tables and snapshot
     /// filters it holds.
-    pub(super) fn open(conn: Connection) -> Result<Worker, ClientError> {
+    pub(super) fn open(mut conn: Connection) -> Result<Worker, ClientError> {
+        load::restore(&mut conn)?;
         let filters = snapshot::filters(&conn)?;
         let mut worker = Worker {
             conn,
@@ -37,6 +44,8 @@ impl Worker {
             filters,
             digesting: false,
             held: digests::Held::default(),
+            load: None,
+            lost: None,
         };
         worker.reload_tables()?;
         Ok(worker)
@@ -47,8 +56,9 @@ impl Worker {
             let command = match rx.try_recv() {
                 Ok(command) => command,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
-                // Idle: digest a few thousand rows for the next repair.
-                Err(mpsc::error::TryRecvError::Empty) if self.digesting => {
+                // Idle: digest a few thousand rows for the next repair
+                // (never inside a snapshot load's open transaction).
+                Err(mpsc::error::TryRecvError::Empty) if self.digesting && self.load.is_none() => {
                     self.digest_step();
                     continue;
                 }
@@ -57,6 +67,7 @@ impl Worker {
                     None => break,
                 },
             };
+            self.settle_load(&command);
             if !matches!(command, Command::ApplyTransactions(..)) {
                 // It may change the kept digests.
                 self.held.clear();
@@ -126,9 +137,10 @@ impl Worker {
                     }));
                 }
                 Command::LoadSnapshot(table, rows, reply) => {
-                    let _ = reply.send(self.in_tx(|conn, known| {
-                        snapshot::quietly(conn, || snapshot::load(conn, known, &table, &rows))
-                    }));
+                    let _ = reply.send(self.load_rows(table, &rows).map(|n| (n, rows)));
+                }
+                Command::EndLoad(table, reply) => {
+                    let _ = reply.send(self.end_load(&table));
                 }
                 Command::ClearTable(table, reply) => {
                     self.digesting = false;
@@ -157,6 +169,63 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Before `command`: a load in progress is committed so far (paused),
+    /// or finished when the command changes what the load relies on.
+    fn settle_load(&mut self, command: &Command) {
+        let Some(load) = self.load.as_mut() else {
+            return;
+        };
+        let finish = match command {
+            Command::LoadSnapshot(table, ..) | Command::EndLoad(table, _) => {
+                if table == load.table() {
+                    return;
+                }
+                true
+            }
+            Command::BeginSnapshot(..)
+            | Command::ClearTable(..)
+            | Command::FinishSnapshot(..)
+            | Command::ApplySchema(..)
+            | Command::RunMigration(..)
+            | Command::Reset(..)
+            | Command::Repair(..) => true,
+            _ => false,
+        };
+        let table = load.table().to_owned();
+        let result = if finish {
+            self.load
+                .take()
+                .map_or(Ok(()), |load| load.finish(&self.conn, &self.tables))
+        } else {
+            load.pause(&self.conn)
+        };
+        if let Err(e) = result {
+            tracing::warn!(%table, error = %e, "snapshot rows loaded so far were lost");
+            self.lost = Some((table, e.to_string()));
+        }
+    }
+
+    fn load_rows(&mut self, table: String, rows: &[u8]) -> Result<u64, ClientError> {
+        let load = self.load.get_or_insert_with(|| load::Load::new(&table));
+        load.rows(&self.conn, &self.tables, rows)
+    }
+
+    /// The table's rows are all in: commits them with its indexes made
+    /// again. An error means rows were lost (the table is fetched again).
+    fn end_load(&mut self, table: &str) -> Result<(), ClientError> {
+        let finished = match self.load.take() {
+            Some(load) => load.finish(&self.conn, &self.tables),
+            None => Ok(()),
+        };
+        if self.lost.as_ref().is_some_and(|(lost, _)| lost == table) {
+            let why = self.lost.take().map(|(_, why)| why).unwrap_or_default();
+            return Err(ClientError::Replica(format!(
+                "rows of {table} loaded earlier were lost: {why}"
+            )));
+        }
+        finished
     }
 
     fn repair(&mut self, step: RepairStep) {

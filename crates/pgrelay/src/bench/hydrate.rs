@@ -26,10 +26,17 @@ pub struct HydrateArgs {
     /// Rows in the table.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: u64,
+    /// The `pgrelay` binary that runs the client (default: this one), to
+    /// compare clients against the same server.
+    #[arg(long)]
+    pub client_bin: Option<std::path::PathBuf>,
 }
 
 /// End to end for 1M rows in 10 s: 100k rows/s.
 const TARGET_ROWS_PER_SEC: f64 = 100_000.0;
+
+/// End to end against PostgreSQL's own `COPY TO STDOUT` of the table.
+const TARGET_VS_COPY: f64 = 0.8;
 
 pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(args.rows > 0, "--rows must be positive");
@@ -56,12 +63,16 @@ pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
     eprintln!("apply: the recorded snapshot replayed to a real client ...");
     let dir = tempfile::tempdir()?;
     let replay_db = dir.path().join("replay.sqlite");
-    let apply = replay_to_client(export.frames, &replay_db).await?;
+    let client_bin = match &args.client_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("finding the pgrelay binary")?,
+    };
+    let apply = replay_to_client(export.frames, &replay_db, &client_bin).await?;
     let replay_rows = replica_rows(&replay_db)?;
 
     eprintln!("end to end: a real client against the real server ...");
     let e2e_db = dir.path().join("e2e.sqlite");
-    let e2e = sync_client(&format!("ws://{addr}"), &e2e_db).await?;
+    let e2e = sync_client(&format!("ws://{addr}"), &e2e_db, &client_bin).await?;
     let e2e_rows = replica_rows(&e2e_db)?;
     let server_peak = proc_bytes(server_pid, "VmHWM")?;
     let _ = server.kill().await;
@@ -98,11 +109,25 @@ pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
     );
     report.line(
         "client apply (recorded frames → SQLite)",
-        format!("{:.2} s, {} rows/s", apply.secs, thousands(apply_rate)),
+        format!(
+            "{:.2} s, {} rows/s = {:.2}× COPY",
+            apply.secs,
+            thousands(apply_rate),
+            apply_rate / ref_rate
+        ),
     );
     report.line(
         "end to end (server + client)",
-        format!("{:.2} s, {} rows/s", e2e.secs, thousands(e2e_rate)),
+        format!(
+            "{:.2} s, {} rows/s = {:.2}× COPY",
+            e2e.secs,
+            thousands(e2e_rate),
+            e2e_rate / ref_rate
+        ),
+    );
+    report.line(
+        "load average (1 min, at the end of the run)",
+        load_average().map_or("unknown".to_owned(), |l| format!("{l:.2}")),
     );
     report.line(
         "server memory peak (VmHWM)",
@@ -123,6 +148,9 @@ pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
     report.set("apply_rows_per_sec", json!(apply_rate));
     report.set("end_to_end_secs", json!(e2e.secs));
     report.set("end_to_end_rows_per_sec", json!(e2e_rate));
+    report.set("apply_vs_copy", json!(apply_rate / ref_rate));
+    report.set("end_to_end_vs_copy", json!(e2e_rate / ref_rate));
+    report.set("load_average", json!(load_average()));
     report.set("server_peak_bytes", json!(server_peak));
     report.set("client_peak_bytes", json!(e2e.peak));
     report.set("machine", machine(&db).await);
@@ -146,6 +174,10 @@ pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
             thousands(TARGET_ROWS_PER_SEC)
         ),
         e2e_rate >= TARGET_ROWS_PER_SEC,
+    );
+    report.target(
+        format!("end to end ≥ {TARGET_VS_COPY}× PostgreSQL's COPY TO STDOUT in the same run"),
+        e2e_rate >= TARGET_VS_COPY * ref_rate,
     );
     let short: Vec<String> = [("replayed", replay_rows), ("end-to-end", e2e_rows)]
         .into_iter()
@@ -240,7 +272,11 @@ pub(crate) async fn receive_only(addr: &str) -> anyhow::Result<Export> {
 }
 
 /// Serves the recorded frames to one real client, then `caught_up`.
-async fn replay_to_client(frames: Vec<Message>, db: &std::path::Path) -> anyhow::Result<Synced> {
+async fn replay_to_client(
+    frames: Vec<Message>,
+    db: &std::path::Path,
+    exe: &std::path::Path,
+) -> anyhow::Result<Synced> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let resume = frames.iter().find_map(|m| match m {
@@ -284,7 +320,7 @@ async fn replay_to_client(frames: Vec<Message>, db: &std::path::Path) -> anyhow:
         while socket.next().await.is_some() {}
         Ok::<_, anyhow::Error>(())
     });
-    let synced = sync_client(&format!("ws://{addr}"), db).await?;
+    let synced = sync_client(&format!("ws://{addr}"), db, exe).await?;
     server.abort();
     Ok(synced)
 }
@@ -296,8 +332,11 @@ struct Synced {
 
 /// `pgrelay client sync --exit-when-caught-up` on a fresh replica, timed,
 /// with its memory peak sampled while it runs.
-async fn sync_client(server: &str, db: &std::path::Path) -> anyhow::Result<Synced> {
-    let exe = std::env::current_exe().context("finding the pgrelay binary")?;
+async fn sync_client(
+    server: &str,
+    db: &std::path::Path,
+    exe: &std::path::Path,
+) -> anyhow::Result<Synced> {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(exe)
         .args([
@@ -329,6 +368,16 @@ async fn sync_client(server: &str, db: &std::path::Path) -> anyhow::Result<Synce
     let secs = started.elapsed().as_secs_f64();
     anyhow::ensure!(status.success(), "pgrelay client sync failed: {status}");
     Ok(Synced { secs, peak })
+}
+
+/// The 1-minute load average when the run ends (the machine is shared).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn replica_rows(db: &std::path::Path) -> anyhow::Result<u64> {
