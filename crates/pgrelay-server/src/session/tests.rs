@@ -154,8 +154,7 @@ async fn serve(
         schema: None,
         corked: false,
     };
-    let owed: Option<Pin<Box<std::future::Ready<()>>>> = None;
-    session.serve(frames, owed, shutdown).await
+    session.serve(frames, None, shutdown).await
 }
 
 fn code(result: Result<Ending, Refusal>) -> ErrorCode {
