@@ -287,7 +287,7 @@ impl Session<'_> {
     pub(super) fn expired(&self) -> Refusal {
         self.state.audit.record(
             Action::TokenExpired,
-            Some(&self.client_id),
+            Some(&self.live.client_id),
             self.principal.as_ref().and_then(|p| p.subject.as_deref()),
             "session closed at token expiry",
         );

@@ -122,21 +122,17 @@ pub(crate) async fn run(
     // Only the live loop's state stays in every idle session's future: what
     // runs once (handshake, welcome, hydration, catch-up) and the ending
     // are boxed, and freed when done (inline they were 5.2 of its 5.8 KB).
-    let Some(Opened {
-        mut session,
-        frames,
-        owed,
-        span,
-    }) = Box::pin(open(&mut socket, &state, &place)).await
-    else {
+    // Boxed: returned by value, it was stored twice in this future.
+    let Some(mut opened) = Box::pin(open(&mut socket, &state, &place)).await else {
         return;
     };
-    let live = Arc::clone(&session.live);
-    let ending = session
-        .serve(frames, owed, &mut shutdown)
-        .instrument(span.clone())
+    let live = Arc::clone(&opened.session.live);
+    let ending = opened
+        .session
+        .serve(opened.frames, opened.owed, &mut shutdown)
+        .instrument(opened.span.clone())
         .await;
-    Box::pin(end(session.socket, &state, &live, ending).instrument(span)).await;
+    Box::pin(end(opened.session.socket, &state, &live, ending).instrument(opened.span)).await;
 }
 
 /// The handshake, authentication, the welcome and catch-up; `None` when
@@ -145,7 +141,7 @@ async fn open<'a>(
     socket: &'a mut WebSocket,
     state: &'a AppState,
     place: &crate::api::serve::ConnectionPlace,
-) -> Option<Opened<'a>> {
+) -> Option<Box<Opened<'a>>> {
     let hello = match handshake::receive(socket, &state.config).await {
         Ok(hello) => hello,
         Err(refusal) => {
@@ -190,7 +186,6 @@ async fn open<'a>(
             socket,
             state,
             told: 0,
-            client_id: hello.client_id.clone(),
             live: Arc::clone(&live),
             subscription,
             bucket: TokenBucket::full(state.config.message_burst, std::time::Instant::now()),
@@ -210,11 +205,13 @@ async fn open<'a>(
     }
     .instrument(span.clone())
     .await;
-    opened.map(|(session, frames, owed)| Opened {
-        session,
-        frames,
-        owed,
-        span,
+    opened.map(|(session, frames, owed)| {
+        Box::new(Opened {
+            session,
+            frames,
+            owed,
+            span,
+        })
     })
 }
 
@@ -374,7 +371,6 @@ struct Session<'a> {
     /// The schema generation (see `Hub::changed_since`) the client has been
     /// told about.
     told: u64,
-    client_id: String,
     /// Its entry in the session table, which holds its position: the commit
     /// LSN of the last transaction sent or skipped (or the client's own).
     live: Arc<LiveSession>,

@@ -144,7 +144,6 @@ async fn serve(
         socket,
         state,
         told: 0,
-        client_id: "c1".into(),
         live,
         subscription: None,
         bucket: TokenBucket::full(state.config.message_burst, std::time::Instant::now()),

@@ -119,9 +119,9 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
     };
     let single = on_clients("single", 1, args.single_events).await;
     let cpu_before = cpu_by_thread();
-    let hundred = match single {
+    let hundred = match &single {
         Ok(_) => on_clients("hundred", 100, args.events).await,
-        Err(e) => Err(e),
+        Err(_) => Err(anyhow::anyhow!("the batches of 1 failed")),
     };
     let cpu: Vec<(&str, f64)> = cpu_by_thread()
         .into_iter()
