@@ -78,6 +78,8 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
     let mut server = ServerConfig::without_database();
     server.listen = "127.0.0.1:0".parse()?;
     server.idle_timeout = Duration::from_secs(3600);
+    // Every client connects from 127.0.0.1 at once: over the default burst.
+    server.connect_rate = 0.0;
     let eventlog = EventLogConfig {
         storage: EventLogStorage::Sqlite(Some(dir.path().join("events.sqlite"))),
         sqlite_sync_full: args.sync == "full",
