@@ -462,10 +462,8 @@ fn nanos_since(start: std::time::Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// CPU seconds used so far by this process's threads, by part: the
-/// clients' runtime, the event log's SQLite thread, and the rest (the
-/// server's runtime; with `--same-runtime` the clients too). From
-/// `/proc/self/task/*/stat` (utime + stime, in Linux's 100 ticks a second).
+/// CPU seconds used so far by this process's threads, by part (clients,
+/// SQLite, the rest), from `/proc/self/task/*/stat` at 100 ticks a second.
 fn cpu_by_thread() -> std::collections::BTreeMap<&'static str, f64> {
     let mut by = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
