@@ -110,7 +110,7 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
         )
     };
     let on_clients = |name: &'static str, batch: usize, events: usize| {
-        let phase = phase(url.clone(), name, args.clients, batch, events);
+        let phase = Box::pin(phase(url.clone(), name, args.clients, batch, events));
         let clients = clients.as_ref().map(tokio::runtime::Runtime::handle);
         async move {
             match clients {
