@@ -177,15 +177,25 @@ async fn next_step(pulls: &mut [Pull], storage: &super::storage::Storage) -> (us
 
 pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
     let mut shutdown = conn.log.shutdown();
+    // Waited on for the socket's life (a new wait per loop would register
+    // with the shutdown signal at every batch sent).
+    let stopping = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopping);
     let storage = conn.log.storage().clone();
     let idle = conn.log.idle_timeout();
-    let mut deadline = Instant::now() + idle;
+    // One timer for the socket's life, moved only when the client sends: a
+    // new one per loop would register with the timer wheel (a lock shared
+    // by every socket) at every live batch sent.
+    let deadline = tokio::time::sleep(idle);
+    tokio::pin!(deadline);
     loop {
         let input = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => Input::Shutdown,
+            () = &mut stopping => Input::Shutdown,
             frame = conn.ws.recv() => Input::Frame(frame),
-            _ = tokio::time::sleep_until(deadline) => Input::Idle,
+            () = &mut deadline => Input::Idle,
             (index, step) = next_step(&mut conn.pulls, &storage) => Input::Step(index, step),
         };
         let flow = match input {
@@ -200,7 +210,7 @@ pub(crate) async fn run<P: Protocol>(mut conn: Conn, mut protocol: P) {
             }
             Input::Frame(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => Flow::Close,
             Input::Frame(Some(Ok(message))) => {
-                deadline = Instant::now() + idle;
+                deadline.as_mut().reset(Instant::now() + idle);
                 if let Err(reason) = conn.frames.take() {
                     tracing::debug!(store = %conn.store.id, "LiveStore socket over the message rate; closing");
                     conn.close_with(CLOSE_RATE_LIMITED, reason).await;

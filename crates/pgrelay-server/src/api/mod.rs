@@ -33,8 +33,10 @@ use crate::state::AppState;
 /// this long (keepalives arrive at least every wal_sender_timeout / 2).
 const STALL_AFTER: Duration = Duration::from_secs(120);
 
-/// Initial read buffer per WebSocket.
-const READ_BUFFER_BYTES: usize = 1024;
+/// Initial read buffer per WebSocket, and what it reads at a time: a
+/// hello without a token fits (it grows for larger frames); the socket
+/// below reads ahead while a large frame streams in (`prelogin::Metered`).
+const READ_BUFFER_BYTES: usize = 256;
 
 #[derive(Clone)]
 struct Ctx {

@@ -87,7 +87,11 @@ impl Session<'_> {
         &mut self,
         batch: pgrelay_protocol::WriteBatch,
     ) -> Result<(), Refusal> {
-        if let Some(other) = batch.client_id.as_ref().filter(|c| **c != self.client_id) {
+        if let Some(other) = batch
+            .client_id
+            .as_ref()
+            .filter(|c| **c != self.live.client_id)
+        {
             let refused = ServerMessage::WriteRefused {
                 batch_id: batch.batch_id.clone(),
                 code: pgrelay_protocol::BatchRefusal::MalformedBatch,
@@ -107,7 +111,7 @@ impl Session<'_> {
                     .writer
                     .apply(
                         crate::writes::Author {
-                            client_id: &self.client_id,
+                            client_id: &self.live.client_id,
                             subject: self.principal.as_ref().and_then(|p| p.owner.as_deref()),
                         },
                         &batch,
@@ -119,7 +123,7 @@ impl Session<'_> {
         };
         self.state.metrics.record_results(&results);
         let subject = self.principal.as_ref().and_then(|p| p.subject.as_deref());
-        audit_rejections(&self.state.audit, &self.client_id, subject, &results);
+        audit_rejections(&self.state.audit, &self.live.client_id, subject, &results);
         self.send(Frame::encode(
             &ServerMessage::WriteResult(results),
             Lsn::ZERO,

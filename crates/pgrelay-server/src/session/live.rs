@@ -29,12 +29,30 @@ use crate::state::AppState;
 /// Frames written to a session's socket with one flush at most.
 const MAX_CORKED: usize = 64;
 
+/// Resolves when the client is owed its second `caught_up`.
+pub(super) type Owed = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What woke the live loop. The loop waits, then handles what woke it
+/// outside the wait, so the waits' state and the handlers' state share
+/// the same bytes of the session's future instead of adding up.
+enum Wake {
+    Shutdown,
+    Signal(Signal),
+    Expired,
+    Owed,
+    Catalog,
+    Incoming(Option<Result<Message, axum::Error>>),
+    Frame(Result<Frame, RecvError>),
+    Ping,
+}
+
 impl Session<'_> {
-    pub(super) async fn stream(
-        mut self,
+    /// The handshake's answer, hydration or repair, and catch-up from the
+    /// change log; returns the hub subscription the live loop goes on with.
+    pub(super) async fn prepare(
+        &mut self,
         hello: Hello,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Ending, Refusal> {
+    ) -> Result<(broadcast::Receiver<Frame>, Option<Owed>), Refusal> {
         // Taken apart and dropped as soon as used: whatever stays alive here
         // stays in every idle session's state.
         let Hello {
@@ -135,60 +153,53 @@ impl Session<'_> {
         self.caught_up(head, captured).await?;
         // Until the capture passes `wal`, the client is owed one more
         // `caught_up` (boxed: only sessions that wait hold it).
-        let owed =
-            (captured < wal).then(|| Box::pin(captured_past(self.state.hub.watch_captured(), wal)));
-        self.serve(frames, owed, shutdown).await
+        let owed = (captured < wal)
+            .then(|| Box::pin(captured_past(self.state.hub.watch_captured(), wal)) as Owed);
+        Ok((frames, owed))
     }
 
     /// The live loop: forwards the hub's frames, answers the client's,
     /// pings, and ends the session on shutdown, token expiry, an
     /// operator's signal, a client that stops reading or answering pings.
     /// `owed` resolves when the client is owed its second `caught_up`.
-    pub(super) async fn serve<F: Future<Output = ()>>(
+    pub(super) async fn serve(
         &mut self,
         mut frames: broadcast::Receiver<Frame>,
-        mut owed: Option<Pin<Box<F>>>,
+        mut owed: Option<Owed>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Ending, Refusal> {
         let period = self.state.config.ping_interval;
         let mut ping = interval_at(Instant::now() + period, period);
         let mut last_heard = Instant::now();
         let live = Arc::clone(&self.live);
-        // Only a session with a token has a deadline; boxed, so sessions
-        // without one carry no timer.
         // Only clients that run client migrations follow the catalog.
         let mut catalog = self
             .schema
             .is_some()
             .then(|| self.state.client_catalog.subscribe());
+        // Only a session with a token has a deadline; boxed, so sessions
+        // without one carry no timer.
         let mut expiry = self
             .principal
             .is_some()
             .then(|| Box::pin(tokio::time::sleep_until(self.expiry())));
         loop {
-            tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                _ = shutdown.changed() => return Ok(Ending::Shutdown),
-                signal = live.signalled() => match signal {
-                    Signal::Nudge => Box::pin(self.catch_up()).await?,
-                    Signal::Disconnect | Signal::Replaced => return Err(super::closed_by(signal)),
-                    Signal::None => {}
-                },
+                _ = shutdown.changed() => Wake::Shutdown,
+                signal = live.signalled() => Wake::Signal(signal),
                 _ = async {
                     match expiry.as_mut() {
                         Some(deadline) => deadline.await,
                         None => std::future::pending().await,
                     }
-                } => return Err(self.expired()),
+                } => Wake::Expired,
                 _ = async {
                     match owed.as_mut() {
                         Some(passed) => passed.await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    owed = None;
-                    Box::pin(self.caught_up_with_wal(&mut frames)).await?;
-                }
+                } => Wake::Owed,
                 _ = async {
                     match catalog.as_mut() {
                         Some(catalog) => {
@@ -198,35 +209,63 @@ impl Session<'_> {
                         }
                         None => std::future::pending().await,
                     }
-                } => Box::pin(self.catalog_changed()).await?,
-                incoming = self.socket.next() => {
+                } => Wake::Catalog,
+                incoming = self.socket.next() => Wake::Incoming(incoming),
+                frame = frames.recv() => Wake::Frame(frame),
+                _ = ping.tick() => Wake::Ping,
+            };
+            match wake {
+                Wake::Shutdown => return Ok(Ending::Shutdown),
+                Wake::Signal(signal) => match signal {
+                    Signal::Nudge => Box::pin(self.catch_up()).await?,
+                    Signal::Disconnect | Signal::Replaced => return Err(super::closed_by(signal)),
+                    Signal::None => {}
+                },
+                Wake::Expired => return Err(self.expired()),
+                Wake::Owed => {
+                    owed = None;
+                    Box::pin(self.caught_up_with_wal(&mut frames)).await?;
+                }
+                Wake::Catalog => Box::pin(self.catalog_changed()).await?,
+                Wake::Incoming(incoming) => {
                     last_heard = Instant::now();
                     if !Box::pin(self.incoming(incoming)).await? {
                         return Ok(Ending::ClientClosed);
                     }
                 }
-                frame = frames.recv() => match frame {
-                    Ok(frame) => {
-                        if let Some(skipped) = self.forward_waiting(frame, &mut frames).await? {
-                            tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
-                            add(&self.state.metrics.catch_ups, 1);
-                            frames = frames.resubscribe();
-                            Box::pin(self.catch_up()).await?;
-                        }
-                    }
-                    Err(RecvError::Lagged(skipped)) => {
-                        tracing::debug!(skipped, "session fell behind the live buffer; reading the change log");
+                Wake::Frame(Ok(frame)) => {
+                    // Boxed (one allocation per wake-up with frames): inline,
+                    // its state would be part of every idle session's future.
+                    if let Some(skipped) =
+                        Box::pin(self.forward_waiting(frame, &mut frames)).await?
+                    {
+                        tracing::debug!(
+                            skipped,
+                            "session fell behind the live buffer; reading the change log"
+                        );
                         add(&self.state.metrics.catch_ups, 1);
                         frames = frames.resubscribe();
                         Box::pin(self.catch_up()).await?;
                     }
-                    Err(RecvError::Closed) => return Ok(Ending::Shutdown),
-                },
-                _ = ping.tick() => {
+                }
+                Wake::Frame(Err(RecvError::Lagged(skipped))) => {
+                    tracing::debug!(
+                        skipped,
+                        "session fell behind the live buffer; reading the change log"
+                    );
+                    add(&self.state.metrics.catch_ups, 1);
+                    frames = frames.resubscribe();
+                    Box::pin(self.catch_up()).await?;
+                }
+                Wake::Frame(Err(RecvError::Closed)) => return Ok(Ending::Shutdown),
+                Wake::Ping => {
                     if last_heard.elapsed() > self.state.config.idle_timeout {
-                        return Err(Refusal::new(ErrorCode::TooSlow, "no pong within the idle timeout"));
+                        return Err(Refusal::new(
+                            ErrorCode::TooSlow,
+                            "no pong within the idle timeout",
+                        ));
                     }
-                    self.send_message(Message::Ping(Default::default())).await?;
+                    Box::pin(self.send_message(Message::Ping(Default::default()))).await?;
                 }
             }
         }
@@ -248,7 +287,7 @@ impl Session<'_> {
     pub(super) fn expired(&self) -> Refusal {
         self.state.audit.record(
             Action::TokenExpired,
-            Some(&self.client_id),
+            Some(&self.live.client_id),
             self.principal.as_ref().and_then(|p| p.subject.as_deref()),
             "session closed at token expiry",
         );

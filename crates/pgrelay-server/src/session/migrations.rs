@@ -57,7 +57,7 @@ impl Session<'_> {
         let client = self.state.log_reader.client().await.map_err(internal)?;
         crate::schema_migrations::catalog::record(
             &client,
-            &self.client_id,
+            &self.live.client_id,
             version,
             direction,
             error.as_deref(),

@@ -144,7 +144,6 @@ async fn serve(
         socket,
         state,
         told: 0,
-        client_id: "c1".into(),
         live,
         subscription: None,
         bucket: TokenBucket::full(state.config.message_burst, std::time::Instant::now()),
@@ -154,8 +153,7 @@ async fn serve(
         schema: None,
         corked: false,
     };
-    let owed: Option<Pin<Box<std::future::Ready<()>>>> = None;
-    session.serve(frames, owed, shutdown).await
+    session.serve(frames, None, shutdown).await
 }
 
 fn code(result: Result<Ending, Refusal>) -> ErrorCode {

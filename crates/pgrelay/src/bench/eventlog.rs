@@ -16,7 +16,7 @@ use pgrelay_server::ServerConfig;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::fleet::percentile;
@@ -51,6 +51,11 @@ pub struct EventLogArgs {
     /// Stores held in memory during that phase, as `serve --eventlog-max-stores`.
     #[arg(long, default_value_t = 10_000)]
     pub max_stores: usize,
+    /// Run the clients on the server's runtime (as before 2026-12-04)
+    /// instead of their own threads: the server's tasks then queue behind
+    /// the clients' reads.
+    #[arg(long)]
+    pub same_runtime: bool,
 }
 
 struct Phase {
@@ -73,6 +78,8 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
     let mut server = ServerConfig::without_database();
     server.listen = "127.0.0.1:0".parse()?;
     server.idle_timeout = Duration::from_secs(3600);
+    // Every client connects from 127.0.0.1 at once: over the default burst.
+    server.connect_rate = 0.0;
     let eventlog = EventLogConfig {
         storage: EventLogStorage::Sqlite(Some(dir.path().join("events.sqlite"))),
         sqlite_sync_full: args.sync == "full",
@@ -87,8 +94,50 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
     .await?;
     let url = format!("ws://{}/livestore", server.local_addr());
 
-    let single = phase(&url, "single", args.clients, 1, args.single_events).await?;
-    let hundred = phase(&url, "hundred", args.clients, 100, args.events).await?;
+    // The clients stand for other machines: on their own threads, their
+    // reads compete with the server for the cores but do not queue in
+    // front of the server's tasks.
+    let clients = if args.same_runtime {
+        None
+    } else {
+        Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("bench-eventlog-client")
+                .enable_all()
+                .build()
+                .context("starting the clients' runtime")?,
+        )
+    };
+    let on_clients = |name: &'static str, batch: usize, events: usize| {
+        let phase = Box::pin(phase(url.clone(), name, args.clients, batch, events));
+        let clients = clients.as_ref().map(tokio::runtime::Runtime::handle);
+        async move {
+            match clients {
+                Some(runtime) => runtime.spawn(phase).await?,
+                None => phase.await,
+            }
+        }
+    };
+    let single = on_clients("single", 1, args.single_events).await;
+    let cpu_before = cpu_by_thread();
+    let hundred = match &single {
+        Ok(_) => on_clients("hundred", 100, args.events).await,
+        Err(_) => Err(anyhow::anyhow!("the batches of 1 failed")),
+    };
+    let cpu: Vec<(&str, f64)> = cpu_by_thread()
+        .into_iter()
+        .map(|(group, seconds)| {
+            (
+                group,
+                seconds - cpu_before.get(group).copied().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    if let Some(runtime) = clients {
+        runtime.shutdown_background();
+    }
+    let (single, hundred) = (single?, hundred?);
     server.shutdown().await?;
     let stores = if args.stores > 0 {
         eprintln!("stores: touching {} stores once each", args.stores);
@@ -103,8 +152,13 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
     let mut report = Report::new(
         "eventlog",
         format!(
-            "eventlog: one LiveStore store, {} live clients, SQLite (synchronous={})",
+            "eventlog: one LiveStore store, {} live clients ({}), SQLite (synchronous={})",
             args.clients,
+            if args.same_runtime {
+                "on the server's runtime"
+            } else {
+                "on their own runtime"
+            },
             args.sync.to_uppercase()
         ),
     );
@@ -183,7 +237,30 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
                    "rss_samples": cost.samples}),
         );
     }
+    // Where the time of the batches of 100 went, per push.
+    let pushes = (hundred.events / 100).max(1) as f64;
+    let shares: Vec<String> = cpu
+        .iter()
+        .map(|(group, seconds)| format!("{group} {:.2}", seconds * 1000.0 / pushes))
+        .collect();
+    report.line(
+        "batches of 100: CPU ms per push (threads of this process)",
+        shares.join(", "),
+    );
+    let busy: f64 = cpu.iter().map(|(_, s)| s).sum::<f64>() / hundred.seconds;
+    report.line(
+        "batches of 100: cores busy in this process",
+        format!("{busy:.2}"),
+    );
+    results.insert(
+        "cpu_seconds_batch_100".into(),
+        json!(cpu
+            .iter()
+            .map(|(g, s)| (g.to_string(), json!(s)))
+            .collect::<serde_json::Map<_, _>>()),
+    );
     results.insert("clients".into(), json!(args.clients));
+    results.insert("same_runtime".into(), json!(args.same_runtime));
     results.insert("synchronous".into(), json!(args.sync));
     let hundred_rate = hundred.events as f64 / hundred.seconds;
     report.target(
@@ -226,8 +303,8 @@ async fn open(url: &str, store: &str) -> anyhow::Result<Socket> {
 /// One run on a fresh store: clients subscribe, the writer pushes, every
 /// client must receive every event once, in order.
 async fn phase(
-    url: &str,
-    name: &str,
+    url: String,
+    name: &'static str,
     clients: usize,
     batch: usize,
     events: usize,
@@ -239,13 +316,13 @@ async fn phase(
     let mut readers = JoinSet::new();
     let mut backend = String::new();
     for _ in 0..clients {
-        let mut ws = open(url, &store).await?;
+        let mut ws = open(&url, &store).await?;
         let pull = json!({"_tag": "Request", "id": "0", "tag": "SyncWsRpc.Pull",
             "payload": {"storeId": store, "live": true, "cursor": {"_tag": "None"}},
             "traceId": "t", "spanId": "s", "sampled": false, "headers": []});
         ws.send(Message::Text(pull.to_string().into())).await?;
         let first = next_text(&mut ws).await?;
-        let value: serde_json::Value = serde_json::from_str(&first)?;
+        let value: serde_json::Value = serde_json::from_str(first.as_str())?;
         backend = value["values"][0]["backendId"]
             .as_str()
             .unwrap_or_default()
@@ -258,7 +335,7 @@ async fn phase(
         ));
     }
 
-    let mut writer = open(url, &store).await?;
+    let mut writer = open(&url, &store).await?;
     let began = Instant::now();
     let mut head = 0usize;
     let mut request = 0u64;
@@ -270,7 +347,7 @@ async fn phase(
         writer.send(Message::Text(frame.into())).await?;
         let answer = next_text(&mut writer).await?;
         anyhow::ensure!(
-            answer.contains(r#""exit":{"_tag":"Success""#),
+            answer.as_str().contains(r#""exit":{"_tag":"Success""#),
             "push {request} refused: {answer}"
         );
         head = last;
@@ -325,10 +402,12 @@ fn push_frame(store: &str, backend: &str, request: u64, head: usize, batch: usiz
     )
 }
 
-async fn next_text(ws: &mut Socket) -> anyhow::Result<String> {
+/// The next text frame, as received (not copied: the clients read ~1.7 MB
+/// per push of 100 events to 100 clients, on the server's cores).
+async fn next_text(ws: &mut Socket) -> anyhow::Result<Utf8Bytes> {
     loop {
         match ws.next().await {
-            Some(Ok(Message::Text(text))) => return Ok(text.to_string()),
+            Some(Ok(Message::Text(text))) => return Ok(text),
             Some(Ok(Message::Close(_))) | None => anyhow::bail!("the server closed the socket"),
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(e.into()),
@@ -360,7 +439,7 @@ async fn read_all(
     let mut samples = Vec::new();
     while next <= last {
         let text = next_text(&mut ws).await?;
-        let Some((first, end)) = seq_range(&text) else {
+        let Some((first, end)) = seq_range(text.as_str()) else {
             continue;
         };
         anyhow::ensure!(
@@ -381,4 +460,40 @@ async fn read_all(
 /// Nanoseconds since `start` (saturating: a bench does not run 584 years).
 fn nanos_since(start: std::time::Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// CPU seconds used so far by this process's threads, by part (clients,
+/// SQLite, the rest), from `/proc/self/task/*/stat` at 100 ticks a second.
+fn cpu_by_thread() -> std::collections::BTreeMap<&'static str, f64> {
+    let mut by = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // The name is in parentheses and may hold anything; the fields
+        // after it start with the third (state): utime is the 14th.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let group = if name.starts_with("bench-eventlog") {
+            "clients"
+        } else if name.starts_with("pgrelay-eventlo") {
+            "sqlite"
+        } else {
+            "server"
+        };
+        *by.entry(group).or_insert(0.0) += (tick(11) + tick(12)) as f64 / 100.0;
+    }
+    by
 }
