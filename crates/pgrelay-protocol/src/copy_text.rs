@@ -117,9 +117,9 @@ fn decode_field(field: &str, escaped: bool) -> Result<Option<Cow<'_, str>>, Stri
         .map_err(|e| format!("not UTF-8: {e}"))
 }
 
-/// How PostgreSQL writes a value in COPY text (for tests).
-#[cfg(test)]
-pub(crate) fn encode_field(value: Option<&str>) -> String {
+/// How PostgreSQL writes a value in COPY text (`\N` for NULL, with its
+/// backslash escapes).
+pub fn encode_field(value: Option<&str>) -> String {
     let Some(value) = value else {
         return "\\N".to_owned();
     };

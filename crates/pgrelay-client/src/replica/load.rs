@@ -20,6 +20,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::schema::{read_meta, write_meta};
+use super::snapshot::known;
 use crate::value::to_sqlite_ref;
 use crate::ClientError;
 
@@ -246,15 +247,6 @@ fn rollback_journal(conn: &Connection) -> bool {
             false
         }
     }
-}
-
-fn known<'a>(
-    tables: &'a HashMap<String, TableSchema>,
-    name: &str,
-) -> Result<&'a TableSchema, ClientError> {
-    tables
-        .get(name)
-        .ok_or_else(|| ClientError::Replica(format!("snapshot of unknown table {name}")))
 }
 
 /// Whether every trigger in the replica is one of pgrelay's capture

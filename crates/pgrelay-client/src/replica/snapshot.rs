@@ -144,7 +144,7 @@ pub(crate) fn clear(
     Ok(())
 }
 
-fn known<'a>(
+pub(super) fn known<'a>(
     tables: &'a HashMap<String, TableSchema>,
     name: &str,
 ) -> Result<&'a TableSchema, ClientError> {

@@ -56,20 +56,7 @@ type Row = (
 
 /// How PostgreSQL writes a value in COPY text.
 fn field(value: Option<&str>) -> String {
-    let Some(value) = value else {
-        return "\\N".to_owned();
-    };
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
-    }
-    out
+    pgrelay_protocol::copy_text::encode_field(value)
 }
 
 fn copy_line(row: &Row) -> String {
