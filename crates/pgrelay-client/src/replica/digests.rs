@@ -145,18 +145,29 @@ fn install(conn: &Connection, table: &TableSchema) -> Result<Vec<Bucket>, Client
             .join(", ")
     };
     let (new, old) = (of("NEW"), of("OLD"));
+    // Not `INSERT OR IGNORE`: inside a trigger, SQLite lets the statement
+    // that fired it override the trigger's conflict policy (an upsert's
+    // makes a key written twice fail the application's write).
+    let record = |row: &str| {
+        format!(
+            "INSERT INTO {touched} SELECT {row} WHERE NOT EXISTS \
+             (SELECT 1 FROM {touched} WHERE ({keys}) = ({row}))"
+        )
+    };
     conn.execute_batch(&format!(
         "CREATE TABLE {touched} ({keys}, PRIMARY KEY ({keys})) WITHOUT ROWID;
 CREATE TRIGGER {insert} AFTER INSERT ON {name} {LOUD} BEGIN
-  INSERT OR IGNORE INTO {touched} VALUES ({new});
+  {record_new};
 END;
 CREATE TRIGGER {update} AFTER UPDATE ON {name} {LOUD} BEGIN
-  INSERT OR IGNORE INTO {touched} VALUES ({old});
-  INSERT OR IGNORE INTO {touched} SELECT {new} WHERE ({new}) IS NOT ({old});
+  {record_old};
+  {record_new};
 END;
 CREATE TRIGGER {delete} AFTER DELETE ON {name} {LOUD} BEGIN
-  INSERT OR IGNORE INTO {touched} VALUES ({old});
+  {record_old};
 END;",
+        record_new = record(&new),
+        record_old = record(&old),
         insert = quote(&trigger_name(table, "insert")),
         update = quote(&trigger_name(table, "update")),
         delete = quote(&trigger_name(table, "delete")),
