@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{Sink, SinkExt, Stream};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage};
 use tokio::sync::{broadcast, watch};
 use tracing::Instrument;
@@ -356,6 +356,18 @@ pub(crate) async fn refuse(socket: &mut dyn Socket, refusal: Refusal) {
         Duration::from_secs(2),
         socket.send(Message::Close(Some(close))),
     )
+    .await;
+    // What the client still sends is read and dropped until its close
+    // frame, for a second at most: a socket closed with unread data is
+    // reset, and a reset can discard the error and close frames before
+    // the client has read them (a flooding client never saw why).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(message)) = socket.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
     .await;
 }
 
