@@ -233,12 +233,16 @@ impl Session<'_> {
                         return Ok(Ending::ClientClosed);
                     }
                 }
-                Wake::Frame(Ok(frame)) => {
-                    // Boxed (one allocation per wake-up with frames): inline,
-                    // its state would be part of every idle session's future.
-                    if let Some(skipped) =
-                        Box::pin(self.forward_waiting(frame, &mut frames)).await?
-                    {
+                Wake::Frame(frame) => {
+                    let lagged = match frame {
+                        // Boxed (one allocation per wake-up with frames):
+                        // inline, its state would be part of every idle
+                        // session's future.
+                        Ok(frame) => Box::pin(self.forward_waiting(frame, &mut frames)).await?,
+                        Err(RecvError::Lagged(skipped)) => Some(skipped),
+                        Err(RecvError::Closed) => return Ok(Ending::Shutdown),
+                    };
+                    if let Some(skipped) = lagged {
                         tracing::debug!(
                             skipped,
                             "session fell behind the live buffer; reading the change log"
@@ -248,16 +252,6 @@ impl Session<'_> {
                         Box::pin(self.catch_up()).await?;
                     }
                 }
-                Wake::Frame(Err(RecvError::Lagged(skipped))) => {
-                    tracing::debug!(
-                        skipped,
-                        "session fell behind the live buffer; reading the change log"
-                    );
-                    add(&self.state.metrics.catch_ups, 1);
-                    frames = frames.resubscribe();
-                    Box::pin(self.catch_up()).await?;
-                }
-                Wake::Frame(Err(RecvError::Closed)) => return Ok(Ending::Shutdown),
                 Wake::Ping => {
                     if last_heard.elapsed() > self.state.config.idle_timeout {
                         return Err(Refusal::new(
