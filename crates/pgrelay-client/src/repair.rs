@@ -82,6 +82,7 @@ where
         &mut moved,
     )
     .await?;
+    let finishing = Instant::now();
     replica
         .repair_finish(
             SnapshotDone {
@@ -96,6 +97,7 @@ where
     if let Some(log_id) = log_id {
         replica.set_meta("log_id", log_id).await?;
     }
+    tracing::debug!(elapsed = ?finishing.elapsed(), "repair finished: position and outbox restored");
     if !refetch.is_empty() {
         tracing::warn!(
             ?refetch,
@@ -142,6 +144,9 @@ where
     let mut expected = None;
     while !spans.is_empty() {
         moved.rounds += 1;
+        let round = Instant::now();
+        let mut waited = std::time::Duration::ZERO;
+        let mut applied = std::time::Duration::ZERO;
         let mut next: Vec<(Option<Key>, Option<Key>, Option<u64>)> = Vec::new();
         for batch in batches(spans) {
             send(
@@ -153,7 +158,10 @@ where
                 moved,
             )
             .await?;
-            let (parts, total) = match receive(socket, moved).await? {
+            let asked = Instant::now();
+            let answer = receive(socket, moved).await?;
+            waited += asked.elapsed();
+            let (parts, total) = match answer {
                 RepairMessage::Diff {
                     table: t,
                     parts,
@@ -182,14 +190,18 @@ where
                     next.push((lo, hi, Some(rows)));
                 }
             }
+            let applying = Instant::now();
             if !replace.is_empty() {
+                let removing = Instant::now();
                 let removed = replica.repair_remove(table.to_owned(), replace).await?;
+                tracing::debug!(elapsed = ?removing.elapsed(), rows = removed.rows, "repair: removed");
                 moved.rows_removed += removed.rows;
                 held.subtract(removed);
             }
             loop {
                 match receive(socket, moved).await? {
                     RepairMessage::Rows { table: t, copy } if t == table => {
+                        tracing::debug!(bytes = copy.len(), "repair: rows arrived");
                         let added = replica.repair_load(table.to_owned(), copy).await?;
                         moved.rows_received += added.rows;
                         held.merge(added);
@@ -198,7 +210,9 @@ where
                     other => return Err(unexpected(&other)),
                 }
             }
+            applied += applying.elapsed();
         }
+        let digesting = Instant::now();
         spans = if next.is_empty() {
             Vec::new()
         } else {
@@ -208,6 +222,15 @@ where
                 .map(|(spans, _)| spans)
                 .unwrap_or_default()
         };
+        tracing::debug!(
+            table,
+            round = moved.rounds,
+            elapsed = ?round.elapsed(),
+            waiting_for_the_server = ?waited,
+            removing_and_loading = ?applied,
+            digesting_the_next = ?digesting.elapsed(),
+            "repair round done"
+        );
     }
     Ok(expected == Some((held.rows, RangeSum::hex(&held))))
 }

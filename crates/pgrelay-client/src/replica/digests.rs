@@ -102,14 +102,23 @@ fn trigger_name(table: &TableSchema, op: &str) -> String {
     format!("_pgrelay_digest_{}_{op}", table.sqlite_name())
 }
 
-/// What the digests depend on: the columns (names, kinds) and the key.
+/// Version of the triggers and the stored buckets: a replica whose
+/// stored digests say another one makes them again.
+const FORMAT: &str = "2";
+
+/// What the digests depend on: the columns (names, kinds) and the key,
+/// and [`FORMAT`].
 fn fingerprint(table: &TableSchema) -> String {
     let columns: Vec<String> = table
         .columns
         .iter()
         .map(|c| format!("{}:{:?}:{}", c.name, c.kind, c.type_oid))
         .collect();
-    format!("{}|{}", columns.join(","), table.primary_key.join(","))
+    format!(
+        "{FORMAT}|{}|{}",
+        columns.join(","),
+        table.primary_key.join(",")
+    )
 }
 
 /// Drops a table's digests, touched keys and triggers (before it is
@@ -147,13 +156,11 @@ fn install(conn: &Connection, table: &TableSchema) -> Result<Vec<Bucket>, Client
     let (new, old) = (of("NEW"), of("OLD"));
     // Not `INSERT OR IGNORE`: inside a trigger, SQLite lets the statement
     // that fired it override the trigger's conflict policy (an upsert's
-    // makes a key written twice fail the application's write).
-    let record = |row: &str| {
-        format!(
-            "INSERT INTO {touched} SELECT {row} WHERE NOT EXISTS \
-             (SELECT 1 FROM {touched} WHERE ({keys}) = ({row}))"
-        )
-    };
+    // makes a key written twice fail the application's write). An upsert
+    // clause is the trigger's own. Nor `INSERT ... SELECT ... WHERE NOT
+    // EXISTS`: it read the touched keys whole for every row (a repair's
+    // 2,336 rows took 0.3 s to delete and load back; now 0.01 s).
+    let record = |row: &str| format!("INSERT INTO {touched} VALUES ({row}) ON CONFLICT DO NOTHING");
     conn.execute_batch(&format!(
         "CREATE TABLE {touched} ({keys}, PRIMARY KEY ({keys})) WITHOUT ROWID;
 CREATE TRIGGER {insert} AFTER INSERT ON {name} {LOUD} BEGIN

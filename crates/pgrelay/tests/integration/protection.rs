@@ -91,9 +91,11 @@ async fn a_flooding_client_is_cut_off_and_the_others_keep_up() {
     );
     // The refused session reads what the flooder still sends until its
     // close frame or the socket ends (a second at most), then ends.
-    wait_for("the flooder's session to end", Duration::from_secs(10), || async {
-        (metric(addr, "pgrelay_sessions").await <= 1.0).then_some(())
-    })
+    wait_for(
+        "the flooder's session to end",
+        Duration::from_secs(10),
+        || async { (metric(addr, "pgrelay_sessions").await <= 1.0).then_some(()) },
+    )
     .await;
 
     // Delivery to the good client during the flood: every transaction

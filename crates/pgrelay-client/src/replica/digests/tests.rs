@@ -351,7 +351,10 @@ fn a_key_written_twice_by_upserts_is_recorded_once() {
                    ON CONFLICT {target} DO UPDATE SET v = excluded.v;
                  INSERT INTO t (a, b, v) VALUES (7, 'k1', 'new {round}')
                    ON CONFLICT {target} DO UPDATE SET v = excluded.v;
-                 UPDATE t SET v = 'again {round}' WHERE a = 10;"
+                 UPDATE t SET v = 'again {round}' WHERE a = 10;
+                 INSERT OR REPLACE INTO t (a, b, v) VALUES (10, 'k1', 'replaced {round}');
+                 INSERT OR IGNORE INTO t (a, b, v) VALUES (7, 'k1', 'ignored {round}');
+                 UPDATE OR ROLLBACK t SET v = 'rolled {round}' WHERE a = 7;"
             ))
             .unwrap_or_else(|e| panic!("round {round}, composite {composite}: {e}"));
         }
