@@ -14,6 +14,7 @@ use super::capture::{load, TABLE, TABLE_DDL};
 use super::fleet::Fleet;
 use super::latency::wait_captured;
 use super::report::{thousands, Figure, Report, Series};
+use super::spread::SpreadArgs;
 use super::{machine, BenchDb, CommonArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -39,12 +40,8 @@ pub struct FanoutArgs {
     /// Nodes serving the slot (in this process); clients spread over them.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
-    /// Light clients in separate processes (see `bench latency --light`).
-    #[arg(long)]
-    pub light: bool,
-    /// With --light: reader processes the clients are spread over.
-    #[arg(long, default_value_t = 2)]
-    pub processes: usize,
+    #[command(flatten)]
+    pub spread: SpreadArgs,
 }
 
 /// The rule of a tenant bench: each client reads its tenant's rows.
@@ -124,8 +121,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         args.tenants == 0 || args.tx_size >= args.tenants,
         "--tx-size must be at least --tenants, so every transaction reaches every tenant"
     );
-    if args.light {
-        return super::light::fanout(args).await;
+    args.spread.check()?;
+    if args.spread.apart() {
+        return super::processes::fanout(args).await;
     }
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), TABLE_DDL).await?;
     let (auth, tokens) = if args.tenants > 0 {
@@ -154,7 +152,8 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<Report> {
         "  starting {} clients on {} node(s) ...",
         args.clients, args.nodes
     );
-    let fleet = Fleet::start_spread(&addrs, args.clients, dir.path(), false, &tokens).await?;
+    let fleet =
+        Fleet::start_spread("bench", &addrs, args.clients, dir.path(), false, &tokens).await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
     let scopes: usize = servers.iter().map(pgrelay_server::Server::scopes).sum();
     // What each client must end with.

@@ -34,6 +34,10 @@ struct Member {
     replica: Replica,
     lsn: Arc<AtomicU64>,
     caught_up: Arc<AtomicBool>,
+    /// Changes this client applied, as its events told (short when its
+    /// watcher lagged: then its replica is counted instead).
+    applied: Arc<AtomicU64>,
+    lagged: Arc<AtomicBool>,
 }
 
 pub(crate) struct Fleet {
@@ -44,16 +48,20 @@ pub(crate) struct Fleet {
     watchers: JoinSet<(usize, Vec<Delivery>)>,
     /// Changes applied to replicas, summed over clients.
     pub(crate) applied_changes: Arc<AtomicU64>,
+    /// Transactions applied to replicas, summed over clients (as events
+    /// told: short by what watchers missed).
+    pub(crate) applied_transactions: Arc<AtomicU64>,
     /// Applied events a watcher missed because it fell behind (its latency
     /// samples are lost, not its data: completeness is checked on replicas).
     pub(crate) missed_events: Arc<AtomicU64>,
 }
 
 impl Fleet {
-    /// Starts `count` clients, client `i` connecting to node
-    /// `addrs[i % addrs.len()]` with token `tokens[i]` (none when `tokens`
-    /// is shorter), replicas in `dir`.
+    /// Starts `count` clients, client `i` (id `PREFIX-i`) connecting to
+    /// node `addrs[i % addrs.len()]` with token `tokens[i]` (none when
+    /// `tokens` is shorter), replicas in `dir`.
     pub(crate) async fn start_spread(
+        prefix: &str,
         addrs: &[std::net::SocketAddr],
         count: usize,
         dir: &Path,
@@ -68,6 +76,7 @@ impl Fleet {
             runs: JoinSet::new(),
             watchers: JoinSet::new(),
             applied_changes: Arc::new(AtomicU64::new(0)),
+            applied_transactions: Arc::new(AtomicU64::new(0)),
             missed_events: Arc::new(AtomicU64::new(0)),
         };
         for i in 0..count {
@@ -76,7 +85,7 @@ impl Fleet {
                 format!("ws://{}", addrs[node]),
                 dir.join(format!("replica-{i}.sqlite")),
             );
-            config.client_id = Some(format!("bench-{i}"));
+            config.client_id = Some(format!("{prefix}-{i}"));
             config.token = tokens.get(i).cloned().map(Into::into);
             config.backoff_base = Duration::from_millis(100);
             config.backoff_cap = Duration::from_secs(2);
@@ -85,11 +94,15 @@ impl Fleet {
                 replica: client.replica().clone(),
                 lsn: Arc::new(AtomicU64::new(0)),
                 caught_up: Arc::new(AtomicBool::new(false)),
+                applied: Arc::new(AtomicU64::new(0)),
+                lagged: Arc::new(AtomicBool::new(false)),
             };
             let mut events = client.subscribe();
             let (lsn, caught_up) = (Arc::clone(&member.lsn), Arc::clone(&member.caught_up));
-            let (applied, missed) = (
+            let (own, lagged) = (Arc::clone(&member.applied), Arc::clone(&member.lagged));
+            let (applied, transactions, missed) = (
                 Arc::clone(&fleet.applied_changes),
+                Arc::clone(&fleet.applied_transactions),
                 Arc::clone(&fleet.missed_events),
             );
             fleet.watchers.spawn(async move {
@@ -98,6 +111,7 @@ impl Fleet {
                     match events.recv().await {
                         Ok(Event::Applied {
                             lsn: reached,
+                            transactions: txs,
                             changes,
                             commit_times_us,
                             received_at_us,
@@ -106,6 +120,8 @@ impl Fleet {
                         }) => {
                             lsn.store(reached.0, Ordering::Relaxed);
                             applied.fetch_add(changes as u64, Ordering::Relaxed);
+                            own.fetch_add(changes as u64, Ordering::Relaxed);
+                            transactions.fetch_add(txs as u64, Ordering::Relaxed);
                             if record_latency {
                                 latencies.extend(commit_times_us.iter().zip(&received_at_us).map(
                                     |(&commit_us, &received_us)| Delivery {
@@ -123,6 +139,7 @@ impl Fleet {
                         Ok(_) => {}
                         Err(RecvError::Lagged(n)) => {
                             missed.fetch_add(n, Ordering::Relaxed);
+                            lagged.store(true, Ordering::Relaxed);
                         }
                         Err(RecvError::Closed) => return (node, latencies),
                     }
@@ -176,18 +193,52 @@ impl Fleet {
         }
     }
 
+    /// Waits until every client has applied `changes` changes: by its
+    /// events, or, for a client whose watcher lagged, by the rows of
+    /// `table` in its replica (each change a new row).
+    pub(crate) async fn wait_applied(
+        &self,
+        changes: u64,
+        table: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut waiting: Vec<&Member> = self.members.iter().collect();
+        let mut next_count = Instant::now();
+        loop {
+            let count_rows = Instant::now() >= next_count;
+            let mut still = Vec::with_capacity(waiting.len());
+            for m in waiting {
+                let done = m.applied.load(Ordering::Relaxed) >= changes
+                    || (count_rows
+                        && m.lagged.load(Ordering::Relaxed)
+                        && rows_of(&m.replica, table).await? >= changes);
+                if !done {
+                    still.push(m);
+                }
+            }
+            waiting = still;
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if count_rows {
+                next_count = Instant::now() + Duration::from_millis(500);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {changes} changes: {} of {} clients short",
+                waiting.len(),
+                self.members.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Rows of `table` in each replica.
     pub(crate) async fn row_counts(&self, table: &str) -> anyhow::Result<Vec<i64>> {
         let mut counts = Vec::with_capacity(self.members.len());
         for member in &self.members {
-            let status = member.replica.status().await?;
-            let rows = status
-                .tables
-                .iter()
-                .find(|t| t.table == table)
-                .and_then(|t| t.rows)
-                .unwrap_or(0);
-            counts.push(rows);
+            counts.push(i64::try_from(rows_of(&member.replica, table).await?)?);
         }
         Ok(counts)
     }
@@ -224,6 +275,18 @@ impl Fleet {
         }
         Ok(per_node)
     }
+}
+
+/// Rows of `table` in `replica` (0 when it has none).
+async fn rows_of(replica: &Replica, table: &str) -> anyhow::Result<u64> {
+    let status = replica.status().await?;
+    let rows = status
+        .tables
+        .iter()
+        .find(|t| t.table == table)
+        .and_then(|t| t.rows)
+        .unwrap_or(0);
+    Ok(u64::try_from(rows).unwrap_or(0))
 }
 
 /// Percentile `p` (0..=100) of sorted samples.

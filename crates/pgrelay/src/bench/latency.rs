@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::fleet::{percentile, Fleet};
 use super::report::{thousands, Figure, Report, Series};
+use super::spread::SpreadArgs;
 use super::{machine, BenchDb, CommonArgs};
 
 pub(crate) const EVENTS_DDL: &str =
@@ -41,15 +42,8 @@ pub struct LatencyArgs {
     /// Nodes serving the slot (in this process); clients spread over them.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
-    /// Light clients: WebSocket readers in separate processes that parse
-    /// every frame and apply nothing (commit → frame received), with the
-    /// server as its own process; reports the server's CPU, system calls
-    /// and bytes per delivered frame.
-    #[arg(long)]
-    pub light: bool,
-    /// With --light: reader processes the clients are spread over.
-    #[arg(long, default_value_t = 2)]
-    pub processes: usize,
+    #[command(flatten)]
+    pub spread: SpreadArgs,
 }
 
 pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
@@ -57,8 +51,9 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         args.clients > 0 && args.rate > 0 && args.nodes > 0,
         "--clients, --rate and --nodes must be positive"
     );
-    if args.light {
-        return Box::pin(super::light::latency(args)).await;
+    args.spread.check()?;
+    if args.spread.apart() {
+        return Box::pin(super::processes::latency(args)).await;
     }
     let (env, db) = BenchDb::with_tables(args.common.database_url.as_deref(), EVENTS_DDL).await?;
     // Stage timestamps of the in-process servers, for the breakdown.
@@ -75,7 +70,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<Report> {
         "  starting {} clients on {} nodes ...",
         args.clients, args.nodes
     );
-    let fleet = Fleet::start_spread(&addrs, args.clients, dir.path(), true, &[]).await?;
+    let fleet = Fleet::start_spread("bench", &addrs, args.clients, dir.path(), true, &[]).await?;
     fleet.wait_connected(Duration::from_secs(300)).await?;
 
     eprintln!("  writing {} tx/s for {:?} ...", args.rate, args.duration);

@@ -19,11 +19,13 @@ mod fleet;
 mod hydrate;
 mod idle;
 mod latency;
-mod light;
 mod plot;
+mod processes;
 mod reader;
 mod repair;
+mod replicas;
 mod report;
+mod spread;
 mod stages;
 mod writes;
 
@@ -55,7 +57,7 @@ pub enum BenchCommand {
     Eventlog(eventlog::EventLogArgs),
     /// Several nodes on one slot: time to a new capturing node after SIGKILL of the capturer.
     Failover(failover::FailoverArgs),
-    /// Light clients for `--light` runs (started by the bench itself).
+    /// Client processes for `--light` and `--processes` runs (started by the bench itself).
     #[command(hide = true)]
     Reader(reader::ReaderArgs),
 }
@@ -189,9 +191,20 @@ pub(crate) async fn spawn_server(
     table: &str,
     extra_args: &[&str],
 ) -> anyhow::Result<(tokio::process::Child, String)> {
+    spawn_server_on(url, slot, table, extra_args, None).await
+}
+
+/// As [`spawn_server`], pinned to the CPUs `cpus` when given.
+pub(crate) async fn spawn_server_on(
+    url: &str,
+    slot: &str,
+    table: &str,
+    extra_args: &[&str],
+    cpus: Option<&str>,
+) -> anyhow::Result<(tokio::process::Child, String)> {
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe().context("finding the pgrelay binary")?;
-    let mut child = tokio::process::Command::new(exe)
+    let mut child = pinned(&exe, cpus)
         .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
         .args(["--slot", slot, "--tables", table])
         .args(extra_args)
@@ -214,6 +227,21 @@ pub(crate) async fn spawn_server(
     .await
     .context("waiting for pgrelay serve to listen")??;
     Ok((child, addr))
+}
+
+/// A command running `exe`, through `taskset -c CPUS` when `cpus` is
+/// given: `taskset` sets the affinity and then executes `exe` in its own
+/// process, so the child's pid is `exe`'s (its /proc figures are the
+/// program's own).
+pub(crate) fn pinned(exe: &std::path::Path, cpus: Option<&str>) -> tokio::process::Command {
+    match cpus {
+        Some(list) => {
+            let mut command = tokio::process::Command::new("taskset");
+            command.arg("-c").arg(list).arg(exe);
+            command
+        }
+        None => tokio::process::Command::new(exe),
+    }
 }
 
 /// A memory figure of a process from /proc (`VmRSS`, or `VmHWM` for its

@@ -1,8 +1,9 @@
-//! `pgrelay bench reader` (hidden): light clients for `bench latency
-//! --light` and `bench fanout --light`, run as separate processes. Each
+//! `pgrelay bench reader` (hidden): the clients of `bench latency|fanout
+//! --light` or `--processes N`, run as separate processes. A light reader
 //! opens `--connections` WebSockets to the server, parses every frame it
 //! receives and records PostgreSQL commit → frame received per transaction,
-//! but applies nothing.
+//! but applies nothing; with `--full` the connections are real clients
+//! instead (see `replicas`).
 //!
 //! Its protocol with the bench, one line each way: once every connection
 //! is caught up it prints `ready`; the bench then writes `expect TXS
@@ -36,6 +37,18 @@ pub struct ReaderArgs {
     /// Where to write the latency samples.
     #[arg(long)]
     pub samples: std::path::PathBuf,
+    /// Full clients (pgrelay-client, each with its own SQLite replica)
+    /// that apply every transaction, instead of light readers.
+    #[arg(long)]
+    pub full: bool,
+    /// With --full: the table the bench writes, whose replica rows are
+    /// counted (each change is a new row).
+    #[arg(long, default_value = "public.bench_events")]
+    pub table: String,
+    /// With --full: where to write commit → frame read samples (the
+    /// `--samples` are commit → SQLite commit).
+    #[arg(long)]
+    pub received: Option<std::path::PathBuf>,
 }
 
 /// What one connection received.
@@ -51,6 +64,9 @@ struct Received {
 }
 
 pub(crate) async fn run(args: ReaderArgs) -> anyhow::Result<()> {
+    if args.full {
+        return super::replicas::run(args).await;
+    }
     let (expect_tx, expect) = watch::channel(None::<(u64, u64)>);
     let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<()>(args.connections.max(1));
     let mut tasks = tokio::task::JoinSet::new();
@@ -75,15 +91,7 @@ pub(crate) async fn run(args: ReaderArgs) -> anyhow::Result<()> {
         }
     }
     let cpu_ready = super::capture::cpu_seconds("self").unwrap_or(0.0);
-    println!("ready");
-    std::io::stdout().flush()?;
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let line = lines.next_line().await?.context("no `expect` line")?;
-    let mut words = line.split_whitespace().skip(1).map(str::parse::<u64>);
-    let (txs, changes) = match (words.next(), words.next()) {
-        (Some(Ok(t)), Some(Ok(c))) => (t, c),
-        _ => anyhow::bail!("bad line {line:?}"),
-    };
+    let (txs, changes) = ready_then_expectation().await?;
     let _ = expect_tx.send(Some((txs, changes)));
     let mut total = Received::default();
     let mut short = 0u64;
@@ -100,8 +108,7 @@ pub(crate) async fn run(args: ReaderArgs) -> anyhow::Result<()> {
         total.out_of_order += got.out_of_order;
         samples.extend(got.samples);
     }
-    let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-    std::fs::write(&args.samples, bytes)?;
+    write_samples(&args.samples, &samples)?;
     println!(
         "{}",
         serde_json::json!({
@@ -112,6 +119,33 @@ pub(crate) async fn run(args: ReaderArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// Prints `ready` to the bench and reads its `expect TXS CHANGES` line.
+pub(crate) async fn ready_then_expectation() -> anyhow::Result<(u64, u64)> {
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let line = lines.next_line().await?.context("no `expect` line")?;
+    let mut words = line.split_whitespace().skip(1).map(str::parse::<u64>);
+    match (words.next(), words.next()) {
+        (Some(Ok(t)), Some(Ok(c))) => Ok((t, c)),
+        _ => anyhow::bail!("bad line {line:?}"),
+    }
+}
+
+/// Latency samples in µs, u32 little-endian, as the bench reads them.
+pub(crate) fn write_samples(path: &std::path::Path, samples: &[u32]) -> anyhow::Result<()> {
+    let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn read_samples(path: &std::path::Path) -> anyhow::Result<Vec<u32>> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// One light client: handshake from the start of the (empty) change log,
@@ -208,29 +242,48 @@ pub(crate) struct Readers {
     dir: tempfile::TempDir,
 }
 
+/// What the reader processes run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind<'a> {
+    /// WebSocket readers that apply nothing.
+    Light,
+    /// Real clients with SQLite replicas, the bench writing to `table`.
+    Full { table: &'a str },
+}
+
 /// What the readers received, summed.
 #[derive(Debug, Default)]
 pub(crate) struct Totals {
     pub(crate) txs: u64,
+    /// Changes received (light) or rows in the replicas (full).
     pub(crate) changes: u64,
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     /// Connections short of what was expected.
     pub(crate) short: u64,
     pub(crate) out_of_order: u64,
-    /// Commit → frame received per transaction per connection, µs, sorted.
+    /// Applied events the full clients' watchers missed (their latency
+    /// samples are lost, not their rows: those are counted in the replicas).
+    pub(crate) missed_events: u64,
+    /// Commit → frame received (light) or → SQLite commit (full), per
+    /// transaction per connection, µs, sorted.
     pub(crate) samples: Vec<u32>,
+    /// Full clients only: commit → frame read, µs, sorted.
+    pub(crate) received: Vec<u32>,
     /// CPU-seconds the reader processes used from `ready` to the end.
     pub(crate) cpu_seconds: f64,
 }
 
 impl Readers {
-    /// Starts `processes` readers with `connections` WebSockets in all,
-    /// and waits until every one is caught up.
+    /// Starts `processes` readers with `connections` clients in all (on
+    /// the CPUs `cpus`, a `taskset -c` list, when given), and waits until
+    /// every one is caught up.
     pub(crate) async fn start(
         addr: &str,
         connections: usize,
         processes: usize,
+        kind: Kind<'_>,
+        cpus: Option<&str>,
     ) -> anyhow::Result<Readers> {
         let exe = std::env::current_exe()?;
         let dir = tempfile::tempdir()?;
@@ -238,16 +291,20 @@ impl Readers {
         let mut children = Vec::new();
         for p in 0..processes {
             let share = connections / processes + usize::from(p < connections % processes);
-            let mut child = tokio::process::Command::new(&exe)
+            let mut command = super::pinned(&exe, cpus);
+            command
                 .args(["bench", "reader", "--url", &format!("ws://{addr}/api/sync")])
-                .args([
-                    "--connections",
-                    &share.to_string(),
-                    "--prefix",
-                    &format!("light{p}"),
-                ])
+                .args(["--connections", &share.to_string()])
                 .arg("--samples")
-                .arg(dir.path().join(format!("samples-{p}")))
+                .arg(dir.path().join(format!("samples-{p}")));
+            match kind {
+                Kind::Light => command.args(["--prefix", &format!("light{p}")]),
+                Kind::Full { table } => command
+                    .args(["--full", "--table", table, "--prefix", &format!("full{p}")])
+                    .arg("--received")
+                    .arg(dir.path().join(format!("received-{p}"))),
+            };
+            let mut child = command
                 .env("PGRELAY_LOG", "warn")
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -298,15 +355,20 @@ impl Readers {
             totals.bytes += n("bytes");
             totals.short += n("short");
             totals.out_of_order += n("out_of_order");
+            totals.missed_events += n("missed_events");
             totals.cpu_seconds += v["cpu_seconds"].as_f64().unwrap_or(0.0);
-            let raw = std::fs::read(self.dir.path().join(format!("samples-{p}")))?;
-            totals.samples.extend(
-                raw.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            let dir = self.dir.path();
+            totals
+                .samples
+                .extend(read_samples(&dir.join(format!("samples-{p}")))?);
+            let received = dir.join(format!("received-{p}"));
+            if received.exists() {
+                totals.received.extend(read_samples(&received)?);
+            }
             let _ = child.wait().await;
         }
         totals.samples.sort_unstable();
+        totals.received.sort_unstable();
         Ok(totals)
     }
 }

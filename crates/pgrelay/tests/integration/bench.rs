@@ -129,6 +129,55 @@ fn light_fanout_bench_delivers_every_row_to_every_reader() {
 }
 
 #[test]
+fn full_clients_in_processes_apply_every_transaction() {
+    let report = run_bench(&[
+        "latency",
+        "--processes",
+        "2",
+        "--clients",
+        "4",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["full"], true);
+    assert_eq!(results["processes"], 2);
+    assert_eq!(results["complete"], true);
+    assert_eq!(results["written"], 50);
+    // Counted in the four replicas: each holds every transaction's row.
+    assert_eq!(results["costs"]["changes"], 200);
+    assert_eq!(results["costs"]["frames"], 200);
+}
+
+#[test]
+fn full_clients_in_pinned_processes_apply_every_row() {
+    let report = run_bench(&[
+        "fanout",
+        "--processes",
+        "2",
+        "--clients",
+        "4",
+        "--rows",
+        "2000",
+        "--tx-size",
+        "500",
+        "--server-cpus",
+        "0",
+        "--client-cpus",
+        "0",
+    ]);
+    let results = &report["results"];
+    assert_eq!(results["full"], true);
+    assert_eq!(results["server_cpus"], "0");
+    assert_eq!(results["complete"], true);
+    assert_eq!(results["deliveries"], 8000);
+    assert_eq!(results["costs"]["changes"], 8000);
+    assert_eq!(results["costs"]["frames"], 16);
+}
+
+#[test]
 fn fanout_bench_delivers_every_row_to_every_client() {
     let report = run_bench(&[
         "fanout",
