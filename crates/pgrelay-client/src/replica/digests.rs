@@ -450,7 +450,9 @@ pub(crate) fn build_step(
             |key, hash, _| rows.push((key, hash)),
         )?;
         let more = rows.len() > STEP_ROWS;
-        let next = more.then(|| rows.split_off(STEP_ROWS)).and_then(|r| r.into_iter().next());
+        let next = more
+            .then(|| rows.split_off(STEP_ROWS))
+            .and_then(|r| r.into_iter().next());
         let mut made = vec![Bucket {
             lo: lo.clone(),
             sum: Some(RangeSum::default()),

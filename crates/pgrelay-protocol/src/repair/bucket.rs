@@ -41,7 +41,7 @@ pub fn key_bytes(key: &Key) -> Vec<u8> {
 
 /// Whether `key` starts a bucket (see the module's doc).
 pub fn starts_bucket(key: &Key) -> bool {
-    xxh3_64(&key_bytes(key)) % BUCKET_MODULUS == 0
+    xxh3_64(&key_bytes(key)).is_multiple_of(BUCKET_MODULUS)
 }
 
 #[cfg(test)]
@@ -57,9 +57,7 @@ mod tests {
     fn bucket_starts_are_stable() {
         assert_eq!(
             key_bytes(&vec![KeyValue::Int(-2), KeyValue::Text("é".to_owned())]),
-            [
-                1, 255, 255, 255, 255, 255, 255, 255, 254, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0xc3, 0xa9
-            ]
+            [1, 255, 255, 255, 255, 255, 255, 255, 254, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0xc3, 0xa9]
         );
         let ints: Vec<i64> = (0..5_000).filter(|&i| starts_bucket(&int(i))).collect();
         assert_eq!(&ints[..8], STARTING_INTS);

@@ -172,10 +172,17 @@ async fn digest_rows(
     condition: Option<&str>,
     tally: &mut Tally<'_>,
 ) -> Result<u64, RepairError> {
-    for_each_row_hash(snapshot, scope, table, kinds, condition, |key, hash| match key {
-        None => tally.add_whole(0, hash),
-        Some(key) => tally.add(&key, hash),
-    })
+    for_each_row_hash(
+        snapshot,
+        scope,
+        table,
+        kinds,
+        condition,
+        |key, hash| match key {
+            None => tally.add_whole(0, hash),
+            Some(key) => tally.add(&key, hash),
+        },
+    )
     .await
 }
 

@@ -149,7 +149,10 @@ async fn pruned_through(pool: &Pool) -> Option<Lsn> {
 }
 
 /// The table's storage (`None`: it has none of its own, or is gone).
-async fn filenode(client: &tokio_postgres::Client, table: &str) -> Result<Option<u32>, SnapshotError> {
+async fn filenode(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> Result<Option<u32>, SnapshotError> {
     let row = client
         .query_one(
             "SELECT pg_relation_filenode(to_regclass($1))",

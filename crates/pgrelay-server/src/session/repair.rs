@@ -11,9 +11,7 @@ use std::time::Duration;
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use pgrelay_pg::ConnInfo;
-use pgrelay_protocol::repair::{
-    decode_repair, encode_repair, CheckSpan, RangeSum, RepairMessage,
-};
+use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RangeSum, RepairMessage};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
 
 use super::{write, Refusal, Session};
@@ -80,9 +78,7 @@ impl Session<'_> {
                             "repair check of a table not being repaired",
                         )
                     })?;
-                    let known = self
-                        .known_parts(&snapshot, &kept, schema, &spans)
-                        .await;
+                    let known = self.known_parts(&snapshot, &kept, schema, &spans).await;
                     if twin.is_none() && known.is_empty() && twin_split(schema, &spans).is_some() {
                         twin = open_twin(&self.state.database, &snapshot).await?;
                     }

@@ -210,7 +210,10 @@ pub(crate) async fn run(args: RepairArgs) -> anyhow::Result<Report> {
     report.set("kept_secs", json!(kept_secs));
     report.set(
         "server_rows_read",
-        json!(repairs.iter().map(|s| s.server_rows_read).collect::<Vec<_>>()),
+        json!(repairs
+            .iter()
+            .map(|s| s.server_rows_read)
+            .collect::<Vec<_>>()),
     );
     report.set(
         "kept_parts",

@@ -107,11 +107,19 @@ fn assert_true(conn: &Connection, table: &TableSchema, span: &CheckSpan, total: 
 fn assert_cut_by_content(conn: &Connection, table: &TableSchema) {
     let kinds = key_kinds(table).unwrap();
     let mut starts: Vec<Option<Key>> = vec![None];
-    scan(conn, table, Some(&kinds), &None, &None, None, |key, _, _| {
-        if starts_bucket(&key) {
-            starts.push(Some(key));
-        }
-    })
+    scan(
+        conn,
+        table,
+        Some(&kinds),
+        &None,
+        &None,
+        None,
+        |key, _, _| {
+            if starts_bucket(&key) {
+                starts.push(Some(key));
+            }
+        },
+    )
     .unwrap();
     let stored: Vec<Option<Key>> = stored(conn, table)
         .unwrap()

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use pgrelay_protocol::repair::{starts_bucket, KeyValue};
 
@@ -125,11 +124,7 @@ async fn writes_racing_the_kept_digests_leave_the_repair_true() {
     // its digests; its writes stay in the first tenth of the keys (so
     // most buckets stay clean and the digests are used).
     let writing = Arc::new(AtomicBool::new(true));
-    let writer = tokio::spawn(write_until(
-        world.url().to_owned(),
-        Arc::clone(&writing),
-        0,
-    ));
+    let writer = tokio::spawn(write_until(world.url().to_owned(), Arc::clone(&writing), 0));
     let server = world.start_server().await;
     let addr = server.local_addr();
     wait_kept(addr, 1.0).await;
