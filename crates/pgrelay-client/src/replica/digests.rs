@@ -3,7 +3,7 @@
 //! every row.
 //!
 //! Per synced table with a comparable key: buckets in key order, cut at
-//! the keys [`starts_bucket`] picks (about one in 256, by the key's
+//! the keys [`starts_bucket`] picks (about one in 128, by the key's
 //! content, as the server cuts its own kept digests: a part whose bounds
 //! are bounds of the server's buckets can be answered without reading
 //! its rows there either), each a lower bound and the row
@@ -28,7 +28,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use pgrelay_protocol::repair::{
-    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, MAX_FIRST_PARTS,
+    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, BUCKET_MODULUS,
+    MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{quote_ident as quote, TableSchema};
 use rusqlite::{Connection, OptionalExtension};
@@ -58,10 +59,10 @@ const STEP_ROWS: usize = 8_192;
 /// Rows read per step: one more, to know where the rest begins.
 const STEP_READ: u64 = 8_193;
 
-/// How buckets are cut, in the fingerprint: digests stored with buckets
-/// cut another way (every 256 rows, before content-defined cuts) are made
+/// Version of the stored buckets: digests stored with buckets cut
+/// another way (every 256 rows, before content-defined cuts) are made
 /// again rather than read as if they were cut this way.
-const CUTS: &str = "cuts=content/256";
+const FORMAT: &str = "3";
 
 /// A bucket: keys from `lo` (none: no lower limit) up to the next
 /// bucket's `lo`; `sum` is `None` until its rows are digested.
@@ -114,7 +115,7 @@ fn fingerprint(table: &TableSchema) -> String {
         .map(|c| format!("{}:{:?}:{}", c.name, c.kind, c.type_oid))
         .collect();
     format!(
-        "{CUTS}|{}|{}",
+        "{FORMAT}/{BUCKET_MODULUS}|{}|{}",
         columns.join(","),
         table.primary_key.join(",")
     )
