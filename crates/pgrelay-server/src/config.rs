@@ -98,6 +98,10 @@ pub struct ServerConfig {
     /// How often a following node reads the change log even without a
     /// notification (a safety net; notifications wake it at once).
     pub follow_poll: Duration,
+    /// Keep range digests of every table in memory (made in the
+    /// background), so a repair reads only the ranges written since
+    /// (`docs/repair.md`). Off: each repair's first round reads every row.
+    pub kept_digests: bool,
 }
 
 impl ServerConfig {
@@ -139,6 +143,7 @@ impl ServerConfig {
             capture_retry: Duration::from_secs(1),
             capture_lease: Duration::from_secs(3),
             follow_poll: Duration::from_secs(5),
+            kept_digests: true,
         }
     }
 

@@ -70,6 +70,17 @@ pub struct CaptureStats {
     pub sessions: usize,
 }
 
+/// Counters of repairs and the digests the server keeps for them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepairStats {
+    /// Tables whose digests the server keeps now.
+    pub kept_tables: usize,
+    /// First-round ranges answered from kept digests since start.
+    pub kept_parts: u64,
+    /// Rows read from PostgreSQL to answer range checks since start.
+    pub rows_read: u64,
+}
+
 impl Server {
     /// Checks PostgreSQL, sets up pgrelay's schema, publication and slot,
     /// binds the listener and starts replication and the HTTP server.
@@ -171,6 +182,20 @@ impl Server {
             confirmed: report.2,
             head: self.hub.head(),
             sessions: self.hub.sessions(),
+        }
+    }
+
+    /// What repairs have taken from the digests the server keeps, for
+    /// benchmarks and embedding.
+    pub fn repair_stats(&self) -> RepairStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &self.state {
+            Some(state) => RepairStats {
+                kept_tables: state.kept.len(),
+                kept_parts: state.metrics.repair_kept_parts.load(Relaxed),
+                rows_read: state.metrics.repair_read_rows.load(Relaxed),
+            },
+            None => RepairStats::default(),
         }
     }
 

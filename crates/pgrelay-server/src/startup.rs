@@ -174,6 +174,16 @@ pub(crate) async fn start_row_sync(
         config.audit_retention,
         shutdown_rx.clone(),
     )));
+    let kept = Arc::new(crate::repair::KeptDigests::default());
+    if config.kept_digests {
+        tasks.spawn(crate::repair::keep_digests(
+            Arc::clone(&kept),
+            Arc::clone(&hub),
+            info.clone(),
+            pool.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
     let (client_catalog, _) = watch::channel(Arc::new(catalog));
     tasks.spawn(crate::schema_migrations::catalog::follow(
         info.clone(),
@@ -200,6 +210,7 @@ pub(crate) async fn start_row_sync(
         node,
         instance,
         metrics: metrics::Metrics::default(),
+        kept,
         lag,
     });
     let app = api::router(Arc::clone(&state), shutdown_rx.clone());

@@ -46,6 +46,8 @@ pub(crate) struct AppState {
     /// This run of this node: names its sessions in the registry.
     pub(crate) instance: String,
     pub(crate) metrics: Metrics,
+    /// The repair digests kept of each table (`repair::kept`).
+    pub(crate) kept: Arc<crate::repair::KeptDigests>,
     pub(crate) lag: Arc<LagMonitor>,
     pub(crate) connect_limiter: IpLimiter,
     /// `POST /api/changes` requests per address, at the connect rate.

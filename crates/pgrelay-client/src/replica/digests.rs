@@ -2,8 +2,11 @@
 //! round reads only the rows written since they were computed instead of
 //! every row.
 //!
-//! Per synced table with a comparable key: buckets of about
-//! [`FIRST_PART_ROWS`] rows in key order, each a lower bound and the row
+//! Per synced table with a comparable key: buckets in key order, cut at
+//! the keys [`starts_bucket`] picks (about one in 128, by the key's
+//! content, as the server cuts its own kept digests: a part whose bounds
+//! are bounds of the server's buckets can be answered without reading
+//! its rows there either), each a lower bound and the row
 //! count and 128-bit sum of its rows' hashes (`_pgrelay_digests`, one JSON
 //! document per table), and a list of keys written since
 //! (`_pgrelay_touched_<table>`), which triggers on the table fill in the
@@ -25,13 +28,13 @@
 use std::collections::{BTreeSet, HashMap};
 
 use pgrelay_protocol::repair::{
-    key_kinds, split_points, CheckSpan, Key, KeyKind, KeyValue, RangeSum, FIRST_PART_ROWS,
+    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, BUCKET_MODULUS,
     MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{quote_ident as quote, TableSchema};
 use rusqlite::{Connection, OptionalExtension};
 
-use super::repair::{count, scan};
+use super::repair::scan;
 use crate::ClientError;
 
 const DIGESTS_SQL: &str = "CREATE TABLE IF NOT EXISTS _pgrelay_digests (
@@ -56,8 +59,11 @@ const STEP_ROWS: usize = 8_192;
 /// Rows read per step: one more, to know where the rest begins.
 const STEP_READ: u64 = 8_193;
 
-/// Rows per bucket ([`FIRST_PART_ROWS`]).
-const BUCKET_ROWS: usize = 256;
+/// Version of the stored buckets and the triggers: digests stored with
+/// buckets cut another way (every 256 rows, before content-defined cuts)
+/// or kept by older triggers are made again, not read as if they were
+/// made this way.
+const FORMAT: &str = "4";
 
 /// A bucket: keys from `lo` (none: no lower limit) up to the next
 /// bucket's `lo`; `sum` is `None` until its rows are digested.
@@ -102,10 +108,6 @@ fn trigger_name(table: &TableSchema, op: &str) -> String {
     format!("_pgrelay_digest_{}_{op}", table.sqlite_name())
 }
 
-/// Version of the triggers and the stored buckets: a replica whose
-/// stored digests say another one makes them again.
-const FORMAT: &str = "2";
-
 /// What the digests depend on: the columns (names, kinds) and the key,
 /// and [`FORMAT`].
 fn fingerprint(table: &TableSchema) -> String {
@@ -115,7 +117,7 @@ fn fingerprint(table: &TableSchema) -> String {
         .map(|c| format!("{}:{:?}:{}", c.name, c.kind, c.type_oid))
         .collect();
     format!(
-        "{FORMAT}|{}|{}",
+        "{FORMAT}/{BUCKET_MODULUS}|{}|{}",
         columns.join(","),
         table.primary_key.join(",")
     )
@@ -272,37 +274,46 @@ fn touched(
     Ok(Some(keys))
 }
 
-/// Digests the rows of `lo..hi` into buckets of about [`FIRST_PART_ROWS`]
-/// rows, the first starting at `lo`.
+/// Digests the rows of `lo..hi` into buckets, a new one at each key that
+/// starts a bucket, the first at `lo`. Also says whether `lo` still
+/// starts a bucket here: no lower bound, or a key the rows hold and that
+/// [`starts_bucket`] picks (when not, the first bucket belongs with the
+/// one before, as a fresh cut of the rows would have it).
 fn cut(
     conn: &Connection,
     table: &TableSchema,
     kinds: &[KeyKind],
     lo: &Option<Key>,
     hi: &Option<Key>,
-) -> Result<Vec<Bucket>, ClientError> {
-    let rows = count(conn, table, lo, hi)?;
-    let parts = usize::try_from(rows.div_ceil(FIRST_PART_ROWS).max(1)).unwrap_or(1);
-    let mut cuts = split_points(rows, parts).into_iter().peekable();
+) -> Result<(Vec<Bucket>, bool), ClientError> {
     let mut buckets = vec![Bucket {
         lo: lo.clone(),
         sum: Some(RangeSum::default()),
     }];
-    let mut seen = 0u64;
+    let mut lo_holds = lo.is_none();
+    let mut first = true;
     scan(conn, table, Some(kinds), lo, hi, None, |key, hash, _| {
-        if cuts.peek() == Some(&seen) {
-            cuts.next();
-            buckets.push(Bucket {
-                lo: Some(key),
-                sum: Some(RangeSum::default()),
-            });
+        if first {
+            first = false;
+            lo_holds |= lo.as_ref() == Some(&key) && starts_bucket(&key);
         }
+        open_bucket_at(&mut buckets, key);
         if let Some(sum) = buckets.last_mut().and_then(|b| b.sum.as_mut()) {
             sum.add(hash);
         }
-        seen += 1;
     })?;
-    Ok(buckets)
+    Ok((buckets, lo_holds))
+}
+
+/// Opens a new bucket at `key` (the next row in key order) if it starts
+/// one and the last bucket does not already start at it.
+fn open_bucket_at(buckets: &mut Vec<Bucket>, key: Key) {
+    if starts_bucket(&key) && buckets.last().and_then(|b| b.lo.as_ref()) != Some(&key) {
+        buckets.push(Bucket {
+            lo: Some(key),
+            sum: Some(RangeSum::default()),
+        });
+    }
 }
 
 /// The bounds of bucket `i`.
@@ -358,7 +369,16 @@ pub(crate) fn first_round(
         }
         let (lo, _) = range(&buckets, i);
         let (_, hi) = range(&buckets, j);
-        fresh.extend(cut(conn, table, &kinds, &lo, &hi)?);
+        let (mut made, lo_holds) = cut(conn, table, &kinds, &lo, &hi)?;
+        if let (false, Some(previous)) = (lo_holds, fresh.last_mut()) {
+            // `lo` no longer starts a bucket (its row went): the server,
+            // cutting its rows afresh, has no bound there either.
+            let first = made.remove(0);
+            if let (Some(sum), Some(more)) = (previous.sum.as_mut(), first.sum) {
+                sum.merge(more);
+            }
+        }
+        fresh.extend(made);
         i = j + 1;
     }
     buckets = fresh;
@@ -430,31 +450,35 @@ pub(crate) fn build_step(
             Some(STEP_READ),
             |key, hash, _| rows.push((key, hash)),
         )?;
-        let rest = (rows.len() > STEP_ROWS).then(|| rows.split_off(STEP_ROWS));
-        let mut made: Vec<Bucket> = Vec::new();
-        for (n, chunk) in rows.chunks(BUCKET_ROWS).enumerate() {
-            let mut sum = RangeSum::default();
-            for (_, hash) in chunk {
-                sum.add(*hash);
+        let more = rows.len() > STEP_ROWS;
+        let next = more
+            .then(|| rows.split_off(STEP_ROWS))
+            .and_then(|r| r.into_iter().next());
+        let mut made = vec![Bucket {
+            lo: lo.clone(),
+            sum: Some(RangeSum::default()),
+        }];
+        for (key, hash) in rows {
+            open_bucket_at(&mut made, key);
+            if let Some(sum) = made.last_mut().and_then(|b| b.sum.as_mut()) {
+                sum.add(hash);
             }
-            let lo = if n == 0 {
-                lo.clone()
+        }
+        if let Some((next, _)) = next {
+            if made.len() > 1 {
+                // The last bucket may go on past the rows read: it is read
+                // again, whole, by the next step.
+                if let Some(last) = made.last_mut() {
+                    last.sum = None;
+                }
             } else {
-                Some(chunk[0].0.clone())
-            };
-            made.push(Bucket { lo, sum: Some(sum) });
-        }
-        if made.is_empty() {
-            made.push(Bucket {
-                lo: lo.clone(),
-                sum: Some(RangeSum::default()),
-            });
-        }
-        if let Some(rest) = rest {
-            made.push(Bucket {
-                lo: rest.first().map(|(k, _)| k.clone()),
-                sum: None,
-            });
+                // Over STEP_ROWS rows and no key that starts a bucket
+                // (about one chance in e^32): cut where the read ended.
+                made.push(Bucket {
+                    lo: Some(next),
+                    sum: None,
+                });
+            }
         }
         buckets.splice(i..=i, made);
         store(conn, table, &buckets)?;

@@ -22,10 +22,12 @@
 //! with another key, or none, is compared whole: one range, replaced whole
 //! when it differs.
 
+mod bucket;
 mod hasher;
 mod key;
 mod wire;
 
+pub use bucket::{key_bytes, starts_bucket, BUCKET_MODULUS};
 pub use hasher::RowHasher;
 pub use key::{display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue};
 pub use wire::{decode_repair, encode_repair, RepairError, REPAIR_TAG};
@@ -271,6 +273,15 @@ impl<'a> Tally<'a> {
         if let Some(part) = self.spans[span].part_of(key) {
             self.sums[span][part].add(hash);
             self.total.add(hash);
+        }
+    }
+
+    /// Adds the rows of part `part` of span `span` as one precomputed sum
+    /// (digests the server kept); out-of-range indices are ignored.
+    pub fn add_sum(&mut self, span: usize, part: usize, sum: RangeSum) {
+        if let Some(at) = self.sums.get_mut(span).and_then(|s| s.get_mut(part)) {
+            at.merge(sum);
+            self.total.merge(sum);
         }
     }
 

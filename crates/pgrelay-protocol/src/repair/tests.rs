@@ -213,3 +213,31 @@ proptest! {
         prop_assert_eq!(client, server);
     }
 }
+
+/// A part's sum added whole (digests the server kept) counts as its rows
+/// would, in the part and in the total.
+#[test]
+fn a_precomputed_part_sum_counts_as_its_rows() {
+    let server = table(&(0..1000).collect::<Vec<_>>(), "v");
+    let mut cutter = Cutter::new(None, None, 1000, 4);
+    for (k, row) in &server {
+        cutter.add(k, hash_of(row));
+    }
+    let (span, _) = cutter.finish(false);
+    let spans = [span];
+    let mut by_rows = Tally::new(&spans);
+    let mut mixed = Tally::new(&spans);
+    let mut part_one = RangeSum::default();
+    for (k, row) in &server {
+        by_rows.add(k, hash_of(row));
+        if spans[0].part_of(k) == Some(1) {
+            part_one.add(hash_of(row));
+        } else {
+            mixed.add(k, hash_of(row));
+        }
+    }
+    mixed.add_sum(0, 1, part_one);
+    mixed.add_sum(0, 9, part_one);
+    assert_eq!(mixed.total(), by_rows.total());
+    assert!(mixed.diff().is_empty() && by_rows.diff().is_empty());
+}

@@ -262,6 +262,26 @@ pub(crate) fn render(state: &AppState) -> String {
         "Bytes of repair frames, both ways.",
         get(&m.repair_bytes),
     );
+    out.counter(
+        "repair_kept_parts",
+        "Ranges of repairs' first rounds answered from the digests the server keeps, without reading their rows.",
+        get(&m.repair_kept_parts),
+    );
+    out.counter(
+        "repair_read_rows",
+        "Rows read from PostgreSQL to answer repairs' range checks.",
+        get(&m.repair_read_rows),
+    );
+    out.counter(
+        "repair_kept_builds",
+        "Times the server made a table's kept repair digests.",
+        get(&state.kept.builds),
+    );
+    out.gauge(
+        "repair_kept_tables",
+        "Tables whose repair digests the server keeps.",
+        i64::try_from(state.kept.len()).unwrap_or(i64::MAX),
+    );
     let mut text = String::with_capacity(4096);
     // Writing to a String cannot fail.
     let _ = encode(&mut text, &out.0);

@@ -34,6 +34,10 @@ pub(crate) struct Metrics {
     /// Rows sent by repairs, and bytes of repair frames both ways.
     pub(crate) repair_rows: AtomicU64,
     pub(crate) repair_bytes: AtomicU64,
+    /// First-round parts answered from the server's kept digests, and
+    /// rows read from PostgreSQL to answer checks.
+    pub(crate) repair_kept_parts: AtomicU64,
+    pub(crate) repair_read_rows: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {

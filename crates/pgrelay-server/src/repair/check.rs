@@ -45,64 +45,125 @@ pub(crate) fn twin_split(table: &TableSchema, spans: &[CheckSpan]) -> Option<Key
     span.bounds.get(span.bounds.len() / 2).cloned()
 }
 
+/// What [`answer`] found: the differing parts, the table's full digest
+/// for a check over the whole key space, and the rows it read.
+pub(crate) struct Answer {
+    pub(crate) parts: Vec<DiffPart>,
+    pub(crate) total: Option<RangeSum>,
+    pub(crate) rows_read: u64,
+}
+
 /// The parts of `spans` whose rows differ from the client's, and, when
 /// the check covers the whole key space, the table's full digest. With a
 /// `twin` (a second connection into the same snapshot) a first round is
-/// read in two halves at once, one per connection.
+/// read in two halves at once, one per connection. `known` holds, for a
+/// first round's one span, the sums of parts the server kept digests of
+/// (see `kept`): only the other parts are read.
 pub(crate) async fn answer(
     snapshot: &Snapshot,
     twin: Option<&Snapshot>,
     scope: Option<&Scope>,
     table: &TableSchema,
     spans: &[CheckSpan],
-) -> Result<(Vec<DiffPart>, Option<RangeSum>), RepairError> {
+    known: &[Option<RangeSum>],
+) -> Result<Answer, RepairError> {
     let kinds = validate(table, spans)?;
     let mut tally = Tally::new(spans);
-    match (twin, kinds.as_deref(), twin_split(table, spans)) {
-        (Some(twin), Some(kinds), Some(middle)) => {
-            let first = pg_ranges_condition(table, kinds, &[(None, Some(middle.clone()))]);
-            let second = pg_ranges_condition(table, kinds, &[(Some(middle), None)]);
-            let mut other = Tally::new(spans);
-            let (a, b) = tokio::join!(
-                digest_rows(
-                    snapshot,
-                    scope,
-                    table,
-                    Some(kinds),
-                    Some(&first),
-                    &mut tally
-                ),
-                digest_rows(twin, scope, table, Some(kinds), Some(&second), &mut other),
-            );
-            a?;
-            b?;
-            tally.merge(&other);
+    let mut rows_read = 0;
+    let partial = match (spans, kinds.as_deref()) {
+        ([span], Some(kinds))
+            if known.len() == span.parts() && known.iter().any(Option::is_some) =>
+        {
+            Some((span, kinds))
         }
-        _ => {
-            let ranges: Vec<(Option<Key>, Option<Key>)> =
-                spans.iter().map(|s| (s.lo.clone(), s.hi.clone())).collect();
-            for batch in ranges.chunks(RANGES_PER_QUERY) {
-                let condition = kinds
-                    .as_deref()
-                    .map(|kinds| pg_ranges_condition(table, kinds, batch));
-                digest_rows(
-                    snapshot,
-                    scope,
-                    table,
-                    kinds.as_deref(),
-                    condition.as_deref(),
-                    &mut tally,
-                )
-                .await?;
+        _ => None,
+    };
+    if let Some((span, kinds)) = partial {
+        for batch in unknown_ranges(span, known).chunks(RANGES_PER_QUERY) {
+            let condition = pg_ranges_condition(table, kinds, batch);
+            rows_read += digest_rows(
+                snapshot,
+                scope,
+                table,
+                Some(kinds),
+                Some(&condition),
+                &mut tally,
+            )
+            .await?;
+        }
+        for (part, sum) in known.iter().enumerate() {
+            if let Some(sum) = sum {
+                tally.add_sum(0, part, *sum);
             }
+        }
+    } else if let (Some(twin), Some(kinds), Some(middle)) =
+        (twin, kinds.as_deref(), twin_split(table, spans))
+    {
+        let first = pg_ranges_condition(table, kinds, &[(None, Some(middle.clone()))]);
+        let second = pg_ranges_condition(table, kinds, &[(Some(middle), None)]);
+        let mut other = Tally::new(spans);
+        let (a, b) = tokio::join!(
+            digest_rows(
+                snapshot,
+                scope,
+                table,
+                Some(kinds),
+                Some(&first),
+                &mut tally
+            ),
+            digest_rows(twin, scope, table, Some(kinds), Some(&second), &mut other),
+        );
+        rows_read += a? + b?;
+        tally.merge(&other);
+    } else {
+        let ranges: Vec<(Option<Key>, Option<Key>)> =
+            spans.iter().map(|s| (s.lo.clone(), s.hi.clone())).collect();
+        for batch in ranges.chunks(RANGES_PER_QUERY) {
+            let condition = kinds
+                .as_deref()
+                .map(|kinds| pg_ranges_condition(table, kinds, batch));
+            rows_read += digest_rows(
+                snapshot,
+                scope,
+                table,
+                kinds.as_deref(),
+                condition.as_deref(),
+                &mut tally,
+            )
+            .await?;
         }
     }
     let full_span = spans.len() == 1 && spans[0].lo.is_none() && spans[0].hi.is_none();
-    Ok((tally.diff(), full_span.then(|| tally.total())))
+    Ok(Answer {
+        parts: tally.diff(),
+        total: full_span.then(|| tally.total()),
+        rows_read,
+    })
+}
+
+/// The ranges of a span's parts not `known`, neighbours merged.
+fn unknown_ranges(span: &CheckSpan, known: &[Option<RangeSum>]) -> Vec<(Option<Key>, Option<Key>)> {
+    let mut ranges = Vec::new();
+    let mut part = 0;
+    while part < known.len() {
+        if known[part].is_some() {
+            part += 1;
+            continue;
+        }
+        let first = part;
+        while known.get(part).is_some_and(Option::is_none) {
+            part += 1;
+        }
+        let (lo, _) = span.part_range(first);
+        let (_, hi) = span.part_range(part - 1);
+        ranges.push((lo, hi));
+    }
+    ranges
 }
 
 /// Reads the rows `condition` holds for with COPY and adds each to the
-/// tally (keyed by `kinds`; none: the table is compared whole).
+/// tally (keyed by `kinds`; none: the table is compared whole). Returns
+/// the rows read.
 async fn digest_rows(
     snapshot: &Snapshot,
     scope: Option<&Scope>,
@@ -110,7 +171,32 @@ async fn digest_rows(
     kinds: Option<&[KeyKind]>,
     condition: Option<&str>,
     tally: &mut Tally<'_>,
-) -> Result<(), RepairError> {
+) -> Result<u64, RepairError> {
+    for_each_row_hash(
+        snapshot,
+        scope,
+        table,
+        kinds,
+        condition,
+        |key, hash| match key {
+            None => tally.add_whole(0, hash),
+            Some(key) => tally.add(&key, hash),
+        },
+    )
+    .await
+}
+
+/// Reads the rows `condition` holds for with COPY and calls `each` with
+/// each row's key (`None` without `kinds`) and hash; returns the rows
+/// read. A row whose key does not read is skipped.
+pub(crate) async fn for_each_row_hash(
+    snapshot: &Snapshot,
+    scope: Option<&Scope>,
+    table: &TableSchema,
+    kinds: Option<&[KeyKind]>,
+    condition: Option<&str>,
+    mut each: impl FnMut(Option<Key>, u128),
+) -> Result<u64, RepairError> {
     let key_at: Vec<usize> = table
         .primary_key
         .iter()
@@ -118,6 +204,7 @@ async fn digest_rows(
         .collect();
     let value_kinds: Vec<_> = table.columns.iter().map(|c| c.kind).collect();
     let mut hasher = RowHasher::default();
+    let mut rows = 0u64;
     let stream = snapshot.copy_rows(table, scope, condition).await?;
     let mut stream = Box::pin(stream);
     while let Some(data) = stream.next().await {
@@ -125,9 +212,10 @@ async fn digest_rows(
         copy_text::for_each_row(
             &data,
             |values| {
+                rows += 1;
                 let hash = hasher.hash(&value_kinds, values.iter().map(|v| v.as_deref()));
                 match kinds {
-                    None => tally.add_whole(0, hash),
+                    None => each(None, hash),
                     Some(kinds) => {
                         // A key column's value keys alike before and after
                         // canonicalising (integers parse, text is kept),
@@ -143,7 +231,7 @@ async fn digest_rows(
                             })
                             .collect();
                         if let Some(key) = key {
-                            tally.add(&key, hash);
+                            each(Some(key), hash);
                         }
                     }
                 }
@@ -152,7 +240,7 @@ async fn digest_rows(
             |message| RepairError::BadCheck(format!("COPY row of {}: {message}", table.name)),
         )?;
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// Ranges whose rows [`replaced_rows`] reads with one COPY.

@@ -4,18 +4,22 @@
 //! only the rows that differ; then the stream resumes from the snapshot's
 //! position with the same hand-over as hydration.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Message;
 use futures_util::StreamExt;
 use pgrelay_pg::ConnInfo;
-use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RepairMessage};
+use pgrelay_protocol::repair::{decode_repair, encode_repair, CheckSpan, RangeSum, RepairMessage};
 use pgrelay_protocol::{ErrorCode, Lsn, ServerMessage, TableSchema};
 
 use super::{write, Refusal, Session};
 use crate::hub::Frame;
 use crate::ops::metrics::add;
-use crate::repair::{answer, replaced_batches, replaced_rows, twin_split, RepairError};
+use crate::repair::{
+    answer, replaced_batches, replaced_rows, twin_split, written_since, Kept, RepairError, Since,
+};
 use crate::snapshot::Snapshot;
 
 /// How long the client may take between two repair frames (it digests
@@ -40,6 +44,9 @@ impl Session<'_> {
             .filter(|t| t.skipped.is_none())
             .collect();
         drop(schemas);
+        // Taken before the snapshot opens: each was made from an earlier
+        // snapshot, so the change log holds everything between the two.
+        let kept = self.state.kept.all();
         // As for hydration: read before the snapshot, so the client's
         // visibility filter drops what the snapshot holds.
         let resume = self.state.hub.head();
@@ -71,10 +78,11 @@ impl Session<'_> {
                             "repair check of a table not being repaired",
                         )
                     })?;
-                    if twin.is_none() && twin_split(schema, &spans).is_some() {
+                    let known = self.known_parts(&snapshot, &kept, schema, &spans).await;
+                    if twin.is_none() && known.is_empty() && twin_split(schema, &spans).is_some() {
                         twin = open_twin(&self.state.database, &snapshot).await?;
                     }
-                    self.answer_check(&snapshot, twin.as_ref(), schema, &spans)
+                    self.answer_check(&snapshot, twin.as_ref(), schema, &spans, &known)
                         .await?;
                 }
                 RepairMessage::Done { refetch } => {
@@ -96,22 +104,94 @@ impl Session<'_> {
         }
     }
 
+    /// For a first round (one span over the whole key space) of a table
+    /// whose digests the server keeps, the parts answered from them
+    /// (empty: every part is read, as without them).
+    async fn known_parts(
+        &mut self,
+        snapshot: &Snapshot,
+        kept: &HashMap<String, Arc<Kept>>,
+        table: &TableSchema,
+        spans: &[CheckSpan],
+    ) -> Vec<Option<RangeSum>> {
+        let (Some(kept), [span]) = (kept.get(&table.name), spans) else {
+            return Vec::new();
+        };
+        let first_round = span.lo.is_none() && span.hi.is_none();
+        // With a read rule the replica holds some of the rows only.
+        let filtered = self
+            .scope
+            .as_ref()
+            .is_some_and(|s| s.snapshot_filter(&table.name).is_some());
+        if !first_round || filtered || kept.schema != *table {
+            return Vec::new();
+        }
+        let log = match self.state.log_reader.client().await {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::warn!(error = %e, "no change-log connection; the repair reads every row");
+                return Vec::new();
+            }
+        };
+        let hub = &self.state.hub;
+        let since = written_since(&log, snapshot, kept, &hub.log_id(), hub.watch_captured()).await;
+        let dirty = match since {
+            Since::Dirty(dirty) => dirty,
+            Since::Stale(why) => {
+                tracing::debug!(table = %table.name, why, "kept digests are stale; made again");
+                self.state.kept.mark_stale(&table.name);
+                return Vec::new();
+            }
+            Since::Unusable(why) => {
+                tracing::debug!(table = %table.name, why, "kept digests not used for this repair");
+                return Vec::new();
+            }
+        };
+        let written = dirty.iter().filter(|d| **d).count();
+        if written * 20 > dirty.len() {
+            // Over 5 % of the buckets written: made again for the next.
+            self.state.kept.mark_stale(&table.name);
+        }
+        if written * 4 > dirty.len() {
+            // Reading a quarter of the ranges costs about what reading
+            // every row does.
+            return Vec::new();
+        }
+        let known = kept.known_parts(span, &dirty);
+        tracing::debug!(
+            table = %table.name,
+            buckets = dirty.len(),
+            written,
+            parts = known.len(),
+            known = known.iter().filter(|k| k.is_some()).count(),
+            "first round answered from kept digests where they hold"
+        );
+        known
+    }
+
     async fn answer_check(
         &mut self,
         snapshot: &Snapshot,
         twin: Option<&Snapshot>,
         table: &TableSchema,
         spans: &[CheckSpan],
+        known: &[Option<RangeSum>],
     ) -> Result<(), Refusal> {
         let scope = self.scope.clone();
         let started = std::time::Instant::now();
-        let (parts, total) = answer(snapshot, twin, scope.as_deref(), table, spans)
+        let answered = answer(snapshot, twin, scope.as_deref(), table, spans, known)
             .await
             .map_err(refusal)?;
+        let (parts, total) = (answered.parts, answered.total);
+        let from_kept = known.iter().filter(|k| k.is_some()).count() as u64;
+        add(&self.state.metrics.repair_kept_parts, from_kept);
+        add(&self.state.metrics.repair_read_rows, answered.rows_read);
         tracing::debug!(
             table = %table.name,
             spans = spans.len(),
             differing = parts.len(),
+            from_kept,
+            rows_read = answered.rows_read,
             elapsed = ?started.elapsed(),
             "repair check digested"
         );

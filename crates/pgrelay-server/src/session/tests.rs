@@ -120,6 +120,7 @@ fn state(config: ServerConfig) -> AppState {
         node: "node".into(),
         instance: "run".into(),
         metrics: Metrics::default(),
+        kept: Arc::default(),
         lag: Arc::new(LagMonitor::new(Duration::from_secs(60))),
         connect_limiter: IpLimiter::new(config.connect_rate, config.connect_burst),
         write_limiter: IpLimiter::new(config.connect_rate, config.connect_burst),

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// replica further behind re-hydrates from a snapshot.
     #[arg(long, env = "PGRELAY_RETAIN", default_value = "7days", value_parser = humantime::parse_duration)]
     pub retain: Duration,
+    /// Do not keep range digests of each table in memory: every repair
+    /// then reads every row of its tables (docs/repair.md).
+    #[arg(long, env = "PGRELAY_NO_KEPT_DIGESTS")]
+    pub no_kept_digests: bool,
     /// Snapshots served at once to hydrating clients; others queue.
     #[arg(long, env = "PGRELAY_MAX_HYDRATIONS", default_value_t = 4)]
     pub max_hydrations: usize,
@@ -198,6 +202,7 @@ impl ServeArgs {
         config.audit_retention = self.audit_retention;
         config.retain = self.retain;
         config.max_hydrations = self.max_hydrations;
+        config.kept_digests = !self.no_kept_digests;
         config.max_connections = self.max_connections;
         config.http_idle_timeout = self.http_idle_timeout;
         config.connect_rate = self.connect_rate;

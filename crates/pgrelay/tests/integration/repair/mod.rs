@@ -8,6 +8,7 @@ mod kept_digests;
 mod log_reset;
 mod many_ranges;
 mod retention;
+mod server_digests;
 mod verify;
 
 use std::sync::{Arc, Mutex};
