@@ -45,6 +45,7 @@ const PAIRS_PER_CALL: usize = 40;
 
 pub(crate) fn ensure_tables(conn: &Connection) -> Result<(), ClientError> {
     conn.execute_batch(CAPTURE_SQL)?;
+    super::digests::ensure_tables(conn)?;
     super::rebase::ensure_table(conn)
 }
 

@@ -489,7 +489,7 @@ pub(crate) fn build_step(
 
 mod written;
 
-pub(crate) use written::{quiet, Held, Written};
+pub(crate) use written::{ensure_tables, quiet, Held, Written};
 
 #[cfg(test)]
 mod tests;

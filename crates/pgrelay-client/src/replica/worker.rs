@@ -192,14 +192,20 @@ impl Worker {
         Ok(value)
     }
 
-    fn state(&self) -> Result<ReplicaState, ClientError> {
-        let client_id = schema::read_meta(&self.conn, "client_id")?;
+    /// The stored position, none while a full snapshot is pending.
+    fn position(&self) -> Result<Option<Lsn>, ClientError> {
         let pending = snapshot::pending(&self.conn)?.unwrap_or_default();
-        let lsn = schema::read_meta(&self.conn, "lsn")?
+        Ok(schema::read_meta(&self.conn, "lsn")?
             .map(|s| s.parse::<Lsn>())
             .transpose()
             .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
-            .filter(|_| !pending.full);
+            .filter(|_| !pending.full))
+    }
+
+    fn state(&self) -> Result<ReplicaState, ClientError> {
+        let client_id = schema::read_meta(&self.conn, "client_id")?;
+        let pending = snapshot::pending(&self.conn)?.unwrap_or_default();
+        let lsn = self.position()?;
         let log_id = schema::read_meta(&self.conn, "log_id")?;
         Ok(ReplicaState {
             client_id,
@@ -289,7 +295,7 @@ impl Worker {
     }
 
     fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Applied, ClientError> {
-        let current = self.state()?.lsn.unwrap_or(Lsn::ZERO);
+        let current = self.position()?.unwrap_or(Lsn::ZERO);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;

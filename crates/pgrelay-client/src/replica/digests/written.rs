@@ -13,11 +13,18 @@ use rusqlite::Connection;
 use super::{forget, stored, touched_table, DIGESTS_SQL};
 use crate::ClientError;
 
+/// Makes the digests' own tables, once when the replica opens (not on
+/// every apply: parsing the DDL was a few percent of a small
+/// transaction's apply).
+pub(crate) fn ensure_tables(conn: &Connection) -> Result<(), ClientError> {
+    conn.execute_batch(DIGESTS_SQL)?;
+    Ok(())
+}
+
 /// Turns the triggers off (`true`) or on, inside the caller's
 /// transaction: the replica's thread applying the server's transactions
 /// records what it writes with [`Written`] instead.
 pub(crate) fn quiet(conn: &Connection, on: bool) -> Result<(), ClientError> {
-    conn.execute_batch(DIGESTS_SQL)?;
     conn.prepare_cached("UPDATE _pgrelay_digest_quiet SET quiet = ?1 WHERE id = 1")?
         .execute([i64::from(on)])?;
     Ok(())
