@@ -27,7 +27,7 @@
 //! table whose columns changed, or that was dropped and made again, is
 //! digested anew.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use pgrelay_protocol::repair::{
     key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, SubSums,

@@ -3,10 +3,10 @@
 //! every row, in its first round and in the next.
 //!
 //! Per table with a comparable key: sub-buckets cut where
-//! [`starts_sub_bucket`] says (as replicas cut their second round), each
+//! `pgrelay_protocol::repair::starts_sub_bucket` says (as replicas cut their second round), each
 //! a lower bound and the row count and 128-bit sum of its rows' hashes,
 //! digested from one consistent snapshot `S0`; the keys that start
-//! buckets ([`starts_bucket`], as replicas cut their first round) start
+//! buckets (`starts_bucket`, as replicas cut their first round) start
 //! sub-buckets too, so a bucket's sum is the sum of its sub-buckets'.
 //! With them: the change log's head read before `S0` opened (every
 //! transaction up to it is in `S0`), `S0`'s visibility, the log's id, the
@@ -31,8 +31,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-#[cfg(doc)]
-use pgrelay_protocol::repair::starts_sub_bucket;
 use pgrelay_protocol::repair::{starts_bucket, CheckSpan, Key, RangeSum};
 use pgrelay_protocol::{Lsn, TableSchema, Visibility};
 use tokio::sync::Notify;

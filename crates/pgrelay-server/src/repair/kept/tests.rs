@@ -221,14 +221,14 @@ proptest! {
         since in proptest::collection::vec((0u8..4, 0i64..4_100, 0i64..4_100), 0..30),
         away in proptest::collection::vec((0u8..3, 0i64..4_100), 0..30),
     ) {
-        let s0: Rows = keys.iter().map(|&k| (k, u128::from(k.unsigned_abs()) << 64 | 1)).collect();
+        let s0: Rows = keys.iter().map(|&k| (k, (u128::from(k.unsigned_abs()) << 64) | 1)).collect();
         let kept = made_from(&s0);
         let mut s1 = s0.clone();
         let mut dirty = kept.clean();
         for (n, (op, a, b)) in since.into_iter().enumerate() {
             let version = u128::try_from(n).unwrap() + 2;
             match op {
-                0 => { s1.insert(a, u128::from(a.unsigned_abs()) << 64 | version); }
+                0 => { s1.insert(a, (u128::from(a.unsigned_abs()) << 64) | version); }
                 1 => { s1.remove(&a); }
                 2 => if let Some(h) = s1.get_mut(&a) { *h ^= version << 8; },
                 _ => if let Some(h) = s1.remove(&a) {
