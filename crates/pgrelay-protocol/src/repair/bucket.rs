@@ -126,7 +126,7 @@ mod tests {
 
     const STARTING_INTS: &[i64] = &[0, 149, 378, 515, 702, 1011, 1047, 1088];
     const STARTING_TEXTS: &[usize] = &[143, 225, 303, 473];
-    const STARTING_SUB_INTS: &[i64] = &[0, 0, 0, 0, 0, 0, 0, 0];
-    const STARTING_SUB_TEXTS: &[usize] = &[0, 0, 0, 0];
+    const STARTING_SUB_INTS: &[i64] = &[0, 4, 73, 79, 85, 87, 89, 96];
+    const STARTING_SUB_TEXTS: &[usize] = &[17, 40, 81, 97];
     const INT_ONE_HASH: u64 = 10_971_357_638_593_500_668;
 }

@@ -165,14 +165,21 @@ mod tests {
             .copied()
             .filter(|&i| starts_bucket(&vec![KeyValue::Int(i)]))
             .collect();
-        let (lo, hi) = (starts[1], starts[2]);
+        let inner_of = |bucket: &[(Key, u128)]| -> Vec<Key> {
+            bucket[1..]
+                .iter()
+                .filter(|(k, _)| starts_sub_bucket(k))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        // One of fewer than MAX_SUB_PARTS sub-buckets, more than one.
+        let (lo, hi) = starts
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .find(|&(lo, hi)| (1..MAX_SUB_PARTS).contains(&inner_of(&rows(lo..hi)).len()))
+            .unwrap();
         let bucket = rows(lo..hi);
-        let inner: Vec<Key> = bucket[1..]
-            .iter()
-            .filter(|(k, _)| starts_sub_bucket(k))
-            .map(|(k, _)| k.clone())
-            .collect();
-        assert!(!inner.is_empty() && inner.len() < MAX_SUB_PARTS);
+        let inner = inner_of(&bucket);
         let (span, sum) = cut_range(
             Some(vec![KeyValue::Int(lo)]),
             Some(vec![KeyValue::Int(hi)]),
