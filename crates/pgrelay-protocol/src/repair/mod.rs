@@ -30,7 +30,7 @@ mod key;
 mod wire;
 
 pub use bucket::{key_bytes, starts_bucket, starts_sub_bucket, BUCKET_MODULUS, SUB_BUCKET_MODULUS};
-pub use cut::{cut_range, MAX_COUNT_PARTS, MAX_SUB_PARTS};
+pub use cut::{cut_range, SubSums, MAX_COUNT_PARTS, MAX_SUB_PARTS};
 pub use hasher::RowHasher;
 pub use key::{display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue};
 pub use wire::{decode_repair, encode_repair, RepairError, REPAIR_TAG};
