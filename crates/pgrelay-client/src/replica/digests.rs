@@ -30,8 +30,8 @@
 use std::collections::BTreeSet;
 
 use pgrelay_protocol::repair::{
-    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, SubSums,
-    BUCKET_MODULUS, MAX_FIRST_PARTS,
+    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, SubSums, BUCKET_MODULUS,
+    MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{quote_ident as quote, TableSchema};
 use rusqlite::{Connection, OptionalExtension};

@@ -107,7 +107,10 @@ mod tests {
             .collect();
         assert_eq!(&texts[..4], STARTING_SUB_TEXTS);
         for i in (0..5_000).filter(|&i| starts_bucket(&int(i))) {
-            assert!(starts_sub_bucket(&int(i)), "{i} starts a bucket, not a sub-bucket");
+            assert!(
+                starts_sub_bucket(&int(i)),
+                "{i} starts a bucket, not a sub-bucket"
+            );
         }
         let subs = (0..256_000).filter(|&i| starts_sub_bucket(&int(i))).count();
         assert!((15_000..17_000).contains(&subs), "{subs}");

@@ -51,8 +51,10 @@ fn repair(server: &Table, client: &mut Table) -> (u64, usize) {
                 }
                 cutter.finish(false)
             } else {
-                let hashed: Vec<(Key, u128)> =
-                    rows.into_iter().map(|(k, row)| (k.clone(), hash_of(row))).collect();
+                let hashed: Vec<(Key, u128)> = rows
+                    .into_iter()
+                    .map(|(k, row)| (k.clone(), hash_of(row)))
+                    .collect();
                 cut_range(lo, hi, &hashed)
             };
             assert!(span.is_valid(), "{span:?}");

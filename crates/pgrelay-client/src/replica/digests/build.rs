@@ -8,7 +8,7 @@ use pgrelay_protocol::repair::{key_kinds, Key, RangeSum, SubSums};
 use pgrelay_protocol::TableSchema;
 use rusqlite::Connection;
 
-use super::{add_to_last, install, open_bucket_at, range, stored, store, subs, Bucket};
+use super::{add_to_last, install, open_bucket_at, range, store, stored, subs, Bucket};
 use crate::replica::repair::scan;
 use crate::ClientError;
 

@@ -123,7 +123,9 @@ pub(crate) fn second_round(
             None => None,
         };
         let span = match kept {
-            Some(subs) if !touched_in(conn, table, lo, hi)? => Some(subs.span(lo.clone(), hi.clone())),
+            Some(subs) if !touched_in(conn, table, lo, hi)? => {
+                Some(subs.span(lo.clone(), hi.clone()))
+            }
             _ => None,
         };
         out.push(span);

@@ -151,7 +151,11 @@ fn assert_second_round_true(conn: &Connection, table: &TableSchema, span: &Check
             rows.push((key, hash))
         })
         .unwrap();
-        assert_eq!(kept, cut_range(lo.clone(), hi.clone(), &rows), "{lo:?}..{hi:?}");
+        assert_eq!(
+            kept,
+            cut_range(lo.clone(), hi.clone(), &rows),
+            "{lo:?}..{hi:?}"
+        );
         from_kept += 1;
     }
     from_kept

@@ -45,15 +45,24 @@ fn kept_of(subs: Vec<SubBucket>, rows: u64) -> Kept {
 /// Sub-buckets starting at none, 50, 100, ..., 350 (buckets at none,
 /// 100, 200, 300); 5, 5, 10, 10, 15, 15, 20, 20 rows.
 fn kept() -> Kept {
-    let subs = [None, Some(50), Some(100), Some(150), Some(200), Some(250), Some(300), Some(350)]
-        .into_iter()
-        .enumerate()
-        .map(|(i, lo)| SubBucket {
-            opens_bucket: lo.is_none_or(|k| k % 100 == 0),
-            lo: lo.map(key),
-            sum: sum(5 * (i as u64 / 2 + 1)),
-        })
-        .collect();
+    let subs = [
+        None,
+        Some(50),
+        Some(100),
+        Some(150),
+        Some(200),
+        Some(250),
+        Some(300),
+        Some(350),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, lo)| SubBucket {
+        opens_bucket: lo.is_none_or(|k| k % 100 == 0),
+        lo: lo.map(key),
+        sum: sum(5 * (i as u64 / 2 + 1)),
+    })
+    .collect();
     kept_of(subs, 100)
 }
 
@@ -110,7 +119,10 @@ fn only_parts_on_sub_bucket_bounds_and_clean_are_known() {
     // other sub-bucket.
     let known = kept.known_parts(&span(&[150, 200]), &dirty(&[2]));
     assert_eq!(known, vec![None, Some(sum(10)), Some(sum(70))]);
-    assert_eq!(kept.known_parts(&bucket, &dirty(&[2])), vec![None, Some(sum(10))]);
+    assert_eq!(
+        kept.known_parts(&bucket, &dirty(&[2])),
+        vec![None, Some(sum(10))]
+    );
     // One part over everything.
     let known = kept.known_parts(&span(&[]), &clean);
     assert_eq!(known, vec![Some(sum(100))]);

@@ -108,7 +108,10 @@ async fn buckets(url: &str) -> f64 {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let rows = sql.query("SELECT id FROM items ORDER BY id", &[]).await.unwrap();
+    let rows = sql
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap();
     let starts = rows
         .iter()
         .skip(1)
@@ -180,7 +183,10 @@ async fn a_sub_bucket_written_since_the_kept_digests_is_read_not_taken_as_kept()
     // The second round's sub-bucket parts came from kept sums too.
     let kept = metric(addr, "pgrelay_repair_kept_parts_total").await;
     let first_round = buckets(world.url()).await;
-    assert!(kept > first_round, "{kept} from kept, {first_round} buckets");
+    assert!(
+        kept > first_round,
+        "{kept} from kept, {first_round} buckets"
+    );
     client.stop().await;
     server.shutdown().await.unwrap();
     world.db.drop_database().await.unwrap();
