@@ -75,7 +75,7 @@ pub struct CaptureStats {
 pub struct RepairStats {
     /// Tables whose digests the server keeps now.
     pub kept_tables: usize,
-    /// First-round ranges answered from kept digests since start.
+    /// Check ranges (of any round) answered from kept digests since start.
     pub kept_parts: u64,
     /// Rows read from PostgreSQL to answer range checks since start.
     pub rows_read: u64,

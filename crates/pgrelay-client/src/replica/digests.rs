@@ -14,7 +14,9 @@
 //! writes, rebases, rollbacks, migrations): a crash or a rollback loses
 //! both or neither. A bucket holding a touched key, or not digested yet,
 //! is read again at the next repair; the others are taken as stored
-//! (digests add up, so merging or cutting buckets needs no rows).
+//! (digests add up, so merging or cutting buckets needs no rows). Beside
+//! each bucket its sub-bucket sums are kept too (`subs`), for a repair's
+//! second round.
 //!
 //! The digests are made after the replica has caught up, a few thousand
 //! rows per step while the replica's thread is idle, never during a
@@ -25,10 +27,10 @@
 //! table whose columns changed, or that was dropped and made again, is
 //! digested anew.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use pgrelay_protocol::repair::{
-    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, BUCKET_MODULUS,
+    key_kinds, starts_bucket, CheckSpan, Key, KeyKind, KeyValue, RangeSum, SubSums, BUCKET_MODULUS,
     MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{quote_ident as quote, TableSchema};
@@ -46,31 +48,34 @@ CREATE TABLE IF NOT EXISTS _pgrelay_digest_quiet (
     id    INTEGER PRIMARY KEY CHECK (id = 1),
     quiet INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO _pgrelay_digest_quiet (id, quiet) VALUES (1, 0);";
+INSERT OR IGNORE INTO _pgrelay_digest_quiet (id, quiet) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS _pgrelay_sub_digests (
+    name TEXT NOT NULL,
+    lo   TEXT NOT NULL,
+    subs TEXT NOT NULL,
+    PRIMARY KEY (name, lo)
+) WITHOUT ROWID;";
 
 /// The triggers' condition: not while the replica's thread applies the
 /// server's transactions (it records their keys itself, one per bucket,
 /// see [`Written`]).
 const LOUD: &str = "WHEN (SELECT quiet FROM _pgrelay_digest_quiet WHERE id = 1) = 0";
 
-/// Rows digested per background step (a few milliseconds).
-const STEP_ROWS: usize = 8_192;
-
-/// Rows read per step: one more, to know where the rest begins.
-const STEP_READ: u64 = 8_193;
-
 /// Version of the stored buckets and the triggers: digests stored with
 /// buckets cut another way (every 256 rows, before content-defined cuts)
-/// or kept by older triggers are made again, not read as if they were
-/// made this way.
-const FORMAT: &str = "4";
+/// or kept by older triggers, or without sub-bucket sums (format 4), are
+/// made again, not read as if they were made this way.
+const FORMAT: &str = "5";
 
 /// A bucket: keys from `lo` (none: no lower limit) up to the next
-/// bucket's `lo`; `sum` is `None` until its rows are digested.
+/// bucket's `lo`; `sum` is `None` until its rows are digested. `subs`:
+/// its rows summed per sub-bucket, when they were just read (stored
+/// apart, see `subs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Bucket {
     lo: Option<Key>,
     sum: Option<RangeSum>,
+    subs: Option<SubSums>,
 }
 
 type Stored = Vec<(Option<Key>, Option<(u64, String)>)>;
@@ -95,7 +100,11 @@ fn decode(text: &str) -> Option<Vec<Bucket>> {
                     sum: u128::from_str_radix(&hex, 16).ok()?,
                 }),
             };
-            Some(Bucket { lo, sum })
+            Some(Bucket {
+                lo,
+                sum,
+                subs: None,
+            })
         })
         .collect()
 }
@@ -136,7 +145,7 @@ pub(crate) fn forget(conn: &Connection, table: &TableSchema) -> Result<(), Clien
     conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", touched_table(table)))?;
     conn.prepare_cached("DELETE FROM _pgrelay_digests WHERE name = ?1")?
         .execute([&table.name])?;
-    Ok(())
+    subs::forget(conn, table)
 }
 
 /// Starts keeping digests of a table: the touched-keys table, the
@@ -184,6 +193,7 @@ END;",
     let buckets = vec![Bucket {
         lo: None,
         sum: None,
+        subs: None,
     }];
     store(conn, table, &buckets)?;
     Ok(buckets)
@@ -289,6 +299,7 @@ fn cut(
     let mut buckets = vec![Bucket {
         lo: lo.clone(),
         sum: Some(RangeSum::default()),
+        subs: Some(SubSums::default()),
     }];
     let mut lo_holds = lo.is_none();
     let mut first = true;
@@ -297,22 +308,33 @@ fn cut(
             first = false;
             lo_holds |= lo.as_ref() == Some(&key) && starts_bucket(&key);
         }
-        open_bucket_at(&mut buckets, key);
-        if let Some(sum) = buckets.last_mut().and_then(|b| b.sum.as_mut()) {
-            sum.add(hash);
-        }
+        open_bucket_at(&mut buckets, &key);
+        add_to_last(&mut buckets, &key, hash);
     })?;
     Ok((buckets, lo_holds))
 }
 
 /// Opens a new bucket at `key` (the next row in key order) if it starts
 /// one and the last bucket does not already start at it.
-fn open_bucket_at(buckets: &mut Vec<Bucket>, key: Key) {
-    if starts_bucket(&key) && buckets.last().and_then(|b| b.lo.as_ref()) != Some(&key) {
+fn open_bucket_at(buckets: &mut Vec<Bucket>, key: &Key) {
+    if starts_bucket(key) && buckets.last().and_then(|b| b.lo.as_ref()) != Some(key) {
         buckets.push(Bucket {
-            lo: Some(key),
+            lo: Some(key.clone()),
             sum: Some(RangeSum::default()),
+            subs: Some(SubSums::default()),
         });
+    }
+}
+
+/// Adds the next row in key order to the last bucket and its sub-sums.
+fn add_to_last(buckets: &mut [Bucket], key: &Key, hash: u128) {
+    if let Some(last) = buckets.last_mut() {
+        if let Some(sum) = last.sum.as_mut() {
+            sum.add(hash);
+        }
+        if let Some(subs) = last.subs.as_mut() {
+            subs.add(key, hash);
+        }
     }
 }
 
@@ -377,12 +399,15 @@ pub(crate) fn first_round(
             if let (Some(sum), Some(more)) = (previous.sum.as_mut(), first.sum) {
                 sum.merge(more);
             }
+            // Its kept sub-sums no longer add up: not used.
+            previous.subs = None;
         }
         fresh.extend(made);
         i = j + 1;
     }
     buckets = fresh;
     store(conn, table, &buckets)?;
+    subs::put(conn, table, &buckets)?;
     conn.execute_batch(&format!("DELETE FROM {}", touched_table(table)))?;
     Ok(span(&buckets))
 }
@@ -418,77 +443,12 @@ fn span(buckets: &[Bucket]) -> (CheckSpan, RangeSum) {
     (span, total)
 }
 
-/// One background step: digests up to [`STEP_ROWS`] rows of the first
-/// table whose digests are missing or incomplete. Returns whether any
-/// work is left. Runs in the caller's transaction.
-pub(crate) fn build_step(
-    conn: &Connection,
-    tables: &HashMap<String, TableSchema>,
-) -> Result<bool, ClientError> {
-    let mut names: Vec<&String> = tables.keys().collect();
-    names.sort();
-    for name in names {
-        let table = &tables[name];
-        let Some(kinds) = key_kinds(table).filter(|_| table.skipped.is_none()) else {
-            continue;
-        };
-        let mut buckets = match stored(conn, table)? {
-            Some(buckets) => buckets,
-            None => install(conn, table)?,
-        };
-        let Some(i) = buckets.iter().position(|b| b.sum.is_none()) else {
-            continue;
-        };
-        let (lo, hi) = range(&buckets, i);
-        let mut rows: Vec<(Key, u128)> = Vec::new();
-        scan(
-            conn,
-            table,
-            Some(&kinds),
-            &lo,
-            &hi,
-            Some(STEP_READ),
-            |key, hash, _| rows.push((key, hash)),
-        )?;
-        let more = rows.len() > STEP_ROWS;
-        let next = more
-            .then(|| rows.split_off(STEP_ROWS))
-            .and_then(|r| r.into_iter().next());
-        let mut made = vec![Bucket {
-            lo: lo.clone(),
-            sum: Some(RangeSum::default()),
-        }];
-        for (key, hash) in rows {
-            open_bucket_at(&mut made, key);
-            if let Some(sum) = made.last_mut().and_then(|b| b.sum.as_mut()) {
-                sum.add(hash);
-            }
-        }
-        if let Some((next, _)) = next {
-            if made.len() > 1 {
-                // The last bucket may go on past the rows read: it is read
-                // again, whole, by the next step.
-                if let Some(last) = made.last_mut() {
-                    last.sum = None;
-                }
-            } else {
-                // Over STEP_ROWS rows and no key that starts a bucket
-                // (about one chance in e^32): cut where the read ended.
-                made.push(Bucket {
-                    lo: Some(next),
-                    sum: None,
-                });
-            }
-        }
-        buckets.splice(i..=i, made);
-        store(conn, table, &buckets)?;
-        return Ok(true);
-    }
-    Ok(false)
-}
-
+mod build;
+mod subs;
 mod written;
 
+pub(crate) use build::build_step;
+pub(crate) use subs::second_round;
 pub(crate) use written::{ensure_tables, quiet, Held, Written};
 
 #[cfg(test)]

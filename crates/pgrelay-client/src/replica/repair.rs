@@ -1,5 +1,5 @@
 //! Repair on the replica's side: digests of key ranges of a table, cut at
-//! the replica's own key quantiles; removal of the ranges the server
+//! the replica's own keys; removal of the ranges the server
 //! replaces and insertion of its rows; and, at the end, the position and
 //! visibility hand-over of a full snapshot, with unsent local writes put
 //! back on top (see `pgrelay_protocol::repair`).
@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use pgrelay_protocol::canonical::canonical_pg_text;
 use pgrelay_protocol::repair::{
-    key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, RowHasher, FANOUT,
+    cut_range, key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, RowHasher,
     FIRST_PART_ROWS, MAX_FIRST_PARTS,
 };
 use pgrelay_protocol::{copy_text, quote_ident as quote, Lsn, TableSchema, Visibility};
@@ -41,7 +41,11 @@ fn table<'a>(
 }
 
 /// `WHERE` SQL and its parameters for the rows of `lo..hi`.
-fn condition(table: &TableSchema, lo: &Option<Key>, hi: &Option<Key>) -> (String, Vec<Value>) {
+pub(super) fn condition(
+    table: &TableSchema,
+    lo: &Option<Key>,
+    hi: &Option<Key>,
+) -> (String, Vec<Value>) {
     let columns = table
         .primary_key
         .iter()
@@ -146,7 +150,8 @@ pub(super) fn scan(
 
 /// Digests `ranges` of a table: each cut into parts (the first round,
 /// over the whole key space, from the kept digests (see `digests`);
-/// later ones into [`FANOUT`]). Runs in the caller's transaction (the
+/// later ones where [`cut_range`] says: at their sub-bucket starts, else
+/// by count). Runs in the caller's transaction (the
 /// first round stores the digests it refreshes). Returns the spans and the sum of every
 /// row in them; `None` for a table the replica does not hold (it cannot
 /// hold it, or it is new and comes with the next snapshot).
@@ -159,13 +164,38 @@ pub(crate) fn digest(
     let Some(table) = tables.get(name).filter(|t| t.skipped.is_none()) else {
         return Ok(None);
     };
-    if let [(None, None, None)] = ranges {
-        if key_kinds(table).is_some() {
-            let (span, total) = super::digests::first_round(conn, table)?;
-            return Ok(Some((vec![span], total)));
-        }
+    if key_kinds(table).is_none() {
+        return digest_ranges(conn, table, ranges).map(Some);
     }
-    digest_ranges(conn, table, ranges).map(Some)
+    if let [(None, None, None)] = ranges {
+        let (span, total) = super::digests::first_round(conn, table)?;
+        return Ok(Some((vec![span], total)));
+    }
+    // A second round: whole buckets are cut from their kept sub-sums
+    // where those hold; the other ranges are read.
+    let kept = super::digests::second_round(conn, table, ranges)?;
+    let unread: Vec<Range> = ranges
+        .iter()
+        .zip(&kept)
+        .filter(|(_, k)| k.is_none())
+        .map(|(r, _)| r.clone())
+        .collect();
+    let (mut read, mut total) = digest_ranges(conn, table, &unread)?;
+    read.reverse();
+    let mut spans = Vec::with_capacity(ranges.len());
+    for kept in kept {
+        let span = match kept {
+            Some((span, sum)) => {
+                total.merge(sum);
+                span
+            }
+            None => read.pop().ok_or_else(|| {
+                ClientError::Replica("a repair range was not digested".to_owned())
+            })?,
+        };
+        spans.push(span);
+    }
+    Ok(Some((spans, total)))
 }
 
 /// [`digest`] of a table given by its schema (`pgrelay verify` uses it on
@@ -179,10 +209,21 @@ pub fn digest_ranges(
     let mut spans = Vec::with_capacity(ranges.len());
     let mut total = RangeSum::default();
     for (lo, hi, known) in ranges {
-        let (parts, count) = match (known, &kinds) {
-            (_, None) => (1, 0),
-            (Some(known), Some(_)) => (FANOUT, *known),
-            (None, Some(_)) => {
+        if let (Some(_), Some(kinds)) = (known, &kinds) {
+            // A later round: the range's rows are few (a bucket or less),
+            // cut where `cut_range` says.
+            let mut rows: Vec<(Key, u128)> = Vec::new();
+            scan(conn, table, Some(kinds), lo, hi, None, |key, hash, _| {
+                rows.push((key, hash));
+            })?;
+            let (span, sum) = cut_range(lo.clone(), hi.clone(), &rows);
+            total.merge(sum);
+            spans.push(span);
+            continue;
+        }
+        let (parts, count) = match &kinds {
+            None => (1, 0),
+            Some(_) => {
                 let count = count(conn, table, lo, hi)?;
                 let parts = count.div_ceil(FIRST_PART_ROWS).clamp(1, MAX_FIRST_PARTS);
                 (usize::try_from(parts).unwrap_or(1), count)

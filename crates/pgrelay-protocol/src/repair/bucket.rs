@@ -12,6 +12,13 @@
 //! buckets that differ is read again on both sides in the next round; 128
 //! keeps that at about 256 rows, as count-cut buckets of 256 did, for
 //! twice the first round's digests (8 bytes per 128 rows).
+//!
+//! A second, finer level cuts buckets into sub-buckets the same way: a
+//! key starts one when its hash is a multiple of [`SUB_BUCKET_MODULUS`]
+//! (one key in 16; every key that starts a bucket starts a sub-bucket,
+//! as 128 is a multiple of 16). A repair's second round cuts a differing
+//! bucket at them, and the server answers those parts from the
+//! sub-bucket sums it keeps instead of reading the bucket's rows again.
 //! Every client (Rust, browser) must encode keys exactly as here; the
 //! vector in the tests pins it.
 
@@ -21,6 +28,12 @@ use super::{Key, KeyValue};
 
 /// One key in this many starts a bucket.
 pub const BUCKET_MODULUS: u64 = 128;
+
+/// One key in this many starts a sub-bucket (a divisor of
+/// [`BUCKET_MODULUS`], so a bucket is made of whole sub-buckets).
+pub const SUB_BUCKET_MODULUS: u64 = 16;
+
+const _: () = assert!(BUCKET_MODULUS.is_multiple_of(SUB_BUCKET_MODULUS));
 
 /// The bytes a key is hashed over: per value, in key order, a tag byte
 /// and the value: `0x01` and the integer as 8 bytes big-endian (two's
@@ -47,6 +60,12 @@ pub fn key_bytes(key: &Key) -> Vec<u8> {
 /// Whether `key` starts a bucket (see the module's doc).
 pub fn starts_bucket(key: &Key) -> bool {
     xxh3_64(&key_bytes(key)).is_multiple_of(BUCKET_MODULUS)
+}
+
+/// Whether `key` starts a sub-bucket (see the module's doc); true of
+/// every key that starts a bucket.
+pub fn starts_sub_bucket(key: &Key) -> bool {
+    xxh3_64(&key_bytes(key)).is_multiple_of(SUB_BUCKET_MODULUS)
 }
 
 #[cfg(test)]
@@ -77,6 +96,26 @@ mod tests {
         );
     }
 
+    /// Pinned: any client that cuts sub-buckets must agree on these; a
+    /// key that starts a bucket starts a sub-bucket.
+    #[test]
+    fn sub_bucket_starts_are_stable() {
+        let ints: Vec<i64> = (0..5_000).filter(|&i| starts_sub_bucket(&int(i))).collect();
+        assert_eq!(&ints[..8], STARTING_SUB_INTS);
+        let texts: Vec<usize> = (0..5_000)
+            .filter(|i| starts_sub_bucket(&vec![KeyValue::Text(format!("key-{i}"))]))
+            .collect();
+        assert_eq!(&texts[..4], STARTING_SUB_TEXTS);
+        for i in (0..5_000).filter(|&i| starts_bucket(&int(i))) {
+            assert!(
+                starts_sub_bucket(&int(i)),
+                "{i} starts a bucket, not a sub-bucket"
+            );
+        }
+        let subs = (0..256_000).filter(|&i| starts_sub_bucket(&int(i))).count();
+        assert!((15_000..17_000).contains(&subs), "{subs}");
+    }
+
     /// About one key in 128 starts a bucket, whatever the keys look like.
     #[test]
     fn about_one_key_in_128_starts_a_bucket() {
@@ -90,5 +129,7 @@ mod tests {
 
     const STARTING_INTS: &[i64] = &[0, 149, 378, 515, 702, 1011, 1047, 1088];
     const STARTING_TEXTS: &[usize] = &[143, 225, 303, 473];
+    const STARTING_SUB_INTS: &[i64] = &[0, 4, 73, 79, 85, 87, 89, 96];
+    const STARTING_SUB_TEXTS: &[usize] = &[17, 40, 81, 97];
     const INT_ONE_HASH: u64 = 10_971_357_638_593_500_668;
 }

@@ -7,10 +7,11 @@
 //! `pgrelay verify` uses: a row's hash is XXH3-128 of its canonical values,
 //! a range's digest the wrapping sum of its rows' hashes (so rows can be
 //! fed in any order, in constant memory). The client proposes ranges cut at
-//! its own key quantiles ([`CheckSpan`]); the server answers which differ
+//! its own keys ([`CheckSpan`]); the server answers which differ
 //! ([`DiffPart`]). A differing range the client holds few rows of (or the
 //! server does) is replaced by the server's rows; any other is cut into
-//! [`FANOUT`] smaller ranges and compared again. The first round covers the
+//! smaller ranges and compared again (see `cut`: at the keys that start
+//! sub-buckets, else by count). The first round covers the
 //! whole key space (from no lower bound to no upper bound), so rows the
 //! replica lacks are found too; its answer carries the table's full 128-bit
 //! digest, which the client checks once its ranges are replaced.
@@ -23,11 +24,13 @@
 //! when it differs.
 
 mod bucket;
+mod cut;
 mod hasher;
 mod key;
 mod wire;
 
-pub use bucket::{key_bytes, starts_bucket, BUCKET_MODULUS};
+pub use bucket::{key_bytes, starts_bucket, starts_sub_bucket, BUCKET_MODULUS, SUB_BUCKET_MODULUS};
+pub use cut::{cut_range, SubSums, MAX_COUNT_PARTS, MAX_SUB_PARTS};
 pub use hasher::RowHasher;
 pub use key::{display_key, key_kinds, pg_ranges_condition, split_points, Key, KeyKind, KeyValue};
 pub use wire::{decode_repair, encode_repair, RepairError, REPAIR_TAG};

@@ -41,18 +41,22 @@ fn repair(server: &Table, client: &mut Table) -> (u64, usize) {
                 .iter()
                 .filter(|(k, _)| in_range(k, &lo, &hi))
                 .collect();
-            let parts = if first {
-                (rows.len() as u64)
+            let (span, sum) = if first {
+                let parts = (rows.len() as u64)
                     .div_ceil(FIRST_PART_ROWS)
-                    .clamp(1, MAX_FIRST_PARTS) as usize
+                    .clamp(1, MAX_FIRST_PARTS) as usize;
+                let mut cutter = Cutter::new(lo, hi, rows.len() as u64, parts);
+                for (k, row) in rows {
+                    cutter.add(k, hash_of(row));
+                }
+                cutter.finish(false)
             } else {
-                FANOUT
+                let hashed: Vec<(Key, u128)> = rows
+                    .into_iter()
+                    .map(|(k, row)| (k.clone(), hash_of(row)))
+                    .collect();
+                cut_range(lo, hi, &hashed)
             };
-            let mut cutter = Cutter::new(lo, hi, rows.len() as u64, parts);
-            for (k, row) in rows {
-                cutter.add(k, hash_of(row));
-            }
-            let (span, sum) = cutter.finish(false);
             assert!(span.is_valid(), "{span:?}");
             if first {
                 held = sum;

@@ -264,7 +264,7 @@ pub(crate) fn render(state: &AppState) -> String {
     );
     out.counter(
         "repair_kept_parts",
-        "Ranges of repairs' first rounds answered from the digests the server keeps, without reading their rows.",
+        "Ranges of repairs' checks answered from the digests the server keeps (first rounds and the sub-bucket parts of the next), without reading their rows.",
         get(&m.repair_kept_parts),
     );
     out.counter(

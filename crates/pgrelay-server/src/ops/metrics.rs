@@ -34,7 +34,7 @@ pub(crate) struct Metrics {
     /// Rows sent by repairs, and bytes of repair frames both ways.
     pub(crate) repair_rows: AtomicU64,
     pub(crate) repair_bytes: AtomicU64,
-    /// First-round parts answered from the server's kept digests, and
+    /// Check parts (of any round) answered from the server's kept digests, and
     /// rows read from PostgreSQL to answer checks.
     pub(crate) repair_kept_parts: AtomicU64,
     pub(crate) repair_read_rows: AtomicU64,

@@ -56,30 +56,37 @@ pub(crate) struct Answer {
 /// The parts of `spans` whose rows differ from the client's, and, when
 /// the check covers the whole key space, the table's full digest. With a
 /// `twin` (a second connection into the same snapshot) a first round is
-/// read in two halves at once, one per connection. `known` holds, for a
-/// first round's one span, the sums of parts the server kept digests of
-/// (see `kept`): only the other parts are read.
+/// read in two halves at once, one per connection. `known` holds, per
+/// span, the sums of parts the server kept digests of (see `kept`; empty
+/// for a span it has none of): only the other parts are read.
 pub(crate) async fn answer(
     snapshot: &Snapshot,
     twin: Option<&Snapshot>,
     scope: Option<&Scope>,
     table: &TableSchema,
     spans: &[CheckSpan],
-    known: &[Option<RangeSum>],
+    known: &[Vec<Option<RangeSum>>],
 ) -> Result<Answer, RepairError> {
     let kinds = validate(table, spans)?;
     let mut tally = Tally::new(spans);
     let mut rows_read = 0;
-    let partial = match (spans, kinds.as_deref()) {
-        ([span], Some(kinds))
-            if known.len() == span.parts() && known.iter().any(Option::is_some) =>
-        {
-            Some((span, kinds))
+    let any_known = known.iter().flatten().any(Option::is_some);
+    if let (true, Some(kinds)) = (any_known, kinds.as_deref()) {
+        let mut ranges = Vec::new();
+        for (s, span) in spans.iter().enumerate() {
+            match known.get(s).filter(|k| k.len() == span.parts()) {
+                Some(sums) => {
+                    ranges.extend(unknown_ranges(span, sums));
+                    for (part, sum) in sums.iter().enumerate() {
+                        if let Some(sum) = sum {
+                            tally.add_sum(s, part, *sum);
+                        }
+                    }
+                }
+                None => ranges.push((span.lo.clone(), span.hi.clone())),
+            }
         }
-        _ => None,
-    };
-    if let Some((span, kinds)) = partial {
-        for batch in unknown_ranges(span, known).chunks(RANGES_PER_QUERY) {
+        for batch in ranges.chunks(RANGES_PER_QUERY) {
             let condition = pg_ranges_condition(table, kinds, batch);
             rows_read += digest_rows(
                 snapshot,
@@ -90,11 +97,6 @@ pub(crate) async fn answer(
                 &mut tally,
             )
             .await?;
-        }
-        for (part, sum) in known.iter().enumerate() {
-            if let Some(sum) = sum {
-                tally.add_sum(0, part, *sum);
-            }
         }
     } else if let (Some(twin), Some(kinds), Some(middle)) =
         (twin, kinds.as_deref(), twin_split(table, spans))

@@ -10,22 +10,22 @@
 //! time even when every check finds them stale.
 //!
 //! A table is read twice in the snapshot: its keys first, for the keys
-//! that start buckets, then every row, hashed into its bucket, in
-//! whatever order PostgreSQL reads it (no sort, and memory of a few
-//! hundred bytes per bucket, not per row).
+//! that start sub-buckets, then every row, hashed into its sub-bucket,
+//! in whatever order PostgreSQL reads it (no sort, and memory of about a
+//! hundred bytes per sub-bucket, not per row).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgrelay_pg::{ConnInfo, Pool};
-use pgrelay_protocol::repair::{key_kinds, starts_bucket, Key, RangeSum};
+use pgrelay_protocol::repair::{key_kinds, starts_sub_bucket, Key};
 use pgrelay_protocol::{Lsn, TableSchema};
 use tokio::sync::watch;
 use tokio_postgres::types::PgLsn;
 
 use super::check::{for_each_row_hash, RepairError};
-use super::kept::{Kept, KeptBucket, KeptDigests};
+use super::kept::{add_row, empty_subs, Kept, KeptDigests};
 use crate::hub::Hub;
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::ServerError;
@@ -78,7 +78,7 @@ pub(crate) async fn keep_digests(
                 tracing::info!(
                     table = %table.name,
                     rows = made.rows,
-                    buckets = made.buckets.len(),
+                    sub_buckets = made.subs.len(),
                     head = %made.from,
                     took = ?made.took,
                     "kept repair digests made"
@@ -201,28 +201,19 @@ async fn build(
     });
     let mut starts: Vec<Key> = Vec::new();
     for_each_row_hash(&snapshot, None, &keys_only, Some(&kinds), None, |key, _| {
-        if let Some(key) = key.filter(starts_bucket) {
+        if let Some(key) = key.filter(starts_sub_bucket) {
             starts.push(key);
         }
     })
     .await?;
     starts.sort_unstable();
     starts.dedup();
-    let mut buckets: Vec<KeptBucket> = std::iter::once(None)
-        .chain(starts.into_iter().map(Some))
-        .map(|lo| KeptBucket {
-            lo,
-            sum: RangeSum::default(),
-        })
-        .collect();
-    // Then every row, into its bucket.
+    let mut subs = empty_subs(starts);
+    // Then every row, into its sub-bucket.
     let mut rows = 0;
     for_each_row_hash(&snapshot, None, table, Some(&kinds), None, |key, hash| {
         if let Some(key) = key {
-            let at = buckets
-                .partition_point(|b| b.lo.as_ref().is_none_or(|lo| lo <= &key))
-                .saturating_sub(1);
-            buckets[at].sum.add(hash);
+            add_row(&mut subs, &key, hash);
             rows += 1;
         }
     })
@@ -238,7 +229,7 @@ async fn build(
         from,
         visibility: snapshot.visibility.clone(),
         filenode: before,
-        buckets,
+        subs,
         rows,
         took: started.elapsed(),
     }))

@@ -1,24 +1,29 @@
-//! Digests the server keeps of each synced table, so a repair's first
-//! round reads from PostgreSQL only the ranges written since they were
-//! made instead of every row.
+//! Digests the server keeps of each synced table, so a repair reads from
+//! PostgreSQL only the ranges written since they were made instead of
+//! every row, in its first round and in the next.
 //!
-//! Per table with a comparable key: buckets cut where
-//! [`starts_bucket`] says (as replicas cut theirs), each a lower bound and
-//! the row count and 128-bit sum of its rows' hashes, digested from one
-//! consistent snapshot `S0`. With them: the change log's head read before
-//! `S0` opened (every transaction up to it is in `S0`), `S0`'s visibility,
-//! the log's id, the table's schema and its storage (`relfilenode`).
+//! Per table with a comparable key: sub-buckets cut where
+//! `pgrelay_protocol::repair::starts_sub_bucket` says (as replicas cut their second round), each
+//! a lower bound and the row count and 128-bit sum of its rows' hashes,
+//! digested from one consistent snapshot `S0`; the keys that start
+//! buckets (`starts_bucket`, as replicas cut their first round) start
+//! sub-buckets too, so a bucket's sum is the sum of its sub-buckets'.
+//! With them: the change log's head read before `S0` opened (every
+//! transaction up to it is in `S0`), `S0`'s visibility, the log's id, the
+//! table's schema and its storage (`relfilenode`).
 //!
 //! A repair's snapshot `S1` (opened after these were taken) differs from
 //! `S0` by exactly the transactions `S1` sees and `S0` does not; all of
 //! them are in the change log once capture has passed `S1`'s position,
-//! after the head recorded here. A bucket none of those transactions
+//! after the head recorded here. A sub-bucket none of those transactions
 //! wrote a key of (old or new) holds in `S1` exactly the rows it held in
-//! `S0`: its digest is taken as kept ("clean"). See `docs/repair.md`.
+//! `S0`: its digest is taken as kept ("clean"). A part whose bounds are
+//! bounds of sub-buckets that are all clean is answered with their sum,
+//! whatever round it is in. See `docs/repair.md`.
 //!
 //! ```text
 //!  S0 head ──┬── lsn ≤ until₀, xid seen by S0 ── skipped (in S0 already)
-//!            └── any other change of the table ─ its buckets are dirty
+//!            └── any other change of the table ─ its sub-buckets are dirty
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -26,16 +31,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use pgrelay_protocol::repair::{CheckSpan, Key, RangeSum};
+use pgrelay_protocol::repair::{starts_bucket, CheckSpan, Key, RangeSum};
 use pgrelay_protocol::{Lsn, TableSchema, Visibility};
 use tokio::sync::Notify;
 
-/// One bucket: keys from `lo` (none: no lower limit) up to the next
-/// bucket's `lo`.
+/// One sub-bucket: keys from `lo` (none: no lower limit) up to the next
+/// sub-bucket's `lo`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct KeptBucket {
+pub(crate) struct SubBucket {
     pub(crate) lo: Option<Key>,
     pub(crate) sum: RangeSum,
+    /// Whether `lo` starts a bucket too (the first sub-bucket does).
+    pub(crate) opens_bucket: bool,
 }
 
 /// A table's kept digests and what they were made from.
@@ -54,32 +61,67 @@ pub(crate) struct Kept {
     /// `TRUNCATE`) gives it a new one.
     pub(crate) filenode: u32,
     /// Ascending; the first has no lower bound.
-    pub(crate) buckets: Vec<KeptBucket>,
+    pub(crate) subs: Vec<SubBucket>,
     pub(crate) rows: u64,
     /// How long making them took (remakings are spaced by it).
     pub(crate) took: Duration,
 }
 
+/// Which sub-buckets were written since the kept snapshot (see `since`),
+/// one flag per sub-bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Dirty(pub(crate) Vec<bool>);
+
 impl Kept {
-    /// The bucket holding `key`.
-    pub(crate) fn bucket_of(&self, key: &Key) -> usize {
-        self.buckets
+    /// The sub-bucket holding `key`.
+    pub(crate) fn sub_of(&self, key: &Key) -> usize {
+        self.subs
             .partition_point(|b| b.lo.as_ref().is_none_or(|lo| lo <= key))
             .saturating_sub(1)
     }
 
-    /// The index of the bucket that starts at `bound`: none is the start
-    /// of the first (a lower bound) or the end of the last (an upper
-    /// bound); `None` when no bucket starts there.
+    /// Every sub-bucket clean.
+    pub(crate) fn clean(&self) -> Dirty {
+        Dirty(vec![false; self.subs.len()])
+    }
+
+    /// Marks the sub-bucket of a key a change wrote (its old or new key).
+    pub(crate) fn mark(&self, dirty: &mut Dirty, key: &Key) {
+        if let Some(flag) = dirty.0.get_mut(self.sub_of(key)) {
+            *flag = true;
+        }
+    }
+
+    /// Buckets in all, and buckets holding a written sub-bucket.
+    pub(crate) fn written_buckets(&self, dirty: &Dirty) -> (usize, usize) {
+        let mut buckets = 0;
+        let mut written = 0;
+        let mut this_one = false;
+        for (sub, flag) in self.subs.iter().zip(&dirty.0) {
+            if sub.opens_bucket {
+                buckets += 1;
+                this_one = false;
+            }
+            if *flag && !this_one {
+                written += 1;
+                this_one = true;
+            }
+        }
+        (buckets, written)
+    }
+
+    /// The index of the sub-bucket that starts at `bound`: none is the
+    /// start of the first (a lower bound) or the end of the last (an
+    /// upper bound); `None` when no sub-bucket starts there.
     fn boundary(&self, bound: Option<&Key>, upper: bool) -> Option<usize> {
         match bound {
-            None if upper => Some(self.buckets.len()),
+            None if upper => Some(self.subs.len()),
             None => Some(0),
             Some(key) => {
                 let at = self
-                    .buckets
+                    .subs
                     .partition_point(|b| b.lo.as_ref().is_none_or(|lo| lo < key));
-                (self.buckets.get(at)?.lo.as_ref() == Some(key)).then_some(at)
+                (self.subs.get(at)?.lo.as_ref() == Some(key)).then_some(at)
             }
         }
     }
@@ -90,25 +132,48 @@ impl Kept {
         lsn <= self.visibility.until && self.visibility.sees(xid)
     }
 
-    /// For each part of a first-round span, the kept sum of its rows when
-    /// its bounds are bounds of kept buckets that are all clean; `None`
-    /// for a part that must be read.
-    pub(crate) fn known_parts(&self, span: &CheckSpan, dirty: &[bool]) -> Vec<Option<RangeSum>> {
+    /// For each part of a span (of any round), the kept sum of its rows
+    /// when its bounds are bounds of kept sub-buckets that are all clean;
+    /// `None` for a part that must be read.
+    pub(crate) fn known_parts(&self, span: &CheckSpan, dirty: &Dirty) -> Vec<Option<RangeSum>> {
         (0..span.parts())
             .map(|part| {
                 let (lo, hi) = span.part_range(part);
                 let from = self.boundary(lo.as_ref(), false)?;
                 let to = self.boundary(hi.as_ref(), true)?;
-                if from >= to || dirty.get(from..to)?.iter().any(|d| *d) {
+                if from >= to || dirty.0.get(from..to)?.iter().any(|d| *d) {
                     return None;
                 }
                 let mut sum = RangeSum::default();
-                for bucket in &self.buckets[from..to] {
-                    sum.merge(bucket.sum);
+                for sub in &self.subs[from..to] {
+                    sum.merge(sub.sum);
                 }
                 Some(sum)
             })
             .collect()
+    }
+}
+
+/// Empty sub-buckets: one from no lower bound, one at each of `starts`
+/// (ascending, distinct keys that start sub-buckets).
+pub(crate) fn empty_subs(starts: Vec<Key>) -> Vec<SubBucket> {
+    std::iter::once(None)
+        .chain(starts.into_iter().map(Some))
+        .map(|lo| SubBucket {
+            opens_bucket: lo.as_ref().is_none_or(starts_bucket),
+            lo,
+            sum: RangeSum::default(),
+        })
+        .collect()
+}
+
+/// Adds a row to the sub-bucket holding its key.
+pub(crate) fn add_row(subs: &mut [SubBucket], key: &Key, hash: u128) {
+    let at = subs
+        .partition_point(|b| b.lo.as_ref().is_none_or(|lo| lo <= key))
+        .saturating_sub(1);
+    if let Some(sub) = subs.get_mut(at) {
+        sub.sum.add(hash);
     }
 }
 
@@ -192,117 +257,4 @@ impl KeptDigests {
 }
 
 #[cfg(test)]
-mod tests {
-    use pgrelay_protocol::repair::KeyValue;
-
-    use super::*;
-
-    fn key(i: i64) -> Key {
-        vec![KeyValue::Int(i)]
-    }
-
-    fn sum(rows: u64) -> RangeSum {
-        RangeSum {
-            rows,
-            sum: u128::from(rows) * 1_000,
-        }
-    }
-
-    fn visibility(xmin: u64, xmax: u64, xip: &[u64], until: u64) -> Visibility {
-        Visibility {
-            xmin,
-            xmax,
-            xip: xip.to_vec(),
-            until: Lsn(until),
-        }
-    }
-
-    /// Buckets starting at none, 100, 200, 300; 10, 20, 30, 40 rows.
-    fn kept() -> Kept {
-        let schema: TableSchema = serde_json::from_value(serde_json::json!({
-            "name": "public.t", "columns": [], "primary_key": ["id"], "version": 1
-        }))
-        .unwrap();
-        Kept {
-            schema,
-            log_id: Arc::from("log"),
-            from: Lsn(10),
-            visibility: visibility(100, 105, &[102], 500),
-            filenode: 1,
-            buckets: [None, Some(100), Some(200), Some(300)]
-                .into_iter()
-                .enumerate()
-                .map(|(i, lo)| KeptBucket {
-                    lo: lo.map(key),
-                    sum: sum(10 * (i as u64 + 1)),
-                })
-                .collect(),
-            rows: 100,
-            took: Duration::ZERO,
-        }
-    }
-
-    fn span(bounds: &[i64]) -> CheckSpan {
-        CheckSpan {
-            lo: None,
-            hi: None,
-            bounds: bounds.iter().map(|&i| key(i)).collect(),
-            rows: vec![0; bounds.len() + 1],
-            digests: "0".repeat(16 * (bounds.len() + 1)),
-            whole: false,
-        }
-    }
-
-    #[test]
-    fn a_key_is_in_the_bucket_whose_range_holds_it() {
-        let kept = kept();
-        assert_eq!(kept.bucket_of(&key(-5)), 0);
-        assert_eq!(kept.bucket_of(&key(99)), 0);
-        assert_eq!(kept.bucket_of(&key(100)), 1);
-        assert_eq!(kept.bucket_of(&key(299)), 2);
-        assert_eq!(kept.bucket_of(&key(i64::MAX)), 3);
-    }
-
-    #[test]
-    fn only_parts_on_bucket_bounds_and_clean_are_known() {
-        let kept = kept();
-        let clean = [false; 4];
-        // Bounds on bucket bounds: each part the sum of its buckets.
-        let known = kept.known_parts(&span(&[100, 300]), &clean);
-        assert_eq!(known, vec![Some(sum(10)), Some(sum(50)), Some(sum(40))]);
-        // A bound inside a bucket: both parts around it are read.
-        let known = kept.known_parts(&span(&[100, 250]), &clean);
-        assert_eq!(known, vec![Some(sum(10)), None, None]);
-        // A dirty bucket: the part holding it is read.
-        let known = kept.known_parts(&span(&[200]), &[false, true, false, false]);
-        assert_eq!(known, vec![None, Some(sum(70))]);
-        // One part over everything.
-        let known = kept.known_parts(&span(&[]), &clean);
-        assert_eq!(known, vec![Some(sum(100))]);
-    }
-
-    #[test]
-    fn a_change_the_kept_snapshot_saw_is_not_dirty_and_one_after_is() {
-        let kept = kept();
-        // Committed before the snapshot (below xmin, or below xmax and
-        // not in progress), at or before its position: in S0 already.
-        assert!(kept.saw(Lsn(400), 90));
-        assert!(kept.saw(Lsn(500), 103));
-        // In progress when S0 was taken, or begun after it, or after its
-        // position: not in S0.
-        assert!(!kept.saw(Lsn(400), 102));
-        assert!(!kept.saw(Lsn(400), 105));
-        assert!(!kept.saw(Lsn(501), 90));
-    }
-
-    #[test]
-    fn a_later_snapshot_sees_all_an_earlier_one_saw() {
-        let s0 = visibility(100, 105, &[102], 500);
-        // Later: 102 and 104 finished, 106 and 107 began.
-        assert!(sees_all_of(&visibility(103, 108, &[106], 600), &s0));
-        assert!(sees_all_of(&visibility(102, 108, &[102, 106], 600), &s0));
-        // Earlier: 103 (seen by S0) still running, or a lower horizon.
-        assert!(!sees_all_of(&visibility(100, 105, &[102, 103], 400), &s0));
-        assert!(!sees_all_of(&visibility(100, 104, &[], 400), &s0));
-    }
-}
+mod tests;

@@ -20,5 +20,5 @@ mod since;
 
 pub(crate) use check::{answer, replaced_batches, replaced_rows, twin_split, RepairError};
 pub(crate) use keeper::keep_digests;
-pub(crate) use kept::{Kept, KeptDigests};
+pub(crate) use kept::{Dirty, Kept, KeptDigests};
 pub(crate) use since::{written_since, Since};

@@ -1,7 +1,7 @@
-//! Which kept buckets the change log says were written since they were
-//! made, for a repair whose snapshot opened after them: every change of
-//! the table committed after the kept head, except those the kept
-//! snapshot saw, marks the buckets of its keys (old and new) dirty. Any
+//! Which kept sub-buckets the change log says were written since they
+//! were made, for a repair whose snapshot opened after them: every change
+//! of the table committed after the kept head, except those the kept
+//! snapshot saw, marks the sub-buckets of its keys (old and new) dirty. Any
 //! doubt (a truncate, a key that does not read, the log pruned or
 //! replaced, too many changes, capture not caught up) gives up: the
 //! repair then reads every row, as without kept digests.
@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
-use super::kept::{sees_all_of, Kept};
+use super::kept::{sees_all_of, Dirty, Kept};
 use crate::snapshot::Snapshot;
 
 /// How long a repair waits for capture to reach its snapshot's position
@@ -29,8 +29,8 @@ const CHANGED_SHARE: u64 = 20;
 /// What the change log says about a table's kept digests.
 #[derive(Debug)]
 pub(crate) enum Since {
-    /// Per kept bucket, whether it was written.
-    Dirty(Vec<bool>),
+    /// Per kept sub-bucket, whether it was written.
+    Dirty(Dirty),
     /// They cannot serve this repair, and will not serve another: made
     /// again.
     Stale(&'static str),
@@ -39,7 +39,7 @@ pub(crate) enum Since {
 }
 
 /// Whether `kept` can serve a repair whose snapshot is `snapshot`, and
-/// which of its buckets were written since. `captured` follows what
+/// which of its sub-buckets were written since. `captured` follows what
 /// capture has put in the log; `log_id` is the log the server follows.
 pub(crate) async fn written_since(
     log: &Client,
@@ -135,7 +135,7 @@ async fn read_changes(
     if i64::try_from(rows.len()).is_ok_and(|n| n >= limit) {
         return Ok(Since::Stale("too many changes since"));
     }
-    let mut dirty = vec![false; kept.buckets.len()];
+    let mut dirty = kept.clean();
     for row in &rows {
         let Some(lsn) = row.get::<_, Option<PgLsn>>(2) else {
             continue;
@@ -166,7 +166,7 @@ async fn read_changes(
             let Some(key) = key else {
                 return Ok(Since::Unusable("a change's key does not read"));
             };
-            dirty[kept.bucket_of(&key)] = true;
+            kept.mark(&mut dirty, &key);
             any = true;
         }
         if !any {

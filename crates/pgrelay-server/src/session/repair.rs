@@ -18,7 +18,8 @@ use super::{write, Refusal, Session};
 use crate::hub::Frame;
 use crate::ops::metrics::add;
 use crate::repair::{
-    answer, replaced_batches, replaced_rows, twin_split, written_since, Kept, RepairError, Since,
+    answer, replaced_batches, replaced_rows, twin_split, written_since, Dirty, Kept, RepairError,
+    Since,
 };
 use crate::snapshot::Snapshot;
 
@@ -69,6 +70,10 @@ impl Session<'_> {
         // A second connection into the snapshot, opened for the first
         // large check: first rounds read every row, in two halves at once.
         let mut twin: Option<Snapshot> = None;
+        // Per table, which kept sub-buckets were written since (`None`:
+        // the kept digests cannot serve this repair); read from the change
+        // log at the table's first check, for every round after it.
+        let mut written: HashMap<String, Option<Dirty>> = HashMap::new();
         loop {
             match self.next_repair_message().await? {
                 RepairMessage::Check { table, spans } => {
@@ -78,8 +83,19 @@ impl Session<'_> {
                             "repair check of a table not being repaired",
                         )
                     })?;
-                    let known = self.known_parts(&snapshot, &kept, schema, &spans).await;
-                    if twin.is_none() && known.is_empty() && twin_split(schema, &spans).is_some() {
+                    let kept = kept.get(&schema.name);
+                    if !written.contains_key(&schema.name) {
+                        let dirty = self.written(&snapshot, kept, schema).await;
+                        written.insert(schema.name.clone(), dirty);
+                    }
+                    let known = match (kept, written.get(&schema.name)) {
+                        (Some(kept), Some(Some(dirty))) => {
+                            spans.iter().map(|s| kept.known_parts(s, dirty)).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    let none_known = !known.iter().flatten().any(Option::is_some);
+                    if twin.is_none() && none_known && twin_split(schema, &spans).is_some() {
                         twin = open_twin(&self.state.database, &snapshot).await?;
                     }
                     self.answer_check(&snapshot, twin.as_ref(), schema, &spans, &known)
@@ -104,33 +120,29 @@ impl Session<'_> {
         }
     }
 
-    /// For a first round (one span over the whole key space) of a table
-    /// whose digests the server keeps, the parts answered from them
-    /// (empty: every part is read, as without them).
-    async fn known_parts(
+    /// Which of a table's kept sub-buckets were written since they were
+    /// made, for this repair's snapshot; `None` when its kept digests
+    /// cannot serve it (every part is then read, as without them).
+    async fn written(
         &mut self,
         snapshot: &Snapshot,
-        kept: &HashMap<String, Arc<Kept>>,
+        kept: Option<&Arc<Kept>>,
         table: &TableSchema,
-        spans: &[CheckSpan],
-    ) -> Vec<Option<RangeSum>> {
-        let (Some(kept), [span]) = (kept.get(&table.name), spans) else {
-            return Vec::new();
-        };
-        let first_round = span.lo.is_none() && span.hi.is_none();
+    ) -> Option<Dirty> {
+        let kept = kept?;
         // With a read rule the replica holds some of the rows only.
         let filtered = self
             .scope
             .as_ref()
             .is_some_and(|s| s.snapshot_filter(&table.name).is_some());
-        if !first_round || filtered || kept.schema != *table {
-            return Vec::new();
+        if filtered || kept.schema != *table {
+            return None;
         }
         let log = match self.state.log_reader.client().await {
             Ok(log) => log,
             Err(e) => {
                 tracing::warn!(error = %e, "no change-log connection; the repair reads every row");
-                return Vec::new();
+                return None;
             }
         };
         let hub = &self.state.hub;
@@ -140,33 +152,32 @@ impl Session<'_> {
             Since::Stale(why) => {
                 tracing::debug!(table = %table.name, why, "kept digests are stale; made again");
                 self.state.kept.mark_stale(&table.name);
-                return Vec::new();
+                return None;
             }
             Since::Unusable(why) => {
                 tracing::debug!(table = %table.name, why, "kept digests not used for this repair");
-                return Vec::new();
+                return None;
             }
         };
-        let written = dirty.iter().filter(|d| **d).count();
-        if written * 20 > dirty.len() {
+        let (buckets, written) = kept.written_buckets(&dirty);
+        if written * 20 > buckets {
             // Over 5 % of the buckets written: made again for the next.
             self.state.kept.mark_stale(&table.name);
         }
-        if written * 4 > dirty.len() {
+        if written * 4 > buckets {
             // Reading a quarter of the ranges costs about what reading
             // every row does.
-            return Vec::new();
+            return None;
         }
-        let known = kept.known_parts(span, &dirty);
         tracing::debug!(
             table = %table.name,
-            buckets = dirty.len(),
+            buckets,
             written,
-            parts = known.len(),
-            known = known.iter().filter(|k| k.is_some()).count(),
-            "first round answered from kept digests where they hold"
+            sub_buckets = dirty.0.len(),
+            written_sub_buckets = dirty.0.iter().filter(|d| **d).count(),
+            "checks answered from kept digests where they hold"
         );
-        known
+        Some(dirty)
     }
 
     async fn answer_check(
@@ -175,7 +186,7 @@ impl Session<'_> {
         twin: Option<&Snapshot>,
         table: &TableSchema,
         spans: &[CheckSpan],
-        known: &[Option<RangeSum>],
+        known: &[Vec<Option<RangeSum>>],
     ) -> Result<(), Refusal> {
         let scope = self.scope.clone();
         let started = std::time::Instant::now();
@@ -183,7 +194,7 @@ impl Session<'_> {
             .await
             .map_err(refusal)?;
         let (parts, total) = (answered.parts, answered.total);
-        let from_kept = known.iter().filter(|k| k.is_some()).count() as u64;
+        let from_kept = known.iter().flatten().filter(|k| k.is_some()).count() as u64;
         add(&self.state.metrics.repair_kept_parts, from_kept);
         add(&self.state.metrics.repair_read_rows, answered.rows_read);
         tracing::debug!(

@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 
-use pgrelay_protocol::repair::{key_kinds, starts_bucket, CheckSpan, Key, RangeSum};
+use pgrelay_protocol::repair::{cut_range, key_kinds, starts_bucket, CheckSpan, Key, RangeSum};
 use pgrelay_protocol::{Column, TableSchema, ValueKind};
 use proptest::prelude::*;
 use rusqlite::Connection;
 
-use super::{build_step, first_round, forget, stored};
-use crate::replica::repair::scan;
+use super::{build_step, first_round, forget, second_round, stored};
+use crate::replica::repair::{scan, Range};
 use crate::replica::{capture, schema};
 
 fn column(name: &str, kind: ValueKind, oid: u32) -> Column {
@@ -128,6 +128,37 @@ fn assert_cut_by_content(conn: &Connection, table: &TableSchema) {
         .map(|b| b.lo)
         .collect();
     assert_eq!(stored, starts);
+}
+
+/// A second round over every part of `span`: each range cut from kept
+/// sub-sums is cut as a fresh read of its rows cuts it. Returns how many
+/// were.
+fn assert_second_round_true(conn: &Connection, table: &TableSchema, span: &CheckSpan) -> usize {
+    let kinds = key_kinds(table).unwrap();
+    let ranges: Vec<Range> = (0..span.parts())
+        .map(|p| {
+            let (lo, hi) = span.part_range(p);
+            (lo, hi, Some(span.rows[p]))
+        })
+        .collect();
+    let kept = second_round(conn, table, &ranges).unwrap();
+    assert_eq!(kept.len(), ranges.len());
+    let mut from_kept = 0;
+    for ((lo, hi, _), kept) in ranges.iter().zip(kept) {
+        let Some(kept) = kept else { continue };
+        let mut rows = Vec::new();
+        scan(conn, table, Some(&kinds), lo, hi, None, |key, hash, _| {
+            rows.push((key, hash))
+        })
+        .unwrap();
+        assert_eq!(
+            kept,
+            cut_range(lo.clone(), hi.clone(), &rows),
+            "{lo:?}..{hi:?}"
+        );
+        from_kept += 1;
+    }
+    from_kept
 }
 
 fn touched_count(conn: &Connection) -> i64 {
@@ -303,7 +334,36 @@ proptest! {
         let (span, total) = first_round(&conn, &table).unwrap();
         assert_true(&conn, &table, &span, total);
         assert_cut_by_content(&conn, &table);
+        assert_second_round_true(&conn, &table, &span);
+        // Written after the first round: still true.
+        conn.execute_batch("UPDATE t SET v = 'after' WHERE a % 700 = 0").unwrap();
+        assert_second_round_true(&conn, &table, &span);
     }
+}
+
+/// A second round cuts every bucket from its kept sub-sums, but a bucket
+/// written since the first round is read again.
+#[test]
+fn second_rounds_come_from_kept_sub_sums_unless_written() {
+    let conn = Connection::open_in_memory().unwrap();
+    let table = table(false);
+    let tables = open(&conn, &table);
+    fill(&conn, 5_000);
+    build_all(&conn, &tables);
+    let (span, _) = first_round(&conn, &table).unwrap();
+    assert!(span.parts() > 10);
+    // A bucket of one sub-bucket is cut by count, from its rows (4 of
+    // these 47).
+    let all = assert_second_round_true(&conn, &table, &span);
+    assert!(all * 4 >= span.parts() * 3, "{all} of {}", span.parts());
+    let (lo, _) = span.part_range(3);
+    let lo = lo.unwrap();
+    let pgrelay_protocol::repair::KeyValue::Int(at) = lo[0] else {
+        panic!("an integer key")
+    };
+    conn.execute_batch(&format!("UPDATE t SET v = 'local' WHERE a = {at}"))
+        .unwrap();
+    assert_eq!(assert_second_round_true(&conn, &table, &span), all - 1);
 }
 
 #[test]
