@@ -38,7 +38,8 @@ pub fn cut_range(lo: Option<Key>, hi: Option<Key>, rows: &[(Key, u128)]) -> (Che
         }
         return subs.span(lo, hi);
     }
-    let parts = rows.len().div_ceil(LEAF_ROWS as usize);
+    let leaf = usize::try_from(LEAF_ROWS).unwrap_or(usize::MAX);
+    let parts = rows.len().div_ceil(leaf);
     let parts = parts.clamp(FANOUT, MAX_COUNT_PARTS).min(rows.len().max(1));
     let size = rows.len().div_ceil(parts).max(1);
     let mut span = empty_span(lo, hi);
