@@ -122,7 +122,8 @@ impl SubSums {
     }
 }
 
-fn empty_span(lo: Option<Key>, hi: Option<Key>) -> CheckSpan {
+/// A span from `lo` to `hi` with no parts yet.
+pub(super) fn empty_span(lo: Option<Key>, hi: Option<Key>) -> CheckSpan {
     CheckSpan {
         lo,
         hi,

@@ -350,14 +350,7 @@ impl Cutter {
         let mut cuts = split_points(count, parts).into_iter();
         let next_cut = cuts.next();
         Cutter {
-            span: CheckSpan {
-                lo,
-                hi,
-                bounds: Vec::new(),
-                rows: Vec::new(),
-                digests: String::new(),
-                whole: false,
-            },
+            span: cut::empty_span(lo, hi),
             cuts,
             next_cut,
             seen: 0,
