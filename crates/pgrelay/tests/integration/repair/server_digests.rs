@@ -4,13 +4,15 @@
 //! whatever was written while they were made and after.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pgrelay_protocol::repair::{starts_bucket, starts_sub_bucket, KeyValue};
 
+use super::Seen;
 use crate::support::raw::metric;
-use crate::support::{start_client, wait_for, World};
+use crate::support::{start_client, wait_for, RunningClient, World};
 use crate::writes::WAIT;
 
 /// Keys in `range` (of `step`) that start a bucket (or not).
@@ -19,6 +21,21 @@ fn keys(range: std::ops::Range<i64>, step: usize, starting: bool) -> Vec<i64> {
         .step_by(step)
         .filter(|&k| starts_bucket(&vec![KeyValue::Int(k)]) == starting)
         .collect()
+}
+
+/// Starts client `id` on the replica at `path`, waits until it equals
+/// PostgreSQL after a repair, and checks it was not sent whole again.
+async fn repaired(world: &World, addr: SocketAddr, path: &Path, id: &str) -> (RunningClient, Seen) {
+    let client = start_client(addr, path, id).await;
+    let seen = super::watch(&client);
+    world.wait_equal(path, WAIT).await;
+    wait_for("the repair", WAIT, || async {
+        (!seen.lock().unwrap().repairs.is_empty()).then_some(())
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.hydrations.is_empty(), "sent whole again: {seen:?}");
+    (client, seen)
 }
 
 async fn wait_kept(addr: SocketAddr, builds: f64) {
@@ -75,15 +92,7 @@ async fn a_replica_back_after_a_log_reset_is_repaired_mostly_from_the_servers_ke
         ))
         .await;
 
-    let client = start_client(addr, &path, "away").await;
-    let seen = super::watch(&client);
-    world.wait_equal(&path, WAIT).await;
-    wait_for("the repair", WAIT, || async {
-        (!seen.lock().unwrap().repairs.is_empty()).then_some(())
-    })
-    .await;
-    let seen = seen.lock().unwrap().clone();
-    assert!(seen.hydrations.is_empty(), "sent whole again: {seen:?}");
+    let (client, seen) = repaired(&world, addr, &path, "away").await;
     assert!(seen.repairs[0].3.is_empty(), "refetched: {seen:?}");
     // About 780 first-round ranges, and the sub-bucket parts of the
     // second round: more ranges come from kept digests than the first
@@ -170,15 +179,7 @@ async fn a_sub_bucket_written_since_the_kept_digests_is_read_not_taken_as_kept()
         .exec(&format!("UPDATE items SET note = 'since' WHERE id = {y};"))
         .await;
 
-    let client = start_client(addr, &path, "split").await;
-    let seen = super::watch(&client);
-    world.wait_equal(&path, WAIT).await;
-    wait_for("the repair", WAIT, || async {
-        (!seen.lock().unwrap().repairs.is_empty()).then_some(())
-    })
-    .await;
-    let seen = seen.lock().unwrap().clone();
-    assert!(seen.hydrations.is_empty(), "sent whole again: {seen:?}");
+    let (client, seen) = repaired(&world, addr, &path, "split").await;
     assert!(seen.repairs[0].3.is_empty(), "fetched again: {seen:?}");
     // The second round's sub-bucket parts came from kept sums too.
     let kept = metric(addr, "pgrelay_repair_kept_parts_total").await;
@@ -235,15 +236,7 @@ async fn writes_racing_the_kept_digests_leave_the_repair_true() {
         .exec("UPDATE t SET v = 'far' WHERE id = 25000; DELETE FROM t WHERE id = 27000;")
         .await;
 
-    let client = start_client(addr, &path, "raced").await;
-    let seen = super::watch(&client);
-    world.wait_equal(&path, WAIT).await;
-    wait_for("the repair", WAIT, || async {
-        (!seen.lock().unwrap().repairs.is_empty()).then_some(())
-    })
-    .await;
-    let seen = seen.lock().unwrap().clone();
-    assert!(seen.hydrations.is_empty(), "sent whole again: {seen:?}");
+    let (client, _) = repaired(&world, addr, &path, "raced").await;
     let kept = metric(addr, "pgrelay_repair_kept_parts_total").await;
     assert!(kept > 0.0, "no range came from kept digests");
     client.stop().await;
