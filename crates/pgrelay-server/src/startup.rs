@@ -175,10 +175,12 @@ pub(crate) async fn start_row_sync(
         shutdown_rx.clone(),
     )));
     let kept = Arc::new(crate::repair::KeptDigests::default());
+    let hydrating = Arc::new(crate::snapshot::Hydrating::default());
     if config.kept_digests {
         tasks.spawn(crate::repair::keep_digests(
             Arc::clone(&kept),
             Arc::clone(&hub),
+            Arc::clone(&hydrating),
             info.clone(),
             pool.clone(),
             shutdown_rx.clone(),
@@ -197,6 +199,7 @@ pub(crate) async fn start_row_sync(
         owners: auth::owners::Owners::new(info.clone()),
         hydrations: Arc::new(tokio::sync::Semaphore::new(config.max_hydrations)),
         hydrations_queued: Default::default(),
+        hydrating,
         database: info.clone(),
         connect_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),
         write_limiter: ratelimit::IpLimiter::new(config.connect_rate, config.connect_burst),

@@ -38,6 +38,9 @@ pub(crate) struct AppState {
     pub(crate) hydrations: Arc<Semaphore>,
     /// Sessions waiting for a permit.
     pub(crate) hydrations_queued: AtomicUsize,
+    /// Hydrations sending snapshots now; background table reads give
+    /// way to them.
+    pub(crate) hydrating: Arc<crate::snapshot::Hydrating>,
     /// The sessions live on this node, by client id.
     pub(crate) sessions: Arc<SessionTable>,
     pub(crate) registry: Arc<dyn Registry>,

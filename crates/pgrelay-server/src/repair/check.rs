@@ -10,7 +10,7 @@ use pgrelay_protocol::repair::{
 use pgrelay_protocol::TableSchema;
 
 use crate::auth::Scope;
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{GiveWay, Snapshot, SnapshotError};
 
 /// Ranges read by one COPY, at most (an `OR` of their conditions).
 const RANGES_PER_QUERY: usize = 64;
@@ -180,6 +180,7 @@ async fn digest_rows(
         table,
         kinds,
         condition,
+        None,
         |key, hash| match key {
             None => tally.add_whole(0, hash),
             Some(key) => tally.add(&key, hash),
@@ -190,13 +191,15 @@ async fn digest_rows(
 
 /// Reads the rows `condition` holds for with COPY and calls `each` with
 /// each row's key (`None` without `kinds`) and hash; returns the rows
-/// read. A row whose key does not read is skipped.
+/// read. A row whose key does not read is skipped. A background reader
+/// passes `give_way`, and stops reading while hydrations are under way.
 pub(crate) async fn for_each_row_hash(
     snapshot: &Snapshot,
     scope: Option<&Scope>,
     table: &TableSchema,
     kinds: Option<&[KeyKind]>,
     condition: Option<&str>,
+    mut give_way: Option<&mut GiveWay>,
     mut each: impl FnMut(Option<Key>, u128),
 ) -> Result<u64, RepairError> {
     let key_at: Vec<usize> = table
@@ -209,7 +212,13 @@ pub(crate) async fn for_each_row_hash(
     let mut rows = 0u64;
     let stream = snapshot.copy_rows(table, scope, condition).await?;
     let mut stream = Box::pin(stream);
-    while let Some(data) = stream.next().await {
+    loop {
+        if let Some(give_way) = give_way.as_deref_mut() {
+            give_way.pause().await;
+        }
+        let Some(data) = stream.next().await else {
+            break;
+        };
         let data = data.map_err(SnapshotError::sql(format!("repairing {}", table.name)))?;
         copy_text::for_each_row(
             &data,

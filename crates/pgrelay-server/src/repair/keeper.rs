@@ -27,7 +27,7 @@ use tokio_postgres::types::PgLsn;
 use super::check::{for_each_row_hash, RepairError};
 use super::kept::{add_row, empty_subs, Kept, KeptDigests};
 use crate::hub::Hub;
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{GiveWay, Hydrating, Snapshot, SnapshotError};
 use crate::ServerError;
 
 /// How often staleness is checked when nothing asks sooner.
@@ -45,10 +45,15 @@ const MIN_GAP: Duration = Duration::from_secs(1);
 const RETRY_FAILED: Duration = Duration::from_secs(30);
 const RETRY_UNUSABLE: Duration = Duration::from_secs(600);
 
+/// How long one making may wait in all for hydrations to end before it
+/// reads on regardless.
+const GIVE_WAY_AT_MOST: Duration = Duration::from_secs(60);
+
 /// The builder's task: runs until shutdown.
 pub(crate) async fn keep_digests(
     kept: Arc<KeptDigests>,
     hub: Arc<Hub>,
+    hydrating: Arc<Hydrating>,
     info: ConnInfo,
     pool: Pool,
     mut shutdown: watch::Receiver<bool>,
@@ -70,7 +75,7 @@ pub(crate) async fn keep_digests(
         let built = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-            built = build(&info, &pool, &hub, &table) => built,
+            built = build(&info, &pool, &hub, &table, GiveWay::new(Arc::clone(&hydrating), GIVE_WAY_AT_MOST)) => built,
         };
         let now = Instant::now();
         match built {
@@ -170,7 +175,9 @@ async fn build(
     pool: &Pool,
     hub: &Hub,
     table: &TableSchema,
+    mut give_way: GiveWay,
 ) -> Result<Option<Kept>, RepairError> {
+    give_way.pause().await;
     let started = Instant::now();
     let Some(kinds) = key_kinds(table) else {
         return Ok(None);
@@ -200,23 +207,41 @@ async fn build(
             .unwrap_or(usize::MAX)
     });
     let mut starts: Vec<Key> = Vec::new();
-    for_each_row_hash(&snapshot, None, &keys_only, Some(&kinds), None, |key, _| {
-        if let Some(key) = key.filter(starts_sub_bucket) {
-            starts.push(key);
-        }
-    })
+    let pausing = Some(&mut give_way);
+    for_each_row_hash(
+        &snapshot,
+        None,
+        &keys_only,
+        Some(&kinds),
+        None,
+        pausing,
+        |key, _| {
+            if let Some(key) = key.filter(starts_sub_bucket) {
+                starts.push(key);
+            }
+        },
+    )
     .await?;
     starts.sort_unstable();
     starts.dedup();
     let mut subs = empty_subs(starts);
     // Then every row, into its sub-bucket.
     let mut rows = 0;
-    for_each_row_hash(&snapshot, None, table, Some(&kinds), None, |key, hash| {
-        if let Some(key) = key {
-            add_row(&mut subs, &key, hash);
-            rows += 1;
-        }
-    })
+    let pausing = Some(&mut give_way);
+    for_each_row_hash(
+        &snapshot,
+        None,
+        table,
+        Some(&kinds),
+        None,
+        pausing,
+        |key, hash| {
+            if let Some(key) = key {
+                add_row(&mut subs, &key, hash);
+                rows += 1;
+            }
+        },
+    )
     .await?;
     // The COPYs hold a lock that keeps the table from being rewritten
     // until the snapshot ends: the storage now is the one they read.

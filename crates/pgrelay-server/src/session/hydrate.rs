@@ -49,6 +49,8 @@ impl Session<'_> {
 
     async fn hydrate_in_slot(&mut self, full: bool, resync: &[String]) -> Result<Lsn, Refusal> {
         let _permit = self.wait_for_slot().await?;
+        // The keeper's background reads pause until this ends.
+        let _hydrating = self.state.hydrating.enter();
         // Tables and columns as they are now, not at the welcome: the
         // client hears of what changed while it waited before the
         // snapshot, which holds those tables and columns.

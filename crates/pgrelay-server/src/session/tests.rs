@@ -109,6 +109,7 @@ fn state(config: ServerConfig) -> AppState {
         audit,
         database: info,
         hydrations: Arc::new(Semaphore::new(1)),
+        hydrating: Default::default(),
         hydrations_queued: Default::default(),
         registry: Arc::new(EmbeddedRegistry::new(
             Duration::from_secs(60),

@@ -12,7 +12,9 @@ use tokio_postgres::Client;
 use crate::auth::{Scope, SNAPSHOT_SETTINGS_SQL};
 use crate::writes::statement::{quote as quote_ident, quote_table as qualified};
 mod error;
+mod give_way;
 pub use error::SnapshotError;
+pub(crate) use give_way::{GiveWay, Hydrating};
 
 /// Uncompressed COPY bytes per chunk frame. Whole rows only, so a chunk
 /// can be applied on its own.
