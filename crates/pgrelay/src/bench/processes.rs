@@ -291,12 +291,7 @@ pub(crate) async fn latency(args: LatencyArgs) -> anyhow::Result<Report> {
             )
         },
     );
-    // Issue 20's targets: light readers; a full replica alone; many.
-    let (p50_max, p99_max) = match (spread.light, args.clients) {
-        (true, _) => (10.0, 50.0),
-        (false, 1) => (3.0, 10.0),
-        (false, _) => (10.0, 30.0),
-    };
+    let (p50_max, p99_max) = super::latency::targets(spread.light, args.clients);
     report.target(format!("p50 ≤ {p50_max} ms"), p50 <= p50_max);
     report.target(format!("p99 ≤ {p99_max} ms"), p99 <= p99_max);
     if !complete {
