@@ -294,9 +294,17 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
 }
 
 async fn open(url: &str, store: &str) -> anyhow::Result<Socket> {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("{url}?storeId={store}&transport=ws"))
-        .await
-        .context("connecting to the LiveStore endpoint")?;
+    // A 16 KiB read buffer, as pgrelay's own client has: tungstenite
+    // zero-fills the whole buffer (128 KiB by default) before every read.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("{url}?storeId={store}&transport=ws"),
+        Some(config),
+        false,
+    )
+    .await
+    .context("connecting to the LiveStore endpoint")?;
     Ok(ws)
 }
 

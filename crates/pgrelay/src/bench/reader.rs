@@ -156,9 +156,14 @@ async fn read(
     mut expect: watch::Receiver<Option<(u64, u64)>>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Received> {
-    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    // As pgrelay's own client: tungstenite zero-fills its whole read
+    // buffer (128 KiB by default) before every read, 2-3 µs a frame.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024);
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
     let hello = ClientMessage::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id,
