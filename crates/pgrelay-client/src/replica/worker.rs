@@ -19,6 +19,8 @@ use crate::ClientError;
 pub(super) struct Worker {
     conn: Connection,
     tables: HashMap<String, TableSchema>,
+    /// The SQL text that applies changes to them, made as needed.
+    shapes: apply::Shapes,
     /// Transactions that snapshots already hold, skipped when they arrive.
     filters: Vec<snapshot::Filter>,
     /// Digests for repairs are being made while the thread is idle.
@@ -41,6 +43,7 @@ impl Worker {
         let mut worker = Worker {
             conn,
             tables: HashMap::new(),
+            shapes: apply::Shapes::default(),
             filters,
             digesting: false,
             held: digests::Held::default(),
@@ -176,6 +179,8 @@ impl Worker {
             .into_iter()
             .map(|t| (t.name.clone(), t))
             .collect();
+        // Made for the tables as they were.
+        self.shapes = apply::Shapes::default();
         Ok(())
     }
 
@@ -309,6 +314,7 @@ impl Worker {
         // are recorded below, one per digest bucket.
         digests::quiet(&tx, true)?;
         let mut written = digests::Written::default();
+        let mut applier = apply::Applier::new(&tx, &self.tables, &mut self.shapes);
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
             if server_tx.lsn <= reached {
@@ -327,7 +333,7 @@ impl Worker {
                     }
                     continue;
                 }
-                apply::apply_change(&tx, &self.tables, change).map_err(|e| {
+                applier.change(change).map_err(|e| {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
                 if let Some(table) = self.tables.get(&change.table) {
@@ -337,11 +343,15 @@ impl Worker {
                     touched.insert(change.table.clone());
                 }
             }
+            applier.flush().map_err(|e| {
+                ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
+            })?;
             if own_origin.is_some() && server_tx.origin == own_origin {
                 rebase::echoed(&tx, server_tx.lsn)?;
             }
             reached = server_tx.lsn;
         }
+        drop(applier);
         digests::quiet(&tx, false)?;
         written.record(&tx, &self.tables, &mut self.held)?;
         // Local writes still in flight go back on top, in this transaction:
