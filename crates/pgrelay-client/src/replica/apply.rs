@@ -63,6 +63,8 @@ struct Run<'a> {
     /// Each row's values for those columns, row after row, converted.
     values: Vec<ToSqlOutput<'a>>,
     rows: usize,
+    /// Values per row.
+    width: usize,
     /// Rows inserted by one statement.
     per_statement: usize,
 }
@@ -128,7 +130,7 @@ impl<'a> Applier<'a> {
         };
         if self.run.rows > 0 {
             let values = std::mem::take(&mut self.run.values);
-            let width = values.len() / self.run.rows;
+            let width = self.run.width;
             let set = std::mem::take(&mut self.run.set);
             let done = (0..self.run.rows).try_for_each(|r| {
                 let row = &values[r * width..(r + 1) * width];
@@ -157,6 +159,7 @@ impl<'a> Applier<'a> {
             self.run.table = Some(table);
             std::mem::swap(&mut self.run.set, &mut self.set);
             let width = self.slots.iter().flatten().count();
+            self.run.width = width;
             self.run.per_statement = ROWS_PER_STATEMENT.min(MAX_PARAMETERS / width.max(1)).max(1);
         }
         for (column, value) in table.columns.iter().zip(&self.slots) {
