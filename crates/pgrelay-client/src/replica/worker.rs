@@ -337,7 +337,7 @@ impl Worker {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
                 if let Some(table) = self.tables.get(&change.table) {
-                    written.add(table, change);
+                    written.add(&tx, &mut self.held, table, change)?;
                 }
                 if !touched.contains(&change.table) {
                     touched.insert(change.table.clone());
