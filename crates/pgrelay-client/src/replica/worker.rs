@@ -199,12 +199,7 @@ impl Worker {
 
     /// The stored position, none while a full snapshot is pending.
     fn position(&self) -> Result<Option<Lsn>, ClientError> {
-        let pending = snapshot::pending(&self.conn)?.unwrap_or_default();
-        Ok(schema::read_meta(&self.conn, "lsn")?
-            .map(|s| s.parse::<Lsn>())
-            .transpose()
-            .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
-            .filter(|_| !pending.full))
+        position(&self.conn)
     }
 
     fn state(&self) -> Result<ReplicaState, ClientError> {
@@ -300,10 +295,12 @@ impl Worker {
     }
 
     fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Applied, ClientError> {
-        let current = self.position()?.unwrap_or(Lsn::ZERO);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Read in the transaction: outside it, each read would open and
+        // close a read transaction of its own.
+        let current = position(&tx)?.unwrap_or(Lsn::ZERO);
         let mut reached = current;
         let mut unknown: Vec<String> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
@@ -451,4 +448,14 @@ impl Worker {
             tables,
         })
     }
+}
+
+/// The stored position, none while a full snapshot is pending.
+fn position(conn: &Connection) -> Result<Option<Lsn>, ClientError> {
+    let pending = snapshot::pending(conn)?.unwrap_or_default();
+    Ok(schema::read_meta(conn, "lsn")?
+        .map(|s| s.parse::<Lsn>())
+        .transpose()
+        .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
+        .filter(|_| !pending.full))
 }
