@@ -19,6 +19,8 @@ use crate::ClientError;
 pub(super) struct Worker {
     conn: Connection,
     tables: HashMap<String, TableSchema>,
+    /// The SQL text that applies changes to them, made as needed.
+    shapes: apply::Shapes,
     /// Transactions that snapshots already hold, skipped when they arrive.
     filters: Vec<snapshot::Filter>,
     /// Digests for repairs are being made while the thread is idle.
@@ -41,6 +43,7 @@ impl Worker {
         let mut worker = Worker {
             conn,
             tables: HashMap::new(),
+            shapes: apply::Shapes::default(),
             filters,
             digesting: false,
             held: digests::Held::default(),
@@ -176,6 +179,8 @@ impl Worker {
             .into_iter()
             .map(|t| (t.name.clone(), t))
             .collect();
+        // Made for the tables as they were.
+        self.shapes = apply::Shapes::default();
         Ok(())
     }
 
@@ -194,12 +199,7 @@ impl Worker {
 
     /// The stored position, none while a full snapshot is pending.
     fn position(&self) -> Result<Option<Lsn>, ClientError> {
-        let pending = snapshot::pending(&self.conn)?.unwrap_or_default();
-        Ok(schema::read_meta(&self.conn, "lsn")?
-            .map(|s| s.parse::<Lsn>())
-            .transpose()
-            .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
-            .filter(|_| !pending.full))
+        position(&self.conn)
     }
 
     fn state(&self) -> Result<ReplicaState, ClientError> {
@@ -295,10 +295,12 @@ impl Worker {
     }
 
     fn apply_transactions(&mut self, txs: &[Transaction]) -> Result<Applied, ClientError> {
-        let current = self.position()?.unwrap_or(Lsn::ZERO);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Read in the transaction: outside it, each read would open and
+        // close a read transaction of its own.
+        let current = position(&tx)?.unwrap_or(Lsn::ZERO);
         let mut reached = current;
         let mut unknown: Vec<String> = Vec::new();
         let mut touched: HashSet<String> = HashSet::new();
@@ -309,6 +311,7 @@ impl Worker {
         // are recorded below, one per digest bucket.
         digests::quiet(&tx, true)?;
         let mut written = digests::Written::default();
+        let mut applier = apply::Applier::new(&tx, &self.tables, &mut self.shapes);
         for server_tx in txs {
             // A transaction at or below the stored position is already here.
             if server_tx.lsn <= reached {
@@ -327,21 +330,25 @@ impl Worker {
                     }
                     continue;
                 }
-                apply::apply_change(&tx, &self.tables, change).map_err(|e| {
+                applier.change(change).map_err(|e| {
                     ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
                 })?;
                 if let Some(table) = self.tables.get(&change.table) {
-                    written.add(table, change);
+                    written.add(&tx, &mut self.held, table, change)?;
                 }
                 if !touched.contains(&change.table) {
                     touched.insert(change.table.clone());
                 }
             }
+            applier.flush().map_err(|e| {
+                ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
+            })?;
             if own_origin.is_some() && server_tx.origin == own_origin {
                 rebase::echoed(&tx, server_tx.lsn)?;
             }
             reached = server_tx.lsn;
         }
+        drop(applier);
         digests::quiet(&tx, false)?;
         written.record(&tx, &self.tables, &mut self.held)?;
         // Local writes still in flight go back on top, in this transaction:
@@ -441,4 +448,14 @@ impl Worker {
             tables,
         })
     }
+}
+
+/// The stored position, none while a full snapshot is pending.
+fn position(conn: &Connection) -> Result<Option<Lsn>, ClientError> {
+    let pending = snapshot::pending(conn)?.unwrap_or_default();
+    Ok(schema::read_meta(conn, "lsn")?
+        .map(|s| s.parse::<Lsn>())
+        .transpose()
+        .map_err(|e| ClientError::Replica(format!("stored LSN: {e}")))?
+        .filter(|_| !pending.full))
 }

@@ -390,26 +390,34 @@ fn server_rows_applied_quietly_are_recorded_one_per_bucket() {
             ("v".to_owned(), Some("server".to_owned())),
         ]
         .into();
-        written.add(
+        written
+            .add(
+                &conn,
+                &mut held,
+                &table,
+                &Change {
+                    table: table.name.clone(),
+                    op: Op::Update,
+                    new: Some(row),
+                    old: None,
+                },
+            )
+            .unwrap();
+    }
+    conn.execute("DELETE FROM t WHERE a = 20000", []).unwrap();
+    written
+        .add(
+            &conn,
+            &mut held,
             &table,
             &Change {
                 table: table.name.clone(),
-                op: Op::Update,
-                new: Some(row),
-                old: None,
+                op: Op::Delete,
+                new: None,
+                old: Some([("a".to_owned(), Some("20000".to_owned()))].into()),
             },
-        );
-    }
-    conn.execute("DELETE FROM t WHERE a = 20000", []).unwrap();
-    written.add(
-        &table,
-        &Change {
-            table: table.name.clone(),
-            op: Op::Delete,
-            new: None,
-            old: Some([("a".to_owned(), Some("20000".to_owned()))].into()),
-        },
-    );
+        )
+        .unwrap();
     assert_eq!(touched_count(&conn), 0, "the triggers were quiet");
     quiet(&conn, false).unwrap();
     written.record(&conn, &tables, &mut held).unwrap();

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use pgrelay_protocol::repair::{key_kinds, Key, KeyValue};
+use pgrelay_protocol::repair::{key_kinds, Key, KeyKind, KeyValue};
 use pgrelay_protocol::{Change, Op, TableSchema};
 use rusqlite::types::Value;
 use rusqlite::Connection;
@@ -56,25 +56,55 @@ impl Held {
     }
 }
 
-/// Keys of the rows written while the triggers were quiet, per table.
+/// Keys of the rows written while the triggers were quiet, per table:
+/// the first written in each digest bucket, marked as the changes are
+/// applied (a 1,000-row transaction keeps a handful of keys, not 1,000).
 #[derive(Default)]
 pub(crate) struct Written {
-    keys: HashMap<String, Vec<Key>>,
+    tables: HashMap<String, Marks>,
     /// Tables truncated, or a change of which named no key: their digests
     /// are dropped.
     lost: HashSet<String>,
 }
 
+/// A table's key kinds (none: no comparable key, nothing is kept) and
+/// its marked buckets, each with the first key written in it.
+struct Marks {
+    kinds: Option<Vec<KeyKind>>,
+    buckets: BTreeMap<usize, Key>,
+}
+
 impl Written {
-    /// The keys `change` wrote (old and new).
-    pub(crate) fn add(&mut self, table: &TableSchema, change: &Change) {
-        let Some(kinds) = key_kinds(table) else {
-            return;
+    /// Marks the buckets of the keys `change` wrote (old and new), by the
+    /// bucket bounds `held` keeps (read once per table).
+    pub(crate) fn add(
+        &mut self,
+        conn: &Connection,
+        held: &mut Held,
+        table: &TableSchema,
+        change: &Change,
+    ) -> Result<(), ClientError> {
+        if !self.tables.contains_key(&table.name) {
+            let marks = Marks {
+                kinds: key_kinds(table),
+                buckets: BTreeMap::new(),
+            };
+            self.tables.insert(table.name.clone(), marks);
+        }
+        let Some(marks) = self.tables.get_mut(&table.name) else {
+            return Ok(());
         };
+        let Some(kinds) = &marks.kinds else {
+            return Ok(());
+        };
+        if self.lost.contains(&table.name) {
+            // Its digests go whole.
+            return Ok(());
+        }
         if change.op == Op::Truncate {
             // Every row went: digested again from scratch.
             self.lost.insert(table.name.clone());
-            return;
+            return Ok(());
         }
         for row in [change.old.as_ref(), change.new.as_ref()]
             .into_iter()
@@ -83,45 +113,44 @@ impl Written {
             let key: Option<Key> = table
                 .primary_key
                 .iter()
-                .zip(&kinds)
+                .zip(kinds)
                 .map(|(k, &kind)| KeyValue::from_canonical(kind, row.get(k)?.as_deref()))
                 .collect();
-            match key {
-                Some(key) => self.keys.entry(table.name.clone()).or_default().push(key),
-                None => {
-                    self.lost.insert(table.name.clone());
-                }
-            }
+            let Some(key) = key else {
+                self.lost.insert(table.name.clone());
+                return Ok(());
+            };
+            let Some(lows) = held.lows(conn, table)? else {
+                // No digests kept: nothing to mark.
+                return Ok(());
+            };
+            // One key per bucket: any key in a bucket marks it.
+            let at = lows.partition_point(|lo| lo.as_ref().is_none_or(|lo| lo <= &key));
+            marks.buckets.entry(at.saturating_sub(1)).or_insert(key);
         }
+        Ok(())
     }
 
-    /// Records one written key per bucket among the touched keys.
+    /// Records the marked keys among the touched keys.
     pub(crate) fn record(
         self,
         conn: &Connection,
         tables: &HashMap<String, TableSchema>,
         held: &mut Held,
     ) -> Result<(), ClientError> {
-        for (name, keys) in self.keys {
+        for (name, marks) in self.tables {
             let Some(table) = tables.get(&name) else {
                 continue;
             };
-            let Some(lows) = held.lows(conn, table)? else {
-                // No digests kept: nothing to mark.
+            if marks.buckets.is_empty() || self.lost.contains(&name) {
                 continue;
-            };
-            // One key per bucket: any key in a bucket marks it.
-            let mut marks: BTreeMap<usize, &Key> = BTreeMap::new();
-            for key in &keys {
-                let at = lows.partition_point(|lo| lo.as_ref().is_none_or(|lo| lo <= key));
-                marks.entry(at.saturating_sub(1)).or_insert(key);
             }
             let places = vec!["?"; table.primary_key.len()].join(", ");
             let mut stmt = conn.prepare_cached(&format!(
                 "INSERT OR IGNORE INTO {} VALUES ({places})",
                 touched_table(table)
             ))?;
-            for key in marks.values() {
+            for key in marks.buckets.values() {
                 stmt.execute(rusqlite::params_from_iter(key.iter().map(|v| match v {
                     KeyValue::Int(i) => Value::Integer(*i),
                     KeyValue::Text(t) => Value::Text(t.clone()),
