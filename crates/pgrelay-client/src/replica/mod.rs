@@ -17,6 +17,8 @@ mod repair;
 mod reshape;
 mod schema;
 mod snapshot;
+#[cfg(test)]
+mod test_columns;
 mod worker;
 
 use std::path::{Path, PathBuf};

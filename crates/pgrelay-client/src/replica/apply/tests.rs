@@ -12,19 +12,10 @@ use rusqlite::types::Value;
 use rusqlite::Connection;
 
 use super::{apply_change, Applier, Shapes};
+use crate::replica::test_columns::column;
 use crate::replica::{capture, schema, Replica};
 
 const TABLE: &str = "public.items";
-
-fn column(name: &str, kind: ValueKind) -> Column {
-    Column {
-        name: name.to_owned(),
-        pg_type: "text".to_owned(),
-        type_oid: 25,
-        kind,
-        attnum: None,
-    }
-}
 
 fn table(columns: Vec<Column>, keyed: bool) -> TableSchema {
     TableSchema {

@@ -7,23 +7,14 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command as Process, Stdio};
 
-use pgrelay_protocol::{Column, Lsn, TableSchema, ValueKind, Visibility};
+use pgrelay_protocol::{Lsn, TableSchema, ValueKind, Visibility};
 use proptest::prelude::*;
 use rusqlite::types::Value;
 
+use crate::replica::test_columns::column;
 use crate::replica::{Replica, SnapshotDone};
 
 const TABLE: &str = "public.things";
-
-fn column(name: &str, kind: ValueKind) -> Column {
-    Column {
-        name: name.to_owned(),
-        pg_type: "text".to_owned(),
-        type_oid: 25,
-        kind,
-        attnum: None,
-    }
-}
 
 fn schema() -> TableSchema {
     TableSchema {
