@@ -10,21 +10,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use pgrelay_eventlog::{EventLogConfig, EventLogStorage};
 use pgrelay_server::ServerConfig;
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::Message;
 
+use super::eventlog_wire::{next_text, open, push_frame, seq_range, Socket};
 use super::fleet::percentile;
 use super::latency::cdf;
 use super::report::{thousands, Figure, Report, Series};
 use super::CommonArgs;
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long the clients may take to receive everything after the last push.
 const DRAIN: Duration = Duration::from_secs(120);
@@ -293,21 +290,6 @@ pub(crate) async fn run(args: EventLogArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn open(url: &str, store: &str) -> anyhow::Result<Socket> {
-    // A 16 KiB read buffer, as pgrelay's own client has: tungstenite
-    // zero-fills the whole buffer (128 KiB by default) before every read.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(16 * 1024);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(
-        format!("{url}?storeId={store}&transport=ws"),
-        Some(config),
-        false,
-    )
-    .await
-    .context("connecting to the LiveStore endpoint")?;
-    Ok(ws)
-}
-
 /// One run on a fresh store: clients subscribe, the writer pushes, every
 /// client must receive every event once, in order.
 async fn phase(
@@ -391,49 +373,6 @@ async fn phase(
         complete,
         problem,
     })
-}
-
-fn push_frame(store: &str, backend: &str, request: u64, head: usize, batch: usize) -> String {
-    let mut events = String::with_capacity(batch * 160);
-    for i in 0..batch {
-        let seq = head + i + 1;
-        if i > 0 {
-            events.push(',');
-        }
-        events.push_str(&format!(
-            r#"{{"name":"v1.TodoCreated","args":{{"id":"bench-{seq}","text":"todo number {seq}"}},"seqNum":{seq},"parentSeqNum":{},"clientId":"bench-writer","sessionId":"bench-session"}}"#,
-            seq - 1
-        ));
-    }
-    format!(
-        r#"{{"_tag":"Request","id":"{request}","tag":"SyncWsRpc.Push","payload":{{"storeId":"{store}","batch":[{events}],"backendId":{{"_tag":"Some","value":"{backend}"}}}},"traceId":"t","spanId":"s","sampled":false,"headers":[]}}"#
-    )
-}
-
-/// The next text frame, as received (not copied: the clients read ~1.7 MB
-/// per push of 100 events to 100 clients, on the server's cores).
-async fn next_text(ws: &mut Socket) -> anyhow::Result<Utf8Bytes> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => return Ok(text),
-            Some(Ok(Message::Close(_))) | None => anyhow::bail!("the server closed the socket"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.into()),
-        }
-    }
-}
-
-/// The first and last `seqNum` of a chunk, found without parsing the frame.
-fn seq_range(text: &str) -> Option<(i64, i64)> {
-    const KEY: &str = "\"seqNum\":";
-    let number = |at: usize| -> Option<i64> {
-        let digits: String = text[at + KEY.len()..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
-    };
-    Some((number(text.find(KEY)?)?, number(text.rfind(KEY)?)?))
 }
 
 /// Reads chunks until `last`, checking order; returns push → receipt per chunk in µs.

@@ -112,10 +112,7 @@ pub(crate) async fn measure(
 
 /// One client touching a store once: open, pull its (empty) history, close.
 async fn touch(url: &str, store: &str) -> anyhow::Result<()> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("{url}?storeId={store}&transport=ws"))
-            .await
-            .context("connecting to the LiveStore endpoint")?;
+    let mut ws = super::eventlog_wire::open(url, store).await?;
     let pull = json!({"_tag": "Request", "id": "0", "tag": "SyncWsRpc.Pull",
         "payload": {"storeId": store, "live": false, "cursor": {"_tag": "None"}},
         "traceId": "t", "spanId": "s", "sampled": false, "headers": []});

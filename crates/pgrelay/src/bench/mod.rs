@@ -13,6 +13,7 @@
 mod capture;
 mod eventlog;
 mod eventlog_stores;
+mod eventlog_wire;
 mod failover;
 mod fanout;
 mod fleet;
@@ -288,4 +289,11 @@ pub(crate) fn syscalls(pid: u32) -> Option<u64> {
             .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
     };
     Some(field("syscr:")? + field("syscw:")?)
+}
+
+/// The benches' WebSocket clients read as pgrelay's own client does: a
+/// 16 KiB buffer, since tungstenite zero-fills its whole read buffer
+/// (128 KiB by default) before every read, 2-3 µs a frame.
+pub(crate) fn client_socket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024)
 }

@@ -156,10 +156,7 @@ async fn read(
     mut expect: watch::Receiver<Option<(u64, u64)>>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Received> {
-    // As pgrelay's own client: tungstenite zero-fills its whole read
-    // buffer (128 KiB by default) before every read, 2-3 µs a frame.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(16 * 1024);
+    let config = super::client_socket_config();
     let (mut socket, _) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
             .await

@@ -382,6 +382,15 @@ fn server_rows_applied_quietly_are_recorded_one_per_bucket() {
     // quiet, keys recorded from the changes.
     quiet(&conn, true).unwrap();
     let mut written = Written::default();
+    let mut add = |op, new: Option<Row>, old: Option<Row>| {
+        let change = Change {
+            table: table.name.clone(),
+            op,
+            new,
+            old,
+        };
+        written.add(&conn, &mut held, &table, &change).unwrap();
+    };
     for a in (10..=10_000).step_by(10) {
         conn.execute("UPDATE t SET v = 'server' WHERE a = ?1", [a])
             .unwrap();
@@ -390,34 +399,14 @@ fn server_rows_applied_quietly_are_recorded_one_per_bucket() {
             ("v".to_owned(), Some("server".to_owned())),
         ]
         .into();
-        written
-            .add(
-                &conn,
-                &mut held,
-                &table,
-                &Change {
-                    table: table.name.clone(),
-                    op: Op::Update,
-                    new: Some(row),
-                    old: None,
-                },
-            )
-            .unwrap();
+        add(Op::Update, Some(row), None);
     }
     conn.execute("DELETE FROM t WHERE a = 20000", []).unwrap();
-    written
-        .add(
-            &conn,
-            &mut held,
-            &table,
-            &Change {
-                table: table.name.clone(),
-                op: Op::Delete,
-                new: None,
-                old: Some([("a".to_owned(), Some("20000".to_owned()))].into()),
-            },
-        )
-        .unwrap();
+    add(
+        Op::Delete,
+        None,
+        Some([("a".to_owned(), Some("20000".to_owned()))].into()),
+    );
     assert_eq!(touched_count(&conn), 0, "the triggers were quiet");
     quiet(&conn, false).unwrap();
     written.record(&conn, &tables, &mut held).unwrap();
