@@ -1,6 +1,7 @@
-//! Receiving a snapshot: chunks are decompressed and checked here while
-//! the replica's thread inserts the previous ones (up to its command
-//! queue's depth in flight). After each table the row count and checksum
+//! Receiving a snapshot: chunks are decompressed, checked and split into
+//! rows of values here while the replica's thread inserts the previous
+//! ones (up to its command queue's depth in flight), so the two share
+//! the work. After each table the row count and checksum
 //! are compared with the server's; a table that does not match is emptied
 //! and asked for again, never kept.
 //!
@@ -12,6 +13,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use pgrelay_protocol::copy_text::Rows;
 use pgrelay_protocol::{
     parse_chunk, Checksum, ClientMessage, Lsn, SnapshotTable, TableDigest, Visibility,
 };
@@ -24,11 +26,11 @@ use crate::{ClientError, Event, Replica};
 /// most one row; a row can be large).
 const MAX_CHUNK_BYTES: usize = 256 << 20;
 
-/// Decompressed bytes handed to the replica's thread and not yet inserted,
-/// at most (one chunk larger than this is let through alone).
+/// Bytes of split chunks handed to the replica's thread and not yet
+/// inserted, at most (one chunk larger than this is let through alone).
 const MAX_IN_FLIGHT_BYTES: usize = 32 << 20;
 
-type Pending = oneshot::Receiver<Result<(u64, Vec<u8>), ClientError>>;
+type Pending = oneshot::Receiver<Result<(u64, Rows), ClientError>>;
 
 /// Emptied chunk buffers kept for the next chunks, at most (a fresh
 /// 256 KiB buffer costs page faults, a kernel zeroing every page).
@@ -64,7 +66,7 @@ pub(crate) struct Hydration {
     in_flight: usize,
     decompressor: zstd::bulk::Decompressor<'static>,
     /// Buffers the replica's thread has finished with.
-    spare: Vec<Vec<u8>>,
+    spare: Vec<Rows>,
 }
 
 impl Hydration {
@@ -153,11 +155,11 @@ impl Hydration {
         // The capacity is a hard bound: a frame that holds more than it
         // announced fails here instead of growing the buffer (a reused
         // buffer may be larger, never larger than an earlier chunk).
-        let mut raw = self.spare.pop().unwrap_or_default();
-        raw.clear();
+        let mut rows = self.spare.pop().unwrap_or_default();
+        let raw = rows.text_mut();
         raw.reserve_exact(announced);
-        let raw = match self.decompressor.decompress_to_buffer(payload, &mut raw) {
-            Ok(size) if size == announced => raw,
+        match self.decompressor.decompress_to_buffer(payload, raw) {
+            Ok(size) if size == announced => {}
             Ok(size) => {
                 table.damaged = Some(format!(
                     "chunk {seq} announced {announced} bytes and held {size}"
@@ -171,11 +173,16 @@ impl Hydration {
                 return Ok(());
             }
         };
-        table.checksum.update(&raw);
+        let raw = rows.text();
+        table.checksum.update(raw);
         table.bytes += raw.len() as u64;
         self.bytes_done += raw.len() as u64;
-        let bytes = raw.len();
-        let receiver = replica.send_load(table.name.clone(), raw).await?;
+        if let Err(why) = rows.split() {
+            table.damaged = Some(format!("chunk {seq}: {why}"));
+            return Ok(());
+        }
+        let bytes = rows.heap_bytes();
+        let receiver = replica.send_load(table.name.clone(), rows).await?;
         table.loads.push_back((receiver, bytes));
         self.in_flight += bytes;
         // Collect what the replica has finished, for progress, without waiting.
@@ -319,10 +326,10 @@ impl Hydration {
 /// A load the replica's thread finished: its rows counted (or the table
 /// marked damaged), its buffer kept for a next chunk.
 fn absorb(
-    done: Result<(u64, Vec<u8>), ClientError>,
+    done: Result<(u64, Rows), ClientError>,
     table: &mut TableState,
     rows_done: &mut u64,
-    spare: &mut Vec<Vec<u8>>,
+    spare: &mut Vec<Rows>,
 ) {
     match done {
         Ok((rows, buffer)) => {

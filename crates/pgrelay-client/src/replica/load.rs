@@ -1,7 +1,7 @@
 //! Loading a snapshot's rows fast. The chunks of one table go into one
 //! SQLite transaction that stays open while they arrive (up to a size),
 //! committed when the table is done, when it grows past
-//! [`MAX_LOAD_BYTES`], or before the replica runs any other command. While
+//! [`MAX_LOAD_BYTES`] in WAL mode, or before the replica runs any other command. While
 //! it is open the capture triggers are switched off for the connection
 //! (when pgrelay's are the only triggers), the table's own indexes (made
 //! by client migrations) are dropped while it was empty and built again at
@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use pgrelay_protocol::{copy_text, quote_ident as quote, TableSchema};
+use pgrelay_protocol::{copy_text::Rows, quote_ident as quote, TableSchema};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension};
 
@@ -24,7 +24,12 @@ use super::snapshot::known;
 use crate::value::to_sqlite_ref;
 use crate::ClientError;
 
-/// COPY text loaded in one SQLite transaction at most, before a commit.
+/// COPY text loaded in one SQLite transaction at most, before a commit,
+/// when the replica stays in WAL mode (the WAL holds every page the
+/// transaction writes until a checkpoint). With a rollback journal (a new
+/// replica) a table's load is one transaction however large: new pages
+/// are not journaled, and a commit midway only cost an fsync that stalled
+/// the load (150-200 ms in the middle of `bench hydrate`'s 1M rows).
 const MAX_LOAD_BYTES: usize = 64 << 20;
 
 /// Rows inserted by one statement (fewer for wide tables).
@@ -83,25 +88,27 @@ impl Load {
         &self.table
     }
 
-    /// Inserts a chunk of COPY text rows, in the open transaction (opened
-    /// if needed); returns how many. On an error nothing of the open
+    /// Inserts a chunk of rows, in the open transaction (opened if
+    /// needed); returns how many. On an error nothing of the open
     /// transaction is kept.
     pub(super) fn rows(
         &mut self,
         conn: &Connection,
         tables: &HashMap<String, TableSchema>,
-        data: &[u8],
+        rows: &Rows,
     ) -> Result<u64, ClientError> {
         let result = self.open(conn, tables).and_then(|()| {
-            self.bytes += data.len();
-            insert_rows(conn, known(tables, &self.table)?, data)
+            self.bytes += rows.text().len();
+            insert_rows(conn, known(tables, &self.table)?, rows)
         });
         match result {
             Err(e) => {
                 self.close(conn, false)?;
                 Err(e)
             }
-            Ok(rows) if self.bytes >= MAX_LOAD_BYTES => self.close(conn, true).map(|()| rows),
+            Ok(rows) if !self.rollback_journal && self.bytes >= MAX_LOAD_BYTES => {
+                self.close(conn, true).map(|()| rows)
+            }
             Ok(rows) => Ok(rows),
         }
     }
@@ -337,50 +344,43 @@ pub(super) fn restore(conn: &mut Connection) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Inserts a chunk of COPY text rows into `table`, many rows per
-/// statement; returns how many.
+/// Inserts a chunk of rows (split from COPY text) into `table`, many rows
+/// per statement; returns how many.
 pub(super) fn insert_rows(
     conn: &Connection,
     table: &TableSchema,
-    data: &[u8],
+    rows: &Rows,
 ) -> Result<u64, ClientError> {
     let width = table.columns.len();
     let per_statement = ROWS_PER_STATEMENT.min(MAX_PARAMETERS / width.max(1)).max(1);
-    // Every row ends with a newline (COPY text escapes those in values):
-    // the rows that fill whole statements are known before parsing.
-    let total = data.iter().filter(|b| **b == b'\n').count();
+    let total = rows.len();
     let grouped = total - total % per_statement;
     let mut many = conn.prepare_cached(&insert_sql(table, per_statement))?;
     let mut one = conn.prepare_cached(&insert_sql(table, 1))?;
     let name = &table.name;
-    let mut row = 0usize;
-    copy_text::for_each_row(
-        data,
-        |values| {
-            if values.len() != width {
-                return Err(ClientError::Replica(format!(
-                    "snapshot row of {name} has {} values for {width} columns",
-                    values.len(),
-                )));
-            }
-            let (stmt, first) = if row < grouped {
-                (&mut many, (row % per_statement) * width + 1)
-            } else {
-                (&mut one, 1)
-            };
-            for (i, (column, value)) in table.columns.iter().zip(values).enumerate() {
-                let value = to_sqlite_ref(column.kind, value.as_deref())
-                    .map_err(|e| ClientError::Replica(format!("{name}.{}: {e}", column.name)))?;
-                stmt.raw_bind_parameter(first + i, value)?;
-            }
-            row += 1;
-            if row > grouped || row.is_multiple_of(per_statement) {
-                stmt.raw_execute()?;
-            }
-            Ok(())
-        },
-        |message| ClientError::Replica(format!("snapshot of {name}: {message}")),
-    )
+    for row in 0..total {
+        let values = rows.row(row);
+        if values.len() != width {
+            return Err(ClientError::Replica(format!(
+                "snapshot row of {name} has {} values for {width} columns",
+                values.len(),
+            )));
+        }
+        let (stmt, first) = if row < grouped {
+            (&mut many, (row % per_statement) * width + 1)
+        } else {
+            (&mut one, 1)
+        };
+        for (i, (column, value)) in table.columns.iter().zip(values).enumerate() {
+            let value = to_sqlite_ref(column.kind, value)
+                .map_err(|e| ClientError::Replica(format!("{name}.{}: {e}", column.name)))?;
+            stmt.raw_bind_parameter(first + i, value)?;
+        }
+        if row >= grouped || (row + 1).is_multiple_of(per_statement) {
+            stmt.raw_execute()?;
+        }
+    }
+    Ok(total as u64)
 }
 
 fn insert_sql(table: &TableSchema, rows: usize) -> String {

@@ -23,6 +23,7 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 
+use pgrelay_protocol::copy_text::Rows;
 use pgrelay_protocol::repair::{CheckSpan, Key, RangeSum};
 use pgrelay_protocol::{Lsn, TableSchema, Transaction, Visibility, WriteResults};
 use rusqlite::Connection;
@@ -63,8 +64,8 @@ enum Command {
     Reset(Reply<()>),
     RequestResync(Vec<String>, Reply<()>),
     BeginSnapshot(Vec<String>, bool, Reply<()>),
-    /// Rows inserted, and the buffer back for reuse.
-    LoadSnapshot(String, Vec<u8>, Reply<(u64, Vec<u8>)>),
+    /// Rows inserted, and the rows' buffers back for reuse.
+    LoadSnapshot(String, Rows, Reply<(u64, Rows)>),
     EndLoad(String, Reply<()>),
     ClearTable(String, Reply<()>),
     FinishSnapshot(SnapshotDone, Reply<()>),
@@ -303,8 +304,8 @@ impl Replica {
     pub(crate) async fn send_load(
         &self,
         table: String,
-        rows: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<(u64, Vec<u8>), ClientError>>, ClientError> {
+        rows: Rows,
+    ) -> Result<oneshot::Receiver<Result<(u64, Rows), ClientError>>, ClientError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::LoadSnapshot(table, rows, tx))

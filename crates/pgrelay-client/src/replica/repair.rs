@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 
 use pgrelay_protocol::canonical::canonical_pg_text;
+use pgrelay_protocol::copy_text::Rows;
 use pgrelay_protocol::repair::{
     cut_range, key_kinds, row_hash, CheckSpan, Cutter, Key, KeyKind, KeyValue, RangeSum, RowHasher,
     FIRST_PART_ROWS, MAX_FIRST_PARTS,
 };
-use pgrelay_protocol::{copy_text, quote_ident as quote, Lsn, TableSchema, Visibility};
+use pgrelay_protocol::{quote_ident as quote, Lsn, TableSchema, Visibility};
 use rusqlite::types::Value;
 use rusqlite::Connection;
 
@@ -299,18 +300,17 @@ pub(crate) fn load(
     copy: &str,
 ) -> Result<RangeSum, ClientError> {
     let table = table(tables, name)?;
-    snapshot::load(conn, tables, name, copy.as_bytes())?;
+    let mut rows = Rows::default();
+    rows.text_mut().extend_from_slice(copy.as_bytes());
+    rows.split()
+        .map_err(|message| ClientError::Replica(format!("repair rows of {name}: {message}")))?;
+    snapshot::load(conn, tables, name, &rows)?;
     let mut added = RangeSum::default();
     let kinds: Vec<_> = table.columns.iter().map(|c| c.kind).collect();
     let mut hasher = RowHasher::default();
-    copy_text::for_each_row(
-        copy.as_bytes(),
-        |row| {
-            added.add(hasher.hash(&kinds, row.iter().map(|v| v.as_deref())));
-            Ok(())
-        },
-        |message| ClientError::Replica(format!("repair rows of {name}: {message}")),
-    )?;
+    for row in 0..rows.len() {
+        added.add(hasher.hash(&kinds, rows.row(row)));
+    }
     Ok(added)
 }
 

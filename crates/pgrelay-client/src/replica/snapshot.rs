@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use pgrelay_protocol::copy_text::Rows;
 use pgrelay_protocol::{Change, Lsn, Op, TableSchema, Transaction, Visibility};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
@@ -153,14 +154,14 @@ pub(super) fn known<'a>(
         .ok_or_else(|| ClientError::Replica(format!("snapshot of unknown table {name}")))
 }
 
-/// Inserts a chunk of COPY text rows; returns how many.
+/// Inserts a chunk of rows; returns how many.
 pub(crate) fn load(
     conn: &Connection,
     tables: &HashMap<String, TableSchema>,
     name: &str,
-    data: &[u8],
+    rows: &Rows,
 ) -> Result<u64, ClientError> {
-    super::load::insert_rows(conn, known(tables, name)?, data)
+    super::load::insert_rows(conn, known(tables, name)?, rows)
 }
 
 /// The snapshot is complete and verified: records where the stream

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command as Process, Stdio};
 
+use pgrelay_protocol::copy_text::Rows;
 use pgrelay_protocol::{Lsn, TableSchema, ValueKind, Visibility};
 use proptest::prelude::*;
 use rusqlite::types::Value;
@@ -103,6 +104,14 @@ async fn replica_with_table(path: &Path) -> Replica {
     replica
 }
 
+/// A chunk of COPY text split into rows, as the hydration sends it.
+fn split(chunk: &str) -> Rows {
+    let mut rows = Rows::default();
+    rows.text_mut().extend_from_slice(chunk.as_bytes());
+    rows.split().unwrap();
+    rows
+}
+
 /// A full snapshot of `chunks` (COPY text each); returns the rows loaded.
 async fn hydrate(replica: &Replica, chunks: &[String]) -> u64 {
     replica
@@ -113,7 +122,7 @@ async fn hydrate(replica: &Replica, chunks: &[String]) -> u64 {
     for chunk in chunks {
         loads.push(
             replica
-                .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
+                .send_load(TABLE.to_owned(), split(chunk))
                 .await
                 .unwrap(),
         );
@@ -262,7 +271,7 @@ fn a_tables_own_indexes_are_made_again_after_its_load() {
         let chunks = chunked(&rows, &[300]);
         for chunk in &chunks[..2] {
             let load = replica
-                .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
+                .send_load(TABLE.to_owned(), split(chunk))
                 .await
                 .unwrap();
             load.await.unwrap().unwrap();
@@ -277,7 +286,7 @@ fn a_tables_own_indexes_are_made_again_after_its_load() {
         );
         for chunk in &chunks[2..] {
             let load = replica
-                .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
+                .send_load(TABLE.to_owned(), split(chunk))
                 .await
                 .unwrap();
             load.await.unwrap().unwrap();
@@ -332,7 +341,7 @@ fn load_until_killed() {
         let chunks = chunked(&numbered(900), &[300]);
         for (n, chunk) in chunks.iter().enumerate() {
             let load = replica
-                .send_load(TABLE.to_owned(), chunk.as_bytes().to_vec())
+                .send_load(TABLE.to_owned(), split(chunk))
                 .await
                 .unwrap();
             load.await.unwrap().unwrap();

@@ -5,6 +5,7 @@
 use super::super::{digests, load, repair, snapshot, Command, RepairStep};
 use super::Worker;
 use crate::ClientError;
+use pgrelay_protocol::copy_text::Rows;
 
 impl Worker {
     /// Before `command`: a load in progress is committed so far (paused),
@@ -43,7 +44,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn load_rows(&mut self, table: String, rows: &[u8]) -> Result<u64, ClientError> {
+    pub(super) fn load_rows(&mut self, table: String, rows: &Rows) -> Result<u64, ClientError> {
         let load = self.load.get_or_insert_with(|| load::Load::new(&table));
         load.rows(&self.conn, &self.tables, rows)
     }
