@@ -23,6 +23,7 @@ use super::schema::{read_meta, write_meta};
 use super::snapshot::known;
 use crate::value::to_sqlite_ref;
 use crate::ClientError;
+use write_back::WriteBack;
 
 /// COPY text loaded in one SQLite transaction at most, before a commit,
 /// when the replica stays in WAL mode (the WAL holds every page the
@@ -67,6 +68,8 @@ pub(super) struct Load {
     /// The journal was switched from WAL to a rollback journal for the
     /// open transaction.
     rollback_journal: bool,
+    /// The file synced in the background as a large load grows.
+    write_back: WriteBack,
 }
 
 impl Load {
@@ -81,6 +84,7 @@ impl Load {
             dropped: Vec::new(),
             dropped_here: false,
             rollback_journal: false,
+            write_back: WriteBack::default(),
         }
     }
 
@@ -101,6 +105,9 @@ impl Load {
             self.bytes += rows.text().len();
             insert_rows(conn, known(tables, &self.table)?, rows)
         });
+        if result.is_ok() && self.rollback_journal {
+            self.write_back.loaded(conn, rows.text().len());
+        }
         match result {
             Err(e) => {
                 self.close(conn, false)?;
@@ -400,3 +407,4 @@ fn insert_sql(table: &TableSchema, rows: usize) -> String {
 
 #[cfg(test)]
 mod tests;
+mod write_back;
