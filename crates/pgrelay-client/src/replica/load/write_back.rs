@@ -66,3 +66,30 @@ impl WriteBack {
         self.running = spawned.ok();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_starts_once_enough_rows_are_loaded_and_hands_the_file_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("replica.sqlite")).unwrap();
+        conn.execute_batch("CREATE TABLE t (x)").unwrap();
+        let mut write_back = WriteBack::default();
+        write_back.loaded(&conn, EVERY_BYTES - 1);
+        assert!(write_back.running.is_none() && write_back.file.is_none());
+        write_back.loaded(&conn, 1);
+        let running = write_back.running.take().expect("a sync started");
+        assert!(running.join().unwrap().is_some(), "the file comes back");
+        assert_eq!(write_back.since, 0);
+    }
+
+    #[test]
+    fn an_in_memory_replica_is_never_synced() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mut write_back = WriteBack::default();
+        write_back.loaded(&conn, EVERY_BYTES * 2);
+        assert!(write_back.running.is_none());
+    }
+}
