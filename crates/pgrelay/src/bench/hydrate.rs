@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::capture::{load, TABLE, TABLE_DDL};
-use super::report::{thousands, Figure, Report, Series};
+use super::report::{spread, thousands, Figure, Report, Series};
 use super::{machine, proc_bytes, spawn_server, BenchDb, CommonArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -96,12 +96,8 @@ pub(crate) async fn run(args: HydrateArgs) -> anyhow::Result<Report> {
     let server_peak = proc_bytes(server_pid, "VmHWM")?;
     let _ = server.kill().await;
     // Each round's ratio is its COPY's seconds over its end to end's.
-    let mut ratios: Vec<f64> = rounds.iter().map(|(copy, e2e)| copy / e2e).collect();
-    ratios.sort_by(f64::total_cmp);
-    let e2e_vs_copy = ratios[ratios.len() / 2];
-    let mut e2e_secs: Vec<f64> = rounds.iter().map(|(_, e2e)| *e2e).collect();
-    e2e_secs.sort_by(f64::total_cmp);
-    let e2e_median_secs = e2e_secs[e2e_secs.len() / 2];
+    let (_, e2e_vs_copy, _) = spread(rounds.iter().map(|(copy, e2e)| copy / e2e).collect());
+    let (_, e2e_median_secs, _) = spread(rounds.iter().map(|(_, e2e)| *e2e).collect());
 
     let rows = args.rows as f64;
     let ref_rate = rows / copy_secs;

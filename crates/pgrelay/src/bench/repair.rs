@@ -16,7 +16,7 @@ use pgrelay_client::{ClientConfig, Event, SyncClient};
 use serde_json::json;
 
 use super::capture::{load, TABLE, TABLE_DDL};
-use super::report::{thousands, Report};
+use super::report::{spread, thousands, Report};
 use super::{machine, start_server, BenchDb, CommonArgs};
 
 #[derive(Args, Debug, Clone)]
@@ -139,11 +139,6 @@ pub(crate) async fn run(args: RepairArgs) -> anyhow::Result<Report> {
     }
     server.shutdown().await?;
 
-    let spread = |values: Vec<f64>| {
-        let mut v = values;
-        v.sort_by(f64::total_cmp);
-        (v[0], v[v.len() / 2], v[v.len() - 1])
-    };
     let (h_min, h_med, h_max) = spread(hydrations.iter().map(|s| s.secs).collect());
     let (r_min, r_med, r_max) = spread(repairs.iter().map(|s| s.secs).collect());
     let (b_min, b_med, b_max) = spread(repairs.iter().map(|s| s.repair_bytes as f64).collect());

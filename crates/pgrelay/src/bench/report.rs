@@ -122,6 +122,16 @@ pub(crate) fn whole(value: f64) -> u64 {
     value.round() as u64
 }
 
+/// Min, median and max of several runs' figures (at least one).
+pub(crate) fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
+}
+
 /// A rank into sorted samples, rounded (see [`whole`]).
 pub(crate) fn index(value: f64) -> usize {
     usize::try_from(whole(value)).unwrap_or(usize::MAX)
