@@ -2,12 +2,17 @@
 // to PostgreSQL, checked with SQL on both sides.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import pg from "pg";
 import { browser, db, openPage, pages, server, useWorld, waitFor } from "./harness.mjs";
 
 const ROWS = Number(process.env.HYDRATE_ROWS ?? 100_000);
 
 useWorld(async (database) => {
   await database.sql(`CREATE TABLE items (id bigint PRIMARY KEY, title text NOT NULL, n integer, done boolean, price numeric(12,2), big bigint)`);
+  // Empty, and read after items (the server sends tables in name order):
+  // the kill test holds a lock on it so the snapshot cannot end before
+  // the tab is closed.
+  await database.sql(`CREATE TABLE zz_gate (id bigint PRIMARY KEY)`);
   await database.sql(`INSERT INTO items SELECT g, 'item ' || g || E' tab\\there', g % 1000, g % 2 = 0, g / 100.0, 9007199254740993 + g FROM generate_series(1, $1) g`, [ROWS]);
 });
 
@@ -67,14 +72,22 @@ test("two pages hydrate and follow a writer; both equal PostgreSQL", async () =>
 
 test("a tab killed mid-hydration leaves a whole replica that hydrates again from the start", async () => {
   const context = await browser.newContext();
+  // The snapshot's read of zz_gate waits on this lock: however fast items
+  // loads, the hydration is still open when the tab is closed.
+  const gate = new pg.Client({ connectionString: db.url });
+  await gate.connect();
+  await gate.query("BEGIN; LOCK TABLE zz_gate IN ACCESS EXCLUSIVE MODE");
   let page = await openPage(context, pages.origin);
   await page.evaluate((url) => window.open_({ url, name: "killed-hydrating" }), server.url);
   // While loading, the file has a rollback journal (see worker.ts); killed
-  // inside a chunk transaction, the journal is hot.
+  // inside a chunk transaction, the journal is hot (or, when items was
+  // all loaded first, the snapshot is still not marked done).
   await waitFor("rows loading", () => page.evaluate(() => (window.db.status.hydrating?.rows ?? 0) > 0), 60_000, 5);
   const crashed = page.evaluate(() => null).catch(() => null);
   await page.close({ runBeforeUnload: false });
   await crashed;
+  await gate.query("ROLLBACK");
+  await gate.end();
 
   page = await openPage(context, pages.origin);
   const warnings = [];
