@@ -121,11 +121,12 @@ async fn hydrating_while_a_writer_is_busy_ends_equal() {
     world.db.drop_database().await.unwrap();
 }
 
-/// A WebSocket relay that corrupts one value in the first snapshot chunk
-/// it forwards (decompressed, changed, compressed again, so only the
-/// checksum can tell).
+/// A WebSocket relay that passes the first snapshot chunk it forwards
+/// through `corrupt` (which decompresses, changes and compresses it
+/// again, so the frame itself is well formed).
 async fn corrupting_proxy(
     upstream: std::net::SocketAddr,
+    corrupt: fn(&[u8]) -> Vec<u8>,
 ) -> (std::net::SocketAddr, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -172,23 +173,53 @@ async fn corrupting_proxy(
     (addr, corrupted)
 }
 
-fn corrupt(frame: &[u8]) -> Vec<u8> {
+/// A chunk frame whose COPY text `change` altered, compressed again.
+fn recompressed(frame: &[u8], change: fn(&mut Vec<u8>)) -> Vec<u8> {
     let (table, seq, payload) = pgrelay_protocol::parse_chunk(frame).expect("a chunk frame");
     let mut raw = zstd::bulk::decompress(payload, 64 << 20).expect("decompress");
-    // Change one digit in the middle: still valid COPY text and a valid
-    // value, just not the one PostgreSQL holds.
-    let mid = raw.len() / 2;
-    let at = (mid..raw.len())
-        .find(|i| raw[*i].is_ascii_digit())
-        .expect("a digit");
-    raw[at] = if raw[at] == b'7' { b'8' } else { b'7' };
+    change(&mut raw);
     let mut out = pgrelay_protocol::chunk_header(table, seq).to_vec();
     out.extend(zstd::bulk::compress(&raw, 1).unwrap());
     out
 }
 
+/// Where a digit is, from the middle of `raw` on.
+fn digit_past_middle(raw: &[u8]) -> usize {
+    (raw.len() / 2..raw.len())
+        .find(|i| raw[*i].is_ascii_digit())
+        .expect("a digit")
+}
+
+/// One digit changed in the middle: still valid COPY text and a valid
+/// value, just not the one PostgreSQL holds (only the checksum can tell).
+fn wrong_value(frame: &[u8]) -> Vec<u8> {
+    recompressed(frame, |raw| {
+        let at = digit_past_middle(raw);
+        raw[at] = if raw[at] == b'7' { b'8' } else { b'7' };
+    })
+}
+
+/// A byte that is not UTF-8 in the middle: text the client cannot take.
+fn not_text(frame: &[u8]) -> Vec<u8> {
+    recompressed(frame, |raw| {
+        let at = digit_past_middle(raw);
+        raw[at] = 0xff;
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_is_fetched_again_not_kept() {
+    damaged_chunk_is_fetched_again(wrong_value).await;
+}
+
+/// Refused where it is split into values (the connection's task, not the
+/// replica's thread): the table is fetched again all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_of_malformed_text_is_fetched_again_not_kept() {
+    damaged_chunk_is_fetched_again(not_text).await;
+}
+
+async fn damaged_chunk_is_fetched_again(corrupt: fn(&[u8]) -> Vec<u8>) {
     let world = World::new().await;
     world
         .exec(
@@ -197,7 +228,7 @@ async fn a_damaged_chunk_is_fetched_again_not_kept() {
         )
         .await;
     let server = world.start_server().await;
-    let (proxy, corrupted) = corrupting_proxy(server.local_addr()).await;
+    let (proxy, corrupted) = corrupting_proxy(server.local_addr(), corrupt).await;
     let path = world.replica_path("damaged");
     let client = start_client(proxy, &path, "damaged").await;
     let seen = hydrations(&client);
