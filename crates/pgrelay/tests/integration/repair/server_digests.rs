@@ -203,7 +203,7 @@ async fn writes_racing_the_kept_digests_leave_the_repair_true() {
     world
         .exec(
             "CREATE TABLE t (id int PRIMARY KEY, v text);
-             INSERT INTO t SELECT g * 2, 'v' || g FROM generate_series(1, 30000) g;",
+             INSERT INTO t SELECT g * 2, 'v' || g FROM generate_series(1, 100000) g;",
         )
         .await;
     let server = world.start_server().await;
@@ -218,11 +218,18 @@ async fn writes_racing_the_kept_digests_leave_the_repair_true() {
         .await;
 
     // The writer runs from before the server starts until it has made
-    // its digests; its writes stay in the first fifteenth of the keys (so
-    // most buckets stay clean, and changes since the digests stay well
-    // under 5 % of the rows: the digests are used).
+    // its digests; its writes stay in the first fiftieth of the keys (so
+    // most buckets stay clean). At most 900 rounds of at most 5 changes,
+    // with the ones after, stay under 5 % of the rows (the server's limit
+    // for using kept digests) however slowly the server starts: the
+    // digests are used.
     let writing = Arc::new(AtomicBool::new(true));
-    let writer = tokio::spawn(write_until(world.url().to_owned(), Arc::clone(&writing), 0));
+    let writer = tokio::spawn(write_until(
+        world.url().to_owned(),
+        Arc::clone(&writing),
+        0,
+        900,
+    ));
     let server = world.start_server().await;
     let addr = server.local_addr();
     wait_kept(addr, 1.0).await;
@@ -231,7 +238,7 @@ async fn writes_racing_the_kept_digests_leave_the_repair_true() {
     assert!(written > 0);
     // And after: the same kinds of writes, once more, and far away.
     let again = Arc::new(AtomicBool::new(false));
-    write_until(world.url().to_owned(), again, 1_000_000).await;
+    write_until(world.url().to_owned(), again, 1_000_000, 1).await;
     world
         .exec("UPDATE t SET v = 'far' WHERE id = 25000; DELETE FROM t WHERE id = 27000;")
         .await;
@@ -245,9 +252,9 @@ async fn writes_racing_the_kept_digests_leave_the_repair_true() {
 }
 
 /// Writes to keys below 3,000 (and rows moved up to 4,000), one
-/// transaction each, while `writing` holds (at least one round); returns
-/// the rounds written. `seed` varies the keys.
-async fn write_until(url: String, writing: Arc<AtomicBool>, seed: i64) -> i64 {
+/// transaction each, while `writing` holds (at least one round, at most
+/// `most`); returns the rounds written. `seed` varies the keys.
+async fn write_until(url: String, writing: Arc<AtomicBool>, seed: i64, most: i64) -> i64 {
     let (sql, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -271,7 +278,7 @@ async fn write_until(url: String, writing: Arc<AtomicBool>, seed: i64) -> i64 {
             let _ = sql.batch_execute(&statement).await;
         }
         round += 1;
-        if !writing.load(Ordering::Relaxed) {
+        if !writing.load(Ordering::Relaxed) || round >= most {
             return round;
         }
     }
