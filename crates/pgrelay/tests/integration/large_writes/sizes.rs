@@ -7,6 +7,10 @@ use proptest::prelude::*;
 use super::{check_once_and_atomic, insert, wait_count, TABLE, WAIT};
 use crate::support::{start_client, wait_for, World};
 
+/// The longest body a row gets: its change still fits one frame of
+/// `MAX_CLIENT_FRAME_BYTES`.
+const ROW_BODY_MAX: usize = 1_000_000;
+
 /// One transaction to run in a property case: `rows` rows whose bodies add
 /// up to about `bytes`.
 #[derive(Clone, Debug)]
@@ -18,8 +22,10 @@ struct Shape {
 fn shape() -> impl Strategy<Value = Shape> {
     let rows = prop_oneof![1usize..50, 50usize..2_000, 2_000usize..=MAX_WRITE_CHANGES];
     (rows, 0.0f64..1.0).prop_map(|(rows, fill)| {
-        // Up to the byte limit, less what the changes take besides bodies.
-        let most = MAX_TRANSACTION_BYTES * 9 / 10 - rows * 150;
+        // Up to the byte limit, less what the changes take besides bodies,
+        // and no row over what one frame carries (a larger one is refused
+        // as `TooLarge::Change`: tests/integration/large_writes/client.rs).
+        let most = (MAX_TRANSACTION_BYTES * 9 / 10 - rows * 150).min(rows * ROW_BODY_MAX);
         Shape {
             rows,
             bytes: (most as f64 * fill * fill) as usize,
