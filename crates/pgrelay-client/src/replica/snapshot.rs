@@ -234,6 +234,18 @@ pub(crate) fn skipped<'a>(filters: &'a [Filter], tx: &Transaction) -> Vec<&'a st
         .collect()
 }
 
+/// Tables whose changes in `tx`, a transaction the replica already holds
+/// (at or below its position), a snapshot loaded since did not see: the
+/// server streams such a transaction again (it was logged a moment before
+/// PostgreSQL made it visible), and those tables need its changes.
+pub(crate) fn missed<'a>(filters: &'a [Filter], tx: &Transaction) -> Vec<&'a str> {
+    filters
+        .iter()
+        .filter(|f| tx.lsn <= f.visibility.until && !f.visibility.sees(tx.xid))
+        .flat_map(|f| f.tables.iter().map(String::as_str))
+        .collect()
+}
+
 /// Drops filters the stream has passed; returns whether any was dropped.
 pub(crate) fn expire(
     conn: &Connection,

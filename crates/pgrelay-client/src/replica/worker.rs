@@ -313,13 +313,24 @@ impl Worker {
         let mut written = digests::Written::default();
         let mut applier = apply::Applier::new(&tx, &self.tables, &mut self.shapes);
         for server_tx in txs {
-            // A transaction at or below the stored position is already here.
-            if server_tx.lsn <= reached {
-                continue;
-            }
+            // A transaction at or below the stored position is already
+            // here, except in tables a snapshot since did not see it in.
+            let only = if server_tx.lsn <= reached {
+                let missed = snapshot::missed(&self.filters, server_tx);
+                if missed.is_empty() {
+                    continue;
+                }
+                Some(missed)
+            } else {
+                None
+            };
             let skipped = snapshot::skipped(&self.filters, server_tx);
             for change in &server_tx.changes {
-                if skipped.contains(&change.table.as_str()) {
+                if skipped.contains(&change.table.as_str())
+                    || only
+                        .as_ref()
+                        .is_some_and(|only| !only.contains(&change.table.as_str()))
+                {
                     continue;
                 }
                 if !self.tables.contains_key(&change.table) {
@@ -343,6 +354,9 @@ impl Worker {
             applier.flush().map_err(|e| {
                 ClientError::Replica(format!("applying transaction {}: {e}", server_tx.lsn))
             })?;
+            if only.is_some() {
+                continue;
+            }
             if own_origin.is_some() && server_tx.origin == own_origin {
                 rebase::echoed(&tx, server_tx.lsn)?;
             }

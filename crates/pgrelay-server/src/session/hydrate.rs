@@ -62,12 +62,18 @@ impl Session<'_> {
             .collect();
         drop(schemas);
         // Read before the snapshot is taken: everything at or below it
-        // committed before, so the snapshot sees it, and the client's
+        // committed before, so the snapshot sees it (but for a commit not
+        // yet visible: see `Snapshot::resume_at`), and the client's
         // visibility filter drops it from the stream.
-        let resume = self.state.hub.head();
+        let head = self.state.hub.head();
         let snapshot = Snapshot::open(&self.state.database)
             .await
             .map_err(super::internal)?;
+        // Lower when a transaction logged by then was not yet visible.
+        let resume = snapshot.resume_at(head).await.map_err(super::internal)?;
+        if resume != head {
+            tracing::info!(%head, %resume, "the snapshot missed a transaction already logged; the stream resumes below it");
+        }
         let mut listed = Vec::with_capacity(tables.len());
         for table in &tables {
             listed.push(SnapshotTable {

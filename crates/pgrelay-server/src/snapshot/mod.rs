@@ -13,6 +13,7 @@ use crate::auth::{Scope, SNAPSHOT_SETTINGS_SQL};
 use crate::writes::statement::{quote as quote_ident, quote_table as qualified};
 mod error;
 mod give_way;
+mod unseen;
 pub use error::SnapshotError;
 pub(crate) use give_way::{GiveWay, Hydrating};
 

@@ -403,3 +403,82 @@ fn a_process_killed_mid_load_leaves_a_replica_that_hydrates_again() {
         Value::Text("ok".to_owned())
     );
 }
+
+/// An insert of `id` into the table (other columns NULL).
+fn insert(lsn: u64, xid: u32, id: i64) -> pgrelay_protocol::Transaction {
+    let mut new = pgrelay_protocol::Row::new();
+    new.insert("id".to_owned(), Some(id.to_string()));
+    pgrelay_protocol::Transaction {
+        lsn: Lsn(lsn),
+        xid,
+        commit_time_us: 0,
+        origin: None,
+        changes: vec![pgrelay_protocol::Change {
+            table: TABLE.to_owned(),
+            op: pgrelay_protocol::Op::Insert,
+            new: Some(new),
+            old: None,
+        }],
+    }
+}
+
+fn ids(path: &Path) -> Vec<i64> {
+    read_rows(path).into_iter().map(|r| r.0).collect()
+}
+
+/// The server logs a commit a moment before PostgreSQL makes it visible:
+/// a snapshot of the table taken in that moment lacks it, and the server
+/// streams it again though the replica's position has passed it. Its
+/// changes go into the tables that snapshot loaded; a transaction at or
+/// below the position that the snapshot saw stays out.
+#[test]
+fn a_transaction_a_snapshot_missed_is_applied_though_the_position_passed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replica.sqlite");
+    runtime().block_on(async {
+        let replica = replica_with_table(&path).await;
+        let one: Row = (1, None, None, None, None, None);
+        hydrate(&replica, &[copy_line(&one)]).await;
+        // 2 arrives live (xid 50, at 200): the position is 200.
+        replica.apply(vec![insert(200, 50, 2)]).await.unwrap();
+        assert_eq!(ids(&path), [1, 2]);
+
+        // The table is fetched again; the snapshot counts xid 50 as in
+        // progress, so its rows lack 2.
+        replica
+            .begin_snapshot(vec![TABLE.to_owned()], false)
+            .await
+            .unwrap();
+        let load = replica
+            .send_load(TABLE.to_owned(), split(&copy_line(&one)))
+            .await
+            .unwrap();
+        load.await.unwrap().unwrap();
+        replica.end_load(TABLE.to_owned()).await.unwrap();
+        replica
+            .finish_snapshot(SnapshotDone {
+                resume: Lsn(199),
+                full: false,
+                tables: vec![TABLE.to_owned()],
+                visibility: Visibility {
+                    xmin: 40,
+                    xmax: 60,
+                    xip: vec![50],
+                    until: Lsn(300),
+                },
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&path), [1]);
+
+        // The stream from 199: 50 again, and a transaction the snapshot
+        // saw (xid 45, which would put 3 back had it been applied).
+        let applied = replica
+            .apply(vec![insert(150, 45, 3), insert(200, 50, 2)])
+            .await
+            .unwrap();
+        assert_eq!(ids(&path), [1, 2]);
+        assert_eq!(applied.lsn, Lsn(200));
+        assert_eq!(replica.state().await.unwrap().lsn, Some(Lsn(200)));
+    });
+}
