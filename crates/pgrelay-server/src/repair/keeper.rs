@@ -194,6 +194,9 @@ async fn build(
         return Ok(None);
     };
     let snapshot = Snapshot::open(info).await?;
+    // Below a transaction logged by then that the snapshot does not see
+    // yet: the change log's part after `from` then holds it.
+    let from = snapshot.resume_at(from).await?;
     // First the keys, for the bucket bounds.
     let mut keys_only = table.clone();
     keys_only

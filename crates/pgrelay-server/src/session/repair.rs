@@ -50,10 +50,12 @@ impl Session<'_> {
         let kept = self.state.kept.all();
         // As for hydration: read before the snapshot, so the client's
         // visibility filter drops what the snapshot holds.
-        let resume = self.state.hub.head();
+        let head = self.state.hub.head();
         let snapshot = Snapshot::open(&self.state.database)
             .await
             .map_err(super::internal)?;
+        // Lower when a transaction logged by then was not yet visible.
+        let resume = snapshot.resume_at(head).await.map_err(super::internal)?;
         snapshot
             .client()
             .batch_execute("SET LOCAL standard_conforming_strings = on")
