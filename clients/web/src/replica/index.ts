@@ -173,11 +173,16 @@ export class Replica {
       for (const t of quiet) quietCapture(this.conn, t);
       for (const tx of txs) {
         const lsn = parseLsn(tx.lsn);
-        // At or below the stored position: already here.
-        if (lsn <= reached) continue;
+        // At or below the stored position: already here, except in
+        // tables a snapshot since did not see it in.
+        let only: Set<string> | null = null;
+        if (lsn <= reached) {
+          only = snapshot.missed(this.filters, tx);
+          if (only.size === 0) continue;
+        }
         const skipped = snapshot.skipped(this.filters, tx);
         for (const change of tx.changes) {
-          if (skipped.has(change.table)) continue;
+          if (skipped.has(change.table) || (only !== null && !only.has(change.table))) continue;
           if (!this.tables.has(change.table)) {
             // Its schema never arrived, so it cannot be placed. The
             // table's snapshot, taken later, holds this change.
@@ -192,6 +197,7 @@ export class Replica {
           changed.add(sqliteName(change.table));
           changes++;
         }
+        if (only !== null) continue;
         if (ownClientId !== null && tx.origin === ownClientId) echoes.push({ lsn: tx.lsn, origin: tx.origin });
         transactions++;
         reached = lsn;

@@ -142,6 +142,22 @@ export function skipped(filters: Filter[], tx: Transaction): Set<string> {
   return out;
 }
 
+/**
+ * Tables whose changes in `tx`, a transaction the replica already holds
+ * (at or below its position), a snapshot loaded since did not see: the
+ * server streams such a transaction again (it was logged a moment before
+ * PostgreSQL made it visible), and those tables need its changes.
+ */
+export function missed(filters: Filter[], tx: Transaction): Set<string> {
+  const out = new Set<string>();
+  if (filters.length === 0) return out;
+  const lsn = parseLsn(tx.lsn);
+  for (const f of filters) {
+    if (lsn <= parseLsn(f.visibility.until) && !sees(f.visibility, tx.xid)) for (const t of f.tables) out.add(t);
+  }
+  return out;
+}
+
 /** Drops filters the stream has passed. */
 export function expire(conn: Conn, filters: Filter[], reached: bigint): Filter[] {
   const kept = filters.filter((f) => parseLsn(f.visibility.until) > reached);

@@ -177,3 +177,23 @@ test("a reset keeps unsent writes and replays them over a fresh snapshot", async
   assert.equal(r.state().lsn, "0/30");
   assert.equal(r.hasUnsent(), true);
 });
+
+test("a transaction a snapshot missed is applied to its tables though the position passed it", async () => {
+  const r = await replica();
+  r.applySchema([todos]);
+  const insert = (lsn, xid, id) => ({ lsn, xid, commit_time_us: 0, changes: [{ table: "public.todos", op: "insert", new: { id: String(id), title: "t", done: "f" } }] });
+  r.beginSnapshot(["public.todos"], true);
+  r.loadSnapshot("public.todos", new TextEncoder().encode("1\ta\tf\n"));
+  r.finishSnapshot("0/64", true, ["public.todos"], { xmin: 1, xmax: 1, xip: [], until: "0/64" });
+  // 2 arrives live (xid 50): the position passes it.
+  r.applyTransactions([insert("0/C8", 50, 2)], null);
+  // The table is fetched again by a snapshot that counts xid 50 in progress.
+  r.beginSnapshot(["public.todos"], false);
+  r.loadSnapshot("public.todos", new TextEncoder().encode("1\ta\tf\n"));
+  r.finishSnapshot("0/C7", false, ["public.todos"], { xmin: 40, xmax: 60, xip: [50], until: "0/12C" });
+  assert.deepEqual(r.query("SELECT id FROM todos ORDER BY id").map((x) => Number(x.id)), [1]);
+  // Streamed again from below it, after one the snapshot saw (xid 45).
+  const applied = r.applyTransactions([insert("0/96", 45, 3), insert("0/C8", 50, 2)], null);
+  assert.deepEqual(r.query("SELECT id FROM todos ORDER BY id").map((x) => Number(x.id)), [1, 2]);
+  assert.equal(applied.lsn, "0/C8");
+});
