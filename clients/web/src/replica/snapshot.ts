@@ -133,13 +133,7 @@ export function finish(conn: Conn, tables: Map<string, TableSchema>, resume: str
 
 /** Tables whose changes in `tx` a snapshot already holds. */
 export function skipped(filters: Filter[], tx: Transaction): Set<string> {
-  const out = new Set<string>();
-  if (filters.length === 0) return out;
-  const lsn = parseLsn(tx.lsn);
-  for (const f of filters) {
-    if (lsn <= parseLsn(f.visibility.until) && sees(f.visibility, tx.xid)) for (const t of f.tables) out.add(t);
-  }
-  return out;
+  return tablesWhere(filters, tx, true);
 }
 
 /**
@@ -149,11 +143,16 @@ export function skipped(filters: Filter[], tx: Transaction): Set<string> {
  * PostgreSQL made it visible), and those tables need its changes.
  */
 export function missed(filters: Filter[], tx: Transaction): Set<string> {
+  return tablesWhere(filters, tx, false);
+}
+
+/** The tables of the snapshots `tx` is within that saw it (`seen`) or did not. */
+function tablesWhere(filters: Filter[], tx: Transaction, seen: boolean): Set<string> {
   const out = new Set<string>();
   if (filters.length === 0) return out;
   const lsn = parseLsn(tx.lsn);
   for (const f of filters) {
-    if (lsn <= parseLsn(f.visibility.until) && !sees(f.visibility, tx.xid)) for (const t of f.tables) out.add(t);
+    if (lsn <= parseLsn(f.visibility.until) && sees(f.visibility, tx.xid) === seen) for (const t of f.tables) out.add(t);
   }
   return out;
 }

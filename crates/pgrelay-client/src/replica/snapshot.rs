@@ -227,11 +227,7 @@ fn replay_outbox(
 
 /// Tables whose changes in `tx` a snapshot already holds.
 pub(crate) fn skipped<'a>(filters: &'a [Filter], tx: &Transaction) -> Vec<&'a str> {
-    filters
-        .iter()
-        .filter(|f| tx.lsn <= f.visibility.until && f.visibility.sees(tx.xid))
-        .flat_map(|f| f.tables.iter().map(String::as_str))
-        .collect()
+    tables_where(filters, tx, true)
 }
 
 /// Tables whose changes in `tx`, a transaction the replica already holds
@@ -239,9 +235,15 @@ pub(crate) fn skipped<'a>(filters: &'a [Filter], tx: &Transaction) -> Vec<&'a st
 /// server streams such a transaction again (it was logged a moment before
 /// PostgreSQL made it visible), and those tables need its changes.
 pub(crate) fn missed<'a>(filters: &'a [Filter], tx: &Transaction) -> Vec<&'a str> {
+    tables_where(filters, tx, false)
+}
+
+/// The tables of the snapshots `tx` is within (at or below their WAL
+/// position) that saw it (`seen`) or did not.
+fn tables_where<'a>(filters: &'a [Filter], tx: &Transaction, seen: bool) -> Vec<&'a str> {
     filters
         .iter()
-        .filter(|f| tx.lsn <= f.visibility.until && !f.visibility.sees(tx.xid))
+        .filter(|f| tx.lsn <= f.visibility.until && f.visibility.sees(tx.xid) == seen)
         .flat_map(|f| f.tables.iter().map(String::as_str))
         .collect()
 }

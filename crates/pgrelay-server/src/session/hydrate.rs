@@ -71,9 +71,6 @@ impl Session<'_> {
             .map_err(super::internal)?;
         // Lower when a transaction logged by then was not yet visible.
         let resume = snapshot.resume_at(head).await.map_err(super::internal)?;
-        if resume != head {
-            tracing::info!(%head, %resume, "the snapshot missed a transaction already logged; the stream resumes below it");
-        }
         let mut listed = Vec::with_capacity(tables.len());
         for table in &tables {
             listed.push(SnapshotTable {

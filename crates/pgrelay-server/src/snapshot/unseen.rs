@@ -39,7 +39,11 @@ impl Snapshot {
             let xid = u32::try_from(r.get::<_, i64>(1)).unwrap_or(u32::MAX);
             (Lsn(u64::from(r.get::<_, PgLsn>(0))), xid)
         });
-        Ok(resume_before_unseen(head, &self.visibility, logged))
+        let resume = resume_before_unseen(head, &self.visibility, logged);
+        if resume != head {
+            tracing::info!(%head, %resume, "the snapshot missed a transaction already logged; resuming below it");
+        }
+        Ok(resume)
     }
 }
 

@@ -114,8 +114,26 @@ fn split(chunk: &str) -> Rows {
 
 /// A full snapshot of `chunks` (COPY text each); returns the rows loaded.
 async fn hydrate(replica: &Replica, chunks: &[String]) -> u64 {
+    let visibility = Visibility {
+        xmin: 1,
+        xmax: 1,
+        xip: Vec::new(),
+        until: Lsn(100),
+    };
+    snapshot(replica, chunks, true, Lsn(100), visibility).await
+}
+
+/// A snapshot of the table (`full` or of it alone) from `chunks`,
+/// resuming at `resume`; returns the rows loaded.
+async fn snapshot(
+    replica: &Replica,
+    chunks: &[String],
+    full: bool,
+    resume: Lsn,
+    visibility: Visibility,
+) -> u64 {
     replica
-        .begin_snapshot(vec![TABLE.to_owned()], true)
+        .begin_snapshot(vec![TABLE.to_owned()], full)
         .await
         .unwrap();
     let mut loads = Vec::new();
@@ -134,15 +152,10 @@ async fn hydrate(replica: &Replica, chunks: &[String]) -> u64 {
     replica.end_load(TABLE.to_owned()).await.unwrap();
     replica
         .finish_snapshot(SnapshotDone {
-            resume: Lsn(100),
-            full: true,
+            resume,
+            full,
             tables: vec![TABLE.to_owned()],
-            visibility: Visibility {
-                xmin: 1,
-                xmax: 1,
-                xip: Vec::new(),
-                until: Lsn(100),
-            },
+            visibility,
         })
         .await
         .unwrap();
@@ -445,30 +458,13 @@ fn a_transaction_a_snapshot_missed_is_applied_though_the_position_passed_it() {
 
         // The table is fetched again; the snapshot counts xid 50 as in
         // progress, so its rows lack 2.
-        replica
-            .begin_snapshot(vec![TABLE.to_owned()], false)
-            .await
-            .unwrap();
-        let load = replica
-            .send_load(TABLE.to_owned(), split(&copy_line(&one)))
-            .await
-            .unwrap();
-        load.await.unwrap().unwrap();
-        replica.end_load(TABLE.to_owned()).await.unwrap();
-        replica
-            .finish_snapshot(SnapshotDone {
-                resume: Lsn(199),
-                full: false,
-                tables: vec![TABLE.to_owned()],
-                visibility: Visibility {
-                    xmin: 40,
-                    xmax: 60,
-                    xip: vec![50],
-                    until: Lsn(300),
-                },
-            })
-            .await
-            .unwrap();
+        let visibility = Visibility {
+            xmin: 40,
+            xmax: 60,
+            xip: vec![50],
+            until: Lsn(300),
+        };
+        snapshot(&replica, &[copy_line(&one)], false, Lsn(199), visibility).await;
         assert_eq!(ids(&path), [1]);
 
         // The stream from 199: 50 again, and a transaction the snapshot
